@@ -1,0 +1,225 @@
+"""The ``diffshield`` command line. Every subcommand has ``--help``; errors are one line, without a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from diffshield.core.errors import DiffshieldError
+
+DEMO_PROMPTS = [
+    "a red triangle",
+    "a blue striped circle",
+    "a yellow dotted star",
+    "a green box on a pink background",
+]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="toy:t2i",
+                   help="diffusers StableDiffusionPipeline folder, or 'toy:t2i' for the shipped toy model "
+                        "(default: toy:t2i)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="accept pickled .bin/.ckpt weights when a folder has no safetensors (runs code from the "
+                        "file: only for files you trust)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=_positive_int, default=25, help="denoising steps (default: 25)")
+    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default: 5.0)")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="images per UNet batch (default: 64)")
+    p.add_argument("--scheduler", choices=["ddim", "ddpm", "native"], default="ddim",
+                   help="sampler (default: ddim, deterministic given the seed)")
+
+
+def _sample_config(args):
+    from diffshield.core.sampling import SampleConfig
+
+    return SampleConfig(steps=args.steps, guidance=args.guidance, batch_size=args.batch_size,
+                        scheduler=args.scheduler)
+
+
+def _read_prompts(args) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise DiffshieldError(f"prompts file '{path}' does not exist")
+        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise DiffshieldError("no prompt given; use --prompt TEXT (repeatable) or --prompts-file FILE")
+    return prompts
+
+
+def write_generation(gen, out: Path, extra: dict, upscale: int = 4) -> Path:
+    """Write PNGs, grid.png and manifest.json for a Generation into ``out`` (atomically)."""
+    from diffshield.core.io import atomic_dir, atomic_write_json, make_grid, to_pil
+
+    with atomic_dir(out) as tmp:
+        rows = []
+        for i, img in enumerate(gen.images):
+            name = f"{i:04d}.png"
+            to_pil(img).save(tmp / name)
+            rows.append({"file": name, "prompt": gen.prompts[i], "seed": gen.seeds[i]})
+        make_grid(gen.images, nrow=8, upscale=upscale).save(tmp / "grid.png")
+        cfg = gen.config
+        atomic_write_json(tmp / "manifest.json", {
+            **extra,
+            "sampling": {"steps": cfg.steps, "guidance": cfg.guidance, "scheduler": cfg.scheduler},
+            "images": rows,
+        })
+    return out
+
+
+def cmd_generate(args) -> int:
+    from diffshield.core.loading import load_t2i
+    from diffshield.core.sampling import generate
+
+    prompts = _read_prompts(args)
+    cfg = _sample_config(args)
+    model = load_t2i(args.model, allow_pickle=args.allow_pickle)
+    all_prompts = [p for p in prompts for _ in range(args.n)]
+    seeds = [args.seed + k for _ in prompts for k in range(args.n)]
+    t0 = time.time()
+    gen = generate(model, all_prompts, seeds, config=cfg)
+    dt = time.time() - t0
+    out = write_generation(gen, Path(args.out), {"model": str(args.model)})
+    print(f"wrote {len(gen.seeds)} images, grid.png and manifest.json to {out} ({len(gen.seeds) / dt:.1f} images/s)")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from diffshield.core.io import atomic_write_json
+    from diffshield.core.loading import load_detector, load_t2i
+    from diffshield.core.sampling import generate
+    from diffshield.toyworld.detector import describe
+
+    out = Path(args.out)
+    model = load_t2i("toy:t2i")
+    detector = load_detector("toy:detector")
+    n = 8
+    prompts = [p for p in DEMO_PROMPTS for _ in range(n)]
+    seeds = [k for _ in DEMO_PROMPTS for k in range(n)]
+    print(f"[1/1] generating {len(prompts)} images with the shipped toy model (toy:t2i) ...")
+    gen = generate(model, prompts, seeds)
+    write_generation(gen, out / "generate", {"model": "toy:t2i"})
+    dets = describe(detector, gen.images)
+    summary = []
+    print(f"\n{'prompt':<36} what the detector sees (8 seeds)")
+    for j, p in enumerate(DEMO_PROMPTS):
+        seen = [str(d) for d in dets[j * n:(j + 1) * n]]
+        top = max(set(seen), key=seen.count)
+        print(f"{p:<36} {seen.count(top)}/8 '{top}'")
+        summary.append({"prompt": p, "detections": seen})
+    atomic_write_json(out / "demo.json", {"generate": summary})
+    print(f"\ngrid: {out / 'generate' / 'grid.png'}  (rows of 8 seeds per prompt)")
+    return 0
+
+
+def cmd_toyworld_train(args) -> int:
+    from diffshield.toyworld.train import RecipeConfig, train_all
+
+    try:
+        cfg = RecipeConfig(seed=args.seed, unet_steps=args.unet_steps, vae_steps=args.vae_steps,
+                           detector_steps=args.detector_steps, pool_size=args.pool_size)
+    except ValueError as e:
+        raise DiffshieldError(str(e)) from None
+    record = train_all(cfg, args.work, args.out)
+    print(f"toy world rebuilt into {args.out} in {record['total_minutes']} min of stage time")
+    return 0
+
+
+def cmd_toyworld_dataset(args) -> int:
+    from diffshield.core.io import atomic_dir, atomic_write_json, make_grid
+    from diffshield.toyworld.shapes import ShapesWorld
+
+    import torch
+
+    batch = ShapesWorld().sample(args.n, seed=args.seed)
+    imgs = torch.from_numpy(batch.images).permute(0, 3, 1, 2)
+    with atomic_dir(args.out) as tmp:
+        make_grid(imgs, nrow=8, upscale=4).save(tmp / "grid.png")
+        atomic_write_json(tmp / "captions.json", [{"index": i, "caption": c} for i, c in enumerate(batch.captions)])
+    print(f"wrote {args.n} ShapesWorld samples (grid.png, captions.json) to {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="diffshield",
+        description="Make text-to-image diffusion models safer, and check that they are.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("generate", help="generate images from prompts (PNGs, grid.png, manifest.json)",
+                       description="Generate images with per-image seeds over the model's components.")
+    _add_model_args(p)
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    p.add_argument("--prompts-file", help="text file with one prompt per line")
+    p.add_argument("--n", type=_positive_int, default=8, help="images per prompt (default: 8)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first image; image k uses seed+k (default: 0)")
+    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    _add_sampling_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("demo", help="run the main job on the shipped toy models",
+                       description="Generate a grid with the shipped toy model and say what the detector sees.")
+    p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("toyworld", help="the toy world: dataset samples and training recipes",
+                       description="ShapesWorld data and the recipes of the shipped toy weights.")
+    tsub = p.add_subparsers(dest="toy_command", metavar="ACTION")
+    t = tsub.add_parser("train", help="retrain every shipped toy weight from scratch (~50 min on 2 CPU cores)",
+                        description="Rebuild the shipped toy models. Finished stages in --work are reused; the "
+                                    "UNet stage resumes from its latest checkpoint.")
+    t.add_argument("--work", default="runs/toyworld", help="work folder for checkpoints and logs "
+                                                           "(default: runs/toyworld)")
+    t.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "toyworld" / "weights"),
+                   help="where to write the shipped folders (default: the package's toyworld/weights)")
+    t.add_argument("--seed", type=int, default=0, help="master seed (default: 0)")
+    t.add_argument("--pool-size", type=_positive_int, default=40000, help="training images (default: 40000)")
+    t.add_argument("--vae-steps", type=_positive_int, default=800, help="VAE steps (default: 800)")
+    t.add_argument("--detector-steps", type=_positive_int, default=1500, help="detector steps (default: 1500)")
+    t.add_argument("--unet-steps", type=_positive_int, default=2000, help="UNet steps (default: 2000)")
+    t.set_defaults(func=cmd_toyworld_train)
+    d = tsub.add_parser("dataset", help="render ShapesWorld samples with their captions",
+                        description="Render ShapesWorld images (grid.png) and captions (captions.json).")
+    d.add_argument("--n", type=_positive_int, default=64, help="number of samples (default: 64)")
+    d.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    d.add_argument("--out", required=True, help="output folder")
+    d.set_defaults(func=cmd_toyworld_dataset)
+    p.set_defaults(func=lambda a: (p.print_help(), 1)[1])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 1
+    try:
+        return int(args.func(args) or 0)
+    except DiffshieldError as e:
+        print(f"diffshield: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("diffshield: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""Load models as components (UNet, VAE, text encoder, tokenizer, scheduler), safely.
+
+A model is given either as a path to a diffusers folder (``StableDiffusionPipeline`` layout: ``model_index.json``
+plus ``unet/ vae/ text_encoder/ tokenizer/ scheduler/``) or as the name of a shipped toy model (``toy:t2i``).
+Weights are read from safetensors only; pickled weights (``.bin``, ``.ckpt``, ``.pt``) are refused unless the
+caller passes ``allow_pickle=True`` (CLI: ``--allow-pickle``), because unpickling can run arbitrary code.
+Every problem raises :class:`DiffshieldError` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from diffshield.core.errors import DiffshieldError
+
+TOY_ROOT = Path(__file__).resolve().parent.parent / "toyworld" / "weights"
+TOY_MODELS: dict[str, str] = {"toy:t2i": "t2i", "toy:detector": "detector"}
+
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+T2I_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+KNOWN_KINDS = {
+    "DDPMPipeline": "an unconditional DDPMPipeline (UNet2DModel + scheduler)",
+    "DDIMPipeline": "an unconditional DDIMPipeline (UNet2DModel + scheduler)",
+    "StableDiffusionInpaintPipeline": "a StableDiffusionInpaintPipeline (9-channel inpainting UNet)",
+    "StableDiffusionXLPipeline": "a StableDiffusionXLPipeline (two text encoders; not supported yet)",
+}
+
+
+def resolve_model_path(spec: str | Path) -> Path:
+    """Turn ``toy:<name>`` or a path into an existing folder path, or raise a one-line DiffshieldError."""
+    s = str(spec)
+    if s.startswith("toy:"):
+        if s not in TOY_MODELS:
+            raise DiffshieldError(f"unknown toy model {s!r}; shipped toy models: {', '.join(TOY_MODELS)}")
+        path = TOY_ROOT / TOY_MODELS[s]
+        if not path.exists():
+            raise DiffshieldError(
+                f"shipped toy model {s!r} is missing at {path}; rebuild it with 'diffshield toyworld train'"
+            )
+        return path
+    path = Path(s).expanduser()
+    if not path.exists():
+        raise DiffshieldError(f"model path '{path}' does not exist; give a diffusers model folder or 'toy:t2i'")
+    if path.is_file():
+        raise DiffshieldError(
+            f"'{path}' is a single file; give a diffusers folder (model_index.json + component folders), "
+            "e.g. one saved with StableDiffusionPipeline.save_pretrained"
+        )
+    return path
+
+
+def check_safetensors(path: Path) -> None:
+    """Raise DiffshieldError if a .safetensors file is truncated or its header is corrupt (reads the header only)."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError("shorter than the 8-byte header length")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8 or n > 100_000_000:
+                raise ValueError("header length points past the end of the file")
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise DiffshieldError(f"weight file '{path}' is corrupt ({e}); re-download or re-save it") from None
+    if size != 8 + n + end:
+        raise DiffshieldError(
+            f"weight file '{path}' is truncated or corrupt ({size} bytes, its header describes {8 + n + end}); "
+            "re-download or re-save it"
+        )
+
+
+def check_component_weights(folder: Path, allow_pickle: bool) -> bool:
+    """Validate the weight files of one component folder. Returns True if it must be loaded from safetensors."""
+    safes = sorted(folder.glob("*.safetensors"))
+    pickles = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if safes:
+        for p in safes:
+            check_safetensors(p)
+        return True
+    if pickles:
+        if not allow_pickle:
+            raise DiffshieldError(
+                f"refusing pickled weights '{pickles[0]}': unpickling can run arbitrary code; convert the model to "
+                "safetensors, or pass --allow-pickle if you trust this file"
+            )
+        return False
+    raise DiffshieldError(f"component folder '{folder}' has no weight file (*.safetensors)")
+
+
+def read_model_index(path: Path) -> dict:
+    index_file = path / "model_index.json"
+    if not index_file.exists():
+        raise DiffshieldError(
+            f"'{path}' is not a diffusers model folder (no model_index.json); save one with "
+            "StableDiffusionPipeline.save_pretrained or point at its top folder"
+        )
+    try:
+        return json.loads(index_file.read_text())
+    except json.JSONDecodeError as e:
+        raise DiffshieldError(f"'{index_file}' is not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+@dataclass
+class T2IModel:
+    """A text-to-image latent diffusion model as components (Stable Diffusion layout).
+
+    Attributes: unet (UNet2DConditionModel), vae (AutoencoderKL), text_encoder (CLIPTextModel), tokenizer
+    (CLIPTokenizer), scheduler (the folder's scheduler), source (where it was loaded from).
+    """
+
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    scheduler: object
+    source: str = ""
+    _text_cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        s = int(self.unet.config.sample_size)
+        return (int(self.unet.config.in_channels), s, s)
+
+    def eval(self) -> T2IModel:
+        for m in (self.unet, self.vae, self.text_encoder):
+            m.eval()
+            m.requires_grad_(False)
+        return self
+
+    def save(self, folder: str | Path) -> Path:
+        """Save as a StableDiffusionPipeline folder that stock diffusers loads (written atomically)."""
+        from diffusers import StableDiffusionPipeline
+
+        from diffshield.core.io import atomic_dir
+
+        pipe = StableDiffusionPipeline(
+            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
+            scheduler=self.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+        with atomic_dir(folder) as tmp:
+            pipe.save_pretrained(tmp, safe_serialization=True)
+        return Path(folder)
+
+
+def _quiet_hf() -> None:
+    for name in ("diffusers", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from diffusers.utils import logging as dlog
+
+        dlog.set_verbosity_error()
+        dlog.disable_progress_bar()
+        from transformers.utils import logging as tlog
+
+        tlog.set_verbosity_error()
+    except Exception:  # pragma: no cover - logging helpers moved
+        pass
+
+
+def load_t2i(spec: str | Path, allow_pickle: bool = False, dtype: torch.dtype = torch.float32) -> T2IModel:
+    """Load a text-to-image model (StableDiffusionPipeline layout) as components, in eval mode without grads.
+
+    Args:
+        spec: a diffusers folder path, or ``"toy:t2i"`` for the shipped toy model.
+        allow_pickle: accept pickled weight files when no safetensors exist (default False: refused).
+        dtype: parameter dtype (default float32).
+    """
+    import diffusers
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    _quiet_hf()
+    path = resolve_model_path(spec)
+    index = read_model_index(path)
+    kind = index.get("_class_name", "?")
+    missing = [c for c in T2I_COMPONENTS if not isinstance(index.get(c), list) or index[c][0] is None]
+    if missing:
+        what = KNOWN_KINDS.get(kind, f"a {kind} folder")
+        raise DiffshieldError(
+            f"'{path}' holds {what}, not a text-to-image model: it lacks {', '.join(missing)}; "
+            "give a StableDiffusionPipeline-layout folder"
+        )
+    if kind in KNOWN_KINDS:
+        raise DiffshieldError(f"'{path}' holds {KNOWN_KINDS[kind]}; a StableDiffusionPipeline-layout folder is needed")
+    use_safe = {}
+    for comp in ("unet", "vae", "text_encoder"):
+        folder = path / comp
+        if not folder.is_dir():
+            raise DiffshieldError(f"'{path}' lists {comp} in model_index.json but has no '{comp}/' folder")
+        use_safe[comp] = check_component_weights(folder, allow_pickle)
+    try:
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", use_safetensors=use_safe["unet"])
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", use_safetensors=use_safe["vae"])
+        text_encoder = CLIPTextModel.from_pretrained(
+            path / "text_encoder", use_safetensors=use_safe["text_encoder"]
+        )
+        tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer")
+        sched_cls = getattr(diffusers, index["scheduler"][1], None)
+        if sched_cls is None:
+            raise DiffshieldError(f"unknown scheduler class {index['scheduler'][1]!r} in '{path}/model_index.json'")
+        scheduler = sched_cls.from_pretrained(path, subfolder="scheduler")
+    except DiffshieldError:
+        raise
+    except Exception as e:  # diffusers / transformers errors: keep the first line only
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DiffshieldError(f"could not load the model in '{path}': {msg}") from None
+    model = T2IModel(unet.to(dtype), vae.to(dtype), text_encoder.to(dtype), tokenizer, scheduler, source=str(spec))
+    return model.eval()
+
+
+def load_detector(spec: str | Path = "toy:detector"):
+    """Load the toy-world concept detector (``toy:detector`` or a folder with config.json + model.safetensors)."""
+    from diffshield.toyworld.detector import ConceptDetector
+
+    path = resolve_model_path(spec)
+    weights = path / "model.safetensors"
+    if not (path / "config.json").exists() or not weights.exists():
+        raise DiffshieldError(f"'{path}' is not a concept-detector folder (needs config.json and model.safetensors)")
+    check_safetensors(weights)
+    return ConceptDetector.load(path)

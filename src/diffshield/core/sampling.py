@@ -1,0 +1,223 @@
+"""Text encoding and sampling loops over components (never ``pipe(...)``, whose ``__call__`` disables gradients).
+
+- :func:`encode_prompts` tokenizes and encodes each distinct prompt once.
+- :func:`generate` samples images in batches: DDIM by default, classifier-free guidance, one CPU generator per
+  image (the seed of every image is returned with it), from prompts or precomputed prompt embeddings.
+- :func:`denoise` is the loop itself. It is differentiable: called with gradients enabled, gradients flow to the
+  prompt embeddings and to the initial latents (red-team attacks optimise both). :func:`generate_differentiable`
+  wraps it with decoding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from diffshield.core.errors import DiffshieldError
+from diffshield.core.loading import T2IModel
+from diffshield.core.seeding import randn_per_seed
+
+SCHEDULERS = ("ddim", "ddpm", "native")
+
+
+@dataclass
+class SampleConfig:
+    """How to sample.
+
+    Args:
+        steps: denoising steps (default 25).
+        guidance: classifier-free guidance scale; 1 disables guidance (default 5.0).
+        batch_size: images per UNet batch (default 64).
+        scheduler: "ddim" (default, eta 0: deterministic given the seed), "ddpm", or "native" (the model's own).
+    """
+
+    steps: int = 25
+    guidance: float = 5.0
+    batch_size: int = 64
+    scheduler: str = "ddim"
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.steps <= 1000:
+            raise DiffshieldError(f"steps must be between 1 and 1000, got {self.steps}")
+        if not 0 <= self.guidance <= 50:
+            raise DiffshieldError(f"guidance must be between 0 and 50, got {self.guidance}")
+        if self.batch_size < 1:
+            raise DiffshieldError(f"batch size must be at least 1, got {self.batch_size}")
+        if self.scheduler not in SCHEDULERS:
+            raise DiffshieldError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
+
+
+@dataclass
+class Generation:
+    """Generated images (N, 3, H, W) in [0, 1] with the prompt and seed of each image."""
+
+    images: torch.Tensor
+    seeds: list[int]
+    prompts: list[str | None]
+    config: SampleConfig = field(default_factory=SampleConfig)
+
+    def manifest(self) -> list[dict]:
+        return [{"index": i, "prompt": p, "seed": s} for i, (p, s) in enumerate(zip(self.prompts, self.seeds))]
+
+
+def tokenize(model: T2IModel, prompts: list[str]) -> torch.Tensor:
+    tok = model.tokenizer
+    return tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
+               return_tensors="pt").input_ids
+
+
+def encode_prompts(model: T2IModel, prompts: list[str], grad: bool = False) -> torch.Tensor:
+    """Text-encoder last hidden states (N, L, d) for prompts; each distinct prompt is encoded once and cached.
+
+    Args:
+        model: the text-to-image model.
+        prompts: list of strings ("" is the unconditional prompt).
+        grad: keep the graph to the text encoder's weights (default False: cached, no graph).
+    """
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if grad:
+        return model.text_encoder(tokenize(model, prompts))[0]
+    cache = model._text_cache
+    todo = [p for p in dict.fromkeys(prompts) if p not in cache]
+    if todo:
+        with torch.no_grad():
+            emb = model.text_encoder(tokenize(model, todo))[0]
+        cache.update({p: e for p, e in zip(todo, emb)})
+    return torch.stack([cache[p] for p in prompts])
+
+
+def make_scheduler(model: T2IModel, kind: str = "ddim"):
+    """A fresh scheduler of the given kind, configured from the model's own scheduler config."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    if kind == "native":
+        return type(model.scheduler).from_config(model.scheduler.config)
+    cls = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}[kind]
+    return cls.from_config(model.scheduler.config)
+
+
+def denoise(
+    model: T2IModel,
+    latents: torch.Tensor,
+    cond: torch.Tensor,
+    uncond: torch.Tensor | None,
+    steps: int = 25,
+    guidance: float = 5.0,
+    scheduler: str = "ddim",
+    generator: list[torch.Generator] | None = None,
+    stop_at: int | None = None,
+) -> torch.Tensor:
+    """Run the reverse diffusion from initial latents (already scaled by the scheduler's init sigma).
+
+    Differentiable when called with gradients enabled. ``cond``/``uncond``: (N, L, d) embeddings (uncond may
+    be (1, L, d) and is broadcast; None disables guidance). ``stop_at``: return the latents after this many steps.
+    """
+    sched = make_scheduler(model, scheduler)
+    sched.set_timesteps(steps)
+    use_cfg = uncond is not None and guidance != 1.0
+    if use_cfg and uncond.shape[0] == 1 and cond.shape[0] > 1:
+        uncond = uncond.expand(cond.shape[0], -1, -1)
+    x = latents
+    for i, t in enumerate(sched.timesteps):
+        if stop_at is not None and i >= stop_at:
+            break
+        inp = sched.scale_model_input(x, t)
+        if use_cfg:
+            eps = model.unet(torch.cat([inp, inp]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
+            e_u, e_c = eps.chunk(2)
+            eps = e_u + guidance * (e_c - e_u)
+        else:
+            eps = model.unet(inp, t, encoder_hidden_states=cond).sample
+        kwargs = {"generator": generator} if (scheduler == "ddpm" and generator) else {}
+        x = sched.step(eps, t, x, **kwargs).prev_sample
+    return x
+
+
+def decode(model: T2IModel, latents: torch.Tensor) -> torch.Tensor:
+    """Latents -> images (N, 3, H, W) in [0, 1] (differentiable)."""
+    x = model.vae.decode(latents / model.vae.config.scaling_factor).sample
+    return ((x + 1) / 2).clamp(0, 1)
+
+
+def initial_latents(model: T2IModel, seeds: list[int]) -> torch.Tensor:
+    """One standard-normal latent per seed, each from its own CPU generator (the diffusers convention)."""
+    sched = make_scheduler(model, "ddim")
+    return randn_per_seed(seeds, model.latent_shape) * sched.init_noise_sigma
+
+
+def generate(
+    model: T2IModel,
+    prompts: list[str] | None = None,
+    seeds: list[int] | None = None,
+    prompt_embeds: torch.Tensor | None = None,
+    negative_prompt: str = "",
+    config: SampleConfig | None = None,
+    progress: bool = True,
+) -> Generation:
+    """Generate one image per (prompt or embedding, seed), in batches, without gradients.
+
+    Args:
+        model: a loaded text-to-image model.
+        prompts: N prompts (or None when ``prompt_embeds`` is given).
+        seeds: N seeds (default 0..N-1); image i starts from noise drawn by a generator seeded with seeds[i].
+        prompt_embeds: (N, L, d) precomputed text embeddings instead of prompts.
+        negative_prompt: the unconditional prompt for guidance (default "").
+        config: steps, guidance, batch size, scheduler (default SampleConfig()).
+        progress: show a progress bar over batches (default True).
+    """
+    config = config or SampleConfig()
+    if prompt_embeds is None:
+        if not prompts:
+            raise DiffshieldError("give at least one prompt (or prompt embeddings)")
+        n = len(prompts)
+    else:
+        n = prompt_embeds.shape[0]
+        if prompts is not None and len(prompts) != n:
+            raise DiffshieldError(f"{len(prompts)} prompts but {n} prompt embeddings")
+    seeds = list(range(n)) if seeds is None else [int(s) for s in seeds]
+    if len(seeds) != n:
+        raise DiffshieldError(f"{n} prompts but {len(seeds)} seeds; give one seed per image")
+    uncond = encode_prompts(model, [negative_prompt])
+    out = []
+    batches = range(0, n, config.batch_size)
+    with torch.no_grad():
+        for i in tqdm(batches, desc="generate", disable=not progress or len(batches) < 2, leave=False):
+            j = min(n, i + config.batch_size)
+            cond = prompt_embeds[i:j] if prompt_embeds is not None else encode_prompts(model, prompts[i:j])
+            lat = initial_latents(model, seeds[i:j])
+            gens = None
+            if config.scheduler == "ddpm":
+                from diffshield.core.seeding import generators
+
+                gens = generators([s + 7919 for s in seeds[i:j]])
+            lat = denoise(model, lat, cond, uncond, config.steps, config.guidance, config.scheduler, gens)
+            out.append(decode(model, lat))
+    labels = list(prompts) if prompts is not None else [None] * n
+    return Generation(torch.cat(out), seeds, labels, config)
+
+
+def generate_differentiable(
+    model: T2IModel,
+    prompt_embeds: torch.Tensor,
+    latents: torch.Tensor,
+    steps: int = 10,
+    guidance: float = 5.0,
+    uncond_embeds: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Images (N, 3, H, W) from embeddings and initial latents, keeping the graph to both (for attacks).
+
+    Args:
+        prompt_embeds: (N, L, d) conditioning embeddings (requires_grad as needed).
+        latents: (N, C, h, w) initial latents (requires_grad as needed), e.g. from :func:`initial_latents`.
+        steps: DDIM steps (default 10; memory grows with steps).
+        guidance: classifier-free guidance (default 5.0).
+        uncond_embeds: unconditional embeddings (default: the encoded empty prompt).
+    """
+    if uncond_embeds is None:
+        uncond_embeds = encode_prompts(model, [""])
+    with torch.enable_grad():
+        lat = denoise(model, latents, prompt_embeds, uncond_embeds, steps, guidance, "ddim")
+        return decode(model, lat)

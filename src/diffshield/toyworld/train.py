@@ -1,0 +1,346 @@
+"""Training recipes that rebuild every shipped toy-world weight from scratch.
+
+``diffshield toyworld train --work runs/toyworld --out src/diffshield/toyworld/weights`` runs, in order:
+
+1. render an image pool from ShapesWorld (seeded);
+2. train the AutoencoderKL (reconstruction + small KL);
+3. train the concept detector on real images and VAE reconstructions (so that it reads decoded images as well);
+4. encode the pool to latents and train the UNet2DConditionModel jointly with the CLIPTextModel
+   (epsilon prediction, SD 1.x schedule, 10 % caption dropout for classifier-free guidance);
+5. assemble a stock ``StableDiffusionPipeline`` folder and write ``recipe.json`` (command, seeds, steps, timings).
+
+Every stage writes its result into the work folder and is skipped when it is already there; the UNet stage saves a
+checkpoint every ``ckpt_every`` steps and resumes from the latest one, so an interrupted run loses little.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from diffshield.toyworld import models
+from diffshield.toyworld.detector import HEADS, ConceptDetector
+from diffshield.toyworld.shapes import VOCAB_WORDS, ShapesWorld, caption
+from diffshield.toyworld.tokenizer import build_tokenizer_files
+
+
+@dataclass
+class RecipeConfig:
+    """Settings of the toy-world recipe (defaults are those of the shipped weights).
+
+    Args:
+        seed: master seed (default 0).
+        pool_size: number of training images rendered once (default 40000).
+        vae_steps: AutoencoderKL steps at batch 64 (default 800).
+        detector_steps: detector steps at batch 128 (default 1500).
+        unet_steps: UNet + text encoder steps at batch 128 (default 2000).
+        unet_lr: peak AdamW learning rate of the UNet stage (default 4e-4).
+        caption_dropout: share of empty captions, for classifier-free guidance (default 0.1).
+        ckpt_every: UNet checkpoint interval in steps (default 100).
+        threads: torch CPU threads (default 2).
+    """
+
+    seed: int = 0
+    pool_size: int = 40000
+    vae_steps: int = 800
+    detector_steps: int = 1500
+    unet_steps: int = 2000
+    unet_lr: float = 4e-4
+    caption_dropout: float = 0.1
+    ckpt_every: int = 100
+    threads: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("pool_size", "vae_steps", "detector_steps", "unet_steps", "ckpt_every", "threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.caption_dropout < 1:
+            raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        if self.unet_lr <= 0:
+            raise ValueError(f"unet_lr must be positive, got {self.unet_lr}")
+
+
+def _log(work: Path, msg: str) -> None:
+    line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+    print(line, flush=True)
+    with open(work / "train.log", "a") as f:
+        f.write(line + "\n")
+
+
+def _lr(step: int, total: int, peak: float, warmup: int = 100) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    p = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def stage_pool(cfg: RecipeConfig, work: Path) -> dict[str, np.ndarray]:
+    path = work / "pool.npz"
+    if not path.exists():
+        world = ShapesWorld()
+        rng = np.random.default_rng(cfg.seed)
+        labels = world.sample_labels(cfg.pool_size, rng)
+        batch = world.render_labels(labels, seed=cfg.seed + 1)
+        tmp = work / "pool.tmp.npz"
+        np.savez(tmp, images=(batch.images * 255).round().astype(np.uint8), **labels)
+        tmp.rename(path)
+    d = np.load(path)
+    return {k: d[k] for k in d.files}
+
+
+def _images(pool: dict[str, np.ndarray], idx: np.ndarray) -> torch.Tensor:
+    """uint8 NHWC -> float NCHW in [0, 1]."""
+    return torch.from_numpy(pool["images"][idx]).permute(0, 3, 1, 2).float() / 255.0
+
+
+def stage_vae(cfg: RecipeConfig, work: Path, pool: dict[str, np.ndarray]):
+    out = work / "vae"
+    if (out / "config.json").exists():
+        from diffusers import AutoencoderKL
+
+        return AutoencoderKL.from_pretrained(out)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed + 2)
+    vae = models.make_vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    n = len(pool["shape"])
+    for step in tqdm(range(cfg.vae_steps), desc="vae", mininterval=10):
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, cfg.vae_steps, 1e-3, warmup=50)
+        x = _images(pool, rng.integers(0, n, 64)) * 2 - 1
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        kl = post.kl().mean() / x[0].numel()
+        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 100 == 0 or step == cfg.vae_steps - 1:
+            _log(work, f"vae step {step} loss {loss.item():.4f} kl {kl.item():.3f}")
+    # SD convention: latents are multiplied by scaling_factor so that they have unit variance.
+    with torch.no_grad():
+        z = vae.encode(_images(pool, np.arange(min(n, 2000))) * 2 - 1).latent_dist.mean
+    vae.register_to_config(scaling_factor=float(1.0 / z.std()))
+    vae.save_pretrained(out, safe_serialization=True)
+    _log(work, f"vae saved, scaling_factor {vae.config.scaling_factor:.4f}")
+    return vae
+
+
+def stage_detector(cfg: RecipeConfig, work: Path, pool: dict[str, np.ndarray], vae) -> ConceptDetector:
+    out = work / "detector"
+    if (out / "config.json").exists():
+        return ConceptDetector.load(out)
+    torch.manual_seed(cfg.seed + 3)
+    rng = np.random.default_rng(cfg.seed + 3)
+    n = len(pool["shape"])
+    # VAE reconstructions of part of the pool: generated images are decoded by this VAE too.
+    n_rec = min(n, 10000)
+    with torch.no_grad():
+        recs = []
+        for i in range(0, n_rec, 500):
+            x = _images(pool, np.arange(i, min(n_rec, i + 500))) * 2 - 1
+            recs.append(((vae.decode(vae.encode(x).latent_dist.mean).sample + 1) / 2).clamp(0, 1))
+        recs = torch.cat(recs)
+    det = ConceptDetector()
+    opt = torch.optim.AdamW(det.parameters(), lr=2e-3, weight_decay=1e-4)
+    det.train()
+    for step in tqdm(range(cfg.detector_steps), desc="detector", mininterval=10):
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, cfg.detector_steps, 2e-3, warmup=50)
+        idx = rng.integers(0, n, 128)
+        x = _images(pool, idx)
+        use_rec = torch.from_numpy((rng.random(128) < 0.4) & (idx < n_rec))
+        if use_rec.any():
+            x[use_rec] = recs[torch.from_numpy(idx)[use_rec]]
+        x = (x + 0.02 * torch.randn_like(x) * torch.rand(len(x), 1, 1, 1)).clamp(0, 1)
+        logits = det(x)
+        loss = sum(F.cross_entropy(logits[k], torch.from_numpy(pool[k][idx])) for k in HEADS)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 250 == 0 or step == cfg.detector_steps - 1:
+            _log(work, f"detector step {step} loss {loss.item():.4f}")
+    det.eval()
+    det.save(out)
+    return det
+
+
+def _tokenize(tokenizer, texts: list[str], cache: dict[str, list[int]]) -> torch.Tensor:
+    missing = [t for t in dict.fromkeys(texts) if t not in cache]
+    if missing:
+        ids = tokenizer(missing, padding="max_length", max_length=tokenizer.model_max_length, truncation=True)
+        cache.update(zip(missing, ids.input_ids))
+    return torch.tensor([cache[t] for t in texts])
+
+
+def stage_t2i(cfg: RecipeConfig, work: Path, pool: dict[str, np.ndarray], vae):
+    from transformers import CLIPTokenizer
+
+    final = work / "t2i_final"
+    tok_dir = work / "tokenizer"
+    if not (tok_dir / "vocab.json").exists():
+        build_tokenizer_files(VOCAB_WORDS, tok_dir, model_max_length=models.MAX_TOKENS)
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    if (final / "done").exists():
+        return tokenizer
+    n = len(pool["shape"])
+    lat_path = work / "latents.safetensors"
+    if not lat_path.exists():
+        means, stds = [], []
+        with torch.no_grad():
+            for i in tqdm(range(0, n, 1000), desc="encode latents"):
+                post = vae.encode(_images(pool, np.arange(i, min(n, i + 1000))) * 2 - 1).latent_dist
+                means.append(post.mean)
+                stds.append(post.std)
+        save_file({"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous()}, str(lat_path))
+    lat = load_file(str(lat_path))
+    sf = vae.config.scaling_factor
+
+    torch.manual_seed(cfg.seed + 4)
+    unet = models.make_unet()
+    te = models.make_text_encoder(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id,
+                                  tokenizer.pad_token_id)
+    params = list(unet.parameters()) + list(te.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
+    sched = models.make_train_scheduler()
+    ckpt = work / "t2i_ckpt"
+    start = 0
+    if (ckpt / "state.json").exists():
+        state = json.loads((ckpt / "state.json").read_text())
+        unet.load_state_dict(load_file(str(ckpt / "unet.safetensors")))
+        te.load_state_dict(load_file(str(ckpt / "text_encoder.safetensors")))
+        opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+        start = state["step"]
+        _log(work, f"t2i resumed at step {start}")
+    cache: dict[str, list[int]] = {}
+    unet.train()
+    te.train()
+    t0 = time.time()
+    for step in tqdm(range(start, cfg.unet_steps), desc="unet+text", initial=start, total=cfg.unet_steps,
+                     mininterval=10):
+        # Seed per step so that a resumed run draws the same batches as an uninterrupted one.
+        rng = np.random.default_rng([cfg.seed, 5, step])
+        gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, cfg.unet_steps, cfg.unet_lr)
+        idx = rng.integers(0, n, 128)
+        ti = torch.from_numpy(idx)
+        z = (lat["mean"][ti] + lat["std"][ti] * torch.randn(lat["mean"][ti].shape, generator=gen)) * sf
+        caps = [
+            "" if rng.random() < cfg.caption_dropout
+            else caption(int(pool["shape"][i]), int(pool["colour"][i]), int(pool["style"][i]),
+                         int(pool["background"][i]), rng)
+            for i in idx
+        ]
+        ids = _tokenize(tokenizer, caps, cache)
+        noise = torch.randn(z.shape, generator=gen)
+        t = torch.randint(0, sched.config.num_train_timesteps, (len(z),), generator=gen)
+        zt = sched.add_noise(z, noise, t)
+        cond = te(ids)[0]
+        pred = unet(zt, t, encoder_hidden_states=cond).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if (step + 1) % 50 == 0:
+            _log(work, f"t2i step {step + 1} loss {loss.item():.4f} ({(time.time() - t0) / (step + 1 - start):.2f}"
+                       " s/step)")
+        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.unet_steps:
+            tmp = work / "t2i_ckpt.tmp"
+            tmp.mkdir(exist_ok=True)
+            save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(tmp / "unet.safetensors"))
+            save_file({k: v.contiguous() for k, v in te.state_dict().items()}, str(tmp / "text_encoder.safetensors"))
+            torch.save(opt.state_dict(), tmp / "optimizer.pt")
+            (tmp / "state.json").write_text(json.dumps({"step": step + 1}))
+            if ckpt.exists():
+                import shutil
+
+                shutil.rmtree(ckpt)
+            tmp.rename(ckpt)
+    unet.eval()
+    te.eval()
+    final.mkdir(exist_ok=True)
+    unet.save_pretrained(final / "unet", safe_serialization=True)
+    te.save_pretrained(final / "text_encoder", safe_serialization=True)
+    (final / "done").write_text("ok")
+    return tokenizer
+
+
+def assemble(work: Path, out: Path, tokenizer) -> Path:
+    """Write the shipped folders: ``out/t2i`` (StableDiffusionPipeline) and ``out/detector``."""
+    import shutil
+
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL.from_pretrained(work / "vae"),
+        text_encoder=CLIPTextModel.from_pretrained(work / "t2i_final" / "text_encoder"),
+        tokenizer=tokenizer,
+        unet=UNet2DConditionModel.from_pretrained(work / "t2i_final" / "unet"),
+        scheduler=models.make_sample_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "t2i.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    if (out / "t2i").exists():
+        shutil.rmtree(out / "t2i")
+    tmp.rename(out / "t2i")
+    if (out / "detector").exists():
+        shutil.rmtree(out / "detector")
+    shutil.copytree(work / "detector", out / "detector")
+    return out
+
+
+def train_all(cfg: RecipeConfig, work: str | Path, out: str | Path) -> dict:
+    """Run every stage (skipping finished ones) and assemble the shipped weights. Returns the recipe record."""
+    work, out = Path(work), Path(out)
+    work.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(cfg.threads)
+    timings = {}
+    t = time.time()
+    pool = stage_pool(cfg, work)
+    timings["pool_s"] = time.time() - t
+    t = time.time()
+    vae = stage_vae(cfg, work, pool)
+    vae.eval()
+    timings["vae_s"] = time.time() - t
+    t = time.time()
+    stage_detector(cfg, work, pool, vae)
+    timings["detector_s"] = time.time() - t
+    t = time.time()
+    tokenizer = stage_t2i(cfg, work, pool, vae)
+    timings["t2i_s"] = time.time() - t
+    assemble(work, out, tokenizer)
+    # Stage times of the run that actually did the work (a stage skipped now keeps its earlier time).
+    tpath = work / "timings.json"
+    history = json.loads(tpath.read_text()) if tpath.exists() else {}
+    history.update({k: round(v, 1) for k, v in timings.items() if v > 5 or k not in history})
+    tpath.write_text(json.dumps(history, indent=2))
+    record = {
+        "command": "diffshield toyworld train " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["toyworld", "train"]
+        else " ".join(sys.argv),
+        "config": asdict(cfg),
+        "stage_seconds": history,
+        "total_minutes": round(sum(history.values()) / 60, 1),
+        "torch": torch.__version__,
+    }
+    (out / "recipe.json").write_text(json.dumps(record, indent=2))
+    _log(work, f"done: {history}")
+    return record

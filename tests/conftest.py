@@ -1,0 +1,62 @@
+"""Fixtures: tiny random diffusers components saved as a StableDiffusionPipeline folder (the Hub is unreachable)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffshield.toyworld.shapes import VOCAB_WORDS
+from diffshield.toyworld.tokenizer import build_tokenizer_files
+
+
+def build_tiny_pipeline(folder, seed: int = 0):
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    tok_dir = build_tokenizer_files(VOCAB_WORDS, folder.parent / f"{folder.name}_tok", model_max_length=77)
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    unet = UNet2DConditionModel(
+        block_out_channels=(4, 8), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        cross_attention_dim=8, norm_num_groups=2, attention_head_dim=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(4, 8), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=2,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16,
+        layers_per_block=1,
+    )
+    te = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, projection_dim=8,
+    ))
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                          set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tokenizer, unet=unet, scheduler=sched,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory):
+    """A tiny random StableDiffusionPipeline folder (16 px images, 4 x 8 x 8 latents). Do not modify it."""
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "sd")
+
+
+@pytest.fixture()
+def tiny_sd_copy(tiny_sd_dir, tmp_path):
+    """A private copy of the tiny pipeline folder, for tests that damage it."""
+    import shutil
+
+    dst = tmp_path / "sd"
+    shutil.copytree(tiny_sd_dir, dst)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_sd_dir):
+    from diffshield.core.loading import load_t2i
+
+    return load_t2i(tiny_sd_dir)

@@ -1,0 +1,107 @@
+import shutil
+
+import pytest
+import torch
+
+from diffshield.cli.main import main
+from diffshield.core.errors import DiffshieldError
+from diffshield.core.loading import load_t2i
+
+
+def test_loads_tiny_folder(tiny_model):
+    assert tiny_model.image_size == 16
+    assert tiny_model.latent_shape == (4, 8, 8)
+    assert not any(p.requires_grad for p in tiny_model.unet.parameters())
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(DiffshieldError, match="does not exist"):
+        load_t2i(tmp_path / "nope")
+
+
+def test_unknown_toy_name():
+    with pytest.raises(DiffshieldError, match="unknown toy model"):
+        load_t2i("toy:nope")
+
+
+def test_not_a_diffusers_folder(tmp_path):
+    with pytest.raises(DiffshieldError, match="no model_index.json"):
+        load_t2i(tmp_path)
+
+
+def test_single_file_refused(tmp_path):
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(b"x")
+    with pytest.raises(DiffshieldError, match="single file"):
+        load_t2i(f)
+
+
+def test_ddpm_folder_is_the_wrong_kind(tmp_path):
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    unet = UNet2DModel(sample_size=8, block_out_channels=(4, 8), norm_num_groups=2, layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(tmp_path / "ddpm")
+    with pytest.raises(DiffshieldError, match="DDPMPipeline.*not a text-to-image model"):
+        load_t2i(tmp_path / "ddpm")
+
+
+def _pickle_unet(folder):
+    from safetensors.torch import load_file
+
+    st = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    torch.save(load_file(str(st)), folder / "unet" / "diffusion_pytorch_model.bin")
+    st.unlink()
+
+
+def test_pickled_weights_refused_unless_allowed(tiny_sd_copy, tiny_model):
+    _pickle_unet(tiny_sd_copy)
+    with pytest.raises(DiffshieldError, match="refusing pickled weights.*--allow-pickle"):
+        load_t2i(tiny_sd_copy)
+    m = load_t2i(tiny_sd_copy, allow_pickle=True)
+    w = dict(m.unet.named_parameters())["conv_in.weight"]
+    assert torch.equal(w, dict(tiny_model.unet.named_parameters())["conv_in.weight"])
+
+
+def test_truncated_weights(tiny_sd_copy):
+    st = tiny_sd_copy / "unet" / "diffusion_pytorch_model.safetensors"
+    data = st.read_bytes()
+    st.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DiffshieldError, match="truncated or corrupt"):
+        load_t2i(tiny_sd_copy)
+
+
+def test_corrupt_header(tiny_sd_copy):
+    st = tiny_sd_copy / "vae" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(st.read_bytes())
+    data[8:20] = b"not json!!!!"
+    st.write_bytes(bytes(data))
+    with pytest.raises(DiffshieldError, match="corrupt"):
+        load_t2i(tiny_sd_copy)
+
+
+def test_missing_component_folder(tiny_sd_copy):
+    shutil.rmtree(tiny_sd_copy / "text_encoder")
+    with pytest.raises(DiffshieldError, match="no 'text_encoder/' folder"):
+        load_t2i(tiny_sd_copy)
+
+
+@pytest.mark.parametrize("case", ["missing", "pickle", "truncated", "ddpm-like"])
+def test_cli_errors_are_one_line(case, tiny_sd_copy, tmp_path, capsys):
+    path = tiny_sd_copy
+    if case == "missing":
+        path = tmp_path / "missing"
+    elif case == "pickle":
+        _pickle_unet(tiny_sd_copy)
+    elif case == "truncated":
+        st = tiny_sd_copy / "unet" / "diffusion_pytorch_model.safetensors"
+        st.write_bytes(st.read_bytes()[:100])
+    else:
+        shutil.rmtree(tiny_sd_copy / "unet")
+        (tiny_sd_copy / "model_index.json").write_text('{"_class_name": "DDPMPipeline", "unet": null}')
+    out = tmp_path / "out"
+    rc = main(["generate", "--model", str(path), "--prompt", "a red box", "--n", "1", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert err.startswith("diffshield: error: ") and "\n" not in err and "Traceback" not in err
+    assert not out.exists()

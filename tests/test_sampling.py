@@ -1,0 +1,78 @@
+import pytest
+import torch
+
+from diffshield.core.errors import DiffshieldError
+from diffshield.core.sampling import (
+    SampleConfig,
+    encode_prompts,
+    generate,
+    generate_differentiable,
+    initial_latents,
+)
+
+CFG = SampleConfig(steps=3, guidance=5.0, batch_size=2)
+
+
+def test_same_seed_same_image_regardless_of_batch(tiny_model):
+    a = generate(tiny_model, ["a red box"] * 3, seeds=[5, 6, 7], config=CFG, progress=False)
+    b = generate(tiny_model, ["a red box"], seeds=[7], config=SampleConfig(steps=3, batch_size=8), progress=False)
+    assert a.images.shape == (3, 3, 16, 16)
+    assert torch.allclose(a.images[2], b.images[0], atol=1e-5)
+    assert not torch.allclose(a.images[0], a.images[1])
+    assert a.seeds == [5, 6, 7] and a.manifest()[2] == {"index": 2, "prompt": "a red box", "seed": 7}
+
+
+def test_ddpm_sampler_is_seeded_per_image(tiny_model):
+    cfg = SampleConfig(steps=3, scheduler="ddpm", batch_size=1)
+    a = generate(tiny_model, ["a star", "a star"], seeds=[1, 2], config=cfg, progress=False)
+    b = generate(tiny_model, ["a star"], seeds=[2], config=cfg, progress=False)
+    assert torch.allclose(a.images[1], b.images[0], atol=1e-5)
+
+
+def test_prompt_embeds_equal_prompts(tiny_model):
+    prompts = ["a red box", "a blue star"]
+    emb = encode_prompts(tiny_model, prompts)
+    a = generate(tiny_model, prompts, seeds=[0, 1], config=CFG, progress=False)
+    b = generate(tiny_model, prompt_embeds=emb, seeds=[0, 1], config=CFG, progress=False)
+    assert torch.allclose(a.images, b.images, atol=1e-6)
+
+
+def test_text_encoding_is_cached(tiny_model):
+    tiny_model._text_cache.clear()
+    calls = []
+    handle = tiny_model.text_encoder.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    try:
+        encode_prompts(tiny_model, ["a box", "a box", "a disc"])
+        encode_prompts(tiny_model, ["a disc"])
+    finally:
+        handle.remove()
+    assert calls == [2]
+
+
+def test_differentiable_path_gives_gradients(tiny_model):
+    emb = encode_prompts(tiny_model, ["a red wedge"]).clone().requires_grad_(True)
+    lat = initial_latents(tiny_model, [0]).requires_grad_(True)
+    img = generate_differentiable(tiny_model, emb, lat, steps=2)
+    img.mean().backward()
+    assert emb.grad is not None and emb.grad.abs().sum() > 0
+    assert lat.grad is not None and lat.grad.abs().sum() > 0
+
+
+def test_bad_inputs(tiny_model):
+    with pytest.raises(DiffshieldError, match="one seed per image"):
+        generate(tiny_model, ["a", "b"], seeds=[1], config=CFG, progress=False)
+    with pytest.raises(DiffshieldError, match="steps"):
+        SampleConfig(steps=0)
+    with pytest.raises(DiffshieldError, match="scheduler"):
+        SampleConfig(scheduler="euler")
+
+
+def test_save_roundtrip_loads_in_stock_diffusers(tiny_model, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    tiny_model.save(tmp_path / "saved")
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "saved")
+    a = dict(pipe.unet.named_parameters())["conv_in.weight"]
+    assert torch.equal(a, dict(tiny_model.unet.named_parameters())["conv_in.weight"])
+    out = pipe("a red box", num_inference_steps=2, output_type="np").images
+    assert out.shape == (1, 16, 16, 3)
