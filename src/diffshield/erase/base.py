@@ -1,0 +1,58 @@
+"""What every erasure method shares: the result type, the registry and helpers to find cross-attention weights.
+
+A method is registered as ``ERASERS.register(name)((ConfigClass, erase_fn))`` where
+``erase_fn(model: T2IModel, concepts: list[str], config) -> EraseResult`` edits ``model`` in place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from diffshield.core.loading import T2IModel
+from diffshield.core.registry import Registry
+
+#: name -> (config dataclass, erase function)
+ERASERS: Registry[tuple[type, object]] = Registry("erasure method")
+
+
+@dataclass
+class EraseResult:
+    """Outcome of an erasure run.
+
+    Attributes:
+        model: the edited model (the same object that was passed in, edited in place).
+        changed: UNet parameter name -> new tensor, for every parameter the method changed (the delta).
+        method: registry name of the method. config: the method config as a JSON-able dict.
+        seconds: edit time (excluding model load and, for closed forms, text encoding).
+        fraction_changed: share of UNet parameters (by element count) that the method changed.
+        extra: method-specific facts (e.g. RECE per-epoch scores, ESD losses).
+    """
+
+    model: T2IModel
+    changed: dict[str, torch.Tensor]
+    method: str
+    config: dict
+    seconds: float
+    fraction_changed: float
+    extra: dict = field(default_factory=dict)
+
+
+def cross_attention_kv(unet: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
+    """All ``attn2.to_k`` / ``attn2.to_v`` linear layers of a UNet2DConditionModel, with their module names.
+
+    These read the text embeddings (k = W_k c, v = W_v c); SD 1.x has 16 attn2 modules, so 32 matrices.
+    """
+    out = []
+    for name, mod in unet.named_modules():
+        if name.endswith("attn2.to_k") or name.endswith("attn2.to_v"):
+            out.append((name, mod))
+    return out
+
+
+def fraction_of_unet(unet: torch.nn.Module, names: list[str]) -> float:
+    """Share of UNet parameter elements held by the parameters ``names``."""
+    params = dict(unet.named_parameters())
+    total = sum(p.numel() for p in params.values())
+    return sum(params[n].numel() for n in names) / total
