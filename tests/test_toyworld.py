@@ -1,0 +1,100 @@
+"""The toy world: data, tokenizer, Fréchet distance, and end-to-end checks of the shipped models."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from diffshield.core.loading import TOY_ROOT
+from diffshield.eval.frechet import frechet_distance
+from diffshield.toyworld.shapes import COLOURS, SHAPES, STYLES, SYNONYMS, VOCAB_WORDS, ShapesWorld
+from diffshield.toyworld.tokenizer import build_tokenizer_files
+
+SHIPPED = (TOY_ROOT / "t2i" / "model_index.json").exists() and (TOY_ROOT / "detector" / "config.json").exists()
+needs_shipped = pytest.mark.skipif(not SHIPPED, reason="shipped toy weights not built yet")
+
+
+def test_shapesworld_is_deterministic_and_labelled():
+    a, b = ShapesWorld().sample(32, seed=3), ShapesWorld().sample(32, seed=3)
+    assert np.array_equal(a.images, b.images) and a.captions == b.captions
+    assert a.images.shape == (32, 32, 32, 3) and 0 <= a.images.min() and a.images.max() <= 1
+    for i, cap in enumerate(a.captions):
+        s = SHAPES[a.shape[i]]
+        assert s in cap.split() or SYNONYMS[s] in cap.split()
+        for w in cap.split():
+            assert w in VOCAB_WORDS
+
+
+def test_shapesworld_covers_the_label_space_and_synonyms():
+    b = ShapesWorld().sample(600, seed=0)
+    assert set(b.shape) == set(range(len(SHAPES))) and set(b.colour) == set(range(len(COLOURS)))
+    assert set(b.style) == set(range(len(STYLES)))
+    words = {w for c in b.captions for w in c.split()}
+    assert set(SYNONYMS.values()) <= words
+
+
+def test_tokenizer_keeps_every_word_whole(tmp_path):
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(build_tokenizer_files(VOCAB_WORDS, tmp_path / "tok"))
+    for w in VOCAB_WORDS:
+        assert len(tok(w).input_ids) == 3, w  # BOS, word, EOS
+    assert tok("a zebra").input_ids[-1] == tok.eos_token_id  # unknown words fall back to characters
+
+
+def test_frechet_distance_known_gaussians():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(4000, 4))
+    b = rng.normal(size=(4000, 4)) + np.array([2.0, 0, 0, 0])
+    assert frechet_distance(a, a) == pytest.approx(0, abs=1e-6)
+    assert frechet_distance(a, b) == pytest.approx(4.0, rel=0.1)
+    c = rng.normal(size=(4000, 4)) * 2  # covariance 4I vs I: trace term 4 * (1 + 4 - 2*2) = 4
+    assert frechet_distance(a, c) == pytest.approx(4.0, rel=0.15)
+
+
+@needs_shipped
+def test_shipped_model_loads_in_stock_diffusers():
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(TOY_ROOT / "t2i")
+    out = pipe("a red triangle", num_inference_steps=5, output_type="np",
+               generator=torch.Generator().manual_seed(0)).images
+    assert out.shape == (1, 32, 32, 3) and np.isfinite(out).all()
+    recipe = json.loads((TOY_ROOT / "recipe.json").read_text())
+    assert "command" in recipe and recipe["config"]["seed"] == 0
+
+
+@needs_shipped
+def test_shipped_detector_reads_fresh_images():
+    from diffshield.core.loading import load_detector
+
+    det = load_detector()
+    b = ShapesWorld().sample(256, seed=777)
+    pred = det.predict(torch.from_numpy(b.images).permute(0, 3, 1, 2))
+    for head in ("shape", "colour", "style"):
+        assert (pred[head][0].numpy() == getattr(b, head)).mean() >= 0.97, head
+
+
+@needs_shipped
+def test_shipped_model_meets_fidelity_bar_on_a_small_sample():
+    from diffshield.core.loading import load_detector, load_t2i
+    from diffshield.eval.fidelity import fidelity_prompts, prompt_fidelity
+
+    specs = fidelity_prompts(styles=False)  # 16 shape x colour prompts and their synonyms
+    res = prompt_fidelity(load_t2i("toy:t2i"), load_detector(), seeds_per_prompt=2, specs=specs, progress=False)
+    for group in ("word", "synonym"):
+        assert res["groups"][group]["shape"] >= 0.9, res["groups"]
+        assert res["groups"][group]["colour"] >= 0.9, res["groups"]
+
+
+@needs_shipped
+def test_cli_generate_writes_images_grid_and_manifest(tmp_path):
+    from diffshield.cli.main import main
+
+    out = tmp_path / "gen"
+    assert main(["generate", "--prompt", "a blue star", "--n", "3", "--seed", "5", "--steps", "5",
+                 "--out", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [r["seed"] for r in manifest["images"]] == [5, 6, 7]
+    assert all((out / r["file"]).exists() for r in manifest["images"]) and (out / "grid.png").exists()
