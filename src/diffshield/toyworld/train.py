@@ -42,7 +42,7 @@ class RecipeConfig:
         seed: master seed (default 0).
         pool_size: number of training images rendered once (default 40000).
         vae_steps: AutoencoderKL steps at batch 64 (default 800).
-        detector_steps: detector steps at batch 128 (default 1500).
+        detector_steps: detector steps at batch 128 (default 600).
         unet_steps: UNet + text encoder steps at batch 128 (default 2000).
         unet_lr: peak AdamW learning rate of the UNet stage (default 4e-4).
         caption_dropout: share of empty captions, for classifier-free guidance (default 0.1).
@@ -53,7 +53,7 @@ class RecipeConfig:
     seed: int = 0
     pool_size: int = 40000
     vae_steps: int = 800
-    detector_steps: int = 1500
+    detector_steps: int = 600
     unet_steps: int = 2000
     unet_lr: float = 4e-4
     caption_dropout: float = 0.1

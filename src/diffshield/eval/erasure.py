@@ -1,0 +1,93 @@
+"""Did the erasure work, and what survived? The toy-world evaluation of an erased model against its original.
+
+For a concept C (a shape, colour or style of the toy world) the detector is asked, on images generated from the
+same prompts and seeds by the erased and by the original model:
+
+- ``erased_detection_rate`` / ``original_detection_rate``: how often it still finds C in images prompted with C;
+- ``synonym_detection_rate``: the same for prompts that use C's synonyms (paraphrase robustness);
+- ``other_accuracy`` / ``original_other_accuracy``: its accuracy on prompts for the other concepts of C's kind
+  (e.g. circle, square, star when C is triangle): what the erasure should leave alone;
+- ``frechet_neutral``: feature Fréchet distance between erased and original images for neutral prompts that do not
+  mention C (the toy analogue of the FID the papers report).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from diffshield.core.loading import T2IModel
+from diffshield.core.sampling import SampleConfig, generate
+from diffshield.eval.frechet import detector_features, frechet_distance
+from diffshield.toyworld.concepts import concept_prompts, other_concepts, resolve_concept
+from diffshield.toyworld.shapes import ShapesWorld
+
+
+def _rate(model, detector, prompts_labels, head, index, k, config, seed) -> tuple[float, torch.Tensor]:
+    prompts = [p for p, _ in prompts_labels for _ in range(k)]
+    seeds = [seed + j for _ in prompts_labels for j in range(k)]
+    gen = generate(model, prompts, seeds, config=config, progress=False)
+    pred = detector.predict(gen.images)[head][0]
+    return float((pred == index).float().mean()), gen.images
+
+
+def neutral_prompts(concept_words: tuple[str, ...], n: int, seed: int = 4321) -> list[str]:
+    """n random ShapesWorld captions that mention none of the words."""
+    out, s = [], seed
+    while len(out) < n:
+        caps = ShapesWorld().sample(4 * n, seed=s).captions
+        out += [c for c in caps if not set(c.split()) & set(concept_words)]
+        s += 1
+    return out[:n]
+
+
+def model_stats(model: T2IModel, detector, concept: str, seeds_per_prompt: int = 8, n_neutral: int = 256,
+                config: SampleConfig | None = None, seed: int = 0) -> dict:
+    """Detection rates of one model for a concept (its own prompts, synonyms, the other concepts) + neutral feats."""
+    c = resolve_concept(concept)
+    k = seeds_per_prompt
+    rate, imgs = _rate(model, detector, concept_prompts(c), c.head, c.index, k, config, seed)
+    syn = {w: _rate(model, detector, concept_prompts(c, w), c.head, c.index, k, config, seed)[0] for w in c.synonyms}
+    others = {o.name: _rate(model, detector, concept_prompts(o), o.head, o.index, k, config, seed)[0]
+              for o in other_concepts(c)}
+    neutral = generate(model, neutral_prompts(c.words, n_neutral), list(range(seed, seed + n_neutral)),
+                       config=config, progress=False).images
+    return {"detection_rate": rate, "synonym_rates": syn, "other_rates": others,
+            "neutral_features": detector_features(detector, neutral), "concept_images": imgs[: 4 * k]}
+
+
+def evaluate_erasure(erased: T2IModel, original: T2IModel, concept: str, detector, seeds_per_prompt: int = 8,
+                     n_neutral: int = 256, config: SampleConfig | None = None, seed: int = 0,
+                     original_stats: dict | None = None) -> dict:
+    """Compare an erased model with its original on a toy-world concept (see the module docstring).
+
+    Args:
+        erased, original: T2IModel. concept: a toy concept word (a synonym resolves to its concept).
+        detector: the toy concept detector. seeds_per_prompt: images per prompt (default 8).
+        n_neutral: neutral-prompt images per model for the Fréchet distance (default 256).
+        config: sampling settings (default SampleConfig()). seed: first seed (default 0).
+        original_stats: a precomputed ``model_stats`` of the original (to share it between several erased models).
+    Returns a JSON-able dict (plus ``_images``: before/after tensors for grids, removed before saving).
+    """
+    c = resolve_concept(concept)
+    o = original_stats or model_stats(original, detector, concept, seeds_per_prompt, n_neutral, config, seed)
+    e = model_stats(erased, detector, concept, seeds_per_prompt, n_neutral, config, seed)
+    mean = lambda d: sum(d.values()) / len(d) if d else None  # noqa: E731
+    return {
+        "concept": c.name,
+        "head": c.head,
+        "synonyms": list(c.synonyms),
+        "erased_detection_rate": e["detection_rate"],
+        "original_detection_rate": o["detection_rate"],
+        "synonym_detection_rate": mean(e["synonym_rates"]),
+        "original_synonym_detection_rate": mean(o["synonym_rates"]),
+        "synonym_rates": e["synonym_rates"],
+        "other_accuracy": mean(e["other_rates"]),
+        "original_other_accuracy": mean(o["other_rates"]),
+        "other_rates": e["other_rates"],
+        "original_other_rates": o["other_rates"],
+        "frechet_neutral": frechet_distance(e["neutral_features"], o["neutral_features"]),
+        "seeds_per_prompt": seeds_per_prompt,
+        "n_neutral": n_neutral,
+        "first_seed": seed,
+        "_images": {"original": o["concept_images"], "erased": e["concept_images"]},
+    }

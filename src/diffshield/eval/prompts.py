@@ -1,0 +1,61 @@
+"""Prompt sets the user supplies: I2P-format CSV files (prompt, evaluation_seed, evaluation_guidance).
+
+The I2P benchmark (Schramowski et al., CVPR 2023) and the UnlearnDiff nudity set are CSV files with a ``prompt``
+column and, per row, the seed and guidance scale to generate it with. Other columns are kept as metadata.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from diffshield.core.errors import DiffshieldError
+
+
+@dataclass
+class PromptRow:
+    """One prompt with its own seed and guidance (None: use the command's defaults)."""
+
+    prompt: str
+    seed: int | None = None
+    guidance: float | None = None
+    meta: dict = field(default_factory=dict)
+
+
+def load_prompt_csv(path: str | Path) -> list[PromptRow]:
+    """Read an I2P-format CSV. Requires a ``prompt`` column; ``evaluation_seed`` / ``evaluation_guidance``
+    (also accepted: ``seed`` / ``guidance``) are optional. Raises DiffshieldError naming the bad line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DiffshieldError(f"prompt CSV '{path}' does not exist")
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            cols = [c.strip() for c in (reader.fieldnames or [])]
+            if "prompt" not in cols:
+                raise DiffshieldError(f"'{path}' has no 'prompt' column (columns: {', '.join(cols) or 'none'})")
+            seed_col = next((c for c in ("evaluation_seed", "seed", "sd_seed") if c in cols), None)
+            guid_col = next((c for c in ("evaluation_guidance", "guidance", "sd_guidance_scale") if c in cols), None)
+            rows = []
+            for line, raw in enumerate(reader, start=2):
+                raw = {(k or "").strip(): (v or "").strip() for k, v in raw.items()}
+                if not raw.get("prompt"):
+                    continue
+                try:
+                    seed = int(float(raw[seed_col])) if seed_col and raw.get(seed_col) else None
+                    guidance = float(raw[guid_col]) if guid_col and raw.get(guid_col) else None
+                except ValueError:
+                    raise DiffshieldError(
+                        f"'{path}' line {line}: seed/guidance must be numbers, got "
+                        f"{raw.get(seed_col)!r} / {raw.get(guid_col)!r}"
+                    ) from None
+                meta = {k: v for k, v in raw.items() if k not in ("prompt", seed_col, guid_col)}
+                rows.append(PromptRow(raw["prompt"], seed, guidance, meta))
+    except UnicodeDecodeError:
+        raise DiffshieldError(f"'{path}' is not a UTF-8 text CSV file") from None
+    except csv.Error as e:
+        raise DiffshieldError(f"'{path}' is not a valid CSV file ({e})") from None
+    if not rows:
+        raise DiffshieldError(f"'{path}' has no prompts")
+    return rows

@@ -1,0 +1,103 @@
+"""Evaluation helpers: I2P CSV prompts, NudeNet counting, toy concepts, the erasure report on tiny models."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from diffshield.cli.main import main
+from diffshield.core.errors import DiffshieldError
+from diffshield.eval.nudity import EXPOSED_CLASSES, count_exposed, nudity_report
+from diffshield.eval.prompts import load_prompt_csv
+from diffshield.toyworld.concepts import concept_prompts, other_concepts, resolve_concept
+
+
+def test_i2p_csv(tmp_path):
+    f = tmp_path / "i2p.csv"
+    f.write_text("prompt,evaluation_seed,evaluation_guidance,categories\n"
+                 '"a red box, on a table",42,7.5,sexual\n'
+                 "a star,,,\n")
+    rows = load_prompt_csv(f)
+    assert rows[0].prompt == "a red box, on a table" and rows[0].seed == 42 and rows[0].guidance == 7.5
+    assert rows[0].meta == {"categories": "sexual"}
+    assert rows[1].seed is None and rows[1].guidance is None
+
+
+def test_i2p_csv_errors(tmp_path):
+    with pytest.raises(DiffshieldError, match="does not exist"):
+        load_prompt_csv(tmp_path / "none.csv")
+    f = tmp_path / "bad.csv"
+    f.write_text("text,seed\nhello,1\n")
+    with pytest.raises(DiffshieldError, match="no 'prompt' column"):
+        load_prompt_csv(f)
+    f.write_text("prompt,evaluation_seed\nhello,abc\n")
+    with pytest.raises(DiffshieldError, match="line 2"):
+        load_prompt_csv(f)
+
+
+def test_count_exposed_uses_only_exposed_classes_above_threshold():
+    dets = [
+        [{"class": "FEMALE_BREAST_EXPOSED", "score": 0.7}, {"class": "FEMALE_BREAST_EXPOSED", "score": 0.9}],
+        [{"class": "FEMALE_BREAST_COVERED", "score": 0.99}, {"class": "FEET_EXPOSED", "score": 0.5}],
+        [{"class": "FACE_FEMALE", "score": 0.9}],
+        [{"class": "BUTTOCKS_EXPOSED", "score": 0.61}, {"class": "ARMPITS_EXPOSED", "score": 0.8}],
+    ]
+    r = count_exposed(dets, threshold=0.6)
+    assert len(EXPOSED_CLASSES) == 9
+    assert r["nude_images"] == 2 and r["nudity_rate"] == 0.5
+    assert r["per_class"]["FEMALE_BREAST_EXPOSED"] == 1 and r["per_class"]["FEET_EXPOSED"] == 0
+    assert count_exposed(dets, threshold=0.45)["per_class"]["FEET_EXPOSED"] == 1
+
+
+def test_nudenet_runs_offline_on_a_folder(tmp_path):
+    pytest.importorskip("nudenet")
+    for i in range(2):
+        Image.new("RGB", (64, 64), (30 * i, 120, 200)).save(tmp_path / f"{i}.png")
+    r = nudity_report(tmp_path)
+    assert r["n_images"] == 2 and r["nudity_rate"] == 0.0
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(DiffshieldError, match="not a readable image"):
+        nudity_report(tmp_path)
+
+
+def test_toy_concepts():
+    c = resolve_concept("wedge")
+    assert (c.head, c.name, c.synonyms) == ("shape", "triangle", ("wedge",))
+    assert [p for p, _ in concept_prompts(c)][0] == "a red triangle"
+    assert {o.name for o in other_concepts(c)} == {"circle", "square", "star"}
+    assert resolve_concept("striped").head == "style" and len(concept_prompts(resolve_concept("striped"))) == 16
+    with pytest.raises(DiffshieldError, match="not a toy-world concept"):
+        resolve_concept("zebra")
+
+
+def test_generate_with_i2p_csv_uses_row_seeds(tiny_sd_dir, tmp_path):
+    f = tmp_path / "p.csv"
+    f.write_text("prompt,evaluation_seed,evaluation_guidance\na red box,11,7.5\na star,3,2\n")
+    out = tmp_path / "gen"
+    assert main(["generate", "--model", str(tiny_sd_dir), "--prompts-csv", str(f), "--n", "2", "--steps", "2",
+                 "--out", str(out)]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert [(r["prompt"], r["seed"]) for r in m["images"]] == [("a red box", 11), ("a red box", 12),
+                                                               ("a star", 3), ("a star", 4)]
+    assert m["guidance_per_image"] == [7.5, 7.5, 2.0, 2.0]
+
+
+def test_erasure_report_of_a_model_against_itself(tiny_model):
+    from diffshield.core.sampling import SampleConfig
+    from diffshield.eval.erasure import evaluate_erasure
+
+    class Fixed(torch.nn.Module):  # a stand-in detector that always sees a red triangle
+        def predict(self, images):
+            n = len(images)
+            z = torch.zeros(n, dtype=torch.long)
+            return {"shape": (z + 2, z.float() + 1), "colour": (z, z.float() + 1), "style": (z, z.float() + 1)}
+
+        def features(self, images):
+            return images.flatten(1)[:, :8]
+
+    r = evaluate_erasure(tiny_model, tiny_model, "triangle", Fixed(), seeds_per_prompt=1, n_neutral=4,
+                         config=SampleConfig(steps=2))
+    assert r["erased_detection_rate"] == r["original_detection_rate"] == 1.0
+    assert r["synonym_detection_rate"] == 1.0 and r["other_accuracy"] == 0.0
+    assert r["frechet_neutral"] == pytest.approx(0.0, abs=1e-6)
