@@ -12,7 +12,7 @@ including every weight write:
   structure (two passes over all matrices for Σ W'ᵀW' and Σ W'ᵀW0 per epoch, then one float64 solve per matrix).
 
 Both versions start from the same weights; the max abs difference of their results is reported.
-Run: ``nice .venv/bin/python benchmarks/erase_speed.py`` (about 5 minutes on 2 CPU cores; ``--repeats 5``).
+Run: ``.venv/bin/python benchmarks/erase_speed.py`` (about 1 minute on 2 idle CPU cores; ``--repeats 5``).
 Writes ``benchmarks/results/erase_speed.json`` and prints a markdown table.
 """
 
@@ -135,7 +135,8 @@ def max_abs_diff(a: dict, b: dict) -> float:
 
 def machine() -> dict:
     try:
-        busy = subprocess.run(["pgrep", "-f", "train_all"], capture_output=True, text=True).stdout.split()
+        found = subprocess.run(["pgrep", "-f", "train_all|toyworld train"], capture_output=True, text=True)
+        busy = found.stdout.split()
     except OSError:
         busy = []
     return {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),

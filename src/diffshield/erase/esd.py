@@ -1,0 +1,455 @@
+"""ESD: Erasing Concepts from Diffusion Models (Gandikota, Materzyńska, Fiotto-Kaufman, Bau; ICCV 2023).
+
+ESD fine-tunes the UNet θ so that its noise prediction for a concept c equals the frozen original model θ*
+guided *away* from c (negative classifier-free guidance):
+
+    target = ε*(x_t, ∅, t) − η [ε*(x_t, c, t) − ε*(x_t, ∅, t)]        loss = ‖ε_θ(x_t, c, t) − target‖²
+
+Each iteration draws a DDIM step k ~ U{0..N-1}, samples x_t by running DDIM (eta 0, CFG ``start_guidance``,
+prompt c) from fresh noise for k steps, and takes one Adam step on a subset of the UNet:
+
+- ESD-x (``variant="x"``): every ``attn2`` (cross-attention) parameter; for artistic styles.
+- ESD-u (``variant="u"``): every parameter except ``attn2``; for nudity and objects. The paper's code also
+  freezes the time embedding and the final output layers (``freeze_time_and_out``, default True).
+
+Usage::
+
+    from diffshield.core.loading import load_t2i
+    from diffshield.erase.esd import ESDConfig, esd_erase
+
+    model = load_t2i("toy:t2i")
+    result = esd_erase(model, ["a red box"], ESDConfig(variant="u", iterations=200, lr=5e-5))
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from diffshield.core.errors import DiffshieldError
+from diffshield.core.io import atomic_write_bytes
+from diffshield.core.loading import T2IModel, check_safetensors
+from diffshield.core.sampling import denoise, encode_prompts, make_scheduler
+from diffshield.erase.base import ERASERS, EraseResult, fraction_of_unet
+
+VARIANTS = ("x", "u")
+#: UNet parameter-name prefixes that the paper's ESD-u code leaves frozen (time embedding, final norm + conv).
+TIME_AND_OUT_PREFIXES = ("time_embedding.", "conv_norm_out.", "conv_out.")
+CHECKPOINT_FILE = "esd_checkpoint.safetensors"
+CHECKPOINT_FORMAT = "diffshield-esd-checkpoint/1"
+#: config fields that may change between an interrupted run and its resumption
+RESUMABLE_FIELDS = ("iterations", "checkpoint_every", "checkpoint_dir")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@dataclass
+class ESDConfig:
+    """Hyper-parameters of ESD (paper defaults unless noted).
+
+    Args:
+        variant: which UNet parameters to fine-tune: "x" (default; all ``attn2`` cross-attention parameters, for
+            styles) or "u" (everything except ``attn2``, for nudity and objects).
+        freeze_time_and_out: ESD-u only: also keep the time embedding and the final output layers
+            (``conv_norm_out``, ``conv_out``) frozen, as the paper's code does (default True).
+        eta: negative-guidance scale η of the target (default 1.0; the 2024 rewrite of the official code uses 2).
+        iterations: optimisation steps, batch size 1 (default 1000; the 2024 rewrite uses 200).
+        lr: Adam learning rate, a float (default 1e-5; the 2024 rewrite uses 5e-5).
+        start_guidance: classifier-free guidance used when sampling x_t (default 3.0).
+        ddim_steps: N, the DDIM schedule from which the step k ~ U{0..N-1} is drawn (default 50).
+        seed: seeds the per-iteration CPU generators that draw k and the starting noise (default 0).
+        checkpoint_every: save a checkpoint every this many iterations when ``checkpoint_dir`` is set
+            (default 100; a checkpoint is also written after the last iteration).
+        checkpoint_dir: folder for the checkpoint (default None: no checkpoints). If it already holds a checkpoint
+            of the same run (same model, concepts and config apart from ``iterations``, ``checkpoint_every`` and
+            ``checkpoint_dir``), training resumes from it; a resumed run equals an uninterrupted one.
+    """
+
+    variant: str = "x"
+    freeze_time_and_out: bool = True
+    eta: float = 1.0
+    iterations: int = 1000
+    lr: float = 1e-5
+    start_guidance: float = 3.0
+    ddim_steps: int = 50
+    seed: int = 0
+    checkpoint_every: int = 100
+    checkpoint_dir: str | None = None
+
+    #: the variant a registered preset class fixes (None: free)
+    preset: ClassVar[str | None] = None
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise DiffshieldError(f"ESD variant must be 'x' (cross-attention) or 'u' (the rest), got {self.variant!r}")
+        if self.preset is not None and self.variant != self.preset:
+            raise DiffshieldError(
+                f"{type(self).__name__} is ESD-{self.preset}; variant {self.variant!r} contradicts it "
+                f"(use ESDConfig(variant={self.variant!r}) or the 'esd-{self.variant}' method)"
+            )
+        if not isinstance(self.freeze_time_and_out, bool):
+            raise DiffshieldError(f"freeze_time_and_out must be True or False, got {self.freeze_time_and_out!r}")
+        if not _is_number(self.eta) or self.eta < 0:
+            raise DiffshieldError(f"ESD eta (negative guidance) must be a finite number >= 0, got {self.eta!r}")
+        if not _is_int(self.iterations) or self.iterations < 1:
+            raise DiffshieldError(f"ESD iterations must be a whole number >= 1, got {self.iterations!r}")
+        if not _is_number(self.lr) or not 0 < self.lr <= 1:
+            raise DiffshieldError(f"ESD learning rate must be a number in (0, 1], e.g. 1e-5; got {self.lr!r}")
+        if not _is_number(self.start_guidance) or not 0 <= self.start_guidance <= 50:
+            raise DiffshieldError(f"start_guidance must be between 0 and 50, got {self.start_guidance!r}")
+        if not _is_int(self.ddim_steps) or not 1 <= self.ddim_steps <= 1000:
+            raise DiffshieldError(f"ddim_steps must be a whole number between 1 and 1000, got {self.ddim_steps!r}")
+        if not _is_int(self.seed) or not 0 <= self.seed < 2**63:
+            raise DiffshieldError(f"seed must be a whole number >= 0, got {self.seed!r}")
+        if not _is_int(self.checkpoint_every) or self.checkpoint_every < 1:
+            raise DiffshieldError(f"checkpoint_every must be a whole number >= 1, got {self.checkpoint_every!r}")
+        if self.checkpoint_dir is not None:
+            if not isinstance(self.checkpoint_dir, (str, Path)) or not str(self.checkpoint_dir).strip():
+                raise DiffshieldError(f"checkpoint_dir must be a folder path or None, got {self.checkpoint_dir!r}")
+            self.checkpoint_dir = str(self.checkpoint_dir)
+        self.eta, self.lr, self.start_guidance = float(self.eta), float(self.lr), float(self.start_guidance)
+        self.iterations, self.ddim_steps = int(self.iterations), int(self.ddim_steps)
+        self.seed, self.checkpoint_every = int(self.seed), int(self.checkpoint_every)
+
+
+@dataclass
+class ESDXConfig(ESDConfig):
+    """:class:`ESDConfig` preset to ESD-x (cross-attention parameters; the ``esd-x`` method)."""
+
+    variant: str = "x"
+    preset: ClassVar[str | None] = "x"
+
+
+@dataclass
+class ESDUConfig(ESDConfig):
+    """:class:`ESDConfig` preset to ESD-u (all but cross-attention parameters; the ``esd-u`` method)."""
+
+    variant: str = "u"
+    preset: ClassVar[str | None] = "u"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The parameters ESD fine-tunes
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def esd_parameters(
+    unet: torch.nn.Module, variant: str, freeze_time_and_out: bool = True
+) -> dict[str, torch.nn.Parameter]:
+    """UNet parameters (name -> parameter) that ESD fine-tunes.
+
+    Args:
+        unet: a UNet2DConditionModel.
+        variant: "x": every parameter inside an ``attn2`` module; "u": every other parameter.
+        freeze_time_and_out: for "u", leave ``time_embedding``, ``conv_norm_out`` and ``conv_out`` out (default True).
+    """
+    out = {}
+    for name, p in unet.named_parameters():
+        in_xattn = ".attn2." in f".{name}"
+        if variant == "x" and in_xattn:
+            out[name] = p
+        elif variant == "u" and not in_xattn:
+            if freeze_time_and_out and name.startswith(TIME_AND_OUT_PREFIXES):
+                continue
+            out[name] = p
+    if not out:
+        raise DiffshieldError(f"this UNet has no parameters for ESD-{variant} (no cross-attention 'attn2' modules?)")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One iteration: x_t from the current model, the negatively guided target from the frozen model
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def iteration_generator(seed: int, iteration: int) -> torch.Generator:
+    """The CPU generator of one iteration, a function of (seed, iteration) only, so that resuming is exact."""
+    state = np.random.SeedSequence([int(seed), int(iteration)]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator("cpu").manual_seed(int(state))
+
+
+def sample_xt(
+    model: T2IModel,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    k: int,
+    noise: torch.Tensor,
+    ddim_steps: int = 50,
+    start_guidance: float = 3.0,
+) -> torch.Tensor:
+    """x_t after k DDIM steps (eta 0, classifier-free guidance ``start_guidance``) from ``noise``, without grads.
+
+    Args:
+        model: the model whose UNet samples (ESD uses the model being fine-tuned).
+        cond / uncond: (1, L, d) embeddings of the concept and of the empty prompt.
+        k: number of DDIM steps to run (0: x_t is the noise itself).
+        noise: (1, C, h, w) standard-normal starting latents.
+        ddim_steps: length N of the DDIM schedule (default 50). start_guidance: CFG scale (default 3.0).
+    """
+    sigma = make_scheduler(model, "ddim").init_noise_sigma
+    with torch.no_grad():
+        return denoise(model, noise * sigma, cond, uncond, ddim_steps, start_guidance, "ddim", stop_at=k)
+
+
+def esd_target(
+    frozen_unet: torch.nn.Module,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    eta: float = 1.0,
+) -> torch.Tensor:
+    """ε*(x_t, ∅, t) − η [ε*(x_t, c, t) − ε*(x_t, ∅, t)] from the frozen original UNet θ* (no grads).
+
+    Args:
+        frozen_unet: θ*, the original UNet. x_t: (1, C, h, w) latents. t: the timestep.
+        cond / uncond: (1, L, d) embeddings of the concept c and of the empty prompt ∅.
+        eta: negative-guidance scale η (default 1.0).
+    """
+    with torch.no_grad():
+        eps = frozen_unet(torch.cat([x_t, x_t]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
+        e_uncond, e_cond = eps.chunk(2)
+        return e_uncond - eta * (e_cond - e_uncond)
+
+
+def esd_loss(
+    unet: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, target: torch.Tensor
+) -> torch.Tensor:
+    """MSE(ε_θ(x_t, c, t), target), in float32; differentiable in the UNet's parameters."""
+    return F.mse_loss(unet(x_t, t, encoder_hidden_states=cond).sample.float(), target.float())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints: trained parameters + Adam state + iteration, one safetensors file written atomically
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def run_identity(model: T2IModel, concepts: list[str], config: ESDConfig) -> dict:
+    """What a checkpoint must share with a run to be resumed by it: config (minus run length), concepts, model."""
+    h = hashlib.sha256()
+    for name, p in model.unet.named_parameters():
+        head = p.detach().reshape(-1)[:16].to("cpu", torch.float32).numpy()
+        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}:".encode() + head.tobytes())
+    ident = {f.name: getattr(config, f.name) for f in fields(config) if f.name not in RESUMABLE_FIELDS}
+    ident["concepts"] = list(concepts)
+    ident["model_fingerprint"] = h.hexdigest()[:16]
+    return ident
+
+
+def save_checkpoint(
+    folder: Path,
+    iteration: int,
+    identity: dict,
+    params: dict[str, torch.nn.Parameter],
+    optimizer: torch.optim.Adam,
+    losses: list[float],
+    timesteps: list[int],
+) -> Path:
+    """Write ``folder/esd_checkpoint.safetensors`` atomically (complete or not at all)."""
+    from safetensors.torch import save
+
+    tensors = {}
+    for name, p in params.items():
+        tensors[f"param/{name}"] = p.detach().to("cpu").contiguous().clone()
+        for key, value in optimizer.state.get(p, {}).items():
+            tensors[f"adam.{key}/{name}"] = value.detach().to("cpu").contiguous().clone()
+    meta = {
+        "format": CHECKPOINT_FORMAT,
+        "iteration": str(iteration),
+        "run": json.dumps(identity, sort_keys=True),
+        "losses": json.dumps(losses),
+        "timesteps": json.dumps(timesteps),
+    }
+    path = Path(folder) / CHECKPOINT_FILE
+    atomic_write_bytes(path, save(tensors, metadata=meta))
+    return path
+
+
+def load_checkpoint(
+    folder: Path,
+    identity: dict,
+    params: dict[str, torch.nn.Parameter],
+    optimizer: torch.optim.Adam,
+    iterations: int,
+) -> tuple[int, list[float], list[int]] | None:
+    """Restore parameters and Adam state from ``folder`` if it holds a checkpoint of this run.
+
+    Returns (iteration, losses, timesteps) or None when there is no checkpoint. Raises DiffshieldError when the
+    checkpoint belongs to another run or is further along than ``iterations``.
+    """
+    from safetensors import safe_open
+
+    path = Path(folder) / CHECKPOINT_FILE
+    if not path.exists():
+        return None
+    check_safetensors(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != CHECKPOINT_FORMAT:
+            raise DiffshieldError(f"'{path}' is not an ESD checkpoint; delete it or choose another checkpoint_dir")
+        saved = json.loads(meta["run"])
+        if saved != json.loads(json.dumps(identity, sort_keys=True)):
+            differ = sorted(k for k in set(saved) | set(identity) if saved.get(k) != identity.get(k))
+            raise DiffshieldError(
+                f"'{path}' is a checkpoint of a different ESD run (differs in: {', '.join(differ)}); "
+                "delete it or choose another checkpoint_dir"
+            )
+        iteration = int(meta["iteration"])
+        if iteration > iterations:
+            raise DiffshieldError(
+                f"checkpoint '{path}' is at iteration {iteration}, past the requested {iterations} iterations; "
+                "raise iterations or choose another checkpoint_dir"
+            )
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    missing = [n for n in params if f"param/{n}" not in tensors]
+    if missing:
+        raise DiffshieldError(f"checkpoint '{path}' lacks parameter {missing[0]!r}; delete it and start again")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(tensors[f"param/{name}"])
+    adam: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("adam."):
+            kind, name = key[len("adam.") :].split("/", 1)
+            adam.setdefault(name, {})[kind] = value
+    state = optimizer.state_dict()
+    state["state"] = {i: adam[name] for i, name in enumerate(params) if name in adam}
+    optimizer.load_state_dict(state)
+    return iteration, json.loads(meta["losses"]), json.loads(meta["timesteps"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The training loop
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def esd_erase(model: T2IModel, concepts: list[str], config: ESDConfig, progress: bool = True) -> EraseResult:
+    """Erase concepts by ESD fine-tuning (Gandikota et al., ICCV 2023); edits ``model.unet`` in place.
+
+    Each iteration i (batch 1): the concept is ``concepts[i % len(concepts)]`` (the official code draws it at
+    random); a CPU generator seeded from (``config.seed``, i) draws k ~ U{0..N-1} and the starting noise;
+    x_t = DDIM sampling (eta 0, CFG ``start_guidance``, prompt c) for k steps with the *current*, partly
+    fine-tuned UNet, as in the paper's code (its 2024 diffusers rewrite samples with the frozen UNet instead);
+    t = the DDIM timestep at step k; target = ε*(x_t, ∅, t) − η [ε*(x_t, c, t) − ε*(x_t, ∅, t)] from a frozen
+    copy θ* of the original UNet; loss = MSE(ε_θ(x_t, c, t), target); one Adam step on the ESD-x/u parameters.
+
+    Args:
+        model: the text-to-image model; its UNet is fine-tuned in place and left in eval mode without grads.
+        concepts: prompts naming the concepts to erase (e.g. ["Van Gogh"], ["nudity"]).
+        config: ESD hyper-parameters (:class:`ESDConfig`); ``checkpoint_dir`` enables checkpoints and resuming.
+        progress: show a progress bar with the loss (default True).
+
+    Returns:
+        EraseResult with ``changed`` = the fine-tuned parameters that differ from the original, and ``extra`` =
+        {"losses": per-iteration loss (resumed runs include the earlier part), "timesteps": t per iteration,
+        "seconds_per_iteration": mean over this call's iterations (None if none ran), "resumed_from": iteration
+        the run started at, "trained_parameters": number of fine-tuned parameter elements}.
+    """
+    if isinstance(concepts, str):
+        concepts = [concepts]
+    concepts = list(concepts or [])
+    if not concepts or any(not isinstance(c, str) or not c.strip() for c in concepts):
+        raise DiffshieldError(f"give at least one non-empty concept prompt to erase, got {concepts!r}")
+    if not isinstance(config, ESDConfig):
+        raise DiffshieldError(f"esd_erase needs an ESDConfig, got {type(config).__name__}")
+    start_time = time.perf_counter()
+    unet = model.unet
+    device, dtype = next(unet.parameters()).device, next(unet.parameters()).dtype
+
+    # θ*: a frozen copy of the original UNet; θ: the model's own UNet, of which only the ESD-x/u set trains.
+    identity = run_identity(model, concepts, config)
+    frozen = copy.deepcopy(unet).eval().requires_grad_(False)
+    params = esd_parameters(unet, config.variant, config.freeze_time_and_out)
+    unet.requires_grad_(False)
+    for p in params.values():
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(list(params.values()), lr=config.lr)
+
+    # Text embeddings, computed once.
+    emb = encode_prompts(model, [*concepts, ""]).to(device, dtype)
+    conds, uncond = emb[:-1, None], emb[-1:]
+    sched = make_scheduler(model, "ddim")
+    sched.set_timesteps(config.ddim_steps)
+    timesteps = sched.timesteps
+
+    start, losses, ts_used, iter_seconds = 0, [], [], []
+    ckpt_dir = Path(config.checkpoint_dir) if config.checkpoint_dir else None
+    try:
+        if ckpt_dir is not None:
+            resumed = load_checkpoint(ckpt_dir, identity, params, optimizer, config.iterations)
+            if resumed is not None:
+                start, losses, ts_used = resumed
+        unet.train()
+        bar = tqdm(range(start, config.iterations), desc=f"ESD-{config.variant}", disable=not progress, leave=False)
+        for i in bar:
+            t0 = time.perf_counter()
+            cond = conds[i % len(concepts)]
+            gen = iteration_generator(config.seed, i)
+            k = int(torch.randint(config.ddim_steps, (1,), generator=gen))
+            noise = torch.randn((1, *model.latent_shape), generator=gen).to(device, dtype)
+            t = timesteps[k].to(device)
+
+            x_t = sample_xt(model, cond, uncond, k, noise, config.ddim_steps, config.start_guidance)
+            target = esd_target(frozen, x_t, t, cond, uncond, config.eta)
+            optimizer.zero_grad(set_to_none=True)
+            with torch.enable_grad():
+                loss = esd_loss(unet, x_t, t, cond, target)
+                loss.backward()
+            optimizer.step()
+
+            losses.append(float(loss.detach()))
+            ts_used.append(int(t))
+            iter_seconds.append(time.perf_counter() - t0)
+            bar.set_postfix(loss=f"{losses[-1]:.4g}", t=int(t))
+            done = i + 1
+            if ckpt_dir is not None and (done % config.checkpoint_every == 0 or done == config.iterations):
+                save_checkpoint(ckpt_dir, done, identity, params, optimizer, losses, ts_used)
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+        model.eval()
+
+    frozen_params = dict(frozen.named_parameters())
+    changed = {n: p.detach().to("cpu").clone() for n, p in params.items() if not torch.equal(p, frozen_params[n])}
+    del frozen
+    return EraseResult(
+        model=model,
+        changed=changed,
+        method=f"esd-{config.variant}",
+        config=asdict(config),
+        seconds=time.perf_counter() - start_time,
+        fraction_changed=fraction_of_unet(unet, list(changed)),
+        extra={
+            "losses": losses,
+            "timesteps": ts_used,
+            "seconds_per_iteration": (sum(iter_seconds) / len(iter_seconds)) if iter_seconds else None,
+            "resumed_from": start,
+            "trained_parameters": sum(p.numel() for p in params.values()),
+            "sampling_model": "current",
+        },
+    )
+
+
+ERASERS.register("esd-x")((ESDXConfig, esd_erase))
+ERASERS.register("esd-u")((ESDUConfig, esd_erase))

@@ -1,0 +1,185 @@
+"""UCE: Unified Concept Editing in Diffusion Models (Gandikota, Orgad, Belinkov, Materzyńska, Bau; WACV 2024).
+
+A closed-form edit of the cross-attention key/value matrices. For every ``attn2.to_k`` / ``attn2.to_v`` matrix W:
+
+    W_new = (λ W + s_e Σ_i W T_iᵀ K_i + s_p Σ_j W P_jᵀ P_j) · (λ I + s_e Σ_i K_iᵀ K_i + s_p Σ_j P_jᵀ P_j)⁻¹
+
+K_i: text-embedding rows of concept i (to erase), T_i: rows of its guide, position-aligned with K_i (the keys and
+values of the concept are moved to those of the guide), P_j: rows of preserved prompts (their keys and values
+should stay). All 32 matrices of SD 1.x share the same right factor, so the edit is W_new = W · G with one d x d G
+(see :mod:`diffshield.erase.closed_form`).
+
+Example::
+
+    from diffshield.core.loading import load_t2i
+    from diffshield.erase.uce import UCEConfig, uce_erase
+
+    model = load_t2i("toy:t2i")
+    result = uce_erase(model, ["square"], UCEConfig(preserve=["circle"]))
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from diffshield.core.errors import DiffshieldError
+from diffshield.core.loading import T2IModel
+from diffshield.core.sampling import encode_prompts
+from diffshield.erase.base import ERASERS, EraseResult, fraction_of_unet
+from diffshield.erase.closed_form import apply_shared, embedding_width, kv_layers, last_word_index, shared_edit_matrix
+
+TOKEN_MODES = ("paper2023", "last")
+
+
+@dataclass
+class UCEConfig:
+    """Settings of a UCE edit.
+
+    Args:
+        guides: what each concept is moved to: one guide for all concepts or one per concept, in concept order
+            (default [" "]: the unconditional prompt; use "art" for artist styles). A single string is accepted.
+        preserve: prompts whose keys/values should not change (default []); the empty prompt "" is always added.
+        lamb: λ, the weight of the current matrix in the least-squares problem (default 0.5; must be > 0).
+        erase_scale: s_e, weight of the erased concepts (default 1.0). Too large a scale damages unrelated
+            prompts: check them after the edit.
+        preserve_scale: s_p, weight of the preserved prompts (default 1.0; the papers use 0.1 for artist lists).
+        token_mode: which text-embedding rows enter the edit (default "paper2023"):
+            "paper2023" (official 2023 code): concept rows from its last word token to the end of the 77 rows
+            (EOS and padding included), aligned by offset with the guide's rows from the guide's last word token
+            (BOS for the guide " "); preserved prompts use all rows.
+            "last" (2025 rewrite): one row per prompt, its last word token (concept, guide and preserved prompts).
+    """
+
+    guides: list[str] = field(default_factory=lambda: [" "])
+    preserve: list[str] = field(default_factory=list)
+    lamb: float = 0.5
+    erase_scale: float = 1.0
+    preserve_scale: float = 1.0
+    token_mode: str = "paper2023"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.guides, str):
+            self.guides = [self.guides]
+        if isinstance(self.preserve, str):
+            self.preserve = [self.preserve]
+        self.guides, self.preserve = list(self.guides), list(self.preserve)
+        if not self.guides:
+            raise DiffshieldError("guides must hold at least one prompt (use ' ' for the unconditional prompt)")
+        if not all(isinstance(g, str) for g in self.guides + self.preserve):
+            raise DiffshieldError("guides and preserve must be lists of strings")
+        if not self.lamb > 0:
+            raise DiffshieldError(f"lamb must be > 0 (it keeps the solve well posed), got {self.lamb}")
+        if not self.erase_scale > 0:
+            raise DiffshieldError(f"erase_scale must be > 0, got {self.erase_scale}")
+        if not self.preserve_scale >= 0:
+            raise DiffshieldError(f"preserve_scale must be >= 0, got {self.preserve_scale}")
+        if self.token_mode not in TOKEN_MODES:
+            raise DiffshieldError(f"token_mode must be one of {', '.join(TOKEN_MODES)}, got {self.token_mode!r}")
+
+
+def check_concepts(concepts: list[str] | str) -> list[str]:
+    """Validate the concept list (a single string is one concept)."""
+    if isinstance(concepts, str):
+        concepts = [concepts]
+    concepts = list(concepts)
+    if not concepts:
+        raise DiffshieldError("give at least one concept to erase")
+    for c in concepts:
+        if not isinstance(c, str) or not c.strip():
+            raise DiffshieldError(f"concepts must be non-empty strings, got {c!r}")
+    return concepts
+
+
+def expand_guides(guides: list[str], concepts: list[str]) -> list[str]:
+    """One guide per concept: a single guide is used for all concepts."""
+    if len(guides) == 1:
+        return guides * len(concepts)
+    if len(guides) != len(concepts):
+        raise DiffshieldError(f"{len(guides)} guides for {len(concepts)} concepts; give one guide, or one per concept")
+    return list(guides)
+
+
+def uce_rows(
+    model: T2IModel, concepts: list[str], config: UCEConfig
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[torch.Tensor]]:
+    """The text-embedding rows of a UCE edit: ([(K_i, T_i) per concept], [P_j per preserved prompt]).
+
+    Encodes every prompt once (text encoding; not part of the edit's time) and selects rows by ``token_mode``.
+    """
+    concepts = check_concepts(concepts)
+    guides = expand_guides(config.guides, concepts)
+    preserve = list(dict.fromkeys([""] + config.preserve))
+    clash = sorted(set(concepts) & set(preserve))
+    if clash:
+        raise DiffshieldError(f"{clash[0]!r} is both erased and preserved; remove it from preserve")
+    prompts = list(dict.fromkeys(concepts + guides + preserve))
+    emb = dict(zip(prompts, encode_prompts(model, prompts)))
+    last = dict(zip(prompts, last_word_index(model, prompts)))
+    length = next(iter(emb.values())).shape[0]
+
+    pairs = []
+    for c, g in zip(concepts, guides):
+        ic, ig = last[c], last[g]
+        if config.token_mode == "last":
+            pairs.append((emb[c][ic:ic + 1], emb[g][ig:ig + 1]))
+        else:  # paper2023: from the last word to the end, aligned by offset; both slices have the same length
+            n = length - max(ic, ig)
+            pairs.append((emb[c][ic:ic + n], emb[g][ig:ig + n]))
+    if config.token_mode == "last":
+        kept = [emb[p][last[p]:last[p] + 1] for p in preserve]
+    else:
+        kept = [emb[p] for p in preserve]
+    return pairs, kept
+
+
+def _ratio(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(a.norm() / b.norm().clamp_min(1e-12))
+
+
+def uce_erase(model: T2IModel, concepts: list[str], config: UCEConfig | None = None) -> EraseResult:
+    """Erase concepts from ``model`` in place with UCE (Gandikota et al., WACV 2024); several concepts in one edit.
+
+    Args:
+        model: the text-to-image model; its UNet's cross-attention K/V weights are overwritten.
+        concepts: prompts of the concepts to erase (e.g. ["nudity"] or ["Van Gogh", "Monet"]).
+        config: guides, preserved prompts, λ, scales, token mode (default UCEConfig()).
+
+    Returns:
+        EraseResult with the changed K/V weights (clones), the edit time (text encoding excluded) and, in
+        ``extra``: ``embedding_drift_preserved`` (||P Gᵀ - P|| / ||P|| over all preserved rows: 0 means their keys
+        and values are untouched, since W_new p = W (G p)) and ``gap_left_erased`` (||K Gᵀ - T|| / ||K - T||: 0
+        means the concepts' keys and values now equal the guides', 1 that they did not move).
+    """
+    config = config or UCEConfig()
+    concepts = check_concepts(concepts)
+    layers = kv_layers(model.unet)
+    pairs, kept = uce_rows(model, concepts, config)
+    if pairs[0][0].shape[-1] != embedding_width(model.unet):
+        raise DiffshieldError(f"text embeddings have width {pairs[0][0].shape[-1]} but the cross-attention layers "
+                              f"read {embedding_width(model.unet)}")
+
+    start = time.perf_counter()
+    g = shared_edit_matrix(pairs, kept, config.lamb, config.erase_scale, config.preserve_scale)
+    apply_shared(layers, g)
+    seconds = time.perf_counter() - start
+
+    changed = {name: mod.weight.detach().clone() for name, mod in layers}
+    g = g.cpu()
+    kept_rows = torch.cat([p.cpu().double() for p in kept])
+    k_rows = torch.cat([k.cpu().double() for k, _ in pairs])
+    t_rows = torch.cat([t.cpu().double() for _, t in pairs])
+    extra = {
+        "n_matrices": len(layers),
+        "rows_erased": k_rows.shape[0],
+        "rows_preserved": kept_rows.shape[0],
+        "embedding_drift_preserved": _ratio(kept_rows @ g.T - kept_rows, kept_rows),
+        "gap_left_erased": _ratio(k_rows @ g.T - t_rows, k_rows - t_rows),
+    }
+    return EraseResult(model=model, changed=changed, method="uce", config=asdict(config), seconds=seconds,
+                       fraction_changed=fraction_of_unet(model.unet, list(changed)), extra=extra)
+
+
+ERASERS.register("uce")((UCEConfig, uce_erase))

@@ -1,0 +1,325 @@
+"""UCE and RECE closed-form erasure, and erasure deltas, on the tiny random SD components."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from diffshield.core.errors import DiffshieldError
+from diffshield.core.loading import load_t2i
+from diffshield.erase.base import ERASERS, EraseResult, cross_attention_kv
+from diffshield.erase.closed_form import kv_weights
+from diffshield.erase.delta import apply_delta, read_delta_info, save_delta
+from diffshield.erase.rece import (
+    RECEConfig,
+    adversarial_embedding,
+    adversarial_embedding_for,
+    rece_erase,
+)
+from diffshield.erase.uce import UCEConfig, uce_erase
+
+
+@pytest.fixture()
+def model(tiny_model):
+    """A private copy of the session's tiny model (the edits are in place)."""
+    return copy.deepcopy(tiny_model)
+
+
+def embed(model, prompt: str) -> tuple[torch.Tensor, int]:
+    """(77, d) float64 text embedding and the index of the last word token, straight from the components."""
+    tok = model.tokenizer(prompt, padding="max_length", max_length=model.tokenizer.model_max_length,
+                          truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        emb = model.text_encoder(tok.input_ids)[0][0]
+    return emb.double(), int(tok.attention_mask[0].sum()) - 2
+
+
+def reference_rows(model, concepts, guides, preserve, mode):
+    """Rows of the UCE problem, selected as the official 2023 script slices them (or one row in "last" mode)."""
+    ks, ts, ps = [], [], []
+    for c, g in zip(concepts, guides):
+        (ec, ic), (eg, ig) = embed(model, c), embed(model, g)
+        if mode == "last":
+            ks.append(ec[ic:ic + 1])
+            ts.append(eg[ig:ig + 1])
+        else:
+            far = max(ic, ig)
+            ks.append(ec[ic:len(ec) - max(0, far - ic)])
+            ts.append(eg[ig:len(eg) - max(0, far - ig)])
+    for p in [""] + preserve:
+        ep, ip = embed(model, p)
+        ps.append(ep[ip:ip + 1] if mode == "last" else ep)
+    return ks, ts, ps
+
+
+def reference_uce(w, ks, ts, ps, lamb, se, sp):
+    """The spec's formula for one matrix, in float64, with its own inverse (the official code's structure)."""
+    w = w.double()
+    mat1 = lamb * w
+    mat2 = lamb * torch.eye(w.shape[1], dtype=torch.float64)
+    for k, t in zip(ks, ts):
+        mat1 = mat1 + se * (w @ t.T) @ k
+        mat2 = mat2 + se * k.T @ k
+    for p in ps:
+        mat1 = mat1 + sp * (w @ p.T) @ p
+        mat2 = mat2 + sp * p.T @ p
+    return mat1 @ torch.inverse(mat2)
+
+
+def kv(model) -> dict[str, torch.Tensor]:
+    return {f"{n}.weight": m.weight.detach().clone() for n, m in cross_attention_kv(model.unet)}
+
+
+# --- (1) UCE equals the per-matrix closed form -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["paper2023", "last"])
+def test_uce_matches_per_matrix_float64_formula(model, mode):
+    concepts, guides, preserve = ["a red square", "star"], [" ", "a blue circle"], ["green triangle"]
+    cfg = UCEConfig(guides=guides, preserve=preserve, lamb=0.5, erase_scale=1.5, preserve_scale=0.7, token_mode=mode)
+    before = kv(model)
+    ks, ts, ps = reference_rows(model, concepts, guides, preserve, mode)
+    result = uce_erase(model, concepts, cfg)
+
+    assert len(result.changed) == len(before) == 8  # 4 attn2 modules in the tiny UNet, to_k + to_v
+    for name, w in before.items():
+        ref = reference_uce(w, ks, ts, ps, 0.5, 1.5, 0.7)
+        got = dict(model.unet.named_parameters())[name].detach().double()
+        assert (got - ref).norm() / ref.norm() <= 1e-4, name
+        assert not torch.allclose(got, w.double())
+        assert torch.equal(result.changed[name], got.float())
+    total = sum(p.numel() for p in model.unet.parameters())
+    assert result.fraction_changed == pytest.approx(sum(w.numel() for w in before.values()) / total)
+    assert result.method == "uce" and result.config["token_mode"] == mode and result.seconds >= 0
+    assert result.extra["rows_erased"] == sum(k.shape[0] for k in ks)
+    json.dumps(result.config)
+
+
+def test_paper2023_aligns_the_last_word_with_the_guides_bos(model):
+    # " " tokenizes to BOS EOS: its row 0 (BOS) must face the concept's last word, and rows run to the end.
+    ks, ts, _ = reference_rows(model, ["a red square"], [" "], [], "paper2023")
+    (_, ic), (eg, _) = embed(model, "a red square"), embed(model, " ")
+    assert ic == 3 and ks[0].shape == (77 - 3, 8)
+    assert torch.equal(ts[0][0], eg[0])
+
+
+# --- (2) Preserved prompts keep their keys/values, erased concepts move to the guide ---------------------------
+
+
+def test_preserved_keys_stay_and_erased_keys_move_to_the_guide(model):
+    before = kv(model)
+    concept, guide, preserve = "red", " ", ["circle"]
+    (ec, ic), (eg, ig) = embed(model, concept), embed(model, guide)
+    k, t = ec[ic], eg[ig]
+    kept = [e[i] for e, i in (embed(model, p) for p in ["", *preserve])]
+    result = uce_erase(model, [concept], UCEConfig(guides=guide, preserve=preserve, token_mode="last"))
+    after = {n: w.double() for n, w in result.changed.items()}
+
+    def sq(x):
+        return float(x.pow(2).sum())
+
+    w0s = {n: w.double() for n, w in before.items()}
+    gap_before = sum(sq(w0s[n] @ k - w0s[n] @ t) for n in w0s)
+    gap_after = sum(sq(after[n] @ k - w0s[n] @ t) for n in w0s)
+    # Without preserved rows the gap would shrink to about λ / (λ + s_e |k|²) = 0.5 / 8.5 of itself (the toy text
+    # encoder ends with a layer norm: |k|² = d = 8). The preserved "circle" row is 0.8-correlated with "red" in
+    # this random 8-d encoder and pulls back, so allow 0.3 (of the distance, not squared).
+    assert gap_after < 0.3**2 * gap_before
+    for p in kept:
+        moved = sum(sq(after[n] @ p - w0s[n] @ p) for n in w0s)
+        assert moved < 0.1**2 * sum(sq(w0s[n] @ p) for n in w0s)
+        assert moved < 0.1 * gap_before  # the concept moved much more than the preserved prompts
+    assert result.extra["embedding_drift_preserved"] < 0.1 and result.extra["gap_left_erased"] < 0.3
+
+
+def test_larger_erase_scale_moves_the_concept_further(model, tiny_model):
+    other = copy.deepcopy(tiny_model)
+    weak = uce_erase(model, ["square"], UCEConfig(erase_scale=0.1, token_mode="last"))
+    strong = uce_erase(other, ["square"], UCEConfig(erase_scale=10.0, token_mode="last"))
+    assert strong.extra["gap_left_erased"] < weak.extra["gap_left_erased"]
+
+
+# --- (3) RECE ----------------------------------------------------------------------------------------------------
+
+
+def attack_residual(model, w0: dict, concept: str, lamb_r: float, variant: str = "regzero") -> float:
+    """Σ_l ||W'_l c' - W0_l c||² / Σ_l ||W0_l c||² for the adversarial embedding c' against the model's weights."""
+    c, _ = embed(model, concept)
+    adv = adversarial_embedding_for(model, w0, concept, lamb_r=lamb_r, variant=variant)[0].double()
+    cur = {n: w.double() for n, w in kv(model).items()}
+    num = sum(((cur[n] @ adv.T) - (w0[n].double() @ c.T)).pow(2).sum() for n in w0)
+    den = sum((w0[n].double() @ c.T).pow(2).sum() for n in w0)
+    return float(num / den)
+
+
+@pytest.mark.parametrize("variant", ["regzero", "standard"])
+def test_rece_makes_the_adversarial_embedding_fail(model, tiny_model, variant):
+    w0 = kv_weights(tiny_model)
+    uce_only = copy.deepcopy(tiny_model)
+    uce_erase(uce_only, ["red square"], UCEConfig())
+    result = rece_erase(model, ["red square"], RECEConfig(epochs=2, lamb_r=0.1, variant=variant))
+
+    r_uce = attack_residual(uce_only, w0, "red square", 0.1, variant)
+    r_rece = attack_residual(model, w0, "red square", 0.1, variant)
+    assert r_rece > 2 * r_uce  # the concept is much harder to regenerate from any embedding
+    epochs = result.extra["epochs"]
+    assert [e["epoch"] for e in epochs] == [0, 1, 2] and result.extra["best_epoch"] == 2
+    assert all(e["adv_residual_after"] > e["adv_residual_before"] for e in epochs[1:])
+    assert result.extra["uce_adv_residual"] == pytest.approx(r_uce, rel=1e-3)
+    assert result.extra["final_adv_residual"] == pytest.approx(r_rece, rel=1e-3)
+    assert result.method == "rece" and result.config["variant"] == variant
+    assert set(result.changed) == set(w0)
+    json.dumps(result.config)
+
+
+def test_adversarial_embedding_solves_its_normal_equations(model, tiny_model):
+    w0 = kv_weights(tiny_model)
+    uce_erase(model, ["star"], UCEConfig())
+    cur = kv_weights(model)
+    c, _ = embed(model, "star")
+    old, _ = embed(model, " ")
+    lam = 0.05
+    for variant, c_old in (("regzero", None), ("standard", old)):
+        adv = adversarial_embedding(list(cur.values()), list(w0.values()), c, lam, variant, c_old)
+        # gradient of Σ||W'c' - W0c||² + λ||c' - c_old||² must vanish at every row
+        pull = sum(w.double().T @ w0[n].double() @ c.T for n, w in cur.items())
+        grad = sum(w.double().T @ w.double() @ adv.T for w in cur.values()) - pull
+        grad = grad + lam * (adv - (0 if c_old is None else c_old)).T
+        assert grad.abs().max() < 1e-5 * pull.abs().max()  # Σ W'ᵀW' is accumulated from float32 products
+    # the convenience wrapper accepts the original model, a dict or a list, and returns (1, 77, d)
+    a = adversarial_embedding_for(model, tiny_model, "star", lamb_r=lam)
+    b = adversarial_embedding_for(model, list(w0.values()), ["star"], lamb_r=lam)
+    assert a.shape == (1, 77, 8) and torch.allclose(a, b)
+    with pytest.raises(DiffshieldError, match="c_old"):
+        adversarial_embedding(cur, w0, c, lam, "standard")
+
+
+def test_rece_select_keeps_the_best_epoch(model, tiny_model):
+    scores = {0: 5.0, 1: 3.0, 2: 1.0, 3: 4.0}
+    seen = {}
+
+    def select(m, epoch):
+        seen[epoch] = kv(m)
+        return scores[epoch]
+
+    result = rece_erase(model, ["red square"], RECEConfig(epochs=3, select=select))
+    assert sorted(seen) == [0, 1, 2, 3] and result.extra["best_epoch"] == 2
+    assert [e["score"] for e in result.extra["epochs"]] == [5.0, 3.0, 1.0, 4.0]
+    two = copy.deepcopy(tiny_model)
+    rece_erase(two, ["red square"], RECEConfig(epochs=2))
+    for name, w in kv(two).items():
+        assert torch.allclose(kv(model)[name], w, atol=1e-6)
+        assert torch.allclose(seen[2][name], w, atol=1e-6)
+    uce = copy.deepcopy(tiny_model)
+    uce_erase(uce, ["red square"], UCEConfig())
+    assert all(torch.allclose(seen[0][n], w, atol=1e-6) for n, w in kv(uce).items())
+    assert result.config["select"].endswith("select")
+
+
+def test_rece_presets_and_registry():
+    nudity = RECEConfig.from_preset("nudity")
+    assert (nudity.lamb_r, nudity.epochs) == (0.1, 3)
+    style = RECEConfig.from_preset("style", epochs=2)
+    assert (style.lamb_r, style.epochs, style.uce.guides) == (1e-3, 2, ["art"])
+    assert RECEConfig.from_preset("object").lamb_r == 1e-3
+    assert (RECEConfig.from_preset("object-easy").lamb_r, RECEConfig.from_preset("unsafe").epochs) == (0.1, 2)
+    assert RECEConfig(uce={"lamb": 0.3}).uce.lamb == 0.3
+    with pytest.raises(DiffshieldError, match="unknown RECE preset"):
+        RECEConfig.from_preset("cats")
+    with pytest.raises(DiffshieldError, match="unknown RECE setting"):
+        RECEConfig.from_preset("nudity", lamda=1)
+    assert ERASERS.get("uce") == (UCEConfig, uce_erase) and ERASERS.get("rece") == (RECEConfig, rece_erase)
+
+
+@pytest.mark.parametrize("bad", [
+    lambda: UCEConfig(lamb=0),
+    lambda: UCEConfig(erase_scale=-1),
+    lambda: UCEConfig(preserve_scale=-0.1),
+    lambda: UCEConfig(token_mode="first"),
+    lambda: UCEConfig(guides=[]),
+    lambda: RECEConfig(variant="gd"),
+    lambda: RECEConfig(epochs=-1),
+    lambda: RECEConfig(epochs=1.5),
+    lambda: RECEConfig(lamb_r=-1),
+    lambda: RECEConfig(lamb2=0),
+    lambda: RECEConfig(select=3),
+])
+def test_config_validation(bad):
+    with pytest.raises(DiffshieldError) as e:
+        bad()
+    assert "\n" not in str(e.value)
+
+
+def test_erase_argument_errors(model):
+    with pytest.raises(DiffshieldError, match="2 guides for 3 concepts"):
+        uce_erase(model, ["red", "blue", "star"], UCEConfig(guides=["a", "b"]))
+    with pytest.raises(DiffshieldError, match="both erased and preserved"):
+        uce_erase(model, ["star"], UCEConfig(preserve=["star"]))
+    with pytest.raises(DiffshieldError, match="at least one concept"):
+        rece_erase(model, [], RECEConfig())
+
+
+# --- (4) Deltas and saving -----------------------------------------------------------------------------------------
+
+
+def test_delta_reproduces_the_edit_and_stock_diffusers_loads_the_saved_model(model, tiny_sd_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    result = rece_erase(model, ["red square"], RECEConfig(epochs=1))
+    path = save_delta(result, tmp_path / "erase.safetensors", base_model=str(tiny_sd_dir))
+    info = read_delta_info(path)
+    assert info["method"] == "rece" and info["config"]["epochs"] == 1 and info["base_model"] == str(tiny_sd_dir)
+    assert info["fraction_changed"] == pytest.approx(result.fraction_changed)
+    assert sorted(info["tensors"]) == sorted(result.changed)
+
+    fresh = load_t2i(tiny_sd_dir)
+    assert apply_delta(fresh, path)["method"] == "rece"
+    edited = model.unet.state_dict()
+    for name, value in fresh.unet.state_dict().items():
+        assert torch.equal(value, edited[name]), name
+
+    model.save(tmp_path / "edited")
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "edited")
+    loaded = dict(pipe.unet.named_parameters())
+    for name, value in result.changed.items():
+        assert torch.equal(loaded[name], value), name
+    assert not torch.equal(loaded[name], dict(load_t2i(tiny_sd_dir).unet.named_parameters())[name])
+
+
+def test_delta_errors(model, tiny_model, tmp_path):
+    with pytest.raises(DiffshieldError, match="does not exist"):
+        apply_delta(model, tmp_path / "missing.safetensors")
+    (tmp_path / "notes.safetensors").write_text("not a safetensors file at all")
+    with pytest.raises(DiffshieldError, match="not a valid safetensors"):
+        apply_delta(model, tmp_path / "notes.safetensors")
+
+    name = next(iter(kv(model)))
+    w = dict(model.unet.named_parameters())[name]
+
+    def delta(changed, file):
+        r = EraseResult(model=model, changed=changed, method="uce", config={}, seconds=0.0, fraction_changed=0.0)
+        return save_delta(r, tmp_path / file, base_model="tiny")
+
+    with pytest.raises(DiffshieldError, match="not a parameter of this model's UNet") as e:
+        apply_delta(model, delta({"down_blocks.9.attn2.to_k.weight": torch.zeros(2, 2)}, "name.safetensors"))
+    assert "\n" not in str(e.value)
+    bias = model.unet.conv_in.bias
+    before = bias.detach().clone()
+    bad_shape = {"conv_in.bias": before + 1, name: torch.zeros(w.shape[0] + 1, w.shape[1])}
+    with pytest.raises(DiffshieldError, match="has shape"):
+        apply_delta(model, delta(bad_shape, "shape.safetensors"))
+    assert torch.equal(bias, before)  # nothing written, not even the tensor that fits
+    truncated = delta({name: w.detach() + 1}, "cut.safetensors")
+    truncated.write_bytes(truncated.read_bytes()[:-5])
+    with pytest.raises(DiffshieldError, match="not a valid safetensors"):
+        apply_delta(model, truncated)
+    with pytest.raises(DiffshieldError, match="no tensor"):
+        delta({}, "empty.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"text_encoder.w": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(DiffshieldError, match="not a UNet tensor"):
+        apply_delta(model, tmp_path / "other.safetensors")

@@ -1,0 +1,207 @@
+"""ESD (Gandikota et al., ICCV 2023) on the tiny random pipeline: parameter sets, loss, determinism, resuming."""
+
+import copy
+
+import pytest
+import torch
+
+from diffshield.core.errors import DiffshieldError
+from diffshield.core.loading import load_t2i
+from diffshield.core.sampling import encode_prompts, make_scheduler
+from diffshield.erase.base import ERASERS
+from diffshield.erase.esd import (
+    CHECKPOINT_FILE,
+    ESDConfig,
+    ESDUConfig,
+    ESDXConfig,
+    esd_erase,
+    esd_loss,
+    esd_target,
+    iteration_generator,
+    sample_xt,
+)
+
+CONCEPT = "a red box"
+FAST = dict(ddim_steps=4, lr=1e-3)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny UNet's tensors are far too small for intra-op threads, which only add overhead (16x on 2 cores)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def snapshot(model):
+    return {n: p.detach().clone() for n, p in model.unet.named_parameters()}
+
+
+def differing(model, before):
+    return {n for n, p in model.unet.named_parameters() if not torch.equal(p, before[n])}
+
+
+def test_esd_x_changes_only_cross_attention(tiny_sd_dir):
+    model = load_t2i(tiny_sd_dir)
+    before = snapshot(model)
+    res = esd_erase(model, [CONCEPT], ESDConfig(variant="x", iterations=2, **FAST), progress=False)
+    moved = differing(model, before)
+    assert moved and all(".attn2." in n for n in moved)
+    assert any(n.endswith("attn2.to_k.weight") for n in moved) and any("attn2.to_out" in n for n in moved)
+    assert set(res.changed) == moved
+    assert all(torch.equal(res.changed[n], dict(model.unet.named_parameters())[n]) for n in moved)
+    n_attn2 = sum(p.numel() for n, p in model.unet.named_parameters() if ".attn2." in n)
+    assert res.fraction_changed == pytest.approx(n_attn2 / sum(p.numel() for p in model.unet.parameters()))
+    assert res.method == "esd-x" and res.config["variant"] == "x" and len(res.extra["losses"]) == 2
+    assert not model.unet.training and not any(p.requires_grad for p in model.unet.parameters())
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_esd_u_changes_only_the_rest(tiny_sd_dir, freeze):
+    model = load_t2i(tiny_sd_dir)
+    before = snapshot(model)
+    res = esd_erase(model, [CONCEPT], ESDUConfig(iterations=2, freeze_time_and_out=freeze, **FAST), progress=False)
+    moved = differing(model, before)
+    assert set(res.changed) == moved and res.method == "esd-u"
+    assert not any(".attn2." in n for n in moved)
+    assert any(n.startswith("down_blocks.") for n in moved) and "conv_in.weight" in moved
+    time_and_out = {n for n in moved if n.startswith(("time_embedding.", "conv_out.", "conv_norm_out."))}
+    if freeze:
+        assert not time_and_out
+    else:
+        assert {"time_embedding.linear_1.weight", "conv_out.weight"} <= time_and_out
+
+
+@pytest.mark.parametrize("variant, lr, factor", [("x", 1e-3, 0.3), ("u", 3e-4, 0.6)])
+def test_esd_loss_on_the_erased_concept_falls(tiny_sd_dir, variant, lr, factor):
+    model = load_t2i(tiny_sd_dir)
+    frozen = copy.deepcopy(model.unet)
+    cond, uncond = encode_prompts(model, [CONCEPT]), encode_prompts(model, [""])
+    sched = make_scheduler(model, "ddim")
+    sched.set_timesteps(4)
+    probes = []  # fixed (x_t, t, target) triples, x_t sampled with the original model
+    for seed, k in [(100, 0), (101, 1), (102, 3)]:
+        noise = torch.randn((1, *model.latent_shape), generator=torch.Generator().manual_seed(seed))
+        x_t = sample_xt(model, cond, uncond, k, noise, ddim_steps=4)
+        t = sched.timesteps[k]
+        probes.append((x_t, t, esd_target(frozen, x_t, t, cond, uncond, eta=1.0)))
+
+    def probe_loss():
+        with torch.no_grad():
+            return sum(float(esd_loss(model.unet, x, t, cond, target)) for x, t, target in probes) / len(probes)
+
+    before = probe_loss()
+    res = esd_erase(model, [CONCEPT], ESDConfig(variant=variant, iterations=30, lr=lr, ddim_steps=4), progress=False)
+    after = probe_loss()
+    assert after < factor * before, (before, after)
+    losses = res.extra["losses"]
+    assert len(losses) == 30 and sum(losses[-10:]) < sum(losses[:10])
+    assert set(res.extra["timesteps"]) <= set(sched.timesteps.tolist())
+    assert res.extra["seconds_per_iteration"] > 0
+
+
+def test_same_seed_same_weights_other_seed_other_weights(tiny_sd_dir):
+    runs = {}
+    for name, seed in [("a", 3), ("b", 3), ("c", 4)]:
+        model = load_t2i(tiny_sd_dir)
+        res = esd_erase(model, [CONCEPT, "a blue star"], ESDConfig(iterations=3, seed=seed, **FAST), progress=False)
+        runs[name] = res
+    a, b, c = runs["a"], runs["b"], runs["c"]
+    assert a.changed.keys() == b.changed.keys()
+    assert all(torch.equal(a.changed[n], b.changed[n]) for n in a.changed)
+    assert a.extra["losses"] == b.extra["losses"] and a.extra["timesteps"] == b.extra["timesteps"]
+    assert any(not torch.equal(a.changed[n], c.changed[n]) for n in a.changed)
+
+
+def test_iteration_generator_depends_on_seed_and_iteration_only():
+    draw = [
+        torch.randint(1000, (4,), generator=iteration_generator(s, i)).tolist()
+        for s, i in [(0, 0), (0, 0), (0, 1), (1, 0)]
+    ]
+    assert draw[0] == draw[1] and draw[0] != draw[2] and draw[0] != draw[3]
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(tiny_sd_dir, tmp_path):
+    cfg = dict(checkpoint_every=3, **FAST)
+    whole = esd_erase(load_t2i(tiny_sd_dir), [CONCEPT], ESDConfig(iterations=6, **cfg), progress=False)
+
+    ckpt = tmp_path / "ckpt"
+    first = esd_erase(
+        load_t2i(tiny_sd_dir), [CONCEPT], ESDConfig(iterations=3, checkpoint_dir=ckpt, **cfg), progress=False
+    )
+    assert (ckpt / CHECKPOINT_FILE).exists() and first.extra["resumed_from"] == 0
+    assert [p.name for p in ckpt.iterdir()] == [CHECKPOINT_FILE]  # no temporary files left behind
+    resumed = esd_erase(
+        load_t2i(tiny_sd_dir), [CONCEPT], ESDConfig(iterations=6, checkpoint_dir=ckpt, **cfg), progress=False
+    )
+    assert resumed.extra["resumed_from"] == 3
+    assert resumed.changed.keys() == whole.changed.keys()
+    assert all(torch.equal(resumed.changed[n], whole.changed[n]) for n in whole.changed)
+    assert resumed.extra["losses"] == whole.extra["losses"]
+
+    # the checkpoint is now at 6: rerunning with iterations=6 trains nothing and returns the same weights
+    again_model = load_t2i(tiny_sd_dir)
+    again = esd_erase(again_model, [CONCEPT], ESDConfig(iterations=6, checkpoint_dir=ckpt, **cfg), progress=False)
+    assert again.extra["resumed_from"] == 6 and again.extra["seconds_per_iteration"] is None
+    assert all(torch.equal(again.changed[n], whole.changed[n]) for n in whole.changed)
+
+
+def test_checkpoint_of_another_run_is_refused(tiny_sd_dir, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    esd_erase(load_t2i(tiny_sd_dir), [CONCEPT], ESDConfig(iterations=2, checkpoint_dir=ckpt, **FAST), progress=False)
+    other = dict(FAST, lr=2e-3)
+    with pytest.raises(DiffshieldError, match=r"different ESD run \(differs in: lr\)"):
+        esd_erase(
+            load_t2i(tiny_sd_dir), [CONCEPT], ESDConfig(iterations=4, checkpoint_dir=ckpt, **other), progress=False
+        )
+    with pytest.raises(DiffshieldError, match="concepts"):
+        esd_erase(
+            load_t2i(tiny_sd_dir),
+            ["a blue star"],
+            ESDConfig(iterations=4, checkpoint_dir=ckpt, **FAST),
+            progress=False,
+        )
+    with pytest.raises(DiffshieldError, match="past the requested 1 iterations"):
+        esd_erase(
+            load_t2i(tiny_sd_dir), [CONCEPT], ESDConfig(iterations=1, checkpoint_dir=ckpt, **FAST), progress=False
+        )
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(variant="z"), "variant must be 'x'"),
+        (dict(eta=-1.0), "eta"),
+        (dict(eta=float("nan")), "eta"),
+        (dict(iterations=0), "iterations"),
+        (dict(iterations=2.5), "iterations"),
+        (dict(lr=0.0), "learning rate"),
+        (dict(lr="1e-5"), "learning rate"),
+        (dict(lr=5.0), "learning rate"),
+        (dict(start_guidance=-1), "start_guidance"),
+        (dict(ddim_steps=0), "ddim_steps"),
+        (dict(seed=-1), "seed"),
+        (dict(checkpoint_every=0), "checkpoint_every"),
+        (dict(checkpoint_dir=""), "checkpoint_dir"),
+        (dict(freeze_time_and_out="yes"), "freeze_time_and_out"),
+    ],
+)
+def test_config_validation(kwargs, message):
+    with pytest.raises(DiffshieldError, match=message) as info:
+        ESDConfig(**kwargs)
+    assert "\n" not in str(info.value)
+
+
+def test_presets_and_registry(tiny_model):
+    assert ESDXConfig().variant == "x" and ESDUConfig().variant == "u"
+    assert ESDConfig().lr == 1e-5 and ESDConfig().iterations == 1000 and ESDConfig().eta == 1.0
+    assert isinstance(ESDConfig(lr=1).lr, float)
+    with pytest.raises(DiffshieldError, match="ESDUConfig is ESD-u"):
+        ESDUConfig(variant="x")
+    assert ERASERS.get("esd-x") == (ESDXConfig, esd_erase)
+    assert ERASERS.get("esd-u") == (ESDUConfig, esd_erase)
+    with pytest.raises(DiffshieldError, match="at least one non-empty concept"):
+        esd_erase(tiny_model, [], ESDConfig(iterations=1), progress=False)
+    with pytest.raises(DiffshieldError, match="at least one non-empty concept"):
+        esd_erase(tiny_model, ["  "], ESDConfig(iterations=1), progress=False)
