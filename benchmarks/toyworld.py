@@ -126,7 +126,8 @@ def main() -> int:
     fr = res["frechet"]
     print(f"| feature Fréchet distance, {fr['n']} generated vs real (real vs real floor) | "
           f"{fr['generated_vs_real']:.2f} ({fr['real_vs_real']:.2f}) | - |")
-    print(f"| throughput, batch 64, {cfg.steps} DDIM steps | {res['throughput']['images_per_second']:.1f} images/s | - |")
+    ips = res["throughput"]["images_per_second"]
+    print(f"| throughput, batch 64, {cfg.steps} DDIM steps | {ips:.1f} images/s | - |")
     print(f"| shipped weights | {res['weights']['total_mb']} MB | <= 40 MB |")
     print(f"\nwrote {out}; acceptance: {checks}")
     return 0 if all(checks.values()) else 1
