@@ -137,7 +137,9 @@ def cmd_demo(args) -> int:
     summary = []
     print(f"\n{'prompt':<36} what the detector sees (8 seeds)")
     for j, p in enumerate(DEMO_PROMPTS):
-        seen = [str(d) for d in dets[j * n:(j + 1) * n]]
+        named_bg = " background" in p
+        seen = [f"{d.colour} {d.style} {d.shape}" + (f" on {d.background}" if named_bg else "")
+                for d in dets[j * n:(j + 1) * n]]
         top = max(set(seen), key=seen.count)
         print(f"{p:<36} {seen.count(top)}/8 '{top}'")
         summary.append({"prompt": p, "detections": seen})
