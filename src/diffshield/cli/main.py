@@ -176,6 +176,63 @@ def cmd_toyworld_dataset(args) -> int:
     return 0
 
 
+def cmd_erase(args) -> int:
+    import dataclasses
+
+    from diffshield.core.io import atomic_write_json
+    from diffshield.core.loading import load_t2i
+    from diffshield.erase import ERASERS
+    from diffshield.erase.delta import save_delta
+    from diffshield.erase.esd import ESDConfig
+    from diffshield.erase.rece import RECEConfig
+    from diffshield.erase.uce import UCEConfig
+
+    config_cls, erase_fn = ERASERS.get(args.method)
+    uce_kw = {"guides": args.guide or [" "], "preserve": args.preserve or []}
+    try:
+        if config_cls is UCEConfig:
+            cfg = UCEConfig(**uce_kw)
+        elif config_cls is RECEConfig:
+            over = {"epochs": args.epochs} if args.epochs else {}
+            cfg = (RECEConfig.from_preset(args.preset, **over) if args.preset else RECEConfig(**over))
+            cfg.uce = dataclasses.replace(cfg.uce, **uce_kw) if args.guide or args.preserve else cfg.uce
+        elif issubclass(config_cls, ESDConfig):
+            kw = {"iterations": args.iterations or 1000}
+            if args.lr is not None:
+                kw["lr"] = args.lr
+            if args.checkpoint_dir:
+                kw["checkpoint_dir"] = args.checkpoint_dir
+            cfg = config_cls(**kw)
+        else:  # pragma: no cover - every registered method is listed above
+            cfg = config_cls()
+    except (TypeError, ValueError) as e:
+        raise DiffshieldError(f"bad {args.method} setting: {e}") from None
+    model = load_t2i(args.model, allow_pickle=args.allow_pickle)
+    print(f"erasing {', '.join(args.concept)} with {args.method} ...")
+    res = erase_fn(model, list(args.concept), cfg)
+    model.save(args.out)
+    delta = save_delta(res, Path(args.out) / "delta.safetensors", base_model=str(args.model))
+    report = {"method": res.method, "concepts": list(args.concept), "model": str(args.model), "out": str(args.out),
+              "delta": str(delta), "seconds": res.seconds, "fraction_changed": res.fraction_changed,
+              "config": res.config}
+    print(f"edited model: {args.out} (delta: {delta}); edit time {res.seconds:.3f} s; "
+          f"{res.fraction_changed:.2%} of UNet parameters changed")
+    if args.json:
+        atomic_write_json(args.json, report)
+    return 0
+
+
+def cmd_apply_delta(args) -> int:
+    from diffshield.core.loading import load_t2i
+    from diffshield.erase.delta import apply_delta
+
+    model = load_t2i(args.model, allow_pickle=args.allow_pickle)
+    info = apply_delta(model, args.delta)
+    model.save(args.out)
+    print(f"applied {args.delta} to {args.model}: wrote {args.out} ({len(info.get('tensors', info))} entries)")
+    return 0
+
+
 def cmd_eval_erasure(args) -> int:
     from diffshield.core.io import atomic_write_json, make_grid
     from diffshield.core.loading import load_detector, load_t2i
@@ -250,6 +307,31 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generate a grid with the shipped toy model and say what the detector sees.")
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("erase", help="erase concepts from a model's weights (UCE, RECE, ESD-x, ESD-u)",
+                       description="Edit a model so that it no longer draws a concept; writes a diffusers folder "
+                                   "plus delta.safetensors (changed tensors only, with the method config).")
+    p.add_argument("--method", required=True, choices=["uce", "rece", "esd-x", "esd-u"], help="erasure method")
+    _add_model_args(p)
+    p.add_argument("--concept", action="append", required=True, help="concept to erase (repeatable)")
+    p.add_argument("--guide", action="append", help="guide concept (UCE/RECE; default ' ', unconditional)")
+    p.add_argument("--preserve", action="append", help="concept to preserve (UCE/RECE; repeatable)")
+    p.add_argument("--preset", choices=["nudity", "unsafe", "style", "object", "object-easy"],
+                   help="RECE preset (lambda_r, epochs)")
+    p.add_argument("--epochs", type=_positive_int, help="RECE epochs (default: preset or 3)")
+    p.add_argument("--iterations", type=_positive_int, help="ESD iterations (default: 1000)")
+    p.add_argument("--lr", type=float, help="ESD learning rate (default: 1e-5)")
+    p.add_argument("--checkpoint-dir", help="ESD checkpoints (resumes from one found here)")
+    p.add_argument("--out", required=True, help="output folder for the edited model")
+    p.add_argument("--json", help="write the run report (time, fraction changed, config) here")
+    p.set_defaults(func=cmd_erase)
+
+    p = sub.add_parser("apply-delta", help="apply a saved erasure delta to a model",
+                       description="Write the model with the delta's tensors as a new diffusers folder.")
+    _add_model_args(p)
+    p.add_argument("--delta", required=True, help="delta .safetensors file written by 'diffshield erase'")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=cmd_apply_delta)
 
     p = sub.add_parser("eval", help="evaluate erasure (toy world) or nudity (NudeNet) ",
                        description="Evaluation of erased models and generated images.")

@@ -1,0 +1,35 @@
+"""`diffshield erase` and `diffshield apply-delta` on the tiny model."""
+
+import json
+
+import torch
+
+from diffshield.cli.main import main
+from diffshield.core.loading import load_t2i
+
+
+def test_erase_then_apply_delta_gives_the_same_model(tiny_sd_dir, tmp_path, capsys):
+    out, rep = tmp_path / "erased", tmp_path / "run.json"
+    assert main(["erase", "--method", "uce", "--model", str(tiny_sd_dir), "--concept", "triangle", "--concept",
+                 "wedge", "--out", str(out), "--json", str(rep)]) == 0
+    report = json.loads(rep.read_text())
+    assert report["method"] == "uce" and 0 < report["fraction_changed"] < 1
+    erased = load_t2i(out)
+    original = load_t2i(tiny_sd_dir)
+    changed = [n for n, p in erased.unet.named_parameters()
+               if not torch.equal(p, dict(original.unet.named_parameters())[n])]
+    assert changed and all("attn2.to_k" in n or "attn2.to_v" in n for n in changed)
+    again = tmp_path / "again"
+    assert main(["apply-delta", "--model", str(tiny_sd_dir), "--delta", str(out / "delta.safetensors"),
+                 "--out", str(again)]) == 0
+    rebuilt = load_t2i(again)
+    for n, p in erased.unet.named_parameters():
+        assert torch.equal(p, dict(rebuilt.unet.named_parameters())[n]), n
+
+
+def test_erase_bad_concept_input_is_one_line(tiny_sd_dir, tmp_path, capsys):
+    rc = main(["erase", "--method", "esd-x", "--model", str(tiny_sd_dir), "--concept", "star", "--lr", "-1",
+               "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("diffshield: error:") and "\n" not in err
+    assert not (tmp_path / "x").exists()
