@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import time
 from pathlib import Path
 
 from diffshield.core.errors import DiffshieldError
+
+# Each pillar's CLI module exposes ``register(subparsers)`` and, optionally, ``demo_step(out: Path) -> dict``.
+PILLAR_CLI_MODULES = ("diffshield.cli.redteam", "diffshield.cli.backdoor", "diffshield.cli.protect")
 
 DEMO_PROMPTS = [
     "a red triangle",
@@ -385,6 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", required=True, help="output folder")
     d.set_defaults(func=cmd_toyworld_dataset)
     p.set_defaults(func=lambda a, _p=p: (_p.print_help(), 1)[1])
+    for module in PILLAR_CLI_MODULES:
+        importlib.import_module(module).register(sub)
     return parser
 
 
