@@ -122,6 +122,42 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def demo_erasure(model, detector, out: Path, concept: str = "triangle") -> dict:
+    """Demo step: erase a toy concept with UCE (its documented toy setting) and show before/after."""
+    import copy
+
+    import torch
+
+    from diffshield.core.io import make_grid
+    from diffshield.core.sampling import generate
+    from diffshield.erase.uce import uce_erase
+    from diffshield.toyworld.concepts import COLOURS, resolve_concept
+    from diffshield.toyworld.erasure_recipes import toy_erasure
+
+    c = resolve_concept(concept)
+    prompts, cfg = toy_erasure("uce", concept)
+    erased = copy.deepcopy(model)
+    result = uce_erase(erased, prompts, cfg)
+    erased.save(out / f"uce-{concept}")
+    ask = [f"a {col} {w}" for w in c.words for col in COLOURS] + [f"a {col} circle" for col in COLOURS]
+    n = 4
+    ps = [p for p in ask for _ in range(n)]
+    seeds = [k for _ in ask for k in range(n)]
+    before = generate(model, ps, seeds, progress=False).images
+    after = generate(erased, ps, seeds, progress=False).images
+    pb, pa = detector.predict(before)[c.head][0], detector.predict(after)[c.head][0]
+    k = n * len(COLOURS) * len(c.words)
+    rate = lambda pred: float((pred[:k] == c.index).float().mean())  # noqa: E731
+    kept = lambda pred: float((pred[k:] == 0).float().mean())  # noqa: E731  circle is index 0 of the shape head
+    make_grid(torch.cat([before, after]), nrow=len(ps) // 2, upscale=3).save(out / f"uce-{concept}-grid.png")
+    print(f"    UCE edit {result.seconds * 1000:.0f} ms, {100 * result.fraction_changed:.1f} % of UNet parameters")
+    print(f"    '{concept}' and '{c.synonyms[0]}' prompts: detected {100 * rate(pb):.0f} % before, "
+          f"{100 * rate(pa):.0f} % after; circles kept: {100 * kept(pb):.0f} % -> {100 * kept(pa):.0f} %")
+    return {"concept": concept, "method": "uce", "edit_seconds": result.seconds,
+            "detected_before": rate(pb), "detected_after": rate(pa), "circle_before": kept(pb),
+            "circle_after": kept(pa), "grid": f"uce-{concept}-grid.png", "model": f"uce-{concept}"}
+
+
 def cmd_demo(args) -> int:
     from diffshield.core.io import atomic_write_json
     from diffshield.core.loading import load_detector, load_t2i
@@ -131,14 +167,16 @@ def cmd_demo(args) -> int:
     out = Path(args.out)
     model = load_t2i("toy:t2i")
     detector = load_detector("toy:detector")
+    steps = [m for m in PILLAR_CLI_MODULES if hasattr(importlib.import_module(m), "demo_step")]
+    total = 2 + len(steps)
     n = 8
     prompts = [p for p in DEMO_PROMPTS for _ in range(n)]
     seeds = [k for _ in DEMO_PROMPTS for k in range(n)]
-    print(f"[1/1] generating {len(prompts)} images with the shipped toy model (toy:t2i) ...")
+    print(f"[1/{total}] generating {len(prompts)} images with the shipped toy model (toy:t2i) ...")
     gen = generate(model, prompts, seeds)
     write_generation(gen, out / "generate", {"model": "toy:t2i"})
     dets = describe(detector, gen.images)
-    summary = []
+    summary: dict = {"generate": []}
     print(f"\n{'prompt':<36} what the detector sees (8 seeds)")
     for j, p in enumerate(DEMO_PROMPTS):
         named_bg = " background" in p
@@ -146,9 +184,20 @@ def cmd_demo(args) -> int:
                 for d in dets[j * n:(j + 1) * n]]
         top = max(set(seen), key=seen.count)
         print(f"{p:<36} {seen.count(top)}/8 '{top}'")
-        summary.append({"prompt": p, "detections": seen})
-    atomic_write_json(out / "demo.json", {"generate": summary})
-    print(f"\ngrid: {out / 'generate' / 'grid.png'}  (rows of 8 seeds per prompt)")
+        summary["generate"].append({"prompt": p, "detections": seen})
+    print(f"grid: {out / 'generate' / 'grid.png'}  (rows of 8 seeds per prompt)")
+
+    print(f"\n[2/{total}] erase: UCE removes 'triangle' (and its synonym 'wedge') from toy:t2i ...")
+    (out / "erase").mkdir(parents=True, exist_ok=True)
+    summary["erase"] = demo_erasure(model, detector, out / "erase")
+    print(f"    grid: {out / 'erase' / 'uce-triangle-grid.png'}  (top: before, bottom: after)")
+    for i, module in enumerate(steps, start=3):
+        name = module.rsplit(".", 1)[-1]
+        print(f"\n[{i}/{total}] {name} ...")
+        (out / name).mkdir(parents=True, exist_ok=True)
+        summary[name] = importlib.import_module(module).demo_step(out / name)
+    atomic_write_json(out / "demo.json", summary)
+    print(f"\nsummary: {out / 'demo.json'}")
     return 0
 
 

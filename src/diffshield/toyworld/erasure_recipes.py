@@ -1,0 +1,132 @@
+"""The documented toy-world settings of each erasure method: which prompts to edit, what to guide to, what to keep.
+
+Why the toy world needs its own prompt lists. The toy text encoder is 64 wide and causal: after the last word, every
+row (EOS and padding) summarises the whole prompt, and the rows of different prompts differ by a few percent of
+their norm. So
+
+- a bare word ("triangle") is a poor stand-in for how the word is used ("a red striped triangle"): the closed-form
+  edits (UCE, RECE) are built from *template prompts* that use the concept in context, as UCE's official code does
+  for artists ("art by X", "painting by X", ...);
+- the unconditional guide " " does not erase an attribute the image must have: "a red" still draws some shape,
+  triangles among them (25 % by chance), so a concept is guided to a *partner* value of the same kind
+  (triangle -> square, striped -> plain, red -> blue) and the other values are preserved with the same templates;
+- the templates never contain the evaluation prompts of :func:`diffshield.toyworld.concepts.concept_prompts`
+  ("a {colour} {shape}" for shapes and colours, "a {colour} {style} {shape}" for styles): the benchmark measures
+  how the edit generalises to prompts it did not see.
+
+ESD fine-tunes on the concept prompts "a {word}" for the concept and its synonyms (negative guidance needs no guide).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from diffshield.toyworld.concepts import ToyConcept, other_concepts, resolve_concept
+from diffshield.toyworld.shapes import BACKGROUNDS, COLOURS, SHAPES, STYLES
+
+#: the value each concept is guided to by the closed-form methods (same kind, visually unrelated)
+PARTNER: dict[str, str] = {
+    "circle": "square", "square": "circle", "triangle": "square", "star": "circle",
+    "red": "blue", "green": "yellow", "blue": "red", "yellow": "green",
+    "plain": "dotted", "striped": "plain", "dotted": "plain",
+}
+
+
+def edit_prompts(concept: ToyConcept, word: str) -> list[str]:
+    """Template prompts that use ``word`` (a word for ``concept``'s kind) in context, excluding evaluation prompts."""
+    w = word
+    if concept.head == "shape":
+        return ([f"a {w}"] + [f"a {s} {w}" for s in STYLES] + [f"a {w} on a {b} background" for b in BACKGROUNDS]
+                + [f"a picture of a {w}"] + [f"a {c} {s} {w}" for c in COLOURS for s in STYLES]
+                + [f"a {c} {w} on a {b} background" for c in COLOURS for b in BACKGROUNDS]
+                + [f"a picture of a {c} {w}" for c in COLOURS])
+    if concept.head == "colour":
+        return ([f"a {w} {s} {sh}" for s in STYLES for sh in SHAPES]
+                + [f"a {s} {w} {sh}" for s in STYLES for sh in SHAPES]
+                + [f"a {w} {sh} on a {b} background" for sh in SHAPES for b in BACKGROUNDS]
+                + [f"a picture of a {w} {sh}" for sh in SHAPES])
+    return ([f"a {w} {sh}" for sh in SHAPES] + [f"a {w} {c} {sh}" for c in COLOURS for sh in SHAPES]
+            + [f"a {w} {sh} on a {b} background" for sh in SHAPES for b in BACKGROUNDS]
+            + [f"a {c} {w} {sh} on a {b} background" for c in COLOURS for sh in SHAPES for b in BACKGROUNDS]
+            + [f"a picture of a {w} {sh}" for sh in SHAPES] + [f"a picture of a {c} {w} {sh}" for c in COLOURS
+                                                               for sh in SHAPES])
+
+
+def _with_synonyms(c: ToyConcept) -> list[str]:
+    return list(c.words)
+
+
+@dataclass
+class ToyEditPrompts:
+    """Prompt lists of a closed-form toy-world edit: ``concepts`` (to erase), ``guides`` (one per concept prompt,
+    position-aligned: the same template with the partner word) and ``preserve`` (the templates of every other value
+    of the concept's kind, synonyms included)."""
+
+    concepts: list[str] = field(default_factory=list)
+    guides: list[str] = field(default_factory=list)
+    preserve: list[str] = field(default_factory=list)
+
+
+def toy_edit_prompts(concept: str) -> ToyEditPrompts:
+    """The template prompts of a closed-form (UCE / RECE) erasure of a toy concept (a synonym resolves to it)."""
+    c = resolve_concept(concept)
+    partner = resolve_concept(PARTNER[c.name])
+    out = ToyEditPrompts()
+    for i, w in enumerate(c.words):
+        pw = partner.words[min(i, len(partner.words) - 1)]
+        out.concepts += edit_prompts(c, w)
+        out.guides += edit_prompts(c, pw)
+    for o in other_concepts(c):
+        for w in _with_synonyms(o):
+            out.preserve += edit_prompts(c, w)
+    return out
+
+
+def esd_prompts(concept: str) -> list[str]:
+    """The prompts ESD fine-tunes on for a toy concept: "a {word}" for the concept and each synonym."""
+    c = resolve_concept(concept)
+    return [f"a {w}" for w in c.words]
+
+
+#: UCE on the toy world: λ 0.5 (paper), s_e 3, s_p 1, paper2023 token mode, template prompts (see module docstring)
+TOY_UCE = {"lamb": 0.5, "erase_scale": 3.0, "preserve_scale": 1.0, "token_mode": "paper2023"}
+#: RECE on the toy world: the 'object-easy' preset (λ_r 0.1, 1 epoch) on top of TOY_UCE; its rounds preserve the
+#: same templates with s_p 1
+TOY_RECE = {"preset": "object-easy", "preserve_scale": 1.0}
+#: ESD on the toy world (the small model tolerates a 10x larger learning rate than SD; η 1, start guidance 3)
+TOY_ESD = {"x": {"iterations": 300, "lr": 1e-4}, "u": {"iterations": 300, "lr": 1e-4}}
+
+METHODS = ("uce", "rece", "esd-x", "esd-u")
+
+
+def toy_erasure(method: str, concept: str, **overrides) -> tuple[list[str], object]:
+    """(prompts to erase, method config) of the documented toy-world setting of ``method`` for ``concept``.
+
+    Args:
+        method: "uce", "rece", "esd-x" or "esd-u".
+        concept: a toy concept word (shape, colour or style; a synonym resolves to its concept).
+        overrides: fields of the method's config to change (e.g. ``iterations=100`` or ``checkpoint_dir=...``).
+    Returns the list to pass as ``concepts`` to the method's erase function, and its config object.
+    """
+    from diffshield.core.errors import DiffshieldError
+    from diffshield.erase.esd import ESDUConfig, ESDXConfig
+    from diffshield.erase.rece import RECEConfig
+    from diffshield.erase.uce import UCEConfig
+
+    if method in ("uce", "rece"):
+        p = toy_edit_prompts(concept)
+        uce = UCEConfig(guides=p.guides, preserve=p.preserve, **TOY_UCE)
+        if method == "uce":
+            for k, v in overrides.items():
+                setattr(uce, k, v)
+            uce.__post_init__()
+            return p.concepts, uce
+        settings = {k: v for k, v in TOY_RECE.items() if k != "preset"}
+        cfg = RECEConfig.from_preset(TOY_RECE["preset"], uce=uce, round_preserve=[""] + p.preserve,
+                                     **{**settings, **overrides})
+        return p.concepts, cfg
+    if method in ("esd-x", "esd-u"):
+        variant = method[-1]
+        cls = ESDXConfig if variant == "x" else ESDUConfig
+        return esd_prompts(concept), cls(variant=variant, **{**TOY_ESD[variant], **overrides})
+    raise DiffshieldError(f"unknown erasure method {method!r}; choose one of: {', '.join(METHODS)}")

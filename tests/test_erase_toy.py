@@ -1,0 +1,64 @@
+"""End-to-end erasure on the shipped toy model, at the documented toy-world settings (erasure_recipes)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from diffshield.core.errors import DiffshieldError
+from diffshield.core.loading import load_detector, load_t2i
+from diffshield.core.sampling import generate
+from diffshield.erase.rece import rece_erase
+from diffshield.erase.uce import uce_erase
+from diffshield.toyworld.concepts import concept_prompts, other_concepts, resolve_concept
+from diffshield.toyworld.erasure_recipes import toy_edit_prompts, toy_erasure
+
+
+@pytest.fixture(scope="module")
+def toy():
+    torch.manual_seed(0)
+    return load_t2i("toy:t2i"), load_detector("toy:detector")
+
+
+@pytest.mark.parametrize("concept", ["triangle", "striped", "red"])
+def test_templates_never_contain_the_evaluation_prompts(concept):
+    c = resolve_concept(concept)
+    p = toy_edit_prompts(concept)
+    evaluation = {q for w in c.words for q, _ in concept_prompts(c, w)}
+    evaluation |= {q for o in other_concepts(c) for q, _ in concept_prompts(o)}
+    assert not evaluation & set(p.concepts + p.guides + p.preserve)
+    assert len(p.concepts) == len(p.guides)
+    assert all(any(w in q.split() for w in c.words) for q in p.concepts)
+    assert not any(w in q.split() for q in p.preserve for w in c.words)
+
+
+def test_unknown_method_is_a_clear_error():
+    with pytest.raises(DiffshieldError, match="unknown erasure method"):
+        toy_erasure("esd-z", "triangle")
+
+
+def _rates(model, detector, concept: str, k: int = 2) -> tuple[float, float]:
+    c = resolve_concept(concept)
+    asked = [(q, c.index) for w in c.words for q, _ in concept_prompts(c, w)]
+    others = [(q, o.index) for o in other_concepts(c) for q, _ in concept_prompts(o)]
+    prompts = [q for q, _ in asked + others for _ in range(k)]
+    seeds = [s for _ in asked + others for s in range(k)]
+    pred = detector.predict(generate(model, prompts, seeds, progress=False).images)[c.head][0]
+    want = torch.tensor([i for _, i in asked + others for _ in range(k)])
+    n = len(asked) * k
+    return float((pred[:n] == c.index).float().mean()), float((pred[n:] == want[n:]).float().mean())
+
+
+@pytest.mark.parametrize("method,fn", [("uce", uce_erase), ("rece", rece_erase)])
+def test_toy_setting_erases_triangle_and_keeps_other_shapes(toy, method, fn):
+    base, det = toy
+    before, kept_before = _rates(base, det, "triangle")
+    model = copy.deepcopy(base)
+    prompts, cfg = toy_erasure(method, "triangle")
+    fn(model, prompts, cfg)
+    after, kept_after = _rates(model, det, "triangle")
+    assert before >= 0.9
+    assert after <= 0.15, f"{method} left triangles in {after:.0%} of images"
+    assert kept_after >= kept_before - 0.1
