@@ -266,8 +266,11 @@ def save_checkpoint(
     optimizer: torch.optim.Adam,
     losses: list[float],
     timesteps: list[int],
+    cpu_seconds: float = 0.0,
 ) -> Path:
-    """Write ``folder/esd_checkpoint.safetensors`` atomically (complete or not at all)."""
+    """Write ``folder/esd_checkpoint.safetensors`` atomically (complete or not at all).
+
+    ``cpu_seconds``: CPU time spent on the run so far, over all its resumptions (recorded for cost reports)."""
     from safetensors.torch import save
 
     tensors = {}
@@ -281,6 +284,7 @@ def save_checkpoint(
         "run": json.dumps(identity, sort_keys=True),
         "losses": json.dumps(losses),
         "timesteps": json.dumps(timesteps),
+        "cpu_seconds": f"{cpu_seconds:.3f}",
     }
     path = Path(folder) / CHECKPOINT_FILE
     atomic_write_bytes(path, save(tensors, metadata=meta))
@@ -340,6 +344,17 @@ def load_checkpoint(
     return iteration, json.loads(meta["losses"]), json.loads(meta["timesteps"])
 
 
+def checkpoint_cpu_seconds(folder: Path) -> float:
+    """CPU seconds recorded in an ESD checkpoint (0.0 when absent or written before this was recorded)."""
+    from safetensors import safe_open
+
+    path = Path(folder) / CHECKPOINT_FILE
+    if not path.exists():
+        return 0.0
+    with safe_open(str(path), framework="pt") as f:
+        return float((f.metadata() or {}).get("cpu_seconds", 0.0))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The training loop
 # ---------------------------------------------------------------------------------------------------------------
@@ -395,12 +410,14 @@ def esd_erase(model: T2IModel, concepts: list[str], config: ESDConfig, progress:
     timesteps = sched.timesteps
 
     start, losses, ts_used, iter_seconds = 0, [], [], []
+    cpu_before, cpu0 = 0.0, time.process_time()
     ckpt_dir = Path(config.checkpoint_dir) if config.checkpoint_dir else None
     try:
         if ckpt_dir is not None:
             resumed = load_checkpoint(ckpt_dir, identity, params, optimizer, config.iterations)
             if resumed is not None:
                 start, losses, ts_used = resumed
+                cpu_before = checkpoint_cpu_seconds(ckpt_dir)
         unet.train()
         bar = tqdm(range(start, config.iterations), desc=f"ESD-{config.variant}", disable=not progress, leave=False)
         for i in bar:
@@ -425,7 +442,8 @@ def esd_erase(model: T2IModel, concepts: list[str], config: ESDConfig, progress:
             bar.set_postfix(loss=f"{losses[-1]:.4g}", t=int(t))
             done = i + 1
             if ckpt_dir is not None and (done % config.checkpoint_every == 0 or done == config.iterations):
-                save_checkpoint(ckpt_dir, done, identity, params, optimizer, losses, ts_used)
+                save_checkpoint(ckpt_dir, done, identity, params, optimizer, losses, ts_used,
+                                cpu_before + time.process_time() - cpu0)
     finally:
         optimizer.zero_grad(set_to_none=True)
         model.eval()
@@ -445,6 +463,7 @@ def esd_erase(model: T2IModel, concepts: list[str], config: ESDConfig, progress:
             "timesteps": ts_used,
             "seconds_per_iteration": (sum(iter_seconds) / len(iter_seconds)) if iter_seconds else None,
             "resumed_from": start,
+            "cpu_seconds_total": cpu_before + time.process_time() - cpu0,
             "trained_parameters": sum(p.numel() for p in params.values()),
             "sampling_model": "current",
         },
