@@ -17,6 +17,12 @@ from PIL import Image
 from diffshield.core.errors import DiffshieldError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | Path, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary folder next to ``target``; on success it replaces ``target``, on error it is removed.
@@ -32,6 +38,7 @@ def atomic_dir(target: str | Path, overwrite: bool = True) -> Iterator[Path]:
         raise DiffshieldError(f"output folder '{target}' already exists; remove it or choose another --out")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result should be an ordinary folder
     try:
         yield tmp
     except BaseException:
@@ -54,6 +61,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the result should be an ordinary file
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
