@@ -70,6 +70,21 @@ def run_one(base, method: str, concept: str, esd_iterations: int | None) -> tupl
     return model, info
 
 
+def original_stats(base, det, concept: str, k: int, n_neutral: int, cfg: SampleConfig) -> dict:
+    """model_stats of the original model, cached in runs/erasure/ (deterministic given the seeds)."""
+    cache = MODELS / f"original-{concept}-k{k}-n{n_neutral}.pt"
+    if cache.is_file():
+        return torch.load(cache, weights_only=True)
+    t0 = time.perf_counter()
+    stats = model_stats(base, det, concept, k, n_neutral, cfg)
+    print(f"[{concept}] original stats in {time.perf_counter() - t0:.0f} s: detected "
+          f"{100 * stats['detection_rate']:.1f} %", flush=True)
+    tmp = cache.with_suffix(f".{id(stats)}.tmp")
+    torch.save(stats, tmp)
+    tmp.replace(cache)
+    return stats
+
+
 def passes(row: dict, method: str) -> dict:
     ok = {
         "erased": row["erased_detection_rate"] <= BARS["erased_max"],
@@ -99,6 +114,25 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def finish(res: dict, out: Path) -> None:
+    order = {m: i for i, m in enumerate(METHODS)}
+    res["rows"].sort(key=lambda r: (CONCEPTS.index(r["concept"]) if r["concept"] in CONCEPTS else 9,
+                                    order[r["method"]]))
+    res["all_pass"] = all(r["passes"]["all"] for r in res["rows"])
+    atomic_write_json(out, res)
+    print("\n" + table(res["rows"]))
+
+
+def merge(out: Path, parts: list[Path]) -> int:
+    res = json.loads(out.read_text())
+    for part in parts:
+        new = json.loads(part.read_text())["rows"]
+        done = {(r["method"], r["concept"]) for r in new}
+        res["rows"] = [r for r in res["rows"] if (r["method"], r["concept"]) not in done] + new
+    finish(res, out)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
@@ -108,7 +142,12 @@ def main() -> int:
     ap.add_argument("--esd-iterations", type=int, default=None, help="override the ESD iterations (smoke runs)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     ap.add_argument("--out", default=str(RESULTS / "erasure.json"))
+    ap.add_argument("--merge", nargs="*", metavar="JSON",
+                    help="only merge the rows of these result files (parallel runs with --out) into --out, then print "
+                         "the table")
     args = ap.parse_args()
+    if args.merge is not None:
+        return merge(Path(args.out), [Path(m) for m in args.merge])
     torch.set_num_threads(args.threads)
 
     base = load_t2i("toy:t2i")
@@ -129,14 +168,13 @@ def main() -> int:
         "rows": kept,
     }
     for concept in args.concepts:
-        t0 = time.perf_counter()
-        orig = model_stats(base, det, concept, args.seeds_per_prompt, args.n_neutral, cfg)
-        print(f"[{concept}] original stats in {time.perf_counter() - t0:.0f} s: detected "
-              f"{100 * orig['detection_rate']:.1f} %", flush=True)
-        grids = [orig["concept_images"]]
+        orig, grids = None, []
         for method in args.methods:
             model, info = run_one(base, method, concept, args.esd_iterations)
             model.save(MODELS / f"{method}-{concept}")
+            if orig is None:  # after the (possibly long) erasure, so parallel runs can share the cached stats
+                orig = original_stats(base, det, concept, args.seeds_per_prompt, args.n_neutral, cfg)
+                grids.append(orig["concept_images"])
             ev = evaluate_erasure(model, base, concept, det, args.seeds_per_prompt, args.n_neutral, cfg,
                                   original_stats=orig)
             grids.append(ev.pop("_images")["erased"])
@@ -154,12 +192,7 @@ def main() -> int:
         k = args.seeds_per_prompt
         make_grid(torch.cat([g[: 4 * k] for g in grids]), nrow=4 * k, upscale=2).save(
             RESULTS / f"erasure_grid_{concept}.png")
-    order = {m: i for i, m in enumerate(METHODS)}
-    res["rows"].sort(key=lambda r: (CONCEPTS.index(r["concept"]) if r["concept"] in CONCEPTS else 9,
-                                    order[r["method"]]))
-    res["all_pass"] = all(r["passes"]["all"] for r in res["rows"])
-    atomic_write_json(out, res)
-    print("\n" + table(res["rows"]))
+    finish(res, out)
     return 0
 
 
