@@ -28,7 +28,7 @@ from diffshield.toyworld.shapes import BACKGROUNDS, COLOURS, SHAPES, STYLES
 PARTNER: dict[str, str] = {
     "circle": "square", "square": "circle", "triangle": "square", "star": "circle",
     "red": "blue", "green": "yellow", "blue": "red", "yellow": "green",
-    "plain": "dotted", "striped": "plain", "dotted": "plain",
+    "plain": "dotted", "striped": "dotted", "dotted": "plain",
 }
 
 
