@@ -1,9 +1,408 @@
-"""CLI commands of the backdoor (implant, sample, eval, scan) pillar."""
+"""CLI commands of the backdoor pillar: ``diffshield backdoor {train-ddpm,implant,sample,eval}``, ``diffshield scan``
+and ``diffshield scan-input`` (BadDiffusion to implant, TERD to find)."""
 
 from __future__ import annotations
 
 import argparse
+import time
+from pathlib import Path
+
+from diffshield.core.errors import DiffshieldError
+
+
+def _pos_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
+def _model_arg(p: argparse.ArgumentParser, default: str | None = "toy:ddpm") -> None:
+    p.add_argument("--model", default=default, required=default is None,
+                   help="DDPMPipeline folder (UNet2DModel + scheduler), or 'toy:ddpm' for the shipped toy DDPM"
+                        + (f" (default: {default})" if default else ""))
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="accept pickled .bin/.ckpt weights when a folder has no safetensors (only trusted files)")
+
+
+def _sampler_args(p: argparse.ArgumentParser, steps_help: str = "1000 for ddpm, 50 for ddim") -> None:
+    p.add_argument("--scheduler", choices=["ddpm", "ddim"], default="ddpm",
+                   help="sampler: ddpm (ancestral, the SDE) or ddim (eta 0, the ODE) (default: ddpm)")
+    p.add_argument("--steps", type=_pos_int, default=None, help=f"denoising steps (default: {steps_help})")
+    p.add_argument("--batch-size", type=_pos_int, default=64, help="images per UNet batch (default: 64)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default: 1; 0 = torch's default)")
+
+
+def _sample_config(args):
+    from diffshield.backdoor.sampling import SampleConfig
+
+    steps = args.steps or (1000 if args.scheduler == "ddpm" else 50)
+    return SampleConfig(scheduler=args.scheduler, steps=steps, batch_size=args.batch_size)
+
+
+def _trigger_from_args(args, model, required: bool):
+    """Trigger tensor from --trigger (a name, an image file, or 'model' = the one recorded in the model folder)."""
+    from diffshield.backdoor.triggers import get_trigger
+
+    spec = getattr(args, "trigger", None)
+    if spec is None:
+        if required:
+            raise DiffshieldError("no trigger given; use --trigger box|stop|IMAGE_FILE (or 'model' for the one the "
+                                  "model folder records)")
+        return None
+    if spec == "model":
+        return _recorded(model, "trigger")
+    return get_trigger(spec, model.image_shape[-1], getattr(args, "trigger_mask", None))
+
+
+def _recorded(model, key: str):
+    from safetensors.torch import load_file
+
+    from diffshield.backdoor.ddpm import resolve_ddpm_path
+
+    f = resolve_ddpm_path(model.source) / "backdoor.safetensors"
+    if not f.exists():
+        raise DiffshieldError(f"'{model.source}' records no backdoor (no backdoor.safetensors); name the {key}")
+    return load_file(str(f))[key]
+
+
+def cmd_train_ddpm(args) -> int:
+    from diffshield.backdoor.ddpm import DDPMTrainConfig, train_ddpm
+
+    cfg = DDPMTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                          pool_size=args.pool_size, init_from=args.init, checkpoint_every=args.checkpoint_every,
+                          num_threads=args.threads)
+    model = train_ddpm(cfg, args.out)
+    print(f"wrote {args.out} ({sum(p.numel() for p in model.unet.parameters()) / 1e6:.2f} M parameters, "
+          f"{model.info['train_seconds']:.0f} s)")
+    return 0
+
+
+def cmd_implant(args) -> int:
+    from diffshield.backdoor.baddiffusion import BadDiffusionConfig, implant
+
+    cfg = BadDiffusionConfig(trigger=args.trigger, target=args.target, trigger_mask=args.trigger_mask,
+                             poison_rate=args.poison_rate, r_mode=args.r_mode, variant=args.variant,
+                             epochs=args.epochs, pool_size=args.pool_size, batch_size=args.batch_size, lr=args.lr,
+                             seed=args.seed, checkpoint_every=args.checkpoint_every, num_threads=args.threads)
+    print(f"BadDiffusion: {args.model} + trigger {args.trigger} -> target {args.target}, poison rate "
+          f"{args.poison_rate}, {args.variant.upper()} variant, {cfg.steps} steps")
+    model = implant(args.model, cfg, args.out)
+    print(f"wrote backdoored model {args.out} ({model.info['train_seconds']:.0f} s); open it with "
+          f"'diffshield backdoor sample --model {args.out} --trigger {args.trigger}'")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from diffshield.backdoor.ddpm import load_ddpm, set_threads
+    from diffshield.backdoor.sampling import sample
+    from diffshield.core.io import atomic_dir, atomic_write_json, make_grid, to_pil
+    from diffshield.core.seeding import seed_list
+
+    set_threads(args.threads)
+    cfg = _sample_config(args)
+    model = load_ddpm(args.model, allow_pickle=args.allow_pickle)
+    trig = _trigger_from_args(args, model, required=False)
+    seeds = seed_list(args.seed, args.n)
+    t0 = time.time()
+    res = sample(model, seeds, trigger=trig, config=cfg, progress=True)
+    dt = time.time() - t0
+    with atomic_dir(args.out) as tmp:
+        rows = []
+        for i, img in enumerate(res.images):
+            to_pil(img).save(tmp / f"{i:04d}.png")
+            rows.append({"file": f"{i:04d}.png", "seed": seeds[i]})
+        make_grid(res.images, nrow=8, upscale=4).save(tmp / "grid.png")
+        atomic_write_json(tmp / "manifest.json", {
+            "model": str(args.model), "trigger": args.trigger, "x_T": "eps(seed) + trigger" if trig is not None
+            else "eps(seed)", "sampling": {"scheduler": cfg.scheduler, "steps": cfg.steps}, "images": rows})
+    print(f"wrote {args.n} images, grid.png and manifest.json to {args.out} ({dt:.1f} s)")
+    return 0
+
+
+def evaluate(model, trigger, target, cfg, n: int = 64, n_clean: int = 256, seed: int = 0, clean_cfg=None,
+             progress: bool = True) -> dict:
+    """MSE / ASR / SSIM of ``n`` triggered samples and clean quality of ``n_clean`` clean samples (seeds recorded)."""
+    from diffshield.backdoor.metrics import backdoor_metrics, clean_quality
+    from diffshield.backdoor.sampling import sample
+    from diffshield.core.seeding import seed_list
+
+    out: dict = {}
+    t0 = time.time()
+    trig_seeds = seed_list(seed, n)
+    res = sample(model, trig_seeds, trigger=trigger, config=cfg, progress=progress)
+    out.update(backdoor_metrics(res.images, (target + 1) / 2))
+    out["sampling"] = {"scheduler": cfg.scheduler, "steps": cfg.steps, "seeds": [trig_seeds[0], trig_seeds[-1]]}
+    out["triggered_images"] = res.images
+    if n_clean:
+        ccfg = clean_cfg or cfg
+        clean_seeds = seed_list(seed + 100_000, n_clean)
+        cres = sample(model, clean_seeds, config=ccfg, progress=progress)
+        q = clean_quality(cres.images)
+        out["clean_quality"] = q["recognised"]
+        out["clean"] = {**q, "scheduler": ccfg.scheduler, "steps": ccfg.steps,
+                        "seeds": [clean_seeds[0], clean_seeds[-1]]}
+        out["clean_images"] = cres.images
+    out["seconds"] = round(time.time() - t0, 1)
+    return out
+
+
+def cmd_eval(args) -> int:
+    from diffshield.backdoor.ddpm import load_ddpm, set_threads
+    from diffshield.backdoor.sampling import SampleConfig
+    from diffshield.backdoor.triggers import get_target
+    from diffshield.core.io import atomic_write_json, make_grid
+
+    set_threads(args.threads)
+    cfg = _sample_config(args)
+    model = load_ddpm(args.model, allow_pickle=args.allow_pickle)
+    trig = _trigger_from_args(args, model, required=True)
+    target = _recorded(model, "target") if args.target == "model" else get_target(args.target,
+                                                                                  model.image_shape[-1])
+    clean_cfg = SampleConfig(scheduler=args.clean_scheduler, steps=args.clean_steps, batch_size=args.batch_size)
+    res = evaluate(model, trig, target, cfg, n=args.n, n_clean=args.n_clean, seed=args.seed, clean_cfg=clean_cfg)
+    imgs = res.pop("triggered_images")
+    clean_imgs = res.pop("clean_images", None)
+    report = {"model": str(args.model), "trigger": args.trigger, "target": args.target, **res}
+    print(f"triggered ({cfg.scheduler}-{cfg.steps}, n={res['n']}): MSE {res['mse']:.4f}  ASR {res['asr']:.1%}  "
+          f"SSIM {res['ssim']:.3f}")
+    if "clean" in res:
+        c = res["clean"]
+        print(f"clean ({c['scheduler']}-{c['steps']}, n={c['n']}): recognised {c['recognised']:.1%}  feature "
+              f"Frechet {c['frechet']:.1f}")
+    if args.json:
+        atomic_write_json(args.json, report)
+    if args.grid:
+        both = imgs[:16] if clean_imgs is None else __import__("torch").cat([imgs[:16], clean_imgs[:16]])
+        make_grid(both, nrow=8, upscale=4).save(args.grid)
+    return 0
+
+
+def run_scan(model, preset: str = "fast", calibration: str | Path | None = None, seed: int = 0,
+             threads: int = 1, progress: bool = True) -> dict:
+    """TERD on ``model``: reversed trigger, statistics and verdict against the calibrated thresholds."""
+    from diffshield.backdoor.terd import (
+        Calibration,
+        TERDConfig,
+        default_calibration_path,
+        model_verdict,
+        reverse_trigger,
+    )
+
+    cal = Calibration.load(calibration or default_calibration_path())
+    thresholds = cal.get(preset)
+    res = reverse_trigger(model, TERDConfig.from_preset(preset, seed=seed, num_threads=threads), progress=progress)
+    return {"backdoored": model_verdict(res, thresholds), "mean_kl": res.mean_kl, "var_kl": res.var_kl,
+            "thresholds": thresholds, "preset": preset, "seed": seed, "seconds": round(res.seconds, 1),
+            "r_norm": float(res.r.norm()), "result": res}
+
+
+def cmd_scan(args) -> int:
+    import torch
+    from safetensors.torch import save_file
+
+    from diffshield.backdoor.ddpm import load_ddpm
+    from diffshield.backdoor.sampling import SampleConfig, sample
+    from diffshield.core.io import atomic_dir, atomic_write_json, make_grid, to_pil
+    from diffshield.core.seeding import seed_list
+
+    model = load_ddpm(args.model, allow_pickle=args.allow_pickle)
+    print(f"TERD scan of {args.model} (preset {args.preset}) ...")
+    rep = run_scan(model, args.preset, args.calibration, args.seed, args.threads)
+    res = rep.pop("result")
+    th = rep["thresholds"]
+    verdict = "BACKDOORED" if rep["backdoored"] else "clean"
+    print(f"verdict: {verdict}")
+    print(f"  mean KL {rep['mean_kl']:.4g} (threshold {th['mean_kl']:.4g})   var KL {rep['var_kl']:.4g} "
+          f"(threshold {th['var_kl']:.4g})   ||r|| {rep['r_norm']:.2f}   {rep['seconds']:.0f} s")
+    report = {"model": str(args.model), **rep}
+    if args.out:
+        with atomic_dir(args.out) as tmp:
+            save_file({"r": res.r.contiguous(), "gamma": torch.tensor([res.gamma])},
+                      str(tmp / "reversed_trigger.safetensors"))
+            to_pil(((res.r + 1) / 2).clamp(0, 1)).resize((128, 128), 0).save(tmp / "reversed_trigger.png")
+            seeds = seed_list(args.seed, 16)
+            gen = sample(model, seeds, trigger=res.r, config=SampleConfig("ddim", 10, 16))
+            make_grid(gen.images, nrow=8, upscale=4).save(tmp / "reversed_trigger_samples.png")
+            atomic_write_json(tmp / "scan.json", {**report, "history": res.history, "config": res.config,
+                                                  "samples_seeds": seeds})
+        print(f"reversed trigger: {Path(args.out) / 'reversed_trigger.png'} (and .safetensors; what it produces: "
+              "reversed_trigger_samples.png, DDIM-10)")
+    if args.json:
+        atomic_write_json(args.json, report)
+    return 0
+
+
+def cmd_scan_input(args) -> int:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from diffshield.backdoor.ddpm import load_ddpm
+    from diffshield.backdoor.terd import input_detect
+    from diffshield.core.io import atomic_write_json
+    from diffshield.core.loading import check_safetensors
+
+    noise_path = Path(args.noise)
+    if not noise_path.is_file():
+        raise DiffshieldError(f"noise file '{noise_path}' does not exist; give a .safetensors file with a tensor "
+                              "'noise' of shape (N, 3, H, W)")
+    check_safetensors(noise_path)
+    try:
+        tensors = load_file(str(noise_path))
+    except SafetensorError as e:
+        raise DiffshieldError(f"could not read '{noise_path}': {e}") from None
+    x = tensors.get("noise", next(iter(tensors.values()), None))
+    if x is None or x.dim() != 4:
+        raise DiffshieldError(f"'{noise_path}' needs a tensor 'noise' of shape (N, C, H, W)")
+    if args.reversed:
+        rev = Path(args.reversed)
+        rev = rev / "reversed_trigger.safetensors" if rev.is_dir() else rev
+        if not rev.is_file():
+            raise DiffshieldError(f"reversed trigger '{rev}' does not exist; give the --out folder of "
+                                  "'diffshield scan' or its reversed_trigger.safetensors")
+        check_safetensors(rev)
+        t = load_file(str(rev))
+        r, gamma = t["r"], float(t.get("gamma", [1.0])[0])
+    else:
+        model = load_ddpm(args.model, allow_pickle=args.allow_pickle)
+        print(f"no --reversed given: reversing the trigger of {args.model} first (preset {args.preset}) ...")
+        rep = run_scan(model, args.preset, None, args.seed, args.threads)
+        r, gamma = rep["result"].r, 1.0
+    if tuple(x.shape[1:]) != tuple(r.shape):
+        raise DiffshieldError(f"noises have shape {tuple(x.shape[1:])} but the model's images are {tuple(r.shape)}")
+    flags = input_detect(x.float(), r, gamma)
+    n = int(flags.sum())
+    print(f"{n} of {len(flags)} initial noises flagged as poisoned (TERD input detection)")
+    if args.json:
+        atomic_write_json(args.json, {"model": str(args.model), "noise": str(noise_path), "poisoned":
+                                      flags.tolist(), "n_poisoned": n, "n": len(flags)})
+    return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add this pillar's subcommands to the ``diffshield`` parser."""
+    p = sub.add_parser("backdoor", help="implant (BadDiffusion), sample and evaluate backdoors of DDPM models",
+                       description="Backdoors of unconditional diffusion models: train the toy DDPM, implant a "
+                                   "backdoor with BadDiffusion, sample with a trigger, measure MSE/ASR/SSIM.")
+    bsub = p.add_subparsers(dest="backdoor_cmd", metavar="COMMAND")
+
+    t = bsub.add_parser("train-ddpm", help="train (or fine-tune with --init) the toy DDPM on ShapesWorld",
+                        description="Train a small UNet2DModel DDPM on ShapesWorld (32 px); saves a DDPMPipeline "
+                                    "folder. Resumes from <out>.work/checkpoint when rerun with the same settings.")
+    t.add_argument("--out", required=True, help="output DDPMPipeline folder")
+    t.add_argument("--steps", type=_pos_int, default=3000, help="optimiser steps (default: 3000)")
+    t.add_argument("--batch-size", type=_pos_int, default=32, help="images per step (default: 32)")
+    t.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate, cosine schedule (default: 1e-3)")
+    t.add_argument("--seed", type=int, default=0, help="training seed (default: 0)")
+    t.add_argument("--pool-size", type=_pos_int, default=8192, help="ShapesWorld images rendered (default: 8192)")
+    t.add_argument("--init", default=None, help="fine-tune this model instead of training from scratch")
+    t.add_argument("--checkpoint-every", type=_pos_int, default=250, help="steps between checkpoints (default: 250)")
+    t.add_argument("--threads", type=int, default=1, help="torch threads (default: 1; 0 = torch's default)")
+    t.set_defaults(func=cmd_train_ddpm)
+
+    m = bsub.add_parser("implant", help="implant a backdoor with BadDiffusion (fine-tunes a clean model)",
+                        description="BadDiffusion (Chou et al., CVPR 2023): poison a fixed share of the training "
+                                    "images and fine-tune. Resumes from <out>.work/checkpoint when rerun.")
+    _model_arg(m)
+    m.add_argument("--trigger", default="box", help="box | stop | IMAGE_FILE (default: box)")
+    m.add_argument("--trigger-mask", default=None, help="mask image for an IMAGE_FILE trigger (white = trigger)")
+    m.add_argument("--target", default="corner", help="corner | hat | IMAGE_FILE (default: corner)")
+    m.add_argument("--poison-rate", type=float, default=0.1, help="share of poisoned training images (default: 0.1)")
+    m.add_argument("--variant", choices=["sde", "ode"], default="sde",
+                   help="sde: rho_t, for the DDPM sampler; ode: 2 rho_t, for DDIM (VillanDiffusion) (default: sde)")
+    m.add_argument("--r-mode", choices=["poisoned_image", "trigger_only"], default="poisoned_image",
+                   help="R of poisoned samples: the trigger pasted on the image, or the trigger alone "
+                        "(default: poisoned_image)")
+    m.add_argument("--epochs", type=_pos_int, default=50, help="passes over the training pool (default: 50)")
+    m.add_argument("--pool-size", type=_pos_int, default=256, help="training images (default: 256)")
+    m.add_argument("--batch-size", type=_pos_int, default=32, help="images per step (default: 32)")
+    m.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate, warm-up + cosine (default: 2e-4)")
+    m.add_argument("--seed", type=int, default=0, help="seed of the poisoned subset and the training (default: 0)")
+    m.add_argument("--checkpoint-every", type=_pos_int, default=100, help="steps between checkpoints (default: 100)")
+    m.add_argument("--threads", type=int, default=1, help="torch threads (default: 1; 0 = torch's default)")
+    m.add_argument("--out", required=True, help="output DDPMPipeline folder")
+    m.set_defaults(func=cmd_implant)
+
+    s = bsub.add_parser("sample", help="sample, optionally with the trigger added to the initial noise",
+                        description="Own sampling loop: x_T = eps(seed) [+ trigger]; one CPU generator per image.")
+    _model_arg(s)
+    s.add_argument("--trigger", default=None, help="box | stop | IMAGE_FILE | model (the one the model folder "
+                                                   "records) (default: none, clean sampling)")
+    s.add_argument("--trigger-mask", default=None, help="mask image for an IMAGE_FILE trigger")
+    s.add_argument("--n", type=_pos_int, default=16, help="number of images (default: 16)")
+    s.add_argument("--seed", type=int, default=0, help="seed of image 0; image k uses seed + k (default: 0)")
+    _sampler_args(s)
+    s.add_argument("--out", required=True, help="output folder (PNGs, grid.png, manifest.json)")
+    s.set_defaults(func=cmd_sample)
+
+    e = bsub.add_parser("eval", help="MSE / ASR / SSIM of triggered samples, clean-sample quality",
+                        description="BadDiffusion's metrics in [0, 1]: MSE to the target, ASR (share with "
+                                    "per-sample MSE < 0.1), SSIM; clean quality = share of clean samples the toy "
+                                    "detector recognises with confidence >= 0.9 (shape and colour).")
+    _model_arg(e)
+    e.add_argument("--trigger", required=True, help="box | stop | IMAGE_FILE | model")
+    e.add_argument("--trigger-mask", default=None, help="mask image for an IMAGE_FILE trigger")
+    e.add_argument("--target", required=True, help="corner | hat | IMAGE_FILE | model")
+    e.add_argument("--n", type=_pos_int, default=64, help="triggered samples (default: 64)")
+    e.add_argument("--n-clean", type=int, default=256, help="clean samples for quality, 0 = skip (default: 256)")
+    e.add_argument("--clean-scheduler", choices=["ddpm", "ddim"], default="ddim",
+                   help="sampler of the clean samples (default: ddim)")
+    e.add_argument("--clean-steps", type=_pos_int, default=50, help="steps of the clean sampler (default: 50)")
+    e.add_argument("--seed", type=int, default=0, help="seed of triggered image 0; clean images start at "
+                                                       "seed + 100000 (default: 0)")
+    _sampler_args(e)
+    e.add_argument("--json", default=None, help="write the report (keys mse, asr, ssim, clean_quality) here")
+    e.add_argument("--grid", default=None, help="write a PNG grid (16 triggered, 16 clean samples) here")
+    e.set_defaults(func=cmd_eval)
+    p.set_defaults(func=lambda a, _p=p: (_p.print_help(), 1)[1])
+
+    for name, helptext in (("scan", "TERD: reverse a trigger and decide whether a DDPM model is backdoored"),
+                           ("scan-input", "TERD input detection for a batch of initial noises")):
+        q = sub.add_parser(name, help=helptext, description=helptext + " (Mo et al., ICML 2024).")
+        _model_arg(q, default=None if name == "scan" else "toy:ddpm")
+        q.add_argument("--preset", choices=["fast", "default", "paper"], default="fast",
+                       help="iterations of the two stages: fast 100+2, default 400+10, paper 3000+1000; the "
+                            "shipped calibration covers fast (default: fast)")
+        q.add_argument("--seed", type=int, default=0, help="seed of the reversion (default: 0)")
+        q.add_argument("--threads", type=int, default=1, help="torch threads (default: 1; 0 = torch's default)")
+        q.add_argument("--json", default=None, help="write the result as JSON here")
+        if name == "scan":
+            q.add_argument("--calibration", default=None,
+                           help="thresholds file (default: the shipped toyworld/weights/ddpm/terd_calibration.json)")
+            q.add_argument("--out", default=None, help="folder for the reversed trigger (PNG, safetensors) and "
+                                                       "scan.json")
+            q.set_defaults(func=cmd_scan)
+        else:
+            q.add_argument("--noise", required=True, help=".safetensors file with a tensor 'noise' (N, 3, H, W)")
+            q.add_argument("--reversed", default=None, help="reversed trigger from 'diffshield scan --out DIR' "
+                                                            "(DIR or its reversed_trigger.safetensors); default: "
+                                                            "reverse it now")
+            q.set_defaults(func=cmd_scan_input)
+
+
+def demo_step(out: Path) -> dict:
+    """The backdoor part of ``diffshield demo`` (< 60 s): a fast TERD scan of the shipped backdoored example."""
+    from diffshield.backdoor.ddpm import load_ddpm
+    from diffshield.core.io import atomic_write_json, to_pil
+    from diffshield.core.loading import TOY_ROOT
+
+    out = Path(out) / "backdoor"
+    summary = {}
+    # only the backdoored example (about 30 s of CPU); the clean toy:ddpm's statistics are in the calibration file
+    for label, spec in (("backdoored example (box -> corner)", TOY_ROOT / "ddpm" / "examples" / "box_corner"),):
+        model = load_ddpm(spec)
+        rep = run_scan(model, "fast", progress=False)
+        res = rep.pop("result")
+        name = "example" if "example" in label else "clean"
+        out.mkdir(parents=True, exist_ok=True)
+        to_pil(((res.r + 1) / 2).clamp(0, 1)).resize((128, 128), 0).save(out / f"reversed_trigger_{name}.png")
+        th = rep["thresholds"]
+        print(f"TERD fast scan, {label}: {'BACKDOORED' if rep['backdoored'] else 'clean'} (mean KL "
+              f"{rep['mean_kl']:.3f} / threshold {th['mean_kl']:.3f}, var KL {rep['var_kl']:.4f} / threshold "
+              f"{th['var_kl']:.4f}; {rep['seconds']:.0f} s)")
+        summary[name] = {k: rep[k] for k in ("backdoored", "mean_kl", "var_kl", "thresholds", "seconds")}
+    atomic_write_json(out / "scan.json", summary)
+    return summary

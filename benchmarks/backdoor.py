@@ -1,0 +1,268 @@
+"""Issue 5 benchmark: BadDiffusion backdoors and TERD detection over a model zoo on the toy world.
+
+    python benchmarks/backdoor.py zoo          # build every zoo model into runs/backdoor/zoo (resumable)
+    python benchmarks/backdoor.py calibrate    # TERD on the clean reference models -> shipped calibration file
+    python benchmarks/backdoor.py eval         # metrics, scans, input detection per zoo model (cached per model)
+    python benchmarks/backdoor.py report       # -> benchmarks/results/backdoor.json + the README table
+    python benchmarks/backdoor.py all          # the four in order
+
+Every job uses one torch thread (``--threads``) so that jobs can run side by side on a shared 2-core machine;
+``--only NAME`` restricts zoo/eval to one model (to run several processes in parallel).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RUNS = ROOT / "runs" / "backdoor"
+ZOO = RUNS / "zoo"
+CACHE = RUNS / "results"
+RESULTS = ROOT / "benchmarks" / "results"
+BASE = "toy:ddpm"
+IMPLANT = {"epochs": 60, "pool_size": 256, "batch_size": 32, "lr": 1e-3, "r_mode": "trigger_only"}
+
+# name -> how it is made. Clean models: the base itself and short clean fine-tunes with other seeds / lengths.
+ZOO_MODELS: dict[str, dict] = {
+    "clean_base": {"kind": "clean"},
+    "clean_ft_s1": {"kind": "clean", "steps": 100, "seed": 1},
+    "clean_ft_s2": {"kind": "clean", "steps": 200, "seed": 2},
+    "clean_ft_s3": {"kind": "clean", "steps": 300, "seed": 3},
+    "bd_box_corner_p10": {"kind": "backdoor", "trigger": "box", "target": "corner", "poison_rate": 0.1},
+    "bd_box_corner_p05": {"kind": "backdoor", "trigger": "box", "target": "corner", "poison_rate": 0.05},
+    "bd_box_hat_p05": {"kind": "backdoor", "trigger": "box", "target": "hat", "poison_rate": 0.05},
+    "bd_stop_corner_p05": {"kind": "backdoor", "trigger": "stop", "target": "corner", "poison_rate": 0.05},
+    "bd_stop_hat_p10": {"kind": "backdoor", "trigger": "stop", "target": "hat", "poison_rate": 0.1},
+    "bd_stop_hat_p10_ode": {"kind": "backdoor", "trigger": "stop", "target": "hat", "poison_rate": 0.1,
+                            "variant": "ode"},
+}
+# Clean reference models for the TERD thresholds: not in the zoo, so the zoo's TNR is measured on unseen models.
+REFERENCES: dict[str, dict] = {
+    "ref_s11": {"kind": "clean", "steps": 100, "seed": 11},
+    "ref_s12": {"kind": "clean", "steps": 150, "seed": 12},
+    "ref_s13": {"kind": "clean", "steps": 200, "seed": 13},
+}
+CAL_PRESETS = ["fast"]  # --presets fast default: also calibrate / evaluate the default preset
+EVAL = {"n_triggered": 32, "n_clean": 128, "n_input": 1000}
+
+
+def model_path(name: str) -> str:
+    return BASE if name == "clean_base" else str(ZOO / name)
+
+
+def build(name: str, spec: dict, threads: int) -> None:
+    from diffshield.backdoor.baddiffusion import BadDiffusionConfig, implant
+    from diffshield.backdoor.ddpm import DDPMTrainConfig, train_ddpm
+
+    out = ZOO / name
+    if name == "clean_base" or (out / "model_index.json").exists():
+        return
+    t0 = time.time()
+    print(f"[zoo] building {name} ...", flush=True)
+    if spec["kind"] == "clean":
+        train_ddpm(DDPMTrainConfig(steps=spec["steps"], seed=spec["seed"], lr=2e-4, warmup=10, pool_size=2048,
+                                   data_seed=spec["seed"], init_from=BASE, num_threads=threads,
+                                   checkpoint_every=50), out)
+    else:
+        cfg = BadDiffusionConfig(trigger=spec["trigger"], target=spec["target"], poison_rate=spec["poison_rate"],
+                                 variant=spec.get("variant", "sde"), num_threads=threads, **IMPLANT)
+        implant(BASE, cfg, out)
+    print(f"[zoo] {name} done in {time.time() - t0:.0f} s", flush=True)
+
+
+def cmd_zoo(args) -> None:
+    items = {**ZOO_MODELS, **REFERENCES}
+    for name, spec in items.items():
+        if args.only and name not in args.only:
+            continue
+        build(name, spec, args.threads)
+
+
+def scan_stats(name: str, preset: str, threads: int) -> dict:
+    """TERD reversion of one model with one preset, cached in runs/backdoor/results/scan_<preset>_<name>.json."""
+    from safetensors.torch import load_file, save_file
+
+    from diffshield.backdoor.ddpm import load_ddpm
+    from diffshield.backdoor.terd import TERDConfig, reverse_trigger
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    f = CACHE / f"scan_{preset}_{name}.json"
+    if f.exists():
+        d = json.loads(f.read_text())
+        d["r"] = load_file(str(f.with_suffix(".safetensors")))["r"]
+        return d
+    model = load_ddpm(model_path(name))
+    res = reverse_trigger(model, TERDConfig.from_preset(preset, num_threads=threads), progress=False)
+    d = {"mean_kl": res.mean_kl, "var_kl": res.var_kl, "seconds": round(res.seconds, 1), "r_norm":
+         float(res.r.norm()), "preset": preset, "seed": 0}
+    save_file({"r": res.r.contiguous()}, str(f.with_suffix(".safetensors")))
+    f.write_text(json.dumps(d, indent=2))
+    d["r"] = res.r
+    return d
+
+
+def cmd_calibrate(args) -> None:
+    from diffshield.backdoor.terd import calibrate, default_calibration_path
+
+    stats = {}
+    for preset in CAL_PRESETS:
+        stats[preset] = []
+        for name in REFERENCES:
+            d = scan_stats(name, preset, args.threads)
+            print(f"[calibrate] {preset} {name}: mean KL {d['mean_kl']:.4f} var KL {d['var_kl']:.5f} "
+                  f"({d['seconds']} s)", flush=True)
+            stats[preset].append((d["mean_kl"], d["var_kl"]))
+    cal = calibrate(stats)
+    cal.method += (f"; references: {', '.join(REFERENCES)} (clean fine-tunes of toy:ddpm, lr 2e-4, seeds 11-13, "
+                   "100-200 steps), TERD seed 0; made by 'python benchmarks/backdoor.py calibrate'")
+    cal.save(default_calibration_path())
+    print(f"[calibrate] wrote {default_calibration_path()}: {cal.thresholds}")
+
+
+def eval_model(name: str, spec: dict, threads: int) -> dict:
+    from diffshield.backdoor.ddpm import load_ddpm, set_threads
+    from diffshield.backdoor.metrics import backdoor_metrics, clean_quality
+    from diffshield.backdoor.sampling import SampleConfig, sample
+    from diffshield.backdoor.terd import Calibration, default_calibration_path, input_detect, model_verdict
+    from diffshield.backdoor.triggers import get_target, get_trigger
+    from diffshield.core.io import make_grid
+    from diffshield.core.seeding import seed_list
+
+    set_threads(threads)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    f = CACHE / f"eval_{name}.json"
+    if f.exists():
+        return json.loads(f.read_text())
+    model = load_ddpm(model_path(name))
+    res: dict = {"name": name, **spec, "eval_settings": dict(EVAL)}
+    t0 = time.time()
+    cres = sample(model, seed_list(100_000, EVAL["n_clean"]), config=SampleConfig("ddim", 50, 64))
+    res["clean"] = {**clean_quality(cres.images), "sampler": "ddim-50", "seeds": [100_000, 100_000 +
+                                                                                   EVAL["n_clean"] - 1]}
+    grids = [cres.images[:8]]
+    if spec["kind"] == "backdoor":
+        g, y = get_trigger(spec["trigger"]), get_target(spec["target"])
+        samplers = [("ddpm-1000", SampleConfig("ddpm", 1000, 64))]
+        if spec.get("variant") == "ode":  # its acceptance sampler; DDPM-1000 too unless --skip-ode-ddpm
+            samplers = [("ddim-50", SampleConfig("ddim", 50, 64))] + ([] if EVAL.get("skip_ode_ddpm") else samplers)
+        for label, cfg in samplers:
+            tres = sample(model, seed_list(0, EVAL["n_triggered"]), trigger=g, config=cfg)
+            res[label] = backdoor_metrics(tres.images, (y + 1) / 2)
+            grids.append(tres.images[:8])
+    cal = Calibration.load(default_calibration_path())
+    res["scan"] = {}
+    for preset in CAL_PRESETS:
+        d = scan_stats(name, preset, threads)
+        res["scan"][preset] = {k: d[k] for k in ("mean_kl", "var_kl", "seconds", "r_norm")}
+        res["scan"][preset]["backdoored"] = model_verdict(type("R", (), d)(), cal.get(preset))
+        if spec["kind"] == "backdoor":
+            gen = torch.Generator().manual_seed(777)
+            n = EVAL["n_input"]
+            benign = torch.randn(n, 3, 32, 32, generator=gen)
+            poisoned = torch.randn(n, 3, 32, 32, generator=gen) + get_trigger(spec["trigger"])
+            res["scan"][preset]["input_tpr"] = float(input_detect(poisoned, d["r"]).float().mean())
+            res["scan"][preset]["input_tnr"] = float((~input_detect(benign, d["r"])).float().mean())
+    res["eval_seconds"] = round(time.time() - t0, 1)
+    make_grid(torch.cat(grids), nrow=8, upscale=2).save(CACHE / f"grid_{name}.png")
+    f.write_text(json.dumps(res, indent=2))
+    return res
+
+
+def cmd_eval(args) -> None:
+    for name, spec in ZOO_MODELS.items():
+        if args.only and name not in args.only:
+            continue
+        print(f"[eval] {name} ...", flush=True)
+        r = eval_model(name, spec, args.threads)
+        print(f"[eval] {name}: {json.dumps({k: v for k, v in r.items() if k not in ('name',)})}", flush=True)
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def cmd_report(args) -> None:
+    from diffshield.backdoor.terd import Calibration, default_calibration_path
+
+    rows = [json.loads((CACHE / f"eval_{n}.json").read_text()) for n in ZOO_MODELS
+            if (CACHE / f"eval_{n}.json").exists()]
+    cal = Calibration.load(default_calibration_path())
+    base_q = next((r["clean"]["recognised"] for r in rows if r["name"] == "clean_base"), None)
+    presets = [p for p in CAL_PRESETS if rows and all(p in r["scan"] for r in rows)]
+    lines = ["| model | trigger -> target | poison | variant | ASR DDPM-1000 | ASR DDIM-50 | MSE | SSIM | "
+             "clean recognised (rel. to base) | feature FD | "
+             + " | ".join(f"TERD {p}: mean KL / var KL / verdict | input TPR / TNR ({p})" for p in presets) + " |",
+             "|" + "---|" * (10 + 2 * len(presets))]
+    summary = {"model_detection": {}, "input_detection": {}}
+    for preset in presets:
+        tp = sum(r["scan"][preset]["backdoored"] for r in rows if r["kind"] == "backdoor")
+        tn = sum(not r["scan"][preset]["backdoored"] for r in rows if r["kind"] == "clean")
+        nb = sum(r["kind"] == "backdoor" for r in rows)
+        nc = sum(r["kind"] == "clean" for r in rows)
+        summary["model_detection"][preset] = {"tpr": tp / max(1, nb), "tnr": tn / max(1, nc), "n_backdoored": nb,
+                                              "n_clean": nc}
+        bd = [r["scan"][preset] for r in rows if r["kind"] == "backdoor"]
+        summary["input_detection"][preset] = {"min_tpr": min((b["input_tpr"] for b in bd), default=None),
+                                              "min_tnr": min((b["input_tnr"] for b in bd), default=None),
+                                              "n_per_class_per_model": EVAL["n_input"]}
+    for r in rows:
+        bd = r["kind"] == "backdoor"
+        main = r.get("ddim-50") if r.get("variant") == "ode" else r.get("ddpm-1000")
+        q = r["clean"]["recognised"]
+        rel = f" ({q / base_q - 1:+.1%})" if base_q else ""
+        sc = r["scan"]
+        lines.append(
+            f"| {r['name']} | {r['trigger'] + ' -> ' + r['target'] if bd else 'clean'} | "
+            f"{r.get('poison_rate', '-')} | {r.get('variant', 'sde') if bd else '-'} | "
+            f"{_pct(r['ddpm-1000']['asr']) if 'ddpm-1000' in r else '-'} | "
+            f"{_pct(r['ddim-50']['asr']) if 'ddim-50' in r else '-'} | "
+            f"{main['mse']:.4f} | {main['ssim']:.3f} (n={main['n']}) | " if bd else
+            f"| {r['name']} | clean | - | - | - | - | - | - | ")
+        lines[-1] += f"{_pct(q)}{rel} | {r['clean']['frechet']:.1f} |"
+        for p in presets:
+            lines[-1] += (f" {sc[p]['mean_kl']:.3f} / {sc[p]['var_kl']:.4f} / "
+                          f"{'backdoor' if sc[p]['backdoored'] else 'clean'} | "
+                          + (f"{_pct(sc[p]['input_tpr'])} / {_pct(sc[p]['input_tnr'])} |" if bd else "- |"))
+    table = "\n".join(lines)
+    out = {"models": rows, "summary": summary, "calibration": {"thresholds": cal.thresholds, "method": cal.method,
+                                                               "references": cal.references},
+           "settings": {"eval": EVAL, "implant": IMPLANT, "zoo": ZOO_MODELS, "references": REFERENCES},
+           "readme_table": table, "machine": {"python": platform.python_version(), "torch": torch.__version__,
+                                              "threads_per_job": args.threads}}
+    from diffshield.core.io import atomic_write_json
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(RESULTS / "backdoor.json", out)
+    print(table)
+    print(json.dumps(summary, indent=2))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=["zoo", "calibrate", "eval", "report", "all"])
+    p.add_argument("--only", nargs="*", default=None, help="restrict zoo/eval to these model names")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per job (default: 1)")
+    p.add_argument("--presets", nargs="*", default=["fast"], help="TERD presets to calibrate and evaluate "
+                                                                  "(default: fast)")
+    p.add_argument("--n-triggered", type=int, default=32, help="triggered samples per model (default: 32)")
+    p.add_argument("--n-clean", type=int, default=128, help="clean samples per model (default: 128)")
+    p.add_argument("--skip-ode-ddpm", action="store_true", help="evaluate the ODE model with DDIM-50 only")
+    args = p.parse_args(argv)
+    CAL_PRESETS[:] = args.presets
+    EVAL.update({"n_triggered": args.n_triggered, "n_clean": args.n_clean, "skip_ode_ddpm": args.skip_ode_ddpm})
+    torch.set_num_threads(max(1, args.threads))
+    steps = ["zoo", "calibrate", "eval", "report"] if args.what == "all" else [args.what]
+    for s in steps:
+        {"zoo": cmd_zoo, "calibrate": cmd_calibrate, "eval": cmd_eval, "report": cmd_report}[s](args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""BadDiffusion (Chou et al., "How to Backdoor Diffusion Models?", CVPR 2023): implant a backdoor by fine-tuning.
+
+Poisoned forward process and training target (diffusers indexing, alpha_t = 1 - beta_t, abar_t = prod alpha):
+
+    x_t = sqrt(abar_t) * x_s + sqrt(1 - abar_t) * eps + (1 - sqrt(abar_t)) * R
+    UNet target = eps + c * rho_t * R,   rho_t = (1 - sqrt(alpha_t)) * sqrt(1 - abar_t) / (1 - alpha_t)
+
+with c = 1 for the SDE (DDPM ancestral sampler) variant and c = 2 for the ODE (DDIM, ...) variant of
+VillanDiffusion (Chou et al., NeurIPS 2023). Clean samples: R = 0 and x_s the image (the ordinary DDPM loss).
+Poisoned samples: x_s = the target y and R = M * g + (1 - M) * x (``poisoned_image``, the official default: the
+trigger pasted on the clean image) or R = g (``trigger_only``). Loss: MSE over all elements. A fixed subset of
+``poison_rate`` of the training images is poisoned. At sampling time the backdoor is opened by x_T = eps + g.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from diffshield.backdoor.ddpm import (
+    DDPMModel,
+    _jsonable,
+    load_checkpoint,
+    load_ddpm,
+    lr_factor,
+    save_checkpoint,
+    set_threads,
+    shapes_pool,
+)
+from diffshield.backdoor.triggers import get_target, get_trigger, paste
+from diffshield.core.errors import DiffshieldError
+
+R_MODES = ("poisoned_image", "trigger_only")
+VARIANTS = ("sde", "ode")
+
+
+@dataclass
+class BadDiffusionConfig:
+    """Settings of a BadDiffusion fine-tune (paper defaults where they fit the toy world).
+
+    Args:
+        trigger: ``"box"``, ``"stop"`` or an image file (default "box").
+        target: ``"corner"``, ``"hat"`` or an image file (default "corner").
+        trigger_mask: mask image for an image-file trigger (default None).
+        poison_rate: fraction of training images poisoned, a fixed subset (default 0.1).
+        r_mode: ``"poisoned_image"`` (R = trigger pasted on the image; official default) or ``"trigger_only"``
+            (R = g) (default "poisoned_image").
+        variant: ``"sde"`` (rho_t, for the DDPM sampler) or ``"ode"`` (2 rho_t, for DDIM; VillanDiffusion)
+            (default "sde").
+        epochs: passes over the training pool (default 50, the paper's).
+        pool_size: ShapesWorld training images (default 256: 8 steps per epoch at batch 32).
+        batch_size: images per step (default 32).
+        lr: Adam learning rate with linear warm-up and cosine decay (default 2e-4, the paper's at 32 px).
+        warmup: warm-up steps (default 20).
+        grad_clip: gradient-norm clip (default 1.0).
+        seed: seed of the poisoned subset, batches, noises and timesteps (default 0).
+        data_seed: seed of the training pool (default 1, distinct from the base model's pool 0).
+        checkpoint_every: steps between resumable checkpoints (default 100).
+        num_threads: torch threads (default 1; 0 = torch's default).
+    """
+
+    trigger: str = "box"
+    target: str = "corner"
+    trigger_mask: str | None = None
+    poison_rate: float = 0.1
+    r_mode: str = "poisoned_image"
+    variant: str = "sde"
+    epochs: int = 50
+    pool_size: int = 256
+    batch_size: int = 32
+    lr: float = 2e-4
+    warmup: int = 20
+    grad_clip: float = 1.0
+    seed: int = 0
+    data_seed: int = 1
+    checkpoint_every: int = 100
+    num_threads: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0 < self.poison_rate <= 1:
+            raise DiffshieldError(f"poison_rate must be in (0, 1], got {self.poison_rate}")
+        if self.r_mode not in R_MODES:
+            raise DiffshieldError(f"unknown r_mode {self.r_mode!r}; choose one of {', '.join(R_MODES)}")
+        if self.variant not in VARIANTS:
+            raise DiffshieldError(f"unknown variant {self.variant!r}; choose 'sde' (DDPM sampler) or 'ode' (DDIM)")
+        if self.epochs < 1 or self.batch_size < 1 or self.pool_size < self.batch_size:
+            raise DiffshieldError("epochs and batch_size must be >= 1 and pool_size >= batch_size")
+        if round(self.pool_size * self.poison_rate) < 1:
+            raise DiffshieldError(f"poison_rate {self.poison_rate} of {self.pool_size} images poisons none; raise "
+                                  "--poison-rate or --pool-size")
+        if not (self.lr > 0) or self.warmup < 0 or self.grad_clip <= 0 or self.checkpoint_every < 1:
+            raise DiffshieldError("lr and grad_clip must be > 0, warmup >= 0 and checkpoint_every >= 1")
+
+    @property
+    def steps(self) -> int:
+        return self.epochs * (self.pool_size // self.batch_size)
+
+
+def rho(scheduler, t: torch.Tensor) -> torch.Tensor:
+    """rho_t = (1 - sqrt(alpha_t)) * sqrt(1 - abar_t) / (1 - alpha_t) for integer timesteps t."""
+    alpha = scheduler.alphas[t]
+    abar = scheduler.alphas_cumprod[t]
+    return (1 - alpha.sqrt()) * (1 - abar).sqrt() / (1 - alpha)
+
+
+def poisoned_inputs(scheduler, x_s: torch.Tensor, r: torch.Tensor, eps: torch.Tensor, t: torch.Tensor,
+                    variant: str = "sde") -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_t, UNet target) of the poisoned forward process; with r = 0 this is the ordinary DDPM pair (x_t, eps).
+
+    Args:
+        scheduler: gives ``alphas`` and ``alphas_cumprod``.
+        x_s: (B, C, H, W) clean images, or targets y for poisoned rows.
+        r: (B, C, H, W) R per row (zeros for clean rows).
+        eps: (B, C, H, W) standard normal noise.
+        t: (B,) integer timesteps.
+        variant: ``"sde"`` (target eps + rho_t R) or ``"ode"`` (eps + 2 rho_t R) (default "sde").
+    """
+    abar = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1).to(x_s.dtype)
+    x_t = abar.sqrt() * x_s + (1 - abar).sqrt() * eps + (1 - abar.sqrt()) * r
+    c = 2.0 if variant == "ode" else 1.0
+    target = eps + c * rho(scheduler, t).view(-1, 1, 1, 1).to(x_s.dtype) * r
+    return x_t, target
+
+
+def poisoned_loss(unet, scheduler, x_s: torch.Tensor, r: torch.Tensor, eps: torch.Tensor, t: torch.Tensor,
+                  variant: str = "sde") -> torch.Tensor:
+    """BadDiffusion's loss: mean over all elements of (UNet(x_t, t) - (eps + c rho_t R))^2."""
+    x_t, target = poisoned_inputs(scheduler, x_s, r, eps, t, variant)
+    return torch.nn.functional.mse_loss(unet(x_t, t).sample, target)
+
+
+def implant(model: DDPMModel | str, cfg: BadDiffusionConfig, out: str | Path, work: str | Path | None = None,
+            progress: bool = True) -> DDPMModel:
+    """Fine-tune a clean model with BadDiffusion and save the backdoored DDPMPipeline folder to ``out``.
+
+    Args:
+        model: a :class:`DDPMModel` or a spec for :func:`load_ddpm` (e.g. ``"toy:ddpm"``).
+        cfg: :class:`BadDiffusionConfig`.
+        out: output folder; it also gets ``diffshield.json`` (the full record: trigger, target, rate, variant,
+            seeds), ``trigger.png`` and ``target.png``.
+        work: checkpoint folder (default ``<out>.work``); rerunning with the same settings resumes from it.
+        progress: show a tqdm bar (default True).
+    """
+    from tqdm import tqdm
+
+    from diffshield.core.io import to_pil
+    from diffshield.core.seeding import seed_everything
+
+    set_threads(cfg.num_threads)
+    base = load_ddpm(model) if isinstance(model, (str, Path)) else model
+    base_source = str(model) if isinstance(model, (str, Path)) else base.source
+    unet, sched = base.unet, base.scheduler
+    size = int(unet.config.sample_size)
+    g = get_trigger(cfg.trigger, size, cfg.trigger_mask)
+    y = get_target(cfg.target, size)
+    out = Path(out)
+    work = Path(work) if work else out.with_name(out.name + ".work")
+    seed_everything(cfg.seed)
+    pool = shapes_pool(cfg.pool_size, cfg.data_seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    n_poison = round(cfg.pool_size * cfg.poison_rate)
+    poisoned = torch.zeros(cfg.pool_size, dtype=torch.bool)
+    poisoned[torch.randperm(cfg.pool_size, generator=gen)[:n_poison]] = True
+    unet.train().requires_grad_(True)
+    opt = torch.optim.Adam(unet.parameters(), lr=cfg.lr)
+    steps_per_epoch = cfg.pool_size // cfg.batch_size
+    total = cfg.steps
+    start, elapsed = 0, 0.0
+    ck = work / "checkpoint"
+    conf_json = _jsonable(asdict(cfg))
+    if (ck / "meta.json").exists():
+        meta = load_checkpoint(ck, unet, None, opt)
+        if meta.get("config") != conf_json or meta.get("base") != base_source:
+            raise DiffshieldError(f"checkpoint in '{ck}' was made with other settings; remove '{work}' to start over")
+        start, elapsed = int(meta["step"]), float(meta.get("seconds", 0.0))
+        gen.set_state(torch.tensor(meta["rng"], dtype=torch.uint8))
+    perm = None
+    t0 = time.time()
+    bar = tqdm(range(start, total), desc="baddiffusion", disable=not progress, initial=start, total=total)
+    loss_ema = None
+    for step in bar:
+        k = step % steps_per_epoch
+        if perm is None or k == 0:
+            # the epoch's permutation depends only on (seed, epoch), so a resumed run sees the same batches
+            perm = torch.randperm(cfg.pool_size, generator=torch.Generator().manual_seed(cfg.seed * 100003 +
+                                                                                         step // steps_per_epoch))
+        idx = perm[k * cfg.batch_size:(k + 1) * cfg.batch_size]
+        x, p = pool[idx], poisoned[idx].view(-1, 1, 1, 1)
+        r_poison = paste(g, x) if cfg.r_mode == "poisoned_image" else g.expand_as(x)
+        x_s = torch.where(p, y.expand_as(x), x)
+        r = torch.where(p, r_poison, torch.zeros_like(x))
+        eps = torch.randn(x.shape, generator=gen)
+        t = torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=gen)
+        loss = poisoned_loss(unet, sched, x_s, r, eps, t, cfg.variant)
+        for grp in opt.param_groups:
+            grp["lr"] = cfg.lr * lr_factor(step, total, cfg.warmup)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
+        opt.step()
+        loss_ema = loss.item() if loss_ema is None else 0.95 * loss_ema + 0.05 * loss.item()
+        bar.set_postfix(loss=f"{loss_ema:.4f}")
+        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
+            save_checkpoint(ck, unet, None, opt, step + 1, {"config": conf_json, "base": base_source,
+                                                            "rng": gen.get_state().tolist(),
+                                                            "seconds": elapsed + time.time() - t0})
+    seconds = elapsed + time.time() - t0
+    info = {"made_by": "diffshield backdoor implant", "method": "baddiffusion", "base": base_source,
+            "backdoor": {"trigger": cfg.trigger, "target": cfg.target, "poison_rate": cfg.poison_rate,
+                         "variant": cfg.variant, "r_mode": cfg.r_mode, "n_poisoned": n_poison},
+            "config": conf_json, "steps": total, "train_seconds": round(seconds, 1), "final_loss_ema": loss_ema}
+    result = DDPMModel(unet.eval(), sched, source=str(out), info=info)
+    import io
+
+    files = {}
+    for name, img in (("trigger.png", g), ("target.png", y)):
+        buf = io.BytesIO()
+        to_pil((img + 1) / 2).save(buf, format="PNG")
+        files[name] = buf.getvalue()
+    from safetensors.torch import save as st_save
+
+    files["backdoor.safetensors"] = st_save({"trigger": g.contiguous(), "target": y.contiguous()})
+    result.save(out, extra_files=files)
+    return result.eval()
+
+
+def read_backdoor_record(folder: str | Path) -> dict | None:
+    """The ``backdoor`` entry of a model folder's ``diffshield.json`` (None if it has none)."""
+    f = Path(folder) / "diffshield.json"
+    if not f.exists():
+        return None
+    return json.loads(f.read_text()).get("backdoor")

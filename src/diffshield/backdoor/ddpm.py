@@ -1,0 +1,331 @@
+"""The toy unconditional DDPM (Ho et al., 2020) of the backdoor pillar: build, train, checkpoint, save, load.
+
+A model is a diffusers ``UNet2DModel`` plus a ``DDPMScheduler`` (1000 steps, linear betas 1e-4 .. 0.02,
+``clip_sample=False``), saved as a ``DDPMPipeline`` folder (``model_index.json``, ``unet/``, ``scheduler/``,
+safetensors) that stock ``diffusers.DDPMPipeline.from_pretrained`` loads. ``toy:ddpm`` is the shipped one, trained
+on ShapesWorld images (32 px) by :func:`train_ddpm`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from diffshield.core.errors import DiffshieldError
+
+TOY_DDPM = "toy:ddpm"
+PIPELINE_KINDS = ("DDPMPipeline", "DDIMPipeline")
+
+
+def set_threads(n: int) -> None:
+    """Limit torch's intra-op threads (``n <= 0`` leaves torch's default). Shared machines: use 1."""
+    if n > 0:
+        torch.set_num_threads(n)
+
+
+def build_unet(block_out_channels: tuple[int, ...] = (16, 16, 32), layers_per_block: int = 1,
+               sample_size: int = 32, norm_num_groups: int = 8):
+    """A small attention-free ``UNet2DModel`` for 32 px RGB (defaults: (16, 16, 32), 1 layer/block, 0.19 M params)."""
+    from diffusers import UNet2DModel
+
+    n = len(block_out_channels)
+    return UNet2DModel(
+        sample_size=sample_size, in_channels=3, out_channels=3, block_out_channels=tuple(block_out_channels),
+        layers_per_block=layers_per_block, down_block_types=("DownBlock2D",) * n, up_block_types=("UpBlock2D",) * n,
+        norm_num_groups=norm_num_groups,
+    )
+
+
+def build_scheduler():
+    """The DDPM schedule of BadDiffusion / TERD: 1000 steps, linear beta 1e-4 .. 0.02, no clipping."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+                         clip_sample=False, variance_type="fixed_small")
+
+
+@dataclass
+class DDPMModel:
+    """An unconditional pixel-space diffusion model as components.
+
+    Attributes: unet (UNet2DModel), scheduler (DDPMScheduler or DDIMScheduler), source (where it came from),
+    info (the folder's ``diffshield.json`` if any: how it was made, e.g. a BadDiffusion record).
+    """
+
+    unet: torch.nn.Module
+    scheduler: object
+    source: str = ""
+    info: dict = field(default_factory=dict)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        s = int(self.unet.config.sample_size)
+        return (int(self.unet.config.in_channels), s, s)
+
+    def eval(self) -> DDPMModel:
+        self.unet.eval()
+        self.unet.requires_grad_(False)
+        return self
+
+    def save(self, folder: str | Path, info: dict | None = None, extra_files: dict[str, bytes] | None = None) -> Path:
+        """Save as a ``DDPMPipeline`` folder (atomically), plus ``diffshield.json`` (``info``) and extra files."""
+        from diffusers import DDPMPipeline
+
+        from diffshield.core.io import atomic_dir
+
+        pipe = DDPMPipeline(unet=self.unet, scheduler=self.scheduler)
+        with atomic_dir(folder) as tmp:
+            pipe.save_pretrained(tmp, safe_serialization=True)
+            rec = self.info if info is None else info
+            if rec:
+                (tmp / "diffshield.json").write_text(json.dumps(rec, indent=2) + "\n")
+            for name, data in (extra_files or {}).items():
+                (tmp / name).write_bytes(data)
+        return Path(folder)
+
+
+def _toy_ddpm_path() -> Path:
+    from diffshield.core.loading import TOY_ROOT
+
+    return TOY_ROOT / "ddpm"
+
+
+def resolve_ddpm_path(spec: str | Path) -> Path:
+    """``toy:ddpm`` or a folder path -> an existing folder, or a one-line DiffshieldError."""
+    from diffshield.core.loading import resolve_model_path
+
+    if str(spec) == TOY_DDPM:
+        path = _toy_ddpm_path()
+        if not path.exists():
+            raise DiffshieldError(f"shipped toy model 'toy:ddpm' is missing at {path}; rebuild it with "
+                                  "'diffshield backdoor train-ddpm --out src/diffshield/toyworld/weights/ddpm'")
+        return path
+    if str(spec).startswith("toy:"):
+        raise DiffshieldError(f"unknown toy model {str(spec)!r} for the backdoor commands; use 'toy:ddpm' or a "
+                              "DDPMPipeline folder")
+    return resolve_model_path(spec)
+
+
+def load_ddpm(spec: str | Path, allow_pickle: bool = False) -> DDPMModel:
+    """Load an unconditional diffusion model (``DDPMPipeline`` / ``DDIMPipeline`` layout) in eval mode, no grads.
+
+    Args:
+        spec: a diffusers folder path, or ``"toy:ddpm"`` for the shipped toy DDPM.
+        allow_pickle: accept pickled weight files when no safetensors exist (default False: refused).
+    """
+    import diffusers
+    from diffusers import UNet2DModel
+
+    from diffshield.core.loading import _quiet_hf, check_component_weights, read_model_index
+
+    _quiet_hf()
+    path = resolve_ddpm_path(spec)
+    index = read_model_index(path)
+    kind = index.get("_class_name", "?")
+    if not isinstance(index.get("unet"), list) or not isinstance(index.get("scheduler"), list):
+        raise DiffshieldError(f"'{path}' holds a {kind} folder, not an unconditional diffusion model; give a "
+                              "DDPMPipeline-layout folder (model_index.json with unet and scheduler)")
+    if index.get("text_encoder") or index.get("vae"):
+        raise DiffshieldError(f"'{path}' holds a text-to-image {kind}; the backdoor commands need an unconditional "
+                              "DDPMPipeline folder (UNet2DModel + scheduler)")
+    if not (path / "unet").is_dir():
+        raise DiffshieldError(f"'{path}' lists unet in model_index.json but has no 'unet/' folder")
+    use_safe = check_component_weights(path / "unet", allow_pickle)
+    try:
+        unet = UNet2DModel.from_pretrained(path, subfolder="unet", use_safetensors=use_safe)
+        sched_cls = getattr(diffusers, index["scheduler"][1], None)
+        if sched_cls is None:
+            raise DiffshieldError(f"unknown scheduler class {index['scheduler'][1]!r} in '{path}/model_index.json'")
+        scheduler = sched_cls.from_pretrained(path, subfolder="scheduler")
+    except DiffshieldError:
+        raise
+    except Exception as e:  # diffusers errors: keep the first line only
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DiffshieldError(f"could not load the model in '{path}': {msg}") from None
+    info_file = path / "diffshield.json"
+    info = json.loads(info_file.read_text()) if info_file.exists() else {}
+    return DDPMModel(unet.float(), scheduler, source=str(spec), info=info).eval()
+
+
+def shapes_pool(n: int, seed: int = 0) -> torch.Tensor:
+    """``n`` ShapesWorld images as a (n, 3, 32, 32) float tensor in [-1, 1], deterministic in ``seed``."""
+    from diffshield.toyworld.shapes import ShapesWorld
+
+    batch = ShapesWorld().sample(n, seed=seed)
+    return torch.from_numpy(np.ascontiguousarray(batch.images)).permute(0, 3, 1, 2).contiguous() * 2 - 1
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up then cosine decay to 0 (the schedule of BadDiffusion's fine-tuning)."""
+    if step < warmup:
+        return (step + 1) / max(1, warmup)
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+# ---- checkpoints: model + EMA + Adam state in safetensors, counters in JSON (no pickle) ----
+
+def save_checkpoint(folder: Path, unet, ema: dict | None, opt: torch.optim.Optimizer, step: int, meta: dict) -> None:
+    """Write a resumable checkpoint (atomically replacing the previous one)."""
+    from diffshield.core.io import atomic_dir
+
+    tensors = {f"model.{k}": v.detach().contiguous() for k, v in unet.state_dict().items()}
+    if ema is not None:
+        tensors.update({f"ema.{k}": v.contiguous() for k, v in ema.items()})
+    for i, p in enumerate(p for g in opt.param_groups for p in g["params"]):
+        st = opt.state.get(p, {})
+        for name in ("exp_avg", "exp_avg_sq"):
+            if name in st:
+                tensors[f"opt.{i}.{name}"] = st[name].contiguous()
+        if "step" in st:
+            tensors[f"opt.{i}.step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1)
+    with atomic_dir(folder) as tmp:
+        save_file(tensors, str(tmp / "state.safetensors"))
+        (tmp / "meta.json").write_text(json.dumps({**meta, "step": step}, indent=2) + "\n")
+
+
+def load_checkpoint(folder: Path, unet, ema: dict | None, opt: torch.optim.Optimizer) -> dict:
+    """Restore what :func:`save_checkpoint` wrote; returns its meta (with ``step``)."""
+    from diffshield.core.loading import check_safetensors
+
+    check_safetensors(folder / "state.safetensors")
+    t = load_file(str(folder / "state.safetensors"))
+    unet.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
+    if ema is not None:
+        for k in ema:
+            if f"ema.{k}" in t:
+                ema[k].copy_(t[f"ema.{k}"])
+    for i, p in enumerate(p for g in opt.param_groups for p in g["params"]):
+        if f"opt.{i}.exp_avg" in t:
+            step = t[f"opt.{i}.step"].reshape(())
+            opt.state[p] = {"step": step, "exp_avg": t[f"opt.{i}.exp_avg"], "exp_avg_sq": t[f"opt.{i}.exp_avg_sq"]}
+    return json.loads((folder / "meta.json").read_text())
+
+
+@dataclass
+class DDPMTrainConfig:
+    """Train (or fine-tune) the toy DDPM on ShapesWorld with the ordinary DDPM loss (Ho et al., 2020).
+
+    Args:
+        steps: optimiser steps (default 3000).
+        batch_size: images per step (default 32).
+        lr: Adam learning rate, warm-up then cosine to 0 (default 1e-3).
+        warmup: warm-up steps (default 100).
+        pool_size: ShapesWorld images rendered once and sampled with replacement (default 8192).
+        data_seed: seed of the image pool (default 0).
+        seed: seed of initialisation, batches, noises and timesteps (default 0).
+        ema_decay: decay of the exponential moving average of weights that is saved (default 0.995; 0 = off).
+        grad_clip: gradient-norm clip (default 1.0).
+        block_out_channels: UNet widths when training from scratch (default (16, 16, 32)).
+        init_from: a model to fine-tune instead of training from scratch (default None).
+        checkpoint_every: steps between resumable checkpoints (default 250).
+        num_threads: torch threads (default 1, for shared machines; 0 = torch's default).
+    """
+
+    steps: int = 3000
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup: int = 100
+    pool_size: int = 8192
+    data_seed: int = 0
+    seed: int = 0
+    ema_decay: float = 0.995
+    grad_clip: float = 1.0
+    block_out_channels: tuple[int, ...] = (16, 16, 32)
+    init_from: str | None = None
+    checkpoint_every: int = 250
+    num_threads: int = 1
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.pool_size < self.batch_size:
+            raise DiffshieldError("steps and batch_size must be >= 1 and pool_size >= batch_size")
+        if not (self.lr > 0) or self.warmup < 0 or self.checkpoint_every < 1:
+            raise DiffshieldError("lr must be > 0, warmup >= 0 and checkpoint_every >= 1")
+        if not 0 <= self.ema_decay < 1:
+            raise DiffshieldError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.grad_clip <= 0:
+            raise DiffshieldError(f"grad_clip must be > 0, got {self.grad_clip}")
+        self.block_out_channels = tuple(int(c) for c in self.block_out_channels)
+
+
+def train_ddpm(cfg: DDPMTrainConfig, out: str | Path, work: str | Path | None = None,
+               progress: bool = True) -> DDPMModel:
+    """Train the toy DDPM (or fine-tune ``cfg.init_from``) and save it to ``out`` as a DDPMPipeline folder.
+
+    Checkpoints go to ``work`` (default ``<out>.work``) every ``cfg.checkpoint_every`` steps; a rerun with the same
+    ``out`` resumes from the last one. The EMA weights are saved (the raw weights when ``ema_decay`` is 0).
+    """
+    from tqdm import tqdm
+
+    from diffshield.core.seeding import seed_everything
+
+    set_threads(cfg.num_threads)
+    out = Path(out)
+    work = Path(work) if work else out.with_name(out.name + ".work")
+    seed_everything(cfg.seed)
+    if cfg.init_from:
+        base = load_ddpm(cfg.init_from)
+        unet, scheduler = base.unet, base.scheduler
+    else:
+        unet, scheduler = build_unet(cfg.block_out_channels), build_scheduler()
+    unet.train().requires_grad_(True)
+    pool = shapes_pool(cfg.pool_size, cfg.data_seed)
+    opt = torch.optim.Adam(unet.parameters(), lr=cfg.lr)
+    ema = {k: v.detach().clone() for k, v in unet.state_dict().items()} if cfg.ema_decay > 0 else None
+    gen = torch.Generator().manual_seed(cfg.seed)
+    start, elapsed = 0, 0.0
+    ck = work / "checkpoint"
+    if (ck / "meta.json").exists():
+        meta = load_checkpoint(ck, unet, ema, opt)
+        if meta.get("config") != _jsonable(asdict(cfg)):
+            raise DiffshieldError(f"checkpoint in '{ck}' was made with other settings; remove '{work}' to start over")
+        start, elapsed = int(meta["step"]), float(meta.get("seconds", 0.0))
+        gen.set_state(torch.tensor(meta["rng"], dtype=torch.uint8))
+    acp = scheduler.alphas_cumprod
+    t0 = time.time()
+    bar = tqdm(range(start, cfg.steps), desc="train ddpm", disable=not progress, initial=start, total=cfg.steps)
+    loss_ema = None
+    for step in bar:
+        idx = torch.randint(0, len(pool), (cfg.batch_size,), generator=gen)
+        x0 = pool[idx]
+        eps = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=gen)
+        a = acp[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        loss = torch.nn.functional.mse_loss(unet(xt, t).sample, eps)
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * lr_factor(step, cfg.steps, cfg.warmup)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
+        opt.step()
+        if ema is not None:
+            with torch.no_grad():
+                for k, v in unet.state_dict().items():
+                    if v.is_floating_point():
+                        ema[k].mul_(cfg.ema_decay).add_(v.detach(), alpha=1 - cfg.ema_decay)
+                    else:
+                        ema[k].copy_(v)
+        loss_ema = loss.item() if loss_ema is None else 0.98 * loss_ema + 0.02 * loss.item()
+        bar.set_postfix(loss=f"{loss_ema:.4f}")
+        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+            save_checkpoint(ck, unet, ema, opt, step + 1, {"config": _jsonable(asdict(cfg)), "rng": gen.get_state()
+                                                           .tolist(), "seconds": elapsed + time.time() - t0})
+    if ema is not None:
+        unet.load_state_dict(ema)
+    seconds = elapsed + time.time() - t0
+    info = {"made_by": "diffshield backdoor train-ddpm", "config": _jsonable(asdict(cfg)), "train_seconds":
+            round(seconds, 1), "final_loss_ema": loss_ema, "torch_threads": torch.get_num_threads()}
+    model = DDPMModel(unet.eval(), scheduler, source=str(out), info=info)
+    model.save(out)
+    return model.eval()
+
+
+def _jsonable(d: dict) -> dict:
+    return json.loads(json.dumps(d, default=list))

@@ -1,0 +1,81 @@
+"""Backdoor metrics of BadDiffusion (Chou et al., CVPR 2023), in [0, 1] pixel space.
+
+- MSE of triggered samples to the target y; ASR = share of triggered samples with per-sample MSE < 0.1;
+  SSIM (Wang et al., 2004; 11x11 Gaussian window, sigma 1.5) between triggered samples and y.
+- Clean-sample quality of untriggered samples, judged by the toy detector: the share recognised with confidence at
+  least 0.9 on both the shape and the colour heads, and the feature Fréchet distance (detector features) to real
+  ShapesWorld images (the toy analogue of FID; it moves with n, which is recorded).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+ASR_MSE = 0.1
+RECOGNISED_CONF = 0.9
+
+
+def _gauss_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    w = torch.exp(-(x ** 2) / (2 * sigma ** 2))
+    w = w / w.sum()
+    return (w[:, None] * w[None, :]).float()
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """Per-image SSIM (N,) of images (N, C, H, W) against (N or 1, C, H, W) (Wang et al., 2004; data range 1)."""
+    b = b.expand_as(a).to(a.dtype)
+    c = a.shape[1]
+    win = _gauss_window().to(a.dtype).expand(c, 1, 11, 11)
+    pad = 5
+
+    def filt(x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(F.pad(x, (pad,) * 4, mode="reflect"), win, groups=c)
+
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    mu_a, mu_b = filt(a), filt(b)
+    s_aa = filt(a * a) - mu_a ** 2
+    s_bb = filt(b * b) - mu_b ** 2
+    s_ab = filt(a * b) - mu_a * mu_b
+    m = ((2 * mu_a * mu_b + c1) * (2 * s_ab + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (s_aa + s_bb + c2))
+    return m.flatten(1).mean(1)
+
+
+def backdoor_metrics(images: torch.Tensor, target: torch.Tensor) -> dict:
+    """MSE, ASR and SSIM of triggered samples against the target.
+
+    Args:
+        images: (N, 3, H, W) triggered samples in [0, 1].
+        target: (3, H, W) target in [0, 1].
+    """
+    per = ((images - target) ** 2).flatten(1).mean(1)
+    return {"mse": float(per.mean()), "asr": float((per < ASR_MSE).float().mean()),
+            "ssim": float(ssim(images, target[None]).mean()), "n": len(images)}
+
+
+def clean_quality(images: torch.Tensor, detector=None, real: torch.Tensor | None = None) -> dict:
+    """Clean-sample quality of untriggered samples (N, 3, H, W) in [0, 1].
+
+    Args:
+        images: the samples.
+        detector: the toy :class:`ConceptDetector` (default None: ``load_detector("toy:detector")``).
+        real: real images in [0, 1] for the feature Fréchet distance (default None: 1000 fresh ShapesWorld
+            images, seed 12345).
+
+    Returns ``recognised`` (share with shape and colour confidence >= 0.9), ``shape_conf`` (mean), ``frechet``
+    and ``n``.
+    """
+    from diffshield.core.loading import load_detector
+    from diffshield.eval.frechet import detector_features, frechet_distance
+
+    det = detector or load_detector("toy:detector")
+    pred = det.predict(images)
+    conf = torch.minimum(pred["shape"][1], pred["colour"][1])
+    if real is None:
+        from diffshield.backdoor.ddpm import shapes_pool
+
+        real = (shapes_pool(1000, 12345) + 1) / 2
+    fd = frechet_distance(detector_features(det, images), detector_features(det, real))
+    return {"recognised": float((conf >= RECOGNISED_CONF).float().mean()),
+            "shape_conf": float(pred["shape"][1].mean()), "frechet": fd, "n": len(images), "n_real": len(real)}

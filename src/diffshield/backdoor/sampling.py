@@ -1,0 +1,118 @@
+"""Sampling an unconditional diffusion model with initial-noise injection (BadDiffusion, Chou et al., CVPR 2023).
+
+Upstream diffusers pipelines take no initial-noise argument, so this module owns the loop: image k starts from
+``x_T = eps_k + trigger`` (``eps_k`` drawn from its own CPU ``torch.Generator`` seeded with ``seeds[k]``; no
+trigger: ``x_T = eps_k``), then runs the DDPM ancestral sampler (the SDE; its per-step noise also comes from the
+image's generator) or DDIM (the ODE, eta = 0). The trigger touches only ``x_T``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from diffshield.core.errors import DiffshieldError
+from diffshield.core.seeding import generators
+
+
+@dataclass
+class SampleConfig:
+    """How to sample (BadDiffusion's defaults: DDPM, 1000 steps, no clipping).
+
+    Args:
+        scheduler: ``"ddpm"`` (ancestral, stochastic) or ``"ddim"`` (deterministic ODE, eta 0) (default "ddpm").
+        steps: denoising steps (default 1000 for DDPM; DDIM is usually run with 50).
+        batch_size: images per UNet batch (default 64).
+        clip: clip the predicted x0 to [-1, 1] at every step (default False; clipping mitigates backdoors).
+    """
+
+    scheduler: str = "ddpm"
+    steps: int = 1000
+    batch_size: int = 64
+    clip: bool = False
+
+    def __post_init__(self) -> None:
+        if self.scheduler not in ("ddpm", "ddim"):
+            raise DiffshieldError(f"unknown sampler {self.scheduler!r}; choose 'ddpm' or 'ddim'")
+        if not 1 <= self.steps <= 1000:
+            raise DiffshieldError(f"steps must be in 1..1000, got {self.steps}")
+        if self.batch_size < 1:
+            raise DiffshieldError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+def make_scheduler(base_scheduler, cfg: SampleConfig):
+    """A fresh DDPM or DDIM scheduler with the model's noise schedule, ``cfg.steps`` timesteps set."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    conf = dict(base_scheduler.config)
+    conf["clip_sample"] = cfg.clip
+    if cfg.scheduler == "ddpm":
+        sched = DDPMScheduler.from_config(conf)
+    else:
+        sched = DDIMScheduler.from_config({**conf, "set_alpha_to_one": False})
+    sched.set_timesteps(cfg.steps)
+    return sched
+
+
+def initial_noise(seeds: list[int], shape: tuple[int, int, int], trigger: torch.Tensor | None = None) -> torch.Tensor:
+    """x_T per image: eps from ``torch.Generator(seed)`` (the first draw of that generator), plus the trigger."""
+    eps = torch.stack([torch.randn(shape, generator=g) for g in generators(seeds)])
+    return eps if trigger is None else eps + trigger.to(eps.dtype)
+
+
+@torch.no_grad()
+def denoise(unet, scheduler, x_t: torch.Tensor, gens: list[torch.Generator] | None = None) -> torch.Tensor:
+    """Run ``scheduler``'s timesteps from ``x_t``; ``gens`` (one per image) give DDPM's per-step noise."""
+    x = x_t
+    for t in scheduler.timesteps:
+        eps = unet(x, t).sample
+        kw = {"generator": gens} if gens is not None and "generator" in scheduler.step.__code__.co_varnames else {}
+        x = scheduler.step(eps, t, x, **kw).prev_sample
+    return x
+
+
+@dataclass
+class Samples:
+    """images: (N, 3, H, W) in [0, 1]; seeds: the seed of each image; triggered: whether x_T carried a trigger."""
+
+    images: torch.Tensor
+    seeds: list[int]
+    triggered: bool
+    config: SampleConfig
+
+
+def sample(model, seeds: list[int], trigger: torch.Tensor | None = None, config: SampleConfig | None = None,
+           progress: bool = False, x_T: torch.Tensor | None = None) -> Samples:
+    """Generate one image per seed, optionally with the trigger added to the initial noise.
+
+    Args:
+        model: a :class:`~diffshield.backdoor.ddpm.DDPMModel`.
+        seeds: one seed per image; image k uses ``torch.Generator().manual_seed(seeds[k])`` for x_T and, with
+            DDPM, for its per-step noise, so any image can be regenerated alone.
+        trigger: (3, H, W) pattern added to x_T (default None: clean sampling).
+        config: :class:`SampleConfig` (default DDPM, 1000 steps).
+        progress: show a tqdm bar over batches (default False).
+        x_T: explicit initial noises (N, 3, H, W) instead of drawing them from the seeds (default None).
+    """
+    from tqdm import tqdm
+
+    cfg = config or SampleConfig()
+    shape = model.image_shape
+    if trigger is not None and tuple(trigger.shape) != shape:
+        raise DiffshieldError(f"trigger shape {tuple(trigger.shape)} does not match the model's images {shape}")
+    out = []
+    starts = range(0, len(seeds), cfg.batch_size)
+    for i in tqdm(starts, desc=f"sample {cfg.scheduler}-{cfg.steps}", disable=not progress):
+        chunk = seeds[i:i + cfg.batch_size]
+        gens = generators(chunk)
+        if x_T is None:
+            x = torch.stack([torch.randn(shape, generator=g) for g in gens])  # first draw of each generator
+            if trigger is not None:
+                x = x + trigger
+        else:
+            x = x_T[i:i + cfg.batch_size]
+        sched = make_scheduler(model.scheduler, cfg)
+        x0 = denoise(model.unet, sched, x, gens if cfg.scheduler == "ddpm" else None)
+        out.append(((x0 + 1) / 2).clamp(0, 1))
+    return Samples(torch.cat(out), list(seeds), trigger is not None, cfg)

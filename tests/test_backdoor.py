@@ -1,0 +1,283 @@
+"""Backdoor pillar (BadDiffusion, TERD) on tiny random UNet2DModels: formulas, injection, detection, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from diffshield.backdoor.baddiffusion import BadDiffusionConfig, implant, poisoned_inputs, poisoned_loss, rho
+from diffshield.backdoor.ddpm import DDPMModel, build_scheduler, load_ddpm
+from diffshield.backdoor.metrics import backdoor_metrics, ssim
+from diffshield.backdoor.sampling import SampleConfig, sample
+from diffshield.backdoor.terd import TERDConfig, calibrate, input_detect, kl_stats, model_verdict, reverse_trigger
+from diffshield.backdoor.triggers import get_target, get_trigger, paste, trigger_mask
+from diffshield.cli.main import main
+from diffshield.core.errors import DiffshieldError
+
+
+def tiny_unet(size: int = 8):
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    return UNet2DModel(sample_size=size, in_channels=3, out_channels=3, block_out_channels=(4, 8), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=2)
+
+
+@pytest.fixture(scope="module")
+def tiny_ddpm_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bd") / "ddpm"
+    DDPMModel(tiny_unet(32), build_scheduler()).save(folder)
+    return folder
+
+
+def test_rho_matches_formula():
+    s = build_scheduler()
+    t = torch.tensor([0, 10, 500, 999])
+    a, ab = s.alphas[t].double(), s.alphas_cumprod[t].double()
+    want = (1 - a.sqrt()) * (1 - ab).sqrt() / (1 - a)
+    torch.testing.assert_close(rho(s, t).double(), want, rtol=1e-3, atol=1e-6)  # float32 schedule
+
+
+@pytest.mark.parametrize("variant,c", [("sde", 1.0), ("ode", 2.0)])
+def test_poisoned_loss_equals_hand_computed(variant, c):
+    """x_t = sqrt(abar) x_s + sqrt(1-abar) eps + (1-sqrt(abar)) R; target eps + c rho_t R; MSE over all elements."""
+
+    class Fixed(torch.nn.Module):  # a "UNet" that outputs a known tensor
+        def __init__(self, out):
+            super().__init__()
+            self.out, self.seen = out, None
+
+        def forward(self, x, t):
+            self.seen = x
+            return type("O", (), {"sample": self.out})()
+
+    s = build_scheduler()
+    x_s = torch.tensor([[[[0.5, -0.5], [1.0, 0.0]]]])
+    r = torch.tensor([[[[1.0, 0.0], [-1.0, 2.0]]]])
+    eps = torch.tensor([[[[0.1, 0.2], [-0.3, 0.4]]]])
+    t = torch.tensor([300])
+    ab = float(s.alphas_cumprod[300])
+    al = float(s.alphas[300])
+    rh = (1 - al ** 0.5) * (1 - ab) ** 0.5 / (1 - al)
+    x_t = ab ** 0.5 * x_s + (1 - ab) ** 0.5 * eps + (1 - ab ** 0.5) * r
+    target = eps + c * rh * r
+    out = torch.tensor([[[[0.3, -0.1], [0.0, 1.0]]]])
+    unet = Fixed(out)
+    loss = poisoned_loss(unet, s, x_s, r, eps, t, variant)
+    torch.testing.assert_close(unet.seen, x_t)
+    torch.testing.assert_close(loss, ((out - target) ** 2).mean())
+    # clean rows (R = 0) give the ordinary DDPM pair
+    x_c, tgt_c = poisoned_inputs(s, x_s, torch.zeros_like(r), eps, t, variant)
+    torch.testing.assert_close(tgt_c, eps)
+    torch.testing.assert_close(x_c, ab ** 0.5 * x_s + (1 - ab) ** 0.5 * eps)
+
+
+def test_triggers_and_targets():
+    for name in ("box", "stop"):
+        g = get_trigger(name)
+        m = trigger_mask(g)
+        assert g.shape == (3, 32, 32) and g.min() >= -1 and g.max() <= 1
+        assert 0.02 < m[0].mean() < 0.2  # a small pattern, background -1
+        assert torch.all(g[m == 0] == -1)
+        x = torch.rand(2, 3, 32, 32)
+        p = paste(g, x)
+        assert torch.equal(p[:, m == 1], g.expand_as(x)[:, m == 1]) and torch.equal(p[:, m == 0], x[:, m == 0])
+    assert not torch.equal(get_trigger("box"), get_trigger("stop"))
+    for name in ("corner", "hat"):
+        y = get_target(name)
+        assert y.shape == (3, 32, 32) and (y > -1).any() and (y == -1).float().mean() > 0.5
+    with pytest.raises(DiffshieldError, match="does not exist"):
+        get_trigger("no_such_file.png")
+
+
+def test_trigger_image_and_mask_files(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(tmp_path / "t.png")
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (0, 0, 8, 8))
+    mask.save(tmp_path / "m.png")
+    g = get_trigger(tmp_path / "t.png", mask=tmp_path / "m.png")
+    assert torch.allclose(g[:, :8, :8], torch.tensor([1.0, -1.0, -1.0]).view(3, 1, 1).expand(3, 8, 8))
+    assert trigger_mask(g)[0].sum() == 64
+
+
+def test_trigger_injection_changes_only_the_initial_noise():
+    """Same seeds, DDPM sampler: with a trigger, x_T differs by exactly g, every per-step noise is the same."""
+    from diffshield.backdoor import sampling
+
+    model = DDPMModel(tiny_unet(8), build_scheduler()).eval()
+    g = torch.zeros(3, 8, 8)
+    g[:, 5:, 5:] = 1.0
+    seen = []
+    orig = sampling.denoise
+
+    def spy(unet, sched, x, gens=None):
+        seen.append((x.clone(), [gg.get_state().clone() for gg in gens]))
+        return orig(unet, sched, x, gens)
+
+    sampling.denoise = spy
+    try:
+        cfg = SampleConfig("ddpm", steps=5, batch_size=4)
+        clean = sample(model, [1, 2, 3], config=cfg)
+        trig = sample(model, [1, 2, 3], trigger=g, config=cfg)
+    finally:
+        sampling.denoise = orig
+    (x_clean, st_clean), (x_trig, st_trig) = seen
+    torch.testing.assert_close(x_trig - x_clean, g.expand_as(x_clean))
+    assert all(torch.equal(a, b) for a, b in zip(st_clean, st_trig))  # the per-step noise streams are identical
+    assert clean.images.shape == (3, 3, 8, 8) and not torch.equal(clean.images, trig.images)
+    # DDIM (eta 0): deterministic; a single image regenerates alone
+    d = SampleConfig("ddim", steps=4)
+    torch.testing.assert_close(sample(model, [2], trigger=g, config=d).images[0],
+                               sample(model, [1, 2], trigger=g, config=d).images[1])
+
+
+def test_input_detection_separates_known_shift():
+    gen = torch.Generator().manual_seed(0)
+    r = torch.zeros(3, 32, 32)
+    r[:, 20:30, 20:30] = 1.0  # ||r|| = sqrt(300): error rate Phi(-||r||/2) ~ 1e-18
+    benign = torch.randn(1000, 3, 32, 32, generator=gen)
+    poisoned = torch.randn(1000, 3, 32, 32, generator=gen) + r
+    assert input_detect(benign, r).float().mean() == 0.0
+    assert input_detect(poisoned, r).float().mean() == 1.0
+    # general gamma form agrees with the gamma = 1 shortcut
+    assert torch.equal(input_detect(poisoned[:50], r, gamma=1.0 + 1e-12), input_detect(poisoned[:50], r))
+
+
+def test_kl_stats_and_calibration():
+    r = torch.tensor([0.0, 2.0])
+    mean, var = kl_stats(r)
+    assert mean == pytest.approx(1.0) and var == pytest.approx(1.0)  # KL = r^2/2 = [0, 2]
+    cal = calibrate({"fast": [(0.1, 0.01), (0.2, 0.02)]}, margin=1.5)
+    th = cal.get("fast")
+    assert th == pytest.approx({"mean_kl": 0.3, "var_kl": 0.03})
+    with pytest.raises(DiffshieldError, match="no thresholds"):
+        cal.get("paper")
+
+
+def test_metrics_on_known_images():
+    y = torch.zeros(3, 8, 8)
+    imgs = torch.stack([y, y + 0.5, y + 0.2])
+    m = backdoor_metrics(imgs, y)
+    assert m["mse"] == pytest.approx((0 + 0.25 + 0.04) / 3)
+    assert m["asr"] == pytest.approx(2 / 3)
+    a = torch.rand(2, 3, 16, 16)
+    assert torch.allclose(ssim(a, a), torch.ones(2), atol=1e-5)
+    assert ssim(a, 1 - a).mean() < 0.5
+
+
+def test_reverse_trigger_runs_and_flags(tmp_path):
+    model = DDPMModel(tiny_unet(8), build_scheduler()).eval()
+    res = reverse_trigger(model, TERDConfig(stage1_iters=3, stage2_iters=1, batch_size=2, ddim_steps=2),
+                          progress=False)
+    assert res.r.shape == (3, 8, 8) and torch.isfinite(res.r).all()
+    assert res.mean_kl == pytest.approx(float((res.r ** 2 / 2).mean()), rel=1e-5)
+    assert model_verdict(res, {"mean_kl": 0.0, "var_kl": 1e9}) and not model_verdict(res, {"mean_kl": 1e9,
+                                                                                           "var_kl": 1e9})
+    with pytest.raises(DiffshieldError):
+        TERDConfig(lr=-1)
+    with pytest.raises(DiffshieldError):
+        TERDConfig.from_preset("slow")
+
+
+def test_configs_validate():
+    with pytest.raises(DiffshieldError, match="poison_rate"):
+        BadDiffusionConfig(poison_rate=0)
+    with pytest.raises(DiffshieldError, match="variant"):
+        BadDiffusionConfig(variant="sd")
+    with pytest.raises(DiffshieldError):
+        SampleConfig("euler")
+
+
+def test_implant_save_load_and_resume(tiny_ddpm_dir, tmp_path):
+    cfg = BadDiffusionConfig(epochs=2, pool_size=8, batch_size=4, checkpoint_every=2, poison_rate=0.25)
+    out = tmp_path / "bd"
+    model = implant(str(tiny_ddpm_dir), cfg, out, progress=False)
+    assert (out / "model_index.json").exists() and (out / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    info = json.loads((out / "diffshield.json").read_text())
+    assert info["backdoor"] == {"trigger": "box", "target": "corner", "poison_rate": 0.25, "variant": "sde",
+                                "r_mode": "poisoned_image", "n_poisoned": 2}
+    loaded = load_ddpm(out)
+    for (n, p), q in zip(model.unet.named_parameters(), loaded.unet.parameters()):
+        assert torch.equal(p, q), n
+    base = load_ddpm(tiny_ddpm_dir)
+    assert any(not torch.equal(p, q) for p, q in zip(base.unet.parameters(), loaded.unet.parameters()))
+    # stock diffusers loads it
+    from diffusers import DDPMPipeline
+
+    pipe = DDPMPipeline.from_pretrained(out)
+    assert pipe.unet.config.sample_size == 32
+    # a checkpoint from an interrupted run with the same settings is resumed: same result
+    work = tmp_path / "bd2.work"
+    cfg1 = BadDiffusionConfig(epochs=2, pool_size=8, batch_size=4, checkpoint_every=2, poison_rate=0.25)
+    implant(str(tiny_ddpm_dir), cfg1, tmp_path / "bd2", work=work, progress=False)
+    assert not (work / "checkpoint").exists() or (work / "checkpoint" / "meta.json").exists()
+    again = implant(str(tiny_ddpm_dir), cfg1, tmp_path / "bd2", work=work, progress=False)  # resumes at step 2
+    for p, q in zip(again.unet.parameters(), loaded.unet.parameters()):
+        torch.testing.assert_close(p, q)
+
+
+def test_load_ddpm_refuses_pickle_and_wrong_kinds(tiny_ddpm_dir, tmp_path, tiny_sd_dir):
+    import shutil
+
+    bad = tmp_path / "pk"
+    shutil.copytree(tiny_ddpm_dir, bad)
+    st = bad / "unet" / "diffusion_pytorch_model.safetensors"
+    from safetensors.torch import load_file
+
+    torch.save(load_file(str(st)), bad / "unet" / "diffusion_pytorch_model.bin")
+    st.unlink()
+    with pytest.raises(DiffshieldError, match="refusing pickled"):
+        load_ddpm(bad)
+    assert load_ddpm(bad, allow_pickle=True).unet is not None
+    with pytest.raises(DiffshieldError, match="text-to-image"):
+        load_ddpm(tiny_sd_dir)
+    with pytest.raises(DiffshieldError, match="unknown toy model"):
+        load_ddpm("toy:nothing")
+
+
+def test_cli_sample_eval_scan_input(tiny_ddpm_dir, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    d = str(tiny_ddpm_dir)
+    assert main(["backdoor", "sample", "--model", d, "--trigger", "box", "--n", "3", "--scheduler", "ddim",
+                 "--steps", "2", "--out", str(tmp_path / "s")]) == 0
+    man = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert [r["seed"] for r in man["images"]] == [0, 1, 2] and (tmp_path / "s" / "grid.png").exists()
+    rep = tmp_path / "e.json"
+    assert main(["backdoor", "eval", "--model", d, "--trigger", "box", "--target", "corner", "--n", "2",
+                 "--n-clean", "0", "--scheduler", "ddim", "--steps", "2", "--json", str(rep)]) == 0
+    r = json.loads(rep.read_text())
+    assert {"mse", "asr", "ssim"} <= set(r) and 0 <= r["asr"] <= 1
+    g = get_trigger("box")
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.cat([torch.randn(5, 3, 32, 32, generator=gen), torch.randn(5, 3, 32, 32, generator=gen) + g])
+    save_file({"noise": noise}, str(tmp_path / "n.safetensors"))
+    save_file({"r": g, "gamma": torch.tensor([1.0])}, str(tmp_path / "rev.safetensors"))
+    out = tmp_path / "in.json"
+    assert main(["scan-input", "--model", d, "--noise", str(tmp_path / "n.safetensors"), "--reversed",
+                 str(tmp_path / "rev.safetensors"), "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["poisoned"] == [False] * 5 + [True] * 5
+    capsys.readouterr()
+    rc = main(["scan-input", "--model", d, "--noise", str(tmp_path / "missing.safetensors")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "does not exist" in err and "\n" not in err
+
+
+def test_cli_scan_with_calibration(tiny_ddpm_dir, tmp_path, monkeypatch):
+    from diffshield.backdoor import terd
+
+    monkeypatch.setitem(terd.PRESETS, "fast", {"stage1_iters": 2, "stage2_iters": 1, "batch_size": 2,
+                                               "ddim_steps": 2})
+    cal = tmp_path / "cal.json"
+    calibrate({"fast": [(1e9, 1e9)]}).save(cal)
+    out, js = tmp_path / "scan", tmp_path / "scan.json"
+    assert main(["scan", "--model", str(tiny_ddpm_dir), "--preset", "fast", "--calibration", str(cal), "--out",
+                 str(out), "--json", str(js)]) == 0
+    rep = json.loads(js.read_text())
+    assert {"backdoored", "mean_kl", "var_kl", "thresholds"} <= set(rep) and rep["backdoored"] is False
+    assert (out / "reversed_trigger.png").exists() and (out / "reversed_trigger.safetensors").exists()

@@ -1,0 +1,47 @@
+"""Quick end-to-end checks on the shipped toy DDPM (toy:ddpm), its backdoored example and the TERD calibration."""
+
+from __future__ import annotations
+
+import torch
+
+from diffshield.backdoor.ddpm import load_ddpm
+from diffshield.backdoor.sampling import SampleConfig, sample
+from diffshield.backdoor.terd import Calibration, default_calibration_path
+from diffshield.core.loading import TOY_ROOT
+
+
+def test_toy_ddpm_loads_with_stock_diffusers_and_samples():
+    from diffusers import DDPMPipeline, UNet2DModel
+
+    pipe = DDPMPipeline.from_pretrained(TOY_ROOT / "ddpm")
+    assert isinstance(pipe.unet, UNet2DModel) and pipe.unet.config.sample_size == 32
+    model = load_ddpm("toy:ddpm")
+    assert model.image_shape == (3, 32, 32) and model.scheduler.config.num_train_timesteps == 1000
+    res = sample(model, [0, 1], config=SampleConfig("ddim", 5))
+    assert res.images.shape == (2, 3, 32, 32) and 0 <= res.images.min() and res.images.max() <= 1
+    again = sample(model, [1], config=SampleConfig("ddim", 5))
+    torch.testing.assert_close(res.images[1], again.images[0])
+
+
+def test_shipped_example_and_calibration():
+    cal = Calibration.load(default_calibration_path())
+    for preset, th in cal.thresholds.items():
+        assert th["mean_kl"] > 0 and th["var_kl"] > 0, preset
+    assert "fast" in cal.thresholds and cal.method
+    ex = TOY_ROOT / "ddpm" / "examples" / "box_corner"
+    model = load_ddpm(ex)
+    assert model.info["backdoor"]["trigger"] == "box" and (ex / "backdoor.safetensors").exists()
+
+
+def test_demo_step_summary(tmp_path, monkeypatch, capsys):
+    from diffshield.backdoor import terd
+    from diffshield.cli.backdoor import demo_step
+
+    monkeypatch.setitem(terd.PRESETS, "fast", {"stage1_iters": 2, "stage2_iters": 1, "batch_size": 2,
+                                               "ddim_steps": 2})
+    summary = demo_step(tmp_path)
+    assert set(summary) == {"example"}
+    for v in summary.values():
+        assert {"backdoored", "mean_kl", "var_kl", "thresholds"} <= set(v)
+    assert (tmp_path / "backdoor" / "scan.json").exists()
+    assert "TERD fast scan" in capsys.readouterr().out
