@@ -20,7 +20,9 @@ import torch
 from diffshield.core.errors import DiffshieldError
 
 TOY_ROOT = Path(__file__).resolve().parent.parent / "toyworld" / "weights"
-TOY_MODELS: dict[str, str] = {"toy:t2i": "t2i", "toy:detector": "detector"}
+TOY_MODELS: dict[str, str] = {
+    "toy:t2i": "t2i", "toy:detector": "detector", "toy:ddpm": "ddpm", "toy:inpaint": "inpaint",
+}
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 T2I_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
