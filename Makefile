@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint toyworld bench clean
+.PHONY: demo test lint toyworld bench bench-erasure bench-redteam bench-backdoor bench-protect clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,20 @@ toyworld: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/toyworld.py
+
+# One benchmark per issue; each writes benchmarks/results/<name>.json (slow: see the README for times).
+bench-erasure: $(STAMP)
+	$(PY) benchmarks/erase_speed.py
+	$(PY) benchmarks/erasure.py
+
+bench-redteam: $(STAMP)
+	$(PY) benchmarks/redteam.py
+
+bench-backdoor: $(STAMP)
+	$(PY) benchmarks/backdoor.py all
+
+bench-protect: $(STAMP)
+	$(PY) benchmarks/protect.py
 
 clean:
 	rm -rf demo_out .pytest_cache
