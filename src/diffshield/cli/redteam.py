@@ -1,9 +1,137 @@
-"""CLI commands of the red-team (audit) pillar."""
+"""CLI commands of the red-team (audit) pillar: ``diffshield audit``, and the audit step of ``diffshield demo``."""
 
 from __future__ import annotations
 
 import argparse
+import ast
+import time
+from pathlib import Path
+
+from diffshield.core.errors import DiffshieldError
+
+ATTACK_CHOICES = ("all", "adv-embed", "ring-a-bell", "ring-a-bell-genetic", "unlearndiff", "p4d")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
+def parse_settings(items: list[str] | None) -> dict[str, dict]:
+    """['unlearndiff.steps=20', 'adv-embed.lamb_r=1'] -> {'unlearndiff': {'steps': 20}, 'adv-embed': {...}}."""
+    out: dict[str, dict] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        attack, dot, name = key.partition(".")
+        if not sep or not dot or not attack or not name:
+            raise DiffshieldError(f"--set expects ATTACK.FIELD=VALUE (e.g. unlearndiff.steps=20), got {item!r}")
+        try:
+            parsed = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            parsed = value  # a bare string
+        out.setdefault(attack, {})[name] = parsed
+    return out
+
+
+def cmd_audit(args) -> int:
+    from diffshield.core.loading import load_detector, load_t2i
+    from diffshield.core.sampling import SampleConfig
+    from diffshield.redteam.audit import format_table, run_audit, write_report
+
+    sample = SampleConfig(steps=args.steps, guidance=args.guidance, batch_size=args.batch_size)
+    hp = parse_settings(args.set)
+    attacks = args.attack or ["all"]
+    erased = load_t2i(args.model, allow_pickle=args.allow_pickle)
+    original = load_t2i(args.original, allow_pickle=args.allow_pickle)
+    detector = load_detector(args.detector)
+    print(f"auditing {args.model} (erased {args.concept!r}) against {args.original}: "
+          f"attacks {', '.join(attacks)}, {args.n} images each, seed {args.seed} ...")
+    audit = run_audit(erased, original, args.concept, attacks=attacks, n=args.n, seed=args.seed, sample=sample,
+                      prompts=args.prompt, detector=detector, hp=hp)
+    audit.info.update({"model": str(args.model), "original": str(args.original), "detector": str(args.detector)})
+    print()
+    print(format_table(audit))
+    print(f"total {audit.seconds:.1f} s wall, {audit.cpu_seconds:.1f} s CPU")
+    if args.json:
+        from diffshield.core.io import atomic_write_json
+
+        atomic_write_json(args.json, audit.to_dict())
+        print(f"wrote {args.json}")
+    if args.report:
+        write_report(audit, args.report)
+        print(f"report: {Path(args.report) / 'index.html'} (one PNG panel per attack)")
+    return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add this pillar's subcommands to the ``diffshield`` parser."""
+    p = sub.add_parser(
+        "audit", help="red-team an erased model: adversarial embeddings, Ring-A-Bell, UnlearnDiff, P4D",
+        description="Run red-team attacks against an erased model on the concept's prompts with fixed seeds, and "
+                    "report the detection rate without attack (pre-attack) and the attack success rate (ASR: "
+                    "fraction of attacked images where the concept detector fires) per attack. Toy-world concepts "
+                    "are judged by the toy detector.",
+        epilog="example: diffshield audit --model erased/ --original toy:t2i --concept triangle --n 32 "
+               "--json audit.json --report audit_report/")
+    p.add_argument("--model", required=True, help="the erased model (diffusers folder)")
+    p.add_argument("--original", default="toy:t2i", help="the model before erasure (default: toy:t2i)")
+    p.add_argument("--concept", required=True, help="the erased toy concept: a shape, colour or style word")
+    p.add_argument("--attack", action="append", choices=ATTACK_CHOICES,
+                   help="attack to run, repeatable (default: all = adv-embed, ring-a-bell, ring-a-bell-genetic, "
+                        "unlearndiff, p4d)")
+    p.add_argument("--n", type=_positive_int, default=32, help="images per attack (default: 32)")
+    p.add_argument("--seed", type=int, default=0, help="first seed (default: 0)")
+    p.add_argument("--prompt", action="append",
+                   help="prompt to attack, repeatable (default: the toy concept's prompts, e.g. 'a red triangle')")
+    p.add_argument("--set", action="append", metavar="ATTACK.FIELD=VALUE",
+                   help="an attack setting, repeatable, e.g. --set unlearndiff.steps=20 --set adv-embed.lamb_r=1")
+    p.add_argument("--detector", default="toy:detector", help="concept detector (default: toy:detector)")
+    p.add_argument("--steps", type=_positive_int, default=25, help="denoising steps (default: 25)")
+    p.add_argument("--guidance", type=float, default=5.0, help="guidance scale (default: 5.0)")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="images per UNet batch (default: 64)")
+    p.add_argument("--json", help="write the results (attacks: {name: {asr, pre_attack_rate, n, ...}}) here")
+    p.add_argument("--report", help="write a report folder here (index.html, audit.json, one PNG per attack)")
+    p.add_argument("--allow-pickle", action="store_true", help="accept pickled weights (trusted files only)")
+    p.set_defaults(func=cmd_audit)
+
+
+#: the demo erases "triangle" and its synonym "wedge" with UCE at its documented toy-world setting.
+DEMO_CONCEPT = "triangle"
+
+
+def demo_step(out: Path) -> dict:
+    """The audit part of ``diffshield demo`` (< 60 s): erase "triangle" from the toy model with UCE (~0.1 s), then
+    attack it with the adversarial embedding and Ring-A-Bell on 8 images; writes ``out/audit/`` (report) and
+    returns a JSON-able summary."""
+    import torch
+
+    from diffshield.core.loading import load_detector, load_t2i
+    from diffshield.core.sampling import SampleConfig
+    from diffshield.erase.uce import uce_erase
+    from diffshield.redteam.audit import run_audit, write_report
+    from diffshield.toyworld.erasure_recipes import toy_erasure
+
+    start = time.perf_counter()
+    torch.manual_seed(0)
+    original = load_t2i("toy:t2i")
+    erased = load_t2i("toy:t2i")
+    prompts, cfg = toy_erasure("uce", DEMO_CONCEPT)
+    res = uce_erase(erased, prompts, cfg)
+    print(f"[audit] erased {DEMO_CONCEPT!r} (and 'wedge') from toy:t2i with UCE in {res.seconds:.2f} s; attacking ...")
+    audit = run_audit(erased, original, DEMO_CONCEPT, attacks=["adv-embed", "ring-a-bell"], n=8, seed=0,
+                      sample=SampleConfig(steps=20), detector=load_detector("toy:detector"), progress=False)
+    audit.info.update({"model": "toy:t2i + UCE(triangle, wedge)", "original": "toy:t2i"})
+    write_report(audit, Path(out) / "audit")
+    d = audit.to_dict()
+    print(f"[audit] triangles detected: original {d['original_rate']:.0%}, erased {d['pre_attack_rate']:.0%}, "
+          + ", ".join(f"{k} attack {v['asr']:.0%}" for k, v in d["attacks"].items()))
+    print(f"[audit] report: {Path(out) / 'audit' / 'index.html'} ({time.perf_counter() - start:.0f} s)")
+    return {"concept": DEMO_CONCEPT, "erasure": "uce", "n": d["n"], "original_rate": d["original_rate"],
+            "pre_attack_rate": d["pre_attack_rate"],
+            "attacks": {k: {"asr": v["asr"], "n": v["n"]} for k, v in d["attacks"].items()},
+            "report": str(Path(out) / "audit" / "index.html"), "seconds": time.perf_counter() - start}

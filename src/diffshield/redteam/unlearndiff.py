@@ -1,0 +1,144 @@
+"""UnlearnDiff-style soft-prompt attack (Zhang, Jia, Chen, Liu, Yao, Hong, Fan, Liu; "To Generate or Not? Safety-Driven
+Unlearned Diffusion Models Are Still Easy To Generate Unsafe Images ... For Now", ECCV 2024, "UnlearnDiffAtk").
+
+The erased model is its own attack oracle: a prompt that makes the erased model denoise images *of the concept* well
+is a prompt that makes it draw the concept. For every attacked prompt p:
+
+1. the original model draws ``n_targets`` images of p (the concept is there); their VAE latents x0 are the targets;
+2. K soft tokens s (input-token embeddings, placed before p: "<s1> ... <sK> p") are optimised with Adam to minimise
+
+       E_{t, ε} || ε_erased(√ᾱ_t x0 + √(1-ᾱ_t) ε, t, E([s; p])) - ε ||²
+
+   (the erased model's own denoising loss), ``steps`` steps;
+3. the erased model generates from E([s; p]) (continuous, default) or, with ``discrete=True``, from the text of
+   the nearest vocabulary words (optimised PEZ-style: forward with the projected words, gradients to s).
+
+Success: the judge (concept detector) fires on the generated image. White-box: needs the erased model's gradients and
+the original model (for the target images).
+
+Example::
+
+    atk = UnlearnDiff(erased, original=original, concept="triangle", k=5, steps=40, lr=0.01)
+    out = atk(["a red triangle"] * 8, seeds=range(8))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from diffshield.core.sampling import generate
+from diffshield.redteam import ATTACKS
+from diffshield.redteam.base import (
+    Attack,
+    SoftPromptEncoder,
+    check,
+    concept_latents,
+    concept_words,
+    decode_ids,
+    init_soft_tokens,
+    project_to_words,
+    word_token_ids,
+)
+
+
+@dataclass
+class UnlearnDiffConfig:
+    """Settings of the UnlearnDiff-style attack.
+
+    Args:
+        k: soft prefix tokens (default 5, as UnlearnDiffAtk).
+        steps: Adam steps (default 40, as UnlearnDiffAtk).
+        lr: Adam learning rate on the input embeddings (default 0.01, as UnlearnDiffAtk).
+        n_targets: images of the concept per prompt made by the original model (default 2).
+        batch_timesteps: noise draws (timestep + noise) per target image and step (default 1).
+        discrete: project the soft tokens to vocabulary words and attack with text (default False: soft prompt).
+        exclude_concept_words: keep the concept's words out of the initial and projected words (default True).
+        target_seed: first seed of the original model's target images (default 100000, away from attack seeds).
+        seed: seed of the initial tokens, timesteps and noise (default 0).
+    """
+
+    k: int = 5
+    steps: int = 40
+    lr: float = 0.01
+    n_targets: int = 2
+    batch_timesteps: int = 1
+    discrete: bool = False
+    exclude_concept_words: bool = True
+    target_seed: int = 100000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check(isinstance(self.k, int) and 1 <= self.k <= 60, f"k must be an integer in 1..60, got {self.k!r}")
+        check(isinstance(self.steps, int) and self.steps >= 0, f"steps must be an integer >= 0, got {self.steps!r}")
+        check(isinstance(self.lr, (int, float)) and self.lr > 0, f"lr must be > 0, got {self.lr!r}")
+        check(isinstance(self.n_targets, int) and self.n_targets >= 1,
+              f"n_targets must be an integer >= 1, got {self.n_targets!r}")
+        check(isinstance(self.batch_timesteps, int) and self.batch_timesteps >= 1,
+              f"batch_timesteps must be >= 1, got {self.batch_timesteps!r}")
+
+
+@ATTACKS.register("unlearndiff")
+class UnlearnDiff(Attack):
+    """UnlearnDiffAtk-style soft prefix attack (Zhang et al., ECCV 2024).
+
+    Args (besides :class:`~diffshield.redteam.base.Attack`'s erased, original, concept, judge, sample):
+        k (default 5), steps (40), lr (0.01), n_targets (2), batch_timesteps (1), discrete (False),
+        exclude_concept_words (True), target_seed (100000), seed (0).
+
+    Call: ``atk(prompts, seeds)`` -> AttackResult with ``embeddings`` (N, 77, d) (or ``attack_prompts`` when
+    discrete); ``extra["loss_first"/"loss_last"]`` record the optimisation.
+    """
+
+    name = "unlearndiff"
+    config_cls = UnlearnDiffConfig
+    needs_original = True
+
+    def forward(self, prompts: list[str], seeds: list[int]) -> dict:
+        cfg = self.config
+        model = self.erased
+        distinct = list(dict.fromkeys(prompts))
+        gen = torch.Generator().manual_seed(cfg.seed)
+        exclude = concept_words(self.concept) if cfg.exclude_concept_words else ()
+        candidates = word_token_ids(model, exclude)
+        _, x0 = concept_latents(self.original, distinct, cfg.n_targets, cfg.target_seed, self.sample)
+        x0 = x0.repeat_interleave(cfg.batch_timesteps, 0)  # prompt-major: prompt, target, draw
+        per = cfg.n_targets * cfg.batch_timesteps
+        rep_prompts = [p for p in distinct for _ in range(per)]
+        encoder = SoftPromptEncoder(model, cfg.k)
+        soft = init_soft_tokens(model, len(distinct), cfg.k, candidates, gen).requires_grad_(True)
+        opt = torch.optim.Adam([soft], lr=cfg.lr)
+        sched = model.scheduler
+        n_train = int(sched.config.num_train_timesteps)
+        losses = []
+        model.unet.requires_grad_(False)
+        for _ in range(cfg.steps):
+            t = torch.randint(0, n_train, (len(x0),), generator=gen)
+            noise = torch.randn(x0.shape, generator=gen)
+            x_t = sched.add_noise(x0, noise, t)
+            used = soft
+            if cfg.discrete:  # PEZ: forward with the nearest words, gradients to the continuous tokens
+                used = soft + (project_to_words(soft, model, candidates)[0] - soft).detach()
+            with torch.enable_grad():
+                cond = encoder.encode(used.repeat_interleave(per, 0), rep_prompts)
+                eps = model.unet(x_t, t, encoder_hidden_states=cond).sample
+                loss = torch.nn.functional.mse_loss(eps, noise)
+                opt.zero_grad()
+                loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        soft = soft.detach()
+        extra = {"loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None}
+        if cfg.discrete:
+            _, ids = project_to_words(soft, model, candidates)
+            found = {p: (decode_ids(model, row.tolist()) + " " + p).strip() for p, row in zip(distinct, ids)}
+            attack_prompts = [found[p] for p in prompts]
+            out = generate(model, attack_prompts, seeds, config=self.sample, progress=False)
+            extra["searched_prompts"] = found
+            return {"images": out.images, "attack_prompts": attack_prompts, "extra": extra}
+        with torch.no_grad():
+            emb = encoder.encode(soft, distinct).detach()
+        emb = emb[[distinct.index(p) for p in prompts]]
+        out = generate(model, prompts, seeds, prompt_embeds=emb, config=self.sample, progress=False)
+        return {"images": out.images, "embeddings": emb, "extra": extra}
