@@ -105,7 +105,8 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         syn = ("–" if r["synonym_detection_rate"] is None else
                f"{100 * r['original_synonym_detection_rate']:.0f} → {100 * r['synonym_detection_rate']:.1f} %")
-        t = (f"{r['edit_seconds']:.2f} s" if r["edit_seconds"] < 60 else f"{r['edit_seconds'] / 60:.1f} min")
+        t = (f"{r['edit_seconds']:.2f} s" if r["edit_seconds"] < 60 else
+             f"{r['cpu_minutes']:.1f} CPU-min ({r['edit_seconds'] / 60:.0f} min wall)")
         lines.append(
             f"| {r['method']} | {r['concept']} | {100 * r['original_detection_rate']:.0f} → "
             f"{100 * r['erased_detection_rate']:.1f} % | {syn} | {100 * r['original_other_accuracy']:.1f} → "
@@ -124,7 +125,8 @@ def finish(res: dict, out: Path) -> None:
 
 
 def merge(out: Path, parts: list[Path]) -> int:
-    res = json.loads(out.read_text())
+    res = json.loads(out.read_text()) if out.is_file() else {**json.loads(parts[0].read_text()), "rows": []}
+    res["merged_from"] = sorted({*res.get("merged_from", []), *(str(q.resolve().relative_to(ROOT)) for q in parts)})
     for part in parts:
         new = json.loads(part.read_text())["rows"]
         done = {(r["method"], r["concept"]) for r in new}
