@@ -83,8 +83,11 @@ def toy_edit_prompts(concept: str) -> ToyEditPrompts:
 
 
 def esd_prompts(concept: str) -> list[str]:
-    """The prompts ESD fine-tunes on for a toy concept: "a {word}" for the concept and each synonym."""
+    """The prompts ESD fine-tunes on for a toy concept: "a {word}" for the concept and each synonym; for a style,
+    "a {style} {shape}" for every shape (no evaluation prompt names a style without a colour)."""
     c = resolve_concept(concept)
+    if c.head == "style":  # a texture alone ("a striped") barely differs from the empty prompt: name the shapes
+        return [f"a {c.name} {s}" for s in SHAPES]
     return [f"a {w}" for w in c.words]
 
 
