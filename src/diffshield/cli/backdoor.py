@@ -7,17 +7,8 @@ import argparse
 import time
 from pathlib import Path
 
+from diffshield.cli.common import positive_int as _pos_int
 from diffshield.core.errors import DiffshieldError
-
-
-def _pos_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
-    return v
 
 
 def _model_arg(p: argparse.ArgumentParser, default: str | None = "toy:ddpm") -> None:

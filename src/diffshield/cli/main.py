@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from diffshield.cli.common import positive_int as _positive_int
 from diffshield.core.errors import DiffshieldError
 
 # Each pillar's CLI module exposes ``register(subparsers)`` and, optionally, ``demo_step(out: Path) -> dict``.
@@ -20,15 +21,6 @@ DEMO_PROMPTS = [
     "a green box on a pink background",
 ]
 
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
-    return v
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:

@@ -12,6 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from diffshield.cli.common import positive_int as _positive_int
 from diffshield.core.errors import DiffshieldError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
@@ -29,15 +30,6 @@ def _float_in(lo: float, hi: float):
 
     return parse
 
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
-    return v
 
 
 # ----------------------------------------------------------------------------------------------- image I/O

@@ -7,19 +7,11 @@ import ast
 import time
 from pathlib import Path
 
+from diffshield.cli.common import positive_int as _positive_int
 from diffshield.core.errors import DiffshieldError
 
 ATTACK_CHOICES = ("all", "adv-embed", "ring-a-bell", "ring-a-bell-genetic", "unlearndiff", "p4d")
 
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
-    return v
 
 
 def parse_settings(items: list[str] | None) -> dict[str, dict]:
