@@ -40,13 +40,12 @@ BARS = {"erased_max": 0.10, "original_min": 0.90, "other_drop_max": 0.05, "esd_c
 ERASE_FN = {"uce": uce_erase, "rece": rece_erase, "esd-x": esd_erase, "esd-u": esd_erase}
 
 
-def run_one(base, method: str, concept: str, esd_iterations: int | None) -> tuple[object, dict]:
+def run_one(base, method: str, concept: str, esd_overrides: dict, tag: str = "") -> tuple[object, dict]:
     model = copy.deepcopy(base)
     overrides: dict = {}
     if method.startswith("esd"):
-        overrides["checkpoint_dir"] = str(MODELS / "ckpt" / f"{method}-{concept}")
-        if esd_iterations:
-            overrides["iterations"] = esd_iterations
+        overrides = {k: v for k, v in esd_overrides.items() if v is not None}
+        overrides["checkpoint_dir"] = str(MODELS / "ckpt" / f"{method}-{concept}{tag}")
     prompts, cfg = toy_erasure(method, concept, **overrides)
     cpu0, t0 = time.process_time(), time.perf_counter()
     if method.startswith("esd"):
@@ -141,7 +140,15 @@ def main() -> int:
     ap.add_argument("--concepts", nargs="+", default=list(CONCEPTS))
     ap.add_argument("--seeds-per-prompt", type=int, default=8, help="images per evaluation prompt (default 8)")
     ap.add_argument("--n-neutral", type=int, default=128, help="neutral images per model for the FD (default 128)")
-    ap.add_argument("--esd-iterations", type=int, default=None, help="override the ESD iterations (smoke runs)")
+    ap.add_argument("--esd-iterations", type=int, default=None, help="override the ESD iterations")
+    ap.add_argument("--esd-lr", type=float, default=None, help="override the ESD learning rate")
+    ap.add_argument("--esd-eta", type=float, default=None, help="override the ESD negative guidance eta")
+    ap.add_argument("--esd-seed", type=int, default=None, help="override the ESD seed")
+    ap.add_argument("--esd-prompts", choices=("words", "templates"), default=None,
+                    help="override the ESD prompt list (see erasure_recipes.esd_prompts)")
+    ap.add_argument("--esd-sample-with", choices=("current", "frozen"), default=None,
+                    help="override which UNet samples ESD's x_t")
+    ap.add_argument("--tag", default="", help="suffix of the model and checkpoint folders (variants of a setting)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     ap.add_argument("--out", default=str(RESULTS / "erasure.json"))
     ap.add_argument("--merge", nargs="*", metavar="JSON",
@@ -172,15 +179,19 @@ def main() -> int:
     for concept in args.concepts:
         orig, grids = None, []
         for method in args.methods:
-            model, info = run_one(base, method, concept, args.esd_iterations)
-            model.save(MODELS / f"{method}-{concept}")
+            esd_over = {"iterations": args.esd_iterations, "lr": args.esd_lr, "eta": args.esd_eta,
+                        "seed": args.esd_seed, "prompts": args.esd_prompts, "sample_with": args.esd_sample_with}
+            model, info = run_one(base, method, concept, esd_over, args.tag)
+            if method.startswith("esd"):
+                info["esd_overrides"] = {k: v for k, v in esd_over.items() if v is not None}
+            model.save(MODELS / f"{method}-{concept}{args.tag}")
             if orig is None:  # after the (possibly long) erasure, so parallel runs can share the cached stats
                 orig = original_stats(base, det, concept, args.seeds_per_prompt, args.n_neutral, cfg)
                 grids.append(orig["concept_images"])
             ev = evaluate_erasure(model, base, concept, det, args.seeds_per_prompt, args.n_neutral, cfg,
                                   original_stats=orig)
             grids.append(ev.pop("_images")["erased"])
-            folder = (MODELS / f"{method}-{concept}").relative_to(ROOT)
+            folder = (MODELS / f"{method}-{concept}{args.tag}").relative_to(ROOT)
             row = {"method": method, **info, **ev, "model_dir": str(folder)}
             row["passes"] = passes(row, method)
             res["rows"].append(row)
@@ -193,7 +204,7 @@ def main() -> int:
         # rows: original, then each method; 8 seeds of the first 4 prompts per row block
         k = args.seeds_per_prompt
         make_grid(torch.cat([g[: 4 * k] for g in grids]), nrow=4 * k, upscale=2).save(
-            RESULTS / f"erasure_grid_{concept}.png")
+            RESULTS / f"erasure_grid_{concept}{args.tag}.png")
     finish(res, out)
     return 0
 

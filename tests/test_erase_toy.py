@@ -34,6 +34,20 @@ def test_templates_never_contain_the_evaluation_prompts(concept):
     assert not any(w in q.split() for q in p.preserve for w in c.words)
 
 
+@pytest.mark.parametrize("concept", ["triangle", "red"])
+def test_esd_template_prompts_use_every_word_and_skip_evaluation_prompts(concept):
+    c = resolve_concept(concept)
+    prompts, cfg = toy_erasure("esd-u", concept, prompts="templates")
+    evaluation = {q for w in c.words for q, _ in concept_prompts(c, w)}
+    assert not evaluation & set(prompts) and cfg.variant == "u"
+    assert all(any(w in q.split() for w in c.words) for q in prompts)
+    assert {w for w in c.words if any(w in q.split() for q in prompts)} == set(c.words)
+    # interleaved: word, synonym, word, ...
+    assert all(c.words[i % len(c.words)] in prompts[i].split() for i in range(2 * len(c.words)))
+    with pytest.raises(DiffshieldError, match="prompt mode"):
+        toy_erasure("esd-x", concept, prompts="sentences")
+
+
 def test_unknown_method_is_a_clear_error():
     with pytest.raises(DiffshieldError, match="unknown erasure method"):
         toy_erasure("esd-z", "triangle")

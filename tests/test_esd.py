@@ -185,6 +185,7 @@ def test_checkpoint_of_another_run_is_refused(tiny_sd_dir, tmp_path):
         (dict(checkpoint_every=0), "checkpoint_every"),
         (dict(checkpoint_dir=""), "checkpoint_dir"),
         (dict(freeze_time_and_out="yes"), "freeze_time_and_out"),
+        (dict(sample_with="ema"), "sample_with"),
     ],
 )
 def test_config_validation(kwargs, message):
@@ -205,3 +206,25 @@ def test_presets_and_registry(tiny_model):
         esd_erase(tiny_model, [], ESDConfig(iterations=1), progress=False)
     with pytest.raises(DiffshieldError, match="at least one non-empty concept"):
         esd_erase(tiny_model, ["  "], ESDConfig(iterations=1), progress=False)
+
+
+def test_frozen_sampler_draws_x_t_from_the_original_unet(tiny_sd_dir, monkeypatch):
+    """sample_with="frozen": every x_t comes from the original UNet, so it does not move as training goes on."""
+    import diffshield.erase.esd as esd
+
+    seen = []
+    real = esd.sample_xt
+
+    def spy(model, *a, **k):
+        seen.append(model.unet)
+        return real(model, *a, **k)
+
+    monkeypatch.setattr(esd, "sample_xt", spy)
+    model = load_t2i(tiny_sd_dir)
+    res = esd_erase(model, [CONCEPT], ESDConfig(iterations=2, sample_with="frozen", **FAST), progress=False)
+    assert res.extra["sampling_model"] == "frozen"
+    assert seen and all(u is not model.unet for u in seen)
+    seen.clear()
+    model2 = load_t2i(tiny_sd_dir)
+    esd_erase(model2, [CONCEPT], ESDConfig(iterations=2, **FAST), progress=False)
+    assert seen and all(u is model2.unet for u in seen)

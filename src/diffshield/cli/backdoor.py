@@ -65,7 +65,8 @@ def cmd_train_ddpm(args) -> int:
 
     cfg = DDPMTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                           pool_size=args.pool_size, init_from=args.init, checkpoint_every=args.checkpoint_every,
-                          num_threads=args.threads)
+                          num_threads=args.threads, block_out_channels=tuple(args.channels), warmup=args.warmup,
+                          ema_decay=args.ema_decay)
     model = train_ddpm(cfg, args.out)
     print(f"wrote {args.out} ({sum(p.numel() for p in model.unet.parameters()) / 1e6:.2f} M parameters, "
           f"{model.info['train_seconds']:.0f} s)")
@@ -291,6 +292,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--pool-size", type=_pos_int, default=8192, help="ShapesWorld images rendered (default: 8192)")
     t.add_argument("--init", default=None, help="fine-tune this model instead of training from scratch")
     t.add_argument("--checkpoint-every", type=_pos_int, default=250, help="steps between checkpoints (default: 250)")
+    t.add_argument("--channels", type=_pos_int, nargs="+", default=[16, 16, 32],
+                   help="UNet block widths when training from scratch (default: 16 16 32)")
+    t.add_argument("--warmup", type=int, default=100, help="learning-rate warm-up steps (default: 100)")
+    t.add_argument("--ema-decay", type=float, default=0.995,
+                   help="decay of the saved weight average, in [0, 1); 0 = off (default: 0.995)")
     t.add_argument("--threads", type=int, default=1, help="torch threads (default: 1; 0 = torch's default)")
     t.set_defaults(func=cmd_train_ddpm)
 

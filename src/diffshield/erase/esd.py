@@ -24,6 +24,7 @@ Usage::
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import math
@@ -80,6 +81,8 @@ class ESDConfig:
         start_guidance: classifier-free guidance used when sampling x_t (default 3.0).
         ddim_steps: N, the DDIM schedule from which the step k ~ U{0..N-1} is drawn (default 50).
         seed: seeds the per-iteration CPU generators that draw k and the starting noise (default 0).
+        sample_with: which UNet samples x_t: "current" (the one being fine-tuned, as the paper's code does; default)
+            or "frozen" (the original, as the 2024 diffusers rewrite does: x_t no longer drifts as the concept fades).
         checkpoint_every: save a checkpoint every this many iterations when ``checkpoint_dir`` is set
             (default 100; a checkpoint is also written after the last iteration).
         checkpoint_dir: folder for the checkpoint (default None: no checkpoints). If it already holds a checkpoint
@@ -95,6 +98,7 @@ class ESDConfig:
     start_guidance: float = 3.0
     ddim_steps: int = 50
     seed: int = 0
+    sample_with: str = "current"
     checkpoint_every: int = 100
     checkpoint_dir: str | None = None
 
@@ -123,6 +127,8 @@ class ESDConfig:
             raise DiffshieldError(f"ddim_steps must be a whole number between 1 and 1000, got {self.ddim_steps!r}")
         if not _is_int(self.seed) or not 0 <= self.seed < 2**63:
             raise DiffshieldError(f"seed must be a whole number >= 0, got {self.seed!r}")
+        if self.sample_with not in ("current", "frozen"):
+            raise DiffshieldError(f"sample_with must be 'current' or 'frozen', got {self.sample_with!r}")
         if not _is_int(self.checkpoint_every) or self.checkpoint_every < 1:
             raise DiffshieldError(f"checkpoint_every must be a whole number >= 1, got {self.checkpoint_every!r}")
         if self.checkpoint_dir is not None:
@@ -366,7 +372,7 @@ def esd_erase(model: T2IModel, concepts: list[str], config: ESDConfig, progress:
     Each iteration i (batch 1): the concept is ``concepts[i % len(concepts)]`` (the official code draws it at
     random); a CPU generator seeded from (``config.seed``, i) draws k ~ U{0..N-1} and the starting noise;
     x_t = DDIM sampling (eta 0, CFG ``start_guidance``, prompt c) for k steps with the *current*, partly
-    fine-tuned UNet, as in the paper's code (its 2024 diffusers rewrite samples with the frozen UNet instead);
+    fine-tuned UNet, as in the paper's code (``sample_with="frozen"``: the frozen UNet, as its 2024 rewrite does);
     t = the DDIM timestep at step k; target = ε*(x_t, ∅, t) − η [ε*(x_t, c, t) − ε*(x_t, ∅, t)] from a frozen
     copy θ* of the original UNet; loss = MSE(ε_θ(x_t, c, t), target); one Adam step on the ESD-x/u parameters.
 
@@ -405,6 +411,7 @@ def esd_erase(model: T2IModel, concepts: list[str], config: ESDConfig, progress:
     # Text embeddings, computed once.
     emb = encode_prompts(model, [*concepts, ""]).to(device, dtype)
     conds, uncond = emb[:-1, None], emb[-1:]
+    sampler = model if config.sample_with == "current" else dataclasses.replace(model, unet=frozen)
     sched = make_scheduler(model, "ddim")
     sched.set_timesteps(config.ddim_steps)
     timesteps = sched.timesteps
@@ -428,7 +435,7 @@ def esd_erase(model: T2IModel, concepts: list[str], config: ESDConfig, progress:
             noise = torch.randn((1, *model.latent_shape), generator=gen).to(device, dtype)
             t = timesteps[k].to(device)
 
-            x_t = sample_xt(model, cond, uncond, k, noise, config.ddim_steps, config.start_guidance)
+            x_t = sample_xt(sampler, cond, uncond, k, noise, config.ddim_steps, config.start_guidance)
             target = esd_target(frozen, x_t, t, cond, uncond, config.eta)
             optimizer.zero_grad(set_to_none=True)
             with torch.enable_grad():
@@ -465,7 +472,7 @@ def esd_erase(model: T2IModel, concepts: list[str], config: ESDConfig, progress:
             "resumed_from": start,
             "cpu_seconds_total": cpu_before + time.process_time() - cpu0,
             "trained_parameters": sum(p.numel() for p in params.values()),
-            "sampling_model": "current",
+            "sampling_model": config.sample_with,
         },
     )
 

@@ -82,10 +82,21 @@ def toy_edit_prompts(concept: str) -> ToyEditPrompts:
     return out
 
 
-def esd_prompts(concept: str) -> list[str]:
-    """The prompts ESD fine-tunes on for a toy concept: "a {word}" for the concept and each synonym; for a style,
-    "a {style} {shape}" for every shape (no evaluation prompt names a style without a colour)."""
+def esd_prompts(concept: str, mode: str = "words") -> list[str]:
+    """The prompts ESD fine-tunes on for a toy concept (default mode "words").
+
+    ``"words"``: "a {word}" for the concept and each synonym (for a style, "a {style} {shape}" for every shape: no
+    evaluation prompt names a style without a colour). ``"templates"``: the closed-form methods' template prompts
+    (:func:`edit_prompts`, concept and synonyms, interleaved), which use the word in context; ESD cycles through them.
+    """
+    from diffshield.core.errors import DiffshieldError
+
     c = resolve_concept(concept)
+    if mode == "templates":
+        lists = [edit_prompts(c, w) for w in c.words]
+        return [p for group in zip(*lists) for p in group]
+    if mode != "words":
+        raise DiffshieldError(f"ESD prompt mode must be 'words' or 'templates', got {mode!r}")
     if c.head == "style":  # a texture alone ("a striped") barely differs from the empty prompt: name the shapes
         return [f"a {c.name} {s}" for s in SHAPES]
     return [f"a {w}" for w in c.words]
@@ -108,7 +119,8 @@ def toy_erasure(method: str, concept: str, **overrides) -> tuple[list[str], obje
     Args:
         method: "uce", "rece", "esd-x" or "esd-u".
         concept: a toy concept word (shape, colour or style; a synonym resolves to its concept).
-        overrides: fields of the method's config to change (e.g. ``iterations=100`` or ``checkpoint_dir=...``).
+        overrides: fields of the method's config to change (e.g. ``iterations=100`` or ``checkpoint_dir=...``);
+            for ESD also ``prompts="words"|"templates"`` (see :func:`esd_prompts`).
     Returns the list to pass as ``concepts`` to the method's erase function, and its config object.
     """
     from diffshield.core.errors import DiffshieldError
@@ -131,5 +143,7 @@ def toy_erasure(method: str, concept: str, **overrides) -> tuple[list[str], obje
     if method in ("esd-x", "esd-u"):
         variant = method[-1]
         cls = ESDXConfig if variant == "x" else ESDUConfig
-        return esd_prompts(concept), cls(variant=variant, **{**TOY_ESD[variant], **overrides})
+        settings = {**TOY_ESD[variant], **overrides}
+        mode = settings.pop("prompts", "words")
+        return esd_prompts(concept, mode), cls(variant=variant, **settings)
     raise DiffshieldError(f"unknown erasure method {method!r}; choose one of: {', '.join(METHODS)}")
