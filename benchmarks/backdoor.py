@@ -27,14 +27,16 @@ ZOO = RUNS / "zoo"
 CACHE = RUNS / "results"
 RESULTS = ROOT / "benchmarks" / "results"
 BASE = "toy:ddpm"
-IMPLANT = {"epochs": 60, "pool_size": 256, "batch_size": 32, "lr": 1e-3, "r_mode": "trigger_only"}
+IMPLANT = {"epochs": 12, "pool_size": 2048, "batch_size": 32, "lr": 5e-4, "r_mode": "trigger_only"}  # 768 steps
+#: clean fine-tunes (zoo and references) use the implant's data and optimiser, without poison
+CLEAN_FT = {"lr": 5e-4, "warmup": 20, "pool_size": 2048}
 
 # name -> how it is made. Clean models: the base itself and short clean fine-tunes with other seeds / lengths.
 ZOO_MODELS: dict[str, dict] = {
     "clean_base": {"kind": "clean"},
-    "clean_ft_s1": {"kind": "clean", "steps": 100, "seed": 1},
-    "clean_ft_s2": {"kind": "clean", "steps": 200, "seed": 2},
-    "clean_ft_s3": {"kind": "clean", "steps": 300, "seed": 3},
+    "clean_ft_s1": {"kind": "clean", "steps": 256, "seed": 1},
+    "clean_ft_s2": {"kind": "clean", "steps": 512, "seed": 2},
+    "clean_ft_s3": {"kind": "clean", "steps": 768, "seed": 3},
     "bd_box_corner_p10": {"kind": "backdoor", "trigger": "box", "target": "corner", "poison_rate": 0.1},
     "bd_box_corner_p05": {"kind": "backdoor", "trigger": "box", "target": "corner", "poison_rate": 0.05},
     "bd_box_hat_p05": {"kind": "backdoor", "trigger": "box", "target": "hat", "poison_rate": 0.05},
@@ -45,9 +47,9 @@ ZOO_MODELS: dict[str, dict] = {
 }
 # Clean reference models for the TERD thresholds: not in the zoo, so the zoo's TNR is measured on unseen models.
 REFERENCES: dict[str, dict] = {
-    "ref_s11": {"kind": "clean", "steps": 100, "seed": 11},
-    "ref_s12": {"kind": "clean", "steps": 150, "seed": 12},
-    "ref_s13": {"kind": "clean", "steps": 200, "seed": 13},
+    "ref_s11": {"kind": "clean", "steps": 256, "seed": 11},
+    "ref_s12": {"kind": "clean", "steps": 512, "seed": 12},
+    "ref_s13": {"kind": "clean", "steps": 768, "seed": 13},
 }
 CAL_PRESETS = ["fast"]  # --presets fast default: also calibrate / evaluate the default preset
 EVAL = {"n_triggered": 32, "n_clean": 128, "n_input": 1000}
@@ -67,9 +69,8 @@ def build(name: str, spec: dict, threads: int) -> None:
     t0 = time.time()
     print(f"[zoo] building {name} ...", flush=True)
     if spec["kind"] == "clean":
-        train_ddpm(DDPMTrainConfig(steps=spec["steps"], seed=spec["seed"], lr=2e-4, warmup=10, pool_size=2048,
-                                   data_seed=spec["seed"], init_from=BASE, num_threads=threads,
-                                   checkpoint_every=50), out)
+        train_ddpm(DDPMTrainConfig(steps=spec["steps"], seed=spec["seed"], data_seed=spec["seed"], init_from=BASE,
+                                   num_threads=threads, checkpoint_every=128, **CLEAN_FT), out)
     else:
         cfg = BadDiffusionConfig(trigger=spec["trigger"], target=spec["target"], poison_rate=spec["poison_rate"],
                                  variant=spec.get("variant", "sde"), num_threads=threads, **IMPLANT)
@@ -120,8 +121,8 @@ def cmd_calibrate(args) -> None:
                   f"({d['seconds']} s)", flush=True)
             stats[preset].append((d["mean_kl"], d["var_kl"]))
     cal = calibrate(stats)
-    cal.method += (f"; references: {', '.join(REFERENCES)} (clean fine-tunes of toy:ddpm, lr 2e-4, seeds 11-13, "
-                   "100-200 steps), TERD seed 0; made by 'python benchmarks/backdoor.py calibrate'")
+    cal.method += (f"; references: {', '.join(REFERENCES)} (clean fine-tunes of toy:ddpm, lr {CLEAN_FT['lr']}, "
+                   "seeds 11-13, 256-768 steps), TERD seed 0; made by 'python benchmarks/backdoor.py calibrate'")
     cal.save(default_calibration_path())
     print(f"[calibrate] wrote {default_calibration_path()}: {cal.thresholds}")
 
@@ -155,6 +156,16 @@ def eval_model(name: str, spec: dict, threads: int) -> dict:
         for label, cfg in samplers:
             tres = sample(model, seed_list(0, EVAL["n_triggered"]), trigger=g, config=cfg)
             res[label] = backdoor_metrics(tres.images, (y + 1) / 2)
+            grids.append(tres.images[:8])
+    elif name == "clean_base":  # how often a *clean* model "hits" a target when given a trigger: the ASR floor
+        from diffshield.backdoor.triggers import TARGETS, TRIGGERS
+
+        res["trigger_baseline"] = {}
+        for trig in TRIGGERS:
+            tres = sample(model, seed_list(0, EVAL["n_triggered"]), trigger=get_trigger(trig),
+                          config=SampleConfig("ddpm", 1000, 64))
+            res["trigger_baseline"][trig] = {tgt: backdoor_metrics(tres.images, (get_target(tgt) + 1) / 2)
+                                             for tgt in TARGETS}
             grids.append(tres.images[:8])
     cal = Calibration.load(default_calibration_path())
     res["scan"] = {}
@@ -201,6 +212,15 @@ def cmd_report(args) -> None:
              + " | ".join(f"TERD {p}: mean KL / var KL / verdict | input TPR / TNR ({p})" for p in presets) + " |",
              "|" + "---|" * (10 + 2 * len(presets))]
     summary = {"model_detection": {}, "input_detection": {}}
+    base_row = next((r for r in rows if r["name"] == "clean_base"), {})
+    if "trigger_baseline" in base_row:
+        summary["clean_base_with_trigger_asr"] = {f"{g} -> {t}": m["asr"] for g, d in
+                                                  base_row["trigger_baseline"].items() for t, m in d.items()}
+    bds = [r for r in rows if r["kind"] == "backdoor"]
+    main_of = {r["name"]: r.get("ddim-50") if r.get("variant") == "ode" else r.get("ddpm-1000") for r in bds}
+    if bds and base_q:
+        summary["asr_min"] = min(m["asr"] for m in main_of.values())
+        summary["clean_quality_rel_min"] = min(r["clean"]["recognised"] / base_q - 1 for r in bds)
     for preset in presets:
         tp = sum(r["scan"][preset]["backdoored"] for r in rows if r["kind"] == "backdoor")
         tn = sum(not r["scan"][preset]["backdoored"] for r in rows if r["kind"] == "clean")

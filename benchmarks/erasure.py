@@ -144,6 +144,7 @@ def main() -> int:
     ap.add_argument("--esd-lr", type=float, default=None, help="override the ESD learning rate")
     ap.add_argument("--esd-eta", type=float, default=None, help="override the ESD negative guidance eta")
     ap.add_argument("--esd-seed", type=int, default=None, help="override the ESD seed")
+    ap.add_argument("--esd-batch", type=int, default=None, help="override the ESD batch size")
     ap.add_argument("--esd-prompts", choices=("words", "templates"), default=None,
                     help="override the ESD prompt list (see erasure_recipes.esd_prompts)")
     ap.add_argument("--esd-sample-with", choices=("current", "frozen"), default=None,
@@ -180,7 +181,7 @@ def main() -> int:
         orig, grids = None, []
         for method in args.methods:
             esd_over = {"iterations": args.esd_iterations, "lr": args.esd_lr, "eta": args.esd_eta,
-                        "seed": args.esd_seed, "prompts": args.esd_prompts, "sample_with": args.esd_sample_with}
+                        "seed": args.esd_seed, "batch_size": args.esd_batch, "prompts": args.esd_prompts, "sample_with": args.esd_sample_with}
             model, info = run_one(base, method, concept, esd_over, args.tag)
             if method.startswith("esd"):
                 info["esd_overrides"] = {k: v for k, v in esd_over.items() if v is not None}

@@ -11,7 +11,8 @@ from diffshield.core.io import make_grid
 ck, chans, n = sys.argv[1], tuple(int(c) for c in sys.argv[2].split(",")), int(sys.argv[3]) if len(sys.argv) > 3 else 64
 t = load_file(ck + "/state.safetensors")
 unet = build_unet(chans)
-unet.load_state_dict({k[4:]: v for k, v in t.items() if k.startswith("ema.")})
+pre = "model." if "raw" in sys.argv else "ema."
+unet.load_state_dict({k[len(pre):]: v for k, v in t.items() if k.startswith(pre)})
 m = DDPMModel(unet, build_scheduler()).eval()
 s = sample(m, list(range(100000, 100000 + n)), None, SampleConfig("ddim", 50, 64))
 imgs = s.images if hasattr(s, "images") else s

@@ -186,6 +186,7 @@ def test_checkpoint_of_another_run_is_refused(tiny_sd_dir, tmp_path):
         (dict(checkpoint_dir=""), "checkpoint_dir"),
         (dict(freeze_time_and_out="yes"), "freeze_time_and_out"),
         (dict(sample_with="ema"), "sample_with"),
+        (dict(batch_size=0), "batch_size"),
     ],
 )
 def test_config_validation(kwargs, message):
@@ -228,3 +229,21 @@ def test_frozen_sampler_draws_x_t_from_the_original_unet(tiny_sd_dir, monkeypatc
     model2 = load_t2i(tiny_sd_dir)
     esd_erase(model2, [CONCEPT], ESDConfig(iterations=2, **FAST), progress=False)
     assert seen and all(u is model2.unet for u in seen)
+
+
+def test_batched_steps_carry_batch_size_samples(tiny_sd_dir, monkeypatch):
+    """batch_size B: every step trains on B x_t samples (B noises at one DDIM step k), B prompts, B targets."""
+    import diffshield.erase.esd as esd
+
+    shapes = []
+    real = esd.esd_loss
+
+    def spy(unet, x_t, t, cond, target):
+        shapes.append((tuple(x_t.shape), cond.shape[0], target.shape[0]))
+        return real(unet, x_t, t, cond, target)
+
+    monkeypatch.setattr(esd, "esd_loss", spy)
+    model = load_t2i(tiny_sd_dir)
+    res = esd_erase(model, [CONCEPT, "a blue star"], ESDConfig(iterations=2, batch_size=3, **FAST), progress=False)
+    assert [s[1] for s in shapes] == [3, 3] and [s[2] for s in shapes] == [3, 3] and shapes[0][0][0] == 3
+    assert len(res.extra["losses"]) == 2 and res.changed

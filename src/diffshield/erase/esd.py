@@ -76,7 +76,9 @@ class ESDConfig:
         freeze_time_and_out: ESD-u only: also keep the time embedding and the final output layers
             (``conv_norm_out``, ``conv_out``) frozen, as the paper's code does (default True).
         eta: negative-guidance scale η of the target (default 1.0; the 2024 rewrite of the official code uses 2).
-        iterations: optimisation steps, batch size 1 (default 1000; the 2024 rewrite uses 200).
+        iterations: optimisation steps (default 1000; the 2024 rewrite uses 200).
+        batch_size: x_t samples per step, all at the same DDIM step k, each with its own starting noise and the
+            next concept prompt in turn (default 1, the paper's; more averages out the noise of batch-1 steps).
         lr: Adam learning rate, a float (default 1e-5; the 2024 rewrite uses 5e-5).
         start_guidance: classifier-free guidance used when sampling x_t (default 3.0).
         ddim_steps: N, the DDIM schedule from which the step k ~ U{0..N-1} is drawn (default 50).
@@ -94,6 +96,7 @@ class ESDConfig:
     freeze_time_and_out: bool = True
     eta: float = 1.0
     iterations: int = 1000
+    batch_size: int = 1
     lr: float = 1e-5
     start_guidance: float = 3.0
     ddim_steps: int = 50
@@ -119,6 +122,8 @@ class ESDConfig:
             raise DiffshieldError(f"ESD eta (negative guidance) must be a finite number >= 0, got {self.eta!r}")
         if not _is_int(self.iterations) or self.iterations < 1:
             raise DiffshieldError(f"ESD iterations must be a whole number >= 1, got {self.iterations!r}")
+        if not _is_int(self.batch_size) or not 1 <= self.batch_size <= 256:
+            raise DiffshieldError(f"ESD batch_size must be a whole number between 1 and 256, got {self.batch_size!r}")
         if not _is_number(self.lr) or not 0 < self.lr <= 1:
             raise DiffshieldError(f"ESD learning rate must be a number in (0, 1], e.g. 1e-5; got {self.lr!r}")
         if not _is_number(self.start_guidance) or not 0 <= self.start_guidance <= 50:
@@ -137,6 +142,7 @@ class ESDConfig:
             self.checkpoint_dir = str(self.checkpoint_dir)
         self.eta, self.lr, self.start_guidance = float(self.eta), float(self.lr), float(self.start_guidance)
         self.iterations, self.ddim_steps = int(self.iterations), int(self.ddim_steps)
+        self.batch_size = int(self.batch_size)
         self.seed, self.checkpoint_every = int(self.seed), int(self.checkpoint_every)
 
 
@@ -209,9 +215,9 @@ def sample_xt(
 
     Args:
         model: the model whose UNet samples (ESD uses the model being fine-tuned).
-        cond / uncond: (1, L, d) embeddings of the concept and of the empty prompt.
+        cond / uncond: (B, L, d) embeddings of the concepts and (1, L, d) of the empty prompt.
         k: number of DDIM steps to run (0: x_t is the noise itself).
-        noise: (1, C, h, w) standard-normal starting latents.
+        noise: (B, C, h, w) standard-normal starting latents.
         ddim_steps: length N of the DDIM schedule (default 50). start_guidance: CFG scale (default 3.0).
     """
     sigma = make_scheduler(model, "ddim").init_noise_sigma
@@ -230,11 +236,12 @@ def esd_target(
     """ε*(x_t, ∅, t) − η [ε*(x_t, c, t) − ε*(x_t, ∅, t)] from the frozen original UNet θ* (no grads).
 
     Args:
-        frozen_unet: θ*, the original UNet. x_t: (1, C, h, w) latents. t: the timestep.
-        cond / uncond: (1, L, d) embeddings of the concept c and of the empty prompt ∅.
+        frozen_unet: θ*, the original UNet. x_t: (B, C, h, w) latents. t: the timestep.
+        cond / uncond: (B, L, d) embeddings of the concepts c and (1, L, d) of the empty prompt ∅.
         eta: negative-guidance scale η (default 1.0).
     """
     with torch.no_grad():
+        uncond = uncond.expand(cond.shape[0], -1, -1)
         eps = frozen_unet(torch.cat([x_t, x_t]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
         e_uncond, e_cond = eps.chunk(2)
         return e_uncond - eta * (e_cond - e_uncond)
@@ -369,8 +376,8 @@ def checkpoint_cpu_seconds(folder: Path) -> float:
 def esd_erase(model: T2IModel, concepts: list[str], config: ESDConfig, progress: bool = True) -> EraseResult:
     """Erase concepts by ESD fine-tuning (Gandikota et al., ICCV 2023); edits ``model.unet`` in place.
 
-    Each iteration i (batch 1): the concept is ``concepts[i % len(concepts)]`` (the official code draws it at
-    random); a CPU generator seeded from (``config.seed``, i) draws k ~ U{0..N-1} and the starting noise;
+    Each iteration i (batch 1 by default; ``batch_size`` B): the concepts are ``concepts[(i B + j) % n]``,
+    j < B (the official code draws one at random); a CPU generator seeded from (``config.seed``, i) draws k ~ U{0..N-1} and the starting noise;
     x_t = DDIM sampling (eta 0, CFG ``start_guidance``, prompt c) for k steps with the *current*, partly
     fine-tuned UNet, as in the paper's code (``sample_with="frozen"``: the frozen UNet, as its 2024 rewrite does);
     t = the DDIM timestep at step k; target = ε*(x_t, ∅, t) − η [ε*(x_t, c, t) − ε*(x_t, ∅, t)] from a frozen
@@ -410,7 +417,8 @@ def esd_erase(model: T2IModel, concepts: list[str], config: ESDConfig, progress:
 
     # Text embeddings, computed once.
     emb = encode_prompts(model, [*concepts, ""]).to(device, dtype)
-    conds, uncond = emb[:-1, None], emb[-1:]
+    conds, uncond = emb[:-1], emb[-1:]
+    n_c, bsz = len(concepts), config.batch_size
     sampler = model if config.sample_with == "current" else dataclasses.replace(model, unet=frozen)
     sched = make_scheduler(model, "ddim")
     sched.set_timesteps(config.ddim_steps)
@@ -429,10 +437,10 @@ def esd_erase(model: T2IModel, concepts: list[str], config: ESDConfig, progress:
         bar = tqdm(range(start, config.iterations), desc=f"ESD-{config.variant}", disable=not progress, leave=False)
         for i in bar:
             t0 = time.perf_counter()
-            cond = conds[i % len(concepts)]
+            cond = conds[[(i * bsz + j) % n_c for j in range(bsz)]]
             gen = iteration_generator(config.seed, i)
             k = int(torch.randint(config.ddim_steps, (1,), generator=gen))
-            noise = torch.randn((1, *model.latent_shape), generator=gen).to(device, dtype)
+            noise = torch.randn((bsz, *model.latent_shape), generator=gen).to(device, dtype)
             t = timesteps[k].to(device)
 
             x_t = sample_xt(sampler, cond, uncond, k, noise, config.ddim_steps, config.start_guidance)
