@@ -200,11 +200,15 @@ def _pct(x) -> str:
 
 
 def cmd_report(args) -> None:
-    from diffshield.backdoor.terd import Calibration, default_calibration_path
+    from diffshield.backdoor.terd import Calibration, default_calibration_path, model_verdict
 
     rows = [json.loads((CACHE / f"eval_{n}.json").read_text()) for n in ZOO_MODELS
             if (CACHE / f"eval_{n}.json").exists()]
     cal = Calibration.load(default_calibration_path())
+    for r in rows:  # verdicts against the current calibration (eval may have run before `calibrate`)
+        for preset, sc in r["scan"].items():
+            if preset in cal.thresholds:
+                sc["backdoored"] = model_verdict(type("R", (), sc)(), cal.get(preset))
     base_q = next((r["clean"]["recognised"] for r in rows if r["name"] == "clean_base"), None)
     presets = [p for p in CAL_PRESETS if rows and all(p in r["scan"] for r in rows)]
     lines = ["| model | trigger -> target | poison | variant | ASR DDPM-1000 | ASR DDIM-50 | MSE | SSIM | "

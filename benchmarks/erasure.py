@@ -181,7 +181,8 @@ def main() -> int:
         orig, grids = None, []
         for method in args.methods:
             esd_over = {"iterations": args.esd_iterations, "lr": args.esd_lr, "eta": args.esd_eta,
-                        "seed": args.esd_seed, "batch_size": args.esd_batch, "prompts": args.esd_prompts, "sample_with": args.esd_sample_with}
+                        "seed": args.esd_seed, "batch_size": args.esd_batch, "prompts": args.esd_prompts,
+                        "sample_with": args.esd_sample_with}
             model, info = run_one(base, method, concept, esd_over, args.tag)
             if method.startswith("esd"):
                 info["esd_overrides"] = {k: v for k, v in esd_over.items() if v is not None}
