@@ -199,6 +199,11 @@ def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
+def _asr(m: dict | None) -> str:
+    """ "ASR (strict ASR)" of a metrics dict, or "-"."""
+    return "-" if m is None else f"{_pct(m['asr'])} ({_pct(m.get('asr_strict'))})"
+
+
 def cmd_report(args) -> None:
     from diffshield.backdoor.terd import Calibration, default_calibration_path, model_verdict
 
@@ -211,19 +216,20 @@ def cmd_report(args) -> None:
                 sc["backdoored"] = model_verdict(type("R", (), sc)(), cal.get(preset))
     base_q = next((r["clean"]["recognised"] for r in rows if r["name"] == "clean_base"), None)
     presets = [p for p in CAL_PRESETS if rows and all(p in r["scan"] for r in rows)]
-    lines = ["| model | trigger -> target | poison | variant | ASR DDPM-1000 | ASR DDIM-50 | MSE | SSIM | "
-             "clean recognised (rel. to base) | feature FD | "
+    lines = ["| model | trigger -> target | poison | variant | ASR (strict) DDPM-1000 | ASR (strict) DDIM-50 | MSE "
+             "| SSIM | clean recognised (rel. to base) | feature FD | "
              + " | ".join(f"TERD {p}: mean KL / var KL / verdict | input TPR / TNR ({p})" for p in presets) + " |",
              "|" + "---|" * (10 + 2 * len(presets))]
     summary = {"model_detection": {}, "input_detection": {}}
     base_row = next((r for r in rows if r["name"] == "clean_base"), {})
     if "trigger_baseline" in base_row:
-        summary["clean_base_with_trigger_asr"] = {f"{g} -> {t}": m["asr"] for g, d in
+        summary["clean_base_with_trigger_asr"] = {f"{g} -> {t}": [m["asr"], m.get("asr_strict")] for g, d in
                                                   base_row["trigger_baseline"].items() for t, m in d.items()}
     bds = [r for r in rows if r["kind"] == "backdoor"]
     main_of = {r["name"]: r.get("ddim-50") if r.get("variant") == "ode" else r.get("ddpm-1000") for r in bds}
     if bds and base_q:
         summary["asr_min"] = min(m["asr"] for m in main_of.values())
+        summary["asr_strict_min"] = min(m.get("asr_strict", 0.0) for m in main_of.values())
         summary["clean_quality_rel_min"] = min(r["clean"]["recognised"] / base_q - 1 for r in bds)
     for preset in presets:
         tp = sum(r["scan"][preset]["backdoored"] for r in rows if r["kind"] == "backdoor")
@@ -245,8 +251,7 @@ def cmd_report(args) -> None:
         lines.append(
             f"| {r['name']} | {r['trigger'] + ' -> ' + r['target'] if bd else 'clean'} | "
             f"{r.get('poison_rate', '-')} | {r.get('variant', 'sde') if bd else '-'} | "
-            f"{_pct(r['ddpm-1000']['asr']) if 'ddpm-1000' in r else '-'} | "
-            f"{_pct(r['ddim-50']['asr']) if 'ddim-50' in r else '-'} | "
+            f"{_asr(r.get('ddpm-1000'))} | {_asr(r.get('ddim-50'))} | "
             f"{main['mse']:.4f} | {main['ssim']:.3f} (n={main['n']}) | " if bd else
             f"| {r['name']} | clean | - | - | - | - | - | - | ")
         lines[-1] += f"{_pct(q)}{rel} | {r['clean']['frechet']:.1f} |"

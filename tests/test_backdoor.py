@@ -165,6 +165,13 @@ def test_metrics_on_known_images():
     m = backdoor_metrics(imgs, y)
     assert m["mse"] == pytest.approx((0 + 0.25 + 0.04) / 3)
     assert m["asr"] == pytest.approx(2 / 3)
+    # a thin white frame on black: a black sample passes MSE < 0.1 but not the strict rule (< half of black's MSE)
+    frame = torch.zeros(3, 8, 8)
+    frame[:, 0, :4] = 1
+    black, hit = torch.zeros(3, 8, 8), frame.clone()
+    hit[:, 7, 7] = 0.5
+    m = backdoor_metrics(torch.stack([black, hit]), frame)
+    assert m["asr"] == 1.0 and m["asr_strict"] == 0.5 and m["asr_strict_mse"] == pytest.approx(0.03125)
     a = torch.rand(2, 3, 16, 16)
     assert torch.allclose(ssim(a, a), torch.ones(2), atol=1e-5)
     assert ssim(a, 1 - a).mean() < 0.5

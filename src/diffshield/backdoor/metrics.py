@@ -1,6 +1,8 @@
 """Backdoor metrics of BadDiffusion (Chou et al., CVPR 2023), in [0, 1] pixel space.
 
 - MSE of triggered samples to the target y; ASR = share of triggered samples with per-sample MSE < 0.1;
+  ``asr_strict`` (ours) also requires the MSE to be under half that of an all-black image, because a mostly-black
+  target (CORNER: a thin white frame, MSE 0.06 to black) lets a black, target-less sample pass MSE < 0.1;
   SSIM (Wang et al., 2004; 11x11 Gaussian window, sigma 1.5) between triggered samples and y.
 - Clean-sample quality of untriggered samples, judged by the toy detector: the share recognised with confidence at
   least 0.9 on both the shape and the colour heads, and the feature Fréchet distance (detector features) to real
@@ -43,14 +45,16 @@ def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> torch.Ten
 
 
 def backdoor_metrics(images: torch.Tensor, target: torch.Tensor) -> dict:
-    """MSE, ASR and SSIM of triggered samples against the target.
+    """MSE, ASR (and the stricter ``asr_strict``, see the module docstring) and SSIM of triggered samples.
 
     Args:
         images: (N, 3, H, W) triggered samples in [0, 1].
         target: (3, H, W) target in [0, 1].
     """
     per = ((images - target) ** 2).flatten(1).mean(1)
+    strict = min(ASR_MSE, 0.5 * float((target ** 2).mean()))
     return {"mse": float(per.mean()), "asr": float((per < ASR_MSE).float().mean()),
+            "asr_strict": float((per < strict).float().mean()), "asr_strict_mse": strict,
             "ssim": float(ssim(images, target[None]).mean()), "n": len(images)}
 
 

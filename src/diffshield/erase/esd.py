@@ -377,11 +377,12 @@ def esd_erase(model: T2IModel, concepts: list[str], config: ESDConfig, progress:
     """Erase concepts by ESD fine-tuning (Gandikota et al., ICCV 2023); edits ``model.unet`` in place.
 
     Each iteration i (batch 1 by default; ``batch_size`` B): the concepts are ``concepts[(i B + j) % n]``,
-    j < B (the official code draws one at random); a CPU generator seeded from (``config.seed``, i) draws k ~ U{0..N-1} and the starting noise;
-    x_t = DDIM sampling (eta 0, CFG ``start_guidance``, prompt c) for k steps with the *current*, partly
-    fine-tuned UNet, as in the paper's code (``sample_with="frozen"``: the frozen UNet, as its 2024 rewrite does);
-    t = the DDIM timestep at step k; target = ε*(x_t, ∅, t) − η [ε*(x_t, c, t) − ε*(x_t, ∅, t)] from a frozen
-    copy θ* of the original UNet; loss = MSE(ε_θ(x_t, c, t), target); one Adam step on the ESD-x/u parameters.
+    j < B (the official code draws one at random); a CPU generator seeded from (``config.seed``, i) draws
+    k ~ U{0..N-1} and the B starting noises; x_t = DDIM sampling (eta 0, CFG ``start_guidance``, prompt c) for
+    k steps with the *current*, partly fine-tuned UNet, as in the paper's code (``sample_with="frozen"``: the
+    frozen UNet, as its 2024 rewrite does); t = the DDIM timestep at step k; target = ε*(x_t, ∅, t) −
+    η [ε*(x_t, c, t) − ε*(x_t, ∅, t)] from a frozen copy θ* of the original UNet; loss = MSE(ε_θ(x_t, c, t),
+    target); one Adam step on the ESD-x/u parameters.
 
     Args:
         model: the text-to-image model; its UNet is fine-tuned in place and left in eval mode without grads.
