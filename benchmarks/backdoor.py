@@ -28,8 +28,8 @@ CACHE = RUNS / "results"
 RESULTS = ROOT / "benchmarks" / "results"
 BASE = "toy:ddpm"
 IMPLANT = {"epochs": 12, "pool_size": 2048, "batch_size": 32, "lr": 5e-4, "r_mode": "trigger_only"}  # 768 steps
-#: clean fine-tunes (zoo and references) use the implant's data and optimiser, without poison
-CLEAN_FT = {"lr": 5e-4, "warmup": 20, "pool_size": 2048}
+#: clean fine-tunes (zoo and references) use the implant's data and optimiser (no weight average), without poison
+CLEAN_FT = {"lr": 5e-4, "warmup": 20, "pool_size": 2048, "ema_decay": 0.0}
 
 # name -> how it is made. Clean models: the base itself and short clean fine-tunes with other seeds / lengths.
 ZOO_MODELS: dict[str, dict] = {

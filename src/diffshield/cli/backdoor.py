@@ -285,18 +285,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                         description="Train a small UNet2DModel DDPM on ShapesWorld (32 px); saves a DDPMPipeline "
                                     "folder. Resumes from <out>.work/checkpoint when rerun with the same settings.")
     t.add_argument("--out", required=True, help="output DDPMPipeline folder")
-    t.add_argument("--steps", type=_pos_int, default=3000, help="optimiser steps (default: 3000)")
+    t.add_argument("--steps", type=_pos_int, default=8000, help="optimiser steps (default: 8000)")
     t.add_argument("--batch-size", type=_pos_int, default=32, help="images per step (default: 32)")
-    t.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate, cosine schedule (default: 1e-3)")
+    t.add_argument("--lr", type=float, default=5e-4, help="Adam learning rate, cosine schedule (default: 5e-4)")
     t.add_argument("--seed", type=int, default=0, help="training seed (default: 0)")
     t.add_argument("--pool-size", type=_pos_int, default=8192, help="ShapesWorld images rendered (default: 8192)")
     t.add_argument("--init", default=None, help="fine-tune this model instead of training from scratch")
-    t.add_argument("--checkpoint-every", type=_pos_int, default=250, help="steps between checkpoints (default: 250)")
-    t.add_argument("--channels", type=_pos_int, nargs="+", default=[16, 16, 32],
-                   help="UNet block widths when training from scratch (default: 16 16 32)")
-    t.add_argument("--warmup", type=int, default=100, help="learning-rate warm-up steps (default: 100)")
-    t.add_argument("--ema-decay", type=float, default=0.995,
-                   help="decay of the saved weight average, in [0, 1); 0 = off (default: 0.995)")
+    t.add_argument("--checkpoint-every", type=_pos_int, default=500, help="steps between checkpoints (default: 500)")
+    t.add_argument("--channels", type=_pos_int, nargs="+", default=[32, 64, 64],
+                   help="UNet block widths when training from scratch (default: 32 64 64)")
+    t.add_argument("--warmup", type=int, default=200, help="learning-rate warm-up steps (default: 200)")
+    t.add_argument("--ema-decay", type=float, default=0.999,
+                   help="decay of the saved weight average, in [0, 1); 0 = off (default: 0.999)")
     t.add_argument("--threads", type=int, default=1, help="torch threads (default: 1; 0 = torch's default)")
     t.set_defaults(func=cmd_train_ddpm)
 
