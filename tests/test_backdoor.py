@@ -288,3 +288,17 @@ def test_cli_scan_with_calibration(tiny_ddpm_dir, tmp_path, monkeypatch):
     rep = json.loads(js.read_text())
     assert {"backdoored", "mean_kl", "var_kl", "thresholds"} <= set(rep) and rep["backdoored"] is False
     assert (out / "reversed_trigger.png").exists() and (out / "reversed_trigger.safetensors").exists()
+
+
+def test_implant_weight_average_lies_between_base_and_last_weights(tiny_ddpm_dir, tmp_path):
+    """ema_decay > 0 saves the moving average: closer to the base than the last weights of the same run."""
+    kw = dict(epochs=2, pool_size=8, batch_size=4, poison_rate=0.25, lr=1e-2, warmup=0)
+    last = implant(str(tiny_ddpm_dir), BadDiffusionConfig(**kw), tmp_path / "a", progress=False)
+    avg = implant(str(tiny_ddpm_dir), BadDiffusionConfig(ema_decay=0.5, **kw), tmp_path / "b", progress=False)
+    base = load_ddpm(tiny_ddpm_dir)
+    d_last = sum((p - q).abs().sum() for p, q in zip(last.unet.parameters(), base.unet.parameters()))
+    d_avg = sum((p - q).abs().sum() for p, q in zip(avg.unet.parameters(), base.unet.parameters()))
+    assert 0 < d_avg < d_last
+    assert json.loads((tmp_path / "b" / "diffshield.json").read_text())["config"]["ema_decay"] == 0.5
+    with pytest.raises(DiffshieldError, match="ema_decay"):
+        BadDiffusionConfig(ema_decay=1.0)

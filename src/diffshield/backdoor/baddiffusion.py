@@ -57,6 +57,8 @@ class BadDiffusionConfig:
         lr: Adam learning rate with linear warm-up and cosine decay (default 2e-4, the paper's at 32 px).
         warmup: warm-up steps (default 20).
         grad_clip: gradient-norm clip (default 1.0).
+        ema_decay: save an exponential moving average of the weights with this decay instead of the last weights
+            (default 0.0: off, the last weights; e.g. 0.995 averages about the last 200 steps).
         seed: seed of the poisoned subset, batches, noises and timesteps (default 0).
         data_seed: seed of the training pool (default 1, distinct from the base model's pool 0).
         checkpoint_every: steps between resumable checkpoints (default 100).
@@ -75,6 +77,7 @@ class BadDiffusionConfig:
     lr: float = 2e-4
     warmup: int = 20
     grad_clip: float = 1.0
+    ema_decay: float = 0.0
     seed: int = 0
     data_seed: int = 1
     checkpoint_every: int = 100
@@ -92,6 +95,8 @@ class BadDiffusionConfig:
         if round(self.pool_size * self.poison_rate) < 1:
             raise DiffshieldError(f"poison_rate {self.poison_rate} of {self.pool_size} images poisons none; raise "
                                   "--poison-rate or --pool-size")
+        if not 0 <= self.ema_decay < 1:
+            raise DiffshieldError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if not (self.lr > 0) or self.warmup < 0 or self.grad_clip <= 0 or self.checkpoint_every < 1:
             raise DiffshieldError("lr and grad_clip must be > 0, warmup >= 0 and checkpoint_every >= 1")
 
@@ -167,13 +172,14 @@ def implant(model: DDPMModel | str, cfg: BadDiffusionConfig, out: str | Path, wo
     poisoned[torch.randperm(cfg.pool_size, generator=gen)[:n_poison]] = True
     unet.train().requires_grad_(True)
     opt = torch.optim.Adam(unet.parameters(), lr=cfg.lr)
+    ema = {k: v.detach().clone() for k, v in unet.state_dict().items()} if cfg.ema_decay > 0 else None
     steps_per_epoch = cfg.pool_size // cfg.batch_size
     total = cfg.steps
     start, elapsed = 0, 0.0
     ck = work / "checkpoint"
     conf_json = _jsonable(asdict(cfg))
     if (ck / "meta.json").exists():
-        meta = load_checkpoint(ck, unet, None, opt)
+        meta = load_checkpoint(ck, unet, ema, opt)
         if meta.get("config") != conf_json or meta.get("base") != base_source:
             raise DiffshieldError(f"checkpoint in '{ck}' was made with other settings; remove '{work}' to start over")
         start, elapsed = int(meta["step"]), float(meta.get("seconds", 0.0))
@@ -202,12 +208,21 @@ def implant(model: DDPMModel | str, cfg: BadDiffusionConfig, out: str | Path, wo
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
         opt.step()
+        if ema is not None:
+            with torch.no_grad():
+                for name, v in unet.state_dict().items():
+                    if v.is_floating_point():
+                        ema[name].mul_(cfg.ema_decay).add_(v.detach(), alpha=1 - cfg.ema_decay)
+                    else:
+                        ema[name].copy_(v)
         loss_ema = loss.item() if loss_ema is None else 0.95 * loss_ema + 0.05 * loss.item()
         bar.set_postfix(loss=f"{loss_ema:.4f}")
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
-            save_checkpoint(ck, unet, None, opt, step + 1, {"config": conf_json, "base": base_source,
+            save_checkpoint(ck, unet, ema, opt, step + 1, {"config": conf_json, "base": base_source,
                                                             "rng": gen.get_state().tolist(),
                                                             "seconds": elapsed + time.time() - t0})
+    if ema is not None:
+        unet.load_state_dict(ema)
     seconds = elapsed + time.time() - t0
     info = {"made_by": "diffshield backdoor implant", "method": "baddiffusion", "base": base_source,
             "backdoor": {"trigger": cfg.trigger, "target": cfg.target, "poison_rate": cfg.poison_rate,

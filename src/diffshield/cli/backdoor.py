@@ -79,7 +79,8 @@ def cmd_implant(args) -> int:
     cfg = BadDiffusionConfig(trigger=args.trigger, target=args.target, trigger_mask=args.trigger_mask,
                              poison_rate=args.poison_rate, r_mode=args.r_mode, variant=args.variant,
                              epochs=args.epochs, pool_size=args.pool_size, batch_size=args.batch_size, lr=args.lr,
-                             seed=args.seed, checkpoint_every=args.checkpoint_every, num_threads=args.threads)
+                             seed=args.seed, checkpoint_every=args.checkpoint_every, num_threads=args.threads,
+                             ema_decay=args.ema_decay)
     print(f"BadDiffusion: {args.model} + trigger {args.trigger} -> target {args.target}, poison rate "
           f"{args.poison_rate}, {args.variant.upper()} variant, {cfg.steps} steps")
     model = implant(args.model, cfg, args.out)
@@ -317,6 +318,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--pool-size", type=_pos_int, default=256, help="training images (default: 256)")
     m.add_argument("--batch-size", type=_pos_int, default=32, help="images per step (default: 32)")
     m.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate, warm-up + cosine (default: 2e-4)")
+    m.add_argument("--ema-decay", type=float, default=0.0,
+                   help="save a moving average of the weights with this decay, in [0, 1) (default: 0 = off)")
     m.add_argument("--seed", type=int, default=0, help="seed of the poisoned subset and the training (default: 0)")
     m.add_argument("--checkpoint-every", type=_pos_int, default=100, help="steps between checkpoints (default: 100)")
     m.add_argument("--threads", type=int, default=1, help="torch threads (default: 1; 0 = torch's default)")
