@@ -30,6 +30,7 @@ from diffshield.backdoor.ddpm import (
     save_checkpoint,
     set_threads,
     shapes_pool,
+    update_ema,
 )
 from diffshield.backdoor.triggers import get_target, get_trigger, paste
 from diffshield.core.errors import DiffshieldError
@@ -209,12 +210,7 @@ def implant(model: DDPMModel | str, cfg: BadDiffusionConfig, out: str | Path, wo
         torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
         opt.step()
         if ema is not None:
-            with torch.no_grad():
-                for name, v in unet.state_dict().items():
-                    if v.is_floating_point():
-                        ema[name].mul_(cfg.ema_decay).add_(v.detach(), alpha=1 - cfg.ema_decay)
-                    else:
-                        ema[name].copy_(v)
+            update_ema(ema, unet, cfg.ema_decay)
         loss_ema = loss.item() if loss_ema is None else 0.95 * loss_ema + 0.05 * loss.item()
         bar.set_postfix(loss=f"{loss_ema:.4f}")
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:

@@ -169,6 +169,16 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+def update_ema(ema: dict, module: torch.nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * weights, for every float tensor of ``module``'s state (others copied)."""
+    with torch.no_grad():
+        for k, v in module.state_dict().items():
+            if v.is_floating_point():
+                ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
+            else:
+                ema[k].copy_(v)
+
+
 # ---- checkpoints: model + EMA + Adam state in safetensors, counters in JSON (no pickle) ----
 
 def save_checkpoint(folder: Path, unet, ema: dict | None, opt: torch.optim.Optimizer, step: int, meta: dict) -> None:
@@ -307,12 +317,7 @@ def train_ddpm(cfg: DDPMTrainConfig, out: str | Path, work: str | Path | None = 
         torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
         opt.step()
         if ema is not None:
-            with torch.no_grad():
-                for k, v in unet.state_dict().items():
-                    if v.is_floating_point():
-                        ema[k].mul_(cfg.ema_decay).add_(v.detach(), alpha=1 - cfg.ema_decay)
-                    else:
-                        ema[k].copy_(v)
+            update_ema(ema, unet, cfg.ema_decay)
         loss_ema = loss.item() if loss_ema is None else 0.98 * loss_ema + 0.02 * loss.item()
         bar.set_postfix(loss=f"{loss_ema:.4f}")
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
