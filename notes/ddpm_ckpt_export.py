@@ -1,7 +1,9 @@
 """Export a train-ddpm checkpoint (raw or EMA weights) as a DDPMPipeline folder, for trials on a half-trained base."""
 import sys
+
 from safetensors.torch import load_file
-from diffshield.backdoor.ddpm import build_unet, build_scheduler, DDPMModel
+
+from diffshield.backdoor.ddpm import DDPMModel, build_scheduler, build_unet
 
 ck, chans, out, which = sys.argv[1], tuple(int(c) for c in sys.argv[2].split(",")), sys.argv[3], sys.argv[4]
 t = load_file(ck + "/state.safetensors")
