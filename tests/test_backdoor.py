@@ -302,3 +302,12 @@ def test_implant_weight_average_lies_between_base_and_last_weights(tiny_ddpm_dir
     assert json.loads((tmp_path / "b" / "diffshield.json").read_text())["config"]["ema_decay"] == 0.5
     with pytest.raises(DiffshieldError, match="ema_decay"):
         BadDiffusionConfig(ema_decay=1.0)
+
+
+@pytest.mark.parametrize("channels", [(32,), (32, 60), (0, 8)])
+def test_ddpm_widths_are_validated(channels):
+    from diffshield.backdoor.ddpm import DDPMTrainConfig
+
+    with pytest.raises(DiffshieldError, match="multiple of 8") as info:
+        DDPMTrainConfig(block_out_channels=channels)
+    assert "\n" not in str(info.value)

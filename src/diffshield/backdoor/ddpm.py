@@ -263,6 +263,9 @@ class DDPMTrainConfig:
         if self.grad_clip <= 0:
             raise DiffshieldError(f"grad_clip must be > 0, got {self.grad_clip}")
         self.block_out_channels = tuple(int(c) for c in self.block_out_channels)
+        if len(self.block_out_channels) < 2 or any(c < 8 or c % 8 for c in self.block_out_channels):
+            raise DiffshieldError(f"block_out_channels must list at least 2 widths, each a multiple of 8 (the UNet's "
+                                  f"group norm uses 8 groups), e.g. 32 64 64; got {list(self.block_out_channels)}")
 
 
 def train_ddpm(cfg: DDPMTrainConfig, out: str | Path, work: str | Path | None = None,
