@@ -147,6 +147,9 @@ def main() -> int:
     ap.add_argument("--esd-batch", type=int, default=None, help="override the ESD batch size")
     ap.add_argument("--esd-prompts", choices=("words", "templates"), default=None,
                     help="override the ESD prompt list (see erasure_recipes.esd_prompts)")
+    ap.add_argument("--esd-preserve", choices=("others",), default=None,
+                    help="ESD preservation anchor (beyond the paper): 'others' = the other values of the kind")
+    ap.add_argument("--esd-preserve-weight", type=float, default=None, help="weight of the ESD anchor (default 1)")
     ap.add_argument("--esd-sample-with", choices=("current", "frozen"), default=None,
                     help="override which UNet samples ESD's x_t")
     ap.add_argument("--tag", default="", help="suffix of the model and checkpoint folders (variants of a setting)")
@@ -182,7 +185,8 @@ def main() -> int:
         for method in args.methods:
             esd_over = {"iterations": args.esd_iterations, "lr": args.esd_lr, "eta": args.esd_eta,
                         "seed": args.esd_seed, "batch_size": args.esd_batch, "prompts": args.esd_prompts,
-                        "sample_with": args.esd_sample_with}
+                        "sample_with": args.esd_sample_with, "preserve": args.esd_preserve,
+                        "preserve_weight": args.esd_preserve_weight}
             model, info = run_one(base, method, concept, esd_over, args.tag)
             if method.startswith("esd"):
                 info["esd_overrides"] = {k: v for k, v in esd_over.items() if v is not None}

@@ -33,3 +33,12 @@ def test_erase_bad_concept_input_is_one_line(tiny_sd_dir, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.startswith("diffshield: error:") and "\n" not in err
     assert not (tmp_path / "x").exists()
+
+
+def test_erase_esd_with_preserve_records_the_anchor(tiny_sd_dir, tmp_path):
+    rep = tmp_path / "run.json"
+    assert main(["erase", "--method", "esd-u", "--model", str(tiny_sd_dir), "--concept", "star", "--preserve",
+                 "circle", "--preserve-weight", "2", "--iterations", "2", "--out", str(tmp_path / "e"),
+                 "--json", str(rep)]) == 0
+    cfg = json.loads(rep.read_text())["config"]
+    assert cfg["preserve"] == ["circle"] and cfg["preserve_weight"] == 2.0 and cfg["variant"] == "u"

@@ -247,6 +247,10 @@ def cmd_erase(args) -> int:
                 kw["lr"] = args.lr
             if args.checkpoint_dir:
                 kw["checkpoint_dir"] = args.checkpoint_dir
+            if args.preserve:  # beyond the paper: anchor these prompts' predictions to the original's
+                kw["preserve"] = list(args.preserve)
+                if args.preserve_weight is not None:
+                    kw["preserve_weight"] = args.preserve_weight
             cfg = config_cls(**kw)
         else:  # pragma: no cover - every registered method is listed above
             cfg = config_cls()
@@ -360,7 +364,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--concept", action="append", required=True, help="concept to erase (repeatable)")
     p.add_argument("--guide", action="append", help="guide concept (UCE/RECE; default ' ', unconditional)")
-    p.add_argument("--preserve", action="append", help="concept to preserve (UCE/RECE; repeatable)")
+    p.add_argument("--preserve", action="append",
+                   help="concept to preserve (repeatable); UCE/RECE: preserved in the closed form; ESD: anchored "
+                        "to the original's predictions (beyond the paper)")
+    p.add_argument("--preserve-weight", type=float, help="ESD: weight of the preservation anchor (default: 1)")
     p.add_argument("--preset", choices=["nudity", "unsafe", "style", "object", "object-easy"],
                    help="RECE preset (lambda_r, epochs)")
     p.add_argument("--epochs", type=_positive_int, help="RECE epochs (default: preset or 3)")

@@ -12,6 +12,15 @@ prompt c) from fresh noise for k steps, and takes one Adam step on a subset of t
 - ESD-u (``variant="u"``): every parameter except ``attn2``; for nudity and objects. The paper's code also
   freezes the time embedding and the final output layers (``freeze_time_and_out``, default True).
 
+Beyond the paper (off by default): a *preservation anchor*. With ``preserve`` prompts c_p, each iteration also
+samples x_t^p for one of them (same step k, its own noise) and adds
+
+    preserve_weight · ‖ε_θ(x_t^p, c_p, t) − ε*(x_t^p, c_p, t)‖²
+
+which keeps the fine-tuned UNet's predictions for the named neighbours equal to the original's (the retain-set
+regulariser of later unlearning work). ESD-u changes weights every prompt shares; on a small model the anchor is
+what keeps the other concepts.
+
 Usage::
 
     from diffshield.core.loading import load_t2i
@@ -85,6 +94,9 @@ class ESDConfig:
         seed: seeds the per-iteration CPU generators that draw k and the starting noise (default 0).
         sample_with: which UNet samples x_t: "current" (the one being fine-tuned, as the paper's code does; default)
             or "frozen" (the original, as the 2024 diffusers rewrite does: x_t no longer drifts as the concept fades).
+        preserve: prompts whose predictions are anchored to the original's (default (): none, the paper's ESD);
+            one per batch element per iteration, in turn.
+        preserve_weight: weight of the preservation term (default 1.0; used only with ``preserve``).
         checkpoint_every: save a checkpoint every this many iterations when ``checkpoint_dir`` is set
             (default 100; a checkpoint is also written after the last iteration).
         checkpoint_dir: folder for the checkpoint (default None: no checkpoints). If it already holds a checkpoint
@@ -102,6 +114,8 @@ class ESDConfig:
     ddim_steps: int = 50
     seed: int = 0
     sample_with: str = "current"
+    preserve: list[str] = dataclasses.field(default_factory=list)
+    preserve_weight: float = 1.0
     checkpoint_every: int = 100
     checkpoint_dir: str | None = None
 
@@ -134,6 +148,16 @@ class ESDConfig:
             raise DiffshieldError(f"seed must be a whole number >= 0, got {self.seed!r}")
         if self.sample_with not in ("current", "frozen"):
             raise DiffshieldError(f"sample_with must be 'current' or 'frozen', got {self.sample_with!r}")
+        if isinstance(self.preserve, str):
+            self.preserve = [self.preserve]
+        if not isinstance(self.preserve, (list, tuple)) or any(
+            not isinstance(q, str) or not q.strip() for q in self.preserve
+        ):
+            raise DiffshieldError(f"ESD preserve must be a list of non-empty prompts, got {self.preserve!r}")
+        self.preserve = list(self.preserve)
+        if not _is_number(self.preserve_weight) or self.preserve_weight < 0:
+            raise DiffshieldError(f"preserve_weight must be a finite number >= 0, got {self.preserve_weight!r}")
+        self.preserve_weight = float(self.preserve_weight)
         if not _is_int(self.checkpoint_every) or self.checkpoint_every < 1:
             raise DiffshieldError(f"checkpoint_every must be a whole number >= 1, got {self.checkpoint_every!r}")
         if self.checkpoint_dir is not None:
@@ -254,6 +278,27 @@ def esd_loss(
     return F.mse_loss(unet(x_t, t, encoder_hidden_states=cond).sample.float(), target.float())
 
 
+def esd_anchored_loss(
+    unet: torch.nn.Module,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    cond: torch.Tensor,
+    target: torch.Tensor,
+    x_p: torch.Tensor,
+    cond_p: torch.Tensor,
+    target_p: torch.Tensor,
+    weight: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ESD loss plus ``weight`` · MSE(ε_θ(x_p, c_p, t), ε*(x_p, c_p, t)), in one UNet pass.
+
+    Returns (total loss, the preservation term alone). ``target_p`` is the frozen UNet's prediction ε*(x_p, c_p, t).
+    """
+    eps = unet(torch.cat([x_t, x_p]), t, encoder_hidden_states=torch.cat([cond, cond_p])).sample.float()
+    e_erase, e_keep = eps.split([x_t.shape[0], x_p.shape[0]])
+    keep = F.mse_loss(e_keep, target_p.float())
+    return F.mse_loss(e_erase, target.float()) + weight * keep, keep
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Checkpoints: trained parameters + Adam state + iteration, one safetensors file written atomically
 # ---------------------------------------------------------------------------------------------------------------
@@ -266,6 +311,9 @@ def run_identity(model: T2IModel, concepts: list[str], config: ESDConfig) -> dic
         head = p.detach().reshape(-1)[:16].to("cpu", torch.float32).numpy()
         h.update(f"{name}:{tuple(p.shape)}:{p.dtype}:".encode() + head.tobytes())
     ident = {f.name: getattr(config, f.name) for f in fields(config) if f.name not in RESUMABLE_FIELDS}
+    if not config.preserve:  # runs without the anchor keep the identity they had before it existed
+        ident.pop("preserve", None)
+        ident.pop("preserve_weight", None)
     ident["concepts"] = list(concepts)
     ident["model_fingerprint"] = h.hexdigest()[:16]
     return ident
@@ -382,7 +430,9 @@ def esd_erase(model: T2IModel, concepts: list[str], config: ESDConfig, progress:
     k steps with the *current*, partly fine-tuned UNet, as in the paper's code (``sample_with="frozen"``: the
     frozen UNet, as its 2024 rewrite does); t = the DDIM timestep at step k; target = ε*(x_t, ∅, t) −
     η [ε*(x_t, c, t) − ε*(x_t, ∅, t)] from a frozen copy θ* of the original UNet; loss = MSE(ε_θ(x_t, c, t),
-    target); one Adam step on the ESD-x/u parameters.
+    target); one Adam step on the ESD-x/u parameters. With ``config.preserve`` (beyond the paper), one anchor prompt
+    c_p per batch element is sampled alongside (same k) and ``preserve_weight`` · MSE(ε_θ(x_p, c_p, t),
+    ε*(x_p, c_p, t)) is added to the loss.
 
     Args:
         model: the text-to-image model; its UNet is fine-tuned in place and left in eval mode without grads.
@@ -394,7 +444,8 @@ def esd_erase(model: T2IModel, concepts: list[str], config: ESDConfig, progress:
         EraseResult with ``changed`` = the fine-tuned parameters that differ from the original, and ``extra`` =
         {"losses": per-iteration loss (resumed runs include the earlier part), "timesteps": t per iteration,
         "seconds_per_iteration": mean over this call's iterations (None if none ran), "resumed_from": iteration
-        the run started at, "trained_parameters": number of fine-tuned parameter elements}.
+        the run started at, "trained_parameters": number of fine-tuned parameter elements, "preserve_losses": the
+        anchor term per iteration of this call (empty without ``preserve``)}.
     """
     if isinstance(concepts, str):
         concepts = [concepts]
@@ -417,15 +468,15 @@ def esd_erase(model: T2IModel, concepts: list[str], config: ESDConfig, progress:
     optimizer = torch.optim.Adam(list(params.values()), lr=config.lr)
 
     # Text embeddings, computed once.
-    emb = encode_prompts(model, [*concepts, ""]).to(device, dtype)
-    conds, uncond = emb[:-1], emb[-1:]
-    n_c, bsz = len(concepts), config.batch_size
+    n_c, bsz, n_p = len(concepts), config.batch_size, len(config.preserve)
+    emb = encode_prompts(model, [*concepts, *config.preserve, ""]).to(device, dtype)
+    conds, keeps, uncond = emb[:n_c], emb[n_c : n_c + n_p], emb[-1:]
     sampler = model if config.sample_with == "current" else dataclasses.replace(model, unet=frozen)
     sched = make_scheduler(model, "ddim")
     sched.set_timesteps(config.ddim_steps)
     timesteps = sched.timesteps
 
-    start, losses, ts_used, iter_seconds = 0, [], [], []
+    start, losses, ts_used, iter_seconds, keep_losses = 0, [], [], [], []
     cpu_before, cpu0 = 0.0, time.process_time()
     ckpt_dir = Path(config.checkpoint_dir) if config.checkpoint_dir else None
     try:
@@ -444,11 +495,25 @@ def esd_erase(model: T2IModel, concepts: list[str], config: ESDConfig, progress:
             noise = torch.randn((bsz, *model.latent_shape), generator=gen).to(device, dtype)
             t = timesteps[k].to(device)
 
-            x_t = sample_xt(sampler, cond, uncond, k, noise, config.ddim_steps, config.start_guidance)
+            if n_p:  # anchor x_t^p: same k, noises drawn after the concepts' (runs without an anchor are unchanged)
+                cond_p = keeps[[(i * bsz + j) % n_p for j in range(bsz)]]
+                noise_p = torch.randn((bsz, *model.latent_shape), generator=gen).to(device, dtype)
+                both = sample_xt(sampler, torch.cat([cond, cond_p]), uncond, k, torch.cat([noise, noise_p]),
+                                 config.ddim_steps, config.start_guidance)
+                x_t, x_p = both.split([bsz, bsz])
+                with torch.no_grad():
+                    target_p = frozen(x_p, t, encoder_hidden_states=cond_p).sample
+            else:
+                x_t = sample_xt(sampler, cond, uncond, k, noise, config.ddim_steps, config.start_guidance)
             target = esd_target(frozen, x_t, t, cond, uncond, config.eta)
             optimizer.zero_grad(set_to_none=True)
             with torch.enable_grad():
-                loss = esd_loss(unet, x_t, t, cond, target)
+                if n_p:
+                    loss, keep = esd_anchored_loss(unet, x_t, t, cond, target, x_p, cond_p, target_p,
+                                                   config.preserve_weight)
+                    keep_losses.append(float(keep.detach()))
+                else:
+                    loss = esd_loss(unet, x_t, t, cond, target)
                 loss.backward()
             optimizer.step()
 
@@ -482,6 +547,7 @@ def esd_erase(model: T2IModel, concepts: list[str], config: ESDConfig, progress:
             "cpu_seconds_total": cpu_before + time.process_time() - cpu0,
             "trained_parameters": sum(p.numel() for p in params.values()),
             "sampling_model": config.sample_with,
+            "preserve_losses": keep_losses,
         },
     )
 

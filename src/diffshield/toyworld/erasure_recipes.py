@@ -102,6 +102,13 @@ def esd_prompts(concept: str, mode: str = "words") -> list[str]:
     return [f"a {w}" for w in c.words]
 
 
+def esd_anchor_prompts(concept: str) -> list[str]:
+    """ESD's optional preservation anchor for a toy concept: :func:`esd_prompts` ("words") of every other value of
+    its kind (e.g. triangle -> "a circle", "a round", "a square", ...)."""
+    c = resolve_concept(concept)
+    return [p for o in other_concepts(c) for p in esd_prompts(o.name)]
+
+
 #: UCE on the toy world: λ 0.5 (paper), s_e 3, s_p 1, paper2023 token mode, template prompts (see module docstring)
 TOY_UCE = {"lamb": 0.5, "erase_scale": 3.0, "preserve_scale": 1.0, "token_mode": "paper2023"}
 #: RECE on the toy world: the 'object-easy' preset (λ_r 0.1, 1 epoch) on top of TOY_UCE; its rounds preserve the
@@ -120,7 +127,8 @@ def toy_erasure(method: str, concept: str, **overrides) -> tuple[list[str], obje
         method: "uce", "rece", "esd-x" or "esd-u".
         concept: a toy concept word (shape, colour or style; a synonym resolves to its concept).
         overrides: fields of the method's config to change (e.g. ``iterations=100`` or ``checkpoint_dir=...``);
-            for ESD also ``prompts="words"|"templates"`` (see :func:`esd_prompts`).
+            for ESD also ``prompts="words"|"templates"`` (see :func:`esd_prompts`) and ``preserve="others"``
+            (the anchor of :func:`esd_anchor_prompts`) or a list of prompts.
     Returns the list to pass as ``concepts`` to the method's erase function, and its config object.
     """
     from diffshield.core.errors import DiffshieldError
@@ -145,5 +153,7 @@ def toy_erasure(method: str, concept: str, **overrides) -> tuple[list[str], obje
         cls = ESDXConfig if variant == "x" else ESDUConfig
         settings = {**TOY_ESD[variant], **overrides}
         mode = settings.pop("prompts", "words")
+        if settings.get("preserve") == "others":
+            settings["preserve"] = esd_anchor_prompts(concept)
         return esd_prompts(concept, mode), cls(variant=variant, **settings)
     raise DiffshieldError(f"unknown erasure method {method!r}; choose one of: {', '.join(METHODS)}")
