@@ -27,8 +27,13 @@ ZOO = RUNS / "zoo"
 CACHE = RUNS / "results"
 RESULTS = ROOT / "benchmarks" / "results"
 BASE = "toy:ddpm"
-IMPLANT = {"epochs": 12, "pool_size": 2048, "batch_size": 32, "lr": 5e-4, "r_mode": "trigger_only"}  # 768 steps
-#: clean fine-tunes (zoo and references) use the implant's data and optimiser (no weight average), without poison
+#: lr 3e-4 for 1536 steps: lr 5e-4 for 768 steps (the previous recipe) jolts the EMA-averaged base (clean quality
+#: -9 to -24 %); lr 1e-4 / 2e-4 for 768 steps keep it (+11 % / +4 %) but learn no backdoor (strict ASR 0 %).
+#: Trials on bd_box_corner_p05: runs/bdtrial, README.
+IMPLANT = {"epochs": 24, "pool_size": 2048, "batch_size": 32, "lr": 3e-4, "r_mode": "trigger_only"}  # 1536 steps
+#: clean fine-tunes (zoo and references): the data and optimiser of the previous implant recipe (lr 5e-4, no weight
+#: average), without poison; 256-768 steps. Kept when the implant recipe changed: they are clean models either way
+#: and the shipped TERD calibration was made from the references.
 CLEAN_FT = {"lr": 5e-4, "warmup": 20, "pool_size": 2048, "ema_decay": 0.0}
 
 # name -> how it is made. Clean models: the base itself and short clean fine-tunes with other seeds / lengths.
