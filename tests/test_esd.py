@@ -253,36 +253,33 @@ def test_batched_steps_carry_batch_size_samples(tiny_sd_dir, monkeypatch):
     assert len(res.extra["losses"]) == 2 and res.changed
 
 
-def _erase_error(model, frozen, seeds=(100, 101, 102)):
-    """ESD loss of ``model`` on CONCEPT at fixed x_t (sampled by the original) and t; targets from ``frozen``."""
-    cond, uncond = encode_prompts(model, [CONCEPT]), encode_prompts(model, [""])
-    sched = make_scheduler(model, "ddim")
-    sched.set_timesteps(4)
-    total = 0.0
-    with torch.no_grad():
-        for seed, k in zip(seeds, (0, 1, 3)):
-            noise = torch.randn((1, *model.latent_shape), generator=torch.Generator().manual_seed(seed))
-            x_t = sample_xt(dataclasses.replace(model, unet=frozen), cond, uncond, k, noise, ddim_steps=4)
-            t = sched.timesteps[k]
-            total += float(esd_loss(model.unet, x_t, t, cond, esd_target(frozen, x_t, t, cond, uncond, eta=1.0)))
-    return total / len(seeds)
-
-
-def _keep_error(model, frozen, prompt, seeds=(200, 201, 202)):
-    """Mean squared difference between the model's and the original's ε on ``prompt`` at fixed x_t and t."""
+def _probes(model, prompt, sampler, seeds, ks):
+    """Fixed (x_t, t, cond, uncond) for ``prompt``: x_t after k of 4 DDIM steps of ``sampler`` from seeded noise."""
     cond, uncond = encode_prompts(model, [prompt]), encode_prompts(model, [""])
     sched = make_scheduler(model, "ddim")
     sched.set_timesteps(4)
-    err = 0.0
+    out = []
+    for seed, k in zip(seeds, ks):
+        noise = torch.randn((1, *model.latent_shape), generator=torch.Generator().manual_seed(seed))
+        out.append((sample_xt(sampler, cond, uncond, k, noise, ddim_steps=4), sched.timesteps[k], cond, uncond))
+    return out
+
+
+def _erase_error(model, frozen):
+    """ESD loss of ``model`` on CONCEPT at fixed x_t (sampled by the original) and t; targets from ``frozen``."""
+    probes = _probes(model, CONCEPT, dataclasses.replace(model, unet=frozen), (100, 101, 102), (0, 1, 3))
     with torch.no_grad():
-        for seed, k in zip(seeds, (0, 1, 2)):
-            noise = torch.randn((1, *model.latent_shape), generator=torch.Generator().manual_seed(seed))
-            x_t = sample_xt(model, cond, uncond, k, noise, ddim_steps=4)
-            t = sched.timesteps[k]
-            a = model.unet(x_t, t, encoder_hidden_states=cond).sample
-            b = frozen(x_t, t, encoder_hidden_states=cond).sample
-            err += float(((a - b) ** 2).mean())
-    return err / len(seeds)
+        return sum(float(esd_loss(model.unet, x, t, c, esd_target(frozen, x, t, c, u, eta=1.0)))
+                   for x, t, c, u in probes) / len(probes)
+
+
+def _keep_error(model, frozen, prompt):
+    """Mean squared difference between the model's and the original's ε on ``prompt`` at fixed x_t and t."""
+    probes = _probes(model, prompt, model, (200, 201, 202), (0, 1, 2))
+    with torch.no_grad():
+        return sum(float(((model.unet(x, t, encoder_hidden_states=c).sample
+                           - frozen(x, t, encoder_hidden_states=c).sample) ** 2).mean())
+                   for x, t, c, _ in probes) / len(probes)
 
 
 def test_preservation_anchor_keeps_the_anchored_prompt_and_still_erases(tiny_sd_dir):
