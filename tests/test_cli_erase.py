@@ -42,3 +42,12 @@ def test_erase_esd_with_preserve_records_the_anchor(tiny_sd_dir, tmp_path):
                  "--json", str(rep)]) == 0
     cfg = json.loads(rep.read_text())["config"]
     assert cfg["preserve"] == ["circle"] and cfg["preserve_weight"] == 2.0 and cfg["variant"] == "u"
+
+
+def test_preserve_weight_without_an_esd_anchor_is_refused(tiny_sd_dir, tmp_path, capsys):
+    for method, extra in [("uce", ["--preserve", "circle"]), ("esd-u", [])]:
+        rc = main(["erase", "--method", method, "--model", str(tiny_sd_dir), "--concept", "star", *extra,
+                   "--preserve-weight", "2", "--out", str(tmp_path / method)])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and "--preserve-weight" in err and "\n" not in err
+        assert not (tmp_path / method).exists()

@@ -233,6 +233,9 @@ def cmd_erase(args) -> int:
     from diffshield.erase.uce import UCEConfig
 
     config_cls, erase_fn = ERASERS.get(args.method)
+    if args.preserve_weight is not None and not (issubclass(config_cls, ESDConfig) and args.preserve):
+        raise DiffshieldError("--preserve-weight weighs ESD's preservation anchor: use it with --method esd-x/esd-u "
+                              "and at least one --preserve")
     uce_kw = {"guides": args.guide or [" "], "preserve": args.preserve or []}
     try:
         if config_cls is UCEConfig:
