@@ -32,6 +32,7 @@ TRIALS: dict[str, tuple[str, float, int]] = {
     "bd_box_corner_p05_lr2e-4": ("implant", 2e-4, 12),
     "bd_box_corner_p05_lr3e-4_ep24": ("implant", 3e-4, 24),
     "bd_box_corner_p05_lr2e-4_ep36": ("implant", 2e-4, 36),
+    "bd_box_corner_p05_lr2e-4_ep72": ("implant", 2e-4, 72),
     "clean_lr1e-4_s1": ("clean", 1e-4, 256),
 }
 

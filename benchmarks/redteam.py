@@ -89,7 +89,18 @@ def main() -> int:
     ap.add_argument("--adv-sweep", nargs="+", type=float, metavar="LAMB_R",
                     help="only: adv-embed at these λ_r against the original, UCE and RECE models, plus UCE's "
                          "adversarial embedding replayed on RECE (what RECE trains against); added to --out")
+    ap.add_argument("--sanity-only", action="store_true",
+                    help="only: rerun every attack against the original model for --concepts at --n; merged into "
+                         "--out's sanity rows (no erased models needed)")
+    ap.add_argument("--time-cli", metavar="MODEL_DIR",
+                    help="only: time the full 'diffshield audit' CLI (all attacks, its defaults) on this erased model "
+                         "for the first of --concepts, in a subprocess; recorded under cli_audit_timing in --out")
     args = ap.parse_args()
+    if args.time_cli:
+        return time_cli(Path(args.time_cli), args.concepts[0], Path(args.out))
+    if args.sanity_only:
+        torch.set_num_threads(args.threads)
+        return sanity_only(args.concepts, args.attacks, args.n, Path(args.out))
     if args.adv_sweep:
         torch.set_num_threads(args.threads)
         return adv_sweep(args.concepts, args.adv_sweep, Path(args.models), args.n, Path(args.out))
@@ -134,6 +145,9 @@ def main() -> int:
         res["sanity"] = old.get("sanity", {})
         res["other_accuracy"] = old.get("other_accuracy", {})
         res["previous_setup"] = old.get("setup")
+        for key in ("adv_embed_sweep", "cli_audit_timing"):  # written by --adv-sweep / --time-cli
+            if key in old:
+                res[key] = old[key]
     erasure_json = RESULTS / "erasure.json"
     if erasure_json.exists():
         keys = ("method", "concept", "erased_detection_rate", "other_accuracy", "original_other_accuracy")
@@ -151,7 +165,7 @@ def main() -> int:
             audit = run_audit(original, original, concept, attacks=args.attacks, n=args.n, sample=sample,
                               judge=judge, original_images=False, progress=False)
             d = audit.to_dict()
-            res["sanity"][concept] = {"original_rate": d["pre_attack_rate"],
+            res["sanity"][concept] = {"original_rate": d["pre_attack_rate"], "n": d["n"],
                                       "asr": {k: v["asr"] for k, v in d["attacks"].items()},
                                       "seconds": time.perf_counter() - t0}
             print(f"[{concept}] sanity vs original: detected {d['pre_attack_rate']:.0%}; "
@@ -203,6 +217,63 @@ def main() -> int:
     res["total_minutes_this_run"] = (time.perf_counter() - t_all) / 60
     save()
     print(table(res))
+    return 0
+
+
+def sanity_only(concepts: list[str], attacks: list[str], n: int, out: Path) -> int:
+    """Every attack against the original model (the sanity bar: each should succeed on >= 90 % of samples)."""
+    res = json.loads(out.read_text()) if out.exists() else {"setup": {"attacks": attacks}, "sanity": {}, "rows": [],
+                                                                   "other_accuracy": {}}
+    detector = load_detector("toy:detector")
+    original = load_t2i("toy:t2i")
+    sample = SampleConfig()
+    for concept in concepts:
+        t0 = time.perf_counter()
+        audit = run_audit(original, original, concept, attacks=attacks, n=n, sample=sample,
+                          judge=ToyConceptJudge(concept, detector), original_images=False, progress=False)
+        d = audit.to_dict()
+        res["sanity"][concept] = {"original_rate": d["pre_attack_rate"], "n": d["n"],
+                                  "asr": {k: v["asr"] for k, v in d["attacks"].items()},
+                                  "seconds": time.perf_counter() - t0}
+        print(f"[{concept}] sanity vs original (n {d['n']}): detected {d['pre_attack_rate']:.0%}; "
+              + ", ".join(f"{k} {v['asr']:.0%}" for k, v in d["attacks"].items()), flush=True)
+        atomic_write_json(out, res)
+    print(table(res))
+    return 0
+
+
+def time_cli(model: Path, concept: str, out: Path) -> int:
+    """Wall and CPU time of one full ``diffshield audit`` (all attacks, CLI defaults) in a fresh process.
+
+    The machine's load average is recorded with it: other jobs on the 2 cores change the wall time."""
+    import os
+    import resource
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "diffshield.cli.main", "audit", "--model", str(model), "--original", "toy:t2i",
+               "--concept", concept, "--json", f"{tmp}/audit.json", "--report", f"{tmp}/report"]
+        load0 = os.getloadavg()[0]
+        cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, cwd=ROOT)
+        wall = time.perf_counter() - t0
+        cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        audit = json.loads(Path(f"{tmp}/audit.json").read_text())
+    row = {"model": str(model), "concept": concept, "command": "diffshield audit --model M --original toy:t2i "
+           f"--concept {concept} --json J --report R (defaults: all attacks, n 32)",
+           "n": audit.get("n"), "attacks": {k: v["asr"] for k, v in audit["attacks"].items()},
+           "wall_seconds": wall, "cpu_seconds": (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime),
+           "load_average_before": load0, "load_average_after": os.getloadavg()[0], "cpu_count": os.cpu_count(),
+           "cli_threads": audit.get("threads"),
+           "attack_seconds": {k: v["seconds"] for k, v in audit["attacks"].items()}}
+    res = json.loads(out.read_text()) if out.exists() else {}
+    res["cli_audit_timing"] = [r for r in res.get("cli_audit_timing", [])
+                               if (r["model"], r["concept"]) != (row["model"], row["concept"])] + [row]
+    atomic_write_json(out, res)
+    print(f"full audit of {model} for {concept}: {wall / 60:.1f} min wall, {row['cpu_seconds'] / 60:.1f} CPU-min "
+          f"(load {load0:.1f} -> {row['load_average_after']:.1f})")
     return 0
 
 

@@ -155,11 +155,19 @@ def test_audit_cli(tiny_sd_dir, tmp_path, capsys):
     from diffshield.cli.main import main
 
     model = ["--model", str(tiny_sd_dir), "--original", str(tiny_sd_dir)]
-    rc = main(["audit", *model, "--concept", "triangle", "--attack", "adv-embed", "--n", "2", "--steps", "2",
-               "--json", str(tmp_path / "a.json"), "--report", str(tmp_path / "rep")])
+    threads = torch.get_num_threads()
+    try:
+        rc = main(["audit", *model, "--concept", "triangle", "--attack", "adv-embed", "--n", "2", "--steps", "2",
+                   "--json", str(tmp_path / "a.json"), "--report", str(tmp_path / "rep")])
+        assert torch.get_num_threads() == 1  # the default: one thread (robust when other jobs share the cores)
+    finally:
+        torch.set_num_threads(threads)
     assert rc == 0
     res = json.loads((tmp_path / "a.json").read_text())
-    assert set(res["attacks"]) == {"adv-embed"} and res["attacks"]["adv-embed"]["n"] == 2
+    assert set(res["attacks"]) == {"adv-embed"} and res["attacks"]["adv-embed"]["n"] == 2 and res["threads"] == 1
+    with pytest.raises(SystemExit):
+        main(["audit", *model, "--concept", "triangle", "--threads", "-1"])
+    assert "must be 0 or more" in capsys.readouterr().err
     assert (tmp_path / "rep" / "index.html").exists()
     assert main(["audit", *model, "--concept", "hexagon", "--n", "2"]) == 2
     assert "not a toy-world concept" in capsys.readouterr().err
