@@ -93,11 +93,12 @@ def main() -> int:
                     help="only: rerun every attack against the original model for --concepts at --n; merged into "
                          "--out's sanity rows (no erased models needed)")
     ap.add_argument("--time-cli", metavar="MODEL_DIR",
-                    help="only: time the full 'diffshield audit' CLI (all attacks, its defaults) on this erased model "
-                         "for the first of --concepts, in a subprocess; recorded under cli_audit_timing in --out")
+                    help="only: time the full 'diffshield audit' CLI (all attacks, n 32, this script's --threads) on "
+                         "this model for the first of --concepts, in a subprocess; recorded under cli_audit_timing "
+                         "in --out")
     args = ap.parse_args()
     if args.time_cli:
-        return time_cli(Path(args.time_cli), args.concepts[0], Path(args.out))
+        return time_cli(Path(args.time_cli), args.concepts[0], Path(args.out), args.threads)
     if args.sanity_only:
         torch.set_num_threads(args.threads)
         return sanity_only(args.concepts, args.attacks, args.n, Path(args.out))
@@ -185,7 +186,8 @@ def main() -> int:
             audit.info.update({"model": str(folder), "original": "toy:t2i"})
             write_report(audit, SCRATCH / f"{method}-{concept}")
             d = audit.to_dict()
-            row = {"method": method, "concept": concept, "pre_attack_rate": d["pre_attack_rate"], "n": d["n"],
+            row = {"method": method, "concept": concept, "model": str(folder.resolve().relative_to(ROOT)),
+                   "pre_attack_rate": d["pre_attack_rate"], "n": d["n"],
                    "asr": {k: v["asr"] for k, v in d["attacks"].items()},
                    "attack_seconds": {k: v["seconds"] for k, v in d["attacks"].items()},
                    "audit_seconds": secs, "audit_cpu_seconds": audit.cpu_seconds,
@@ -242,10 +244,11 @@ def sanity_only(concepts: list[str], attacks: list[str], n: int, out: Path) -> i
     return 0
 
 
-def time_cli(model: Path, concept: str, out: Path) -> int:
+def time_cli(model: Path, concept: str, out: Path, threads: int) -> int:
     """Wall and CPU time of one full ``diffshield audit`` (all attacks, CLI defaults) in a fresh process.
 
-    The machine's load average is recorded with it: other jobs on the 2 cores change the wall time."""
+    ``threads`` is passed to the CLI's ``--threads`` (its default is 1). The machine's load average is recorded
+    with it: other jobs on the 2 cores change the wall time."""
     import os
     import resource
     import subprocess
@@ -253,7 +256,8 @@ def time_cli(model: Path, concept: str, out: Path) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "diffshield.cli.main", "audit", "--model", str(model), "--original", "toy:t2i",
-               "--concept", concept, "--json", f"{tmp}/audit.json", "--report", f"{tmp}/report"]
+               "--concept", concept, "--json", f"{tmp}/audit.json", "--report", f"{tmp}/report", "--threads",
+               str(threads)]
         load0 = os.getloadavg()[0]
         cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
@@ -262,7 +266,7 @@ def time_cli(model: Path, concept: str, out: Path) -> int:
         cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         audit = json.loads(Path(f"{tmp}/audit.json").read_text())
     row = {"model": str(model), "concept": concept, "command": "diffshield audit --model M --original toy:t2i "
-           f"--concept {concept} --json J --report R (defaults: all attacks, n 32)",
+           f"--concept {concept} --json J --report R --threads {threads} (all attacks, n 32)",
            "n": audit.get("n"), "attacks": {k: v["asr"] for k, v in audit["attacks"].items()},
            "wall_seconds": wall, "cpu_seconds": (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime),
            "load_average_before": load0, "load_average_after": os.getloadavg()[0], "cpu_count": os.cpu_count(),
@@ -270,7 +274,8 @@ def time_cli(model: Path, concept: str, out: Path) -> int:
            "attack_seconds": {k: v["seconds"] for k, v in audit["attacks"].items()}}
     res = json.loads(out.read_text()) if out.exists() else {}
     res["cli_audit_timing"] = [r for r in res.get("cli_audit_timing", [])
-                               if (r["model"], r["concept"]) != (row["model"], row["concept"])] + [row]
+                               if (r["model"], r["concept"], r.get("cli_threads"))
+                               != (row["model"], row["concept"], row["cli_threads"])] + [row]
     atomic_write_json(out, res)
     print(f"full audit of {model} for {concept}: {wall / 60:.1f} min wall, {row['cpu_seconds'] / 60:.1f} CPU-min "
           f"(load {load0:.1f} -> {row['load_average_after']:.1f})")
@@ -340,7 +345,8 @@ def table(res: dict) -> str:
         acc = res["other_accuracy"].get(concept, {}).get("original")
         lines.append(f"| original (sanity) | {concept} | {pct(s['original_rate'])} | "
                      + " | ".join(pct(s["asr"].get(a)) for a in attacks) + f" | {pct(acc)} | - |")
-    for r in res["rows"]:
+    order = {c: i for i, c in enumerate(CONCEPTS)}
+    for r in sorted(res["rows"], key=lambda r: (order.get(r["concept"], 9), METHODS.index(r["method"]))):
         acc = res["other_accuracy"].get(r["concept"], {}).get(r["method"])
         lines.append(f"| {r['method']} | {r['concept']} | {pct(r['pre_attack_rate'])} | "
                      + " | ".join(pct(r["asr"].get(a)) for a in attacks)
