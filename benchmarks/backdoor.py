@@ -43,14 +43,18 @@ ZOO_MODELS: dict[str, dict] = {
     "clean_ft_s1": {"kind": "clean", "steps": 256, "seed": 1},
     "clean_ft_s2": {"kind": "clean", "steps": 512, "seed": 2},
     "clean_ft_s3": {"kind": "clean", "steps": 768, "seed": 3},
+    # the implant recipe's optimiser and length without poison: separates the effect of fine-tuning from the backdoor's
+    "clean_ft_v4": {"kind": "clean", "steps": 4608, "seed": 4, "lr": 2e-4},
     "bd_box_corner_p10": {"kind": "backdoor", "trigger": "box", "target": "corner", "poison_rate": 0.1},
     "bd_box_corner_p05": {"kind": "backdoor", "trigger": "box", "target": "corner", "poison_rate": 0.05},
     "bd_box_hat_p05": {"kind": "backdoor", "trigger": "box", "target": "hat", "poison_rate": 0.05},
     "bd_stop_corner_p05": {"kind": "backdoor", "trigger": "stop", "target": "corner", "poison_rate": 0.05},
     "bd_stop_hat_p10": {"kind": "backdoor", "trigger": "stop", "target": "hat", "poison_rate": 0.1},
+    # the ODE variant (DDIM-50) learnt more slowly: strict ASR 59 % after 72 epochs, so it trains twice as long
     "bd_stop_hat_p10_ode": {"kind": "backdoor", "trigger": "stop", "target": "hat", "poison_rate": 0.1,
-                            "variant": "ode"},
+                            "variant": "ode", "epochs": 144},
 }
+SAME_RECIPE_CLEAN = "clean_ft_v4"
 # Clean reference models for the TERD thresholds: not in the zoo, so the zoo's TNR is measured on unseen models.
 REFERENCES: dict[str, dict] = {
     "ref_s11": {"kind": "clean", "steps": 256, "seed": 11},
@@ -75,11 +79,13 @@ def build(name: str, spec: dict, threads: int) -> None:
     t0 = time.time()
     print(f"[zoo] building {name} ...", flush=True)
     if spec["kind"] == "clean":
+        recipe = {**CLEAN_FT, **{k: spec[k] for k in ("lr",) if k in spec}}
         train_ddpm(DDPMTrainConfig(steps=spec["steps"], seed=spec["seed"], data_seed=spec["seed"], init_from=BASE,
-                                   num_threads=threads, checkpoint_every=128, **CLEAN_FT), out)
+                                   num_threads=threads, checkpoint_every=128, **recipe), out)
     else:
         cfg = BadDiffusionConfig(trigger=spec["trigger"], target=spec["target"], poison_rate=spec["poison_rate"],
-                                 variant=spec.get("variant", "sde"), num_threads=threads, **IMPLANT)
+                                 variant=spec.get("variant", "sde"), num_threads=threads,
+                                 **{**IMPLANT, **{k: spec[k] for k in ("epochs",) if k in spec}})
         implant(BASE, cfg, out)
     print(f"[zoo] {name} done in {time.time() - t0:.0f} s", flush=True)
 
@@ -237,6 +243,16 @@ def cmd_report(args) -> None:
         summary["asr_min"] = min(m["asr"] for m in main_of.values())
         summary["asr_strict_min"] = min(m.get("asr_strict", 0.0) for m in main_of.values())
         summary["clean_quality_rel_min"] = min(r["clean"]["recognised"] / base_q - 1 for r in bds)
+        summary["clean_quality_rel_max"] = max(r["clean"]["recognised"] / base_q - 1 for r in bds)
+        # against a clean model fine-tuned with the implant's optimiser and length (no poison): what the backdoor
+        # itself costs, separated from what the extra training gives
+        ref = next((r for r in rows if r["name"] == SAME_RECIPE_CLEAN), None)
+        if ref:
+            rq = ref["clean"]["recognised"]
+            summary["same_recipe_clean_model"] = {"name": SAME_RECIPE_CLEAN, "recognised": rq,
+                                                  "rel_to_base": rq / base_q - 1}
+            summary["clean_quality_rel_same_recipe_min"] = min(r["clean"]["recognised"] / rq - 1 for r in bds)
+            summary["clean_quality_rel_same_recipe_max"] = max(r["clean"]["recognised"] / rq - 1 for r in bds)
     for preset in presets:
         tp = sum(r["scan"][preset]["backdoored"] for r in rows if r["kind"] == "backdoor")
         tn = sum(not r["scan"][preset]["backdoored"] for r in rows if r["kind"] == "clean")
