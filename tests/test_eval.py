@@ -83,6 +83,23 @@ def test_generate_with_i2p_csv_uses_row_seeds(tiny_sd_dir, tmp_path):
     assert m["guidance_per_image"] == [7.5, 7.5, 2.0, 2.0]
 
 
+@pytest.mark.parametrize("command", [["generate"], ["erase", "--method", "uce", "--concept", "red"]])
+def test_threads_option_sets_torch_threads_and_rejects_negatives(tiny_sd_dir, tmp_path, capsys, command):
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        args = [*command, "--model", str(tiny_sd_dir), "--out", str(tmp_path / "o")]
+        if command == ["generate"]:
+            args += ["--prompt", "a red box", "--n", "1", "--steps", "2"]
+        assert main([*args, "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1
+        with pytest.raises(SystemExit) as e:
+            main([*args, "--threads", "-1"])
+        assert e.value.code == 2 and "must be 0 or more" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_erasure_report_of_a_model_against_itself(tiny_model):
     from diffshield.core.sampling import SampleConfig
     from diffshield.eval.erasure import evaluate_erasure

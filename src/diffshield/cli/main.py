@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from diffshield.cli.common import add_threads_arg, apply_threads
 from diffshield.cli.common import positive_int as _positive_int
 from diffshield.core.errors import DiffshieldError
 
@@ -353,11 +354,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image k uses seed+k (default: 0)")
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     _add_sampling_args(p)
+    add_threads_arg(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("demo", help="run the main job on the shipped toy models",
                        description="Generate a grid with the shipped toy model and say what the detector sees.")
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
+    add_threads_arg(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("erase", help="erase concepts from a model's weights (UCE, RECE, ESD-x, ESD-u)",
@@ -379,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-dir", help="ESD checkpoints (resumes from one found here)")
     p.add_argument("--out", required=True, help="output folder for the edited model")
     p.add_argument("--json", help="write the run report (time, fraction changed, config) here")
+    add_threads_arg(p)
     p.set_defaults(func=cmd_erase)
 
     p = sub.add_parser("apply-delta", help="apply a saved erasure delta to a model",
@@ -407,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", help="write the results to this JSON file")
     e.add_argument("--grid", help="write a before/after PNG grid here")
     e.add_argument("--allow-pickle", action="store_true", help="accept pickled weights (trusted files only)")
+    add_threads_arg(e)
     e.set_defaults(func=cmd_eval_erasure)
     e = esub.add_parser("nudity", help="NudeNet nudity rate of a folder of images",
                         description="Count images where any of NudeNet's 9 EXPOSED classes scores above the "
@@ -432,6 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--vae-steps", type=_positive_int, default=800, help="VAE steps (default: 800)")
     t.add_argument("--detector-steps", type=_positive_int, default=600, help="detector steps (default: 600)")
     t.add_argument("--unet-steps", type=_positive_int, default=2000, help="UNet steps (default: 2000)")
+    add_threads_arg(t)
     t.set_defaults(func=cmd_toyworld_train)
     d = tsub.add_parser("dataset", help="render ShapesWorld samples with their captions",
                         description="Render ShapesWorld images (grid.png) and captions (captions.json).")
@@ -452,6 +458,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 1
     try:
+        apply_threads(args)
         return int(args.func(args) or 0)
     except DiffshieldError as e:
         print(f"diffshield: error: {e}", file=sys.stderr)
