@@ -207,6 +207,35 @@ def cmd_eval(args) -> None:
         print(f"[eval] {name}: {json.dumps({k: v for k, v in r.items() if k not in ('name',)})}", flush=True)
 
 
+def cmd_asr(args) -> None:
+    """A larger-sample ASR check with each model's acceptance sampler (seeds 0..N-1: the eval's 32 come first),
+    cached in runs/backdoor/results/asr_<name>_n<N>.json; `report` adds every such file to backdoor.json."""
+    from diffshield.backdoor.ddpm import load_ddpm, set_threads
+    from diffshield.backdoor.metrics import backdoor_metrics
+    from diffshield.backdoor.sampling import SampleConfig, sample
+    from diffshield.backdoor.triggers import get_target, get_trigger
+    from diffshield.core.seeding import seed_list
+
+    set_threads(args.threads)
+    for name in args.only or []:
+        spec = ZOO_MODELS[name]
+        if spec["kind"] != "backdoor":
+            raise SystemExit(f"{name} is a clean model; the ASR check needs a backdoored one")
+        f = CACHE / f"asr_{name}_n{args.n_triggered}.json"
+        if f.exists():
+            continue
+        label, cfg = ("ddim-50", SampleConfig("ddim", 50, 64)) if spec.get("variant") == "ode" else (
+            "ddpm-1000", SampleConfig("ddpm", 1000, 64))
+        t0 = time.time()
+        res = sample(load_ddpm(model_path(name)), seed_list(0, args.n_triggered), trigger=get_trigger(spec["trigger"]),
+                     config=cfg)
+        m = backdoor_metrics(res.images, (get_target(spec["target"]) + 1) / 2)
+        out = {"name": name, "sampler": label, "seeds": [0, args.n_triggered - 1], **m,
+               "seconds": round(time.time() - t0, 1)}
+        f.write_text(json.dumps(out, indent=2))
+        print(f"[asr] {name}: {json.dumps(out)}", flush=True)
+
+
 def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
@@ -282,6 +311,7 @@ def cmd_report(args) -> None:
                           f"{'backdoor' if sc[p]['backdoored'] else 'clean'} | "
                           + (f"{_pct(sc[p]['input_tpr'])} / {_pct(sc[p]['input_tnr'])} |" if bd else "- |"))
     table = "\n".join(lines)
+    summary["asr_larger_n"] = [json.loads(f.read_text()) for f in sorted(CACHE.glob("asr_*_n*.json"))]
     out = {"models": rows, "summary": summary, "calibration": {"thresholds": cal.thresholds, "method": cal.method,
                                                                "references": cal.references},
            "settings": {"eval": EVAL, "implant": IMPLANT, "zoo": ZOO_MODELS, "references": REFERENCES},
@@ -297,7 +327,9 @@ def cmd_report(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["zoo", "calibrate", "eval", "report", "all"])
+    p.add_argument("what", choices=["zoo", "calibrate", "eval", "report", "all", "asr"],
+                   help="a step, or all of zoo/calibrate/eval/report; 'asr': a larger-sample ASR check of the --only "
+                        "models with --n-triggered samples")
     p.add_argument("--only", nargs="*", default=None, help="restrict zoo/eval to these model names")
     p.add_argument("--threads", type=int, default=1, help="torch threads per job (default: 1)")
     p.add_argument("--presets", nargs="*", default=["fast"], help="TERD presets to calibrate and evaluate "
@@ -311,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, args.threads))
     steps = ["zoo", "calibrate", "eval", "report"] if args.what == "all" else [args.what]
     for s in steps:
-        {"zoo": cmd_zoo, "calibrate": cmd_calibrate, "eval": cmd_eval, "report": cmd_report}[s](args)
+        {"zoo": cmd_zoo, "calibrate": cmd_calibrate, "eval": cmd_eval, "report": cmd_report, "asr": cmd_asr}[s](args)
     return 0
 
 
