@@ -12,6 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from diffshield.cli.common import add_threads_arg
 from diffshield.cli.common import positive_int as _positive_int
 from diffshield.core.errors import DiffshieldError
 
@@ -137,8 +138,6 @@ def cmd_protect(args) -> int:
     from diffshield.protect.attack_as_defense import protect
     from diffshield.protect.inpainters import load_inpainter
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     cfg = _config(args)
     src, msk, out = Path(args.image), Path(args.mask), Path(args.out)
     if not src.exists():
@@ -213,14 +212,11 @@ def cmd_protect(args) -> int:
 
 
 def cmd_eval_protection(args) -> int:
-    import torch
 
     from diffshield.core.io import atomic_write_json
     from diffshield.protect.inpainters import load_inpainter
     from diffshield.protect.metrics import evaluate_protection, panel
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     x = load_image(args.image)
     xp = load_image(args.protected)
     if xp.shape != x.shape:
@@ -315,7 +311,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", choices=["colour", "invert"], default="colour",
                    help="target of the protection: the solid colour farthest from the image's mean colour, or "
                         "1 - image (default: colour)")
-    p.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's choice)")
+    add_threads_arg(p)
 
 
 def _eval_subparsers(sub: argparse._SubParsersAction):

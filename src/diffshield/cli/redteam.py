@@ -7,7 +7,7 @@ import ast
 import time
 from pathlib import Path
 
-from diffshield.cli.common import non_negative_int as _non_negative_int
+from diffshield.cli.common import add_threads_arg
 from diffshield.cli.common import positive_int as _positive_int
 from diffshield.core.errors import DiffshieldError
 
@@ -36,10 +36,6 @@ def cmd_audit(args) -> int:
     from diffshield.core.sampling import SampleConfig
     from diffshield.redteam.audit import format_table, run_audit, write_report
 
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     sample = SampleConfig(steps=args.steps, guidance=args.guidance, batch_size=args.batch_size)
     hp = parse_settings(args.set)
     attacks = args.attack or ["all"]
@@ -95,11 +91,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", help="write the results (attacks: {name: {asr, pre_attack_rate, n, ...}}) here")
     p.add_argument("--report", help="write a report folder here (index.html, audit.json, one PNG per attack)")
     p.add_argument("--allow-pickle", action="store_true", help="accept pickled weights (trusted files only)")
-    p.add_argument("--threads", type=_non_negative_int, default=1,
-                   help="torch CPU threads (default: 1; 0 = torch's default). The toy model's small tensors gain "
-                        "little from more threads, and extra threads slow down badly when another job shares the "
-                        "cores (measured: 19 min for a full audit with 2 threads next to one busy core, 1 thread: "
-                        "see the README)")
+    add_threads_arg(p, default=1)  # the toy model's small tensors gain little from more threads
     p.set_defaults(func=cmd_audit)
 
 
