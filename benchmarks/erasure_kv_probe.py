@@ -11,8 +11,13 @@ drops by 7-14 points. This probe tests two explanations without generating any i
 2. *The edit leaks into the other values' prompts*: the relative change ‖ΔW e‖ / ‖W e‖ of the keys and values over
    all K/V matrices, for the evaluation prompts of the concept and of the other values of its kind (prompts the
    edit never saw; see :mod:`diffshield.toyworld.erasure_recipes`).
+3. *The UNet draws styles from small K/V differences* (``--sensitivity``, a few minutes): random Gaussian noise is
+   added to every K/V matrix, scaled so that the keys and values of the evaluation prompts move by a given
+   relative amount, and the detector's accuracy on the style prompts and on the shape prompts is measured
+   (DDIM 25, guidance 5, 4 seeds per prompt, 2 noise draws per level).
 
-Run: ``.venv/bin/python benchmarks/erasure_kv_probe.py`` (about 30 s on one thread). Writes
+Run: ``.venv/bin/python benchmarks/erasure_kv_probe.py [--sensitivity]`` (10 s without, about 5 min with, one
+thread). Writes
 ``benchmarks/results/erasure_kv_probe.json`` and prints a markdown table.
 """
 
@@ -72,10 +77,55 @@ def probe(concept: str, base) -> dict:
     }
 
 
+def sensitivity(base, levels: list[float], draws: int = 2, seeds_per_prompt: int = 4) -> list[dict]:
+    """Style and shape accuracy of ``base`` with random K/V noise of each relative size in ``levels`` (see 3.)."""
+    from diffshield.core.loading import load_detector
+    from diffshield.core.sampling import SampleConfig, encode_prompts
+    from diffshield.erase.closed_form import kv_layers
+    from diffshield.eval.erasure import _rate
+    from diffshield.toyworld.concepts import concept_prompts, resolve_concept
+    from diffshield.toyworld.shapes import SHAPES, STYLES
+
+    det = load_detector("toy:detector")
+    cfg = SampleConfig(steps=25, guidance=5.0)
+    groups = {"style": [resolve_concept(s) for s in STYLES], "shape": [resolve_concept(s) for s in SHAPES]}
+    prompts = [q for cs in groups.values() for c in cs for q, _ in concept_prompts(c)]
+    e = torch.cat(list(encode_prompts(base, prompts))).float()
+    layers = kv_layers(base.unet)
+    w0 = {n: lin.weight.detach().clone() for n, lin in layers}
+    # entries of std sigma move ||W e|| by sigma * sqrt(d_out) * ||e||: pick sigma per matrix for a relative move rho
+    unit = {n: float((w @ e.T).norm() / (e.norm() * w.shape[0] ** 0.5)) for n, w in w0.items()}
+    rows = []
+    try:
+        for rho in levels:
+            for draw in range(draws if rho > 0 else 1):
+                g = torch.Generator().manual_seed(1000 + draw)
+                with torch.no_grad():
+                    for n, lin in layers:
+                        noise = torch.randn(w0[n].shape, generator=g) * unit[n] * rho
+                        lin.weight.copy_(w0[n] + noise)
+                row = {"rho": rho, "draw": draw}
+                for head, cs in groups.items():
+                    accs = [_rate(base, det, concept_prompts(c), c.head, c.index, seeds_per_prompt, cfg, 0)[0]
+                            for c in cs]
+                    row[f"{head}_accuracy"] = sum(accs) / len(accs)
+                rows.append(row)
+                print(f"[sensitivity] rho {rho:.3f} draw {draw}: style {row['style_accuracy']:.3f} "
+                      f"shape {row['shape_accuracy']:.3f}", flush=True)
+    finally:
+        with torch.no_grad():
+            for n, lin in layers:
+                lin.weight.copy_(w0[n])
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--concepts", nargs="*", default=CONCEPTS, help=f"toy concepts (default: {' '.join(CONCEPTS)})")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
+    ap.add_argument("--sensitivity", action="store_true", help="also run the random K/V noise check (about 5 min)")
+    ap.add_argument("--levels", nargs="*", type=float, default=[0.0, 0.045, 0.09],
+                    help="relative K/V moves of the noise check (default: 0 0.045 0.09)")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, args.threads))
     from diffshield.core.io import atomic_write_json
@@ -89,10 +139,18 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {r['concept']} | {r['kind']} | {r['change_vs_preserve_eig_top5'][0]:.1f} | "
                      f"{100 * r['kv_change_own_eval_prompts']:.1f} % | "
                      f"{100 * r['kv_change_other_values_eval_prompts']:.1f} % |")
+    out = {"rows": rows, "method": "uce", "setting": "toy_erasure('uce', concept)"}
+    if args.sensitivity:
+        out["sensitivity"] = sensitivity(base, args.levels)
+        lines += ["", "| random K/V move | style accuracy | shape accuracy |", "|---|---|---|"]
+        for rho in args.levels:
+            rs = [r for r in out["sensitivity"] if r["rho"] == rho]
+            lines.append(f"| {100 * rho:.1f} % | " + " | ".join(
+                f"{100 * sum(r[h] for r in rs) / len(rs):.1f} %" for h in ("style_accuracy", "shape_accuracy")) + " |")
     table = "\n".join(lines)
+    out["readme_table"] = table
     RESULTS.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(RESULTS / "erasure_kv_probe.json", {"rows": rows, "readme_table": table, "method": "uce",
-                                                          "setting": "toy_erasure('uce', concept)"})
+    atomic_write_json(RESULTS / "erasure_kv_probe.json", out)
     print(table)
     return 0
 
