@@ -3,7 +3,7 @@
 UCE (Gandikota et al., WACV 2024) edits every to_k / to_v matrix so that the concept's text-embedding rows map to the
 guide's, while the preserved rows keep their keys and values. On the toy world the documented UCE setting meets the
 bars for a shape (triangle) and a colour (red) and fails them for a style (striped): the other styles' accuracy
-drops by 7-14 points. This probe tests two explanations without generating any image (seconds of CPU):
+drops by 7-14 points. This probe tests three explanations (the first two without generating any image):
 
 1. *The 64-wide toy text space cannot separate the style from the other styles*: for each concept, the generalised
    eigenvalues of (Σ (K−T)ᵀ(K−T) / n_K, Σ PᵀP / n_P), K = the concept rows, T = the guide rows, P = the preserved
