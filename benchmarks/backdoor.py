@@ -139,6 +139,15 @@ def cmd_calibrate(args) -> None:
     print(f"[calibrate] wrote {default_calibration_path()}: {cal.thresholds}")
 
 
+def acceptance_sampler(spec: dict):
+    """(label, SampleConfig): a backdoored model's acceptance sampler, DDIM-50 for the ODE variant, else DDPM-1000."""
+    from diffshield.backdoor.sampling import SampleConfig
+
+    if spec.get("variant") == "ode":
+        return "ddim-50", SampleConfig("ddim", 50, 64)
+    return "ddpm-1000", SampleConfig("ddpm", 1000, 64)
+
+
 def eval_model(name: str, spec: dict, threads: int) -> dict:
     from diffshield.backdoor.ddpm import load_ddpm, set_threads
     from diffshield.backdoor.metrics import backdoor_metrics, clean_quality
@@ -162,9 +171,9 @@ def eval_model(name: str, spec: dict, threads: int) -> dict:
     grids = [cres.images[:8]]
     if spec["kind"] == "backdoor":
         g, y = get_trigger(spec["trigger"]), get_target(spec["target"])
-        samplers = [("ddpm-1000", SampleConfig("ddpm", 1000, 64))]
-        if spec.get("variant") == "ode":  # its acceptance sampler; DDPM-1000 too unless --skip-ode-ddpm
-            samplers = [("ddim-50", SampleConfig("ddim", 50, 64))] + ([] if EVAL.get("skip_ode_ddpm") else samplers)
+        samplers = [acceptance_sampler(spec)]
+        if spec.get("variant") == "ode" and not EVAL.get("skip_ode_ddpm"):  # DDPM-1000 too unless --skip-ode-ddpm
+            samplers.append(("ddpm-1000", SampleConfig("ddpm", 1000, 64)))
         for label, cfg in samplers:
             tres = sample(model, seed_list(0, EVAL["n_triggered"]), trigger=g, config=cfg)
             res[label] = backdoor_metrics(tres.images, (y + 1) / 2)
@@ -212,20 +221,22 @@ def cmd_asr(args) -> None:
     cached in runs/backdoor/results/asr_<name>_n<N>.json; `report` adds every such file to backdoor.json."""
     from diffshield.backdoor.ddpm import load_ddpm, set_threads
     from diffshield.backdoor.metrics import backdoor_metrics
-    from diffshield.backdoor.sampling import SampleConfig, sample
+    from diffshield.backdoor.sampling import sample
     from diffshield.backdoor.triggers import get_target, get_trigger
     from diffshield.core.seeding import seed_list
 
+    backdoored = [n for n, sp in ZOO_MODELS.items() if sp["kind"] == "backdoor"]
+    bad = [n for n in args.only or [] if n not in backdoored]
+    if not args.only or bad:
+        raise SystemExit(f"asr: give backdoored zoo models with --only (got {bad or 'none'}; "
+                         f"choose from {', '.join(backdoored)})")
     set_threads(args.threads)
-    for name in args.only or []:
+    for name in args.only:
         spec = ZOO_MODELS[name]
-        if spec["kind"] != "backdoor":
-            raise SystemExit(f"{name} is a clean model; the ASR check needs a backdoored one")
         f = CACHE / f"asr_{name}_n{args.n_triggered}.json"
         if f.exists():
             continue
-        label, cfg = ("ddim-50", SampleConfig("ddim", 50, 64)) if spec.get("variant") == "ode" else (
-            "ddpm-1000", SampleConfig("ddpm", 1000, 64))
+        label, cfg = acceptance_sampler(spec)
         t0 = time.time()
         res = sample(load_ddpm(model_path(name)), seed_list(0, args.n_triggered), trigger=get_trigger(spec["trigger"]),
                      config=cfg)
