@@ -30,7 +30,7 @@ from diffshield.erase.esd import esd_erase
 from diffshield.erase.rece import rece_erase
 from diffshield.erase.uce import uce_erase
 from diffshield.eval.erasure import evaluate_erasure, model_stats
-from diffshield.toyworld.erasure_recipes import METHODS, TOY_ESD, TOY_RECE, TOY_UCE, toy_erasure
+from diffshield.toyworld.erasure_recipes import ANCHOR_MODES, METHODS, TOY_ESD, TOY_RECE, TOY_UCE, toy_erasure
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -147,8 +147,9 @@ def main() -> int:
     ap.add_argument("--esd-batch", type=int, default=None, help="override the ESD batch size")
     ap.add_argument("--esd-prompts", choices=("words", "templates"), default=None,
                     help="override the ESD prompt list (see erasure_recipes.esd_prompts)")
-    ap.add_argument("--esd-preserve", choices=("others",), default=None,
-                    help="ESD preservation anchor (beyond the paper): 'others' = the other values of the kind")
+    ap.add_argument("--esd-preserve", choices=ANCHOR_MODES, default=None,
+                    help="ESD preservation anchor (beyond the paper): 'others' = the other values of the kind; "
+                         "'uncond+others' = those and the empty prompt (see erasure_recipes.esd_anchor_prompts)")
     ap.add_argument("--esd-preserve-weight", type=float, default=None, help="weight of the ESD anchor (default 1)")
     ap.add_argument("--esd-sample-with", choices=("current", "frozen"), default=None,
                     help="override which UNet samples ESD's x_t")

@@ -188,7 +188,7 @@ def test_checkpoint_of_another_run_is_refused(tiny_sd_dir, tmp_path):
         (dict(freeze_time_and_out="yes"), "freeze_time_and_out"),
         (dict(sample_with="ema"), "sample_with"),
         (dict(batch_size=0), "batch_size"),
-        (dict(preserve=["a cat", " "]), "preserve"),
+        (dict(preserve=["a cat", None]), "preserve"),
         (dict(preserve=[3]), "preserve"),
         (dict(preserve=["a cat"], preserve_weight=-1), "preserve_weight"),
     ],
@@ -305,3 +305,27 @@ def test_anchor_off_leaves_runs_and_their_checkpoint_identity_unchanged(tiny_sd_
     ident = run_identity(model, [CONCEPT], ESDConfig(**FAST))
     assert "preserve" not in ident and "preserve_weight" not in ident
     assert run_identity(model, [CONCEPT], ESDConfig(preserve=["a cat"], **FAST))["preserve"] == ["a cat"]
+
+
+def test_empty_prompt_anchor_keeps_the_unconditional_prediction(tiny_sd_dir):
+    """preserve=[""] anchors ε(x, ∅), the term classifier-free guidance subtracts: plain ESD moves it along with
+    ε(x, c) (the toy world's failure), the anchored run keeps it nearer the original's."""
+    cfg = dict(variant="x", iterations=30, lr=3e-4, ddim_steps=4)
+    plain = load_t2i(tiny_sd_dir)
+    frozen = copy.deepcopy(plain.unet)
+    esd_erase(plain, [CONCEPT], ESDConfig(**cfg), progress=False)
+    anchored = load_t2i(tiny_sd_dir)
+    esd_erase(anchored, [CONCEPT], ESDConfig(preserve=[""], **cfg), progress=False)
+    assert _keep_error(anchored, frozen, "") < 0.75 * _keep_error(plain, frozen, "")  # measured 0.57x
+
+
+def test_toy_anchor_modes_interleave_the_empty_prompt():
+    from diffshield.toyworld.erasure_recipes import esd_anchor_prompts, toy_erasure
+
+    others = esd_anchor_prompts("red")
+    assert others == ["a green", "a blue", "a yellow"]
+    assert esd_anchor_prompts("red", "uncond+others") == ["", "a green", "", "a blue", "", "a yellow"]
+    prompts, cfg = toy_erasure("esd-x", "red", preserve="uncond+others")
+    assert prompts == ["a red"] and cfg.preserve == ["", "a green", "", "a blue", "", "a yellow"]
+    with pytest.raises(DiffshieldError, match="anchor mode"):
+        esd_anchor_prompts("red", "everything")

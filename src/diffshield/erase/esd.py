@@ -95,7 +95,8 @@ class ESDConfig:
         sample_with: which UNet samples x_t: "current" (the one being fine-tuned, as the paper's code does; default)
             or "frozen" (the original, as the 2024 diffusers rewrite does: x_t no longer drifts as the concept fades).
         preserve: prompts whose predictions are anchored to the original's (default (): none, the paper's ESD);
-            one per batch element per iteration, in turn.
+            one per batch element per iteration, in turn. The empty prompt "" anchors the unconditional prediction
+            that classifier-free guidance subtracts.
         preserve_weight: weight of the preservation term (default 1.0; used only with ``preserve``).
         checkpoint_every: save a checkpoint every this many iterations when ``checkpoint_dir`` is set
             (default 100; a checkpoint is also written after the last iteration).
@@ -150,10 +151,8 @@ class ESDConfig:
             raise DiffshieldError(f"sample_with must be 'current' or 'frozen', got {self.sample_with!r}")
         if isinstance(self.preserve, str):
             self.preserve = [self.preserve]
-        if not isinstance(self.preserve, (list, tuple)) or any(
-            not isinstance(q, str) or not q.strip() for q in self.preserve
-        ):
-            raise DiffshieldError(f"ESD preserve must be a list of non-empty prompts, got {self.preserve!r}")
+        if not isinstance(self.preserve, (list, tuple)) or any(not isinstance(q, str) for q in self.preserve):
+            raise DiffshieldError(f"ESD preserve must be a list of prompts ('' = unconditional), got {self.preserve!r}")
         self.preserve = list(self.preserve)
         if not _is_number(self.preserve_weight) or self.preserve_weight < 0:
             raise DiffshieldError(f"preserve_weight must be a finite number >= 0, got {self.preserve_weight!r}")

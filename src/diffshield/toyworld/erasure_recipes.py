@@ -102,11 +102,29 @@ def esd_prompts(concept: str, mode: str = "words") -> list[str]:
     return [f"a {w}" for w in c.words]
 
 
-def esd_anchor_prompts(concept: str) -> list[str]:
-    """ESD's optional preservation anchor for a toy concept: :func:`esd_prompts` ("words") of every other value of
-    its kind (e.g. triangle -> "a circle", "a round", "a square", ...)."""
+#: the anchor modes of :func:`esd_anchor_prompts`
+ANCHOR_MODES = ("others", "uncond+others")
+
+
+def esd_anchor_prompts(concept: str, mode: str = "others") -> list[str]:
+    """ESD's optional preservation anchor for a toy concept (default mode "others").
+
+    ``"others"``: :func:`esd_prompts` ("words") of every other value of its kind (e.g. triangle -> "a circle",
+    "a disc", "a square", ...). ``"uncond+others"``: the same list with the empty prompt "" before each entry, so that
+    every other iteration anchors the *unconditional* prediction. Why: the toy text encoder's rows for "a red" and ""
+    are close, so plain ESD moves ε(x, ∅) about as much as ε(x, "a red") (measured on ESD-x red: both change by
+    about 2x the concept's guidance signal ε*(c) − ε*(∅), cosine 0.96 at high noise), and classifier-free guidance,
+    which subtracts ε(x, ∅), cancels most of the erasure (red: 0 % detected without guidance, 37.5 % at guidance 5).
+    """
+    from diffshield.core.errors import DiffshieldError
+
+    if mode not in ANCHOR_MODES:
+        raise DiffshieldError(f"ESD anchor mode must be one of {', '.join(ANCHOR_MODES)}, got {mode!r}")
     c = resolve_concept(concept)
-    return [p for o in other_concepts(c) for p in esd_prompts(o.name)]
+    others = [p for o in other_concepts(c) for p in esd_prompts(o.name)]
+    if mode == "others":
+        return others
+    return [p for q in others for p in ("", q)]
 
 
 #: UCE on the toy world: λ 0.5 (paper), s_e 3, s_p 1, paper2023 token mode, template prompts (see module docstring)
@@ -127,8 +145,8 @@ def toy_erasure(method: str, concept: str, **overrides) -> tuple[list[str], obje
         method: "uce", "rece", "esd-x" or "esd-u".
         concept: a toy concept word (shape, colour or style; a synonym resolves to its concept).
         overrides: fields of the method's config to change (e.g. ``iterations=100`` or ``checkpoint_dir=...``);
-            for ESD also ``prompts="words"|"templates"`` (see :func:`esd_prompts`) and ``preserve="others"``
-            (the anchor of :func:`esd_anchor_prompts`) or a list of prompts.
+            for ESD also ``prompts="words"|"templates"`` (see :func:`esd_prompts`) and ``preserve="others"`` or
+            ``"uncond+others"`` (the anchors of :func:`esd_anchor_prompts`) or a list of prompts.
     Returns the list to pass as ``concepts`` to the method's erase function, and its config object.
     """
     from diffshield.core.errors import DiffshieldError
@@ -153,7 +171,7 @@ def toy_erasure(method: str, concept: str, **overrides) -> tuple[list[str], obje
         cls = ESDXConfig if variant == "x" else ESDUConfig
         settings = {**TOY_ESD[variant], **overrides}
         mode = settings.pop("prompts", "words")
-        if settings.get("preserve") == "others":
-            settings["preserve"] = esd_anchor_prompts(concept)
+        if settings.get("preserve") in ANCHOR_MODES:
+            settings["preserve"] = esd_anchor_prompts(concept, settings["preserve"])
         return esd_prompts(concept, mode), cls(variant=variant, **settings)
     raise DiffshieldError(f"unknown erasure method {method!r}; choose one of: {', '.join(METHODS)}")
