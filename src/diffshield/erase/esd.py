@@ -152,7 +152,7 @@ class ESDConfig:
         if isinstance(self.preserve, str):
             self.preserve = [self.preserve]
         if not isinstance(self.preserve, (list, tuple)) or any(not isinstance(q, str) for q in self.preserve):
-            raise DiffshieldError(f"ESD preserve must be a list of prompts (\"\" anchors ε(x, ∅)), got {self.preserve!r}")
+            raise DiffshieldError(f"ESD preserve must be a list of prompts, '' included; got {self.preserve!r}")
         self.preserve = list(self.preserve)
         if not _is_number(self.preserve_weight) or self.preserve_weight < 0:
             raise DiffshieldError(f"preserve_weight must be a finite number >= 0, got {self.preserve_weight!r}")
