@@ -148,8 +148,9 @@ def main() -> int:
     ap.add_argument("--esd-prompts", choices=("words", "templates"), default=None,
                     help="override the ESD prompt list (see erasure_recipes.esd_prompts)")
     ap.add_argument("--esd-preserve", choices=ANCHOR_MODES, default=None,
-                    help="ESD preservation anchor (beyond the paper): 'others' = the other values of the kind; "
-                         "'uncond+others' = those and the empty prompt (see erasure_recipes.esd_anchor_prompts)")
+                    help="ESD preservation anchor (beyond the paper): 'none' = the paper's ESD; 'others' = the other "
+                         "values of the kind; 'uncond+others' = those and the empty prompt "
+                         "(see erasure_recipes.esd_anchor_prompts)")
     ap.add_argument("--esd-preserve-weight", type=float, default=None, help="weight of the ESD anchor (default 1)")
     ap.add_argument("--esd-sample-with", choices=("current", "frozen"), default=None,
                     help="override which UNet samples ESD's x_t")

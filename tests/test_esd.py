@@ -325,6 +325,7 @@ def test_toy_anchor_modes_interleave_the_empty_prompt():
     others = esd_anchor_prompts("red")
     assert others == ["a green", "a blue", "a yellow"]
     assert esd_anchor_prompts("red", "uncond+others") == ["", "a green", "", "a blue", "", "a yellow"]
+    assert esd_anchor_prompts("red", "none") == []
     prompts, cfg = toy_erasure("esd-x", "red", preserve="uncond+others")
     assert prompts == ["a red"] and cfg.preserve == ["", "a green", "", "a blue", "", "a yellow"]
     with pytest.raises(DiffshieldError, match="anchor mode"):

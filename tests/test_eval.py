@@ -117,4 +117,8 @@ def test_erasure_report_of_a_model_against_itself(tiny_model):
                          config=SampleConfig(steps=2))
     assert r["erased_detection_rate"] == r["original_detection_rate"] == 1.0
     assert r["synonym_detection_rate"] == 1.0 and r["other_accuracy"] == 0.0
+    # what the detector saw instead: every other shape's prompts drawn as triangles
+    assert r["other_seen"] == r["original_other_seen"]
+    assert r["other_seen"]["circle"] == {"circle": 0.0, "square": 0.0, "triangle": 1.0, "star": 0.0}
+    assert r["concept_seen"]["triangle"] == 1.0
     assert r["frechet_neutral"] == pytest.approx(0.0, abs=1e-6)

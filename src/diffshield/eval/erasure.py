@@ -7,6 +7,7 @@ same prompts and seeds by the erased and by the original model:
 - ``synonym_detection_rate``: the same for prompts that use C's synonyms (paraphrase robustness);
 - ``other_accuracy`` / ``original_other_accuracy``: its accuracy on prompts for the other concepts of C's kind
   (e.g. circle, square, star when C is triangle): what the erasure should leave alone;
+- ``concept_seen`` / ``other_seen``: what the detector found instead (e.g. dotted prompts drawn plain);
 - ``frechet_neutral``: feature Fréchet distance between erased and original images for neutral prompts that do not
   mention C (the toy analogue of the FID the papers report).
 """
@@ -18,16 +19,18 @@ import torch
 from diffshield.core.loading import T2IModel
 from diffshield.core.sampling import SampleConfig, generate
 from diffshield.eval.frechet import detector_features, frechet_distance
-from diffshield.toyworld.concepts import concept_prompts, other_concepts, resolve_concept
+from diffshield.toyworld.concepts import HEAD_VALUES, concept_prompts, other_concepts, resolve_concept
 from diffshield.toyworld.shapes import ShapesWorld
 
 
-def _rate(model, detector, prompts_labels, head, index, k, config, seed) -> tuple[float, torch.Tensor]:
+def _rate(model, detector, prompts_labels, head, index, k, config, seed) -> tuple[float, torch.Tensor, dict]:
+    """(fraction detected as ``index``, the images, {value: fraction of images detected as it})."""
     prompts = [p for p, _ in prompts_labels for _ in range(k)]
     seeds = [seed + j for _ in prompts_labels for j in range(k)]
     gen = generate(model, prompts, seeds, config=config, progress=False)
     pred = detector.predict(gen.images)[head][0]
-    return float((pred == index).float().mean()), gen.images
+    seen = {v: float((pred == i).float().mean()) for i, v in enumerate(HEAD_VALUES[head])}
+    return float((pred == index).float().mean()), gen.images, seen
 
 
 def neutral_prompts(concept_words: tuple[str, ...], n: int, seed: int = 4321) -> list[str]:
@@ -45,13 +48,15 @@ def model_stats(model: T2IModel, detector, concept: str, seeds_per_prompt: int =
     """Detection rates of one model for a concept (its own prompts, synonyms, the other concepts) + neutral feats."""
     c = resolve_concept(concept)
     k = seeds_per_prompt
-    rate, imgs = _rate(model, detector, concept_prompts(c), c.head, c.index, k, config, seed)
+    rate, imgs, seen = _rate(model, detector, concept_prompts(c), c.head, c.index, k, config, seed)
     syn = {w: _rate(model, detector, concept_prompts(c, w), c.head, c.index, k, config, seed)[0] for w in c.synonyms}
-    others = {o.name: _rate(model, detector, concept_prompts(o), o.head, o.index, k, config, seed)[0]
-              for o in other_concepts(c)}
+    other = {o.name: _rate(model, detector, concept_prompts(o), o.head, o.index, k, config, seed)
+             for o in other_concepts(c)}
+    others = {name: r[0] for name, r in other.items()}
     neutral = generate(model, neutral_prompts(c.words, n_neutral), list(range(seed, seed + n_neutral)),
                        config=config, progress=False).images
-    return {"detection_rate": rate, "synonym_rates": syn, "other_rates": others,
+    return {"detection_rate": rate, "synonym_rates": syn, "other_rates": others, "concept_seen": seen,
+            "other_seen": {name: r[2] for name, r in other.items()},
             "neutral_features": detector_features(detector, neutral), "concept_images": imgs[: 4 * k]}
 
 
@@ -85,6 +90,11 @@ def evaluate_erasure(erased: T2IModel, original: T2IModel, concept: str, detecto
         "original_other_accuracy": mean(o["other_rates"]),
         "other_rates": e["other_rates"],
         "original_other_rates": o["other_rates"],
+        # what the detector saw instead: {prompted value: {detected value: fraction}} (stats cached before this
+        # key existed lack it: None)
+        "concept_seen": e["concept_seen"],
+        "other_seen": e["other_seen"],
+        "original_other_seen": o.get("other_seen"),
         "frechet_neutral": frechet_distance(e["neutral_features"], o["neutral_features"]),
         "seeds_per_prompt": seeds_per_prompt,
         "n_neutral": n_neutral,

@@ -103,13 +103,13 @@ def esd_prompts(concept: str, mode: str = "words") -> list[str]:
 
 
 #: the anchor modes of :func:`esd_anchor_prompts`
-ANCHOR_MODES = ("others", "uncond+others")
+ANCHOR_MODES = ("none", "others", "uncond+others")
 
 
 def esd_anchor_prompts(concept: str, mode: str = "others") -> list[str]:
     """ESD's optional preservation anchor for a toy concept (default mode "others").
 
-    ``"others"``: :func:`esd_prompts` ("words") of every other value of its kind (e.g. triangle -> "a circle",
+    ``"none"``: no anchor (the paper's ESD). ``"others"``: :func:`esd_prompts` ("words") of every other value of its kind (e.g. triangle -> "a circle",
     "a disc", "a square", ...). ``"uncond+others"``: the same list with the empty prompt "" before each entry, so that
     every other iteration anchors the *unconditional* prediction. Why: the toy text encoder's rows for "a red" and ""
     are close, so plain ESD moves ε(x, ∅) about as much as ε(x, "a red") (measured on ESD-x red: both change by
@@ -122,6 +122,8 @@ def esd_anchor_prompts(concept: str, mode: str = "others") -> list[str]:
         raise DiffshieldError(f"ESD anchor mode must be one of {', '.join(ANCHOR_MODES)}, got {mode!r}")
     c = resolve_concept(concept)
     others = [p for o in other_concepts(c) for p in esd_prompts(o.name)]
+    if mode == "none":
+        return []
     if mode == "others":
         return others
     return [p for q in others for p in ("", q)]
