@@ -111,10 +111,12 @@ def esd_anchor_prompts(concept: str, mode: str = "others") -> list[str]:
 
     ``"none"``: no anchor (the paper's ESD). ``"others"``: :func:`esd_prompts` ("words") of every other value of
     its kind (e.g. triangle -> "a circle", "a disc", "a square", ...). ``"uncond+others"``: the same list with the
-    empty prompt "" before each entry, so that every other iteration anchors the *unconditional* prediction. Why: the toy text encoder's rows for "a red" and ""
-    are close, so plain ESD moves ε(x, ∅) about as much as ε(x, "a red") (measured on ESD-x red: both change by
-    about 2x the concept's guidance signal ε*(c) − ε*(∅), cosine 0.96 at high noise), and classifier-free guidance,
-    which subtracts ε(x, ∅), cancels most of the erasure (red: 0 % detected without guidance, 37.5 % at guidance 5).
+    empty prompt "" before each entry, so that every other iteration anchors the *unconditional* prediction.
+
+    Why the empty prompt: the toy text encoder's rows for "a red" and "" are close, so plain ESD moves ε(x, ∅) about
+    as much as ε(x, "a red") (measured on ESD-x red: both change by about 2x the concept's guidance signal
+    ε*(c) − ε*(∅), cosine 0.96 at high noise), and classifier-free guidance, which subtracts ε(x, ∅), cancels most
+    of the erasure (red: 0 % detected without guidance, 37.5 % at guidance 5).
     """
     from diffshield.core.errors import DiffshieldError
 
