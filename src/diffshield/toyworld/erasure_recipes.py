@@ -14,7 +14,10 @@ their norm. So
   ("a {colour} {shape}" for shapes and colours, "a {colour} {style} {shape}" for styles): the benchmark measures
   how the edit generalises to prompts it did not see.
 
-ESD fine-tunes on the concept prompts "a {word}" for the concept and its synonyms (negative guidance needs no guide).
+ESD fine-tunes on the concept prompts "a {word}" for the concept and its synonyms (negative guidance needs no guide),
+anchoring the empty prompt and the other values of the kind to the original's predictions (see
+:func:`esd_anchor_prompts`: on this text encoder plain ESD moves the unconditional prediction with the concept's, and
+classifier-free guidance cancels the erasure).
 """
 
 from __future__ import annotations
@@ -136,8 +139,11 @@ TOY_UCE = {"lamb": 0.5, "erase_scale": 3.0, "preserve_scale": 1.0, "token_mode":
 #: RECE on the toy world: the 'object-easy' preset (λ_r 0.1, 1 epoch) on top of TOY_UCE; its rounds preserve the
 #: same templates with s_p 1
 TOY_RECE = {"preset": "object-easy", "preserve_scale": 1.0}
-#: ESD on the toy world (the small model tolerates a 10x larger learning rate than SD; η 1, start guidance 3)
-TOY_ESD = {"x": {"iterations": 300, "lr": 1e-4}, "u": {"iterations": 300, "lr": 1e-4}}
+#: ESD on the toy world: 300 iterations at lr 1e-4 (the small model tolerates a 10x larger learning rate than SD),
+#: start guidance 3; η 2 for ESD-x (the 2024 rewrite's; η 1 left 15.6 % triangles), η 1 for ESD-u; and, beyond the
+#: paper, the "uncond+others" anchor (:func:`esd_anchor_prompts`), without which guidance cancels the erasure
+TOY_ESD = {"x": {"iterations": 300, "lr": 1e-4, "eta": 2.0, "preserve": "uncond+others"},
+           "u": {"iterations": 300, "lr": 1e-4, "eta": 1.0, "preserve": "uncond+others"}}
 
 METHODS = ("uce", "rece", "esd-x", "esd-u")
 
