@@ -125,6 +125,7 @@ def finish(res: dict, out: Path) -> None:
 
 def merge(out: Path, parts: list[Path]) -> int:
     res = json.loads(out.read_text()) if out.is_file() else {**json.loads(parts[0].read_text()), "rows": []}
+    res.setdefault("settings", {}).update({"uce": TOY_UCE, "rece": TOY_RECE, "esd": TOY_ESD})  # the current recipes
     res["merged_from"] = sorted({*res.get("merged_from", []), *(str(q.resolve().relative_to(ROOT)) for q in parts)})
     for part in parts:
         new = json.loads(part.read_text())["rows"]
