@@ -118,8 +118,8 @@ def esd_anchor_prompts(concept: str, mode: str = "others") -> list[str]:
 
     Why the empty prompt: the toy text encoder's rows for "a red" and "" are close, so plain ESD moves ε(x, ∅) about
     as much as ε(x, "a red") (measured on ESD-x red: both change by about 2x the concept's guidance signal
-    ε*(c) − ε*(∅), cosine 0.96 at high noise), and classifier-free guidance, which subtracts ε(x, ∅), cancels most
-    of the erasure (red: 0 % detected without guidance, 37.5 % at guidance 5).
+    ε*(c) − ε*(∅), cosine 0.93 at high noise; ``benchmarks/erasure_esd_probe.py``), and classifier-free guidance,
+    which subtracts ε(x, ∅), cancels most of the erasure (red: 0 % detected without guidance, 37.5 % at guidance 5).
     """
     from diffshield.core.errors import DiffshieldError
 
@@ -155,8 +155,8 @@ def toy_erasure(method: str, concept: str, **overrides) -> tuple[list[str], obje
         method: "uce", "rece", "esd-x" or "esd-u".
         concept: a toy concept word (shape, colour or style; a synonym resolves to its concept).
         overrides: fields of the method's config to change (e.g. ``iterations=100`` or ``checkpoint_dir=...``);
-            for ESD also ``prompts="words"|"templates"`` (see :func:`esd_prompts`) and ``preserve="others"`` or
-            ``"uncond+others"`` (the anchors of :func:`esd_anchor_prompts`) or a list of prompts.
+            for ESD also ``prompts="words"|"templates"`` (see :func:`esd_prompts`) and ``preserve="none"``,
+            ``"others"`` or ``"uncond+others"`` (the anchors of :func:`esd_anchor_prompts`) or a list of prompts.
     Returns the list to pass as ``concepts`` to the method's erase function, and its config object.
     """
     from diffshield.core.errors import DiffshieldError
