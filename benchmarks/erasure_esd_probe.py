@@ -27,8 +27,9 @@ import torch.nn.functional as F
 
 from diffshield.core.io import atomic_write_json
 from diffshield.core.loading import load_detector, load_t2i
-from diffshield.core.sampling import SampleConfig, encode_prompts, generate, make_scheduler
+from diffshield.core.sampling import SampleConfig, encode_prompts, make_scheduler
 from diffshield.erase.esd import esd_erase, sample_xt
+from diffshield.eval.erasure import _rate
 from diffshield.toyworld.concepts import concept_prompts, other_concepts, resolve_concept
 from diffshield.toyworld.erasure_recipes import toy_erasure
 
@@ -65,15 +66,11 @@ def prediction_shift(base, erased, prompts: list[str], ks=(5, 25, 45), per_promp
 
 
 def rates(model, det, concept: str, guidance: float, k: int = 4) -> dict:
+    """Detection rate of the concept and of each other value of its kind (k seeds per evaluation prompt)."""
     cfg = SampleConfig(guidance=guidance)
-    out = {}
-    for c in [resolve_concept(concept)] + other_concepts(resolve_concept(concept)):
-        pl = concept_prompts(c)
-        prompts = [p for p, _ in pl for _ in range(k)]
-        seeds = [j for _ in pl for j in range(k)]
-        pred = det.predict(generate(model, prompts, seeds, config=cfg, progress=False).images)[c.head][0]
-        out[c.name] = float((pred == c.index).float().mean())
-    return out
+    c = resolve_concept(concept)
+    return {o.name: _rate(model, det, concept_prompts(o), o.head, o.index, k, cfg, 0)[0]
+            for o in [c] + other_concepts(c)}
 
 
 def main() -> int:
