@@ -212,7 +212,6 @@ def cmd_protect(args) -> int:
 
 
 def cmd_eval_protection(args) -> int:
-
     from diffshield.core.io import atomic_write_json
     from diffshield.protect.inpainters import load_inpainter
     from diffshield.protect.metrics import evaluate_protection, panel

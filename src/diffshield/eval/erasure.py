@@ -29,8 +29,9 @@ def _rate(model, detector, prompts_labels, head, index, k, config, seed) -> tupl
     seeds = [seed + j for _ in prompts_labels for j in range(k)]
     gen = generate(model, prompts, seeds, config=config, progress=False)
     pred = detector.predict(gen.images)[head][0]
-    seen = {v: float((pred == i).float().mean()) for i, v in enumerate(HEAD_VALUES[head])}
-    return float((pred == index).float().mean()), gen.images, seen
+    values = HEAD_VALUES[head]
+    seen = {v: float((pred == i).float().mean()) for i, v in enumerate(values)}
+    return seen[values[index]], gen.images, seen
 
 
 def neutral_prompts(concept_words: tuple[str, ...], n: int, seed: int = 4321) -> list[str]:
