@@ -15,6 +15,11 @@ drops by 7-14 points. This probe tests three explanations (the first two without
    added to every K/V matrix, scaled so that the keys and values of the evaluation prompts move by a given
    relative amount, and the detector's accuracy on the style prompts and on the shape prompts is measured
    (DDIM 25, guidance 5, 4 seeds per prompt, 2 noise draws per level).
+4. *The templates do not generalise to the evaluation prompts* (``--oracle``, about 5 min): the UCE edit of
+   "striped" is rebuilt with the *evaluation prompts* of plain and dotted added to the preserved prompts (at s_p 1
+   and 10), which no shipped setting may do; if dotted still falls, better templates cannot fix it. Reports the
+   striped / dotted / plain rates (4 seeds per prompt) and the K/V change on the rows of the dotted evaluation
+   prompts ("a red dotted circle": the style word, the shape word, EOS, the padding).
 
 Run: ``.venv/bin/python benchmarks/erasure_kv_probe.py [--sensitivity]`` (10 s without, about 5 min with, one
 thread). Writes
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import sys
 from pathlib import Path
 
@@ -119,11 +125,62 @@ def sensitivity(base, levels: list[float], draws: int = 2, seeds_per_prompt: int
     return rows
 
 
+def oracle(base, seeds_per_prompt: int = 4, scales: tuple[float, ...] = (1.0, 10.0)) -> list[dict]:
+    """The documented UCE edit of "striped" and the same edit preserving the other styles' evaluation prompts (4.)."""
+    from diffshield.core.loading import load_detector
+    from diffshield.core.sampling import SampleConfig, encode_prompts
+    from diffshield.erase.closed_form import kv_weights
+    from diffshield.erase.uce import uce_erase
+    from diffshield.eval.erasure import _rate
+    from diffshield.toyworld.concepts import concept_prompts, resolve_concept
+    from diffshield.toyworld.erasure_recipes import toy_erasure
+
+    det = load_detector("toy:detector")
+    cfg = SampleConfig(steps=25, guidance=5.0)
+    styles = {w: resolve_concept(w) for w in ("striped", "plain", "dotted")}
+    eval_other = [q for w in ("plain", "dotted") for q, _ in concept_prompts(styles[w])]
+    dotted = torch.stack(list(encode_prompts(base, [q for q, _ in concept_prompts(styles["dotted"])]))).double()
+    w0 = {n: w.clone().double() for n, w in kv_weights(base).items()}
+    # "a {colour} dotted {shape}": rows 0 BOS, 1 "a", 2 colour, 3 "dotted", 4 shape, 5 EOS, 6.. padding
+    row_sets = {"style_word": [3], "shape_word": [4], "eos": [5], "padding": list(range(6, dotted.shape[1]))}
+
+    def rates(model) -> dict:
+        out = {}
+        for w, c in styles.items():
+            out[w] = _rate(model, det, concept_prompts(c), c.head, c.index, seeds_per_prompt, cfg, 0)[2]
+        return out
+
+    rows = [{"setting": "original", "seen": rates(base)}]
+    variants = [("documented", [], None)] + [(f"oracle_sp{sp:g}", eval_other, sp) for sp in scales]
+    for name, extra, sp in variants:
+        prompts, ucfg = toy_erasure("uce", "striped")
+        ucfg.preserve = ucfg.preserve + extra
+        if sp is not None:
+            ucfg.preserve_scale = sp
+        ucfg.__post_init__()
+        edited = copy.deepcopy(base)
+        uce_erase(edited, prompts, ucfg)
+        w1 = {n: w.double() for n, w in kv_weights(edited).items()}
+        change = {}
+        for key, idx in row_sets.items():
+            e = dotted[:, idx].reshape(-1, dotted.shape[-1])
+            num = sum(float(((w1[k] - w0[k]) @ e.T).norm() ** 2) for k in w0)
+            den = sum(float((w0[k] @ e.T).norm() ** 2) for k in w0)
+            change[key] = round((num / den) ** 0.5, 4)
+        rows.append({"setting": name, "preserve_scale": ucfg.preserve_scale, "seen": rates(edited),
+                     "kv_change_dotted_eval_rows": change})
+        print(f"[oracle] {name}: striped {rows[-1]['seen']['striped']['striped']:.3f}, dotted drawn dotted "
+              f"{rows[-1]['seen']['dotted']['dotted']:.3f}, K/V change {change}", flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--concepts", nargs="*", default=CONCEPTS, help=f"toy concepts (default: {' '.join(CONCEPTS)})")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
     ap.add_argument("--sensitivity", action="store_true", help="also run the random K/V noise check (about 5 min)")
+    ap.add_argument("--oracle", action="store_true",
+                    help="also rebuild the striped edit preserving the other styles' evaluation prompts (about 5 min)")
     ap.add_argument("--levels", nargs="*", type=float, default=[0.0, 0.045, 0.09],
                     help="relative K/V moves of the noise check (default: 0 0.045 0.09)")
     args = ap.parse_args(argv)
@@ -139,18 +196,36 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {r['concept']} | {r['kind']} | {r['change_vs_preserve_eig_top5'][0]:.1f} | "
                      f"{100 * r['kv_change_own_eval_prompts']:.1f} % | "
                      f"{100 * r['kv_change_other_values_eval_prompts']:.1f} % |")
+    path = RESULTS / "erasure_kv_probe.json"
+    previous = json.loads(path.read_text()) if path.is_file() else {}
     out = {"rows": rows, "method": "uce", "setting": "toy_erasure('uce', concept)"}
+    # sections not recomputed by this run are kept from the previous file
+    out.update({k: previous[k] for k in ("sensitivity", "oracle") if k in previous})
     if args.sensitivity:
         out["sensitivity"] = sensitivity(base, args.levels)
+    if "sensitivity" in out:
         lines += ["", "| random K/V move | style accuracy | shape accuracy |", "|---|---|---|"]
-        for rho in args.levels:
+        for rho in dict.fromkeys(r["rho"] for r in out["sensitivity"]):
             rs = [r for r in out["sensitivity"] if r["rho"] == rho]
             lines.append(f"| {100 * rho:.1f} % | " + " | ".join(
                 f"{100 * sum(r[h] for r in rs) / len(rs):.1f} %" for h in ("style_accuracy", "shape_accuracy")) + " |")
+    if args.oracle:
+        out["oracle"] = oracle(base)
+    if "oracle" in out:
+        lines += ["", "| striped edit | striped prompts drawn striped | dotted prompts drawn dotted / plain | "
+                  "plain prompts drawn plain | K/V change on dotted eval rows: style word / shape / EOS / padding |",
+                  "|---|---|---|---|---|"]
+        for r in out["oracle"]:
+            ch = r.get("kv_change_dotted_eval_rows")
+            lines.append(f"| {r['setting']} | {100 * r['seen']['striped']['striped']:.1f} % | "
+                         f"{100 * r['seen']['dotted']['dotted']:.1f} / {100 * r['seen']['dotted']['plain']:.1f} % | "
+                         f"{100 * r['seen']['plain']['plain']:.1f} % | " + (" / ".join(
+                             f"{100 * ch[k]:.1f}" for k in ("style_word", "shape_word", "eos", "padding")) + " %"
+                             if ch else "–") + " |")
     table = "\n".join(lines)
     out["readme_table"] = table
     RESULTS.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(RESULTS / "erasure_kv_probe.json", out)
+    atomic_write_json(path, out)
     print(table)
     return 0
 

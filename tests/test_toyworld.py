@@ -98,3 +98,24 @@ def test_cli_generate_writes_images_grid_and_manifest(tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert [r["seed"] for r in manifest["images"]] == [5, 6, 7]
     assert all((out / r["file"]).exists() for r in manifest["images"]) and (out / "grid.png").exists()
+
+
+def test_recipe_runs_end_to_end_and_the_continuation_stage_changes_the_unet(tmp_path):
+    """The training recipe on a tiny budget: every stage runs, a rerun skips the finished stages, and the optional
+    continuation stage (4b) starts from stage 4's weights and moves them."""
+    from safetensors.torch import load_file
+
+    from diffshield.toyworld.train import RecipeConfig, train_all
+
+    cfg = RecipeConfig(pool_size=128, vae_steps=1, detector_steps=1, unet_steps=2, unet_extra_steps=2, ckpt_every=1,
+                       threads=1)
+    record = train_all(cfg, tmp_path / "work", tmp_path / "out")
+    assert set(record["stage_seconds"]) >= {"t2i_s", "t2i_extra_s"}
+    first = load_file(str(tmp_path / "work" / "t2i_final" / "unet" / "diffusion_pytorch_model.safetensors"))
+    shipped = load_file(str(tmp_path / "out" / "t2i" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert any(not torch.equal(first[k], shipped[k]) for k in first)  # the assembled UNet is stage 4b's
+    assert json.loads((tmp_path / "work" / "t2i_extra_ckpt" / "state.json").read_text())["step"] == 2
+    again = train_all(cfg, tmp_path / "work", tmp_path / "out")  # everything done: nothing retrained
+    assert again["config"] == record["config"]
+    with pytest.raises(ValueError, match="unet_extra_steps"):
+        RecipeConfig(unet_extra_steps=-1)

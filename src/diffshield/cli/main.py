@@ -198,7 +198,8 @@ def cmd_toyworld_train(args) -> int:
     from diffshield.toyworld.train import RecipeConfig, train_all
 
     try:
-        cfg = RecipeConfig(seed=args.seed, unet_steps=args.unet_steps, vae_steps=args.vae_steps,
+        cfg = RecipeConfig(seed=args.seed, unet_steps=args.unet_steps, unet_extra_steps=args.unet_extra_steps,
+                           vae_steps=args.vae_steps,
                            detector_steps=args.detector_steps, pool_size=args.pool_size)
     except ValueError as e:
         raise DiffshieldError(str(e)) from None
@@ -437,6 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--vae-steps", type=_positive_int, default=800, help="VAE steps (default: 800)")
     t.add_argument("--detector-steps", type=_positive_int, default=600, help="detector steps (default: 600)")
     t.add_argument("--unet-steps", type=_positive_int, default=2000, help="UNet steps (default: 2000)")
+    t.add_argument("--unet-extra-steps", type=int, default=0,
+                   help="continue the UNet stage for this many more steps (fresh optimiser, peak lr 2e-4); the "
+                        "shipped weights use 0 (default: 0)")
     add_threads_arg(t)
     t.set_defaults(func=cmd_toyworld_train)
     d = tsub.add_parser("dataset", help="render ShapesWorld samples with their captions",

@@ -7,6 +7,9 @@
 3. train the concept detector on real images and VAE reconstructions (so that it reads decoded images as well);
 4. encode the pool to latents and train the UNet2DConditionModel jointly with the CLIPTextModel
    (epsilon prediction, SD 1.x schedule, 10 % caption dropout for classifier-free guidance);
+4b. optionally (``unet_extra_steps`` > 0; off for the shipped weights) continue that training for more steps
+   (fresh AdamW, warmup then cosine to 0 from ``unet_extra_lr``, new batches): a longer-trained toy model for
+   experiments (issue 3 tried it to see whether the styles separate; they did not);
 5. assemble a stock ``StableDiffusionPipeline`` folder and write ``recipe.json`` (command, seeds, steps, timings).
 
 Every stage writes its result into the work folder and is skipped when it is already there; the UNet stage saves a
@@ -45,6 +48,9 @@ class RecipeConfig:
         detector_steps: detector steps at batch 128 (default 600).
         unet_steps: UNet + text encoder steps at batch 128 (default 2000).
         unet_lr: peak AdamW learning rate of the UNet stage (default 4e-4).
+        unet_extra_steps: steps of the optional continuation stage 4b, 0 to skip it (default 0: the shipped weights
+            did not use it).
+        unet_extra_lr: peak learning rate of stage 4b (default 2e-4).
         caption_dropout: share of empty captions, for classifier-free guidance (default 0.1).
         ckpt_every: UNet checkpoint interval in steps (default 100).
         threads: torch CPU threads (default 2).
@@ -56,6 +62,8 @@ class RecipeConfig:
     detector_steps: int = 600
     unet_steps: int = 2000
     unet_lr: float = 4e-4
+    unet_extra_steps: int = 0
+    unet_extra_lr: float = 2e-4
     caption_dropout: float = 0.1
     ckpt_every: int = 100
     threads: int = 2
@@ -66,8 +74,10 @@ class RecipeConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.caption_dropout < 1:
             raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
-        if self.unet_lr <= 0:
-            raise ValueError(f"unet_lr must be positive, got {self.unet_lr}")
+        if self.unet_lr <= 0 or self.unet_extra_lr <= 0:
+            raise ValueError(f"learning rates must be positive, got {self.unet_lr} and {self.unet_extra_lr}")
+        if self.unet_extra_steps < 0:
+            raise ValueError(f"unet_extra_steps must be 0 or more, got {self.unet_extra_steps}")
 
 
 def _log(work: Path, msg: str) -> None:
@@ -210,10 +220,58 @@ def stage_t2i(cfg: RecipeConfig, work: Path, pool: dict[str, np.ndarray], vae):
     unet = models.make_unet()
     te = models.make_text_encoder(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id,
                                   tokenizer.pad_token_id)
+    _train_t2i(unet, te, tokenizer, lat, sf, pool, cfg, work, name="t2i", stream=5, steps=cfg.unet_steps,
+               lr=lambda step: _lr(step, cfg.unet_steps, cfg.unet_lr))
+    final.mkdir(exist_ok=True)
+    unet.save_pretrained(final / "unet", safe_serialization=True)
+    te.save_pretrained(final / "text_encoder", safe_serialization=True)
+    (final / "done").write_text("ok")
+    return tokenizer
+
+
+def _lr_continue(step: int, total: int, peak: float, warmup: int = 100) -> float:
+    """Stage 4b's schedule: linear warmup, then cosine from ``peak`` to 0."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def stage_t2i_extra(cfg: RecipeConfig, work: Path, pool: dict[str, np.ndarray], vae, tokenizer) -> Path:
+    """Stage 4b: continue the UNet + text encoder of stage 4 for ``cfg.unet_extra_steps`` steps (fresh AdamW, its
+    own batches). Returns the folder holding the final ``unet`` and ``text_encoder`` (stage 4's when skipped)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    if cfg.unet_extra_steps == 0:
+        return work / "t2i_final"
+    final = work / "t2i_extra_final"
+    if (final / "done").exists():
+        return final
+    unet = UNet2DConditionModel.from_pretrained(work / "t2i_final" / "unet")
+    te = CLIPTextModel.from_pretrained(work / "t2i_final" / "text_encoder")
+    lat = load_file(str(work / "latents.safetensors"))
+    _train_t2i(unet, te, tokenizer, lat, vae.config.scaling_factor, pool, cfg, work, name="t2i_extra", stream=6,
+               steps=cfg.unet_extra_steps,
+               lr=lambda step: _lr_continue(step, cfg.unet_extra_steps, cfg.unet_extra_lr))
+    final.mkdir(exist_ok=True)
+    unet.save_pretrained(final / "unet", safe_serialization=True)
+    te.save_pretrained(final / "text_encoder", safe_serialization=True)
+    (final / "done").write_text("ok")
+    return final
+
+
+def _train_t2i(unet, te, tokenizer, lat: dict, sf: float, pool: dict[str, np.ndarray], cfg: RecipeConfig, work: Path,
+               name: str, stream: int, steps: int, lr) -> None:
+    """The denoising loop of stages 4 and 4b: batch 128 of (latent, caption), epsilon MSE, AdamW (weight decay
+    0.01), gradient clip 1, ``lr(step)``; batches drawn from ``rng([seed, stream, step])`` so that a resumed run
+    draws the same batches as an uninterrupted one; checkpoint ``work/<name>_ckpt`` every ``cfg.ckpt_every``."""
+    n = len(pool["shape"])
     params = list(unet.parameters()) + list(te.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr(0), weight_decay=1e-2)
     sched = models.make_train_scheduler()
-    ckpt = work / "t2i_ckpt"
+    ckpt = work / f"{name}_ckpt"
     start = 0
     if (ckpt / "state.json").exists():
         state = json.loads((ckpt / "state.json").read_text())
@@ -221,18 +279,16 @@ def stage_t2i(cfg: RecipeConfig, work: Path, pool: dict[str, np.ndarray], vae):
         te.load_state_dict(load_file(str(ckpt / "text_encoder.safetensors")))
         opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
         start = state["step"]
-        _log(work, f"t2i resumed at step {start}")
+        _log(work, f"{name} resumed at step {start}")
     cache: dict[str, list[int]] = {}
     unet.train()
     te.train()
     t0 = time.time()
-    for step in tqdm(range(start, cfg.unet_steps), desc="unet+text", initial=start, total=cfg.unet_steps,
-                     mininterval=10):
-        # Seed per step so that a resumed run draws the same batches as an uninterrupted one.
-        rng = np.random.default_rng([cfg.seed, 5, step])
+    for step in tqdm(range(start, steps), desc=name, initial=start, total=steps, mininterval=10):
+        rng = np.random.default_rng([cfg.seed, stream, step])
         gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
         for g in opt.param_groups:
-            g["lr"] = _lr(step, cfg.unet_steps, cfg.unet_lr)
+            g["lr"] = lr(step)
         idx = rng.integers(0, n, 128)
         ti = torch.from_numpy(idx)
         z = (lat["mean"][ti] + lat["std"][ti] * torch.randn(lat["mean"][ti].shape, generator=gen)) * sf
@@ -254,10 +310,10 @@ def stage_t2i(cfg: RecipeConfig, work: Path, pool: dict[str, np.ndarray], vae):
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if (step + 1) % 50 == 0:
-            _log(work, f"t2i step {step + 1} loss {loss.item():.4f} ({(time.time() - t0) / (step + 1 - start):.2f}"
+            _log(work, f"{name} step {step + 1} loss {loss.item():.4f} ({(time.time() - t0) / (step + 1 - start):.2f}"
                        " s/step)")
-        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.unet_steps:
-            tmp = work / "t2i_ckpt.tmp"
+        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == steps:
+            tmp = work / f"{name}_ckpt.tmp"
             tmp.mkdir(exist_ok=True)
             save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(tmp / "unet.safetensors"))
             save_file({k: v.contiguous() for k, v in te.state_dict().items()}, str(tmp / "text_encoder.safetensors"))
@@ -270,15 +326,11 @@ def stage_t2i(cfg: RecipeConfig, work: Path, pool: dict[str, np.ndarray], vae):
             tmp.rename(ckpt)
     unet.eval()
     te.eval()
-    final.mkdir(exist_ok=True)
-    unet.save_pretrained(final / "unet", safe_serialization=True)
-    te.save_pretrained(final / "text_encoder", safe_serialization=True)
-    (final / "done").write_text("ok")
-    return tokenizer
 
 
-def assemble(work: Path, out: Path, tokenizer) -> Path:
-    """Write the shipped folders: ``out/t2i`` (StableDiffusionPipeline) and ``out/detector``."""
+def assemble(work: Path, out: Path, tokenizer, t2i: Path | None = None) -> Path:
+    """Write the shipped folders: ``out/t2i`` (StableDiffusionPipeline, UNet and text encoder from ``t2i``, default
+    ``work/t2i_final``) and ``out/detector``."""
     import shutil
 
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
@@ -286,9 +338,9 @@ def assemble(work: Path, out: Path, tokenizer) -> Path:
 
     pipe = StableDiffusionPipeline(
         vae=AutoencoderKL.from_pretrained(work / "vae"),
-        text_encoder=CLIPTextModel.from_pretrained(work / "t2i_final" / "text_encoder"),
+        text_encoder=CLIPTextModel.from_pretrained((t2i or work / "t2i_final") / "text_encoder"),
         tokenizer=tokenizer,
-        unet=UNet2DConditionModel.from_pretrained(work / "t2i_final" / "unet"),
+        unet=UNet2DConditionModel.from_pretrained((t2i or work / "t2i_final") / "unet"),
         scheduler=models.make_sample_scheduler(),
         safety_checker=None,
         feature_extractor=None,
@@ -327,7 +379,10 @@ def train_all(cfg: RecipeConfig, work: str | Path, out: str | Path) -> dict:
     t = time.time()
     tokenizer = stage_t2i(cfg, work, pool, vae)
     timings["t2i_s"] = time.time() - t
-    assemble(work, out, tokenizer)
+    t = time.time()
+    t2i = stage_t2i_extra(cfg, work, pool, vae, tokenizer)
+    timings["t2i_extra_s"] = time.time() - t
+    assemble(work, out, tokenizer, t2i)
     # Stage times of the run that actually did the work (a stage skipped now keeps its earlier time).
     tpath = work / "timings.json"
     history = json.loads(tpath.read_text()) if tpath.exists() else {}
