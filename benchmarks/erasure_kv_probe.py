@@ -178,6 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--concepts", nargs="*", default=CONCEPTS, help=f"toy concepts (default: {' '.join(CONCEPTS)})")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
+    ap.add_argument("--model", default="toy:t2i",
+                    help="the model to probe (default: toy:t2i; e.g. a longer-trained toy model from "
+                         "'diffshield toyworld train --unet-extra-steps N')")
+    ap.add_argument("--out", default=str(RESULTS / "erasure_kv_probe.json"), help="result file (default: %(default)s)")
     ap.add_argument("--sensitivity", action="store_true", help="also run the random K/V noise check (about 5 min)")
     ap.add_argument("--oracle", action="store_true",
                     help="also rebuild the striped edit preserving the other styles' evaluation prompts (about 5 min)")
@@ -188,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     from diffshield.core.io import atomic_write_json
     from diffshield.core.loading import load_t2i
 
-    base = load_t2i("toy:t2i")
+    base = load_t2i(args.model)
     rows = [probe(c, base) for c in args.concepts]
     lines = ["| concept | kind | top generalised eigenvalue (change vs preserved) | K/V change, own eval prompts | "
              "K/V change, other values' eval prompts |", "|---|---|---|---|---|"]
@@ -196,9 +200,9 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {r['concept']} | {r['kind']} | {r['change_vs_preserve_eig_top5'][0]:.1f} | "
                      f"{100 * r['kv_change_own_eval_prompts']:.1f} % | "
                      f"{100 * r['kv_change_other_values_eval_prompts']:.1f} % |")
-    path = RESULTS / "erasure_kv_probe.json"
+    path = Path(args.out)
     previous = json.loads(path.read_text()) if path.is_file() else {}
-    out = {"rows": rows, "method": "uce", "setting": "toy_erasure('uce', concept)"}
+    out = {"model": args.model, "rows": rows, "method": "uce", "setting": "toy_erasure('uce', concept)"}
     # sections not recomputed by this run are kept from the previous file
     out.update({k: previous[k] for k in ("sensitivity", "oracle") if k in previous})
     if args.sensitivity:
@@ -224,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
                              if ch else "–") + " |")
     table = "\n".join(lines)
     out["readme_table"] = table
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, out)
     print(table)
     return 0
