@@ -221,11 +221,7 @@ def stage_t2i(cfg: RecipeConfig, work: Path, pool: dict[str, np.ndarray], vae):
     te = models.make_text_encoder(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id,
                                   tokenizer.pad_token_id)
     _train_t2i(unet, te, tokenizer, lat, sf, pool, cfg, work, name="t2i", stream=5, steps=cfg.unet_steps,
-               lr=lambda step: _lr(step, cfg.unet_steps, cfg.unet_lr))
-    final.mkdir(exist_ok=True)
-    unet.save_pretrained(final / "unet", safe_serialization=True)
-    te.save_pretrained(final / "text_encoder", safe_serialization=True)
-    (final / "done").write_text("ok")
+               lr=lambda step: _lr(step, cfg.unet_steps, cfg.unet_lr), final=final)
     return tokenizer
 
 
@@ -252,19 +248,16 @@ def stage_t2i_extra(cfg: RecipeConfig, work: Path, pool: dict[str, np.ndarray], 
     lat = load_file(str(work / "latents.safetensors"))
     _train_t2i(unet, te, tokenizer, lat, vae.config.scaling_factor, pool, cfg, work, name="t2i_extra", stream=6,
                steps=cfg.unet_extra_steps,
-               lr=lambda step: _lr_continue(step, cfg.unet_extra_steps, cfg.unet_extra_lr))
-    final.mkdir(exist_ok=True)
-    unet.save_pretrained(final / "unet", safe_serialization=True)
-    te.save_pretrained(final / "text_encoder", safe_serialization=True)
-    (final / "done").write_text("ok")
+               lr=lambda step: _lr_continue(step, cfg.unet_extra_steps, cfg.unet_extra_lr), final=final)
     return final
 
 
 def _train_t2i(unet, te, tokenizer, lat: dict, sf: float, pool: dict[str, np.ndarray], cfg: RecipeConfig, work: Path,
-               name: str, stream: int, steps: int, lr) -> None:
+               name: str, stream: int, steps: int, lr, final: Path) -> None:
     """The denoising loop of stages 4 and 4b: batch 128 of (latent, caption), epsilon MSE, AdamW (weight decay
     0.01), gradient clip 1, ``lr(step)``; batches drawn from ``rng([seed, stream, step])`` so that a resumed run
-    draws the same batches as an uninterrupted one; checkpoint ``work/<name>_ckpt`` every ``cfg.ckpt_every``."""
+    draws the same batches as an uninterrupted one; checkpoint ``work/<name>_ckpt`` every ``cfg.ckpt_every``; the
+    trained ``unet`` and ``text_encoder`` go to ``final`` (marked done)."""
     n = len(pool["shape"])
     params = list(unet.parameters()) + list(te.parameters())
     for p in params:
@@ -326,6 +319,10 @@ def _train_t2i(unet, te, tokenizer, lat: dict, sf: float, pool: dict[str, np.nda
             tmp.rename(ckpt)
     unet.eval()
     te.eval()
+    final.mkdir(exist_ok=True)
+    unet.save_pretrained(final / "unet", safe_serialization=True)
+    te.save_pretrained(final / "text_encoder", safe_serialization=True)
+    (final / "done").write_text("ok")
 
 
 def assemble(work: Path, out: Path, tokenizer, t2i: Path | None = None) -> Path:
