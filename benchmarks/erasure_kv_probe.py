@@ -21,8 +21,8 @@ drops by 7-14 points. This probe tests three explanations (the first two without
    striped / dotted / plain rates (4 seeds per prompt) and the K/V change on the rows of the dotted evaluation
    prompts ("a red dotted circle": the style word, the shape word, EOS, the padding).
 
-Run: ``.venv/bin/python benchmarks/erasure_kv_probe.py [--sensitivity]`` (10 s without, about 5 min with, one
-thread). Writes
+Run: ``.venv/bin/python benchmarks/erasure_kv_probe.py [--sensitivity] [--oracle] [--model M --out FILE]`` (10 s
+without the options, about 5 min for each, one thread). Writes
 ``benchmarks/results/erasure_kv_probe.json`` and prints a markdown table.
 """
 
@@ -43,7 +43,12 @@ CONCEPTS = ["triangle", "red", "striped", "dotted", "plain"]
 def _rel_change(model, w0: dict, w1: dict, prompts: list[str]) -> float:
     from diffshield.core.sampling import encode_prompts
 
-    e = torch.cat(list(encode_prompts(model, prompts))).double()
+    return _kv_change(w0, w1, torch.cat(list(encode_prompts(model, prompts))))
+
+
+def _kv_change(w0: dict, w1: dict, e: torch.Tensor) -> float:
+    """‖(W1 − W0) e‖ / ‖W0 e‖ over every K/V matrix and every row of ``e`` (rows x width), in float64."""
+    e = e.double()
     num = sum(float(((w1[k].double() - w0[k].double()) @ e.T).norm() ** 2) for k in w0)
     den = sum(float((w0[k].double() @ e.T).norm() ** 2) for k in w0)
     return (num / den) ** 0.5
@@ -139,8 +144,8 @@ def oracle(base, seeds_per_prompt: int = 4, scales: tuple[float, ...] = (1.0, 10
     cfg = SampleConfig(steps=25, guidance=5.0)
     styles = {w: resolve_concept(w) for w in ("striped", "plain", "dotted")}
     eval_other = [q for w in ("plain", "dotted") for q, _ in concept_prompts(styles[w])]
-    dotted = torch.stack(list(encode_prompts(base, [q for q, _ in concept_prompts(styles["dotted"])]))).double()
-    w0 = {n: w.clone().double() for n, w in kv_weights(base).items()}
+    dotted = torch.stack(list(encode_prompts(base, [q for q, _ in concept_prompts(styles["dotted"])])))
+    w0 = {n: w.clone() for n, w in kv_weights(base).items()}
     # "a {colour} dotted {shape}": rows 0 BOS, 1 "a", 2 colour, 3 "dotted", 4 shape, 5 EOS, 6.. padding
     row_sets = {"style_word": [3], "shape_word": [4], "eos": [5], "padding": list(range(6, dotted.shape[1]))}
 
@@ -160,13 +165,9 @@ def oracle(base, seeds_per_prompt: int = 4, scales: tuple[float, ...] = (1.0, 10
         ucfg.__post_init__()
         edited = copy.deepcopy(base)
         uce_erase(edited, prompts, ucfg)
-        w1 = {n: w.double() for n, w in kv_weights(edited).items()}
-        change = {}
-        for key, idx in row_sets.items():
-            e = dotted[:, idx].reshape(-1, dotted.shape[-1])
-            num = sum(float(((w1[k] - w0[k]) @ e.T).norm() ** 2) for k in w0)
-            den = sum(float((w0[k] @ e.T).norm() ** 2) for k in w0)
-            change[key] = round((num / den) ** 0.5, 4)
+        w1 = kv_weights(edited)
+        change = {key: round(_kv_change(w0, w1, dotted[:, idx].reshape(-1, dotted.shape[-1])), 4)
+                  for key, idx in row_sets.items()}
         rows.append({"setting": name, "preserve_scale": ucfg.preserve_scale, "seen": rates(edited),
                      "kv_change_dotted_eval_rows": change})
         print(f"[oracle] {name}: striped {rows[-1]['seen']['striped']['striped']:.3f}, dotted drawn dotted "
@@ -203,8 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     path = Path(args.out)
     previous = json.loads(path.read_text()) if path.is_file() else {}
     out = {"model": args.model, "rows": rows, "method": "uce", "setting": "toy_erasure('uce', concept)"}
-    # sections not recomputed by this run are kept from the previous file
-    out.update({k: previous[k] for k in ("sensitivity", "oracle") if k in previous})
+    # sections not recomputed by this run are kept from the previous file when it probed the same model
+    if previous.get("model", "toy:t2i") == args.model:
+        out.update({k: previous[k] for k in ("sensitivity", "oracle") if k in previous})
     if args.sensitivity:
         out["sensitivity"] = sensitivity(base, args.levels)
     if "sensitivity" in out:

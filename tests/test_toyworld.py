@@ -119,3 +119,17 @@ def test_recipe_runs_end_to_end_and_the_continuation_stage_changes_the_unet(tmp_
     assert again["config"] == record["config"]
     with pytest.raises(ValueError, match="unet_extra_steps"):
         RecipeConfig(unet_extra_steps=-1)
+
+    # continue an already trained model (here the one just built) in a fresh work folder: only stage 4b runs
+    from diffshield.cli.main import main
+
+    cont = RecipeConfig(pool_size=128, unet_extra_steps=1, threads=1)
+    rec = train_all(cont, tmp_path / "work2", tmp_path / "out2", from_weights=tmp_path / "out")
+    assert rec["from_weights"] == str(tmp_path / "out")
+    again2 = load_file(str(tmp_path / "out2" / "t2i" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert any(not torch.equal(shipped[k], again2[k]) for k in shipped)
+    assert not (tmp_path / "work2" / "t2i_ckpt").exists()  # stage 4 was not trained again
+    assert main(["toyworld", "train", "--from-weights", str(tmp_path / "out"), "--out", str(tmp_path / "out"),
+                 "--work", str(tmp_path / "w3"), "--unet-extra-steps", "1"]) == 2
+    assert main(["toyworld", "train", "--from-weights", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o4"),
+                 "--work", str(tmp_path / "w4"), "--unet-extra-steps", "1"]) == 2

@@ -203,7 +203,15 @@ def cmd_toyworld_train(args) -> int:
                            detector_steps=args.detector_steps, pool_size=args.pool_size)
     except ValueError as e:
         raise DiffshieldError(str(e)) from None
-    record = train_all(cfg, args.work, args.out)
+    src = None
+    if args.from_weights:
+        from diffshield.core.loading import TOY_ROOT
+
+        src = TOY_ROOT if args.from_weights == "toy" else Path(args.from_weights)
+        if src.resolve() == Path(args.out).resolve():
+            raise DiffshieldError(f"--out {args.out} is the --from-weights folder: write the continued model "
+                                  "elsewhere (--out DIR)")
+    record = train_all(cfg, args.work, args.out, from_weights=src)
     print(f"toy world rebuilt into {args.out} in {record['total_minutes']} min of stage time")
     return 0
 
@@ -441,6 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--unet-extra-steps", type=int, default=0,
                    help="continue the UNet stage for this many more steps (fresh optimiser, peak lr 2e-4); the "
                         "shipped weights use 0 (default: 0)")
+    t.add_argument("--from-weights", metavar="DIR",
+                   help="start from these trained weights (t2i/ and detector/, like the package's; 'toy' = the "
+                        "shipped ones) instead of training stages 2-4; with --unet-extra-steps (default: none)")
     add_threads_arg(t)
     t.set_defaults(func=cmd_toyworld_train)
     d = tsub.add_parser("dataset", help="render ShapesWorld samples with their captions",

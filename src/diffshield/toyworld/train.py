@@ -193,6 +193,45 @@ def _tokenize(tokenizer, texts: list[str], cache: dict[str, list[int]]) -> torch
     return torch.tensor([cache[t] for t in texts])
 
 
+def _latents(work: Path, pool: dict[str, np.ndarray], vae) -> dict[str, torch.Tensor]:
+    """The VAE posterior (mean, std) of every pool image, encoded once into ``work/latents.safetensors``."""
+    lat_path = work / "latents.safetensors"
+    if not lat_path.exists():
+        n = len(pool["shape"])
+        means, stds = [], []
+        with torch.no_grad():
+            for i in tqdm(range(0, n, 1000), desc="encode latents"):
+                post = vae.encode(_images(pool, np.arange(i, min(n, i + 1000))) * 2 - 1).latent_dist
+                means.append(post.mean)
+                stds.append(post.std)
+        save_file({"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous()}, str(lat_path))
+    return load_file(str(lat_path))
+
+
+def seed_work_from(weights: str | Path, work: str | Path) -> None:
+    """Fill a work folder with already trained weights (a folder laid out like the shipped ``toyworld/weights``:
+    ``t2i/`` and ``detector/``) as the results of stages 2-4, so that a run only does what comes after (stage 4b).
+    The tokenizer is rebuilt from the toy vocabulary, as in stage 4. Stops with a one-line error if the folder lacks
+    a component; leaves the components a work folder already has alone."""
+    import shutil
+
+    from diffshield.core.errors import DiffshieldError
+
+    weights, work = Path(weights), Path(work)
+    need = [weights / "t2i" / c for c in ("vae", "unet", "text_encoder")] + [weights / "detector"]
+    missing = [str(p) for p in need if not p.is_dir()]
+    if missing:
+        raise DiffshieldError(f"--from-weights {weights}: missing {missing[0]}; give a folder with t2i/ (a "
+                              "StableDiffusionPipeline) and detector/, like the package's toyworld/weights")
+    work.mkdir(parents=True, exist_ok=True)
+    for src, dst in ((weights / "t2i" / "vae", work / "vae"), (weights / "detector", work / "detector"),
+                     (weights / "t2i" / "unet", work / "t2i_final" / "unet"),
+                     (weights / "t2i" / "text_encoder", work / "t2i_final" / "text_encoder")):
+        if not dst.exists():
+            shutil.copytree(src, dst)
+    (work / "t2i_final" / "done").write_text(f"from {weights}")
+
+
 def stage_t2i(cfg: RecipeConfig, work: Path, pool: dict[str, np.ndarray], vae):
     from transformers import CLIPTokenizer
 
@@ -203,17 +242,7 @@ def stage_t2i(cfg: RecipeConfig, work: Path, pool: dict[str, np.ndarray], vae):
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
     if (final / "done").exists():
         return tokenizer
-    n = len(pool["shape"])
-    lat_path = work / "latents.safetensors"
-    if not lat_path.exists():
-        means, stds = [], []
-        with torch.no_grad():
-            for i in tqdm(range(0, n, 1000), desc="encode latents"):
-                post = vae.encode(_images(pool, np.arange(i, min(n, i + 1000))) * 2 - 1).latent_dist
-                means.append(post.mean)
-                stds.append(post.std)
-        save_file({"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous()}, str(lat_path))
-    lat = load_file(str(lat_path))
+    lat = _latents(work, pool, vae)
     sf = vae.config.scaling_factor
 
     torch.manual_seed(cfg.seed + 4)
@@ -245,7 +274,7 @@ def stage_t2i_extra(cfg: RecipeConfig, work: Path, pool: dict[str, np.ndarray], 
         return final
     unet = UNet2DConditionModel.from_pretrained(work / "t2i_final" / "unet")
     te = CLIPTextModel.from_pretrained(work / "t2i_final" / "text_encoder")
-    lat = load_file(str(work / "latents.safetensors"))
+    lat = _latents(work, pool, vae)
     _train_t2i(unet, te, tokenizer, lat, vae.config.scaling_factor, pool, cfg, work, name="t2i_extra", stream=6,
                steps=cfg.unet_extra_steps,
                lr=lambda step: _lr_continue(step, cfg.unet_extra_steps, cfg.unet_extra_lr), final=final)
@@ -357,9 +386,14 @@ def assemble(work: Path, out: Path, tokenizer, t2i: Path | None = None) -> Path:
     return out
 
 
-def train_all(cfg: RecipeConfig, work: str | Path, out: str | Path) -> dict:
-    """Run every stage (skipping finished ones) and assemble the shipped weights. Returns the recipe record."""
+def train_all(cfg: RecipeConfig, work: str | Path, out: str | Path, from_weights: str | Path | None = None) -> dict:
+    """Run every stage (skipping finished ones) and assemble the shipped weights. Returns the recipe record.
+
+    ``from_weights`` (default None): start from these trained weights instead of stages 2-4 (see
+    :func:`seed_work_from`), e.g. to continue the shipped model with ``cfg.unet_extra_steps``."""
     work, out = Path(work), Path(out)
+    if from_weights is not None:
+        seed_work_from(from_weights, work)
     work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
     timings = {}
@@ -389,6 +423,7 @@ def train_all(cfg: RecipeConfig, work: str | Path, out: str | Path) -> dict:
         "command": "diffshield toyworld train " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["toyworld", "train"]
         else " ".join(sys.argv),
         "config": asdict(cfg),
+        "from_weights": None if from_weights is None else str(from_weights),
         "stage_seconds": history,
         "total_minutes": round(sum(history.values()) / 60, 1),
         "torch": torch.__version__,
