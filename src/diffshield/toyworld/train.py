@@ -87,11 +87,12 @@ def _log(work: Path, msg: str) -> None:
         f.write(line + "\n")
 
 
-def _lr(step: int, total: int, peak: float, warmup: int = 100) -> float:
+def _lr(step: int, total: int, peak: float, warmup: int = 100, floor: float = 0.1) -> float:
+    """Linear warmup to ``peak``, then cosine down to ``floor`` x ``peak`` (stage 4b uses floor 0)."""
     if step < warmup:
         return peak * (step + 1) / warmup
     p = (step - warmup) / max(1, total - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
 def stage_pool(cfg: RecipeConfig, work: Path) -> dict[str, np.ndarray]:
@@ -254,13 +255,6 @@ def stage_t2i(cfg: RecipeConfig, work: Path, pool: dict[str, np.ndarray], vae):
     return tokenizer
 
 
-def _lr_continue(step: int, total: int, peak: float, warmup: int = 100) -> float:
-    """Stage 4b's schedule: linear warmup, then cosine from ``peak`` to 0."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
 def stage_t2i_extra(cfg: RecipeConfig, work: Path, pool: dict[str, np.ndarray], vae, tokenizer) -> Path:
     """Stage 4b: continue the UNet + text encoder of stage 4 for ``cfg.unet_extra_steps`` steps (fresh AdamW, its
     own batches). Returns the folder holding the final ``unet`` and ``text_encoder`` (stage 4's when skipped)."""
@@ -277,7 +271,7 @@ def stage_t2i_extra(cfg: RecipeConfig, work: Path, pool: dict[str, np.ndarray], 
     lat = _latents(work, pool, vae)
     _train_t2i(unet, te, tokenizer, lat, vae.config.scaling_factor, pool, cfg, work, name="t2i_extra", stream=6,
                steps=cfg.unet_extra_steps,
-               lr=lambda step: _lr_continue(step, cfg.unet_extra_steps, cfg.unet_extra_lr), final=final)
+               lr=lambda step: _lr(step, cfg.unet_extra_steps, cfg.unet_extra_lr, floor=0.0), final=final)
     return final
 
 
@@ -362,11 +356,12 @@ def assemble(work: Path, out: Path, tokenizer, t2i: Path | None = None) -> Path:
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
+    t2i = t2i or work / "t2i_final"
     pipe = StableDiffusionPipeline(
         vae=AutoencoderKL.from_pretrained(work / "vae"),
-        text_encoder=CLIPTextModel.from_pretrained((t2i or work / "t2i_final") / "text_encoder"),
+        text_encoder=CLIPTextModel.from_pretrained(t2i / "text_encoder"),
         tokenizer=tokenizer,
-        unet=UNet2DConditionModel.from_pretrained((t2i or work / "t2i_final") / "unet"),
+        unet=UNet2DConditionModel.from_pretrained(t2i / "unet"),
         scheduler=models.make_sample_scheduler(),
         safety_checker=None,
         feature_extractor=None,
