@@ -9,6 +9,10 @@ feature Fréchet distance on neutral prompts. ESD runs keep resumable checkpoint
 Run: ``.venv/bin/python benchmarks/erasure.py`` (about 40 minutes on 2 CPU cores, mostly ESD). Writes
 ``benchmarks/results/erasure.json`` (after every row, so an interrupted run keeps what it measured),
 ``benchmarks/results/erasure_grid_<concept>.png`` and prints the README table.
+
+Another toy model (e.g. the world-version-2 model of ``diffshield toyworld train --world-version 2``):
+``--model DIR/t2i --detector DIR/detector --runs runs/erasure_world2 --out benchmarks/results/erasure_world2.json``
+(the grids are named after ``--out``).
 """
 
 from __future__ import annotations
@@ -40,12 +44,13 @@ BARS = {"erased_max": 0.10, "original_min": 0.90, "other_drop_max": 0.05, "esd_c
 ERASE_FN = {"uce": uce_erase, "rece": rece_erase, "esd-x": esd_erase, "esd-u": esd_erase}
 
 
-def run_one(base, method: str, concept: str, esd_overrides: dict, tag: str = "") -> tuple[object, dict]:
+def run_one(base, method: str, concept: str, esd_overrides: dict, tag: str = "", models: Path = MODELS
+            ) -> tuple[object, dict]:
     model = copy.deepcopy(base)
     overrides: dict = {}
     if method.startswith("esd"):
         overrides = {k: v for k, v in esd_overrides.items() if v is not None}
-        overrides["checkpoint_dir"] = str(MODELS / "ckpt" / f"{method}-{concept}{tag}")
+        overrides["checkpoint_dir"] = str(models / "ckpt" / f"{method}-{concept}{tag}")
     prompts, cfg = toy_erasure(method, concept, **overrides)
     cpu0, t0 = time.process_time(), time.perf_counter()
     if method.startswith("esd"):
@@ -69,9 +74,11 @@ def run_one(base, method: str, concept: str, esd_overrides: dict, tag: str = "")
     return model, info
 
 
-def original_stats(base, det, concept: str, k: int, n_neutral: int, cfg: SampleConfig) -> dict:
-    """model_stats of the original model, cached in runs/erasure/ (deterministic given the seeds)."""
-    cache = MODELS / f"original-{concept}-k{k}-n{n_neutral}.pt"
+def original_stats(base, det, concept: str, k: int, n_neutral: int, cfg: SampleConfig, models: Path = MODELS
+                   ) -> dict:
+    """model_stats of the original model, cached in ``models`` (default runs/erasure/; deterministic given the
+    seeds; one folder per original model)."""
+    cache = models / f"original-{concept}-k{k}-n{n_neutral}.pt"
     if cache.is_file():
         return torch.load(cache, weights_only=True)
     t0 = time.perf_counter()
@@ -157,6 +164,12 @@ def main() -> int:
                     help="override which UNet samples ESD's x_t")
     ap.add_argument("--tag", default="", help="suffix of the model and checkpoint folders (variants of a setting)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    ap.add_argument("--model", default="toy:t2i", help="the model to erase from (default: toy:t2i)")
+    ap.add_argument("--detector", default="toy:detector",
+                    help="the concept detector trained with --model's toy world (default: toy:detector)")
+    ap.add_argument("--runs", default=str(MODELS),
+                    help="folder for the erased models, ESD checkpoints and the cached original figures; one per "
+                         "--model (default: runs/erasure)")
     ap.add_argument("--out", default=str(RESULTS / "erasure.json"))
     ap.add_argument("--merge", nargs="*", metavar="JSON",
                     help="only merge the rows of these result files (parallel runs with --out) into --out, then print "
@@ -166,14 +179,17 @@ def main() -> int:
         return merge(Path(args.out), [Path(m) for m in args.merge])
     torch.set_num_threads(args.threads)
 
-    base = load_t2i("toy:t2i")
-    det = load_detector("toy:detector")
+    base = load_t2i(args.model)
+    det = load_detector(args.detector)
+    models = Path(args.runs).resolve()
     cfg = SampleConfig()
     out = Path(args.out)
     previous = json.loads(out.read_text()) if out.is_file() else {}
     kept = [r for r in previous.get("rows", []) if (r["method"], r["concept"]) not in
             {(m, c) for m in args.methods for c in args.concepts}]
     res = {
+        "model": args.model,
+        "detector": args.detector,
         "settings": {"uce": TOY_UCE, "rece": TOY_RECE, "esd": TOY_ESD,
                      "recipes": "diffshield.toyworld.erasure_recipes", "sampling": {
                          "steps": cfg.steps, "guidance": cfg.guidance, "scheduler": cfg.scheduler},
@@ -190,17 +206,18 @@ def main() -> int:
                         "seed": args.esd_seed, "batch_size": args.esd_batch, "prompts": args.esd_prompts,
                         "sample_with": args.esd_sample_with, "preserve": args.esd_preserve,
                         "preserve_weight": args.esd_preserve_weight}
-            model, info = run_one(base, method, concept, esd_over, args.tag)
+            model, info = run_one(base, method, concept, esd_over, args.tag, models)
             if method.startswith("esd"):
                 info["esd_overrides"] = {k: v for k, v in esd_over.items() if v is not None}
-            model.save(MODELS / f"{method}-{concept}{args.tag}")
+            model.save(models / f"{method}-{concept}{args.tag}")
             if orig is None:  # after the (possibly long) erasure, so parallel runs can share the cached stats
-                orig = original_stats(base, det, concept, args.seeds_per_prompt, args.n_neutral, cfg)
+                orig = original_stats(base, det, concept, args.seeds_per_prompt, args.n_neutral, cfg, models)
                 grids.append(orig["concept_images"])
             ev = evaluate_erasure(model, base, concept, det, args.seeds_per_prompt, args.n_neutral, cfg,
                                   original_stats=orig)
             grids.append(ev.pop("_images")["erased"])
-            folder = (MODELS / f"{method}-{concept}{args.tag}").relative_to(ROOT)
+            folder = models / f"{method}-{concept}{args.tag}"
+            folder = folder.relative_to(ROOT) if folder.is_relative_to(ROOT) else folder
             row = {"method": method, **info, **ev, "model_dir": str(folder)}
             row["passes"] = passes(row, method)
             res["rows"].append(row)
@@ -213,7 +230,7 @@ def main() -> int:
         # rows: original, then each method; 8 seeds of the first 4 prompts per row block
         k = args.seeds_per_prompt
         make_grid(torch.cat([g[: 4 * k] for g in grids]), nrow=4 * k, upscale=2).save(
-            RESULTS / f"erasure_grid_{concept}{args.tag}.png")
+            out.parent / f"{out.stem}_grid_{concept}{args.tag}.png")
     finish(res, out)
     return 0
 

@@ -88,7 +88,8 @@ def probe(concept: str, base) -> dict:
     }
 
 
-def sensitivity(base, levels: list[float], draws: int = 2, seeds_per_prompt: int = 4) -> list[dict]:
+def sensitivity(base, levels: list[float], draws: int = 2, seeds_per_prompt: int = 4,
+                detector: str = "toy:detector") -> list[dict]:
     """Style and shape accuracy of ``base`` with random K/V noise of each relative size in ``levels`` (see 3.)."""
     from diffshield.core.loading import load_detector
     from diffshield.core.sampling import SampleConfig, encode_prompts
@@ -97,7 +98,7 @@ def sensitivity(base, levels: list[float], draws: int = 2, seeds_per_prompt: int
     from diffshield.toyworld.concepts import concept_prompts, resolve_concept
     from diffshield.toyworld.shapes import SHAPES, STYLES
 
-    det = load_detector("toy:detector")
+    det = load_detector(detector)
     cfg = SampleConfig(steps=25, guidance=5.0)
     groups = {"style": [resolve_concept(s) for s in STYLES], "shape": [resolve_concept(s) for s in SHAPES]}
     prompts = [q for cs in groups.values() for c in cs for q, _ in concept_prompts(c)]
@@ -130,7 +131,8 @@ def sensitivity(base, levels: list[float], draws: int = 2, seeds_per_prompt: int
     return rows
 
 
-def oracle(base, seeds_per_prompt: int = 4, scales: tuple[float, ...] = (1.0, 10.0)) -> list[dict]:
+def oracle(base, seeds_per_prompt: int = 4, scales: tuple[float, ...] = (1.0, 10.0),
+           detector: str = "toy:detector") -> list[dict]:
     """The documented UCE edit of "striped" and the same edit preserving the other styles' evaluation prompts (4.)."""
     from diffshield.core.loading import load_detector
     from diffshield.core.sampling import SampleConfig, encode_prompts
@@ -140,7 +142,7 @@ def oracle(base, seeds_per_prompt: int = 4, scales: tuple[float, ...] = (1.0, 10
     from diffshield.toyworld.concepts import concept_prompts, resolve_concept
     from diffshield.toyworld.erasure_recipes import toy_erasure
 
-    det = load_detector("toy:detector")
+    det = load_detector(detector)
     cfg = SampleConfig(steps=25, guidance=5.0)
     styles = {w: resolve_concept(w) for w in ("striped", "plain", "dotted")}
     eval_other = [q for w in ("plain", "dotted") for q, _ in concept_prompts(styles[w])]
@@ -182,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="toy:t2i",
                     help="the model to probe (default: toy:t2i; e.g. a longer-trained toy model from "
                          "'diffshield toyworld train --unet-extra-steps N')")
+    ap.add_argument("--detector", default="toy:detector",
+                    help="concept detector for the image checks (default: toy:detector; give the detector trained "
+                         "with --model's toy world when that world differs)")
     ap.add_argument("--out", default=str(RESULTS / "erasure_kv_probe.json"), help="result file (default: %(default)s)")
     ap.add_argument("--sensitivity", action="store_true", help="also run the random K/V noise check (about 5 min)")
     ap.add_argument("--oracle", action="store_true",
@@ -203,12 +208,13 @@ def main(argv: list[str] | None = None) -> int:
                      f"{100 * r['kv_change_other_values_eval_prompts']:.1f} % |")
     path = Path(args.out)
     previous = json.loads(path.read_text()) if path.is_file() else {}
-    out = {"model": args.model, "rows": rows, "method": "uce", "setting": "toy_erasure('uce', concept)"}
+    out = {"model": args.model, "detector": args.detector, "rows": rows, "method": "uce",
+           "setting": "toy_erasure('uce', concept)"}
     # sections not recomputed by this run are kept from the previous file when it probed the same model
-    if previous.get("model", "toy:t2i") == args.model:
+    if (previous.get("model", "toy:t2i"), previous.get("detector", "toy:detector")) == (args.model, args.detector):
         out.update({k: previous[k] for k in ("sensitivity", "oracle") if k in previous})
     if args.sensitivity:
-        out["sensitivity"] = sensitivity(base, args.levels)
+        out["sensitivity"] = sensitivity(base, args.levels, detector=args.detector)
     if "sensitivity" in out:
         lines += ["", "| random K/V move | style accuracy | shape accuracy |", "|---|---|---|"]
         for rho in dict.fromkeys(r["rho"] for r in out["sensitivity"]):
@@ -216,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
             lines.append(f"| {100 * rho:.1f} % | " + " | ".join(
                 f"{100 * sum(r[h] for r in rs) / len(rs):.1f} %" for h in ("style_accuracy", "shape_accuracy")) + " |")
     if args.oracle:
-        out["oracle"] = oracle(base)
+        out["oracle"] = oracle(base, detector=args.detector)
     if "oracle" in out:
         lines += ["", "| striped edit | striped prompts drawn striped | dotted prompts drawn dotted / plain | "
                   "plain prompts drawn plain | K/V change on dotted eval rows: style word / shape / EOS / padding |",

@@ -34,6 +34,21 @@ def test_shapesworld_covers_the_label_space_and_synonyms():
     assert set(SYNONYMS.values()) <= words
 
 
+def test_world_version_2_changes_only_the_dots():
+    """Version 2 draws larger dots; labels, captions, every other image and the random stream stay the same."""
+    v1, v2 = ShapesWorld().sample(48, seed=5), ShapesWorld(version=2).sample(48, seed=5)
+    assert v1.captions == v2.captions and np.array_equal(v1.style, v2.style)
+    dotted = v1.style == STYLES.index("dotted")
+    assert dotted.any() and (~dotted).any()
+    assert np.array_equal(v1.images[~dotted], v2.images[~dotted])
+    assert all(not np.array_equal(a, b) for a, b in zip(v1.images[dotted], v2.images[dotted]))
+    # larger dots: fewer, bigger white holes, so fewer colour/white edges inside the shape
+    edges = [float(np.abs(np.diff(v.images[dotted], axis=2)).sum()) for v in (v1, v2)]
+    assert edges[1] < edges[0]
+    with pytest.raises(ValueError, match="version"):
+        ShapesWorld(version=3)
+
+
 def test_tokenizer_keeps_every_word_whole(tmp_path):
     from transformers import CLIPTokenizer
 
@@ -133,3 +148,24 @@ def test_recipe_runs_end_to_end_and_the_continuation_stage_changes_the_unet(tmp_
                  "--work", str(tmp_path / "w3"), "--unet-extra-steps", "1"]) == 2
     assert main(["toyworld", "train", "--from-weights", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o4"),
                  "--work", str(tmp_path / "w4"), "--unet-extra-steps", "1"]) == 2
+
+
+def test_recipe_world_version_guards_its_pool_and_reuses_a_given_vae(tmp_path):
+    """A work folder's pool belongs to one world version; --vae copies a trained VAE instead of training one."""
+    from diffshield.core.errors import DiffshieldError
+    from diffshield.toyworld.train import RecipeConfig, stage_pool, stage_vae
+
+    with pytest.raises(ValueError, match="world_version"):
+        RecipeConfig(world_version=7)
+    v2 = RecipeConfig(pool_size=16, world_version=2, threads=1)
+    pool = stage_pool(v2, tmp_path)
+    assert set(pool) == {"images", "shape", "colour", "style", "background"}
+    assert np.array_equal(pool["images"][0], (ShapesWorld(version=2).render_labels(
+        {k: pool[k][:1] for k in ("shape", "colour", "style", "background")}, seed=1).images[0] * 255).round())
+    with pytest.raises(DiffshieldError, match="world version 2"):
+        stage_pool(RecipeConfig(pool_size=16, threads=1), tmp_path)
+    if SHIPPED:
+        vae = stage_vae(RecipeConfig(pool_size=16, vae_from="toy", threads=1), tmp_path, pool)
+        assert vae.config.latent_channels == 4 and (tmp_path / "vae" / "config.json").exists()
+    with pytest.raises(DiffshieldError, match="not an AutoencoderKL folder"):
+        stage_vae(RecipeConfig(pool_size=16, vae_from=str(tmp_path / "nowhere"), threads=1), tmp_path / "w", pool)

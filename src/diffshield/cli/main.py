@@ -200,7 +200,8 @@ def cmd_toyworld_train(args) -> int:
     try:
         cfg = RecipeConfig(seed=args.seed, unet_steps=args.unet_steps, unet_extra_steps=args.unet_extra_steps,
                            vae_steps=args.vae_steps,
-                           detector_steps=args.detector_steps, pool_size=args.pool_size)
+                           detector_steps=args.detector_steps, pool_size=args.pool_size,
+                           world_version=args.world_version, vae_from=args.vae)
     except ValueError as e:
         raise DiffshieldError(str(e)) from None
     src = None
@@ -222,7 +223,7 @@ def cmd_toyworld_dataset(args) -> int:
     from diffshield.core.io import atomic_dir, atomic_write_json, make_grid
     from diffshield.toyworld.shapes import ShapesWorld
 
-    batch = ShapesWorld().sample(args.n, seed=args.seed)
+    batch = ShapesWorld(version=args.world_version).sample(args.n, seed=args.seed)
     imgs = torch.from_numpy(batch.images).permute(0, 3, 1, 2)
     with atomic_dir(args.out) as tmp:
         make_grid(imgs, nrow=8, upscale=4).save(tmp / "grid.png")
@@ -452,12 +453,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--from-weights", metavar="DIR",
                    help="start from these trained weights (t2i/ and detector/, like the package's; 'toy' = the "
                         "shipped ones) instead of training stages 2-4; with --unet-extra-steps (default: none)")
+    t.add_argument("--world-version", type=int, choices=(1, 2), default=1,
+                   help="ShapesWorld texture version of the training images: 1 = the shipped weights, 2 = larger "
+                        "dots (default: 1)")
+    t.add_argument("--vae", metavar="DIR",
+                   help="use this trained AutoencoderKL folder ('toy' = the shipped one) instead of training the VAE "
+                        "stage (default: train it)")
     add_threads_arg(t)
     t.set_defaults(func=cmd_toyworld_train)
     d = tsub.add_parser("dataset", help="render ShapesWorld samples with their captions",
                         description="Render ShapesWorld images (grid.png) and captions (captions.json).")
     d.add_argument("--n", type=_positive_int, default=64, help="number of samples (default: 64)")
     d.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    d.add_argument("--world-version", type=int, choices=(1, 2), default=1,
+                   help="texture version: 1 = the shipped models' world, 2 = larger dots (default: 1)")
     d.add_argument("--out", required=True, help="output folder")
     d.set_defaults(func=cmd_toyworld_dataset)
     p.set_defaults(func=lambda a, _p=p: (_p.print_help(), 1)[1])

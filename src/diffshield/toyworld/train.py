@@ -2,8 +2,8 @@
 
 ``diffshield toyworld train --work runs/toyworld --out src/diffshield/toyworld/weights`` runs, in order:
 
-1. render an image pool from ShapesWorld (seeded);
-2. train the AutoencoderKL (reconstruction + small KL);
+1. render an image pool from ShapesWorld (seeded; ``world_version`` 1 for the shipped weights, 2 for larger dots);
+2. train the AutoencoderKL (reconstruction + small KL), or copy a trained one (``vae_from``);
 3. train the concept detector on real images and VAE reconstructions (so that it reads decoded images as well);
 4. encode the pool to latents and train the UNet2DConditionModel jointly with the CLIPTextModel
    (epsilon prediction, SD 1.x schedule, 10 % caption dropout for classifier-free guidance);
@@ -31,9 +31,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from diffshield.core.errors import DiffshieldError
 from diffshield.toyworld import models
 from diffshield.toyworld.detector import HEADS, ConceptDetector
-from diffshield.toyworld.shapes import VOCAB_WORDS, ShapesWorld, caption
+from diffshield.toyworld.shapes import VOCAB_WORDS, WORLD_VERSIONS, ShapesWorld, caption
 from diffshield.toyworld.tokenizer import build_tokenizer_files
 
 
@@ -54,6 +55,10 @@ class RecipeConfig:
         caption_dropout: share of empty captions, for classifier-free guidance (default 0.1).
         ckpt_every: UNet checkpoint interval in steps (default 100).
         threads: torch CPU threads (default 2).
+        world_version: ShapesWorld texture version of the pool (default 1, the shipped weights; 2 draws larger
+            dots, see :data:`diffshield.toyworld.shapes.WORLD_VERSIONS`).
+        vae_from: an already trained AutoencoderKL folder to use instead of training stage 2, "toy" for the shipped
+            one (default None: train it).
     """
 
     seed: int = 0
@@ -67,6 +72,8 @@ class RecipeConfig:
     caption_dropout: float = 0.1
     ckpt_every: int = 100
     threads: int = 2
+    world_version: int = 1
+    vae_from: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("pool_size", "vae_steps", "detector_steps", "unet_steps", "ckpt_every", "threads"):
@@ -78,6 +85,8 @@ class RecipeConfig:
             raise ValueError(f"learning rates must be positive, got {self.unet_lr} and {self.unet_extra_lr}")
         if self.unet_extra_steps < 0:
             raise ValueError(f"unet_extra_steps must be 0 or more, got {self.unet_extra_steps}")
+        if self.world_version not in WORLD_VERSIONS:
+            raise ValueError(f"world_version must be one of {sorted(WORLD_VERSIONS)}, got {self.world_version}")
 
 
 def _log(work: Path, msg: str) -> None:
@@ -98,15 +107,20 @@ def _lr(step: int, total: int, peak: float, warmup: int = 100, floor: float = 0.
 def stage_pool(cfg: RecipeConfig, work: Path) -> dict[str, np.ndarray]:
     path = work / "pool.npz"
     if not path.exists():
-        world = ShapesWorld()
+        world = ShapesWorld(version=cfg.world_version)
         rng = np.random.default_rng(cfg.seed)
         labels = world.sample_labels(cfg.pool_size, rng)
         batch = world.render_labels(labels, seed=cfg.seed + 1)
         tmp = work / "pool.tmp.npz"
-        np.savez(tmp, images=(batch.images * 255).round().astype(np.uint8), **labels)
+        np.savez(tmp, images=(batch.images * 255).round().astype(np.uint8), world_version=cfg.world_version,
+                 **labels)
         tmp.rename(path)
     d = np.load(path)
-    return {k: d[k] for k in d.files}
+    found = int(d["world_version"]) if "world_version" in d.files else 1
+    if found != cfg.world_version:
+        raise DiffshieldError(f"{path} was rendered for world version {found}, not {cfg.world_version}: use another "
+                              "--work folder")
+    return {k: d[k] for k in d.files if k != "world_version"}
 
 
 def _images(pool: dict[str, np.ndarray], idx: np.ndarray) -> torch.Tensor:
@@ -116,6 +130,15 @@ def _images(pool: dict[str, np.ndarray], idx: np.ndarray) -> torch.Tensor:
 
 def stage_vae(cfg: RecipeConfig, work: Path, pool: dict[str, np.ndarray]):
     out = work / "vae"
+    if cfg.vae_from is not None and not (out / "config.json").exists():
+        import shutil
+
+        from diffshield.core.loading import TOY_ROOT
+
+        src = TOY_ROOT / "t2i" / "vae" if cfg.vae_from == "toy" else Path(cfg.vae_from)
+        if not (src / "config.json").is_file():
+            raise DiffshieldError(f"--vae {cfg.vae_from}: {src} is not an AutoencoderKL folder (needs config.json)")
+        shutil.copytree(src, out)
     if (out / "config.json").exists():
         from diffusers import AutoencoderKL
 
@@ -215,8 +238,6 @@ def seed_work_from(weights: str | Path, work: str | Path) -> None:
     The tokenizer is rebuilt from the toy vocabulary, as in stage 4. Stops with a one-line error if the folder lacks
     a component; leaves the components a work folder already has alone."""
     import shutil
-
-    from diffshield.core.errors import DiffshieldError
 
     weights, work = Path(weights), Path(work)
     need = [weights / "t2i" / c for c in ("vae", "unet", "text_encoder")] + [weights / "detector"]
