@@ -74,15 +74,15 @@ def run_one(base, method: str, concept: str, esd_overrides: dict, tag: str = "",
     return model, info
 
 
-def original_stats(base, det, concept: str, k: int, n_neutral: int, cfg: SampleConfig, models: Path = MODELS
-                   ) -> dict:
+def original_stats(base, det, concept: str, k: int, n_neutral: int, cfg: SampleConfig, models: Path = MODELS,
+                   seed: int = 0) -> dict:
     """model_stats of the original model, cached in ``models`` (default runs/erasure/; deterministic given the
     seeds; one folder per original model)."""
-    cache = models / f"original-{concept}-k{k}-n{n_neutral}.pt"
+    cache = models / f"original-{concept}-k{k}-n{n_neutral}{f'-s{seed}' if seed else ''}.pt"
     if cache.is_file():
         return torch.load(cache, weights_only=True)
     t0 = time.perf_counter()
-    stats = model_stats(base, det, concept, k, n_neutral, cfg)
+    stats = model_stats(base, det, concept, k, n_neutral, cfg, seed)
     print(f"[{concept}] original stats in {time.perf_counter() - t0:.0f} s: detected "
           f"{100 * stats['detection_rate']:.1f} %", flush=True)
     tmp = cache.with_suffix(f".{id(stats)}.tmp")
@@ -148,6 +148,9 @@ def main() -> int:
     ap.add_argument("--concepts", nargs="+", default=list(CONCEPTS))
     ap.add_argument("--seeds-per-prompt", type=int, default=8, help="images per evaluation prompt (default 8)")
     ap.add_argument("--n-neutral", type=int, default=128, help="neutral images per model for the FD (default 128)")
+    ap.add_argument("--first-seed", type=int, default=0,
+                    help="first sampling seed of the evaluation (default 0; another value checks the rates on new "
+                         "images)")
     ap.add_argument("--esd-iterations", type=int, default=None, help="override the ESD iterations")
     ap.add_argument("--esd-lr", type=float, default=None, help="override the ESD learning rate")
     ap.add_argument("--esd-eta", type=float, default=None, help="override the ESD negative guidance eta")
@@ -193,7 +196,8 @@ def main() -> int:
         "settings": {"uce": TOY_UCE, "rece": TOY_RECE, "esd": TOY_ESD,
                      "recipes": "diffshield.toyworld.erasure_recipes", "sampling": {
                          "steps": cfg.steps, "guidance": cfg.guidance, "scheduler": cfg.scheduler},
-                     "seeds_per_prompt": args.seeds_per_prompt, "n_neutral": args.n_neutral, "first_seed": 0},
+                     "seeds_per_prompt": args.seeds_per_prompt, "n_neutral": args.n_neutral,
+                     "first_seed": args.first_seed},
         "bars": BARS,
         "machine": {"python": platform.python_version(), "torch": torch.__version__,
                     "threads": torch.get_num_threads()},
@@ -211,10 +215,11 @@ def main() -> int:
                 info["esd_overrides"] = {k: v for k, v in esd_over.items() if v is not None}
             model.save(models / f"{method}-{concept}{args.tag}")
             if orig is None:  # after the (possibly long) erasure, so parallel runs can share the cached stats
-                orig = original_stats(base, det, concept, args.seeds_per_prompt, args.n_neutral, cfg, models)
+                orig = original_stats(base, det, concept, args.seeds_per_prompt, args.n_neutral, cfg, models,
+                                      args.first_seed)
                 grids.append(orig["concept_images"])
             ev = evaluate_erasure(model, base, concept, det, args.seeds_per_prompt, args.n_neutral, cfg,
-                                  original_stats=orig)
+                                  seed=args.first_seed, original_stats=orig)
             grids.append(ev.pop("_images")["erased"])
             folder = models / f"{method}-{concept}{args.tag}"
             folder = folder.relative_to(ROOT) if folder.is_relative_to(ROOT) else folder
