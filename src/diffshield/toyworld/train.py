@@ -138,7 +138,7 @@ def stage_vae(cfg: RecipeConfig, work: Path, pool: dict[str, np.ndarray]):
         src = TOY_ROOT / "t2i" / "vae" if cfg.vae_from == "toy" else Path(cfg.vae_from)
         if not (src / "config.json").is_file():
             raise DiffshieldError(f"--vae {cfg.vae_from}: {src} is not an AutoencoderKL folder (needs config.json)")
-        shutil.copytree(src, out)
+        shutil.copytree(src, out, dirs_exist_ok=True)
     if (out / "config.json").exists():
         from diffusers import AutoencoderKL
 
