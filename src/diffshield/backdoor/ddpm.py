@@ -155,10 +155,11 @@ def load_ddpm(spec: str | Path, allow_pickle: bool = False) -> DDPMModel:
 
 
 def shapes_pool(n: int, seed: int = 0) -> torch.Tensor:
-    """``n`` ShapesWorld images as a (n, 3, 32, 32) float tensor in [-1, 1], deterministic in ``seed``."""
+    """``n`` ShapesWorld images as a (n, 3, 32, 32) float tensor in [-1, 1], deterministic in ``seed``. World version
+    1: the shipped toy DDPM was trained on it."""
     from diffshield.toyworld.shapes import ShapesWorld
 
-    batch = ShapesWorld().sample(n, seed=seed)
+    batch = ShapesWorld(version=1).sample(n, seed=seed)
     return torch.from_numpy(np.ascontiguousarray(batch.images)).permute(0, 3, 1, 2).contiguous() * 2 - 1
 
 

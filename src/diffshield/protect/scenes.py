@@ -83,7 +83,9 @@ def render_scene(rng: np.random.Generator, size: int = 64, n_shapes: int | None 
         cx, cy = rng.uniform(r + 1, size - r - 1, size=2)
         m = _shape_mask(SHAPES[rng.integers(len(SHAPES))], x - cx, y - cy, r, rng.uniform(-0.4, 0.4))
         fg = np.asarray(COLOUR_RGB[COLOURS[rng.integers(len(COLOURS))]]) + rng.uniform(-0.06, 0.06, 3)
-        tex = _texture(STYLES[rng.integers(len(STYLES))], (x - cx) / scale, (y - cy) / scale, rng)[..., None]
+        # world version 1's textures: the shipped toy inpainter was trained on them
+        style = STYLES[rng.integers(len(STYLES))]
+        tex = _texture(style, (x - cx) / scale, (y - cy) / scale, rng, version=1)[..., None]
         fill = tex * fg + (1 - tex) * 0.97
         img = np.where(m[..., None], fill, img)
         masks = [mm & ~m for mm in masks] + [m]
