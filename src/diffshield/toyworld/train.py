@@ -128,17 +128,22 @@ def _images(pool: dict[str, np.ndarray], idx: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(pool["images"][idx]).permute(0, 3, 1, 2).float() / 255.0
 
 
+def _vae_source(vae_from: str) -> Path:
+    """The AutoencoderKL folder that ``vae_from`` names ("toy" = the shipped one); a one-line error otherwise."""
+    from diffshield.core.loading import TOY_ROOT
+
+    src = TOY_ROOT / "t2i" / "vae" if vae_from == "toy" else Path(vae_from)
+    if not (src / "config.json").is_file():
+        raise DiffshieldError(f"--vae {vae_from}: {src} is not an AutoencoderKL folder (needs config.json)")
+    return src
+
+
 def stage_vae(cfg: RecipeConfig, work: Path, pool: dict[str, np.ndarray]):
     out = work / "vae"
     if cfg.vae_from is not None and not (out / "config.json").exists():
         import shutil
 
-        from diffshield.core.loading import TOY_ROOT
-
-        src = TOY_ROOT / "t2i" / "vae" if cfg.vae_from == "toy" else Path(cfg.vae_from)
-        if not (src / "config.json").is_file():
-            raise DiffshieldError(f"--vae {cfg.vae_from}: {src} is not an AutoencoderKL folder (needs config.json)")
-        shutil.copytree(src, out, dirs_exist_ok=True)
+        shutil.copytree(_vae_source(cfg.vae_from), out, dirs_exist_ok=True)
     if (out / "config.json").exists():
         from diffusers import AutoencoderKL
 
@@ -408,6 +413,8 @@ def train_all(cfg: RecipeConfig, work: str | Path, out: str | Path, from_weights
     ``from_weights`` (default None): start from these trained weights instead of stages 2-4 (see
     :func:`seed_work_from`), e.g. to continue the shipped model with ``cfg.unet_extra_steps``."""
     work, out = Path(work), Path(out)
+    if cfg.vae_from is not None:
+        _vae_source(cfg.vae_from)  # fail before rendering the pool, not after
     if from_weights is not None:
         seed_work_from(from_weights, work)
     work.mkdir(parents=True, exist_ok=True)
