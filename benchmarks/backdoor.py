@@ -5,6 +5,7 @@
     python benchmarks/backdoor.py eval         # metrics, scans, input detection per zoo model (cached per model)
     python benchmarks/backdoor.py report       # -> benchmarks/results/backdoor.json + the README table
     python benchmarks/backdoor.py all          # the four in order
+    python benchmarks/backdoor.py recheck-clean  # clean quality again with today's toy:detector-v1, vs backdoor.json
 
 Every job uses one torch thread (``--threads``) so that jobs can run side by side on a shared 2-core machine;
 ``--only NAME`` restricts zoo/eval to one model (to run several processes in parallel).
@@ -247,6 +248,41 @@ def cmd_asr(args) -> None:
         print(f"[asr] {name}: {json.dumps(out)}", flush=True)
 
 
+def cmd_recheck_clean(args) -> None:
+    """Recompute the clean quality (recognised, feature FD) of every zoo model still on disk with the detector shipped
+    today (``toy:detector-v1``), on the same seeds, and compare it with the figures in ``backdoor.json``. Written when
+    the detector was re-stored in float16 (stop 16): -> ``benchmarks/results/backdoor_clean_recheck.json``."""
+    from diffshield.backdoor.ddpm import load_ddpm, set_threads
+    from diffshield.backdoor.metrics import clean_quality
+    from diffshield.backdoor.sampling import SampleConfig, sample
+    from diffshield.core.io import atomic_write_json
+    from diffshield.core.seeding import seed_list
+
+    set_threads(args.threads)
+    recorded = {m["name"]: m["clean"] for m in json.loads((RESULTS / "backdoor.json").read_text())["models"]}
+    rows = []
+    for name in ZOO_MODELS:
+        path = model_path(name)
+        if (args.only and name not in args.only) or not (name == "clean_base" or Path(path).is_dir()):
+            continue
+        old = recorded[name]
+        t0 = time.time()
+        imgs = sample(load_ddpm(path), seed_list(old["seeds"][0], old["n"]), config=SampleConfig("ddim", 50, 64),
+                      progress=False).images
+        new = clean_quality(imgs)
+        rows.append({"name": name, "recorded": {k: old[k] for k in ("recognised", "frechet")},
+                     "now": {k: new[k] for k in ("recognised", "frechet")},
+                     "recognised_same": new["recognised"] == old["recognised"],
+                     "frechet_abs_diff": abs(new["frechet"] - old["frechet"]), "seconds": round(time.time() - t0, 1)})
+        print(f"[recheck-clean] {json.dumps(rows[-1])}", flush=True)
+    missing = [n for n in ZOO_MODELS if n not in {r["name"] for r in rows} and not (args.only and n not in args.only)]
+    out = {"detector": "toy:detector-v1", "rows": rows, "not_on_disk": missing,
+           "all_recognised_same": all(r["recognised_same"] for r in rows),
+           "max_frechet_abs_diff": max((r["frechet_abs_diff"] for r in rows), default=None)}
+    atomic_write_json(RESULTS / "backdoor_clean_recheck.json", out)
+    print(json.dumps({k: v for k, v in out.items() if k != "rows"}))
+
+
 def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
@@ -338,9 +374,10 @@ def cmd_report(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["zoo", "calibrate", "eval", "report", "all", "asr"],
+    p.add_argument("what", choices=["zoo", "calibrate", "eval", "report", "all", "asr", "recheck-clean"],
                    help="a step, or all of zoo/calibrate/eval/report; 'asr': a larger-sample ASR check of the --only "
-                        "models with --n-triggered samples")
+                        "models with --n-triggered samples; 'recheck-clean': clean quality of the zoo models on disk "
+                        "with today's detector, against backdoor.json")
     p.add_argument("--only", nargs="*", default=None, help="restrict zoo/eval to these model names")
     p.add_argument("--threads", type=int, default=1, help="torch threads per job (default: 1)")
     p.add_argument("--presets", nargs="*", default=["fast"], help="TERD presets to calibrate and evaluate "
@@ -354,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, args.threads))
     steps = ["zoo", "calibrate", "eval", "report"] if args.what == "all" else [args.what]
     for s in steps:
-        {"zoo": cmd_zoo, "calibrate": cmd_calibrate, "eval": cmd_eval, "report": cmd_report, "asr": cmd_asr}[s](args)
+        {"zoo": cmd_zoo, "calibrate": cmd_calibrate, "eval": cmd_eval, "report": cmd_report, "asr": cmd_asr,
+         "recheck-clean": cmd_recheck_clean}[s](args)
     return 0
 
 

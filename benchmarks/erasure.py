@@ -74,6 +74,43 @@ def run_one(base, method: str, concept: str, esd_overrides: dict, tag: str = "",
     return model, info
 
 
+def weights_fingerprint(*specs: str) -> dict[str, str]:
+    """A cheap content fingerprint of model folders (``toy:`` names or paths): for every ``*.safetensors`` file, its
+    size and a SHA-256 of its first MiB (header and first tensors), so that two different weight sets never share a
+    runs folder's cached original figures or ESD checkpoints."""
+    import hashlib
+
+    from diffshield.core.loading import resolve_model_path
+
+    out = {}
+    for spec in specs:
+        root = resolve_model_path(spec)
+        for f in sorted(root.rglob("*.safetensors")):
+            with open(f, "rb") as fh:
+                digest = hashlib.sha256(fh.read(1 << 20)).hexdigest()
+            out[f"{spec}:{f.relative_to(root)}"] = f"{f.stat().st_size}:{digest}"
+    return out
+
+
+def guard_runs_folder(models: Path, model: str, detector: str) -> None:
+    """Tie ``models`` (the --runs folder) to one model and detector: its cached original figures and ESD checkpoints
+    are only valid for those weights. Records the fingerprint on first use; stops with a one-line message on a
+    mismatch."""
+    found = weights_fingerprint(model, detector)
+    record = models / "weights.json"
+    if record.is_file():
+        saved = json.loads(record.read_text())
+        if sorted(saved.values()) != sorted(found.values()):
+            raise SystemExit(f"{models} holds results for other weights than --model {model} / --detector {detector} "
+                             f"(see {record}): pass another --runs folder, or delete it")
+        return
+    if models.is_dir() and any(models.glob("original-*.pt")) or (models / "ckpt").is_dir():
+        raise SystemExit(f"{models} holds cached results from before weights were recorded, for unknown weights: "
+                         "pass another --runs folder, or delete it")
+    models.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(record, found)
+
+
 def original_stats(base, det, concept: str, k: int, n_neutral: int, cfg: SampleConfig, models: Path = MODELS,
                    seed: int = 0) -> dict:
     """model_stats of the original model, cached in ``models`` (default runs/erasure/; deterministic given the
@@ -185,6 +222,7 @@ def main() -> int:
     base = load_t2i(args.model)
     det = load_detector(args.detector)
     models = Path(args.runs).resolve()
+    guard_runs_folder(models, args.model, args.detector)
     cfg = SampleConfig()
     out = Path(args.out)
     previous = json.loads(out.read_text()) if out.is_file() else {}

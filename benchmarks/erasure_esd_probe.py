@@ -79,13 +79,17 @@ def main() -> int:
     ap.add_argument("--concept", default="red")
     ap.add_argument("--eta", type=float, default=1.0, help="negative guidance η of both runs (default 1)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--model", default="toy:t2i", help="the model to erase from (default: toy:t2i)")
+    ap.add_argument("--detector", default="toy:detector",
+                    help="the concept detector of --model's toy world (default: toy:detector)")
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    base, det = load_t2i("toy:t2i"), load_detector("toy:detector")
+    base, det = load_t2i(args.model), load_detector(args.detector)
     c = resolve_concept(args.concept)
     eval_prompts = [p for p, _ in concept_prompts(c)][:4]
-    res = {"method": args.method, "concept": c.name, "eta": args.eta, "threads": torch.get_num_threads(),
+    res = {"model": args.model, "detector": args.detector,
+           "method": args.method, "concept": c.name, "eta": args.eta, "threads": torch.get_num_threads(),
            "original": {f"guidance_{g:g}": rates(base, det, c.name, g) for g in (1.0, 5.0)}, "runs": {}}
     for anchor in ("none", "uncond+others"):
         model = copy.deepcopy(base)

@@ -41,11 +41,14 @@ def toy(one_thread):
     import copy
 
     from diffshield.core.loading import load_detector, load_t2i
-    from diffshield.erase.uce import UCEConfig, uce_erase
+    from diffshield.erase.uce import uce_erase
+    from diffshield.toyworld.erasure_recipes import toy_erasure
 
     original = load_t2i("toy:t2i")
     erased = copy.deepcopy(original)
-    uce_erase(erased, ["triangle", "wedge"], UCEConfig())
+    # the documented toy setting (templates, guides, preserved values), as the benchmark and the demo use: bare words
+    # with the default config erase the triangle from only some of the toy model's images
+    uce_erase(erased, *toy_erasure("uce", "triangle"))
     detector = load_detector("toy:detector")
     prompts, seeds = audit_prompts("triangle", 8)
     judge = ToyConceptJudge("triangle", detector)

@@ -36,7 +36,7 @@ def test_shapesworld_covers_the_label_space_and_synonyms():
 
 def test_world_version_2_changes_only_the_dots():
     """Version 2 draws larger dots; labels, captions, every other image and the random stream stay the same."""
-    v1, v2 = ShapesWorld().sample(48, seed=5), ShapesWorld(version=2).sample(48, seed=5)
+    v1, v2 = ShapesWorld(version=1).sample(48, seed=5), ShapesWorld(version=2).sample(48, seed=5)
     assert v1.captions == v2.captions and np.array_equal(v1.style, v2.style)
     dotted = v1.style == STYLES.index("dotted")
     assert dotted.any() and (~dotted).any()
@@ -86,6 +86,37 @@ def test_shipped_detector_reads_fresh_images():
 
     det = load_detector()
     b = ShapesWorld().sample(256, seed=777)
+    pred = det.predict(torch.from_numpy(b.images).permute(0, 3, 1, 2))
+    for head in ("shape", "colour", "style"):
+        assert (pred[head][0].numpy() == getattr(b, head)).mean() >= 0.97, head
+
+
+def test_detector_stored_in_float16_loads_as_float32_and_reads_the_same(tmp_path):
+    """The shipped detectors are stored in float16 (half the size); loading casts them back to float32."""
+    from safetensors import safe_open
+
+    from diffshield.toyworld.detector import ConceptDetector
+
+    torch.manual_seed(0)
+    det = ConceptDetector().eval()
+    det.save(tmp_path / "d16", dtype=torch.float16)
+    with safe_open(str(tmp_path / "d16" / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} <= {torch.float16, torch.int64}
+    back = ConceptDetector.load(tmp_path / "d16")
+    assert all(p.dtype == torch.float32 for p in back.parameters())
+    x = torch.rand(16, 3, 32, 32)
+    a, b = det.predict(x), back.predict(x)
+    for head in a:
+        assert torch.allclose(a[head][1], b[head][1], atol=2e-3)
+
+
+@needs_shipped
+def test_shipped_world1_detector_reads_world1_images():
+    """toy:detector-v1 (stored in float16) judges the DDPM's world, version 1."""
+    from diffshield.core.loading import load_detector
+
+    det = load_detector("toy:detector-v1")
+    b = ShapesWorld(version=1).sample(256, seed=777)
     pred = det.predict(torch.from_numpy(b.images).permute(0, 3, 1, 2))
     for head in ("shape", "colour", "style"):
         assert (pred[head][0].numpy() == getattr(b, head)).mean() >= 0.97, head
@@ -163,7 +194,7 @@ def test_recipe_world_version_guards_its_pool_and_reuses_a_given_vae(tmp_path):
     assert np.array_equal(pool["images"][0], (ShapesWorld(version=2).render_labels(
         {k: pool[k][:1] for k in ("shape", "colour", "style", "background")}, seed=1).images[0] * 255).round())
     with pytest.raises(DiffshieldError, match="world version 2"):
-        stage_pool(RecipeConfig(pool_size=16, threads=1), tmp_path)
+        stage_pool(RecipeConfig(pool_size=16, world_version=1, threads=1), tmp_path)
     if SHIPPED:
         vae = stage_vae(RecipeConfig(pool_size=16, vae_from="toy", threads=1), tmp_path, pool)
         assert vae.config.latent_channels == 4 and (tmp_path / "vae" / "config.json").exists()

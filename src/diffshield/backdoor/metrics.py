@@ -63,7 +63,8 @@ def clean_quality(images: torch.Tensor, detector=None, real: torch.Tensor | None
 
     Args:
         images: the samples.
-        detector: the toy :class:`ConceptDetector` (default None: ``load_detector("toy:detector")``).
+        detector: the toy :class:`ConceptDetector` (default None: ``load_detector("toy:detector-v1")``, the
+            detector of world version 1, which the toy DDPM and its real images come from).
         real: real images in [0, 1] for the feature Fréchet distance (default None: 1000 fresh ShapesWorld
             images, seed 12345).
 
@@ -73,7 +74,7 @@ def clean_quality(images: torch.Tensor, detector=None, real: torch.Tensor | None
     from diffshield.core.loading import load_detector
     from diffshield.eval.frechet import detector_features, frechet_distance
 
-    det = detector or load_detector("toy:detector")
+    det = detector or load_detector("toy:detector-v1")
     pred = det.predict(images)
     conf = torch.minimum(pred["shape"][1], pred["colour"][1])
     if real is None:

@@ -453,9 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--from-weights", metavar="DIR",
                    help="start from these trained weights (t2i/ and detector/, like the package's; 'toy' = the "
                         "shipped ones) instead of training stages 2-4; with --unet-extra-steps (default: none)")
-    t.add_argument("--world-version", type=int, choices=(1, 2), default=1,
-                   help="ShapesWorld texture version of the training images: 1 = the shipped weights, 2 = larger "
-                        "dots (default: 1)")
+    t.add_argument("--world-version", type=int, choices=(1, 2), default=2,
+                   help="ShapesWorld texture version of the training images: 2 = the shipped weights, 1 = smaller "
+                        "dots, the first shipped weights (default: 2)")
     t.add_argument("--vae", metavar="DIR",
                    help="use this trained AutoencoderKL folder ('toy' = the shipped one) instead of training the VAE "
                         "stage (default: train it)")
@@ -465,8 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Render ShapesWorld images (grid.png) and captions (captions.json).")
     d.add_argument("--n", type=_positive_int, default=64, help="number of samples (default: 64)")
     d.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
-    d.add_argument("--world-version", type=int, choices=(1, 2), default=1,
-                   help="texture version: 1 = the shipped models' world, 2 = larger dots (default: 1)")
+    d.add_argument("--world-version", type=int, choices=(1, 2), default=2,
+                   help="texture version: 2 = the shipped t2i model's world, 1 = smaller dots, the DDPM's and "
+                        "inpainter's world (default: 2)")
     d.add_argument("--out", required=True, help="output folder")
     d.set_defaults(func=cmd_toyworld_dataset)
     p.set_defaults(func=lambda a, _p=p: (_p.print_help(), 1)[1])

@@ -22,6 +22,8 @@ from diffshield.core.errors import DiffshieldError
 TOY_ROOT = Path(__file__).resolve().parent.parent / "toyworld" / "weights"
 TOY_MODELS: dict[str, str] = {
     "toy:t2i": "t2i", "toy:detector": "detector", "toy:ddpm": "ddpm", "toy:inpaint": "inpaint",
+    # The detector of world version 1, the world of the shipped DDPM: it judges the DDPM's clean samples.
+    "toy:detector-v1": "detector_v1",
 }
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")

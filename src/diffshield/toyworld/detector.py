@@ -69,10 +69,18 @@ class ConceptDetector(nn.Module):
             res[k] = (idx, conf)
         return res
 
-    def save(self, folder: str | Path) -> None:
+    def save(self, folder: str | Path, dtype: torch.dtype | None = None) -> None:
+        """Write ``config.json`` and ``model.safetensors`` to ``folder``.
+
+        Args:
+            dtype: store floating-point tensors in this dtype (default None: as they are, float32). The shipped
+                detectors are stored in float16 to halve their size; :meth:`load` casts them back to float32.
+        """
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(folder / "model.safetensors"))
+        state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
+                 for k, v in self.state_dict().items()}
+        save_file(state, str(folder / "model.safetensors"))
         (folder / "config.json").write_text(json.dumps({"_class_name": "ConceptDetector", **self.config}, indent=2))
 
     @classmethod

@@ -105,10 +105,11 @@ def _shape_mask(kind: str, x: np.ndarray, y: np.ndarray, r: float, angle: float)
     return _polygon_mask(x, y, v)
 
 
-#: Texture parameters of each world version (``ShapesWorld(version=...)``). Version 1 is the world of the shipped
-#: models. Version 2 draws larger dots: at 32 px the t2i's latent is 8x8 (one cell = 4 px), and version 1's dots,
-#: 5-6 px apart, sit at about one latent cell, where the toy t2i draws them for only 72 % of "dotted" prompts and
-#: a closed-form edit of another style wipes them out (notes/issue3_readme.md). Stripes are the same in both.
+#: Texture parameters of each world version (``ShapesWorld(version=...)``). Version 2 (the default) is the world of
+#: the shipped t2i model and detector; version 1 is the world of the shipped DDPM, the inpainter's scenes and the
+#: first t2i model. Version 2 draws larger dots: at 32 px the t2i's latent is 8x8 (one cell = 4 px), and version
+#: 1's dots, 5-6 px apart, sit at about one latent cell, where the toy t2i drew them for only 72 % of "dotted"
+#: prompts and a closed-form edit of another style wiped them out (notes/issue3_readme.md). Stripes are the same.
 WORLD_VERSIONS: dict[int, dict[str, tuple[float, float] | float]] = {
     1: {"dot_spacing": (5.0, 6.0), "dot_radius": 0.24},
     2: {"dot_spacing": (7.0, 8.0), "dot_radius": 0.30},
@@ -121,7 +122,7 @@ def _check_version(version: int) -> int:
     return version
 
 
-def _texture(style: str, x: np.ndarray, y: np.ndarray, rng: np.random.Generator, version: int = 1) -> np.ndarray:
+def _texture(style: str, x: np.ndarray, y: np.ndarray, rng: np.random.Generator, version: int = 2) -> np.ndarray:
     """Fraction of the shape colour (1) versus white (0) at each point, for a texture style."""
     if style == "plain":
         return np.ones_like(x)
@@ -142,10 +143,10 @@ def _texture(style: str, x: np.ndarray, y: np.ndarray, rng: np.random.Generator,
 
 
 def render(
-    shape: int, colour: int, style: int, background: int, rng: np.random.Generator, size: int = 32, version: int = 1
+    shape: int, colour: int, style: int, background: int, rng: np.random.Generator, size: int = 32, version: int = 2
 ) -> np.ndarray:
     """Render one image (size x size x 3, float32 in [0, 1]) for the given label indices, in world ``version``
-    (default 1; see :data:`WORLD_VERSIONS`)."""
+    (default 2; see :data:`WORLD_VERSIONS`)."""
     n = size * _SS
     coords = (np.arange(n) + 0.5) / _SS  # pixel units
     x, y = np.meshgrid(coords, coords)
@@ -194,11 +195,12 @@ class ShapesWorld:
 
     Args:
         size: image side in pixels (default 32).
-        version: texture version (default 1, the world of the shipped models; 2 draws larger dots, see
-            :data:`WORLD_VERSIONS`). Labels, captions and random draws are the same in every version.
+        version: texture version (default 2, the world of the shipped t2i model and detector; 1 draws smaller
+            dots, the world of the shipped DDPM and inpainter; see :data:`WORLD_VERSIONS`). Labels, captions and
+            random draws are the same in every version.
     """
 
-    def __init__(self, size: int = 32, version: int = 1) -> None:
+    def __init__(self, size: int = 32, version: int = 2) -> None:
         if size < 16:
             raise ValueError(f"ShapesWorld size must be at least 16 px, got {size}")
         self.size = size

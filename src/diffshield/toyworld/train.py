@@ -2,7 +2,7 @@
 
 ``diffshield toyworld train --work runs/toyworld --out src/diffshield/toyworld/weights`` runs, in order:
 
-1. render an image pool from ShapesWorld (seeded; ``world_version`` 1 for the shipped weights, 2 for larger dots);
+1. render an image pool from ShapesWorld (seeded; ``world_version`` 2 for the shipped weights, 1 for the first ones);
 2. train the AutoencoderKL (reconstruction + small KL), or copy a trained one (``vae_from``);
 3. train the concept detector on real images and VAE reconstructions (so that it reads decoded images as well);
 4. encode the pool to latents and train the UNet2DConditionModel jointly with the CLIPTextModel
@@ -11,6 +11,9 @@
    (fresh AdamW, warmup then cosine to 0 from ``unet_extra_lr``, new batches): a longer-trained toy model for
    experiments (issue 3 tried it to see whether the styles separate; they did not);
 5. assemble a stock ``StableDiffusionPipeline`` folder and write ``recipe.json`` (command, seeds, steps, timings).
+
+The shipped t2i model and detector (world version 2) were trained with ``--vae toy``: their VAE is the one the
+first recipe (``--world-version 1``) trained, which reconstructs both worlds (``recipe.json`` has the command).
 
 Every stage writes its result into the work folder and is skipped when it is already there; the UNet stage saves a
 checkpoint every ``ckpt_every`` steps and resumes from the latest one, so an interrupted run loses little.
@@ -55,8 +58,8 @@ class RecipeConfig:
         caption_dropout: share of empty captions, for classifier-free guidance (default 0.1).
         ckpt_every: UNet checkpoint interval in steps (default 100).
         threads: torch CPU threads (default 2).
-        world_version: ShapesWorld texture version of the pool (default 1, the shipped weights; 2 draws larger
-            dots, see :data:`diffshield.toyworld.shapes.WORLD_VERSIONS`).
+        world_version: ShapesWorld texture version of the pool (default 2, the shipped weights; 1 draws smaller
+            dots, the first shipped weights, see :data:`diffshield.toyworld.shapes.WORLD_VERSIONS`).
         vae_from: an already trained AutoencoderKL folder to use instead of training stage 2, "toy" for the shipped
             one (default None: train it).
     """
@@ -72,7 +75,7 @@ class RecipeConfig:
     caption_dropout: float = 0.1
     ckpt_every: int = 100
     threads: int = 2
-    world_version: int = 1
+    world_version: int = 2
     vae_from: str | None = None
 
     def __post_init__(self) -> None:
@@ -376,7 +379,7 @@ def _train_t2i(unet, te, tokenizer, lat: dict, sf: float, pool: dict[str, np.nda
 
 def assemble(work: Path, out: Path, tokenizer, t2i: Path | None = None) -> Path:
     """Write the shipped folders: ``out/t2i`` (StableDiffusionPipeline, UNet and text encoder from ``t2i``, default
-    ``work/t2i_final``) and ``out/detector``."""
+    ``work/t2i_final``) and ``out/detector`` (stored in float16, half the size; loading casts it to float32)."""
     import shutil
 
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
@@ -403,7 +406,7 @@ def assemble(work: Path, out: Path, tokenizer, t2i: Path | None = None) -> Path:
     tmp.rename(out / "t2i")
     if (out / "detector").exists():
         shutil.rmtree(out / "detector")
-    shutil.copytree(work / "detector", out / "detector")
+    ConceptDetector.load(work / "detector").save(out / "detector", dtype=torch.float16)
     return out
 
 
