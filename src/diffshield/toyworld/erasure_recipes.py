@@ -9,7 +9,7 @@ their norm. So
   for artists ("art by X", "painting by X", ...);
 - the unconditional guide " " does not erase an attribute the image must have: "a red" still draws some shape,
   triangles among them (25 % by chance), so a concept is guided to a *partner* value of the same kind
-  (triangle -> square, striped -> plain, red -> blue) and the other values are preserved with the same templates;
+  (triangle -> square, striped -> dotted, red -> blue) and the other values are preserved with the same templates;
 - the templates never contain the evaluation prompts of :func:`diffshield.toyworld.concepts.concept_prompts`
   ("a {colour} {shape}" for shapes and colours, "a {colour} {style} {shape}" for styles): the benchmark measures
   how the edit generalises to prompts it did not see.
