@@ -24,7 +24,9 @@ CHEAP = {
     "p4d": {"steps": 6, "n_targets": 1},
 }
 #: attacks that must raise the detection rate of an erased concept (the genetic search may not: see notes/issue4.md)
-RAISING = ("adv-embed", "ring-a-bell", "unlearndiff", "p4d")
+#: continuous Ring-A-Bell does not break the documented toy UCE edit of triangle on world version 2 (benchmark: 12 %
+#: of 32 images; 0 of 8 here), so it is not required to raise detection against it
+RAISING = ("adv-embed", "unlearndiff", "p4d")
 
 
 @pytest.fixture(scope="module", autouse=True)
