@@ -107,9 +107,13 @@ class BadDiffusionConfig:
 
 
 def rho(scheduler, t: torch.Tensor) -> torch.Tensor:
-    """rho_t = (1 - sqrt(alpha_t)) * sqrt(1 - abar_t) / (1 - alpha_t) for integer timesteps t."""
-    alpha = scheduler.alphas[t]
-    abar = scheduler.alphas_cumprod[t]
+    """rho_t = (1 - sqrt(alpha_t)) * sqrt(1 - abar_t) / (1 - alpha_t) for integer timesteps t, in float64.
+
+    1 - alpha_t and 1 - sqrt(alpha_t) cancel catastrophically in float32 (alpha_t is 0.98-0.9999): float32 gets rho
+    wrong by about 1e-5 relative, so the schedule's values are promoted to float64 first.
+    """
+    alpha = scheduler.alphas[t].double()
+    abar = scheduler.alphas_cumprod[t].double()
     return (1 - alpha.sqrt()) * (1 - abar).sqrt() / (1 - alpha)
 
 
