@@ -51,3 +51,20 @@ def test_preserve_weight_without_an_esd_anchor_is_refused(tiny_sd_dir, tmp_path,
         err = capsys.readouterr().err.strip()
         assert rc == 2 and "--preserve-weight" in err and "\n" not in err
         assert not (tmp_path / method).exists()
+
+
+def test_erase_closed_form_settings_reach_the_config(tiny_sd_dir, tmp_path, capsys):
+    for method, key in (("uce", None), ("rece", "uce")):
+        rep = tmp_path / f"{method}.json"
+        assert main(["erase", "--method", method, "--model", str(tiny_sd_dir), "--concept", "a red square",
+                     "--guide", "a blue square", "--token-mode", "changed", "--erase-scale", "2.5", "--lamb", "0.3",
+                     "--preserve-scale", "0.5", "--out", str(tmp_path / method), "--json", str(rep)]) == 0
+        cfg = json.loads(rep.read_text())["config"]
+        cfg = cfg[key] if key else cfg
+        got = (cfg["token_mode"], cfg["erase_scale"], cfg["lamb"], cfg["preserve_scale"])
+        assert got == ("changed", 2.5, 0.3, 0.5)
+    capsys.readouterr()
+    rc = main(["erase", "--method", "esd-x", "--model", str(tiny_sd_dir), "--concept", "star", "--token-mode", "last",
+               "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "--token-mode" in err and "\n" not in err and not (tmp_path / "x").exists()

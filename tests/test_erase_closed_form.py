@@ -45,6 +45,12 @@ def reference_rows(model, concepts, guides, preserve, mode):
         if mode == "last":
             ks.append(ec[ic:ic + 1])
             ts.append(eg[ig:ig + 1])
+        elif mode == "changed":  # from the first token where the two prompts differ, to the end
+            ids = [model.tokenizer(q, padding="max_length", max_length=model.tokenizer.model_max_length,
+                                   truncation=True).input_ids for q in (c, g)]
+            i0 = next(i for i, (a, b) in enumerate(zip(*ids)) if a != b)
+            ks.append(ec[i0:])
+            ts.append(eg[i0:])
         else:
             far = max(ic, ig)
             ks.append(ec[ic:len(ec) - max(0, far - ic)])
@@ -76,7 +82,7 @@ def kv(model) -> dict[str, torch.Tensor]:
 # --- (1) UCE equals the per-matrix closed form -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["paper2023", "last"])
+@pytest.mark.parametrize("mode", ["paper2023", "last", "changed"])
 def test_uce_matches_per_matrix_float64_formula(model, mode):
     concepts, guides, preserve = ["a red square", "star"], [" ", "a blue circle"], ["green triangle"]
     cfg = UCEConfig(guides=guides, preserve=preserve, lamb=0.5, erase_scale=1.5, preserve_scale=0.7, token_mode=mode)
@@ -104,6 +110,25 @@ def test_paper2023_aligns_the_last_word_with_the_guides_bos(model):
     (_, ic), (eg, _) = embed(model, "a red square"), embed(model, " ")
     assert ic == 3 and ks[0].shape == (77 - 3, 8)
     assert torch.equal(ts[0][0], eg[0])
+
+
+def test_changed_mode_edits_a_mid_prompt_word_row(model):
+    # "a red square" -> "a blue square": paper2023 starts at the last word ("square", index 3) and so leaves the row
+    # of "red" (index 2) alone; "changed" starts where the prompts differ, at "red".
+    (ec, _), (eg, _) = embed(model, "a red square"), embed(model, "a blue square")
+    modes = {}
+    for mode in ("paper2023", "changed"):
+        m = copy.deepcopy(model)
+        modes[mode] = uce_erase(m, ["a red square"], UCEConfig(guides="a blue square", token_mode=mode))
+    assert modes["paper2023"].extra["rows_erased"] == 77 - 3
+    assert modes["changed"].extra["rows_erased"] == 77 - 2
+    w0 = kv(model)
+    # the key of the "red" row moves towards the key of the "blue" row only in "changed" mode
+    gaps = {mode: sum(float((r.changed[n].double() @ ec[2] - w0[n].double() @ eg[2]).norm()) for n in w0)
+            for mode, r in modes.items()}
+    base = sum(float((w0[n].double() @ (ec[2] - eg[2])).norm()) for n in w0)
+    assert gaps["changed"] < 0.6 * base  # measured 0.55 (7.5 / 8.9 = 0.84 in paper2023 mode)
+    assert gaps["changed"] < 0.75 * gaps["paper2023"]
 
 
 # --- (2) Preserved prompts keep their keys/values, erased concepts move to the guide ---------------------------

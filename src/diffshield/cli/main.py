@@ -248,13 +248,20 @@ def cmd_erase(args) -> int:
         raise DiffshieldError("--preserve-weight weighs ESD's preservation anchor: use it with --method esd-x/esd-u "
                               "and at least one --preserve")
     uce_kw = {"guides": args.guide or [" "], "preserve": args.preserve or []}
+    closed = {k: v for k, v in (("lamb", args.lamb), ("erase_scale", args.erase_scale),
+                                ("preserve_scale", args.preserve_scale), ("token_mode", args.token_mode))
+              if v is not None}
+    if closed and config_cls not in (UCEConfig, RECEConfig):
+        raise DiffshieldError(f"--{next(iter(closed)).replace('_', '-')} sets the UCE closed form: use it with "
+                              "--method uce or rece")
     try:
         if config_cls is UCEConfig:
-            cfg = UCEConfig(**uce_kw)
+            cfg = UCEConfig(**uce_kw, **closed)
         elif config_cls is RECEConfig:
             over = {"epochs": args.epochs} if args.epochs else {}
             cfg = (RECEConfig.from_preset(args.preset, **over) if args.preset else RECEConfig(**over))
             cfg.uce = dataclasses.replace(cfg.uce, **uce_kw) if args.guide or args.preserve else cfg.uce
+            cfg.uce = dataclasses.replace(cfg.uce, **closed) if closed else cfg.uce
         elif issubclass(config_cls, ESDConfig):
             kw = {"iterations": args.iterations or 1000}
             if args.lr is not None:
@@ -384,6 +391,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="concept to preserve (repeatable); UCE/RECE: preserved in the closed form; ESD: anchored "
                         "to the original's predictions (beyond the paper)")
     p.add_argument("--preserve-weight", type=float, help="ESD: weight of the preservation anchor (default: 1)")
+    p.add_argument("--lamb", type=float, help="UCE/RECE: λ, pull towards the current weights (default: 0.5)")
+    p.add_argument("--erase-scale", type=float, help="UCE/RECE: s_e, weight of the erased concepts (default: 1)")
+    p.add_argument("--preserve-scale", type=float, help="UCE/RECE: s_p, weight of the preserved prompts (default: 1)")
+    p.add_argument("--token-mode", choices=["paper2023", "last", "changed"],
+                   help="UCE/RECE: which embedding rows are edited (default: paper2023, the official 2023 code; "
+                        "'last': the last word token only; 'changed': from the first token where concept and guide "
+                        "differ, for guides that swap one word of the concept's prompt)")
     p.add_argument("--preset", choices=["nudity", "unsafe", "style", "object", "object-easy"],
                    help="RECE preset (lambda_r, epochs)")
     p.add_argument("--epochs", type=_positive_int, help="RECE epochs (default: preset or 3)")

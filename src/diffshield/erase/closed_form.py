@@ -78,6 +78,14 @@ def last_word_index(model: T2IModel, prompts: Sequence[str]) -> list[int]:
     return [int(m.sum()) - 2 for m in mask]
 
 
+def token_ids(model: T2IModel, prompts: Sequence[str]) -> list[torch.Tensor]:
+    """The padded token ids of each prompt (``model_max_length`` long), tokenized as :func:`last_word_index` does."""
+    tok = model.tokenizer
+    ids = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="pt").input_ids
+    return list(ids)
+
+
 # --- The shared matrix G ------------------------------------------------------------------------------------------
 
 

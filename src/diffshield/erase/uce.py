@@ -29,9 +29,16 @@ from diffshield.core.errors import DiffshieldError
 from diffshield.core.loading import T2IModel
 from diffshield.core.sampling import encode_prompts
 from diffshield.erase.base import ERASERS, EraseResult, fraction_of_unet
-from diffshield.erase.closed_form import apply_shared, embedding_width, kv_layers, last_word_index, shared_edit_matrix
+from diffshield.erase.closed_form import (
+    apply_shared,
+    embedding_width,
+    kv_layers,
+    last_word_index,
+    shared_edit_matrix,
+    token_ids,
+)
 
-TOKEN_MODES = ("paper2023", "last")
+TOKEN_MODES = ("paper2023", "last", "changed")
 
 
 @dataclass
@@ -51,6 +58,11 @@ class UCEConfig:
             (EOS and padding included), aligned by offset with the guide's rows from the guide's last word token
             (BOS for the guide " "); preserved prompts use all rows.
             "last" (2025 rewrite): one row per prompt, its last word token (concept, guide and preserved prompts).
+            "changed" (beyond the papers): concept and guide rows from the first token where the two prompts differ
+            to the end, at the same positions; preserved prompts use all rows. For a guide that is the concept's
+            prompt with one word swapped ("a red striped triangle" -> "a red dotted triangle") these are exactly the
+            rows the swap changes, the concept word's own row included, which "paper2023" leaves out when the
+            concept is not the prompt's last word.
     """
 
     guides: list[str] = field(default_factory=lambda: [" "])
@@ -118,6 +130,7 @@ def uce_rows(
     prompts = list(dict.fromkeys(concepts + guides + preserve))
     emb = dict(zip(prompts, encode_prompts(model, prompts)))
     last = dict(zip(prompts, last_word_index(model, prompts)))
+    ids = dict(zip(prompts, token_ids(model, prompts))) if config.token_mode == "changed" else {}
     length = next(iter(emb.values())).shape[0]
 
     pairs = []
@@ -125,6 +138,10 @@ def uce_rows(
         ic, ig = last[c], last[g]
         if config.token_mode == "last":
             pairs.append((emb[c][ic:ic + 1], emb[g][ig:ig + 1]))
+        elif config.token_mode == "changed":  # from the first differing token to the end, same positions
+            differ = (ids[c] != ids[g]).nonzero()
+            i0 = int(differ[0]) if len(differ) else ic
+            pairs.append((emb[c][i0:], emb[g][i0:]))
         else:  # paper2023: from the last word to the end, aligned by offset; both slices have the same length
             n = length - max(ic, ig)
             pairs.append((emb[c][ic:ic + n], emb[g][ig:ig + n]))
