@@ -9,7 +9,9 @@ their norm. So
   for artists ("art by X", "painting by X", ...);
 - the unconditional guide " " does not erase an attribute the image must have: "a red" still draws some shape,
   triangles among them (25 % by chance), so a concept is guided to a *partner* value of the same kind
-  (triangle -> square, striped -> dotted, red -> blue) and the other values are preserved with the same templates;
+  (triangle -> square, striped -> plain, red -> blue) and the other values are preserved with the same templates;
+  striped went to dotted until world version 2 made the dots robust (on version 1 every guide took the dots down;
+  on version 2 the guide dotted leaves 25.8 % of striped images striped and the guide plain 0 %);
 - the templates never contain the evaluation prompts of :func:`diffshield.toyworld.concepts.concept_prompts`
   ("a {colour} {shape}" for shapes and colours, "a {colour} {style} {shape}" for styles): the benchmark measures
   how the edit generalises to prompts it did not see.
@@ -31,7 +33,7 @@ from diffshield.toyworld.shapes import BACKGROUNDS, COLOURS, SHAPES, STYLES
 PARTNER: dict[str, str] = {
     "circle": "square", "square": "circle", "triangle": "square", "star": "circle",
     "red": "blue", "green": "yellow", "blue": "red", "yellow": "green",
-    "plain": "dotted", "striped": "dotted", "dotted": "plain",
+    "plain": "dotted", "striped": "plain", "dotted": "plain",
 }
 
 
