@@ -22,6 +22,19 @@ def toy():
     return load_t2i("toy:t2i"), load_detector("toy:detector")
 
 
+@pytest.fixture(scope="module")
+def original_rates(toy):
+    """_rates of the unedited toy model, computed once per concept for the whole module."""
+    cache: dict[str, tuple[float, float]] = {}
+
+    def get(concept: str) -> tuple[float, float]:
+        if concept not in cache:
+            cache[concept] = _rates(*toy, concept)
+        return cache[concept]
+
+    return get
+
+
 @pytest.mark.parametrize("concept", ["triangle", "striped", "red"])
 def test_templates_never_contain_the_evaluation_prompts(concept):
     c = resolve_concept(concept)
@@ -66,13 +79,26 @@ def _rates(model, detector, concept: str, k: int = 2) -> tuple[float, float]:
 
 
 @pytest.mark.parametrize("method,fn", [("uce", uce_erase), ("rece", rece_erase)])
-def test_toy_setting_erases_triangle_and_keeps_other_shapes(toy, method, fn):
+def test_toy_setting_erases_triangle_and_keeps_other_shapes(toy, original_rates, method, fn):
     base, det = toy
-    before, kept_before = _rates(base, det, "triangle")
+    before, kept_before = original_rates("triangle")
     model = copy.deepcopy(base)
     prompts, cfg = toy_erasure(method, "triangle")
     fn(model, prompts, cfg)
     after, kept_after = _rates(model, det, "triangle")
     assert before >= 0.9
     assert after <= 0.15, f"{method} left triangles in {after:.0%} of images"
+    assert kept_after >= kept_before - 0.1
+
+
+@pytest.mark.parametrize("method,fn", [("uce", uce_erase), ("rece", rece_erase)])
+def test_toy_setting_erases_striped_and_keeps_the_other_styles(toy, original_rates, method, fn):
+    base, det = toy
+    before, kept_before = original_rates("striped")
+    model = copy.deepcopy(base)
+    prompts, cfg = toy_erasure(method, "striped")
+    fn(model, prompts, cfg)
+    after, kept_after = _rates(model, det, "striped")
+    assert before >= 0.85
+    assert after <= 0.15, f"{method} left stripes in {after:.0%} of images"
     assert kept_after >= kept_before - 0.1
