@@ -48,7 +48,10 @@ def main() -> int:
     over = {}
     for item in args.set:
         key, _, value = item.partition("=")
-        over[key] = json.loads(value)
+        try:
+            over[key] = json.loads(value)
+        except json.JSONDecodeError:
+            ap.error(f"--set {item!r}: the value after '=' must be JSON (e.g. lr=3e-5 or preserve=\"others\")")
     base, det, cfg = load_t2i("toy:t2i"), load_detector("toy:detector"), SampleConfig()
     c = resolve_concept(args.concept)
     ckpt = Path(args.runs) / f"{args.method}-{args.concept}-{args.tag}"

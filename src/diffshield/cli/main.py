@@ -260,8 +260,8 @@ def cmd_erase(args) -> int:
         elif config_cls is RECEConfig:
             over = {"epochs": args.epochs} if args.epochs else {}
             cfg = (RECEConfig.from_preset(args.preset, **over) if args.preset else RECEConfig(**over))
-            cfg.uce = dataclasses.replace(cfg.uce, **uce_kw) if args.guide or args.preserve else cfg.uce
-            cfg.uce = dataclasses.replace(cfg.uce, **closed) if closed else cfg.uce
+            settings = {**(uce_kw if args.guide or args.preserve else {}), **closed}
+            cfg.uce = dataclasses.replace(cfg.uce, **settings) if settings else cfg.uce
         elif issubclass(config_cls, ESDConfig):
             kw = {"iterations": args.iterations or 1000}
             if args.lr is not None:

@@ -72,18 +72,19 @@ def last_word_index(model: T2IModel, prompts: Sequence[str]) -> list[int]:
 
     Tokenizes exactly as :func:`diffshield.core.sampling.tokenize` does (padding to ``model_max_length``).
     """
-    tok = model.tokenizer
-    mask = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
-               return_tensors="pt").attention_mask
-    return [int(m.sum()) - 2 for m in mask]
+    return [int(m.sum()) - 2 for m in _padded(model, prompts).attention_mask]
 
 
 def token_ids(model: T2IModel, prompts: Sequence[str]) -> list[torch.Tensor]:
     """The padded token ids of each prompt (``model_max_length`` long), tokenized as :func:`last_word_index` does."""
+    return list(_padded(model, prompts).input_ids)
+
+
+def _padded(model: T2IModel, prompts: Sequence[str]):
+    """The tokenizer's output for ``prompts`` padded to ``model_max_length``, as the text encoder sees them."""
     tok = model.tokenizer
-    ids = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
-              return_tensors="pt").input_ids
-    return list(ids)
+    return tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
+               return_tensors="pt")
 
 
 # --- The shared matrix G ------------------------------------------------------------------------------------------
