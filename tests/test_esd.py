@@ -58,6 +58,19 @@ def test_esd_x_changes_only_cross_attention(tiny_sd_dir):
     assert not model.unet.training and not any(p.requires_grad for p in model.unet.parameters())
 
 
+def test_esd_x_strict_changes_only_the_text_reading_matrices(tiny_sd_dir):
+    """x_params="kv" (the official code's esd-x-strict): only attn2.to_k / attn2.to_v weights move."""
+    model = load_t2i(tiny_sd_dir)
+    before = snapshot(model)
+    res = esd_erase(model, [CONCEPT], ESDConfig(variant="x", x_params="kv", iterations=2, **FAST), progress=False)
+    moved = differing(model, before)
+    assert moved and all(n.endswith(("attn2.to_k.weight", "attn2.to_v.weight")) for n in moved)
+    assert any("to_k" in n for n in moved) and any("to_v" in n for n in moved)
+    n_kv = sum(p.numel() for n, p in model.unet.named_parameters() if ".attn2.to_k." in n or ".attn2.to_v." in n)
+    assert res.fraction_changed == pytest.approx(n_kv / sum(p.numel() for p in model.unet.parameters()))
+    assert res.config["x_params"] == "kv"
+
+
 @pytest.mark.parametrize("freeze", [True, False])
 def test_esd_u_changes_only_the_rest(tiny_sd_dir, freeze):
     model = load_t2i(tiny_sd_dir)
@@ -191,6 +204,9 @@ def test_checkpoint_of_another_run_is_refused(tiny_sd_dir, tmp_path):
         (dict(preserve=["a cat", None]), "preserve"),
         (dict(preserve=[3]), "preserve"),
         (dict(preserve=["a cat"], preserve_weight=-1), "preserve_weight"),
+        (dict(preserve_at="everywhere"), "preserve_at"),
+        (dict(x_params="q"), "x_params"),
+        (dict(variant="u", x_params="kv"), "ESD-x only"),
     ],
 )
 def test_config_validation(kwargs, message):
@@ -305,6 +321,41 @@ def test_anchor_off_leaves_runs_and_their_checkpoint_identity_unchanged(tiny_sd_
     ident = run_identity(model, [CONCEPT], ESDConfig(**FAST))
     assert "preserve" not in ident and "preserve_weight" not in ident
     assert run_identity(model, [CONCEPT], ESDConfig(preserve=["a cat"], **FAST))["preserve"] == ["a cat"]
+
+
+def test_anchor_at_the_concept_input_keeps_it_there(tiny_sd_dir, monkeypatch):
+    """preserve_at="own+concept": every distinct anchor prompt is also held at the concept's x_t, in the same pass;
+    the anchored prompt's prediction at concept inputs then stays nearer the original's than with "own" alone."""
+    import diffshield.erase.esd as esd
+
+    seen = []
+    real = esd.esd_anchored_loss
+
+    def spy(*a, **k):
+        seen.append(a[9] if len(a) > 9 else k.get("shared"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(esd, "esd_anchored_loss", spy)
+    keep = "a blue star"
+    cfg = dict(variant="x", iterations=30, lr=3e-4, ddim_steps=4, preserve=[keep, "", keep])
+    own = load_t2i(tiny_sd_dir)
+    frozen = copy.deepcopy(own.unet)
+    esd_erase(own, [CONCEPT], ESDConfig(**cfg), progress=False)
+    assert set(map(type, seen)) == {type(None)}
+    seen.clear()
+    both = load_t2i(tiny_sd_dir)
+    esd_erase(both, [CONCEPT], ESDConfig(preserve_at="own+concept", **cfg), progress=False)
+    assert len(seen) == 30 and all(s[0].shape[0] == 2 and s[1].shape[0] == 2 for s in seen)  # 2 distinct prompts
+
+    def keep_at_concept(model):
+        probes = _probes(model, CONCEPT, dataclasses.replace(model, unet=frozen), (300, 301, 302), (0, 1, 2))
+        c = encode_prompts(model, [keep])
+        with torch.no_grad():
+            return sum(float(((model.unet(x, t, encoder_hidden_states=c).sample
+                               - frozen(x, t, encoder_hidden_states=c).sample) ** 2).mean())
+                       for x, t, _, _ in probes) / len(probes)
+
+    assert keep_at_concept(both) < keep_at_concept(own)
 
 
 def test_empty_prompt_anchor_keeps_the_unconditional_prediction(tiny_sd_dir):

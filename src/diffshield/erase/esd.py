@@ -8,7 +8,10 @@ guided *away* from c (negative classifier-free guidance):
 Each iteration draws a DDIM step k ~ U{0..N-1}, samples x_t by running DDIM (eta 0, CFG ``start_guidance``,
 prompt c) from fresh noise for k steps, and takes one Adam step on a subset of the UNet:
 
-- ESD-x (``variant="x"``): every ``attn2`` (cross-attention) parameter; for artistic styles.
+- ESD-x (``variant="x"``): every ``attn2`` (cross-attention) parameter; for artistic styles. The official code's
+  2024 rewrite also documents ``esd-x-strict``, only ``attn2.to_k`` and ``attn2.to_v`` (``x_params="kv"``): the
+  matrices that read the text, so an update changes prompts by their text embeddings (the closed-form methods edit
+  the same two).
 - ESD-u (``variant="u"``): every parameter except ``attn2``; for nudity and objects. The paper's code also
   freezes the time embedding and the final output layers (``freeze_time_and_out``, default True).
 
@@ -54,12 +57,16 @@ from diffshield.core.sampling import denoise, encode_prompts, make_scheduler
 from diffshield.erase.base import ERASERS, EraseResult, fraction_of_unet
 
 VARIANTS = ("x", "u")
+#: ESD-x parameter sets: every attn2 parameter, or only attn2.to_k / attn2.to_v (the official code's esd-x-strict)
+X_PARAMS = ("all", "kv")
 #: UNet parameter-name prefixes that the paper's ESD-u code leaves frozen (time embedding, final norm + conv).
 TIME_AND_OUT_PREFIXES = ("time_embedding.", "conv_norm_out.", "conv_out.")
 CHECKPOINT_FILE = "esd_checkpoint.safetensors"
 CHECKPOINT_FORMAT = "diffshield-esd-checkpoint/1"
 #: config fields that may change between an interrupted run and its resumption
 RESUMABLE_FIELDS = ("iterations", "checkpoint_every", "checkpoint_dir")
+#: where the preservation anchor holds predictions (see ESDConfig.preserve_at)
+PRESERVE_AT = ("own", "own+concept")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -82,6 +89,8 @@ class ESDConfig:
     Args:
         variant: which UNet parameters to fine-tune: "x" (default; all ``attn2`` cross-attention parameters, for
             styles) or "u" (everything except ``attn2``, for nudity and objects).
+        x_params: ESD-x only: "all" (default; every ``attn2`` parameter, the paper's ESD-x) or "kv" (only
+            ``attn2.to_k`` and ``attn2.to_v``: the official 2024 code's ``esd-x-strict``).
         freeze_time_and_out: ESD-u only: also keep the time embedding and the final output layers
             (``conv_norm_out``, ``conv_out``) frozen, as the paper's code does (default True).
         eta: negative-guidance scale η of the target (default 1.0; the 2024 rewrite of the official code uses 2).
@@ -98,6 +107,10 @@ class ESDConfig:
             one per batch element per iteration, in turn. The empty prompt "" anchors the unconditional prediction
             that classifier-free guidance subtracts.
         preserve_weight: weight of the preservation term (default 1.0; used only with ``preserve``).
+        preserve_at: where the anchor holds the predictions: "own" (default: each anchor prompt at its own x_t^p,
+            sampled with that prompt) or "own+concept" (also every distinct anchor prompt at the concept's x_t, in
+            the same UNet pass: the erasure and the anchors then see the same input, so the update has to tell
+            the prompts apart by their text embeddings instead of by the image).
         checkpoint_every: save a checkpoint every this many iterations when ``checkpoint_dir`` is set
             (default 100; a checkpoint is also written after the last iteration).
         checkpoint_dir: folder for the checkpoint (default None: no checkpoints). If it already holds a checkpoint
@@ -106,6 +119,7 @@ class ESDConfig:
     """
 
     variant: str = "x"
+    x_params: str = "all"
     freeze_time_and_out: bool = True
     eta: float = 1.0
     iterations: int = 1000
@@ -117,6 +131,7 @@ class ESDConfig:
     sample_with: str = "current"
     preserve: list[str] = dataclasses.field(default_factory=list)
     preserve_weight: float = 1.0
+    preserve_at: str = "own"
     checkpoint_every: int = 100
     checkpoint_dir: str | None = None
 
@@ -131,6 +146,10 @@ class ESDConfig:
                 f"{type(self).__name__} is ESD-{self.preset}; variant {self.variant!r} contradicts it "
                 f"(use ESDConfig(variant={self.variant!r}) or the 'esd-{self.variant}' method)"
             )
+        if self.x_params not in X_PARAMS:
+            raise DiffshieldError(f"x_params must be one of {', '.join(X_PARAMS)}, got {self.x_params!r}")
+        if self.x_params != "all" and self.variant != "x":
+            raise DiffshieldError(f"x_params={self.x_params!r} applies to ESD-x only; ESD-u trains the rest")
         if not isinstance(self.freeze_time_and_out, bool):
             raise DiffshieldError(f"freeze_time_and_out must be True or False, got {self.freeze_time_and_out!r}")
         if not _is_number(self.eta) or self.eta < 0:
@@ -157,6 +176,8 @@ class ESDConfig:
         if not _is_number(self.preserve_weight) or self.preserve_weight < 0:
             raise DiffshieldError(f"preserve_weight must be a finite number >= 0, got {self.preserve_weight!r}")
         self.preserve_weight = float(self.preserve_weight)
+        if self.preserve_at not in PRESERVE_AT:
+            raise DiffshieldError(f"preserve_at must be one of {', '.join(PRESERVE_AT)}, got {self.preserve_at!r}")
         if not _is_int(self.checkpoint_every) or self.checkpoint_every < 1:
             raise DiffshieldError(f"checkpoint_every must be a whole number >= 1, got {self.checkpoint_every!r}")
         if self.checkpoint_dir is not None:
@@ -191,7 +212,7 @@ class ESDUConfig(ESDConfig):
 
 
 def esd_parameters(
-    unet: torch.nn.Module, variant: str, freeze_time_and_out: bool = True
+    unet: torch.nn.Module, variant: str, freeze_time_and_out: bool = True, x_params: str = "all"
 ) -> dict[str, torch.nn.Parameter]:
     """UNet parameters (name -> parameter) that ESD fine-tunes.
 
@@ -199,11 +220,14 @@ def esd_parameters(
         unet: a UNet2DConditionModel.
         variant: "x": every parameter inside an ``attn2`` module; "u": every other parameter.
         freeze_time_and_out: for "u", leave ``time_embedding``, ``conv_norm_out`` and ``conv_out`` out (default True).
+        x_params: for "x", "all" (default) or "kv": only ``attn2.to_k`` and ``attn2.to_v`` (esd-x-strict).
     """
     out = {}
     for name, p in unet.named_parameters():
         in_xattn = ".attn2." in f".{name}"
         if variant == "x" and in_xattn:
+            if x_params == "kv" and not any(f".attn2.{m}." in f".{name}" for m in ("to_k", "to_v")):
+                continue
             out[name] = p
         elif variant == "u" and not in_xattn:
             if freeze_time_and_out and name.startswith(TIME_AND_OUT_PREFIXES):
@@ -287,15 +311,24 @@ def esd_anchored_loss(
     cond_p: torch.Tensor,
     target_p: torch.Tensor,
     weight: float = 1.0,
+    shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """ESD loss plus ``weight`` · MSE(ε_θ(x_p, c_p, t), ε*(x_p, c_p, t)), in one UNet pass.
 
+    ``shared`` (default None): (x_s, c_s, ε*(x_s, c_s, t)) of the anchors held at the concept's x_t
+    (``preserve_at="own+concept"``); their MSE is added to the preservation term.
     Returns (total loss, the preservation term alone). ``target_p`` is the frozen UNet's prediction ε*(x_p, c_p, t).
     """
-    eps = unet(torch.cat([x_t, x_p]), t, encoder_hidden_states=torch.cat([cond, cond_p])).sample.float()
-    e_erase, e_keep = eps.split([x_t.shape[0], x_p.shape[0]])
-    keep = F.mse_loss(e_keep, target_p.float())
-    return F.mse_loss(e_erase, target.float()) + weight * keep, keep
+    xs, cs = [x_t, x_p], [cond, cond_p]
+    if shared is not None:
+        xs.append(shared[0])
+        cs.append(shared[1])
+    eps = unet(torch.cat(xs), t, encoder_hidden_states=torch.cat(cs)).sample.float()
+    parts = eps.split([x.shape[0] for x in xs])
+    keep = F.mse_loss(parts[1], target_p.float())
+    if shared is not None:
+        keep = keep + F.mse_loss(parts[2], shared[2].float())
+    return F.mse_loss(parts[0], target.float()) + weight * keep, keep
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -313,6 +346,10 @@ def run_identity(model: T2IModel, concepts: list[str], config: ESDConfig) -> dic
     if not config.preserve:  # runs without the anchor keep the identity they had before it existed
         ident.pop("preserve", None)
         ident.pop("preserve_weight", None)
+    if config.x_params == "all":
+        ident.pop("x_params", None)
+    if config.preserve_at == "own":  # the default keeps the identity runs had before the option existed
+        ident.pop("preserve_at", None)
     ident["concepts"] = list(concepts)
     ident["model_fingerprint"] = h.hexdigest()[:16]
     return ident
@@ -431,7 +468,8 @@ def esd_erase(model: T2IModel, concepts: list[str], config: ESDConfig, progress:
     η [ε*(x_t, c, t) − ε*(x_t, ∅, t)] from a frozen copy θ* of the original UNet; loss = MSE(ε_θ(x_t, c, t),
     target); one Adam step on the ESD-x/u parameters. With ``config.preserve`` (beyond the paper), one anchor prompt
     c_p per batch element is sampled alongside (same k) and ``preserve_weight`` · MSE(ε_θ(x_p, c_p, t),
-    ε*(x_p, c_p, t)) is added to the loss.
+    ε*(x_p, c_p, t)) is added to the loss; ``preserve_at="own+concept"`` also adds the MSE of every distinct
+    anchor prompt's prediction at the concept's x_t.
 
     Args:
         model: the text-to-image model; its UNet is fine-tuned in place and left in eval mode without grads.
@@ -460,7 +498,7 @@ def esd_erase(model: T2IModel, concepts: list[str], config: ESDConfig, progress:
     # θ*: a frozen copy of the original UNet; θ: the model's own UNet, of which only the ESD-x/u set trains.
     identity = run_identity(model, concepts, config)
     frozen = copy.deepcopy(unet).eval().requires_grad_(False)
-    params = esd_parameters(unet, config.variant, config.freeze_time_and_out)
+    params = esd_parameters(unet, config.variant, config.freeze_time_and_out, config.x_params)
     unet.requires_grad_(False)
     for p in params.values():
         p.requires_grad_(True)
@@ -470,6 +508,7 @@ def esd_erase(model: T2IModel, concepts: list[str], config: ESDConfig, progress:
     n_c, bsz, n_p = len(concepts), config.batch_size, len(config.preserve)
     emb = encode_prompts(model, [*concepts, *config.preserve, ""]).to(device, dtype)
     conds, keeps, uncond = emb[:n_c], emb[n_c : n_c + n_p], emb[-1:]
+    distinct = keeps[sorted({q: i for i, q in reversed(list(enumerate(config.preserve)))}.values())]
     sampler = model if config.sample_with == "current" else dataclasses.replace(model, unet=frozen)
     sched = make_scheduler(model, "ddim")
     sched.set_timesteps(config.ddim_steps)
@@ -502,6 +541,12 @@ def esd_erase(model: T2IModel, concepts: list[str], config: ESDConfig, progress:
                 x_t, x_p = both.split([bsz, bsz])
                 with torch.no_grad():
                     target_p = frozen(x_p, t, encoder_hidden_states=cond_p).sample
+                shared = None
+                if config.preserve_at == "own+concept":  # every distinct anchor at each concept x_t
+                    x_s = x_t.repeat_interleave(len(distinct), 0)
+                    c_s = distinct.repeat(bsz, 1, 1)
+                    with torch.no_grad():
+                        shared = (x_s, c_s, frozen(x_s, t, encoder_hidden_states=c_s).sample)
             else:
                 x_t = sample_xt(sampler, cond, uncond, k, noise, config.ddim_steps, config.start_guidance)
             target = esd_target(frozen, x_t, t, cond, uncond, config.eta)
@@ -509,7 +554,7 @@ def esd_erase(model: T2IModel, concepts: list[str], config: ESDConfig, progress:
             with torch.enable_grad():
                 if n_p:
                     loss, keep = esd_anchored_loss(unet, x_t, t, cond, target, x_p, cond_p, target_p,
-                                                   config.preserve_weight)
+                                                   config.preserve_weight, shared)
                     keep_losses.append(float(keep.detach()))
                 else:
                     loss = esd_loss(unet, x_t, t, cond, target)
