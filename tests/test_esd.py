@@ -205,8 +205,12 @@ def test_checkpoint_of_another_run_is_refused(tiny_sd_dir, tmp_path):
         (dict(preserve=[3]), "preserve"),
         (dict(preserve=["a cat"], preserve_weight=-1), "preserve_weight"),
         (dict(preserve_at="everywhere"), "preserve_at"),
+        (dict(preserve_at="own+concept"), "at least one preserve prompt"),
         (dict(x_params="q"), "x_params"),
         (dict(variant="u", x_params="kv"), "ESD-x only"),
+        (dict(kv_anchor_weight=-1), "kv_anchor_weight"),
+        (dict(kv_anchor_weight=1.0), "at least one preserve prompt"),
+        (dict(variant="u", preserve=["a cat"], kv_anchor_weight=1.0), "needs ESD-x"),
     ],
 )
 def test_config_validation(kwargs, message):
@@ -356,6 +360,34 @@ def test_anchor_at_the_concept_input_keeps_it_there(tiny_sd_dir, monkeypatch):
                        for x, t, _, _ in probes) / len(probes)
 
     assert keep_at_concept(both) < keep_at_concept(own)
+
+
+def test_kv_anchor_holds_the_preserved_keys_and_values(tiny_sd_dir):
+    """kv_anchor_weight: the preserved prompts' attn2 keys/values move far less than without it, the concept's
+    ESD loss still falls; the penalty is 0 at the original weights."""
+    from diffshield.erase.esd import esd_parameters, kv_anchor_penalty, kv_anchor_terms
+
+    keep = "a blue star"
+    cfg = dict(variant="x", iterations=30, lr=3e-4, ddim_steps=4, preserve=[keep, ""])
+    base = load_t2i(tiny_sd_dir)
+    frozen = copy.deepcopy(base.unet)
+    emb = encode_prompts(base, [keep, ""])
+    assert float(kv_anchor_penalty(kv_anchor_terms(esd_parameters(base.unet, "x"), emb))) == 0.0
+
+    def kv_moved(model):
+        terms = kv_anchor_terms(esd_parameters(frozen, "x"), emb)
+        now = dict(model.unet.named_parameters())
+        names = [n for n in esd_parameters(frozen, "x") if n.endswith(("to_k.weight", "to_v.weight"))]
+        return sum(float(((now[n].detach() @ rows.T - ref) ** 2).sum() / norm)
+                   for n, (_, rows, ref, norm) in zip(names, terms)) / len(terms)
+
+    plain = load_t2i(tiny_sd_dir)
+    esd_erase(plain, [CONCEPT], ESDConfig(**cfg), progress=False)
+    held = load_t2i(tiny_sd_dir)
+    esd_erase(held, [CONCEPT], ESDConfig(kv_anchor_weight=100.0, **cfg), progress=False)
+    assert kv_moved(held) < 0.5 * kv_moved(plain)
+    original = dataclasses.replace(held, unet=frozen)
+    assert _erase_error(held, frozen) < 0.9 * _erase_error(original, frozen)
 
 
 def test_empty_prompt_anchor_keeps_the_unconditional_prediction(tiny_sd_dir):

@@ -111,6 +111,10 @@ class ESDConfig:
             sampled with that prompt) or "own+concept" (also every distinct anchor prompt at the concept's x_t, in
             the same UNet pass: the erasure and the anchors then see the same input, so the update has to tell
             the prompts apart by their text embeddings instead of by the image).
+        kv_anchor_weight: ESD-x only, beyond the paper: weight of a penalty on how far the trained ``attn2.to_k`` /
+            ``attn2.to_v`` matrices move the keys and values of the ``preserve`` prompts' text embeddings (every
+            row), mean over matrices of ‖(W − W₀) Cᵀ‖² / ‖W₀ Cᵀ‖² (default 0.0: off). UCE's preservation term, as a
+            loss: it needs no UNet pass, and holds the preserved prompts where the edit acts, in the text space.
         checkpoint_every: save a checkpoint every this many iterations when ``checkpoint_dir`` is set
             (default 100; a checkpoint is also written after the last iteration).
         checkpoint_dir: folder for the checkpoint (default None: no checkpoints). If it already holds a checkpoint
@@ -132,6 +136,7 @@ class ESDConfig:
     preserve: list[str] = dataclasses.field(default_factory=list)
     preserve_weight: float = 1.0
     preserve_at: str = "own"
+    kv_anchor_weight: float = 0.0
     checkpoint_every: int = 100
     checkpoint_dir: str | None = None
 
@@ -178,6 +183,15 @@ class ESDConfig:
         self.preserve_weight = float(self.preserve_weight)
         if self.preserve_at not in PRESERVE_AT:
             raise DiffshieldError(f"preserve_at must be one of {', '.join(PRESERVE_AT)}, got {self.preserve_at!r}")
+        if self.preserve_at != "own" and not self.preserve:
+            raise DiffshieldError(f"preserve_at={self.preserve_at!r} places the preservation anchor: give at least "
+                                  "one preserve prompt")
+        if not _is_number(self.kv_anchor_weight) or self.kv_anchor_weight < 0:
+            raise DiffshieldError(f"kv_anchor_weight must be a finite number >= 0, got {self.kv_anchor_weight!r}")
+        self.kv_anchor_weight = float(self.kv_anchor_weight)
+        if self.kv_anchor_weight and (self.variant != "x" or not self.preserve):
+            raise DiffshieldError("kv_anchor_weight holds the preserve prompts' keys and values: it needs ESD-x "
+                                  "(variant 'x') and at least one preserve prompt")
         if not _is_int(self.checkpoint_every) or self.checkpoint_every < 1:
             raise DiffshieldError(f"checkpoint_every must be a whole number >= 1, got {self.checkpoint_every!r}")
         if self.checkpoint_dir is not None:
@@ -331,6 +345,27 @@ def esd_anchored_loss(
     return F.mse_loss(parts[0], target.float()) + weight * keep, keep
 
 
+def kv_anchor_terms(
+    params: dict[str, torch.nn.Parameter], emb: torch.Tensor
+) -> list[tuple[torch.nn.Parameter, torch.Tensor, torch.Tensor, float]]:
+    """(W, C, W₀ Cᵀ, ‖W₀ Cᵀ‖²) for every trained ``attn2.to_k`` / ``attn2.to_v`` weight; C = all rows of ``emb``
+    ((P, L, d) text embeddings of the preserved prompts). The constants of :func:`kv_anchor_penalty`."""
+    rows = emb.detach().reshape(-1, emb.shape[-1]).float()
+    out = []
+    for name, w in params.items():
+        if name.endswith(("attn2.to_k.weight", "attn2.to_v.weight")):
+            ref = (w.detach().float() @ rows.T).clone()
+            out.append((w, rows, ref, float((ref**2).sum()) or 1.0))
+    if not out:
+        raise DiffshieldError("kv_anchor_weight needs trained attn2.to_k / attn2.to_v weights (ESD-x)")
+    return out
+
+
+def kv_anchor_penalty(terms: list[tuple[torch.nn.Parameter, torch.Tensor, torch.Tensor, float]]) -> torch.Tensor:
+    """Mean over matrices of ‖W Cᵀ − W₀ Cᵀ‖² / ‖W₀ Cᵀ‖²: how far the preserved prompts' keys and values moved."""
+    return sum(((w.float() @ rows.T - ref) ** 2).sum() / norm for w, rows, ref, norm in terms) / len(terms)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Checkpoints: trained parameters + Adam state + iteration, one safetensors file written atomically
 # ---------------------------------------------------------------------------------------------------------------
@@ -348,6 +383,8 @@ def run_identity(model: T2IModel, concepts: list[str], config: ESDConfig) -> dic
         ident.pop("preserve_weight", None)
     if config.x_params == "all":
         ident.pop("x_params", None)
+    if not config.kv_anchor_weight:
+        ident.pop("kv_anchor_weight", None)
     if config.preserve_at == "own":  # the default keeps the identity runs had before the option existed
         ident.pop("preserve_at", None)
     ident["concepts"] = list(concepts)
@@ -509,6 +546,7 @@ def esd_erase(model: T2IModel, concepts: list[str], config: ESDConfig, progress:
     emb = encode_prompts(model, [*concepts, *config.preserve, ""]).to(device, dtype)
     conds, keeps, uncond = emb[:n_c], emb[n_c : n_c + n_p], emb[-1:]
     distinct = keeps[sorted({q: i for i, q in reversed(list(enumerate(config.preserve)))}.values())]
+    kv_anchor = kv_anchor_terms(params, distinct) if config.kv_anchor_weight else []
     sampler = model if config.sample_with == "current" else dataclasses.replace(model, unet=frozen)
     sched = make_scheduler(model, "ddim")
     sched.set_timesteps(config.ddim_steps)
@@ -558,6 +596,8 @@ def esd_erase(model: T2IModel, concepts: list[str], config: ESDConfig, progress:
                     keep_losses.append(float(keep.detach()))
                 else:
                     loss = esd_loss(unet, x_t, t, cond, target)
+                if kv_anchor:
+                    loss = loss + config.kv_anchor_weight * kv_anchor_penalty(kv_anchor)
                 loss.backward()
             optimizer.step()
 
