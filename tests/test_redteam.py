@@ -105,6 +105,20 @@ def test_genetic_search_keeps_concept_words_out(toy):
     assert len(out.attack_prompts[0].split()) == 8
 
 
+def test_unlearndiff_keeps_excluded_words_out_of_its_discrete_prefix(toy):
+    """exclude_words: the words named (here the other shapes') never appear in the projected prefix, as the
+    concept's own words never do."""
+    rivals = ["circle", "disc", "square", "box", "star"]
+    atk = ATTACKS.get("unlearndiff")(toy["erased"], original=toy["original"], concept="triangle", judge=toy["judge"],
+                                     sample=FAST, steps=2, n_targets=1, discrete=True, exclude_words=rivals)
+    out = atk(toy["prompts"], toy["seeds"])  # 4 distinct prompts: 20 prefix words
+    prefixes = [p[: -len(q)].split() for p, q in zip(out.attack_prompts, toy["prompts"])]
+    assert all(len(w) == 5 for w in prefixes)
+    assert not {w for ws in prefixes for w in ws} & set(rivals + ["triangle", "wedge"])
+    with pytest.raises(DiffshieldError, match="exclude_words"):
+        ATTACKS.get("unlearndiff")(toy["erased"], original=toy["original"], concept="triangle", exclude_words=[3])
+
+
 def test_configs_are_validated(toy):
     with pytest.raises(DiffshieldError, match="lamb_r"):
         ATTACKS.get("adv-embed")(toy["erased"], original=toy["original"], concept="triangle", lamb_r=-1)

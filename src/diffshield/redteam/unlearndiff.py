@@ -55,6 +55,8 @@ class UnlearnDiffConfig:
         batch_timesteps: noise draws (timestep + noise) per target image and step (default 1).
         discrete: project the soft tokens to vocabulary words and attack with text (default False: soft prompt).
         exclude_concept_words: keep the concept's words out of the initial and projected words (default True).
+        exclude_words: further words kept out of them (default (): none), e.g. the other values of a toy concept's
+            kind, which a 5-word prefix drawn from the toy world's small vocabulary often names.
         target_seed: first seed of the original model's target images (default 100000, away from attack seeds).
         seed: seed of the initial tokens, timesteps and noise (default 0).
     """
@@ -66,6 +68,7 @@ class UnlearnDiffConfig:
     batch_timesteps: int = 1
     discrete: bool = False
     exclude_concept_words: bool = True
+    exclude_words: tuple[str, ...] = ()
     target_seed: int = 100000
     seed: int = 0
 
@@ -77,6 +80,11 @@ class UnlearnDiffConfig:
               f"n_targets must be an integer >= 1, got {self.n_targets!r}")
         check(isinstance(self.batch_timesteps, int) and self.batch_timesteps >= 1,
               f"batch_timesteps must be >= 1, got {self.batch_timesteps!r}")
+        if isinstance(self.exclude_words, str):
+            self.exclude_words = (self.exclude_words,)
+        check(isinstance(self.exclude_words, (list, tuple)) and all(isinstance(w, str) for w in self.exclude_words),
+              f"exclude_words must be a list of words, got {self.exclude_words!r}")
+        self.exclude_words = tuple(self.exclude_words)
 
 
 @ATTACKS.register("unlearndiff")
@@ -85,7 +93,7 @@ class UnlearnDiff(Attack):
 
     Args (besides :class:`~diffshield.redteam.base.Attack`'s erased, original, concept, judge, sample):
         k (default 5), steps (40), lr (0.01), n_targets (2), batch_timesteps (1), discrete (False),
-        exclude_concept_words (True), target_seed (100000), seed (0).
+        exclude_concept_words (True), exclude_words (()), target_seed (100000), seed (0).
 
     Call: ``atk(prompts, seeds)`` -> AttackResult with ``embeddings`` (N, 77, d) (or ``attack_prompts`` when
     discrete); ``extra["loss_first"/"loss_last"]`` record the optimisation.
@@ -100,7 +108,7 @@ class UnlearnDiff(Attack):
         model = self.erased
         distinct = list(dict.fromkeys(prompts))
         gen = torch.Generator().manual_seed(cfg.seed)
-        exclude = concept_words(self.concept) if cfg.exclude_concept_words else ()
+        exclude = (tuple(concept_words(self.concept)) if cfg.exclude_concept_words else ()) + cfg.exclude_words
         candidates = word_token_ids(model, exclude)
         _, x0 = concept_latents(self.original, distinct, cfg.n_targets, cfg.target_seed, self.sample)
         x0 = x0.repeat_interleave(cfg.batch_timesteps, 0)  # prompt-major: prompt, target, draw
