@@ -68,3 +68,20 @@ def test_erase_closed_form_settings_reach_the_config(tiny_sd_dir, tmp_path, caps
                "--out", str(tmp_path / "x")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "--token-mode" in err and "\n" not in err and not (tmp_path / "x").exists()
+
+
+def test_erase_esd_options_reach_the_config_and_bad_ones_are_one_line(tiny_sd_dir, tmp_path, capsys):
+    rep = tmp_path / "x.json"
+    assert main(["erase", "--method", "esd-x", "--model", str(tiny_sd_dir), "--concept", "star", "--preserve",
+                 "circle", "--x-params", "kv", "--preserve-at", "own+concept", "--kv-anchor-weight", "10",
+                 "--iterations", "2", "--out", str(tmp_path / "x"), "--json", str(rep)]) == 0
+    cfg = json.loads(rep.read_text())["config"]
+    assert (cfg["x_params"], cfg["preserve_at"], cfg["kv_anchor_weight"]) == ("kv", "own+concept", 10.0)
+    capsys.readouterr()
+    for method, extra, flag in [("uce", ["--x-params", "kv"], "--x-params"),
+                                ("esd-x", ["--kv-anchor-weight", "10"], "kv_anchor_weight"),
+                                ("esd-u", ["--x-params", "kv"], "x_params")]:
+        rc = main(["erase", "--method", method, "--model", str(tiny_sd_dir), "--concept", "star", *extra,
+                   "--out", str(tmp_path / method)])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and flag in err and "\n" not in err and not (tmp_path / method).exists()

@@ -251,6 +251,10 @@ def cmd_erase(args) -> int:
     closed = {k: v for k, v in (("lamb", args.lamb), ("erase_scale", args.erase_scale),
                                 ("preserve_scale", args.preserve_scale), ("token_mode", args.token_mode))
               if v is not None}
+    esd_only = [k for k in ("x_params", "preserve_at", "kv_anchor_weight") if getattr(args, k) is not None]
+    if esd_only and not issubclass(config_cls, ESDConfig):
+        raise DiffshieldError(f"--{esd_only[0].replace('_', '-')} sets ESD's fine-tuning: use it with --method "
+                              "esd-x or esd-u")
     if closed and config_cls not in (UCEConfig, RECEConfig):
         raise DiffshieldError(f"--{next(iter(closed)).replace('_', '-')} sets the UCE closed form: use it with "
                               "--method uce or rece")
@@ -272,6 +276,9 @@ def cmd_erase(args) -> int:
                 kw["preserve"] = list(args.preserve)
                 if args.preserve_weight is not None:
                     kw["preserve_weight"] = args.preserve_weight
+            for key in ("x_params", "preserve_at", "kv_anchor_weight"):
+                if getattr(args, key) is not None:
+                    kw[key] = getattr(args, key)
             cfg = config_cls(**kw)
         else:  # pragma: no cover - every registered method is listed above
             cfg = config_cls()
@@ -404,6 +411,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=_positive_int, help="ESD iterations (default: 1000)")
     p.add_argument("--lr", type=float, help="ESD learning rate (default: 1e-5)")
     p.add_argument("--checkpoint-dir", help="ESD checkpoints (resumes from one found here)")
+    p.add_argument("--x-params", choices=["all", "kv"],
+                   help="ESD-x: which attn2 parameters train (default: all; 'kv': only to_k/to_v, the official "
+                        "code's esd-x-strict)")
+    p.add_argument("--preserve-at", choices=["own", "own+concept"],
+                   help="ESD: where the --preserve anchor holds predictions (default: own, each prompt's own "
+                        "samples; 'own+concept': also at the concept's samples)")
+    p.add_argument("--kv-anchor-weight", type=float,
+                   help="ESD-x: weight of a penalty on the --preserve prompts' key/value change (default: 0, off)")
     p.add_argument("--out", required=True, help="output folder for the edited model")
     p.add_argument("--json", help="write the run report (time, fraction changed, config) here")
     add_threads_arg(p)
