@@ -12,7 +12,8 @@ and their ratio (own / others: 1 means the edit moves the neighbours' keys and v
 also reports how close the toy text encoder puts the two prompt sets: the mean cosine between a concept prompt's
 rows and the same template's rows for each other value ("a red striped circle" vs "a red dotted circle").
 
-A model is a diffusers folder, or an ESD checkpoint (a folder holding ``esd_checkpoint.safetensors``, as written by
+A model is ``recipe:uce`` or ``recipe:rece`` (the documented toy closed-form edit of the concept, built in memory in
+a second), a diffusers folder, or an ESD checkpoint (a folder holding ``esd_checkpoint.safetensors``, as written by
 ``benchmarks/erasure_esd_trajectory.py`` and ``benchmarks/erasure.py``), whose trained parameters are put on the
 original.
 
@@ -47,16 +48,27 @@ def relative_change(w0: dict, w1: dict, rows: torch.Tensor) -> float:
     return (num / den) ** 0.5
 
 
-def erased_kv(base, spec: str) -> tuple[dict[str, torch.Tensor], int | None]:
-    """(K/V weights, ESD iteration or None) of an erased model: a diffusers folder, or an ESD checkpoint folder
-    applied to ``base``."""
+def erased_kv(base, spec: str, concept: str) -> tuple[dict[str, torch.Tensor], int | None]:
+    """(K/V weights, ESD iteration or None) of an erased model: ``recipe:uce|rece`` (built from the toy recipe for
+    ``concept``), a diffusers folder, or an ESD checkpoint folder applied to ``base``."""
+    import copy
+
     from safetensors import safe_open
     from safetensors.torch import load_file
 
     from diffshield.core.errors import DiffshieldError
     from diffshield.core.loading import check_safetensors, load_t2i
+    from diffshield.erase import ERASERS
     from diffshield.erase.esd import CHECKPOINT_FILE
+    from diffshield.toyworld.erasure_recipes import toy_erasure
 
+    if spec.startswith("recipe:"):
+        method = spec[len("recipe:"):]
+        if method not in ("uce", "rece"):
+            raise DiffshieldError(f"'{spec}': recipe: builds the closed-form edits only (recipe:uce or recipe:rece)")
+        model = copy.deepcopy(base)
+        ERASERS.get(method)[1](model, *toy_erasure(method, concept))
+        return kv_weights(model.unet), None
     path = Path(spec)
     ckpt = path / CHECKPOINT_FILE if path.is_dir() else path
     if ckpt.name == CHECKPOINT_FILE and ckpt.is_file():
@@ -82,7 +94,7 @@ def selectivity(base, concept: str, label: str, spec: str) -> dict:
     own = [q for q, _ in concept_prompts(c)]
     others = [q for o in other_concepts(c) for q, _ in concept_prompts(o)]
     e_own, e_oth = encode_prompts(base, own), encode_prompts(base, others)
-    w0, (w1, iteration) = kv_weights(base.unet), erased_kv(base, spec)
+    w0, (w1, iteration) = kv_weights(base.unet), erased_kv(base, spec, concept)
     own_change = relative_change(w0, w1, e_own.reshape(-1, e_own.shape[-1]))
     oth_change = relative_change(w0, w1, e_oth.reshape(-1, e_oth.shape[-1]))
     # same template, other value: rows of own[i] against rows of the matching prompt of each other value
