@@ -48,10 +48,9 @@ def _rel_change(model, w0: dict, w1: dict, prompts: list[str]) -> float:
 
 def _kv_change(w0: dict, w1: dict, e: torch.Tensor) -> float:
     """‖(W1 − W0) e‖ / ‖W0 e‖ over every K/V matrix and every row of ``e`` (rows x width), in float64."""
-    e = e.double()
-    num = sum(float(((w1[k].double() - w0[k].double()) @ e.T).norm() ** 2) for k in w0)
-    den = sum(float((w0[k].double() @ e.T).norm() ** 2) for k in w0)
-    return (num / den) ** 0.5
+    from diffshield.erase.closed_form import kv_relative_change
+
+    return kv_relative_change(w0, w1, e)
 
 
 def probe(concept: str, base) -> dict:

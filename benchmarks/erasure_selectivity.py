@@ -34,20 +34,6 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def kv_weights(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every cross-attention key/value weight of ``unet`` (name -> float64 copy)."""
-    return {n: p.detach().double().clone() for n, p in unet.named_parameters()
-            if n.endswith(("attn2.to_k.weight", "attn2.to_v.weight"))}
-
-
-def relative_change(w0: dict, w1: dict, rows: torch.Tensor) -> float:
-    """‖(W1 − W0) Eᵀ‖ / ‖W0 Eᵀ‖ over every K/V matrix; ``rows``: (n, d) text-embedding rows."""
-    e = rows.double()
-    num = sum(float(((w1[k] - w0[k]) @ e.T).norm() ** 2) for k in w0)
-    den = sum(float((w0[k] @ e.T).norm() ** 2) for k in w0)
-    return (num / den) ** 0.5
-
-
 def erased_kv(base, spec: str, concept: str) -> tuple[dict[str, torch.Tensor], int | None]:
     """(K/V weights, ESD iteration or None) of an erased model: ``recipe:uce|rece`` (built from the toy recipe for
     ``concept``), a diffusers folder, or an ESD checkpoint folder applied to ``base``."""
@@ -59,6 +45,7 @@ def erased_kv(base, spec: str, concept: str) -> tuple[dict[str, torch.Tensor], i
     from diffshield.core.errors import DiffshieldError
     from diffshield.core.loading import check_safetensors, load_t2i
     from diffshield.erase import ERASERS
+    from diffshield.erase.closed_form import kv_weights
     from diffshield.erase.esd import CHECKPOINT_FILE
     from diffshield.toyworld.erasure_recipes import toy_erasure
 
@@ -68,35 +55,36 @@ def erased_kv(base, spec: str, concept: str) -> tuple[dict[str, torch.Tensor], i
             raise DiffshieldError(f"'{spec}': recipe: builds the closed-form edits only (recipe:uce or recipe:rece)")
         model = copy.deepcopy(base)
         ERASERS.get(method)[1](model, *toy_erasure(method, concept))
-        return kv_weights(model.unet), None
+        return kv_weights(model), None
     path = Path(spec)
     ckpt = path / CHECKPOINT_FILE if path.is_dir() else path
     if ckpt.name == CHECKPOINT_FILE and ckpt.is_file():
         check_safetensors(ckpt)
-        w = kv_weights(base.unet)
+        w = kv_weights(base)
         for k, v in load_file(str(ckpt)).items():
             if k.startswith("param/") and k[len("param/"):] in w:
-                w[k[len("param/"):]] = v.double()
+                w[k[len("param/"):]] = v
         with safe_open(str(ckpt), framework="pt") as f:
             iteration = int((f.metadata() or {}).get("iteration", 0)) or None
         return w, iteration
     if not path.is_dir():
         raise DiffshieldError(f"'{spec}' is neither a diffusers model folder nor an ESD checkpoint folder")
-    return kv_weights(load_t2i(str(path)).unet), None
+    return kv_weights(load_t2i(str(path))), None
 
 
 def selectivity(base, concept: str, label: str, spec: str) -> dict:
     """The own / others K/V change of one erased model of ``concept`` (see the module docstring)."""
     from diffshield.core.sampling import encode_prompts
+    from diffshield.erase.closed_form import kv_relative_change, kv_weights
     from diffshield.toyworld.concepts import concept_prompts, other_concepts, resolve_concept
 
     c = resolve_concept(concept)
     own = [q for q, _ in concept_prompts(c)]
     others = [q for o in other_concepts(c) for q, _ in concept_prompts(o)]
     e_own, e_oth = encode_prompts(base, own), encode_prompts(base, others)
-    w0, (w1, iteration) = kv_weights(base.unet), erased_kv(base, spec, concept)
-    own_change = relative_change(w0, w1, e_own.reshape(-1, e_own.shape[-1]))
-    oth_change = relative_change(w0, w1, e_oth.reshape(-1, e_oth.shape[-1]))
+    w0, (w1, iteration) = kv_weights(base), erased_kv(base, spec, concept)
+    own_change = kv_relative_change(w0, w1, e_own.reshape(-1, e_own.shape[-1]))
+    oth_change = kv_relative_change(w0, w1, e_oth.reshape(-1, e_oth.shape[-1]))
     # same template, other value: rows of own[i] against rows of the matching prompt of each other value
     n, cos = len(own), None
     if len(others) % n == 0:

@@ -251,10 +251,11 @@ def cmd_erase(args) -> int:
     closed = {k: v for k, v in (("lamb", args.lamb), ("erase_scale", args.erase_scale),
                                 ("preserve_scale", args.preserve_scale), ("token_mode", args.token_mode))
               if v is not None}
-    esd_only = [k for k in ("x_params", "preserve_at", "kv_anchor_weight") if getattr(args, k) is not None]
+    esd_only = {k: getattr(args, k) for k in ("x_params", "preserve_at", "kv_anchor_weight")
+                if getattr(args, k) is not None}
     if esd_only and not issubclass(config_cls, ESDConfig):
-        raise DiffshieldError(f"--{esd_only[0].replace('_', '-')} sets ESD's fine-tuning: use it with --method "
-                              "esd-x or esd-u")
+        flag = next(iter(esd_only)).replace("_", "-")
+        raise DiffshieldError(f"--{flag} sets ESD's fine-tuning: use it with --method esd-x or esd-u")
     if closed and config_cls not in (UCEConfig, RECEConfig):
         raise DiffshieldError(f"--{next(iter(closed)).replace('_', '-')} sets the UCE closed form: use it with "
                               "--method uce or rece")
@@ -276,10 +277,7 @@ def cmd_erase(args) -> int:
                 kw["preserve"] = list(args.preserve)
                 if args.preserve_weight is not None:
                     kw["preserve_weight"] = args.preserve_weight
-            for key in ("x_params", "preserve_at", "kv_anchor_weight"):
-                if getattr(args, key) is not None:
-                    kw[key] = getattr(args, key)
-            cfg = config_cls(**kw)
+            cfg = config_cls(**kw, **esd_only)
         else:  # pragma: no cover - every registered method is listed above
             cfg = config_cls()
     except (TypeError, ValueError) as e:

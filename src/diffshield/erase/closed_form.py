@@ -59,6 +59,18 @@ def kv_weights(model: T2IModel | torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: mod.weight.detach().clone() for name, mod in kv_layers(unet)}
 
 
+def kv_relative_change(w0: dict[str, torch.Tensor], w1: dict[str, torch.Tensor], rows: torch.Tensor) -> float:
+    """‖(W1 − W0) Eᵀ‖ / ‖W0 Eᵀ‖ over every K/V matrix of two :func:`kv_weights` snapshots, in float64.
+
+    Args:
+        w0 / w1: K/V weights before and after an edit (same names). rows: (n, d) text-embedding rows E.
+    """
+    e = rows.double()
+    num = sum(float(((w1[k].double() - w0[k].double()) @ e.T).norm() ** 2) for k in w0)
+    den = sum(float((w0[k].double() @ e.T).norm() ** 2) for k in w0)
+    return (num / den) ** 0.5
+
+
 def embedding_width(unet: torch.nn.Module) -> int:
     """d, the text-embedding width that the K/V matrices read."""
     return int(kv_layers(unet)[0][1].weight.shape[1])

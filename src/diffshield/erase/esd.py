@@ -545,7 +545,7 @@ def esd_erase(model: T2IModel, concepts: list[str], config: ESDConfig, progress:
     n_c, bsz, n_p = len(concepts), config.batch_size, len(config.preserve)
     emb = encode_prompts(model, [*concepts, *config.preserve, ""]).to(device, dtype)
     conds, keeps, uncond = emb[:n_c], emb[n_c : n_c + n_p], emb[-1:]
-    distinct = keeps[sorted({q: i for i, q in reversed(list(enumerate(config.preserve)))}.values())]
+    distinct = keeps[[config.preserve.index(q) for q in dict.fromkeys(config.preserve)]]  # first of each prompt
     kv_anchor = kv_anchor_terms(params, distinct) if config.kv_anchor_weight else []
     sampler = model if config.sample_with == "current" else dataclasses.replace(model, unet=frozen)
     sched = make_scheduler(model, "ddim")
