@@ -38,6 +38,9 @@ def main() -> int:
     ap.add_argument("concept", help="toy concept (a shape, colour or style)")
     ap.add_argument("--total", type=int, default=300, help="iterations in all (default 300, the toy recipe's)")
     ap.add_argument("--step", type=int, default=100, help="evaluate every this many iterations (default 100)")
+    ap.add_argument("--first", type=int, default=None,
+                    help="first evaluation point (default: --step); to extend a finished run, e.g. --first 400 "
+                         "--total 500 after --total 300")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
                     help="override a recipe field, e.g. --set lr=3e-5 --set preserve_weight=4 (repeatable)")
     ap.add_argument("--tag", default="doc", help="name of this variant (checkpoint folder and JSON rows)")
@@ -55,7 +58,7 @@ def main() -> int:
     base, det, cfg = load_t2i("toy:t2i"), load_detector("toy:detector"), SampleConfig()
     c = resolve_concept(args.concept)
     ckpt = Path(args.runs) / f"{args.method}-{args.concept}-{args.tag}"
-    for n in range(args.step, args.total + 1, args.step):
+    for n in range(args.first or args.step, args.total + 1, args.step):
         prompts, ecfg = toy_erasure(args.method, args.concept, iterations=n, checkpoint_dir=str(ckpt), **over)
         model = copy.deepcopy(base)
         result = esd_erase(model, prompts, ecfg, progress=False)
