@@ -40,7 +40,6 @@ def erased_kv(base, spec: str, concept: str) -> tuple[dict[str, torch.Tensor], i
     import copy
 
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     from diffshield.core.errors import DiffshieldError
     from diffshield.core.loading import check_safetensors, load_t2i
@@ -61,10 +60,11 @@ def erased_kv(base, spec: str, concept: str) -> tuple[dict[str, torch.Tensor], i
     if ckpt.name == CHECKPOINT_FILE and ckpt.is_file():
         check_safetensors(ckpt)
         w = kv_weights(base)
-        for k, v in load_file(str(ckpt)).items():
-            if k.startswith("param/") and k[len("param/"):] in w:
-                w[k[len("param/"):]] = v
-        with safe_open(str(ckpt), framework="pt") as f:
+        with safe_open(str(ckpt), framework="pt") as f:  # only the K/V tensors, and the iteration, in one read
+            stored = set(f.keys())
+            for name in w:
+                if f"param/{name}" in stored:
+                    w[name] = f.get_tensor(f"param/{name}")
             iteration = int((f.metadata() or {}).get("iteration", 0)) or None
         return w, iteration
     if not path.is_dir():
