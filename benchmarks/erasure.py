@@ -34,7 +34,15 @@ from diffshield.erase.esd import esd_erase
 from diffshield.erase.rece import rece_erase
 from diffshield.erase.uce import uce_erase
 from diffshield.eval.erasure import evaluate_erasure, model_stats
-from diffshield.toyworld.erasure_recipes import ANCHOR_MODES, METHODS, TOY_ESD, TOY_RECE, TOY_UCE, toy_erasure
+from diffshield.toyworld.erasure_recipes import (
+    ANCHOR_MODES,
+    METHODS,
+    TOY_ESD,
+    TOY_ESD_KIND,
+    TOY_RECE,
+    TOY_UCE,
+    toy_erasure,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -169,7 +177,8 @@ def finish(res: dict, out: Path) -> None:
 
 def merge(out: Path, parts: list[Path]) -> int:
     res = json.loads(out.read_text()) if out.is_file() else {**json.loads(parts[0].read_text()), "rows": []}
-    res.setdefault("settings", {}).update({"uce": TOY_UCE, "rece": TOY_RECE, "esd": TOY_ESD})  # the current recipes
+    res.setdefault("settings", {}).update({"uce": TOY_UCE, "rece": TOY_RECE, "esd": TOY_ESD,  # the current recipes
+                                         "esd_kind": TOY_ESD_KIND})
     res["merged_from"] = sorted({*res.get("merged_from", []), *(str(q.resolve().relative_to(ROOT)) for q in parts)})
     for part in parts:
         new = json.loads(part.read_text())["rows"]
@@ -231,7 +240,7 @@ def main() -> int:
     res = {
         "model": args.model,
         "detector": args.detector,
-        "settings": {"uce": TOY_UCE, "rece": TOY_RECE, "esd": TOY_ESD,
+        "settings": {"uce": TOY_UCE, "rece": TOY_RECE, "esd": TOY_ESD, "esd_kind": TOY_ESD_KIND,
                      "recipes": "diffshield.toyworld.erasure_recipes", "sampling": {
                          "steps": cfg.steps, "guidance": cfg.guidance, "scheduler": cfg.scheduler},
                      "seeds_per_prompt": args.seeds_per_prompt, "n_neutral": args.n_neutral,

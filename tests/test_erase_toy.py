@@ -61,6 +61,19 @@ def test_esd_template_prompts_use_every_word_and_skip_evaluation_prompts(concept
         toy_erasure("esd-x", concept, prompts="sentences")
 
 
+def test_esd_x_recipe_is_per_kind_and_overrides_win():
+    # shapes and styles: the frozen sampler for 500 iterations; colours: the base setting (current sampler, 300)
+    for concept in ("triangle", "wedge", "striped"):
+        _, cfg = toy_erasure("esd-x", concept)
+        assert (cfg.sample_with, cfg.iterations, cfg.eta, cfg.lr) == ("frozen", 500, 2.0, 1e-4)
+    _, red = toy_erasure("esd-x", "red")
+    assert (red.sample_with, red.iterations) == ("current", 300)
+    _, u = toy_erasure("esd-u", "triangle")
+    assert (u.sample_with, u.iterations) == ("current", 300)
+    _, cfg = toy_erasure("esd-x", "triangle", sample_with="current", iterations=7)
+    assert (cfg.sample_with, cfg.iterations) == ("current", 7)
+
+
 def test_unknown_method_is_a_clear_error():
     with pytest.raises(DiffshieldError, match="unknown erasure method"):
         toy_erasure("esd-z", "triangle")
