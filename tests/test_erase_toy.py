@@ -62,12 +62,13 @@ def test_esd_template_prompts_use_every_word_and_skip_evaluation_prompts(concept
 
 
 def test_esd_x_recipe_is_per_kind_and_overrides_win():
-    # shapes and styles: the frozen sampler for 500 iterations; colours: the base setting (current sampler, 300)
+    # shapes and styles: the frozen sampler for 500 iterations; colours: the base setting (current sampler, 300
+    # iterations) with the anchors also held at the concept's x_t
     for concept in ("triangle", "wedge", "striped"):
         _, cfg = toy_erasure("esd-x", concept)
-        assert (cfg.sample_with, cfg.iterations, cfg.eta, cfg.lr) == ("frozen", 500, 2.0, 1e-4)
+        assert (cfg.sample_with, cfg.iterations, cfg.eta, cfg.lr, cfg.preserve_at) == ("frozen", 500, 2.0, 1e-4, "own")
     _, red = toy_erasure("esd-x", "red")
-    assert (red.sample_with, red.iterations) == ("current", 300)
+    assert (red.sample_with, red.iterations, red.preserve_at) == ("current", 300, "own+concept")
     _, u = toy_erasure("esd-u", "triangle")
     assert (u.sample_with, u.iterations) == ("current", 300)
     _, cfg = toy_erasure("esd-x", "triangle", sample_with="current", iterations=7)
