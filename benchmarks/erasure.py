@@ -156,8 +156,12 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         syn = ("–" if r["synonym_detection_rate"] is None else
                f"{100 * r['original_synonym_detection_rate']:.0f} → {100 * r['synonym_detection_rate']:.1f} %")
-        t = (f"{r['edit_seconds']:.2f} s" if r["edit_seconds"] < 60 else
-             f"{r['cpu_minutes']:.1f} CPU-min ({r['edit_seconds'] / 60:.0f} min wall)")
+        if not r["method"].startswith("esd"):
+            t = f"{r['edit_seconds']:.2f} s"
+        elif r.get("resumed_from"):  # CPU time is summed over the run's resumptions; this call's wall time is not
+            t = f"{r['cpu_minutes']:.1f} CPU-min (resumed at {r['resumed_from']})"
+        else:
+            t = f"{r['cpu_minutes']:.1f} CPU-min ({r['edit_seconds'] / 60:.0f} min wall)"
         lines.append(
             f"| {r['method']} | {r['concept']} | {100 * r['original_detection_rate']:.0f} → "
             f"{100 * r['erased_detection_rate']:.1f} % | {syn} | {100 * r['original_other_accuracy']:.1f} → "

@@ -70,7 +70,9 @@ def test_esd_x_recipe_is_per_kind_and_overrides_win():
     _, red = toy_erasure("esd-x", "red")
     assert (red.sample_with, red.iterations, red.preserve_at) == ("current", 300, "own+concept")
     _, u = toy_erasure("esd-u", "triangle")
-    assert (u.sample_with, u.iterations) == ("current", 300)
+    assert (u.sample_with, u.iterations, u.preserve_weight, u.batch_size) == ("current", 300, 1.0, 1)
+    _, u = toy_erasure("esd-u", "red")  # colours: the anchor weighted 10, batch 4
+    assert (u.sample_with, u.iterations, u.preserve_weight, u.batch_size) == ("current", 300, 10.0, 4)
     _, cfg = toy_erasure("esd-x", "triangle", sample_with="current", iterations=7)
     assert (cfg.sample_with, cfg.iterations) == ("current", 7)
 

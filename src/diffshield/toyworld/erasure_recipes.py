@@ -154,11 +154,14 @@ TOY_ESD = {"x": {"iterations": 300, "lr": 1e-4, "eta": 2.0, "preserve": "uncond+
 #: alone erases red on some evaluation seeds only (6.2 % left on seeds 0-7, 21.9 % on 100-107) and loses the other
 #: colours 100 iterations later (86.5 %), and the frozen sampler leaves 68.8 % of red after 500 iterations. The
 #: settings were read off ``benchmarks/erasure_esd_trajectory.py`` runs and checked on held-out evaluation seeds
-#: (README, erasure section).
+#: (README, erasure section). ESD-u on colours: the anchor weighted 10 at batch 4 (the documented weight 1 turns
+#: green prompts blue within 50 iterations; weight 10 at batch 1 swings between erasing and not from one checkpoint
+#: to the next). Shapes and styles have no ESD-u setting that meets the bars (weight 10 at batch 4 does not erase
+#: the triangle in 200 iterations and loses the dots within 100).
 TOY_ESD_KIND = {"x": {"shape": {"sample_with": "frozen", "iterations": 500},
                       "style": {"sample_with": "frozen", "iterations": 500},
                       "colour": {"preserve_at": "own+concept"}},
-                "u": {}}
+                "u": {"colour": {"preserve_weight": 10.0, "batch_size": 4}}}
 
 METHODS = ("uce", "rece", "esd-x", "esd-u")
 
