@@ -61,7 +61,7 @@ def test_esd_template_prompts_use_every_word_and_skip_evaluation_prompts(concept
         toy_erasure("esd-x", concept, prompts="sentences")
 
 
-def test_esd_x_recipe_is_per_kind_and_overrides_win():
+def test_esd_recipes_are_per_kind_and_overrides_win():
     # shapes and styles: the frozen sampler for 500 iterations; colours: the base setting (current sampler, 300
     # iterations) with the anchors also held at the concept's x_t
     for concept in ("triangle", "wedge", "striped"):

@@ -146,10 +146,10 @@ TOY_RECE = {"preset": "object-easy", "preserve_scale": 1.0}
 #: paper, the "uncond+others" anchor (:func:`esd_anchor_prompts`), without which guidance cancels the erasure
 TOY_ESD = {"x": {"iterations": 300, "lr": 1e-4, "eta": 2.0, "preserve": "uncond+others"},
            "u": {"iterations": 300, "lr": 1e-4, "eta": 1.0, "preserve": "uncond+others"}}
-#: per-kind refinements of :data:`TOY_ESD`, like RECE's per-kind presets (applied before the caller's overrides), for
-#: ESD-x. Shapes and styles: x_t sampled by the frozen original UNet (the official 2024 code's sampler,
+#: per-kind refinements of :data:`TOY_ESD`, like RECE's per-kind presets (applied before the caller's overrides).
+#: ESD-x on shapes and styles: x_t sampled by the frozen original UNet (the official 2024 code's sampler,
 #: ``sample_with="frozen"``) for 500 iterations; with the fine-tuned UNet as sampler, x_t stops showing the concept as
-#: it fades and ESD-x trades the neighbours for the last images (shape: others 100 -> 91.7 %). Colours: the base
+#: it fades and ESD-x trades the neighbours for the last images (shape: others 100 -> 91.7 %). On colours: the base
 #: setting with every anchor also held at the concept's own x_t (``preserve_at="own+concept"``); the base setting
 #: alone erases red on some evaluation seeds only (6.2 % left on seeds 0-7, 21.9 % on 100-107) and loses the other
 #: colours 100 iterations later (86.5 %), and the frozen sampler leaves 68.8 % of red after 500 iterations. The
