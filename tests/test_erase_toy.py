@@ -69,7 +69,9 @@ def test_esd_recipes_are_per_kind_and_overrides_win():
         assert (cfg.sample_with, cfg.iterations, cfg.eta, cfg.lr, cfg.preserve_at) == ("frozen", 500, 2.0, 1e-4, "own")
     _, red = toy_erasure("esd-x", "red")
     assert (red.sample_with, red.iterations, red.preserve_at) == ("current", 300, "own+concept")
-    _, u = toy_erasure("esd-u", "triangle")
+    _, u = toy_erasure("esd-u", "triangle")  # shapes: batch 4, 100 iterations
+    assert (u.sample_with, u.iterations, u.preserve_weight, u.batch_size) == ("current", 100, 1.0, 4)
+    _, u = toy_erasure("esd-u", "striped")  # styles: the base setting
     assert (u.sample_with, u.iterations, u.preserve_weight, u.batch_size) == ("current", 300, 1.0, 1)
     _, u = toy_erasure("esd-u", "red")  # colours: the anchor weighted 10, batch 4
     assert (u.sample_with, u.iterations, u.preserve_weight, u.batch_size) == ("current", 300, 10.0, 4)
