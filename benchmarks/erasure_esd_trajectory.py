@@ -58,6 +58,8 @@ def main() -> int:
             over[key] = json.loads(value)
         except json.JSONDecodeError:
             ap.error(f"--set {item!r}: the value after '=' must be JSON (e.g. lr=3e-5 or preserve=\"others\")")
+    if any(seed < 0 for seed in args.eval_seed):
+        ap.error(f"--eval-seed takes whole numbers >= 0 (first sampling seeds), got {args.eval_seed}")
     base, det, cfg = load_t2i("toy:t2i"), load_detector("toy:detector"), SampleConfig()
     c = resolve_concept(args.concept)
     ckpt = Path(args.runs) / f"{args.method}-{args.concept}-{args.tag}"
