@@ -49,6 +49,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 MODELS = ROOT / "runs" / "erasure"
 CONCEPTS = ("triangle", "striped", "red")
 BARS = {"erased_max": 0.10, "original_min": 0.90, "other_drop_max": 0.05, "esd_cpu_minutes_max": 20.0}
+#: the documented toy-world settings every result file records
+RECIPES = {"uce": TOY_UCE, "rece": TOY_RECE, "esd": TOY_ESD, "esd_kind": TOY_ESD_KIND}
 ERASE_FN = {"uce": uce_erase, "rece": rece_erase, "esd-x": esd_erase, "esd-u": esd_erase}
 
 
@@ -181,8 +183,7 @@ def finish(res: dict, out: Path) -> None:
 
 def merge(out: Path, parts: list[Path]) -> int:
     res = json.loads(out.read_text()) if out.is_file() else {**json.loads(parts[0].read_text()), "rows": []}
-    res.setdefault("settings", {}).update({"uce": TOY_UCE, "rece": TOY_RECE, "esd": TOY_ESD,  # the current recipes
-                                         "esd_kind": TOY_ESD_KIND})
+    res.setdefault("settings", {}).update(RECIPES)  # the current recipes
     res["merged_from"] = sorted({*res.get("merged_from", []), *(str(q.resolve().relative_to(ROOT)) for q in parts)})
     for part in parts:
         new = json.loads(part.read_text())["rows"]
@@ -244,7 +245,7 @@ def main() -> int:
     res = {
         "model": args.model,
         "detector": args.detector,
-        "settings": {"uce": TOY_UCE, "rece": TOY_RECE, "esd": TOY_ESD, "esd_kind": TOY_ESD_KIND,
+        "settings": {**RECIPES,
                      "recipes": "diffshield.toyworld.erasure_recipes", "sampling": {
                          "steps": cfg.steps, "guidance": cfg.guidance, "scheduler": cfg.scheduler},
                      "seeds_per_prompt": args.seeds_per_prompt, "n_neutral": args.n_neutral,
