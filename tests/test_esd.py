@@ -206,6 +206,10 @@ def test_checkpoint_of_another_run_is_refused(tiny_sd_dir, tmp_path):
         (dict(preserve=["a cat"], preserve_weight=-1), "preserve_weight"),
         (dict(preserve_at="everywhere"), "preserve_at"),
         (dict(preserve_at="own+concept"), "at least one preserve prompt"),
+        (dict(preserve=["a cat"], preserve_guidance=0), "preserve_guidance"),
+        (dict(preserve=["a cat"], preserve_guidance=float("inf")), "preserve_guidance"),
+        (dict(preserve_guidance=5.0), "at least one preserve prompt"),
+        (dict(preserve=["a cat"], preserve_at="own+concept", preserve_guidance=5.0), "preserve_at='own'"),
         (dict(x_params="q"), "x_params"),
         (dict(variant="u", x_params="kv"), "ESD-x only"),
         (dict(kv_anchor_weight=-1), "kv_anchor_weight"),
@@ -360,6 +364,32 @@ def test_anchor_at_the_concept_input_keeps_it_there(tiny_sd_dir, monkeypatch):
                        for x, t, _, _ in probes) / len(probes)
 
     assert keep_at_concept(both) < keep_at_concept(own)
+
+
+def test_guided_anchor_compares_guided_predictions(tiny_sd_dir):
+    """preserve_guidance=s: the anchor term is the MSE of ε(∅) + s [ε(c_p) − ε(∅)] against the original's, with the
+    ∅ rows in the same UNet pass; the identity of runs at the default s = 1 is unchanged. (Its effect is measured on
+    the toy model, not here: the tiny random UNet barely reads its prompt, so its guidance signal is noise.)"""
+    from diffshield.erase.esd import esd_anchored_loss, run_identity
+
+    keep = "a blue star"
+    cfg = dict(variant="u", iterations=30, lr=3e-4, ddim_steps=4, preserve=["", keep])
+    raw = load_t2i(tiny_sd_dir)
+    assert "preserve_guidance" not in run_identity(raw, [CONCEPT], ESDConfig(**cfg))
+    assert run_identity(raw, [CONCEPT], ESDConfig(preserve_guidance=5, **cfg))["preserve_guidance"] == 5.0
+    guided = load_t2i(tiny_sd_dir)
+    res = esd_erase(guided, [CONCEPT], ESDConfig(preserve_guidance=5, **cfg), progress=False)
+    assert len(res.extra["preserve_losses"]) == 30 and res.changed
+
+    # the loss is the formula: MSE of guided predictions, the ∅ rows in the same pass
+    (x, t, c, u), = _probes(guided, keep, guided, (7,), (1,))
+    target = torch.zeros_like(x)
+    with torch.no_grad():
+        loss, keep_term = esd_anchored_loss(guided.unet, x, t, c, target, x, c, target, 2.0, None, (5.0, u))
+        e_c, e_u = guided.unet(x, t, encoder_hidden_states=c).sample, guided.unet(x, t, encoder_hidden_states=u).sample
+    expected = float(((e_u + 5.0 * (e_c - e_u)) ** 2).mean())
+    assert float(keep_term) == pytest.approx(expected, rel=1e-4)
+    assert float(loss) == pytest.approx(float((e_c**2).mean()) + 2.0 * expected, rel=1e-4)
 
 
 def test_kv_anchor_holds_the_preserved_keys_and_values(tiny_sd_dir):

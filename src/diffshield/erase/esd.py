@@ -111,6 +111,12 @@ class ESDConfig:
             sampled with that prompt) or "own+concept" (also every distinct anchor prompt at the concept's x_t, in
             the same UNet pass: the erasure and the anchors then see the same input, so the update has to tell
             the prompts apart by their text embeddings instead of by the image).
+        preserve_guidance: the classifier-free guidance scale s at which the anchor holds the predictions (default
+            1.0: the raw prediction ε(x_t^p, c_p)). With s ≠ 1 the anchor holds the *guided* prediction
+            ε(x, ∅) + s [ε(x, c_p) − ε(x, ∅)] that a sampler at guidance s uses (one more UNet row per anchor):
+            the guidance signal ε(c_p) − ε(∅) is a few percent of ε's norm, so an anchor on raw predictions lets
+            it drift by as much as itself while the predictions stay within a few percent. Only with
+            ``preserve_at="own"``.
         kv_anchor_weight: ESD-x only, beyond the paper: weight of a penalty on how far the trained ``attn2.to_k`` /
             ``attn2.to_v`` matrices move the keys and values of the ``preserve`` prompts' text embeddings (every
             row), mean over matrices of ‖(W − W₀) Cᵀ‖² / ‖W₀ Cᵀ‖² (default 0.0: off). UCE's preservation term, as a
@@ -136,6 +142,7 @@ class ESDConfig:
     preserve: list[str] = dataclasses.field(default_factory=list)
     preserve_weight: float = 1.0
     preserve_at: str = "own"
+    preserve_guidance: float = 1.0
     kv_anchor_weight: float = 0.0
     checkpoint_every: int = 100
     checkpoint_dir: str | None = None
@@ -186,6 +193,13 @@ class ESDConfig:
         if self.preserve_at != "own" and not self.preserve:
             raise DiffshieldError(f"preserve_at={self.preserve_at!r} places the preservation anchor: give at least "
                                   "one preserve prompt")
+        if not _is_number(self.preserve_guidance) or not 0 < self.preserve_guidance <= 50:
+            raise DiffshieldError(f"preserve_guidance must be a number in (0, 50] (1: raw predictions), got "
+                                  f"{self.preserve_guidance!r}")
+        self.preserve_guidance = float(self.preserve_guidance)
+        if self.preserve_guidance != 1.0 and (not self.preserve or self.preserve_at != "own"):
+            raise DiffshieldError("preserve_guidance holds the anchors' guided predictions at their own x_t: it needs "
+                                  "at least one preserve prompt and preserve_at='own'")
         if not _is_number(self.kv_anchor_weight) or self.kv_anchor_weight < 0:
             raise DiffshieldError(f"kv_anchor_weight must be a finite number >= 0, got {self.kv_anchor_weight!r}")
         self.kv_anchor_weight = float(self.kv_anchor_weight)
@@ -326,20 +340,27 @@ def esd_anchored_loss(
     target_p: torch.Tensor,
     weight: float = 1.0,
     shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    guided: tuple[float, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """ESD loss plus ``weight`` · MSE(ε_θ(x_p, c_p, t), ε*(x_p, c_p, t)), in one UNet pass.
 
     ``shared`` (default None): (x_s, c_s, ε*(x_s, c_s, t)) of the anchors held at the concept's x_t
     (``preserve_at="own+concept"``); their MSE is added to the preservation term.
+    ``guided`` (default None): (s, ∅ embeddings, one row per anchor): the anchor compares guided predictions
+    ε_θ(x_p, ∅) + s [ε_θ(x_p, c_p) − ε_θ(x_p, ∅)] (``target_p`` must then be the frozen model's guided prediction).
     Returns (total loss, the preservation term alone). ``target_p`` is the frozen UNet's prediction ε*(x_p, c_p, t).
     """
     xs, cs = [x_t, x_p], [cond, cond_p]
     if shared is not None:
         xs.append(shared[0])
         cs.append(shared[1])
+    if guided is not None:
+        xs.append(x_p)
+        cs.append(guided[1])
     eps = unet(torch.cat(xs), t, encoder_hidden_states=torch.cat(cs)).sample.float()
     parts = eps.split([x.shape[0] for x in xs])
-    keep = F.mse_loss(parts[1], target_p.float())
+    pred_p = parts[1] if guided is None else parts[-1] + guided[0] * (parts[1] - parts[-1])
+    keep = F.mse_loss(pred_p, target_p.float())
     if shared is not None:
         keep = keep + F.mse_loss(parts[2], shared[2].float())
     return F.mse_loss(parts[0], target.float()) + weight * keep, keep
@@ -387,6 +408,8 @@ def run_identity(model: T2IModel, concepts: list[str], config: ESDConfig) -> dic
         ident.pop("kv_anchor_weight", None)
     if config.preserve_at == "own":  # the default keeps the identity runs had before the option existed
         ident.pop("preserve_at", None)
+    if config.preserve_guidance == 1.0:
+        ident.pop("preserve_guidance", None)
     ident["concepts"] = list(concepts)
     ident["model_fingerprint"] = h.hexdigest()[:16]
     return ident
@@ -577,8 +600,15 @@ def esd_erase(model: T2IModel, concepts: list[str], config: ESDConfig, progress:
                 both = sample_xt(sampler, torch.cat([cond, cond_p]), uncond, k, torch.cat([noise, noise_p]),
                                  config.ddim_steps, config.start_guidance)
                 x_t, x_p = both.split([bsz, bsz])
+                guided = None
                 with torch.no_grad():
-                    target_p = frozen(x_p, t, encoder_hidden_states=cond_p).sample
+                    if config.preserve_guidance == 1.0:
+                        target_p = frozen(x_p, t, encoder_hidden_states=cond_p).sample
+                    else:  # the guided prediction a sampler at scale s uses
+                        guided = (config.preserve_guidance, uncond.expand(bsz, -1, -1))
+                        e_c, e_u = frozen(torch.cat([x_p, x_p]), t,
+                                          encoder_hidden_states=torch.cat([cond_p, guided[1]])).sample.chunk(2)
+                        target_p = e_u + config.preserve_guidance * (e_c - e_u)
                 shared = None
                 if config.preserve_at == "own+concept":  # every distinct anchor at each concept x_t
                     x_s = x_t.repeat_interleave(len(distinct), 0)
@@ -592,7 +622,7 @@ def esd_erase(model: T2IModel, concepts: list[str], config: ESDConfig, progress:
             with torch.enable_grad():
                 if n_p:
                     loss, keep = esd_anchored_loss(unet, x_t, t, cond, target, x_p, cond_p, target_p,
-                                                   config.preserve_weight, shared)
+                                                   config.preserve_weight, shared, guided)
                     keep_losses.append(float(keep.detach()))
                 else:
                     loss = esd_loss(unet, x_t, t, cond, target)
