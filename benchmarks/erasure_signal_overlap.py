@@ -12,7 +12,7 @@ sampled from the prompt of c (DDIM, CFG 3, ESD's sampler) down to step k, and th
 is averaged over prompts, seeds and k ∈ {5, 15, 25, 35, 45} of 50 DDIM steps. A cosine near 1: erasing c's signal
 in shared layers erases o's with it. The text embeddings' cosine (whole prompt, every row) is reported alongside.
 
-Run: ``python benchmarks/erasure_signal_overlap.py`` (one thread, under a minute). Writes
+Run: ``python benchmarks/erasure_signal_overlap.py`` (one thread, about 7.5 min). Writes
 ``benchmarks/results/erasure_signal_overlap.json``.
 """
 

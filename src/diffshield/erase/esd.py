@@ -116,7 +116,8 @@ class ESDConfig:
             ε(x, ∅) + s [ε(x, c_p) − ε(x, ∅)] that a sampler at guidance s uses (one more UNet row per anchor):
             the guidance signal ε(c_p) − ε(∅) is a few percent of ε's norm, so an anchor on raw predictions lets
             it drift by as much as itself while the predictions stay within a few percent. Only with
-            ``preserve_at="own"``.
+            ``preserve_at="own"``. Beyond the paper; on the toy style (ESD-u striped, s = 5) it moved the trade-off
+            between erasure and the other styles only a little (README, erasure section).
         kv_anchor_weight: ESD-x only, beyond the paper: weight of a penalty on how far the trained ``attn2.to_k`` /
             ``attn2.to_v`` matrices move the keys and values of the ``preserve`` prompts' text embeddings (every
             row), mean over matrices of ‖(W − W₀) Cᵀ‖² / ‖W₀ Cᵀ‖² (default 0.0: off). UCE's preservation term, as a
