@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from diffshield.core.errors import DiffshieldError
 from diffshield.core.io import atomic_write_bytes
 from diffshield.core.loading import load_detector, load_t2i
 from diffshield.core.sampling import SampleConfig
@@ -60,6 +61,10 @@ def main() -> int:
             ap.error(f"--set {item!r}: the value after '=' must be JSON (e.g. lr=3e-5 or preserve=\"others\")")
     if any(seed < 0 for seed in args.eval_seed):
         ap.error(f"--eval-seed takes whole numbers >= 0 (first sampling seeds), got {args.eval_seed}")
+    try:  # a misspelt --set field or a bad value: one line, before any model is loaded
+        toy_erasure(args.method, args.concept, **over)
+    except DiffshieldError as e:
+        ap.error(str(e))
     base, det, cfg = load_t2i("toy:t2i"), load_detector("toy:detector"), SampleConfig()
     c = resolve_concept(args.concept)
     ckpt = Path(args.runs) / f"{args.method}-{args.concept}-{args.tag}"

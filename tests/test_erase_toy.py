@@ -109,3 +109,10 @@ def test_toy_setting_erases_the_concept_and_keeps_the_others(toy, original_rates
     assert before >= drawn_before
     assert after <= 0.15, f"{method} left {concept} in {after:.0%} of images"
     assert kept_after >= kept_before - 0.1
+
+
+@pytest.mark.parametrize("method", ["uce", "rece", "esd-x", "esd-u"])
+def test_misspelt_recipe_override_is_refused_in_one_line(method):
+    with pytest.raises(DiffshieldError, match="unknown .*setting 'lamda'") as info:
+        toy_erasure(method, "red", lamda=0.3)
+    assert "\n" not in str(info.value)

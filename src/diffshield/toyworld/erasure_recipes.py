@@ -24,7 +24,7 @@ classifier-free guidance cancels the erasure).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from diffshield.toyworld.concepts import ToyConcept, other_concepts, resolve_concept
 from diffshield.toyworld.shapes import BACKGROUNDS, COLOURS, SHAPES, STYLES
@@ -186,7 +186,14 @@ def toy_erasure(method: str, concept: str, **overrides) -> tuple[list[str], obje
     from diffshield.erase.rece import RECEConfig
     from diffshield.erase.uce import UCEConfig
 
+    def check(known: set[str]) -> None:  # RECE's presets check their own overrides
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise DiffshieldError(f"unknown {method} setting {unknown[0]!r}; settings: {', '.join(sorted(known))}")
+
     if method in ("uce", "rece"):
+        if method == "uce":
+            check({f.name for f in fields(UCEConfig)})
         p = toy_edit_prompts(concept)
         uce = UCEConfig(guides=p.guides, preserve=p.preserve, **TOY_UCE)
         if method == "uce":
@@ -201,6 +208,7 @@ def toy_erasure(method: str, concept: str, **overrides) -> tuple[list[str], obje
     if method in ("esd-x", "esd-u"):
         variant = method[-1]
         cls = ESDXConfig if variant == "x" else ESDUConfig
+        check({f.name for f in fields(cls)} | {"prompts"})
         settings = {**TOY_ESD[variant], **TOY_ESD_KIND[variant].get(resolve_concept(concept).head, {}), **overrides}
         mode = settings.pop("prompts", "words")
         if settings.get("preserve") in ANCHOR_MODES:
