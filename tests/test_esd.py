@@ -19,6 +19,7 @@ from diffshield.erase.esd import (
     esd_loss,
     esd_target,
     iteration_generator,
+    run_identity,
     sample_xt,
 )
 
@@ -210,6 +211,10 @@ def test_checkpoint_of_another_run_is_refused(tiny_sd_dir, tmp_path):
         (dict(preserve=["a cat"], preserve_guidance=float("inf")), "preserve_guidance"),
         (dict(preserve_guidance=5.0), "at least one preserve prompt"),
         (dict(preserve=["a cat"], preserve_at="own+concept", preserve_guidance=5.0), "preserve_at='own'"),
+        (dict(min_step=-1), "min_step"),
+        (dict(min_step=50), "min_step"),
+        (dict(ddim_steps=10, min_step=10), "min_step"),
+        (dict(min_step=2.5), "min_step"),
         (dict(x_params="q"), "x_params"),
         (dict(variant="u", x_params="kv"), "ESD-x only"),
         (dict(kv_anchor_weight=-1), "kv_anchor_weight"),
@@ -257,6 +262,28 @@ def test_frozen_sampler_draws_x_t_from_the_original_unet(tiny_sd_dir, monkeypatc
     model2 = load_t2i(tiny_sd_dir)
     esd_erase(model2, [CONCEPT], ESDConfig(iterations=2, **FAST), progress=False)
     assert seen and all(u is model2.unet for u in seen)
+
+
+def test_min_step_trains_only_the_late_steps(tiny_sd_dir, monkeypatch):
+    """min_step=m: every x_t is sampled down to a step k >= m; the default draws from the whole schedule, as before."""
+    import diffshield.erase.esd as esd
+
+    seen = []
+    real = esd.sample_xt
+
+    def spy(model, cond, uncond, k, *a, **kw):
+        seen.append(k)
+        return real(model, cond, uncond, k, *a, **kw)
+
+    monkeypatch.setattr(esd, "sample_xt", spy)
+    cfg = {**FAST, "ddim_steps": 10}
+    esd_erase(load_t2i(tiny_sd_dir), [CONCEPT], ESDConfig(iterations=12, min_step=7, **cfg), progress=False)
+    assert len(seen) == 12 and min(seen) >= 7 and max(seen) <= 9
+    seen.clear()
+    esd_erase(load_t2i(tiny_sd_dir), [CONCEPT], ESDConfig(iterations=12, **cfg), progress=False)
+    assert min(seen) < 7  # 12 draws from U{0..9}: at least one below 7, for this seed
+    assert "min_step" not in run_identity(load_t2i(tiny_sd_dir), [CONCEPT], ESDConfig(**cfg))
+    assert run_identity(load_t2i(tiny_sd_dir), [CONCEPT], ESDConfig(min_step=7, **cfg))["min_step"] == 7
 
 
 def test_batched_steps_carry_batch_size_samples(tiny_sd_dir, monkeypatch):
@@ -323,7 +350,6 @@ def test_preservation_anchor_keeps_the_anchored_prompt_and_still_erases(tiny_sd_
 
 
 def test_anchor_off_leaves_runs_and_their_checkpoint_identity_unchanged(tiny_sd_dir):
-    from diffshield.erase.esd import run_identity
 
     model = load_t2i(tiny_sd_dir)
     ident = run_identity(model, [CONCEPT], ESDConfig(**FAST))
