@@ -350,7 +350,6 @@ def test_preservation_anchor_keeps_the_anchored_prompt_and_still_erases(tiny_sd_
 
 
 def test_anchor_off_leaves_runs_and_their_checkpoint_identity_unchanged(tiny_sd_dir):
-
     model = load_t2i(tiny_sd_dir)
     ident = run_identity(model, [CONCEPT], ESDConfig(**FAST))
     assert "preserve" not in ident and "preserve_weight" not in ident
