@@ -468,3 +468,18 @@ def test_toy_anchor_modes_interleave_the_empty_prompt():
     assert prompts == ["a red"] and cfg.preserve == ["", "a green", "", "a blue", "", "a yellow"]
     with pytest.raises(DiffshieldError, match="anchor mode"):
         esd_anchor_prompts("red", "everything")
+
+
+def test_toy_template_anchor_keeps_every_other_value_in_context_and_never_the_concept():
+    """"uncond+templates": the closed-form methods' preserved templates, values in turn, "" before each."""
+    from diffshield.toyworld.concepts import concept_prompts, resolve_concept
+    from diffshield.toyworld.erasure_recipes import esd_anchor_prompts, toy_edit_prompts
+
+    anchors = esd_anchor_prompts("striped", "uncond+templates")
+    assert anchors[0::2] == [""] * (len(anchors) // 2)
+    kept = anchors[1::2]
+    assert sorted(kept) == sorted(toy_edit_prompts("striped").preserve)
+    assert kept[:2] == ["a plain circle", "a dotted circle"]  # the values take turns
+    assert not any("striped" in p for p in kept)
+    evaluation = {p for o in ("plain", "dotted") for p, _ in concept_prompts(resolve_concept(o))}
+    assert not evaluation & set(kept)  # the benchmark's prompts stay unseen

@@ -108,7 +108,7 @@ def esd_prompts(concept: str, mode: str = "words") -> list[str]:
 
 
 #: the anchor modes of :func:`esd_anchor_prompts`
-ANCHOR_MODES = ("none", "others", "uncond+others")
+ANCHOR_MODES = ("none", "others", "uncond+others", "uncond+templates")
 
 
 def esd_anchor_prompts(concept: str, mode: str = "others") -> list[str]:
@@ -117,6 +117,9 @@ def esd_anchor_prompts(concept: str, mode: str = "others") -> list[str]:
     ``"none"``: no anchor (the paper's ESD). ``"others"``: :func:`esd_prompts` ("words") of every other value of
     its kind (e.g. triangle -> "a circle", "a disc", "a square", ...). ``"uncond+others"``: the same list with the
     empty prompt "" before each entry, so that every other iteration anchors the *unconditional* prediction.
+    ``"uncond+templates"``: the closed-form methods' preserved templates (:func:`edit_prompts` of every other value
+    and its synonyms, in context: "a dotted red circle", "a plain star on a blue background", ...), the values taking
+    turns, with "" before each entry.
 
     Why the empty prompt: the toy text encoder's rows for "a red" and "" are close, so plain ESD moves ε(x, ∅) about
     as much as ε(x, "a red") (measured on ESD-x red: both change by about 2x the concept's guidance signal
@@ -133,6 +136,9 @@ def esd_anchor_prompts(concept: str, mode: str = "others") -> list[str]:
         return []
     if mode == "others":
         return others
+    if mode == "uncond+templates":
+        lists = [edit_prompts(c, w) for o in other_concepts(c) for w in _with_synonyms(o)]
+        return [p for group in zip(*lists) for q in group for p in ("", q)]
     return [p for q in others for p in ("", q)]
 
 
