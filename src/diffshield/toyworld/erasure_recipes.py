@@ -165,8 +165,9 @@ TOY_ESD = {"x": {"iterations": 300, "lr": 1e-4, "eta": 2.0, "preserve": "uncond+
 #: to the next). ESD-u on shapes: batch 4 for 100 iterations (at batch 1 the other shapes lose 9.4 points; weight 10
 #: at batch 4 does not erase the triangle in 200 iterations). Styles have no ESD-u setting that meets the bars
 #: (weight 10 at batch 4 loses the dots within 100 iterations; nor do the anchor at the concept's x_t, the guided
-#: anchor, lr 3e-5 or the 2024 code's lr 5e-5 / η 2): the UNet's guidance signals for striped and dotted point the
-#: same way (cosine 0.61, ``benchmarks/erasure_signal_overlap.py``), and ESD-u can only act on what they share.
+#: anchor, lr 3e-5, the 2024 code's lr 5e-5 / η 2, the frozen sampler, ``min_step`` 25 or the template anchors): the
+#: UNet's guidance signals for striped and dotted point the same way (cosine 0.61,
+#: ``benchmarks/erasure_signal_overlap.py``), and ESD-u can only act on what they share.
 TOY_ESD_KIND = {"x": {"shape": {"sample_with": "frozen", "iterations": 500},
                       "style": {"sample_with": "frozen", "iterations": 500},
                       "colour": {"preserve_at": "own+concept"}},
