@@ -85,3 +85,63 @@ def test_erase_esd_options_reach_the_config_and_bad_ones_are_one_line(tiny_sd_di
                    "--out", str(tmp_path / method)])
         err = capsys.readouterr().err.strip()
         assert rc == 2 and flag in err and "\n" not in err and not (tmp_path / method).exists()
+
+
+def test_esd_flags_reach_the_config(tiny_sd_dir, tmp_path, capsys):
+    rep = tmp_path / "u.json"
+    assert main(["erase", "--method", "esd-u", "--model", str(tiny_sd_dir), "--concept", "star", "--iterations", "1",
+                 "--eta", "2", "--start-guidance", "4", "--batch-size", "2", "--sample-with", "frozen", "--seed", "3",
+                 "--ddim-steps", "10", "--min-step", "5", "--checkpoint-every", "50", "--no-freeze-time-and-out",
+                 "--out", str(tmp_path / "u"), "--json", str(rep)]) == 0
+    cfg = json.loads(rep.read_text())["config"]
+    got = {k: cfg[k] for k in ("eta", "start_guidance", "batch_size", "sample_with", "seed", "ddim_steps", "min_step",
+                               "checkpoint_every", "freeze_time_and_out")}
+    assert got == {"eta": 2.0, "start_guidance": 4.0, "batch_size": 2, "sample_with": "frozen", "seed": 3,
+                   "ddim_steps": 10, "min_step": 5, "checkpoint_every": 50, "freeze_time_and_out": False}
+    capsys.readouterr()
+    for extra, flag in [(["--eta", "2"], "--eta"), (["--no-freeze-time-and-out"], "--no-freeze-time-and-out")]:
+        rc = main(["erase", "--method", "uce", "--model", str(tiny_sd_dir), "--concept", "star", *extra,
+                   "--out", str(tmp_path / "x")])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and flag in err and "\n" not in err and not (tmp_path / "x").exists()
+
+
+def test_toy_recipe_is_the_benchmark_setting(tiny_sd_dir, tmp_path):
+    """--toy-recipe gives the edit benchmarks/erasure.py makes (same prompts, same config, same weights)."""
+    from diffshield.erase.uce import uce_erase
+    from diffshield.toyworld.erasure_recipes import esd_anchor_prompts, esd_prompts, toy_erasure
+
+    rep = tmp_path / "uce.json"
+    assert main(["erase", "--method", "uce", "--toy-recipe", "--model", str(tiny_sd_dir), "--concept", "striped",
+                 "--out", str(tmp_path / "uce"), "--json", str(rep)]) == 0
+    prompts, cfg = toy_erasure("uce", "striped")
+    assert json.loads(rep.read_text())["recipe"]["prompts"] == prompts
+    reference = load_t2i(tiny_sd_dir)
+    uce_erase(reference, prompts, cfg)
+    cli = dict(load_t2i(tmp_path / "uce").unet.named_parameters())
+    original = dict(load_t2i(tiny_sd_dir).unet.named_parameters())
+    for name, p in reference.unet.named_parameters():
+        assert torch.equal(p, cli[name]), name
+    assert any(not torch.equal(p, original[n]) for n, p in cli.items())  # and the edit did something
+
+    rep = tmp_path / "esd.json"
+    assert main(["erase", "--method", "esd-u", "--toy-recipe", "--model", str(tiny_sd_dir), "--concept", "triangle",
+                 "--iterations", "1", "--preserve-weight", "3", "--ddim-steps", "4",
+                 "--out", str(tmp_path / "esd"), "--json", str(rep)]) == 0
+    report = json.loads(rep.read_text())
+    assert report["recipe"]["prompts"] == esd_prompts("triangle")
+    cfg = report["config"]
+    assert cfg["batch_size"] == 4 and cfg["iterations"] == 1 and cfg["preserve_weight"] == 3.0  # kind, then flags
+    assert cfg["preserve"] == esd_anchor_prompts("triangle", "uncond+others")
+
+
+def test_toy_recipe_bad_input_is_one_line(tiny_sd_dir, tmp_path, capsys):
+    base = ["erase", "--toy-recipe", "--model", str(tiny_sd_dir), "--out", str(tmp_path / "x")]
+    for extra, needle in [(["--method", "uce", "--concept", "red", "--concept", "star"], "one toy concept"),
+                          (["--method", "uce", "--concept", "red", "--guide", "blue"], "--guide"),
+                          (["--method", "rece", "--concept", "red", "--preset", "style"], "--preset"),
+                          (["--method", "esd-x", "--concept", "a cat"], "cat"),
+                          (["--method", "uce", "--concept", "red", "--epochs", "2"], "epochs")]:
+        rc = main(base + extra)
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and needle in err and "\n" not in err and not (tmp_path / "x").exists(), (extra, err)

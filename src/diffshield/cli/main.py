@@ -232,33 +232,40 @@ def cmd_toyworld_dataset(args) -> int:
     return 0
 
 
-def cmd_erase(args) -> int:
+#: ESD settings that map one-to-one from ``--flag-name`` to an :class:`~diffshield.erase.esd.ESDConfig` field
+ESD_FLAGS = ("x_params", "preserve_at", "kv_anchor_weight", "eta", "start_guidance", "batch_size", "sample_with",
+             "seed", "ddim_steps", "min_step", "preserve_guidance", "checkpoint_every")
+
+
+def _toy_recipe_config(args, closed: dict, esd_only: dict) -> tuple[list[str], object]:
+    """(prompts, config) of ``--toy-recipe``: the benchmark's documented toy setting, the given flags on top."""
+    from diffshield.toyworld.erasure_recipes import toy_erasure
+
+    if len(args.concept) != 1:
+        raise DiffshieldError(f"--toy-recipe erases one toy concept per run, got {len(args.concept)} "
+                              f"({', '.join(args.concept)}); run once per concept")
+    for flag, value in (("--guide", args.guide), ("--preserve", args.preserve), ("--preset", args.preset)):
+        if value is not None:
+            raise DiffshieldError(f"--toy-recipe brings its own prompts, guides, anchor prompts and preset; drop "
+                                  f"{flag} (or drop --toy-recipe to set them yourself)")
+    over = {**closed, **esd_only}
+    for key in ("iterations", "lr", "checkpoint_dir", "epochs", "preserve_weight"):
+        if getattr(args, key, None) is not None:
+            over[key] = getattr(args, key)
+    try:
+        return toy_erasure(args.method, args.concept[0], **over)
+    except (TypeError, ValueError) as e:
+        raise DiffshieldError(f"bad {args.method} setting: {e}") from None
+
+
+def _flag_config(args, config_cls, uce_kw: dict, closed: dict, esd_only: dict) -> object:
+    """The method config built from the command-line flags alone (paper defaults for what is not given)."""
     import dataclasses
 
-    from diffshield.core.io import atomic_write_json
-    from diffshield.core.loading import load_t2i
-    from diffshield.erase import ERASERS
-    from diffshield.erase.delta import save_delta
     from diffshield.erase.esd import ESDConfig
     from diffshield.erase.rece import RECEConfig
     from diffshield.erase.uce import UCEConfig
 
-    config_cls, erase_fn = ERASERS.get(args.method)
-    if args.preserve_weight is not None and not (issubclass(config_cls, ESDConfig) and args.preserve):
-        raise DiffshieldError("--preserve-weight weighs ESD's preservation anchor: use it with --method esd-x/esd-u "
-                              "and at least one --preserve")
-    uce_kw = {"guides": args.guide or [" "], "preserve": args.preserve or []}
-    closed = {k: v for k, v in (("lamb", args.lamb), ("erase_scale", args.erase_scale),
-                                ("preserve_scale", args.preserve_scale), ("token_mode", args.token_mode))
-              if v is not None}
-    esd_only = {k: getattr(args, k) for k in ("x_params", "preserve_at", "kv_anchor_weight")
-                if getattr(args, k) is not None}
-    if esd_only and not issubclass(config_cls, ESDConfig):
-        flag = next(iter(esd_only)).replace("_", "-")
-        raise DiffshieldError(f"--{flag} sets ESD's fine-tuning: use it with --method esd-x or esd-u")
-    if closed and config_cls not in (UCEConfig, RECEConfig):
-        raise DiffshieldError(f"--{next(iter(closed)).replace('_', '-')} sets the UCE closed form: use it with "
-                              "--method uce or rece")
     try:
         if config_cls is UCEConfig:
             cfg = UCEConfig(**uce_kw, **closed)
@@ -282,14 +289,52 @@ def cmd_erase(args) -> int:
             cfg = config_cls()
     except (TypeError, ValueError) as e:
         raise DiffshieldError(f"bad {args.method} setting: {e}") from None
+    return cfg
+
+
+def cmd_erase(args) -> int:
+    from diffshield.core.io import atomic_write_json
+    from diffshield.core.loading import load_t2i
+    from diffshield.erase import ERASERS
+    from diffshield.erase.delta import save_delta
+    from diffshield.erase.esd import ESDConfig
+    from diffshield.erase.rece import RECEConfig
+    from diffshield.erase.uce import UCEConfig
+
+    config_cls, erase_fn = ERASERS.get(args.method)
+    anchored = bool(args.preserve) or args.toy_recipe  # the toy recipes anchor every ESD run
+    if args.preserve_weight is not None and not (issubclass(config_cls, ESDConfig) and anchored):
+        raise DiffshieldError("--preserve-weight weighs ESD's preservation anchor: use it with --method esd-x/esd-u "
+                              "and at least one --preserve")
+    uce_kw = {"guides": args.guide or [" "], "preserve": args.preserve or []}
+    closed = {k: v for k, v in (("lamb", args.lamb), ("erase_scale", args.erase_scale),
+                                ("preserve_scale", args.preserve_scale), ("token_mode", args.token_mode))
+              if v is not None}
+    esd_only = {k: getattr(args, k) for k in ESD_FLAGS if getattr(args, k) is not None}
+    if args.no_freeze_time_and_out:
+        esd_only["freeze_time_and_out"] = False
+    if esd_only and not issubclass(config_cls, ESDConfig):
+        flag = next(iter(esd_only)).replace("_", "-").replace("freeze-time", "no-freeze-time")
+        raise DiffshieldError(f"--{flag} sets ESD's fine-tuning: use it with --method esd-x or esd-u")
+    if closed and config_cls not in (UCEConfig, RECEConfig):
+        raise DiffshieldError(f"--{next(iter(closed)).replace('_', '-')} sets the UCE closed form: use it with "
+                              "--method uce or rece")
+    concepts = list(args.concept)
+    if args.toy_recipe:
+        concepts, cfg = _toy_recipe_config(args, closed, esd_only)
+    else:
+        cfg = _flag_config(args, config_cls, uce_kw, closed, esd_only)
     model = load_t2i(args.model, allow_pickle=args.allow_pickle)
-    print(f"erasing {', '.join(args.concept)} with {args.method} ...")
-    res = erase_fn(model, list(args.concept), cfg)
+    recipe = " (toy recipe)" if args.toy_recipe else ""
+    print(f"erasing {', '.join(args.concept)} with {args.method}{recipe} ...")
+    res = erase_fn(model, concepts, cfg)
     model.save(args.out)
     delta = save_delta(res, Path(args.out) / "delta.safetensors", base_model=str(args.model))
     report = {"method": res.method, "concepts": list(args.concept), "model": str(args.model), "out": str(args.out),
               "delta": str(delta), "seconds": res.seconds, "fraction_changed": res.fraction_changed,
               "config": res.config}
+    if args.toy_recipe:
+        report["recipe"] = {"name": "toy", "prompts": concepts}
     print(f"edited model: {args.out} (delta: {delta}); edit time {res.seconds:.3f} s; "
           f"{res.fraction_changed:.2%} of UNet parameters changed")
     if args.json:
@@ -417,6 +462,28 @@ def build_parser() -> argparse.ArgumentParser:
                         "samples; 'own+concept': also at the concept's samples)")
     p.add_argument("--kv-anchor-weight", type=float,
                    help="ESD-x: weight of a penalty on the --preserve prompts' key/value change (default: 0, off)")
+    p.add_argument("--eta", type=float, help="ESD: negative-guidance scale η (default: 1; the 2024 code uses 2)")
+    p.add_argument("--start-guidance", type=float, help="ESD: CFG scale when sampling x_t (default: 3)")
+    p.add_argument("--batch-size", type=_positive_int, help="ESD: x_t samples per iteration (default: 1)")
+    p.add_argument("--sample-with", choices=["current", "frozen"],
+                   help="ESD: which UNet samples x_t (default: current, the one being trained, as the paper's code; "
+                        "'frozen': the original, as the 2024 code)")
+    p.add_argument("--seed", type=int, help="ESD: seed of the per-iteration generators (default: 0)")
+    p.add_argument("--ddim-steps", type=_positive_int,
+                   help="ESD: DDIM schedule N that x_t is drawn from (default: 50)")
+    p.add_argument("--min-step", type=int,
+                   help="ESD, beyond the paper: train only DDIM steps k >= this (default: 0, the whole schedule)")
+    p.add_argument("--preserve-guidance", type=float,
+                   help="ESD, beyond the paper: hold the --preserve prompts' predictions guided at this CFG scale "
+                        "(default: 1, raw predictions)")
+    p.add_argument("--checkpoint-every", type=_positive_int,
+                   help="ESD: iterations between checkpoints in --checkpoint-dir (default: 100)")
+    p.add_argument("--no-freeze-time-and-out", action="store_true",
+                   help="ESD-u: also train the time embedding and the output layers (the paper's code freezes them)")
+    p.add_argument("--toy-recipe", action="store_true",
+                   help="use the documented toy-world setting of --method for one toy --concept (its prompts, "
+                        "guides, anchors and per-kind settings, as benchmarks/erasure.py runs them); other flags "
+                        "override single settings")
     p.add_argument("--out", required=True, help="output folder for the edited model")
     p.add_argument("--json", help="write the run report (time, fraction changed, config) here")
     add_threads_arg(p)

@@ -185,7 +185,8 @@ def toy_erasure(method: str, concept: str, **overrides) -> tuple[list[str], obje
         concept: a toy concept word (shape, colour or style; a synonym resolves to its concept).
         overrides: fields of the method's config to change (e.g. ``iterations=100`` or ``checkpoint_dir=...``);
             for ESD also ``prompts="words"|"templates"`` (see :func:`esd_prompts`) and ``preserve="none"``,
-            ``"others"`` or ``"uncond+others"`` (the anchors of :func:`esd_anchor_prompts`) or a list of prompts.
+            ``"others"``, ``"uncond+others"`` or ``"uncond+templates"`` (the anchors of
+            :func:`esd_anchor_prompts`) or a list of prompts.
     Returns the list to pass as ``concepts`` to the method's erase function, and its config object.
     """
     from diffshield.core.errors import DiffshieldError
