@@ -99,8 +99,11 @@ def test_esd_flags_reach_the_config(tiny_sd_dir, tmp_path, capsys):
     assert got == {"eta": 2.0, "start_guidance": 4.0, "batch_size": 2, "sample_with": "frozen", "seed": 3,
                    "ddim_steps": 10, "min_step": 5, "checkpoint_every": 50, "freeze_time_and_out": False}
     capsys.readouterr()
-    for extra, flag in [(["--eta", "2"], "--eta"), (["--no-freeze-time-and-out"], "--no-freeze-time-and-out")]:
-        rc = main(["erase", "--method", "uce", "--model", str(tiny_sd_dir), "--concept", "star", *extra,
+    for method, extra, flag in [("uce", ["--eta", "2"], "--eta"),
+                                ("uce", ["--no-freeze-time-and-out"], "--no-freeze-time-and-out"),
+                                ("uce", ["--iterations", "5"], "--iterations"), ("rece", ["--lr", "1e-4"], "--lr"),
+                                ("esd-x", ["--epochs", "2"], "--epochs"), ("uce", ["--preset", "style"], "--preset")]:
+        rc = main(["erase", "--method", method, "--model", str(tiny_sd_dir), "--concept", "star", *extra,
                    "--out", str(tmp_path / "x")])
         err = capsys.readouterr().err.strip()
         assert rc == 2 and flag in err and "\n" not in err and not (tmp_path / "x").exists()

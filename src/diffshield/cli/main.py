@@ -313,6 +313,13 @@ def cmd_erase(args) -> int:
     esd_only = {k: getattr(args, k) for k in ESD_FLAGS if getattr(args, k) is not None}
     if args.no_freeze_time_and_out:
         esd_only["freeze_time_and_out"] = False
+    for key in ("iterations", "lr", "checkpoint_dir"):  # ESD's run settings, kept out of ESD_FLAGS by their defaults
+        if getattr(args, key) is not None and not issubclass(config_cls, ESDConfig):
+            raise DiffshieldError(f"--{key.replace('_', '-')} sets ESD's fine-tuning: use it with --method esd-x or "
+                                  "esd-u")
+    for key in ("preset", "epochs"):
+        if getattr(args, key) is not None and config_cls is not RECEConfig:
+            raise DiffshieldError(f"--{key} sets RECE's adversarial rounds: use it with --method rece")
     if esd_only and not issubclass(config_cls, ESDConfig):
         flag = next(iter(esd_only)).replace("_", "-").replace("freeze-time", "no-freeze-time")
         raise DiffshieldError(f"--{flag} sets ESD's fine-tuning: use it with --method esd-x or esd-u")
