@@ -26,7 +26,7 @@ import torch
 from diffshield.core.errors import DiffshieldError
 from diffshield.core.io import atomic_write_json
 from diffshield.core.loading import load_detector, load_t2i
-from diffshield.core.sampling import decode, encode_prompts, initial_latents, make_scheduler
+from diffshield.core.sampling import decode, denoise, encode_prompts, initial_latents
 from diffshield.toyworld.concepts import HEAD_VALUES, concept_prompts, resolve_concept
 from diffshield.toyworld.erasure_recipes import PARTNER
 
@@ -38,18 +38,10 @@ SWITCH_AT = (0, 3, 6, 9, 12, 15, 18, 21, 25)
 def switched(model, cond_a: torch.Tensor, cond_b: torch.Tensor, seeds: list[int], switch_at: int, steps: int = 25,
              guidance: float = 5.0) -> torch.Tensor:
     """Images sampled with ``cond_a`` for the first ``switch_at`` DDIM steps and ``cond_b`` after (no grads)."""
-    sched = make_scheduler(model, "ddim")
-    sched.set_timesteps(steps)
-    uncond = encode_prompts(model, [""]).expand(cond_a.shape[0], -1, -1)
-    x = initial_latents(model, seeds)
+    uncond = encode_prompts(model, [""])
     with torch.no_grad():
-        for i, t in enumerate(sched.timesteps):
-            inp = sched.scale_model_input(x, t)
-            cond = cond_a if i < switch_at else cond_b
-            eps = model.unet(torch.cat([inp, inp]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
-            e_u, e_c = eps.chunk(2)
-            x = sched.step(e_u + guidance * (e_c - e_u), t, x).prev_sample
-        return decode(model, x)
+        x = denoise(model, initial_latents(model, seeds), cond_a, uncond, steps, guidance, stop_at=switch_at)
+        return decode(model, denoise(model, x, cond_b, uncond, steps, guidance, start_at=switch_at))
 
 
 def commit_curve(model, detector, concept: str, seeds: int) -> dict:

@@ -76,3 +76,18 @@ def test_save_roundtrip_loads_in_stock_diffusers(tiny_model, tmp_path):
     assert torch.equal(a, dict(tiny_model.unet.named_parameters())["conv_in.weight"])
     out = pipe("a red box", num_inference_steps=2, output_type="np").images
     assert out.shape == (1, 16, 16, 3)
+
+
+def test_denoise_split_at_a_step_equals_the_whole_run(tiny_model):
+    """stop_at=s then start_at=s is the same DDIM run as one call; with another prompt after s, it differs."""
+    from diffshield.core.sampling import denoise
+
+    lat = initial_latents(tiny_model, [0, 1])
+    cond = encode_prompts(tiny_model, ["a red box", "a red box"])
+    other = encode_prompts(tiny_model, ["a cat", "a cat"])
+    uncond = encode_prompts(tiny_model, [""])
+    with torch.no_grad():
+        whole = denoise(tiny_model, lat, cond, uncond, steps=6)
+        half = denoise(tiny_model, lat, cond, uncond, steps=6, stop_at=3)
+        assert torch.allclose(denoise(tiny_model, half, cond, uncond, steps=6, start_at=3), whole, atol=1e-6)
+        assert not torch.allclose(denoise(tiny_model, half, other, uncond, steps=6, start_at=3), whole, atol=1e-4)

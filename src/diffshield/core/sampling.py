@@ -109,11 +109,15 @@ def denoise(
     scheduler: str = "ddim",
     generator: list[torch.Generator] | None = None,
     stop_at: int | None = None,
+    start_at: int = 0,
 ) -> torch.Tensor:
     """Run the reverse diffusion from initial latents (already scaled by the scheduler's init sigma).
 
     Differentiable when called with gradients enabled. ``cond``/``uncond``: (N, L, d) embeddings (uncond may
     be (1, L, d) and is broadcast; None disables guidance). ``stop_at``: return the latents after this many steps.
+    ``start_at``: ``latents`` are those after this many steps (default 0: pure noise); with a stateless scheduler
+    (DDIM, DDPM), a call with ``stop_at=s`` and one with ``start_at=s`` on its output run the whole schedule, each
+    with its own prompt.
     """
     sched = make_scheduler(model, scheduler)
     sched.set_timesteps(steps)
@@ -124,6 +128,8 @@ def denoise(
     for i, t in enumerate(sched.timesteps):
         if stop_at is not None and i >= stop_at:
             break
+        if i < start_at:
+            continue
         inp = sched.scale_model_input(x, t)
         if use_cfg:
             eps = model.unet(torch.cat([inp, inp]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
