@@ -122,3 +122,26 @@ def test_erasure_report_of_a_model_against_itself(tiny_model):
     assert r["other_seen"]["circle"] == {"circle": 0.0, "square": 0.0, "triangle": 1.0, "star": 0.0}
     assert r["concept_seen"]["triangle"] == 1.0
     assert r["frechet_neutral"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_erasure_report_counts_its_images_in_a_progress_bar(tiny_model, capsys):
+    from diffshield.core.sampling import SampleConfig
+    from diffshield.eval.erasure import evaluate_erasure
+    from diffshield.toyworld.concepts import concept_prompts, other_concepts, resolve_concept
+
+    class Fixed(torch.nn.Module):
+        def predict(self, images):
+            z = torch.zeros(len(images), dtype=torch.long)
+            return {"shape": (z, z.float() + 1), "colour": (z, z.float() + 1), "style": (z, z.float() + 1)}
+
+        def features(self, images):
+            return images.flatten(1)[:, :8]
+
+    evaluate_erasure(tiny_model, tiny_model, "triangle", Fixed(), seeds_per_prompt=1, n_neutral=4,
+                     config=SampleConfig(steps=1), progress=True)
+    c = resolve_concept("triangle")
+    total = sum(len(concept_prompts(x)) for x in [c, *other_concepts(c)]) + 4
+    total += sum(len(concept_prompts(c, w)) for w in c.synonyms)
+    err = capsys.readouterr().err
+    for label in ("original", "erased"):  # one bar per model, sized to the images it generates
+        assert f"{label}:   0%|          | 0/{total} " in err

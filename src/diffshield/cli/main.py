@@ -372,7 +372,7 @@ def cmd_eval_erasure(args) -> int:
     cfg = SampleConfig(steps=args.steps, guidance=args.guidance)
     print(f"evaluating erasure of {args.concept!r}: {args.model} vs {args.original} ...")
     res = evaluate_erasure(erased, original, args.concept, detector, seeds_per_prompt=args.seeds_per_prompt,
-                           n_neutral=args.n_neutral, config=cfg)
+                           n_neutral=args.n_neutral, config=cfg, progress=True)
     imgs = res.pop("_images")
     res.update({"model": str(args.model), "original": str(args.original)})
     fmt = lambda v: "-" if v is None else f"{v:.1%}"  # noqa: E731

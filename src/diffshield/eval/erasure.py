@@ -15,6 +15,7 @@ same prompts and seeds by the erased and by the original model:
 from __future__ import annotations
 
 import torch
+from tqdm.auto import tqdm
 
 from diffshield.core.loading import T2IModel
 from diffshield.core.sampling import SampleConfig, generate
@@ -45,17 +46,31 @@ def neutral_prompts(concept_words: tuple[str, ...], n: int, seed: int = 4321) ->
 
 
 def model_stats(model: T2IModel, detector, concept: str, seeds_per_prompt: int = 8, n_neutral: int = 256,
-                config: SampleConfig | None = None, seed: int = 0) -> dict:
-    """Detection rates of one model for a concept (its own prompts, synonyms, the other concepts) + neutral feats."""
+                config: SampleConfig | None = None, seed: int = 0, progress: str | None = None) -> dict:
+    """Detection rates of one model for a concept (its own prompts, synonyms, the other concepts) + neutral feats.
+
+    ``progress``: label of a progress bar over the images generated (default None: no bar)."""
     c = resolve_concept(concept)
     k = seeds_per_prompt
-    rate, imgs, seen = _rate(model, detector, concept_prompts(c), c.head, c.index, k, config, seed)
-    syn = {w: _rate(model, detector, concept_prompts(c, w), c.head, c.index, k, config, seed)[0] for w in c.synonyms}
-    other = {o.name: _rate(model, detector, concept_prompts(o), o.head, o.index, k, config, seed)
-             for o in other_concepts(c)}
+    others_c = other_concepts(c)
+    sets = [len(concept_prompts(c))] + [len(concept_prompts(c, w)) for w in c.synonyms]
+    sets += [len(concept_prompts(o)) for o in others_c]
+    bar = tqdm(total=k * sum(sets) + n_neutral, desc=progress, unit="img", disable=progress is None, leave=False)
+
+    def counted(out, n: int):
+        bar.update(n)
+        return out
+
+    with bar:
+        rate, imgs, seen = counted(_rate(model, detector, concept_prompts(c), c.head, c.index, k, config, seed),
+                                   k * sets[0])
+        syn = {w: counted(_rate(model, detector, concept_prompts(c, w), c.head, c.index, k, config, seed)[0],
+                          k * len(concept_prompts(c, w))) for w in c.synonyms}
+        other = {o.name: counted(_rate(model, detector, concept_prompts(o), o.head, o.index, k, config, seed),
+                                 k * len(concept_prompts(o))) for o in others_c}
+        neutral = counted(generate(model, neutral_prompts(c.words, n_neutral), list(range(seed, seed + n_neutral)),
+                                   config=config, progress=False).images, n_neutral)
     others = {name: r[0] for name, r in other.items()}
-    neutral = generate(model, neutral_prompts(c.words, n_neutral), list(range(seed, seed + n_neutral)),
-                       config=config, progress=False).images
     return {"detection_rate": rate, "synonym_rates": syn, "other_rates": others, "concept_seen": seen,
             "other_seen": {name: r[2] for name, r in other.items()},
             "neutral_features": detector_features(detector, neutral), "concept_images": imgs[: 4 * k]}
@@ -63,7 +78,7 @@ def model_stats(model: T2IModel, detector, concept: str, seeds_per_prompt: int =
 
 def evaluate_erasure(erased: T2IModel, original: T2IModel, concept: str, detector, seeds_per_prompt: int = 8,
                      n_neutral: int = 256, config: SampleConfig | None = None, seed: int = 0,
-                     original_stats: dict | None = None) -> dict:
+                     original_stats: dict | None = None, progress: bool = False) -> dict:
     """Compare an erased model with its original on a toy-world concept (see the module docstring).
 
     Args:
@@ -72,11 +87,14 @@ def evaluate_erasure(erased: T2IModel, original: T2IModel, concept: str, detecto
         n_neutral: neutral-prompt images per model for the Fréchet distance (default 256).
         config: sampling settings (default SampleConfig()). seed: first seed (default 0).
         original_stats: a precomputed ``model_stats`` of the original (to share it between several erased models).
+        progress: show a progress bar per model over the images it generates (default False).
     Returns a JSON-able dict (plus ``_images``: before/after tensors for grids, removed before saving).
     """
     c = resolve_concept(concept)
-    o = original_stats or model_stats(original, detector, concept, seeds_per_prompt, n_neutral, config, seed)
-    e = model_stats(erased, detector, concept, seeds_per_prompt, n_neutral, config, seed)
+    o = original_stats or model_stats(original, detector, concept, seeds_per_prompt, n_neutral, config, seed,
+                                      progress="original" if progress else None)
+    e = model_stats(erased, detector, concept, seeds_per_prompt, n_neutral, config, seed,
+                    progress="erased" if progress else None)
     mean = lambda d: sum(d.values()) / len(d) if d else None  # noqa: E731
     return {
         "concept": c.name,
