@@ -24,11 +24,14 @@ from diffshield.toyworld.concepts import HEAD_VALUES, concept_prompts, other_con
 from diffshield.toyworld.shapes import ShapesWorld
 
 
-def _rate(model, detector, prompts_labels, head, index, k, config, seed) -> tuple[float, torch.Tensor, dict]:
-    """(fraction detected as ``index``, the images, {value: fraction of images detected as it})."""
+def _rate(model, detector, prompts_labels, head, index, k, config, seed, bar=None) -> tuple[float, torch.Tensor, dict]:
+    """(fraction detected as ``index``, the images, {value: fraction of images detected as it}); ``bar``: a
+    progress bar to advance by the number of images generated (default None)."""
     prompts = [p for p, _ in prompts_labels for _ in range(k)]
     seeds = [seed + j for _ in prompts_labels for j in range(k)]
     gen = generate(model, prompts, seeds, config=config, progress=False)
+    if bar is not None:
+        bar.update(len(prompts))
     pred = detector.predict(gen.images)[head][0]
     values = HEAD_VALUES[head]
     seen = {v: float((pred == i).float().mean()) for i, v in enumerate(values)}
@@ -52,24 +55,19 @@ def model_stats(model: T2IModel, detector, concept: str, seeds_per_prompt: int =
     ``progress``: label of a progress bar over the images generated (default None: no bar)."""
     c = resolve_concept(concept)
     k = seeds_per_prompt
-    others_c = other_concepts(c)
-    sets = [len(concept_prompts(c))] + [len(concept_prompts(c, w)) for w in c.synonyms]
-    sets += [len(concept_prompts(o)) for o in others_c]
-    bar = tqdm(total=k * sum(sets) + n_neutral, desc=progress, unit="img", disable=progress is None, leave=False)
-
-    def counted(out, n: int):
-        bar.update(n)
-        return out
-
-    with bar:
-        rate, imgs, seen = counted(_rate(model, detector, concept_prompts(c), c.head, c.index, k, config, seed),
-                                   k * sets[0])
-        syn = {w: counted(_rate(model, detector, concept_prompts(c, w), c.head, c.index, k, config, seed)[0],
-                          k * len(concept_prompts(c, w))) for w in c.synonyms}
-        other = {o.name: counted(_rate(model, detector, concept_prompts(o), o.head, o.index, k, config, seed),
-                                 k * len(concept_prompts(o))) for o in others_c}
-        neutral = counted(generate(model, neutral_prompts(c.words, n_neutral), list(range(seed, seed + n_neutral)),
-                                   config=config, progress=False).images, n_neutral)
+    own = concept_prompts(c)
+    synonym_sets = {w: concept_prompts(c, w) for w in c.synonyms}
+    other_sets = {o: concept_prompts(o) for o in other_concepts(c)}
+    total = k * (len(own) + sum(map(len, [*synonym_sets.values(), *other_sets.values()]))) + n_neutral
+    with tqdm(total=total, desc=progress, unit="img", disable=progress is None, leave=False) as bar:
+        rate, imgs, seen = _rate(model, detector, own, c.head, c.index, k, config, seed, bar)
+        syn = {w: _rate(model, detector, ps, c.head, c.index, k, config, seed, bar)[0]
+               for w, ps in synonym_sets.items()}
+        other = {o.name: _rate(model, detector, ps, o.head, o.index, k, config, seed, bar)
+                 for o, ps in other_sets.items()}
+        neutral = generate(model, neutral_prompts(c.words, n_neutral), list(range(seed, seed + n_neutral)),
+                           config=config, progress=False).images
+        bar.update(n_neutral)
     others = {name: r[0] for name, r in other.items()}
     return {"detection_rate": rate, "synonym_rates": syn, "other_rates": others, "concept_seen": seen,
             "other_seen": {name: r[2] for name, r in other.items()},
