@@ -148,3 +148,18 @@ def test_toy_recipe_bad_input_is_one_line(tiny_sd_dir, tmp_path, capsys):
         rc = main(base + extra)
         err = capsys.readouterr().err.strip()
         assert rc == 2 and needle in err and "\n" not in err and not (tmp_path / "x").exists(), (extra, err)
+
+
+def test_cheap_inputs_are_checked_before_models_load(tmp_path, capsys):
+    """A missing delta or an unknown toy concept is named even when the model path is also wrong: the cheap check
+    runs first, so the user does not wait for models to load only to be told the concept is unknown."""
+    missing = str(tmp_path / "no-model")
+    for argv, needle in [(["apply-delta", "--model", missing, "--delta", str(tmp_path / "d.safetensors"),
+                           "--out", str(tmp_path / "o")], "delta"),
+                         (["eval", "erasure", "--model", missing, "--original", missing, "--concept", "zebra"],
+                          "zebra"),
+                         (["audit", "--model", missing, "--original", missing, "--concept", "zebra"], "zebra")]:
+        rc = main(argv)
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and needle in err and "no-model" not in err and "\n" not in err, (argv, err)
+    assert not (tmp_path / "o").exists()

@@ -351,8 +351,9 @@ def cmd_erase(args) -> int:
 
 def cmd_apply_delta(args) -> int:
     from diffshield.core.loading import load_t2i
-    from diffshield.erase.delta import apply_delta
+    from diffshield.erase.delta import apply_delta, read_delta_info
 
+    read_delta_info(args.delta)  # a missing or malformed delta is refused before the model is loaded
     model = load_t2i(args.model, allow_pickle=args.allow_pickle)
     info = apply_delta(model, args.delta)
     model.save(args.out)
@@ -365,7 +366,9 @@ def cmd_eval_erasure(args) -> int:
     from diffshield.core.loading import load_detector, load_t2i
     from diffshield.core.sampling import SampleConfig
     from diffshield.eval.erasure import evaluate_erasure
+    from diffshield.toyworld.concepts import resolve_concept
 
+    resolve_concept(args.concept)  # an unknown concept is refused before two models and the detector are loaded
     erased = load_t2i(args.model, allow_pickle=args.allow_pickle)
     original = load_t2i(args.original, allow_pickle=args.allow_pickle)
     detector = load_detector(args.detector)

@@ -35,7 +35,9 @@ def cmd_audit(args) -> int:
     from diffshield.core.loading import load_detector, load_t2i
     from diffshield.core.sampling import SampleConfig
     from diffshield.redteam.audit import format_table, run_audit, write_report
+    from diffshield.toyworld.concepts import resolve_concept
 
+    resolve_concept(args.concept)  # the CLI judges with the toy detector: refuse a non-toy concept before loading
     sample = SampleConfig(steps=args.steps, guidance=args.guidance, batch_size=args.batch_size)
     hp = parse_settings(args.set)
     attacks = args.attack or ["all"]

@@ -50,7 +50,8 @@ def resolve_model_path(spec: str | Path) -> Path:
         return path
     path = Path(s).expanduser()
     if not path.exists():
-        raise DiffshieldError(f"model path '{path}' does not exist; give a diffusers model folder or 'toy:t2i'")
+        raise DiffshieldError(f"model path '{path}' does not exist; give a diffusers model folder "
+                              f"or a shipped toy model ({', '.join(TOY_MODELS)})")
     if path.is_file():
         raise DiffshieldError(
             f"'{path}' is a single file; give a diffusers folder (model_index.json + component folders), "
