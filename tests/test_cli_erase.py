@@ -92,16 +92,18 @@ def test_esd_flags_reach_the_config(tiny_sd_dir, tmp_path, capsys):
     assert main(["erase", "--method", "esd-u", "--model", str(tiny_sd_dir), "--concept", "star", "--iterations", "1",
                  "--eta", "2", "--start-guidance", "4", "--batch-size", "2", "--sample-with", "frozen", "--seed", "3",
                  "--ddim-steps", "10", "--min-step", "5", "--checkpoint-every", "50", "--no-freeze-time-and-out",
-                 "--out", str(tmp_path / "u"), "--json", str(rep)]) == 0
+                 "--erase-from", "a shape", "--out", str(tmp_path / "u"), "--json", str(rep)]) == 0
     cfg = json.loads(rep.read_text())["config"]
     got = {k: cfg[k] for k in ("eta", "start_guidance", "batch_size", "sample_with", "seed", "ddim_steps", "min_step",
-                               "checkpoint_every", "freeze_time_and_out")}
+                               "checkpoint_every", "freeze_time_and_out", "erase_from")}
     assert got == {"eta": 2.0, "start_guidance": 4.0, "batch_size": 2, "sample_with": "frozen", "seed": 3,
-                   "ddim_steps": 10, "min_step": 5, "checkpoint_every": 50, "freeze_time_and_out": False}
+                   "ddim_steps": 10, "min_step": 5, "checkpoint_every": 50, "freeze_time_and_out": False,
+                   "erase_from": ["a shape"]}
     capsys.readouterr()
     for method, extra, flag in [("uce", ["--eta", "2"], "--eta"),
                                 ("uce", ["--no-freeze-time-and-out"], "--no-freeze-time-and-out"),
                                 ("uce", ["--iterations", "5"], "--iterations"), ("rece", ["--lr", "1e-4"], "--lr"),
+                                ("rece", ["--erase-from", "a shape"], "--erase-from"),
                                 ("esd-x", ["--epochs", "2"], "--epochs"), ("uce", ["--preset", "style"], "--preset")]:
         rc = main(["erase", "--method", method, "--model", str(tiny_sd_dir), "--concept", "star", *extra,
                    "--out", str(tmp_path / "x")])

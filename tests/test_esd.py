@@ -220,6 +220,8 @@ def test_checkpoint_of_another_run_is_refused(tiny_sd_dir, tmp_path):
         (dict(kv_anchor_weight=-1), "kv_anchor_weight"),
         (dict(kv_anchor_weight=1.0), "at least one preserve prompt"),
         (dict(variant="u", preserve=["a cat"], kv_anchor_weight=1.0), "needs ESD-x"),
+        (dict(erase_from=["a cat", " "]), "erase_from"),
+        (dict(erase_from=[3]), "erase_from"),
     ],
 )
 def test_config_validation(kwargs, message):
@@ -483,3 +485,41 @@ def test_toy_template_anchor_keeps_every_other_value_in_context_and_never_the_co
     assert not any("striped" in p for p in kept)
     evaluation = {p for o in ("plain", "dotted") for p, _ in concept_prompts(resolve_concept(o))}
     assert not evaluation & set(kept)  # the benchmark's prompts stay unseen
+
+
+def test_esd_target_from_a_broader_prompt_starts_at_its_prediction(tiny_sd_dir):
+    """erase_from's target: ε*(x, f) − η [ε*(x, c) − ε*(x, ∅)]; without a base, the paper's ε*(x, ∅) − η [...]."""
+    model = load_t2i(tiny_sd_dir)
+    c, f, u = (encode_prompts(model, [p]) for p in (CONCEPT, "a box", ""))
+    x = torch.randn((1, *model.latent_shape), generator=torch.Generator().manual_seed(0))
+    t = make_scheduler(model, "ddim").timesteps[10]
+    with torch.no_grad():
+        e_c, e_f, e_u = (model.unet(x, t, encoder_hidden_states=e).sample for e in (c, f, u))
+    got = esd_target(model.unet, x, t, c, u, eta=2.0, base=f)
+    torch.testing.assert_close(got, e_f - 2.0 * (e_c - e_u), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(esd_target(model.unet, x, t, c, u, eta=2.0), e_u - 2.0 * (e_c - e_u),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_erase_from_samples_and_trains_the_broader_prompt(tiny_sd_dir, monkeypatch):
+    """erase_from: x_t is sampled with the broader prompt f, and the loss falls on ε_θ(x_t, f) against the target
+    from f; one prompt for all concepts is repeated, a wrong count is refused, and an unset option keeps the run
+    identity that runs had before it."""
+    import diffshield.erase.esd as esd
+
+    model = load_t2i(tiny_sd_dir)
+    f, c = encode_prompts(model, ["a box"]), encode_prompts(model, [CONCEPT])
+    sampled, trained = [], []
+    real_sample, real_loss = esd.sample_xt, esd.esd_loss
+    monkeypatch.setattr(esd, "sample_xt", lambda m, c_, *a, **k: sampled.append(c_) or real_sample(m, c_, *a, **k))
+    monkeypatch.setattr(esd, "esd_loss", lambda u, x, t, c_, tg: trained.append(c_) or real_loss(u, x, t, c_, tg))
+    esd_erase(model, [CONCEPT], ESDConfig(iterations=2, erase_from=["a box"], **FAST), progress=False)
+    assert len(sampled) == len(trained) == 2
+    for e in sampled + trained:
+        torch.testing.assert_close(e, f)
+        assert not torch.allclose(e, c)
+    with pytest.raises(DiffshieldError, match="one erase_from prompt per concept"):
+        esd_erase(model, [CONCEPT, "a blue box", "a cat"], ESDConfig(iterations=1, erase_from=["a", "b"], **FAST),
+                  progress=False)
+    assert "erase_from" not in run_identity(model, [CONCEPT], ESDConfig(**FAST))
+    assert run_identity(model, [CONCEPT], ESDConfig(erase_from="a box", **FAST))["erase_from"] == ["a box"]

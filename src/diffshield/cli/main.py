@@ -234,7 +234,7 @@ def cmd_toyworld_dataset(args) -> int:
 
 #: ESD settings that map one-to-one from ``--flag-name`` to an :class:`~diffshield.erase.esd.ESDConfig` field
 ESD_FLAGS = ("x_params", "preserve_at", "kv_anchor_weight", "eta", "start_guidance", "batch_size", "sample_with",
-             "seed", "ddim_steps", "min_step", "preserve_guidance", "checkpoint_every")
+             "seed", "ddim_steps", "min_step", "preserve_guidance", "checkpoint_every", "erase_from")
 
 
 def _toy_recipe_config(args, closed: dict, esd_only: dict) -> tuple[list[str], object]:
@@ -488,6 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: 1, raw predictions)")
     p.add_argument("--checkpoint-every", type=_positive_int,
                    help="ESD: iterations between checkpoints in --checkpoint-dir (default: 100)")
+    p.add_argument("--erase-from", action="append",
+                   help="ESD: erase the concept from this broader prompt (repeatable: one per --concept, or one for "
+                        "all), as the official 2024 code's --erase_from: 'cowboy hat' from 'cowboy' (default: none)")
     p.add_argument("--no-freeze-time-and-out", action="store_true",
                    help="ESD-u: also train the time embedding and the output layers (the paper's code freezes them)")
     p.add_argument("--toy-recipe", action="store_true",

@@ -15,6 +15,9 @@ prompt c) from fresh noise for k steps, and takes one Adam step on a subset of t
 - ESD-u (``variant="u"``): every parameter except ``attn2``; for nudity and objects. The paper's code also
   freezes the time embedding and the final output layers (``freeze_time_and_out``, default True).
 
+The official code's 2024 rewrite adds ``erase_from`` (off by default): erase a concept from a broader one
+("cowboy hat" from "cowboy") by training the broader prompt f toward ε*(x_t, f, t) − η [ε*(x_t, c, t) − ε*(x_t, ∅, t)].
+
 Beyond the paper (off by default): a *preservation anchor*. With ``preserve`` prompts c_p, each iteration also
 samples x_t^p for one of them (same step k, its own noise) and adds
 
@@ -128,6 +131,10 @@ class ESDConfig:
             ``attn2.to_v`` matrices move the keys and values of the ``preserve`` prompts' text embeddings (every
             row), mean over matrices of ‖(W − W₀) Cᵀ‖² / ‖W₀ Cᵀ‖² (default 0.0: off). UCE's preservation term, as a
             loss: it needs no UNet pass, and holds the preserved prompts where the edit acts, in the text space.
+        erase_from: the official 2024 code's ``--erase_from`` (default (): none, the paper's ESD): erase a concept
+            *from* a broader one ("cowboy hat" from "cowboy"), one prompt per concept or one for all. x_t is then
+            sampled with the broader prompt f, the trained prediction is ε_θ(x_t, f, t), and the target is
+            ε*(x_t, f, t) − η [ε*(x_t, c, t) − ε*(x_t, ∅, t)]: the broader prompt keeps what it draws except c.
         checkpoint_every: save a checkpoint every this many iterations when ``checkpoint_dir`` is set
             (default 100; a checkpoint is also written after the last iteration).
         checkpoint_dir: folder for the checkpoint (default None: no checkpoints). If it already holds a checkpoint
@@ -152,6 +159,7 @@ class ESDConfig:
     preserve_at: str = "own"
     preserve_guidance: float = 1.0
     kv_anchor_weight: float = 0.0
+    erase_from: list[str] = dataclasses.field(default_factory=list)
     checkpoint_every: int = 100
     checkpoint_dir: str | None = None
 
@@ -218,6 +226,13 @@ class ESDConfig:
         if self.kv_anchor_weight and (self.variant != "x" or not self.preserve):
             raise DiffshieldError("kv_anchor_weight holds the preserve prompts' keys and values: it needs ESD-x "
                                   "(variant 'x') and at least one preserve prompt")
+        if isinstance(self.erase_from, str):
+            self.erase_from = [self.erase_from]
+        if (not isinstance(self.erase_from, (list, tuple))
+                or any(not isinstance(q, str) or not q.strip() for q in self.erase_from)):
+            raise DiffshieldError(f"ESD erase_from must be a list of non-empty prompts (one per concept, or one for "
+                                  f"all), got {self.erase_from!r}")
+        self.erase_from = list(self.erase_from)
         if not _is_int(self.checkpoint_every) or self.checkpoint_every < 1:
             raise DiffshieldError(f"checkpoint_every must be a whole number >= 1, got {self.checkpoint_every!r}")
         if self.checkpoint_dir is not None:
@@ -319,6 +334,7 @@ def esd_target(
     cond: torch.Tensor,
     uncond: torch.Tensor,
     eta: float = 1.0,
+    base: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """ε*(x_t, ∅, t) − η [ε*(x_t, c, t) − ε*(x_t, ∅, t)] from the frozen original UNet θ* (no grads).
 
@@ -326,12 +342,15 @@ def esd_target(
         frozen_unet: θ*, the original UNet. x_t: (B, C, h, w) latents. t: the timestep.
         cond / uncond: (B, L, d) embeddings of the concepts c and (1, L, d) of the empty prompt ∅.
         eta: negative-guidance scale η (default 1.0).
+        base: (B, L, d) embeddings of broader prompts f (default None): the target starts from ε*(x_t, f, t)
+            instead of ε*(x_t, ∅, t) (``ESDConfig.erase_from``).
     """
     with torch.no_grad():
         uncond = uncond.expand(cond.shape[0], -1, -1)
-        eps = frozen_unet(torch.cat([x_t, x_t]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
-        e_uncond, e_cond = eps.chunk(2)
-        return e_uncond - eta * (e_cond - e_uncond)
+        rows = [uncond, cond] if base is None else [uncond, cond, base]
+        eps = frozen_unet(torch.cat([x_t] * len(rows)), t, encoder_hidden_states=torch.cat(rows)).sample
+        e_uncond, e_cond, *e_base = eps.chunk(len(rows))
+        return (e_base[0] if e_base else e_uncond) - eta * (e_cond - e_uncond)
 
 
 def esd_loss(
@@ -424,6 +443,8 @@ def run_identity(model: T2IModel, concepts: list[str], config: ESDConfig) -> dic
         ident.pop("preserve_guidance", None)
     if config.min_step == 0:
         ident.pop("min_step", None)
+    if not config.erase_from:
+        ident.pop("erase_from", None)
     ident["concepts"] = list(concepts)
     ident["model_fingerprint"] = h.hexdigest()[:16]
     return ident
@@ -543,7 +564,9 @@ def esd_erase(model: T2IModel, concepts: list[str], config: ESDConfig, progress:
     target); one Adam step on the ESD-x/u parameters. With ``config.preserve`` (beyond the paper), one anchor prompt
     c_p per batch element is sampled alongside (same k) and ``preserve_weight`` · MSE(ε_θ(x_p, c_p, t),
     ε*(x_p, c_p, t)) is added to the loss; ``preserve_at="own+concept"`` also adds the MSE of every distinct
-    anchor prompt's prediction at the concept's x_t.
+    anchor prompt's prediction at the concept's x_t. With ``config.erase_from`` (the official 2024 code's option),
+    x_t is sampled with the broader prompt f paired with c, and the loss is MSE(ε_θ(x_t, f, t), ε*(x_t, f, t) −
+    η [ε*(x_t, c, t) − ε*(x_t, ∅, t)]).
 
     Args:
         model: the text-to-image model; its UNet is fine-tuned in place and left in eval mode without grads.
@@ -565,6 +588,9 @@ def esd_erase(model: T2IModel, concepts: list[str], config: ESDConfig, progress:
         raise DiffshieldError(f"give at least one non-empty concept prompt to erase, got {concepts!r}")
     if not isinstance(config, ESDConfig):
         raise DiffshieldError(f"esd_erase needs an ESDConfig, got {type(config).__name__}")
+    if len(config.erase_from) not in (0, 1, len(concepts)):
+        raise DiffshieldError(f"give one erase_from prompt per concept ({len(concepts)}) or one for all, got "
+                              f"{len(config.erase_from)}")
     start_time = time.perf_counter()
     unet = model.unet
     device, dtype = next(unet.parameters()).device, next(unet.parameters()).dtype
@@ -580,8 +606,10 @@ def esd_erase(model: T2IModel, concepts: list[str], config: ESDConfig, progress:
 
     # Text embeddings, computed once.
     n_c, bsz, n_p = len(concepts), config.batch_size, len(config.preserve)
-    emb = encode_prompts(model, [*concepts, *config.preserve, ""]).to(device, dtype)
+    froms = config.erase_from * (n_c if len(config.erase_from) == 1 else 1)
+    emb = encode_prompts(model, [*concepts, *config.preserve, *froms, ""]).to(device, dtype)
     conds, keeps, uncond = emb[:n_c], emb[n_c : n_c + n_p], emb[-1:]
+    bases = emb[n_c + n_p : -1] if froms else None  # erase_from: the broader prompts, sampled and trained
     distinct = keeps[[config.preserve.index(q) for q in dict.fromkeys(config.preserve)]]  # first of each prompt
     kv_anchor = kv_anchor_terms(params, distinct) if config.kv_anchor_weight else []
     sampler = model if config.sample_with == "current" else dataclasses.replace(model, unet=frozen)
@@ -602,7 +630,9 @@ def esd_erase(model: T2IModel, concepts: list[str], config: ESDConfig, progress:
         bar = tqdm(range(start, config.iterations), desc=f"ESD-{config.variant}", disable=not progress, leave=False)
         for i in bar:
             t0 = time.perf_counter()
-            cond = conds[[(i * bsz + j) % n_c for j in range(bsz)]]
+            rows = [(i * bsz + j) % n_c for j in range(bsz)]
+            cond = conds[rows]
+            train = cond if bases is None else bases[rows]  # the prompt whose prediction is trained
             gen = iteration_generator(config.seed, i)
             k = int(torch.randint(config.min_step, config.ddim_steps, (1,), generator=gen))
             noise = torch.randn((bsz, *model.latent_shape), generator=gen).to(device, dtype)
@@ -611,7 +641,7 @@ def esd_erase(model: T2IModel, concepts: list[str], config: ESDConfig, progress:
             if n_p:  # anchor x_t^p: same k, noises drawn after the concepts' (runs without an anchor are unchanged)
                 cond_p = keeps[[(i * bsz + j) % n_p for j in range(bsz)]]
                 noise_p = torch.randn((bsz, *model.latent_shape), generator=gen).to(device, dtype)
-                both = sample_xt(sampler, torch.cat([cond, cond_p]), uncond, k, torch.cat([noise, noise_p]),
+                both = sample_xt(sampler, torch.cat([train, cond_p]), uncond, k, torch.cat([noise, noise_p]),
                                  config.ddim_steps, config.start_guidance)
                 x_t, x_p = both.split([bsz, bsz])
                 guided = None
@@ -630,16 +660,16 @@ def esd_erase(model: T2IModel, concepts: list[str], config: ESDConfig, progress:
                     with torch.no_grad():
                         shared = (x_s, c_s, frozen(x_s, t, encoder_hidden_states=c_s).sample)
             else:
-                x_t = sample_xt(sampler, cond, uncond, k, noise, config.ddim_steps, config.start_guidance)
-            target = esd_target(frozen, x_t, t, cond, uncond, config.eta)
+                x_t = sample_xt(sampler, train, uncond, k, noise, config.ddim_steps, config.start_guidance)
+            target = esd_target(frozen, x_t, t, cond, uncond, config.eta, None if bases is None else train)
             optimizer.zero_grad(set_to_none=True)
             with torch.enable_grad():
                 if n_p:
-                    loss, keep = esd_anchored_loss(unet, x_t, t, cond, target, x_p, cond_p, target_p,
+                    loss, keep = esd_anchored_loss(unet, x_t, t, train, target, x_p, cond_p, target_p,
                                                    config.preserve_weight, shared, guided)
                     keep_losses.append(float(keep.detach()))
                 else:
-                    loss = esd_loss(unet, x_t, t, cond, target)
+                    loss = esd_loss(unet, x_t, t, train, target)
                 if kv_anchor:
                     loss = loss + config.kv_anchor_weight * kv_anchor_penalty(kv_anchor)
                 loss.backward()
