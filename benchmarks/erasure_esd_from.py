@@ -1,10 +1,11 @@
-"""ESD's ``erase_from`` on the toy world: erase "a red triangle" from "a triangle" (issue 3, ESD's official options).
+"""ESD's ``erase_from`` on the toy world: erase "a red" from "a triangle" (issue 3, ESD's official options).
 
 The official 2024 ESD code erases a concept *from* a broader one ("cowboy hat" from "cowboy"): x_t is sampled with
 the broader prompt f, the model is trained on f, and the target is ε*(x_t, f) − η [ε*(x_t, c) − ε*(x_t, ∅)]
 (:class:`diffshield.erase.esd.ESDConfig`, ``erase_from``). The toy analogue: "a triangle" names no colour, and the
-toy model draws it red about a quarter of the time. Erasing "a red triangle" from "a triangle" should take red out
-of those images and leave them triangles, while "a red circle" stays red and "a blue triangle" blue.
+toy model draws it red about a quarter of the time. Erasing "a red" from "a triangle" should take red out of those
+images and leave them triangles, while "a red circle" stays red and "a blue triangle" blue. (With the concept
+"a red triangle" the subtracted direction ε*(c) − ε*(∅) also holds the triangle, and half the triangles went too.)
 
 The script trains ESD-x (the official code's setting for a sub-concept; 2024 defaults: η 2, x_t from the frozen
 UNet) and measures, on seeds 0..N-1 (DDIM 25 steps, CFG 5, the toy detector), before and after:
@@ -33,7 +34,7 @@ from diffshield.erase.esd import ESDConfig, esd_erase
 from diffshield.toyworld.concepts import HEAD_VALUES
 
 ROOT = Path(__file__).resolve().parent.parent
-CONCEPT, FROM = "a red triangle", "a triangle"
+CONCEPT, FROM = "a red", "a triangle"
 #: (prompt, head, value): the fraction of a prompt's images the detector reads as the value
 PROBES = [("a triangle", "colour", "red"), ("a triangle", "shape", "triangle"), ("a red triangle", "colour", "red"),
           ("a red circle", "colour", "red"), ("a blue triangle", "colour", "blue")]
@@ -56,6 +57,7 @@ def measure(model, detector, seeds: int) -> tuple[dict, torch.Tensor]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="toy:t2i", help="text-to-image model (default toy:t2i)")
+    ap.add_argument("--concept", default=CONCEPT, help=f"the sub-concept to erase (default {CONCEPT!r})")
     ap.add_argument("--iterations", type=int, default=300, help="ESD iterations (default 300)")
     ap.add_argument("--lr", type=float, default=1e-4, help="ESD learning rate (default 1e-4, the toy setting)")
     ap.add_argument("--eta", type=float, default=2.0, help="negative guidance η (default 2, the 2024 code's)")
@@ -74,7 +76,7 @@ def main() -> int:
     cfg = ESDConfig(variant="x", iterations=args.iterations, lr=args.lr, eta=args.eta, sample_with="frozen",
                     erase_from=[FROM], preserve=[""] if args.anchor else [])
     cpu0 = time.process_time()
-    res = esd_erase(model, [CONCEPT], cfg)
+    res = esd_erase(model, [args.concept], cfg)
     cpu_min = (time.process_time() - cpu0) / 60
     after, imgs_after = measure(model, detector, args.seeds)
     print("erased:  ", after, flush=True)
@@ -85,7 +87,7 @@ def main() -> int:
     make_grid(torch.cat([imgs_before[:n], imgs_after[:n]]), nrow=16, upscale=2).save(tmp)
     tmp.replace(grid)
     atomic_write_json(out, {
-        "concept": CONCEPT, "erase_from": FROM, "config": res.config, "seeds": args.seeds,
+        "concept": args.concept, "erase_from": FROM, "config": res.config, "seeds": args.seeds,
         "sampling": {"steps": 25, "guidance": 5.0, "scheduler": "ddim"}, "original": before, "erased": after,
         "esd_cpu_minutes": round(cpu_min, 2), "seconds_per_iteration": res.extra["seconds_per_iteration"],
         "fraction_changed": res.fraction_changed, "threads": args.threads, "grid": grid.name,
