@@ -21,13 +21,14 @@ Run: ``python benchmarks/erasure_esd_from.py`` (two threads, about 12 min). Writ
 from __future__ import annotations
 
 import argparse
+import io
 import platform
 import time
 from pathlib import Path
 
 import torch
 
-from diffshield.core.io import atomic_write_json, make_grid
+from diffshield.core.io import atomic_write_bytes, atomic_write_json, make_grid
 from diffshield.core.loading import load_detector, load_t2i
 from diffshield.core.sampling import SampleConfig, generate
 from diffshield.erase.esd import ESDConfig, esd_erase
@@ -83,9 +84,9 @@ def main() -> int:
     out = Path(args.out)
     grid = out.with_name(out.stem + "_grid.png")
     n = min(32, args.seeds)
-    tmp = grid.with_name(grid.name + ".tmp.png")
-    make_grid(torch.cat([imgs_before[:n], imgs_after[:n]]), nrow=16, upscale=2).save(tmp)
-    tmp.replace(grid)
+    png = io.BytesIO()
+    make_grid(torch.cat([imgs_before[:n], imgs_after[:n]]), nrow=16, upscale=2).save(png, format="PNG")
+    atomic_write_bytes(grid, png.getvalue())
     atomic_write_json(out, {
         "concept": args.concept, "erase_from": FROM, "config": res.config, "seeds": args.seeds,
         "sampling": {"steps": 25, "guidance": 5.0, "scheduler": "ddim"}, "original": before, "erased": after,
