@@ -24,7 +24,7 @@ lint: $(STAMP)
 
 # Retrain the shipped t2i model and detectors from scratch (about 100 minutes on 2 CPU cores): world version 1
 # gives the VAE (shared by both worlds) and toy:detector-v1 (the DDPM's world); world version 2 gives toy:t2i and
-# toy:detector on that VAE. The DDPM and the inpainter have their own recipes (see the README).
+# toy:detector on that VAE. The DDPM and the inpainter have their own recipes (docs/toyworld.md).
 toyworld: $(STAMP)
 	$(VENV)/bin/diffshield toyworld train --world-version 1 --work runs/toyworld1 --out runs/toyworld1/weights
 	cp runs/toyworld1/weights/detector/config.json runs/toyworld1/weights/detector/model.safetensors \
@@ -34,7 +34,7 @@ toyworld: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/toyworld.py
 
-# One benchmark per issue; each writes benchmarks/results/<name>.json (slow: see the README for times).
+# One benchmark per pillar; each writes benchmarks/results/<name>.json (slow: docs/benchmarks.md gives the times).
 bench-erasure: $(STAMP)
 	$(PY) benchmarks/erase_speed.py
 	$(PY) benchmarks/erasure.py

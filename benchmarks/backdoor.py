@@ -1,4 +1,4 @@
-"""Issue 5 benchmark: BadDiffusion backdoors and TERD detection over a model zoo on the toy world.
+"""Backdoor benchmark: BadDiffusion backdoors and TERD detection over a model zoo on the toy world.
 
     python benchmarks/backdoor.py zoo          # build every zoo model into runs/backdoor/zoo (resumable)
     python benchmarks/backdoor.py calibrate    # TERD on the clean reference models -> shipped calibration file
@@ -28,7 +28,7 @@ ZOO = RUNS / "zoo"
 CACHE = RUNS / "results"
 RESULTS = ROOT / "benchmarks" / "results"
 BASE = "toy:ddpm"
-#: lr 2e-4 (the paper's, 32 px) for 4608 steps. Trials on bd_box_corner_p05 (benchmarks/backdoor_lr_sweep.py,
+#: lr 2e-4 (the paper's, 32 px) for 4608 steps. Trials on bd_box_corner_p05 (benchmarks/probes/backdoor_lr_sweep.py,
 #: runs/bdtrial): lr 5e-4 / 768 steps (recipe v2) jolts the EMA-averaged base (clean quality -9 to -24 %);
 #: lr 1e-4 / 2e-4 for 768 steps keep it but learn no backdoor (strict ASR 0 %); lr 3e-4 / 1536 steps (recipe v3,
 #: runs/backdoor_v3) strict ASR 75-84 %; lr 2e-4 / 2304 steps 81 %; lr 2e-4 / 4608 steps 94 %, clean 88 %.
@@ -251,7 +251,7 @@ def cmd_asr(args) -> None:
 def cmd_recheck_clean(args) -> None:
     """Recompute the clean quality (recognised, feature FD) of every zoo model still on disk with the detector shipped
     today (``toy:detector-v1``), on the same seeds, and compare it with the figures in ``backdoor.json``. Written when
-    the detector was re-stored in float16 (stop 16): -> ``benchmarks/results/backdoor_clean_recheck.json``."""
+    the detector was re-stored in float16: -> ``benchmarks/results/backdoor_clean_recheck.json``."""
     from diffshield.backdoor.ddpm import load_ddpm, set_threads
     from diffshield.backdoor.metrics import clean_quality
     from diffshield.backdoor.sampling import SampleConfig, sample

@@ -1,4 +1,4 @@
-"""Erasure benchmark (issue 3): {UCE, RECE, ESD-x, ESD-u} x {a shape, a style, a colour} on the toy world.
+"""Erasure benchmark: {UCE, RECE, ESD-x, ESD-u} x {a shape, a style, a colour} on the toy world.
 
 Each method runs at its documented toy-world setting (:mod:`diffshield.toyworld.erasure_recipes`) on a fresh copy
 of ``toy:t2i``; the erased model is saved as a diffusers folder under ``runs/erasure/<method>-<concept>/`` (the

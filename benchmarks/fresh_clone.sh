@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Time `make demo` and `make test` on a fresh clone of this repository (issue 2 acceptance: <= 5 and <= 10 min).
+# Time `make demo` and `make test` on a fresh clone of this repository (targets: <= 5 and <= 10 min).
 # Usage: benchmarks/fresh_clone.sh   -> writes benchmarks/results/fresh_clone.json
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)

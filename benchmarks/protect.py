@@ -1,4 +1,4 @@
-"""Benchmark of image protection against inpainting (issue 6): Attack as Defense on the toy inpainter.
+"""Benchmark of image protection against inpainting: Attack as Defense on the toy inpainter.
 
 Zhang et al., "Attack as Defense", arXiv 2410.14966, paper defaults (eps 0.025, 20 Adam steps, lr 0.1, betas
 (0.5, 0.5), weights 1/1/2). Over held-out toy scenes (seed 10000; the inpainter trained on seeds 0 and 1000):

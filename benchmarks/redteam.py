@@ -1,4 +1,4 @@
-"""Red-team benchmark (issue 4): every attack against UCE, RECE, ESD-x and ESD-u models of the erasure benchmark.
+"""Red-team benchmark: every attack against UCE, RECE, ESD-x and ESD-u models of the erasure benchmark.
 
 For each concept of the erasure benchmark (triangle, striped, red) it
 
@@ -132,7 +132,6 @@ def main() -> int:
     original = load_t2i("toy:t2i")
     out_path = Path(args.out)
     res = {
-        "issue": 4,
         "setup": {"n": args.n, "sampling": {"steps": sample.steps, "guidance": sample.guidance, "scheduler": "ddim"},
                   "attacks": args.attacks, "threads": args.threads, "torch": torch.__version__,
                   "python": platform.python_version(), "models": str(models_dir)},

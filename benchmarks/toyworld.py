@@ -1,4 +1,4 @@
-"""Toy-world benchmark (issue 2): detector accuracy, prompt fidelity, feature Fréchet distance, throughput.
+"""Toy-world benchmark: detector accuracy, prompt fidelity, feature Fréchet distance, throughput.
 
 Run: ``.venv/bin/python benchmarks/toyworld.py`` (about 6 minutes on 2 CPU cores). Writes
 ``benchmarks/results/toyworld.json`` and prints the README table.

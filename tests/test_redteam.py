@@ -23,7 +23,7 @@ CHEAP = {
     "unlearndiff": {"steps": 6, "n_targets": 1},
     "p4d": {"steps": 6, "n_targets": 1},
 }
-#: attacks that must raise the detection rate of an erased concept (the genetic search may not: see notes/issue4.md)
+#: attacks that must raise the detection rate of an erased concept (the genetic search may not: see docs/redteam.md)
 #: continuous Ring-A-Bell does not break the documented toy UCE edit of triangle on world version 2 (benchmark: 12 %
 #: of 32 images; 0 of 8 here), so it is not required to raise detection against it
 RAISING = ("adv-embed", "unlearndiff", "p4d")

@@ -5,7 +5,7 @@ transposes, a fresh random hole per image and step (the dilated object, with the
 truth; boxes; brush strokes), L1 loss inside the hole plus 0.1 x L1 over the whole raw output, Adam with cosine
 decay. LaMa (Suvorov et al., WACV 2022) adds adversarial and perceptual losses; ``--adv-weight`` (a small patch-GAN)
 and ``--grad-weight`` (an image-gradient L1) are available but off by default: they did not make the toy model any
-more sensitive to Attack as Defense (notes/issue6.md, section (d)). ``--size``, ``--base``, ``--n-down`` and
+more sensitive to Attack as Defense (docs/protect.md, findings). ``--size``, ``--base``, ``--n-down`` and
 ``--n-blocks`` change the scenes and the network's shape. Checkpoints every ``ckpt_every`` steps in ``work``; a
 rerun resumes from the latest.
 

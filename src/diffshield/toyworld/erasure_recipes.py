@@ -123,8 +123,9 @@ def esd_anchor_prompts(concept: str, mode: str = "others") -> list[str]:
 
     Why the empty prompt: the toy text encoder's rows for "a red" and "" are close, so plain ESD moves ε(x, ∅) about
     as much as ε(x, "a red") (measured on ESD-x red: both change by about 2x the concept's guidance signal
-    ε*(c) − ε*(∅), cosine 0.93 at high noise; ``benchmarks/erasure_esd_probe.py``), and classifier-free guidance,
-    which subtracts ε(x, ∅), cancels most of the erasure (red: 0 % detected without guidance, 37.5 % at guidance 5).
+    ε*(c) − ε*(∅), cosine 0.93 at high noise; ``benchmarks/probes/erasure_esd_probe.py``), and classifier-free
+    guidance, which subtracts ε(x, ∅), cancels most of the erasure (red: 0 % detected without guidance, 37.5 % at
+    guidance 5).
     """
     from diffshield.core.errors import DiffshieldError
 
@@ -159,15 +160,15 @@ TOY_ESD = {"x": {"iterations": 300, "lr": 1e-4, "eta": 2.0, "preserve": "uncond+
 #: setting with every anchor also held at the concept's own x_t (``preserve_at="own+concept"``); the base setting
 #: alone erases red on some evaluation seeds only (6.2 % left on seeds 0-7, 21.9 % on 100-107) and loses the other
 #: colours 100 iterations later (86.5 %), and the frozen sampler leaves 68.8 % of red after 500 iterations. The
-#: settings were read off ``benchmarks/erasure_esd_trajectory.py`` runs and checked on held-out evaluation seeds
-#: (README, erasure section). ESD-u on colours: the anchor weighted 10 at batch 4 (the documented weight 1 turns
+#: settings were read off ``benchmarks/probes/erasure_esd_trajectory.py`` runs and checked on held-out evaluation seeds
+#: (docs/erase.md, findings). ESD-u on colours: the anchor weighted 10 at batch 4 (the documented weight 1 turns
 #: green prompts blue within 50 iterations; weight 10 at batch 1 swings between erasing and not from one checkpoint
 #: to the next). ESD-u on shapes: batch 4 for 100 iterations (at batch 1 the other shapes lose 9.4 points; weight 10
 #: at batch 4 does not erase the triangle in 200 iterations). Styles have no ESD-u setting that meets the bars
 #: (weight 10 at batch 4 loses the dots within 100 iterations; nor do the anchor at the concept's x_t, the guided
 #: anchor, lr 3e-5, the 2024 code's lr 5e-5 / η 2, the frozen sampler, ``min_step`` 25 or the template anchors): the
 #: UNet's guidance signals for striped and dotted point the same way (cosine 0.61,
-#: ``benchmarks/erasure_signal_overlap.py``), and ESD-u can only act on what they share.
+#: ``benchmarks/probes/erasure_signal_overlap.py``), and ESD-u can only act on what they share.
 TOY_ESD_KIND = {"x": {"shape": {"sample_with": "frozen", "iterations": 500},
                       "style": {"sample_with": "frozen", "iterations": 500},
                       "colour": {"preserve_at": "own+concept"}},

@@ -109,7 +109,7 @@ def _shape_mask(kind: str, x: np.ndarray, y: np.ndarray, r: float, angle: float)
 #: the shipped t2i model and detector; version 1 is the world of the shipped DDPM, the inpainter's scenes and the
 #: first t2i model. Version 2 draws larger dots: at 32 px the t2i's latent is 8x8 (one cell = 4 px), and version
 #: 1's dots, 5-6 px apart, sit at about one latent cell, where the toy t2i drew them for only 72 % of "dotted"
-#: prompts and a closed-form edit of another style wiped them out (notes/issue3_readme.md). Stripes are the same.
+#: prompts and a closed-form edit of another style wiped them out (docs/toyworld.md). Stripes are the same.
 WORLD_VERSIONS: dict[int, dict[str, tuple[float, float] | float]] = {
     1: {"dot_spacing": (5.0, 6.0), "dot_radius": 0.24},
     2: {"dot_spacing": (7.0, 8.0), "dot_radius": 0.30},

@@ -9,7 +9,7 @@
    (epsilon prediction, SD 1.x schedule, 10 % caption dropout for classifier-free guidance);
 4b. optionally (``unet_extra_steps`` > 0; off for the shipped weights) continue that training for more steps
    (fresh AdamW, warmup then cosine to 0 from ``unet_extra_lr``, new batches): a longer-trained toy model for
-   experiments (issue 3 tried it to see whether the styles separate; they did not);
+   experiments (tried to see whether the styles separate; they did not);
 5. assemble a stock ``StableDiffusionPipeline`` folder and write ``recipe.json`` (command, seeds, steps, timings).
 
 The shipped t2i model and detector (world version 2) were trained with ``--vae toy``: their VAE is the one the
