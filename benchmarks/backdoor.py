@@ -3,7 +3,7 @@
     python benchmarks/backdoor.py zoo          # build every zoo model into runs/backdoor/zoo (resumable)
     python benchmarks/backdoor.py calibrate    # TERD on the clean reference models -> shipped calibration file
     python benchmarks/backdoor.py eval         # metrics, scans, input detection per zoo model (cached per model)
-    python benchmarks/backdoor.py report       # -> benchmarks/results/backdoor.json + the README table
+    python benchmarks/backdoor.py report       # -> benchmarks/results/backdoor.json + the table of docs/backdoor.md
     python benchmarks/backdoor.py all          # the four in order
     python benchmarks/backdoor.py recheck-clean  # clean quality again with today's toy:detector-v1, vs backdoor.json
 

@@ -8,7 +8,7 @@ feature Fréchet distance on neutral prompts. ESD runs keep resumable checkpoint
 
 Run: ``.venv/bin/python benchmarks/erasure.py`` (about 40 minutes on 2 CPU cores, mostly ESD). Writes
 ``benchmarks/results/erasure.json`` (after every row, so an interrupted run keeps what it measured),
-``benchmarks/results/erasure_grid_<concept>.png`` and prints the README table.
+``benchmarks/results/erasure_grid_<concept>.png`` and prints the table of docs/erase.md.
 
 Another toy model (e.g. the world-version-2 model of ``diffshield toyworld train --world-version 2``):
 ``--model DIR/t2i --detector DIR/detector --runs runs/erasure_world2 --out benchmarks/results/erasure_world2.json``
@@ -268,7 +268,7 @@ def main() -> int:
             model, info = run_one(base, method, concept, esd_over, args.tag, models)
             if method.startswith("esd"):
                 info["esd_overrides"] = {k: v for k, v in esd_over.items() if v is not None}
-            model.save(models / f"{method}-{concept}{args.tag}")
+            model.save(models / f"{method}-{concept}{args.tag}", overwrite=True)
             if orig is None:  # after the (possibly long) erasure, so parallel runs can share the cached stats
                 orig = original_stats(base, det, concept, args.seeds_per_prompt, args.n_neutral, cfg, models,
                                       args.first_seed)

@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def markdown(res: dict) -> str:
-    """The README table."""
+    """The table of docs/protect.md."""
     pct = lambda v: "-" if v is None else f"{100 * v:.0f} %"  # noqa: E731
     db = lambda v: "-" if v is None else f"{v:.1f} dB"  # noqa: E731
     dist = lambda ev, k: f"{ev[f'distance_to_target_{k}_unprotected']:.2f} -> {ev[f'distance_to_target_{k}']:.2f}"  # noqa: E731

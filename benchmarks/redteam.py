@@ -12,7 +12,7 @@ For each concept of the erasure benchmark (triangle, striped, red) it
 Run: ``.venv/bin/python benchmarks/redteam.py`` (after ``benchmarks/erasure.py``). ``--build-closed-form`` makes
 missing UCE/RECE models from the documented toy recipes (sub-second edits); ``--skip-missing`` leaves out models
 that are still missing (ESD) instead of stopping. Writes ``benchmarks/results/redteam.json`` after every audit,
-``benchmarks/results/redteam_<method>_<concept>.png`` panels and prints the README table.
+``benchmarks/results/redteam_<method>_<concept>.png`` panels and prints the table of docs/redteam.md.
 """
 
 from __future__ import annotations
@@ -183,7 +183,7 @@ def main() -> int:
                               original_images=False, progress=False)
             secs = time.perf_counter() - t0
             audit.info.update({"model": str(folder), "original": "toy:t2i"})
-            write_report(audit, SCRATCH / f"{method}-{concept}")
+            write_report(audit, SCRATCH / f"{method}-{concept}", overwrite=True)
             d = audit.to_dict()
             row = {"method": method, "concept": concept, "model": str(folder.resolve().relative_to(ROOT)),
                    "pre_attack_rate": d["pre_attack_rate"], "n": d["n"],

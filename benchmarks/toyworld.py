@@ -1,7 +1,7 @@
 """Toy-world benchmark: detector accuracy, prompt fidelity, feature Fréchet distance, throughput.
 
 Run: ``.venv/bin/python benchmarks/toyworld.py`` (about 6 minutes on 2 CPU cores). Writes
-``benchmarks/results/toyworld.json`` and prints the README table.
+``benchmarks/results/toyworld.json`` and prints the table of docs/toyworld.md.
 """
 
 from __future__ import annotations
