@@ -20,7 +20,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks scripts examples
 
 # Retrain the shipped t2i model and detectors from scratch (about 100 minutes on 2 CPU cores): world version 1
 # gives the VAE (shared by both worlds) and toy:detector-v1 (the DDPM's world); world version 2 gives toy:t2i and
