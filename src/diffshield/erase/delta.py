@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from diffshield.core.checks import check_finite_tensors, non_finite_tensors
 from diffshield.core.errors import DiffshieldError
 from diffshield.core.io import atomic_write_bytes
 from diffshield.core.loading import T2IModel, check_safetensors
@@ -45,6 +46,7 @@ def save_delta(result: EraseResult, path: str | Path, base_model: str) -> Path:
     if not result.changed:
         raise DiffshieldError("the erasure result changed no tensor; there is no delta to save")
     tensors = {PREFIX + name: t.detach().to("cpu").contiguous() for name, t in result.changed.items()}
+    check_finite_tensors(tensors, f"the delta '{path}'")
     metadata = {
         "format": FORMAT,
         "version": VERSION,
@@ -131,6 +133,10 @@ def apply_delta(model: T2IModel, path: str | Path) -> dict:
             raise DiffshieldError(f"delta tensor 'unet.{name}' has shape {tuple(shape)} but the model's is "
                                   f"{tuple(params[name].shape)} (base model: {info['base_model']})")
     tensors = load_file(str(path))
+    bad = non_finite_tensors(tensors)
+    if bad:
+        raise DiffshieldError(f"delta '{path}' holds inf or NaN in {len(bad)} tensor(s) ({bad[0]}); it would break "
+                              "the model, so it is not applied")
     with torch.no_grad():
         for key, value in tensors.items():
             p = params[key[len(PREFIX):]]

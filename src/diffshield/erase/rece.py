@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
+from diffshield.core.checks import check_finite_fields
 from diffshield.core.errors import DiffshieldError
 from diffshield.core.loading import T2IModel
 from diffshield.core.sampling import encode_prompts
@@ -187,6 +188,7 @@ class RECEConfig:
         self.round_preserve = list(self.round_preserve)
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or not 0 <= self.epochs <= 100:
             raise DiffshieldError(f"epochs must be an integer between 0 and 100, got {self.epochs!r}")
+        check_finite_fields(self)  # inf / NaN settings would write a broken model
         if not self.lamb_r >= 0:
             raise DiffshieldError(f"lamb_r must be >= 0, got {self.lamb_r}")
         if self.variant not in VARIANTS:

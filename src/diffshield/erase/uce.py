@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from diffshield.core.checks import check_finite_fields
 from diffshield.core.errors import DiffshieldError
 from diffshield.core.loading import T2IModel
 from diffshield.core.sampling import encode_prompts
@@ -82,6 +83,7 @@ class UCEConfig:
             raise DiffshieldError("guides must hold at least one prompt (use ' ' for the unconditional prompt)")
         if not all(isinstance(g, str) for g in self.guides + self.preserve):
             raise DiffshieldError("guides and preserve must be lists of strings")
+        check_finite_fields(self)  # inf / NaN settings would write a broken model
         if not self.lamb > 0:
             raise DiffshieldError(f"lamb must be > 0 (it keeps the solve well posed), got {self.lamb}")
         if not self.erase_scale > 0:
