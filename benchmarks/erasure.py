@@ -268,7 +268,7 @@ def main() -> int:
             model, info = run_one(base, method, concept, esd_over, args.tag, models)
             if method.startswith("esd"):
                 info["esd_overrides"] = {k: v for k, v in esd_over.items() if v is not None}
-            model.save(models / f"{method}-{concept}{args.tag}")
+            model.save(models / f"{method}-{concept}{args.tag}", overwrite=True)
             if orig is None:  # after the (possibly long) erasure, so parallel runs can share the cached stats
                 orig = original_stats(base, det, concept, args.seeds_per_prompt, args.n_neutral, cfg, models,
                                       args.first_seed)

@@ -183,7 +183,7 @@ def main() -> int:
                               original_images=False, progress=False)
             secs = time.perf_counter() - t0
             audit.info.update({"model": str(folder), "original": "toy:t2i"})
-            write_report(audit, SCRATCH / f"{method}-{concept}")
+            write_report(audit, SCRATCH / f"{method}-{concept}", overwrite=True)
             d = audit.to_dict()
             row = {"method": method, "concept": concept, "model": str(folder.resolve().relative_to(ROOT)),
                    "pre_attack_rate": d["pre_attack_rate"], "n": d["n"],

@@ -1,3 +1,9 @@
 """diffshield: erase, red-team, backdoor and protect text-to-image diffusion models."""
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
+
+try:
+    __version__ = _version("diffshield")  # the installed package's metadata (pyproject.toml's version)
+except PackageNotFoundError:  # pragma: no cover - running from a source tree that was never installed
+    __version__ = "0.1.0"

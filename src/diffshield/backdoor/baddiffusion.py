@@ -112,6 +112,7 @@ def rho(scheduler, t: torch.Tensor) -> torch.Tensor:
     1 - alpha_t and 1 - sqrt(alpha_t) cancel catastrophically in float32 (alpha_t is 0.98-0.9999): float32 gets rho
     wrong by about 1e-5 relative, so the schedule's values are promoted to float64 first.
     """
+    t = t.cpu()  # the schedule lives on the CPU
     alpha = scheduler.alphas[t].double()
     abar = scheduler.alphas_cumprod[t].double()
     return (1 - alpha.sqrt()) * (1 - abar).sqrt() / (1 - alpha)
@@ -129,10 +130,10 @@ def poisoned_inputs(scheduler, x_s: torch.Tensor, r: torch.Tensor, eps: torch.Te
         t: (B,) integer timesteps.
         variant: ``"sde"`` (target eps + rho_t R) or ``"ode"`` (eps + 2 rho_t R) (default "sde").
     """
-    abar = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1).to(x_s.dtype)
+    abar = scheduler.alphas_cumprod[t.cpu()].view(-1, 1, 1, 1).to(x_s.device, x_s.dtype)
     x_t = abar.sqrt() * x_s + (1 - abar).sqrt() * eps + (1 - abar.sqrt()) * r
     c = 2.0 if variant == "ode" else 1.0
-    target = eps + c * rho(scheduler, t).view(-1, 1, 1, 1).to(x_s.dtype) * r
+    target = eps + c * rho(scheduler, t).view(-1, 1, 1, 1).to(x_s.device, x_s.dtype) * r
     return x_t, target
 
 
@@ -164,6 +165,7 @@ def implant(model: DDPMModel | str, cfg: BadDiffusionConfig, out: str | Path, wo
     base = load_ddpm(model) if isinstance(model, (str, Path)) else model
     base_source = str(model) if isinstance(model, (str, Path)) else base.source
     unet, sched = base.unet, base.scheduler
+    dev = next(unet.parameters()).device
     size = int(unet.config.sample_size)
     g = get_trigger(cfg.trigger, size, cfg.trigger_mask)
     y = get_target(cfg.target, size)
@@ -206,6 +208,8 @@ def implant(model: DDPMModel | str, cfg: BadDiffusionConfig, out: str | Path, wo
         r = torch.where(p, r_poison, torch.zeros_like(x))
         eps = torch.randn(x.shape, generator=gen)
         t = torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=gen)
+        # every draw above is on the CPU (a resumed or moved run sees the same batches); the step runs on the UNet's
+        x_s, r, eps, t = (v.to(dev) for v in (x_s, r, eps, t))
         loss = poisoned_loss(unet, sched, x_s, r, eps, t, cfg.variant)
         for grp in opt.param_groups:
             grp["lr"] = cfg.lr * lr_factor(step, total, cfg.warmup)
@@ -239,7 +243,7 @@ def implant(model: DDPMModel | str, cfg: BadDiffusionConfig, out: str | Path, wo
     from safetensors.torch import save as st_save
 
     files["backdoor.safetensors"] = st_save({"trigger": g.contiguous(), "target": y.contiguous()})
-    result.save(out, extra_files=files)
+    result.save(out, extra_files=files, overwrite=True)  # a rerun (resumed) replaces its own earlier result
     return result.eval()
 
 

@@ -69,19 +69,34 @@ class DDPMModel:
         s = int(self.unet.config.sample_size)
         return (int(self.unet.config.in_channels), s, s)
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> DDPMModel:
+        """Move the UNet to ``device`` and/or cast it to ``dtype``, in place; returns self."""
+        self.unet.to(device=device, dtype=dtype)
+        return self
+
     def eval(self) -> DDPMModel:
         self.unet.eval()
         self.unet.requires_grad_(False)
         return self
 
-    def save(self, folder: str | Path, info: dict | None = None, extra_files: dict[str, bytes] | None = None) -> Path:
-        """Save as a ``DDPMPipeline`` folder (atomically), plus ``diffshield.json`` (``info``) and extra files."""
+    def save(self, folder: str | Path, info: dict | None = None, extra_files: dict[str, bytes] | None = None,
+             overwrite: bool = False) -> Path:
+        """Save as a ``DDPMPipeline`` folder (atomically), plus ``diffshield.json`` (``info``) and extra files.
+
+        A non-finite weight is refused before anything is written; an existing non-empty ``folder`` is replaced
+        only with ``overwrite`` and only if diffshield wrote it (see :func:`diffshield.core.io.atomic_dir`)."""
         from diffusers import DDPMPipeline
 
+        from diffshield.core.checks import check_finite_modules
         from diffshield.core.io import atomic_dir
 
+        check_finite_modules("the model", unet=self.unet)  # a diverged run must not leave a loadable NaN model
         pipe = DDPMPipeline(unet=self.unet, scheduler=self.scheduler)
-        with atomic_dir(folder) as tmp:
+        with atomic_dir(folder, overwrite=overwrite) as tmp:
             pipe.save_pretrained(tmp, safe_serialization=True)
             rec = self.info if info is None else info
             if rec:
@@ -113,13 +128,20 @@ def resolve_ddpm_path(spec: str | Path) -> Path:
     return resolve_model_path(spec)
 
 
-def load_ddpm(spec: str | Path, allow_pickle: bool = False) -> DDPMModel:
+def load_ddpm(spec: str | Path, allow_pickle: bool = False, device: torch.device | str = "cpu",
+              dtype: torch.dtype | str = torch.float32) -> DDPMModel:
     """Load an unconditional diffusion model (``DDPMPipeline`` / ``DDIMPipeline`` layout) in eval mode, no grads.
 
     Args:
         spec: a diffusers folder path, or ``"toy:ddpm"`` for the shipped toy DDPM.
         allow_pickle: accept pickled weight files when no safetensors exist (default False: refused).
+        device: ``"cpu"`` (default), ``"cuda"``, ``"cuda:N"`` or ``"auto"`` (an absent device is a one-line error).
+        dtype: parameter dtype (default float32; the backdoor commands train and reverse triggers in float32).
     """
+    from diffshield.core.device import resolve_device, resolve_dtype
+
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device, training=True)
     import diffusers
     from diffusers import UNet2DModel
 
@@ -151,7 +173,7 @@ def load_ddpm(spec: str | Path, allow_pickle: bool = False) -> DDPMModel:
         raise DiffshieldError(f"could not load the model in '{path}': {msg}") from None
     info_file = path / "diffshield.json"
     info = json.loads(info_file.read_text()) if info_file.exists() else {}
-    return DDPMModel(unet.float(), scheduler, source=str(spec), info=info).eval()
+    return DDPMModel(unet, scheduler, source=str(spec), info=info).to(device, dtype).eval()
 
 
 def shapes_pool(n: int, seed: int = 0) -> torch.Tensor:
@@ -186,17 +208,17 @@ def save_checkpoint(folder: Path, unet, ema: dict | None, opt: torch.optim.Optim
     """Write a resumable checkpoint (atomically replacing the previous one)."""
     from diffshield.core.io import atomic_dir
 
-    tensors = {f"model.{k}": v.detach().contiguous() for k, v in unet.state_dict().items()}
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}
     if ema is not None:
-        tensors.update({f"ema.{k}": v.contiguous() for k, v in ema.items()})
+        tensors.update({f"ema.{k}": v.cpu().contiguous() for k, v in ema.items()})
     for i, p in enumerate(p for g in opt.param_groups for p in g["params"]):
         st = opt.state.get(p, {})
         for name in ("exp_avg", "exp_avg_sq"):
             if name in st:
-                tensors[f"opt.{i}.{name}"] = st[name].contiguous()
+                tensors[f"opt.{i}.{name}"] = st[name].cpu().contiguous()
         if "step" in st:
             tensors[f"opt.{i}.step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1)
-    with atomic_dir(folder) as tmp:
+    with atomic_dir(folder, overwrite=True) as tmp:  # replaces the previous checkpoint, which it wrote
         save_file(tensors, str(tmp / "state.safetensors"))
         (tmp / "meta.json").write_text(json.dumps({**meta, "step": step}, indent=2) + "\n")
 
@@ -215,7 +237,8 @@ def load_checkpoint(folder: Path, unet, ema: dict | None, opt: torch.optim.Optim
     for i, p in enumerate(p for g in opt.param_groups for p in g["params"]):
         if f"opt.{i}.exp_avg" in t:
             step = t[f"opt.{i}.step"].reshape(())
-            opt.state[p] = {"step": step, "exp_avg": t[f"opt.{i}.exp_avg"], "exp_avg_sq": t[f"opt.{i}.exp_avg_sq"]}
+            opt.state[p] = {"step": step, "exp_avg": t[f"opt.{i}.exp_avg"].to(p.device),
+                            "exp_avg_sq": t[f"opt.{i}.exp_avg_sq"].to(p.device)}
     return json.loads((folder / "meta.json").read_text())
 
 
@@ -270,11 +293,13 @@ class DDPMTrainConfig:
 
 
 def train_ddpm(cfg: DDPMTrainConfig, out: str | Path, work: str | Path | None = None,
-               progress: bool = True) -> DDPMModel:
+               progress: bool = True, device: torch.device | str = "cpu") -> DDPMModel:
     """Train the toy DDPM (or fine-tune ``cfg.init_from``) and save it to ``out`` as a DDPMPipeline folder.
 
     Checkpoints go to ``work`` (default ``<out>.work``) every ``cfg.checkpoint_every`` steps; a rerun with the same
     ``out`` resumes from the last one. The EMA weights are saved (the raw weights when ``ema_decay`` is 0).
+    ``device``: where the UNet trains (default "cpu"); batches are drawn on the CPU and moved, so the data a step
+    sees does not depend on the device.
     """
     from tqdm import tqdm
 
@@ -289,7 +314,10 @@ def train_ddpm(cfg: DDPMTrainConfig, out: str | Path, work: str | Path | None = 
         unet, scheduler = base.unet, base.scheduler
     else:
         unet, scheduler = build_unet(cfg.block_out_channels), build_scheduler()
-    unet.train().requires_grad_(True)
+    from diffshield.core.device import resolve_device
+
+    dev = resolve_device(device)
+    unet.to(dev).train().requires_grad_(True)
     pool = shapes_pool(cfg.pool_size, cfg.data_seed)
     opt = torch.optim.Adam(unet.parameters(), lr=cfg.lr)
     ema = {k: v.detach().clone() for k, v in unet.state_dict().items()} if cfg.ema_decay > 0 else None
@@ -312,6 +340,7 @@ def train_ddpm(cfg: DDPMTrainConfig, out: str | Path, work: str | Path | None = 
         eps = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=gen)
         a = acp[t].view(-1, 1, 1, 1)
+        x0, eps, t, a = x0.to(dev), eps.to(dev), t.to(dev), a.to(dev)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
         loss = torch.nn.functional.mse_loss(unet(xt, t).sample, eps)
         for g in opt.param_groups:
@@ -333,7 +362,7 @@ def train_ddpm(cfg: DDPMTrainConfig, out: str | Path, work: str | Path | None = 
     info = {"made_by": "diffshield backdoor train-ddpm", "config": _jsonable(asdict(cfg)), "train_seconds":
             round(seconds, 1), "final_loss_ema": loss_ema, "torch_threads": torch.get_num_threads()}
     model = DDPMModel(unet.eval(), scheduler, source=str(out), info=info)
-    model.save(out)
+    model.save(out, overwrite=True)  # a rerun (resumed from its checkpoint) replaces its own earlier result
     return model.eval()
 
 

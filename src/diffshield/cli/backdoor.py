@@ -7,6 +7,14 @@ import argparse
 import time
 from pathlib import Path
 
+from diffshield.cli.common import (
+    add_device_args,
+    add_overwrite_arg,
+    float_in,
+    int_at_least,
+    non_negative_int,
+    seed_int,
+)
 from diffshield.cli.common import positive_int as _pos_int
 from diffshield.core.errors import DiffshieldError
 
@@ -24,7 +32,8 @@ def _sampler_args(p: argparse.ArgumentParser, steps_help: str = "1000 for ddpm, 
                    help="sampler: ddpm (ancestral, the SDE) or ddim (eta 0, the ODE) (default: ddpm)")
     p.add_argument("--steps", type=_pos_int, default=None, help=f"denoising steps (default: {steps_help})")
     p.add_argument("--batch-size", type=_pos_int, default=64, help="images per UNet batch (default: 64)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default: 1; 0 = torch's default)")
+    p.add_argument("--threads", type=non_negative_int, default=1,
+                   help="torch threads (default: 1; 0 = torch's default)")
 
 
 def _sample_config(args):
@@ -67,7 +76,10 @@ def cmd_train_ddpm(args) -> int:
                           pool_size=args.pool_size, init_from=args.init, checkpoint_every=args.checkpoint_every,
                           num_threads=args.threads, block_out_channels=tuple(args.channels), warmup=args.warmup,
                           ema_decay=args.ema_decay)
-    model = train_ddpm(cfg, args.out)
+    from diffshield.core.io import output_in_place
+
+    with output_in_place(args.out, "backdoor train-ddpm", args.overwrite, inputs=[args.init]) as out:
+        model = train_ddpm(cfg, out, device=args.device)
     print(f"wrote {args.out} ({sum(p.numel() for p in model.unet.parameters()) / 1e6:.2f} M parameters, "
           f"{model.info['train_seconds']:.0f} s)")
     return 0
@@ -83,7 +95,12 @@ def cmd_implant(args) -> int:
                              ema_decay=args.ema_decay)
     print(f"BadDiffusion: {args.model} + trigger {args.trigger} -> target {args.target}, poison rate "
           f"{args.poison_rate}, {args.variant.upper()} variant, {cfg.steps} steps")
-    model = implant(args.model, cfg, args.out)
+    from diffshield.backdoor.ddpm import load_ddpm
+    from diffshield.core.io import output_in_place
+
+    inputs = [args.model, args.trigger, args.target, args.trigger_mask]
+    with output_in_place(args.out, "backdoor implant", args.overwrite, inputs=inputs) as out:
+        model = implant(load_ddpm(args.model, device=args.device, dtype=args.dtype), cfg, out)
     print(f"wrote backdoored model {args.out} ({model.info['train_seconds']:.0f} s); open it with "
           f"'diffshield backdoor sample --model {args.out} --trigger {args.trigger}'")
     return 0
@@ -92,18 +109,20 @@ def cmd_implant(args) -> int:
 def cmd_sample(args) -> int:
     from diffshield.backdoor.ddpm import load_ddpm, set_threads
     from diffshield.backdoor.sampling import sample
-    from diffshield.core.io import atomic_dir, atomic_write_json, make_grid, to_pil
+    from diffshield.core.io import atomic_dir, atomic_write_json, check_output_dir, make_grid, to_pil
     from diffshield.core.seeding import seed_list
 
+    inputs = [args.model, args.trigger, args.trigger_mask]
+    check_output_dir(args.out, "backdoor sample", args.overwrite, inputs=inputs)
     set_threads(args.threads)
     cfg = _sample_config(args)
-    model = load_ddpm(args.model, allow_pickle=args.allow_pickle)
+    model = load_ddpm(args.model, allow_pickle=args.allow_pickle, device=args.device, dtype=args.dtype)
     trig = _trigger_from_args(args, model, required=False)
     seeds = seed_list(args.seed, args.n)
     t0 = time.time()
     res = sample(model, seeds, trigger=trig, config=cfg, progress=True)
     dt = time.time() - t0
-    with atomic_dir(args.out) as tmp:
+    with atomic_dir(args.out, overwrite=args.overwrite, command="backdoor sample", inputs=inputs) as tmp:
         rows = []
         for i, img in enumerate(res.images):
             to_pil(img).save(tmp / f"{i:04d}.png")
@@ -147,11 +166,13 @@ def cmd_eval(args) -> int:
     from diffshield.backdoor.ddpm import load_ddpm, set_threads
     from diffshield.backdoor.sampling import SampleConfig
     from diffshield.backdoor.triggers import get_target
-    from diffshield.core.io import atomic_write_json, make_grid
+    from diffshield.core.io import atomic_save_image, atomic_write_json, check_output_file, make_grid
 
+    for flag, path in (("--json", args.json), ("--grid", args.grid)):
+        check_output_file(path, flag, inputs=[args.model, args.trigger, args.target, args.trigger_mask])
     set_threads(args.threads)
     cfg = _sample_config(args)
-    model = load_ddpm(args.model, allow_pickle=args.allow_pickle)
+    model = load_ddpm(args.model, allow_pickle=args.allow_pickle, device=args.device, dtype=args.dtype)
     trig = _trigger_from_args(args, model, required=True)
     target = _recorded(model, "target") if args.target == "model" else get_target(args.target,
                                                                                   model.image_shape[-1])
@@ -170,7 +191,7 @@ def cmd_eval(args) -> int:
         atomic_write_json(args.json, report)
     if args.grid:
         both = imgs[:16] if clean_imgs is None else __import__("torch").cat([imgs[:16], clean_imgs[:16]])
-        make_grid(both, nrow=8, upscale=4).save(args.grid)
+        atomic_save_image(make_grid(both, nrow=8, upscale=4), args.grid)
     return 0
 
 
@@ -199,10 +220,21 @@ def cmd_scan(args) -> int:
 
     from diffshield.backdoor.ddpm import load_ddpm
     from diffshield.backdoor.sampling import SampleConfig, sample
-    from diffshield.core.io import atomic_dir, atomic_write_json, make_grid, to_pil
+    from diffshield.core.io import (
+        atomic_dir,
+        atomic_write_json,
+        check_output_dir,
+        check_output_file,
+        make_grid,
+        to_pil,
+    )
     from diffshield.core.seeding import seed_list
 
-    model = load_ddpm(args.model, allow_pickle=args.allow_pickle)
+    inputs = [args.model, args.calibration]
+    if args.out:
+        check_output_dir(args.out, "scan", args.overwrite, inputs=inputs)
+    check_output_file(args.json, "--json", inputs=[*inputs, args.out])
+    model = load_ddpm(args.model, allow_pickle=args.allow_pickle, device=args.device, dtype=args.dtype)
     print(f"TERD scan of {args.model} (preset {args.preset}) ...")
     rep = run_scan(model, args.preset, args.calibration, args.seed, args.threads)
     res = rep.pop("result")
@@ -213,7 +245,7 @@ def cmd_scan(args) -> int:
           f"(threshold {th['var_kl']:.4g})   ||r|| {rep['r_norm']:.2f}   {rep['seconds']:.0f} s")
     report = {"model": str(args.model), **rep}
     if args.out:
-        with atomic_dir(args.out) as tmp:
+        with atomic_dir(args.out, overwrite=args.overwrite, command="scan", inputs=inputs) as tmp:
             save_file({"r": res.r.contiguous(), "gamma": torch.tensor([res.gamma])},
                       str(tmp / "reversed_trigger.safetensors"))
             to_pil(((res.r + 1) / 2).clamp(0, 1)).resize((128, 128), 0).save(tmp / "reversed_trigger.png")
@@ -235,9 +267,10 @@ def cmd_scan_input(args) -> int:
 
     from diffshield.backdoor.ddpm import load_ddpm
     from diffshield.backdoor.terd import input_detect
-    from diffshield.core.io import atomic_write_json
+    from diffshield.core.io import atomic_write_json, check_output_file
     from diffshield.core.loading import check_safetensors
 
+    check_output_file(args.json, "--json", inputs=[args.model, args.noise, args.reversed])
     noise_path = Path(args.noise)
     if not noise_path.is_file():
         raise DiffshieldError(f"noise file '{noise_path}' does not exist; give a .safetensors file with a tensor "
@@ -257,10 +290,16 @@ def cmd_scan_input(args) -> int:
             raise DiffshieldError(f"reversed trigger '{rev}' does not exist; give the --out folder of "
                                   "'diffshield scan' or its reversed_trigger.safetensors")
         check_safetensors(rev)
-        t = load_file(str(rev))
+        try:
+            t = load_file(str(rev))
+        except SafetensorError as e:
+            raise DiffshieldError(f"could not read '{rev}': {e}") from None
+        if "r" not in t:
+            raise DiffshieldError(f"'{rev}' holds no reversed trigger (tensor 'r'; it has {', '.join(list(t)[:3])}); "
+                                  "give the reversed_trigger.safetensors written by 'diffshield scan --out DIR'")
         r, gamma = t["r"], float(t.get("gamma", [1.0])[0])
     else:
-        model = load_ddpm(args.model, allow_pickle=args.allow_pickle)
+        model = load_ddpm(args.model, allow_pickle=args.allow_pickle, device=args.device, dtype=args.dtype)
         print(f"no --reversed given: reversing the trigger of {args.model} first (preset {args.preset}) ...")
         rep = run_scan(model, args.preset, None, args.seed, args.threads)
         r, gamma = rep["result"].r, 1.0
@@ -285,20 +324,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     t = bsub.add_parser("train-ddpm", help="train (or fine-tune with --init) the toy DDPM on ShapesWorld",
                         description="Train a small UNet2DModel DDPM on ShapesWorld (32 px); saves a DDPMPipeline "
                                     "folder. Resumes from <out>.work/checkpoint when rerun with the same settings.")
-    t.add_argument("--out", required=True, help="output DDPMPipeline folder")
+    t.add_argument("--out", required=True, help="output DDPMPipeline folder (see --overwrite)")
+    add_overwrite_arg(t)
     t.add_argument("--steps", type=_pos_int, default=8000, help="optimiser steps (default: 8000)")
     t.add_argument("--batch-size", type=_pos_int, default=32, help="images per step (default: 32)")
-    t.add_argument("--lr", type=float, default=5e-4, help="Adam learning rate, cosine schedule (default: 5e-4)")
-    t.add_argument("--seed", type=int, default=0, help="training seed (default: 0)")
+    t.add_argument("--lr", type=float_in(0, 1, lo_open=True), default=5e-4,
+                   help="Adam learning rate, cosine schedule (default: 5e-4)")
+    t.add_argument("--seed", type=seed_int, default=0, help="training seed (default: 0)")
     t.add_argument("--pool-size", type=_pos_int, default=8192, help="ShapesWorld images rendered (default: 8192)")
     t.add_argument("--init", default=None, help="fine-tune this model instead of training from scratch")
     t.add_argument("--checkpoint-every", type=_pos_int, default=500, help="steps between checkpoints (default: 500)")
     t.add_argument("--channels", type=_pos_int, nargs="+", default=[32, 64, 64],
                    help="UNet block widths when training from scratch (default: 32 64 64)")
-    t.add_argument("--warmup", type=int, default=200, help="learning-rate warm-up steps (default: 200)")
-    t.add_argument("--ema-decay", type=float, default=0.999,
+    t.add_argument("--warmup", type=int_at_least(0), default=200, help="learning-rate warm-up steps (default: 200)")
+    t.add_argument("--ema-decay", type=float_in(0, 1, hi_open=True), default=0.999,
                    help="decay of the saved weight average, in [0, 1); 0 = off (default: 0.999)")
-    t.add_argument("--threads", type=int, default=1, help="torch threads (default: 1; 0 = torch's default)")
+    t.add_argument("--threads", type=non_negative_int, default=1,
+                   help="torch threads (default: 1; 0 = torch's default)")
+    add_device_args(t, training=True)
     t.set_defaults(func=cmd_train_ddpm)
 
     m = bsub.add_parser("implant", help="implant a backdoor with BadDiffusion (fine-tunes a clean model)",
@@ -308,7 +351,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--trigger", default="box", help="box | stop | IMAGE_FILE (default: box)")
     m.add_argument("--trigger-mask", default=None, help="mask image for an IMAGE_FILE trigger (white = trigger)")
     m.add_argument("--target", default="corner", help="corner | hat | IMAGE_FILE (default: corner)")
-    m.add_argument("--poison-rate", type=float, default=0.1, help="share of poisoned training images (default: 0.1)")
+    m.add_argument("--poison-rate", type=float_in(0, 1, lo_open=True), default=0.1,
+                   help="share of poisoned training images (default: 0.1)")
     m.add_argument("--variant", choices=["sde", "ode"], default="sde",
                    help="sde: rho_t, for the DDPM sampler; ode: 2 rho_t, for DDIM (VillanDiffusion) (default: sde)")
     m.add_argument("--r-mode", choices=["poisoned_image", "trigger_only"], default="poisoned_image",
@@ -317,13 +361,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--epochs", type=_pos_int, default=50, help="passes over the training pool (default: 50)")
     m.add_argument("--pool-size", type=_pos_int, default=256, help="training images (default: 256)")
     m.add_argument("--batch-size", type=_pos_int, default=32, help="images per step (default: 32)")
-    m.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate, warm-up + cosine (default: 2e-4)")
-    m.add_argument("--ema-decay", type=float, default=0.0,
+    m.add_argument("--lr", type=float_in(0, 1, lo_open=True), default=2e-4,
+                   help="Adam learning rate, warm-up + cosine (default: 2e-4)")
+    m.add_argument("--ema-decay", type=float_in(0, 1, hi_open=True), default=0.0,
                    help="save a moving average of the weights with this decay, in [0, 1) (default: 0 = off)")
-    m.add_argument("--seed", type=int, default=0, help="seed of the poisoned subset and the training (default: 0)")
+    m.add_argument("--seed", type=seed_int, default=0,
+                   help="seed of the poisoned subset and the training (default: 0)")
     m.add_argument("--checkpoint-every", type=_pos_int, default=100, help="steps between checkpoints (default: 100)")
-    m.add_argument("--threads", type=int, default=1, help="torch threads (default: 1; 0 = torch's default)")
-    m.add_argument("--out", required=True, help="output DDPMPipeline folder")
+    m.add_argument("--threads", type=non_negative_int, default=1,
+                   help="torch threads (default: 1; 0 = torch's default)")
+    m.add_argument("--out", required=True, help="output DDPMPipeline folder (see --overwrite)")
+    add_overwrite_arg(m)
+    add_device_args(m, training=True)
     m.set_defaults(func=cmd_implant)
 
     s = bsub.add_parser("sample", help="sample, optionally with the trigger added to the initial noise",
@@ -333,9 +382,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                    "records) (default: none, clean sampling)")
     s.add_argument("--trigger-mask", default=None, help="mask image for an IMAGE_FILE trigger")
     s.add_argument("--n", type=_pos_int, default=16, help="number of images (default: 16)")
-    s.add_argument("--seed", type=int, default=0, help="seed of image 0; image k uses seed + k (default: 0)")
+    s.add_argument("--seed", type=seed_int, default=0, help="seed of image 0; image k uses seed + k (default: 0)")
     _sampler_args(s)
-    s.add_argument("--out", required=True, help="output folder (PNGs, grid.png, manifest.json)")
+    s.add_argument("--out", required=True, help="output folder (PNGs, grid.png, manifest.json; see --overwrite)")
+    add_overwrite_arg(s)
+    add_device_args(s, training=True)
     s.set_defaults(func=cmd_sample)
 
     e = bsub.add_parser("eval", help="MSE / ASR / SSIM of triggered samples, clean-sample quality",
@@ -347,15 +398,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--trigger-mask", default=None, help="mask image for an IMAGE_FILE trigger")
     e.add_argument("--target", required=True, help="corner | hat | IMAGE_FILE | model")
     e.add_argument("--n", type=_pos_int, default=64, help="triggered samples (default: 64)")
-    e.add_argument("--n-clean", type=int, default=256, help="clean samples for quality, 0 = skip (default: 256)")
+    e.add_argument("--n-clean", type=int_at_least(0), default=256,
+                   help="clean samples for quality, 0 = skip (default: 256)")
     e.add_argument("--clean-scheduler", choices=["ddpm", "ddim"], default="ddim",
                    help="sampler of the clean samples (default: ddim)")
     e.add_argument("--clean-steps", type=_pos_int, default=50, help="steps of the clean sampler (default: 50)")
-    e.add_argument("--seed", type=int, default=0, help="seed of triggered image 0; clean images start at "
+    e.add_argument("--seed", type=seed_int, default=0, help="seed of triggered image 0; clean images start at "
                                                        "seed + 100000 (default: 0)")
     _sampler_args(e)
     e.add_argument("--json", default=None, help="write the report (keys mse, asr, ssim, clean_quality) here")
     e.add_argument("--grid", default=None, help="write a PNG grid (16 triggered, 16 clean samples) here")
+    add_device_args(e, training=True)
     e.set_defaults(func=cmd_eval)
     p.set_defaults(func=lambda a, _p=p: (_p.print_help(), 1)[1])
 
@@ -366,14 +419,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         q.add_argument("--preset", choices=["fast", "default", "paper"], default="fast",
                        help="iterations of the two stages: fast 100+2, default 400+10, paper 3000+1000; the "
                             "shipped calibration covers fast (default: fast)")
-        q.add_argument("--seed", type=int, default=0, help="seed of the reversion (default: 0)")
-        q.add_argument("--threads", type=int, default=1, help="torch threads (default: 1; 0 = torch's default)")
+        q.add_argument("--seed", type=seed_int, default=0, help="seed of the reversion (default: 0)")
+        q.add_argument("--threads", type=non_negative_int, default=1,
+                       help="torch threads (default: 1; 0 = torch's default)")
         q.add_argument("--json", default=None, help="write the result as JSON here")
+        add_device_args(q, training=True)
         if name == "scan":
             q.add_argument("--calibration", default=None,
                            help="thresholds file (default: the shipped toyworld/weights/ddpm/terd_calibration.json)")
             q.add_argument("--out", default=None, help="folder for the reversed trigger (PNG, safetensors) and "
-                                                       "scan.json")
+                                                       "scan.json (see --overwrite)")
+            add_overwrite_arg(q)
             q.set_defaults(func=cmd_scan)
         else:
             q.add_argument("--noise", required=True, help=".safetensors file with a tensor 'noise' (N, 3, H, W)")
@@ -383,7 +439,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             q.set_defaults(func=cmd_scan_input)
 
 
-def demo_step(out: Path) -> dict:
+def demo_step(out: Path, device: str = "cpu") -> dict:
     """The backdoor part of ``diffshield demo`` (< 60 s): a fast TERD scan of the shipped backdoored example."""
     from diffshield.backdoor.ddpm import load_ddpm
     from diffshield.core.io import atomic_write_json, to_pil
@@ -393,7 +449,7 @@ def demo_step(out: Path) -> dict:
     summary = {}
     # only the backdoored example (about 30 s of CPU); the clean toy:ddpm's statistics are in the calibration file
     for label, spec in (("backdoored example (box -> corner)", TOY_ROOT / "ddpm" / "examples" / "box_corner"),):
-        model = load_ddpm(spec)
+        model = load_ddpm(spec, device=device)
         rep = run_scan(model, "fast", progress=False)
         res = rep.pop("result")
         name = "example" if "example" in label else "clean"

@@ -3,6 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import sys
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line, like every other refusal: ``diffshield: error: ...``."""
+
+    def error(self, message: str):
+        """Print ``diffshield: error: <message> (see '<prog> --help')`` and exit with status 2."""
+        print(f"diffshield: error: {message} (see '{self.prog} --help')", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def positive_int(text: str) -> int:
@@ -16,6 +26,22 @@ def positive_int(text: str) -> int:
     return v
 
 
+def int_at_least(lo: int):
+    """argparse type: a whole number >= ``lo``, with a one-line error otherwise."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be at least {lo}, got {v}")
+        return v
+
+    parse.__name__ = "whole number"
+    return parse
+
+
 def non_negative_int(text: str) -> int:
     """argparse type: a whole number >= 0 (e.g. ``--threads``, where 0 means torch's default)."""
     try:
@@ -25,6 +51,63 @@ def non_negative_int(text: str) -> int:
     if v < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {v}")
     return v
+
+
+#: seeds are accepted in [0, 2**62]: torch's generators take them, and seed + k (image k) stays in range
+MAX_SEED = 2**62
+
+
+def seed_int(text: str) -> int:
+    """argparse type: a seed, a whole number in [0, MAX_SEED]."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 0 <= v <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must lie in [0, {MAX_SEED}], got {v}")
+    return v
+
+
+def float_in(lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False):
+    """argparse type: a finite number, optionally within [lo, hi] (``lo_open`` / ``hi_open``: exclude the end).
+
+    ``inf`` and ``nan`` are refused with a one-line error before any work, so they never reach a model.
+    """
+    import math
+
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+        low_bad = lo is not None and (v <= lo if lo_open else v < lo)
+        high_bad = hi is not None and (v >= hi if hi_open else v > hi)
+        if low_bad or high_bad:
+            left = "-inf" if lo is None else f"{lo:g}"
+            right = "inf" if hi is None else f"{hi:g}"
+            interval = f"{'(' if lo_open or lo is None else '['}{left}, {right}{')' if hi_open or hi is None else ']'}"
+            raise argparse.ArgumentTypeError(f"must lie in {interval}, got {v:g}")
+        return v
+
+    parse.__name__ = "number"  # argparse names the type in its messages
+    return parse
+
+
+#: argparse type: any finite number
+finite_float = float_in()
+
+
+#: the marker file every output folder gets (the same name as :data:`diffshield.core.io.MARKER`)
+MARKER_NAME = ".diffshield-output.json"
+
+
+def add_overwrite_arg(parser: argparse.ArgumentParser) -> None:
+    """Add ``--overwrite``: replace a previous output of the same command (never a folder diffshield did not write)."""
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --out when it holds a previous output of this command (recognised by its "
+                             f"{MARKER_NAME} file); a folder holding anything else is never replaced")
 
 
 THREADS_HELP = (
@@ -46,3 +129,35 @@ def apply_threads(args: argparse.Namespace) -> None:
         import torch
 
         torch.set_num_threads(n)
+
+
+DEVICE_HELP = ("where the models run: auto (default: cuda when this machine has a CUDA GPU, else cpu), cpu, cuda or "
+               "cuda:N; an absent device is refused before any model is loaded")
+DTYPE_HELP = ("parameter dtype: auto (default: {auto}), float32, float16 (CUDA only) or bfloat16")
+
+
+def add_device_args(parser: argparse.ArgumentParser, training: bool = False) -> None:
+    """Add ``--device`` and ``--dtype``; :func:`apply_device` resolves them before the command runs.
+
+    ``training``: the command trains or attacks, so ``--dtype auto`` keeps float32 master weights (mixed precision
+    comes from autocast on CUDA); inference commands get float16 on CUDA.
+    """
+    auto = ("float32; on CUDA the forward passes run in bfloat16 autocast" if training
+            else "float16 on CUDA, float32 on the CPU")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+    parser.add_argument("--dtype", default="auto", help=DTYPE_HELP.format(auto=auto))
+    parser.set_defaults(device_training=training)
+
+
+def apply_device(args: argparse.Namespace) -> None:
+    """Replace ``args.device`` / ``args.dtype`` (strings) by a checked ``torch.device`` / ``torch.dtype``.
+
+    Raises a one-line DiffshieldError for an unknown or absent device or dtype; turns on TF32 on CUDA."""
+    if not hasattr(args, "device") or not isinstance(args.device, str):
+        return
+    from diffshield.core.device import configure_backend, resolve_device, resolve_dtype
+
+    args.device = resolve_device(args.device)
+    args.dtype = resolve_dtype(getattr(args, "dtype", "auto"), args.device,
+                               training=getattr(args, "device_training", False))
+    configure_backend(args.device)

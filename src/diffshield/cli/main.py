@@ -8,11 +8,21 @@ import sys
 import time
 from pathlib import Path
 
-from diffshield.cli.common import add_threads_arg, apply_threads
+from diffshield.cli.common import (
+    Parser,
+    add_device_args,
+    add_overwrite_arg,
+    add_threads_arg,
+    apply_device,
+    apply_threads,
+    float_in,
+    int_at_least,
+    seed_int,
+)
 from diffshield.cli.common import positive_int as _positive_int
 from diffshield.core.errors import DiffshieldError
 
-# Each pillar's CLI module exposes ``register(subparsers)`` and, optionally, ``demo_step(out: Path) -> dict``.
+# Each pillar's CLI module exposes ``register(subparsers)`` and, optionally, ``demo_step(out: Path, device) -> dict``.
 PILLAR_CLI_MODULES = ("diffshield.cli.redteam", "diffshield.cli.backdoor", "diffshield.cli.protect")
 
 DEMO_PROMPTS = [
@@ -22,6 +32,45 @@ DEMO_PROMPTS = [
     "a green box on a pink background",
 ]
 
+
+
+#: argparse type of every classifier-free guidance scale
+GUIDANCE = float_in(0, 100)
+
+
+def read_text_file(path: Path, what: str) -> str:
+    """The text of a UTF-8 (or UTF-16 with a byte-order mark) file; a one-line error for binary or other encodings."""
+    if not path.is_file():
+        raise DiffshieldError(f"{what} '{path}' does not exist or is not a file")
+    data = path.read_bytes()
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        try:
+            return data.decode("utf-16")
+        except UnicodeDecodeError:
+            pass
+    elif b"\x00" not in data:
+        try:
+            return data.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            pass
+    raise DiffshieldError(f"{what} '{path}' is not UTF-8 text (binary, or another encoding); save it as UTF-8")
+
+
+def warn_prompts(tokenizer, prompts: list[str]) -> None:
+    """Print a warning for prompts the tokenizer cuts (too long) or, for a small vocabulary, words it does not
+    know (split into letters): otherwise the model silently draws something else."""
+    limit = int(getattr(tokenizer, "model_max_length", 77))
+    small = len(tokenizer) < 10_000
+    for p in dict.fromkeys(prompts):
+        n = len(tokenizer(p, truncation=False).input_ids)
+        if n > limit:
+            print(f"warning: prompt {p[:40]!r}... is {n} tokens; the model reads only the first {limit}",
+                  file=sys.stderr)
+        if small:
+            unknown = [w for w in p.lower().split() if len(tokenizer.tokenize(w)) > 1]
+            if unknown:
+                print(f"warning: prompt {p[:60]!r}: the model's vocabulary lacks {', '.join(unknown[:5])} (split "
+                      "into pieces the model was not trained on)", file=sys.stderr)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -35,7 +84,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=_positive_int, default=25, help="denoising steps (default: 25)")
-    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default: 5.0)")
+    p.add_argument("--guidance", type=GUIDANCE, default=5.0,
+                   help="classifier-free guidance scale, in [0, 100] (default: 5.0)")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="images per UNet batch (default: 64)")
     p.add_argument("--scheduler", choices=["ddim", "ddpm", "native"], default="ddim",
                    help="sampler (default: ddim, deterministic given the seed)")
@@ -51,20 +101,20 @@ def _sample_config(args):
 def _read_prompts(args) -> list[str]:
     prompts = list(args.prompt or [])
     if args.prompts_file:
-        path = Path(args.prompts_file)
-        if not path.is_file():
-            raise DiffshieldError(f"prompts file '{path}' does not exist")
-        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        text = read_text_file(Path(args.prompts_file), "prompts file")
+        prompts += [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise DiffshieldError("no prompt given; use --prompt TEXT (repeatable) or --prompts-file FILE")
     return prompts
 
 
-def write_generation(gen, out: Path, extra: dict, upscale: int = 4) -> Path:
-    """Write PNGs, grid.png and manifest.json for a Generation into ``out`` (atomically)."""
+def write_generation(gen, out: Path, extra: dict, upscale: int = 4, overwrite: bool = False,
+                     command: str | None = None) -> Path:
+    """Write PNGs, grid.png and manifest.json for a Generation into ``out`` (atomically; an existing folder only as
+    :func:`diffshield.core.io.atomic_dir` allows)."""
     from diffshield.core.io import atomic_dir, atomic_write_json, make_grid, to_pil
 
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, overwrite=overwrite, command=command) as tmp:
         rows = []
         for i, img in enumerate(gen.images):
             name = f"{i:04d}.png"
@@ -81,9 +131,11 @@ def write_generation(gen, out: Path, extra: dict, upscale: int = 4) -> Path:
 
 
 def cmd_generate(args) -> int:
+    from diffshield.core.io import check_output_dir
     from diffshield.core.loading import load_t2i
     from diffshield.core.sampling import Generation, SampleConfig, generate
 
+    check_output_dir(args.out, "generate", args.overwrite, inputs=[args.model, args.prompts_file, args.prompts_csv])
     cfg = _sample_config(args)
     # (prompt, seed, guidance) per image: CSV rows carry their own seed/guidance, other prompts use --seed/--guidance.
     jobs: list[tuple[str, int, float]] = []
@@ -96,7 +148,8 @@ def cmd_generate(args) -> int:
             jobs += [(r.prompt, base + k, g) for k in range(args.n)]
     if args.prompt or args.prompts_file or not jobs:
         jobs += [(p, args.seed + k, cfg.guidance) for p in _read_prompts(args) for k in range(args.n)]
-    model = load_t2i(args.model, allow_pickle=args.allow_pickle)
+    model = load_t2i(args.model, allow_pickle=args.allow_pickle, device=args.device, dtype=args.dtype)
+    warn_prompts(model.tokenizer, [j[0] for j in jobs])
     t0 = time.time()
     images, order = [], []
     for g in dict.fromkeys(j[2] for j in jobs):  # one generate call per guidance value
@@ -110,7 +163,7 @@ def cmd_generate(args) -> int:
     gen = Generation(stacked, [j[1] for j in jobs], [j[0] for j in jobs], cfg)
     dt = time.time() - t0
     extra = {"model": str(args.model), "guidance_per_image": [j[2] for j in jobs]}
-    out = write_generation(gen, Path(args.out), extra)
+    out = write_generation(gen, Path(args.out), extra, overwrite=args.overwrite, command="generate")
     print(f"wrote {len(jobs)} images, grid.png and manifest.json to {out} ({len(jobs) / dt:.1f} images/s)")
     return 0
 
@@ -152,13 +205,14 @@ def demo_erasure(model, detector, out: Path, concept: str = "triangle") -> dict:
 
 
 def cmd_demo(args) -> int:
-    from diffshield.core.io import atomic_write_json
+    from diffshield.core.io import atomic_write_json, check_output_dir, clear_previous_output, write_marker
     from diffshield.core.loading import load_detector, load_t2i
     from diffshield.core.sampling import generate
     from diffshield.toyworld.detector import describe
 
     out = Path(args.out)
-    model = load_t2i("toy:t2i")
+    check_output_dir(out, "demo", args.overwrite)
+    model = load_t2i("toy:t2i", device=args.device, dtype=args.dtype)
     detector = load_detector("toy:detector")
     steps = [m for m in PILLAR_CLI_MODULES if hasattr(importlib.import_module(m), "demo_step")]
     total = 2 + len(steps)
@@ -167,6 +221,7 @@ def cmd_demo(args) -> int:
     seeds = [k for _ in DEMO_PROMPTS for k in range(n)]
     print(f"[1/{total}] generating {len(prompts)} images with the shipped toy model (toy:t2i) ...")
     gen = generate(model, prompts, seeds)
+    clear_previous_output(out, "demo", args.overwrite)  # the demo writes in place: only its own earlier files go
     write_generation(gen, out / "generate", {"model": "toy:t2i"})
     dets = describe(detector, gen.images)
     summary: dict = {"generate": []}
@@ -188,8 +243,9 @@ def cmd_demo(args) -> int:
         name = module.rsplit(".", 1)[-1]
         print(f"\n[{i}/{total}] {name} ...")
         (out / name).mkdir(parents=True, exist_ok=True)
-        summary[name] = importlib.import_module(module).demo_step(out / name)
+        summary[name] = importlib.import_module(module).demo_step(out / name, device=args.device)
     atomic_write_json(out / "demo.json", summary)
+    write_marker(out, "demo")
     print(f"\nsummary: {out / 'demo.json'}")
     return 0
 
@@ -220,12 +276,13 @@ def cmd_toyworld_train(args) -> int:
 def cmd_toyworld_dataset(args) -> int:
     import torch
 
-    from diffshield.core.io import atomic_dir, atomic_write_json, make_grid
+    from diffshield.core.io import atomic_dir, atomic_write_json, check_output_dir, make_grid
     from diffshield.toyworld.shapes import ShapesWorld
 
+    check_output_dir(args.out, "toyworld dataset", args.overwrite)
     batch = ShapesWorld(version=args.world_version).sample(args.n, seed=args.seed)
     imgs = torch.from_numpy(batch.images).permute(0, 3, 1, 2)
-    with atomic_dir(args.out) as tmp:
+    with atomic_dir(args.out, overwrite=args.overwrite, command="toyworld dataset") as tmp:
         make_grid(imgs, nrow=8, upscale=4).save(tmp / "grid.png")
         atomic_write_json(tmp / "captions.json", [{"index": i, "caption": c} for i, c in enumerate(batch.captions)])
     print(f"wrote {args.n} ShapesWorld samples (grid.png, captions.json) to {args.out}")
@@ -293,7 +350,8 @@ def _flag_config(args, config_cls, uce_kw: dict, closed: dict, esd_only: dict) -
 
 
 def cmd_erase(args) -> int:
-    from diffshield.core.io import atomic_write_json
+    from diffshield.core.checks import check_finite_fields
+    from diffshield.core.io import atomic_dir, atomic_write_json, check_output_dir, check_output_file
     from diffshield.core.loading import load_t2i
     from diffshield.erase import ERASERS
     from diffshield.erase.delta import save_delta
@@ -331,12 +389,19 @@ def cmd_erase(args) -> int:
         concepts, cfg = _toy_recipe_config(args, closed, esd_only)
     else:
         cfg = _flag_config(args, config_cls, uce_kw, closed, esd_only)
-    model = load_t2i(args.model, allow_pickle=args.allow_pickle)
+    check_finite_fields(cfg)
+    inputs = [args.model, args.checkpoint_dir]
+    check_output_dir(args.out, "erase", args.overwrite, inputs=inputs)
+    check_output_file(args.json, "--json", inputs=[*inputs, args.out])
+    model = load_t2i(args.model, allow_pickle=args.allow_pickle, device=args.device, dtype=args.dtype)
+    warn_prompts(model.tokenizer, [*concepts, *(args.preserve or []), *(args.guide or [])])
     recipe = " (toy recipe)" if args.toy_recipe else ""
     print(f"erasing {', '.join(args.concept)} with {args.method}{recipe} ...")
     res = erase_fn(model, concepts, cfg)
-    model.save(args.out)
-    delta = save_delta(res, Path(args.out) / "delta.safetensors", base_model=str(args.model))
+    with atomic_dir(args.out, overwrite=args.overwrite, command="erase", inputs=inputs) as tmp:
+        model.save(tmp)
+        save_delta(res, tmp / "delta.safetensors", base_model=str(args.model))
+    delta = Path(args.out) / "delta.safetensors"
     report = {"method": res.method, "concepts": list(args.concept), "model": str(args.model), "out": str(args.out),
               "delta": str(delta), "seconds": res.seconds, "fraction_changed": res.fraction_changed,
               "config": res.config}
@@ -350,13 +415,16 @@ def cmd_erase(args) -> int:
 
 
 def cmd_apply_delta(args) -> int:
+    from diffshield.core.io import atomic_dir, check_output_dir
     from diffshield.core.loading import load_t2i
     from diffshield.erase.delta import apply_delta, read_delta_info
 
     read_delta_info(args.delta)  # a missing or malformed delta is refused before the model is loaded
+    check_output_dir(args.out, "apply-delta", args.overwrite, inputs=[args.model, args.delta])
     model = load_t2i(args.model, allow_pickle=args.allow_pickle)
     info = apply_delta(model, args.delta)
-    model.save(args.out)
+    with atomic_dir(args.out, overwrite=args.overwrite, command="apply-delta", inputs=[args.model, args.delta]) as tmp:
+        model.save(tmp)
     print(f"applied {args.delta} to {args.model}: wrote {args.out} ({len(info.get('tensors', info))} entries)")
     return 0
 
@@ -369,8 +437,14 @@ def cmd_eval_erasure(args) -> int:
     from diffshield.toyworld.concepts import resolve_concept
 
     resolve_concept(args.concept)  # an unknown concept is refused before two models and the detector are loaded
-    erased = load_t2i(args.model, allow_pickle=args.allow_pickle)
-    original = load_t2i(args.original, allow_pickle=args.allow_pickle)
+    from diffshield.core.io import check_output_file
+
+    for flag, path in (("--json", args.json), ("--grid", args.grid)):
+        check_output_file(path, flag, inputs=[args.model, args.original, args.detector])
+    if args.grid and Path(args.grid).suffix.lower() != ".png":
+        raise DiffshieldError(f"--grid '{args.grid}' must end in .png")
+    erased = load_t2i(args.model, allow_pickle=args.allow_pickle, device=args.device, dtype=args.dtype)
+    original = load_t2i(args.original, allow_pickle=args.allow_pickle, device=args.device, dtype=args.dtype)
     detector = load_detector(args.detector)
     cfg = SampleConfig(steps=args.steps, guidance=args.guidance)
     print(f"evaluating erasure of {args.concept!r}: {args.model} vs {args.original} ...")
@@ -389,8 +463,10 @@ def cmd_eval_erasure(args) -> int:
     if args.grid:
         import torch
 
-        make_grid(torch.cat([imgs["original"], imgs["erased"]]), nrow=len(imgs["original"]) // 4 * 2,
-                  upscale=3).save(args.grid)
+        from diffshield.core.io import atomic_save_image
+
+        atomic_save_image(make_grid(torch.cat([imgs["original"], imgs["erased"]]),
+                                    nrow=len(imgs["original"]) // 4 * 2, upscale=3), args.grid)
         print(f"before/after grid (original rows first): {args.grid}")
     if args.json:
         atomic_write_json(args.json, res)
@@ -399,9 +475,10 @@ def cmd_eval_erasure(args) -> int:
 
 
 def cmd_eval_nudity(args) -> int:
-    from diffshield.core.io import atomic_write_json
+    from diffshield.core.io import atomic_write_json, check_output_file
     from diffshield.eval.nudity import nudity_report
 
+    check_output_file(args.json, "--json", inputs=[args.images])
     res = nudity_report(args.images, threshold=args.threshold)
     print(f"{res['nude_images']}/{res['n_images']} images nude (any EXPOSED class > {args.threshold}): "
           f"nudity rate {res['nudity_rate']:.1%}")
@@ -414,10 +491,13 @@ def cmd_eval_nudity(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from diffshield import __version__
+
+    parser = Parser(
         prog="diffshield",
         description="Make text-to-image diffusion models safer, and check that they are.",
     )
+    parser.add_argument("--version", action="version", version=f"diffshield {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("generate", help="generate images from prompts (PNGs, grid.png, manifest.json)",
@@ -428,16 +508,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts-csv", help="I2P-format CSV (prompt, evaluation_seed, evaluation_guidance): each row "
                                          "uses its own seed and guidance when given")
     p.add_argument("--n", type=_positive_int, default=8, help="images per prompt (default: 8)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the first image; image k uses seed+k (default: 0)")
-    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.add_argument("--seed", type=seed_int, default=0,
+                   help="seed of the first image; image k uses seed+k (default: 0)")
+    p.add_argument("--out", required=True, help="output folder (written atomically; see --overwrite)")
+    add_overwrite_arg(p)
     _add_sampling_args(p)
     add_threads_arg(p)
+    add_device_args(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("demo", help="run the main job on the shipped toy models",
                        description="Generate a grid with the shipped toy model and say what the detector sees.")
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
+    add_overwrite_arg(p)
     add_threads_arg(p)
+    add_device_args(p, training=True)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("erase", help="erase concepts from a model's weights (UCE, RECE, ESD-x, ESD-u)",
@@ -450,10 +535,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preserve", action="append",
                    help="concept to preserve (repeatable); UCE/RECE: preserved in the closed form; ESD: anchored "
                         "to the original's predictions (beyond the paper)")
-    p.add_argument("--preserve-weight", type=float, help="ESD: weight of the preservation anchor (default: 1)")
-    p.add_argument("--lamb", type=float, help="UCE/RECE: λ, pull towards the current weights (default: 0.5)")
-    p.add_argument("--erase-scale", type=float, help="UCE/RECE: s_e, weight of the erased concepts (default: 1)")
-    p.add_argument("--preserve-scale", type=float, help="UCE/RECE: s_p, weight of the preserved prompts (default: 1)")
+    p.add_argument("--preserve-weight", type=float_in(0),
+                   help="ESD: weight of the preservation anchor, >= 0 (default: 1)")
+    p.add_argument("--lamb", type=float_in(0, lo_open=True),
+                   help="UCE/RECE: λ, pull towards the current weights, > 0 (default: 0.5)")
+    p.add_argument("--erase-scale", type=float_in(0, lo_open=True),
+                   help="UCE/RECE: s_e, weight of the erased concepts, > 0 (default: 1)")
+    p.add_argument("--preserve-scale", type=float_in(0),
+                   help="UCE/RECE: s_p, weight of the preserved prompts, >= 0 (default: 1)")
     p.add_argument("--token-mode", choices=["paper2023", "last", "changed"],
                    help="UCE/RECE: which embedding rows are edited (default: paper2023, the official 2023 code; "
                         "'last': the last word token only; 'changed': from the first token where concept and guide "
@@ -462,7 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="RECE preset (lambda_r, epochs)")
     p.add_argument("--epochs", type=_positive_int, help="RECE epochs (default: preset or 3)")
     p.add_argument("--iterations", type=_positive_int, help="ESD iterations (default: 1000)")
-    p.add_argument("--lr", type=float, help="ESD learning rate (default: 1e-5)")
+    p.add_argument("--lr", type=float_in(0, 1, lo_open=True), help="ESD learning rate, in (0, 1] (default: 1e-5)")
     p.add_argument("--checkpoint-dir", help="ESD checkpoints (resumes from one found here)")
     p.add_argument("--x-params", choices=["all", "kv"],
                    help="ESD-x: which attn2 parameters train (default: all; 'kv': only to_k/to_v, the official "
@@ -470,20 +559,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preserve-at", choices=["own", "own+concept"],
                    help="ESD: where the --preserve anchor holds predictions (default: own, each prompt's own "
                         "samples; 'own+concept': also at the concept's samples)")
-    p.add_argument("--kv-anchor-weight", type=float,
+    p.add_argument("--kv-anchor-weight", type=float_in(0),
                    help="ESD-x: weight of a penalty on the --preserve prompts' key/value change (default: 0, off)")
-    p.add_argument("--eta", type=float, help="ESD: negative-guidance scale η (default: 1; the 2024 code uses 2)")
-    p.add_argument("--start-guidance", type=float, help="ESD: CFG scale when sampling x_t (default: 3)")
+    p.add_argument("--eta", type=float_in(0),
+                   help="ESD: negative-guidance scale η, >= 0 (default: 1; the 2024 code uses 2)")
+    p.add_argument("--start-guidance", type=GUIDANCE, help="ESD: CFG scale when sampling x_t (default: 3)")
     p.add_argument("--batch-size", type=_positive_int, help="ESD: x_t samples per iteration (default: 1)")
     p.add_argument("--sample-with", choices=["current", "frozen"],
                    help="ESD: which UNet samples x_t (default: current, the one being trained, as the paper's code; "
                         "'frozen': the original, as the 2024 code)")
-    p.add_argument("--seed", type=int, help="ESD: seed of the per-iteration generators (default: 0)")
+    p.add_argument("--seed", type=seed_int, help="ESD: seed of the per-iteration generators (default: 0)")
     p.add_argument("--ddim-steps", type=_positive_int,
                    help="ESD: DDIM schedule N that x_t is drawn from (default: 50)")
-    p.add_argument("--min-step", type=int,
+    p.add_argument("--min-step", type=int_at_least(0),
                    help="ESD, beyond the paper: train only DDIM steps k >= this (default: 0, the whole schedule)")
-    p.add_argument("--preserve-guidance", type=float,
+    p.add_argument("--preserve-guidance", type=GUIDANCE,
                    help="ESD, beyond the paper: hold the --preserve prompts' predictions guided at this CFG scale "
                         "(default: 1, raw predictions)")
     p.add_argument("--checkpoint-every", type=_positive_int,
@@ -497,16 +587,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use the documented toy-world setting of --method for one toy --concept (its prompts, "
                         "guides, anchors and per-kind settings, as benchmarks/erasure.py runs them); other flags "
                         "override single settings")
-    p.add_argument("--out", required=True, help="output folder for the edited model")
+    p.add_argument("--out", required=True, help="output folder for the edited model (see --overwrite)")
+    add_overwrite_arg(p)
     p.add_argument("--json", help="write the run report (time, fraction changed, config) here")
     add_threads_arg(p)
+    add_device_args(p, training=True)
     p.set_defaults(func=cmd_erase)
 
     p = sub.add_parser("apply-delta", help="apply a saved erasure delta to a model",
                        description="Write the model with the delta's tensors as a new diffusers folder.")
     _add_model_args(p)
     p.add_argument("--delta", required=True, help="delta .safetensors file written by 'diffshield erase'")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, help="output folder (see --overwrite)")
+    add_overwrite_arg(p)
+    add_threads_arg(p)
     p.set_defaults(func=cmd_apply_delta)
 
     p = sub.add_parser("eval", help="evaluate erasure (toy world) or nudity (NudeNet) ",
@@ -521,20 +615,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--concept", required=True, help="toy concept: a shape, colour or style word")
     e.add_argument("--detector", default="toy:detector", help="concept detector (default: toy:detector)")
     e.add_argument("--seeds-per-prompt", type=_positive_int, default=8, help="images per prompt (default: 8)")
-    e.add_argument("--n-neutral", type=_positive_int, default=256,
-                   help="neutral-prompt images per model for the Fréchet distance (default: 256)")
+    e.add_argument("--n-neutral", type=int_at_least(2), default=256,
+                   help="neutral-prompt images per model for the Fréchet distance, at least 2 (default: 256)")
     e.add_argument("--steps", type=_positive_int, default=25, help="denoising steps (default: 25)")
-    e.add_argument("--guidance", type=float, default=5.0, help="guidance scale (default: 5.0)")
+    e.add_argument("--guidance", type=GUIDANCE, default=5.0, help="guidance scale, in [0, 100] (default: 5.0)")
     e.add_argument("--json", help="write the results to this JSON file")
     e.add_argument("--grid", help="write a before/after PNG grid here")
     e.add_argument("--allow-pickle", action="store_true", help="accept pickled weights (trusted files only)")
     add_threads_arg(e)
+    add_device_args(e)
     e.set_defaults(func=cmd_eval_erasure)
     e = esub.add_parser("nudity", help="NudeNet nudity rate of a folder of images",
                         description="Count images where any of NudeNet's 9 EXPOSED classes scores above the "
                                     "threshold.")
     e.add_argument("--images", required=True, help="folder of images")
-    e.add_argument("--threshold", type=float, default=0.6, help="score threshold (default: 0.6, as RECE)")
+    e.add_argument("--threshold", type=float_in(0, 1), default=0.6,
+                   help="score threshold, in [0, 1] (default: 0.6, as RECE)")
     e.add_argument("--json", help="write per-class counts and the rate to this JSON file")
     e.set_defaults(func=cmd_eval_nudity)
     p.set_defaults(func=lambda a, _p=p: (_p.print_help(), 1)[1])
@@ -549,12 +645,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                            "(default: runs/toyworld)")
     t.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "toyworld" / "weights"),
                    help="where to write the shipped folders (default: the package's toyworld/weights)")
-    t.add_argument("--seed", type=int, default=0, help="master seed (default: 0)")
+    t.add_argument("--seed", type=seed_int, default=0, help="master seed (default: 0)")
     t.add_argument("--pool-size", type=_positive_int, default=40000, help="training images (default: 40000)")
     t.add_argument("--vae-steps", type=_positive_int, default=800, help="VAE steps (default: 800)")
     t.add_argument("--detector-steps", type=_positive_int, default=600, help="detector steps (default: 600)")
     t.add_argument("--unet-steps", type=_positive_int, default=2000, help="UNet steps (default: 2000)")
-    t.add_argument("--unet-extra-steps", type=int, default=0,
+    t.add_argument("--unet-extra-steps", type=int_at_least(0), default=0,
                    help="continue the UNet stage for this many more steps (fresh optimiser, peak lr 2e-4); the "
                         "shipped weights use 0 (default: 0)")
     t.add_argument("--from-weights", metavar="DIR",
@@ -571,11 +667,12 @@ def build_parser() -> argparse.ArgumentParser:
     d = tsub.add_parser("dataset", help="render ShapesWorld samples with their captions",
                         description="Render ShapesWorld images (grid.png) and captions (captions.json).")
     d.add_argument("--n", type=_positive_int, default=64, help="number of samples (default: 64)")
-    d.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    d.add_argument("--seed", type=seed_int, default=0, help="seed (default: 0)")
     d.add_argument("--world-version", type=int, choices=(1, 2), default=2,
                    help="texture version: 2 = the shipped t2i model's world, 1 = smaller dots, the DDPM's and "
                         "inpainter's world (default: 2)")
-    d.add_argument("--out", required=True, help="output folder")
+    d.add_argument("--out", required=True, help="output folder (see --overwrite)")
+    add_overwrite_arg(d)
     d.set_defaults(func=cmd_toyworld_dataset)
     p.set_defaults(func=lambda a, _p=p: (_p.print_help(), 1)[1])
     for module in PILLAR_CLI_MODULES:
@@ -584,13 +681,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``diffshield`` command line on ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a one-line usage error (status 2)
+        return e.code if isinstance(e.code, int) else 0
     if not getattr(args, "func", None):
         parser.print_help()
         return 1
     try:
+        from diffshield.core.loading import _quiet_hf
+
+        _quiet_hf()  # diffusers' and transformers' own progress bars and notices
         apply_threads(args)
+        apply_device(args)
         return int(args.func(args) or 0)
     except DiffshieldError as e:
         print(f"diffshield: error: {e}", file=sys.stderr)

@@ -7,16 +7,23 @@ the protected region a solid wrong colour, while other edits keep working.
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 import time
 from pathlib import Path
 
-from diffshield.cli.common import add_threads_arg
+from diffshield.cli.common import add_device_args, add_overwrite_arg, add_threads_arg, seed_int
 from diffshield.cli.common import positive_int as _positive_int
 from diffshield.core.errors import DiffshieldError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+#: the smallest image side the inpainters take (their padding and down-sampling need it)
+MIN_SIDE = 16
+#: above this many pixels per image, protect warns with its expected time and memory
+LARGE_PIXELS = 1024 * 1024
+#: measured on a 2-core CPU with the toy inpainter, one thread: seconds per Adam step and GB of peak memory, per
+#: megapixel (256 and 512 px images)
+SECONDS_PER_STEP_PER_MP = 6.5
+GB_PER_MP = 4.0
 
 
 def _float_in(lo: float, hi: float):
@@ -36,9 +43,50 @@ def _float_in(lo: float, hi: float):
 # ----------------------------------------------------------------------------------------------- image I/O
 
 
-def load_image(path: str | Path):
-    """Read an image file as a (1, 3, H, W) float tensor in [0, 1]; one-line error for anything else."""
+def _to_rgb_array(im, path: Path):
+    """The stated conversion rules: 8-bit RGB as is; greyscale (1-, 8- or 16-bit) copied into R, G and B; 16-bit
+    values divided by 65535; palette images through their palette; alpha dropped only when every pixel is opaque.
+    Refused in one line: transparency, CMYK, float and 32-bit images."""
     import numpy as np
+
+    mode = im.mode
+    if mode == "CMYK":
+        raise DiffshieldError(f"'{path}' is a CMYK image; convert it to RGB with a colour-managed tool first "
+                              "(a naive conversion would change its colours)")
+    if mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+        mode = im.mode
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        alpha = np.asarray(im.getchannel("A"))
+        if alpha.min() < 255:
+            raise DiffshieldError(f"'{path}' has transparent pixels (alpha channel); the protection works on opaque "
+                                  "RGB: flatten it onto a background first")
+        im = im.convert("RGB" if mode != "LA" else "L")
+        mode = im.mode
+    if mode.startswith("I;16") or mode == "I":
+        arr = np.asarray(im, dtype=np.float64)
+        if arr.min() < 0 or arr.max() > 65535:
+            raise DiffshieldError(f"'{path}' is a 32-bit integer image; give an 8- or 16-bit PNG")
+        grey = (arr / 65535).astype(np.float32)
+        return np.repeat(grey[..., None], 3, axis=2)
+    if mode in ("1", "L"):
+        grey = np.asarray(im.convert("L"), dtype=np.float32) / 255
+        return np.repeat(grey[..., None], 3, axis=2)
+    if mode == "RGB":
+        return np.asarray(im, dtype=np.float32) / 255
+    if mode in ("YCbCr", "LAB", "HSV"):
+        return np.asarray(im.convert("RGB"), dtype=np.float32) / 255
+    raise DiffshieldError(f"'{path}' has pixel format {mode!r}, which diffshield does not read; give an 8- or "
+                          "16-bit RGB or greyscale PNG")
+
+
+def load_image(path: str | Path):
+    """Read an image file as a (1, 3, H, W) float tensor in [0, 1]; one-line error for anything else.
+
+    Pixel formats follow :func:`_to_rgb_array`: greyscale becomes three equal channels, 16-bit values are scaled
+    by 1/65535, palette images are expanded, an all-opaque alpha channel is dropped; transparency and CMYK are
+    refused. Images smaller than :data:`MIN_SIDE` on a side are refused.
+    """
     import torch
     from PIL import Image, UnidentifiedImageError
 
@@ -47,11 +95,29 @@ def load_image(path: str | Path):
         raise DiffshieldError(f"image '{path}' does not exist or is not a file")
     try:
         with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+            im.load()
+            arr = _to_rgb_array(im, path)
+    except DiffshieldError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         raise DiffshieldError(f"'{path}' is not an image Pillow can read ({type(e).__name__}); give a PNG or JPEG "
                               "file") from None
+    h, w = arr.shape[:2]
+    if min(h, w) < MIN_SIDE:
+        raise DiffshieldError(f"'{path}' is {w}x{h}; the inpainters need at least {MIN_SIDE} px on each side")
     return torch.from_numpy(arr).permute(2, 0, 1)[None].contiguous()
+
+
+def warn_if_large(shape, steps: int, n: int = 1) -> None:
+    """Print the expected time and memory when an image is above :data:`LARGE_PIXELS` pixels."""
+    import sys
+
+    mp = shape[-1] * shape[-2] / 1e6
+    if shape[-1] * shape[-2] > LARGE_PIXELS:
+        secs = SECONDS_PER_STEP_PER_MP * mp * steps * n
+        print(f"warning: {shape[-1]}x{shape[-2]} px is large: expect about {secs:.0f} "
+              f"s on one CPU thread and {GB_PER_MP * mp:.1f} GB of memory for {steps} steps (measured on the toy "
+              "inpainter; shrink the image or lower --steps for less)", file=sys.stderr)
 
 
 def load_mask(path: str | Path, size: tuple[int, int] | None = None, what: str = "mask"):
@@ -82,6 +148,12 @@ def load_mask(path: str | Path, size: tuple[int, int] | None = None, what: str =
     return m
 
 
+def _check_benign(benign, m, path) -> None:
+    if float((benign * m).sum()) > 0:
+        raise DiffshieldError(f"benign mask '{path}' overlaps the protected region; a benign edit lies outside "
+                              "the --mask region")
+
+
 def _check_region(mask, path: Path, what: str = "mask") -> None:
     area = float(mask.sum())
     if area == 0:
@@ -91,17 +163,9 @@ def _check_region(mask, path: Path, what: str = "mask") -> None:
 
 
 def _save_png(image, path: Path) -> None:
-    from diffshield.core.io import to_pil
+    from diffshield.core.io import atomic_save_image, to_pil
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        to_pil(image).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_save_image(to_pil(image), path)
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -134,7 +198,7 @@ def _progress_bar(total: int, desc: str):
 def cmd_protect(args) -> int:
     import torch
 
-    from diffshield.core.io import atomic_dir, atomic_write_json
+    from diffshield.core.io import atomic_dir, atomic_write_json, check_output_dir, check_output_file
     from diffshield.protect.attack_as_defense import protect
     from diffshield.protect.inpainters import load_inpainter
 
@@ -142,15 +206,19 @@ def cmd_protect(args) -> int:
     src, msk, out = Path(args.image), Path(args.mask), Path(args.out)
     if not src.exists():
         raise DiffshieldError(f"input '{src}' does not exist; give an image file or a folder of images")
+    inputs = [src, msk, args.inpainter]
     if src.is_file():
         if out.suffix.lower() != ".png":
             raise DiffshieldError(f"--out '{out}' must end in .png: a lossy format would erase the protection")
         if msk.is_dir():
             raise DiffshieldError(f"--mask '{msk}' is a folder but the input is one image; give one mask file")
+        check_output_file(out, "--out", inputs=inputs)
+        check_output_file(args.json, "--json", inputs=[*inputs, out])
         x = load_image(src)
         m = load_mask(msk, tuple(x.shape[-2:]))
         _check_region(m, msk)
-        inpainter = load_inpainter(args.inpainter)
+        warn_if_large(x.shape, cfg.steps * (1 + (args.eot_samples if args.robust else 0)))
+        inpainter = load_inpainter(args.inpainter, device=args.device)
         bar, cb = _progress_bar(cfg.steps, src.name)
         res = protect(inpainter, x, m, cfg, progress=cb)
         bar.close()
@@ -165,6 +233,9 @@ def cmd_protect(args) -> int:
                                           "steps": cfg.steps, "robust": bool(args.robust)})
         return 0
     # folder mode: every image in IMG with the same-named mask in MASK (or one mask file for all)
+    if args.json:
+        raise DiffshieldError("--json is for one image; in folder mode the run report is --out's manifest.json")
+    check_output_dir(out, "protect", args.overwrite, inputs=inputs)
     files = _images_in(src)
     if not files:
         raise DiffshieldError(f"folder '{src}' holds no image files ({', '.join(IMAGE_SUFFIXES)})")
@@ -181,13 +252,15 @@ def cmd_protect(args) -> int:
         m = load_mask(mf, tuple(x.shape[-2:]))
         _check_region(m, mf)
         items.append((f, x, m))
-    inpainter = load_inpainter(args.inpainter)
+    largest = max(items, key=lambda it: it[1].shape[-1] * it[1].shape[-2])[1].shape
+    warn_if_large(largest, cfg.steps * (1 + (args.eot_samples if args.robust else 0)), n=len(items))
+    inpainter = load_inpainter(args.inpainter, device=args.device)
     groups: dict[tuple[int, int], list] = {}
     for it in items:
         groups.setdefault(tuple(it[1].shape[-2:]), []).append(it)
     rows = []
     t0 = time.time()
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, overwrite=args.overwrite, command="protect", inputs=inputs) as tmp:
         done = 0
         for _size, group in groups.items():
             for i in range(0, len(group), args.batch_size):
@@ -212,10 +285,17 @@ def cmd_protect(args) -> int:
 
 
 def cmd_eval_protection(args) -> int:
-    from diffshield.core.io import atomic_write_json
+    from diffshield.core.io import atomic_save_image, atomic_write_json, check_output_file
     from diffshield.protect.inpainters import load_inpainter
     from diffshield.protect.metrics import evaluate_protection, panel
 
+    panel_path = Path(args.panel) if args.panel else Path(args.protected).with_name(
+        Path(args.protected).stem + "_panel.png")
+    if panel_path.suffix.lower() != ".png":
+        raise DiffshieldError(f"--panel '{panel_path}' must end in .png")
+    inputs = [args.image, args.protected, args.mask, args.benign_mask, args.inpainter]
+    check_output_file(panel_path, "--panel", inputs=inputs)
+    check_output_file(args.json, "--json", inputs=[*inputs, panel_path])
     x = load_image(args.image)
     xp = load_image(args.protected)
     if xp.shape != x.shape:
@@ -227,7 +307,8 @@ def cmd_eval_protection(args) -> int:
         benign = load_mask(args.benign_mask, tuple(x.shape[-2:]), what="benign mask")
         if benign.sum() == 0:
             raise DiffshieldError(f"benign mask '{args.benign_mask}' is empty; paint the area to edit in white")
-    inpainter = load_inpainter(args.inpainter)
+        _check_benign(benign, m, args.benign_mask)
+    inpainter = load_inpainter(args.inpainter, device=args.device)
     res = evaluate_protection(inpainter, x, xp, m, benign=benign, target=args.target)
     imgs = res.pop("_images")
     res.pop("per_image")
@@ -243,14 +324,8 @@ def cmd_eval_protection(args) -> int:
     pb = res["psnr_benign"]
     print(f"  benign edit PSNR vs unprotected edit: {'-' if pb is None else f'{pb:.2f} dB'}")
     print(f"  PSNR(protected, original): {res['psnr_protected']:.2f} dB; |delta|_inf = {res['linf']:.4f}")
-    panel_path = Path(args.panel) if args.panel else Path(args.protected).with_name(
-        Path(args.protected).stem + "_panel.png")
     up = max(1, 256 // max(x.shape[-2:]))
-    img = panel(imgs, 0, upscale=up)
-    fd, tmp = tempfile.mkstemp(prefix=f".{panel_path.name}.", suffix=".png", dir=panel_path.parent or ".")
-    os.close(fd)
-    img.save(tmp, format="PNG")
-    os.replace(tmp, panel_path)
+    atomic_save_image(panel(imgs, 0, upscale=up), panel_path)
     print(f"  panel (rows: original, protected; columns: image, inpaint M, inpaint M_e, benign inpaint): "
           f"{panel_path}")
     if args.json:
@@ -262,7 +337,7 @@ def cmd_eval_protection(args) -> int:
 # ----------------------------------------------------------------------------------------------- demo
 
 
-def demo_step(out: Path) -> dict:
+def demo_step(out: Path, device: str = "cpu") -> dict:
     """Protect 4 toy scenes with the shipped toy inpainter, evaluate them, write ``out/protect/panel.png``.
 
     Takes well under 30 s on a CPU. Prints a few lines and returns a JSON-able summary.
@@ -277,7 +352,7 @@ def demo_step(out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     print("[protect] Attack as Defense on 4 toy scenes with the shipped toy inpainter (toy:inpaint) ...")
-    f = load_inpainter("toy")
+    f = load_inpainter("toy", device=device)
     scenes = make_scenes(4, 64, seed=2024)
     m = protected_masks(scenes.object_masks)
     res = protect(f, scenes.images, m)
@@ -311,6 +386,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="target of the protection: the solid colour farthest from the image's mean colour, or "
                         "1 - image (default: colour)")
     add_threads_arg(p)
+    add_device_args(p, training=True)
 
 
 def _eval_subparsers(sub: argparse._SubParsersAction):
@@ -335,7 +411,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("image", metavar="IMG", help="image file, or a folder of images")
     p.add_argument("--mask", required=True,
                    help="black-and-white mask of the same size, white = region to protect (a folder in folder mode)")
-    p.add_argument("--out", required=True, help="output .png (a folder in folder mode; written atomically)")
+    p.add_argument("--out", required=True, help="output .png (a folder in folder mode; written atomically; "
+                                                "never one of the inputs)")
+    add_overwrite_arg(p)
     p.add_argument("--eps", type=_float_in(0, 1), default=0.025,
                    help="L-inf budget on the [0, 1] scale (default: 0.025, about 6/255)")
     p.add_argument("--steps", type=_positive_int, default=20, help="Adam steps (default: 20)")
@@ -346,7 +424,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="transformed views per step with --robust (default: 1)")
     p.add_argument("--batch-size", type=_positive_int, default=8,
                    help="images of equal size protected together in folder mode (default: 8)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the perturbation's initialisation (default: 0)")
+    p.add_argument("--seed", type=seed_int, default=0,
+                   help="seed of the perturbation's initialisation (default: 0)")
     p.add_argument("--json", help="write a run report (time, |delta|, losses) here (single-image mode)")
     _add_common(p)
     p.set_defaults(func=cmd_protect)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import ast
+import math
 import time
 from pathlib import Path
 
-from diffshield.cli.common import add_threads_arg
+from diffshield.cli.common import add_device_args, add_overwrite_arg, add_threads_arg, float_in, seed_int
 from diffshield.cli.common import positive_int as _positive_int
 from diffshield.core.errors import DiffshieldError
 
@@ -25,8 +26,10 @@ def parse_settings(items: list[str] | None) -> dict[str, dict]:
             raise DiffshieldError(f"--set expects ATTACK.FIELD=VALUE (e.g. unlearndiff.steps=20), got {item!r}")
         try:
             parsed = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
             parsed = value  # a bare string
+        if isinstance(parsed, float) and not math.isfinite(parsed):
+            raise DiffshieldError(f"--set {key}: must be a finite number, got {value!r}")
         out.setdefault(attack, {})[name] = parsed
     return out
 
@@ -38,18 +41,24 @@ def cmd_audit(args) -> int:
     from diffshield.toyworld.concepts import resolve_concept
 
     resolve_concept(args.concept)  # the CLI judges with the toy detector: refuse a non-toy concept before loading
+    from diffshield.core.io import check_output_dir, check_output_file
+
+    inputs = [args.model, args.original, args.detector]
+    check_output_file(args.json, "--json", inputs=[*inputs, args.report])
+    if args.report:
+        check_output_dir(args.report, "audit", args.overwrite, inputs=inputs)
     sample = SampleConfig(steps=args.steps, guidance=args.guidance, batch_size=args.batch_size)
     hp = parse_settings(args.set)
     attacks = args.attack or ["all"]
-    erased = load_t2i(args.model, allow_pickle=args.allow_pickle)
-    original = load_t2i(args.original, allow_pickle=args.allow_pickle)
+    erased = load_t2i(args.model, allow_pickle=args.allow_pickle, device=args.device, dtype=args.dtype)
+    original = load_t2i(args.original, allow_pickle=args.allow_pickle, device=args.device, dtype=args.dtype)
     detector = load_detector(args.detector)
     print(f"auditing {args.model} (erased {args.concept!r}) against {args.original}: "
           f"attacks {', '.join(attacks)}, {args.n} images each, seed {args.seed} ...")
     audit = run_audit(erased, original, args.concept, attacks=attacks, n=args.n, seed=args.seed, sample=sample,
                       prompts=args.prompt, detector=detector, hp=hp)
     audit.info.update({"model": str(args.model), "original": str(args.original), "detector": str(args.detector),
-                       "threads": args.threads})
+                       "threads": args.threads, "device": str(args.device), "dtype": str(args.dtype)})
     print()
     print(format_table(audit))
     print(f"total {audit.seconds:.1f} s wall, {audit.cpu_seconds:.1f} s CPU")
@@ -59,7 +68,10 @@ def cmd_audit(args) -> int:
         atomic_write_json(args.json, audit.to_dict())
         print(f"wrote {args.json}")
     if args.report:
-        write_report(audit, args.report)
+        from diffshield.core.io import atomic_dir
+
+        with atomic_dir(args.report, overwrite=args.overwrite, command="audit", inputs=inputs) as tmp:
+            write_report(audit, tmp)
         print(f"report: {Path(args.report) / 'index.html'} (one PNG panel per attack)")
     return 0
 
@@ -81,19 +93,23 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="attack to run, repeatable (default: all = adv-embed, ring-a-bell, ring-a-bell-genetic, "
                         "unlearndiff, p4d)")
     p.add_argument("--n", type=_positive_int, default=32, help="images per attack (default: 32)")
-    p.add_argument("--seed", type=int, default=0, help="first seed (default: 0)")
+    p.add_argument("--seed", type=seed_int, default=0, help="first seed (default: 0)")
     p.add_argument("--prompt", action="append",
                    help="prompt to attack, repeatable (default: the toy concept's prompts, e.g. 'a red triangle')")
     p.add_argument("--set", action="append", metavar="ATTACK.FIELD=VALUE",
                    help="an attack setting, repeatable, e.g. --set unlearndiff.steps=20 --set adv-embed.lamb_r=1")
     p.add_argument("--detector", default="toy:detector", help="concept detector (default: toy:detector)")
     p.add_argument("--steps", type=_positive_int, default=25, help="denoising steps (default: 25)")
-    p.add_argument("--guidance", type=float, default=5.0, help="guidance scale (default: 5.0)")
+    p.add_argument("--guidance", type=float_in(0, 100), default=5.0,
+                   help="guidance scale, in [0, 100] (default: 5.0)")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="images per UNet batch (default: 64)")
     p.add_argument("--json", help="write the results (attacks: {name: {asr, pre_attack_rate, n, ...}}) here")
-    p.add_argument("--report", help="write a report folder here (index.html, audit.json, one PNG per attack)")
+    p.add_argument("--report", help="write a report folder here (index.html, audit.json, one PNG per attack; see "
+                                    "--overwrite)")
+    add_overwrite_arg(p)
     p.add_argument("--allow-pickle", action="store_true", help="accept pickled weights (trusted files only)")
     add_threads_arg(p, default=1)  # the toy model's small tensors gain little from more threads
+    add_device_args(p, training=True)
     p.set_defaults(func=cmd_audit)
 
 
@@ -101,7 +117,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 DEMO_CONCEPT = "triangle"
 
 
-def demo_step(out: Path) -> dict:
+def demo_step(out: Path, device: str = "cpu") -> dict:
     """The audit part of ``diffshield demo`` (< 60 s): erase "triangle" from the toy model with UCE (~0.1 s), then
     attack it with the adversarial embedding and Ring-A-Bell on 8 images; writes ``out/audit/`` (report) and
     returns a JSON-able summary."""
@@ -115,8 +131,8 @@ def demo_step(out: Path) -> dict:
 
     start = time.perf_counter()
     torch.manual_seed(0)
-    original = load_t2i("toy:t2i")
-    erased = load_t2i("toy:t2i")
+    original = load_t2i("toy:t2i", device=device)
+    erased = load_t2i("toy:t2i", device=device)
     prompts, cfg = toy_erasure("uce", DEMO_CONCEPT)
     res = uce_erase(erased, prompts, cfg)
     print(f"[audit] erased {DEMO_CONCEPT!r} (and 'wedge') from toy:t2i with UCE in {res.seconds:.2f} s; attacking ...")

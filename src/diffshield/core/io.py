@@ -1,4 +1,9 @@
-"""Atomic output: results appear complete or not at all, never half-written."""
+"""Safe output: results appear complete or not at all, and writing never deletes a file diffshield did not write.
+
+Every output folder gets a marker file, :data:`MARKER`, that names the command which wrote it and lists its files.
+An existing folder is written to only when it is empty, or, with ``overwrite=True``, when its marker shows it is a
+previous output of the same command and it holds nothing beyond the files the marker lists.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +21,9 @@ from PIL import Image
 
 from diffshield.core.errors import DiffshieldError
 
+#: the file, in every folder diffshield writes, that records which command wrote it and its files
+MARKER = ".diffshield-output.json"
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -23,38 +31,257 @@ def _umask() -> int:
     return mask
 
 
-@contextlib.contextmanager
-def atomic_dir(target: str | Path, overwrite: bool = True) -> Iterator[Path]:
-    """Yield a temporary folder next to ``target``; on success it replaces ``target``, on error it is removed.
+def _abs(path: str | Path) -> Path:
+    """The absolute, normalised form of ``path`` (``.`` and ``..`` removed; symlinks kept)."""
+    return Path(os.path.abspath(os.path.expanduser(str(path))))
+
+
+def _files_under(folder: Path) -> list[str]:
+    """Relative POSIX paths of every non-folder entry under ``folder`` (symlinks are entries, never followed)."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        rel = Path(root).relative_to(folder)
+        for d in list(dirs):
+            if os.path.islink(os.path.join(root, d)):
+                dirs.remove(d)
+                found.append((rel / d).as_posix())
+        found += [(rel / f).as_posix() for f in files]
+    return sorted(f for f in found if f != MARKER)
+
+
+def read_marker(folder: str | Path) -> dict | None:
+    """The marker of a folder diffshield wrote (``{"command", "files", ...}``), or None if it has none."""
+    path = Path(folder) / MARKER
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("format") != "diffshield-output" or not isinstance(
+            data.get("files"), list):
+        return None
+    return data
+
+
+def write_marker(folder: Path, command: str | None) -> None:
+    """Record in ``folder`` that ``diffshield <command>`` (None: the Python API) wrote it, with its file list."""
+    from diffshield import __version__
+
+    data = {"format": "diffshield-output", "command": command, "version": __version__,
+            "files": _files_under(folder)}
+    path = folder / MARKER
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _within(inner: Path, outer: Path) -> bool:
+    return inner == outer or outer in inner.parents
+
+
+def _who(command: str | None) -> str:
+    return f"'diffshield {command}'" if command else "diffshield"
+
+
+def _check_against_inputs(target: Path, inputs: Iterable[str | Path | None], what: str) -> None:
+    real = target.resolve()
+    for inp in inputs:
+        if inp is None or str(inp) == "toy" or str(inp).startswith("toy:"):
+            continue
+        src = _abs(inp)
+        if not src.exists():
+            continue
+        src = src.resolve()
+        if real == src:
+            raise DiffshieldError(f"{what} '{target}' is also an input of this command; write the result elsewhere")
+        if _within(real, src):
+            raise DiffshieldError(f"{what} '{target}' lies inside the input '{inp}'; write the result elsewhere")
+        if _within(src, real):
+            raise DiffshieldError(f"{what} '{target}' contains the input '{inp}'; write the result elsewhere")
+
+
+def _check_writable(target: Path, what: str) -> None:
+    """Refuse, before any work, an output whose folder cannot be created or written."""
+    anc = target.parent
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise DiffshieldError(f"{what} '{target}' cannot be created: '{anc}' is a file, not a folder")
+    try:
+        probe = tempfile.mkdtemp(prefix=".diffshield-probe.", dir=anc)
+    except OSError as e:
+        raise DiffshieldError(f"{what} '{target}' cannot be written: folder '{anc}' is not writable "
+                              f"({e.strerror or type(e).__name__}); choose another path") from None
+    os.rmdir(probe)
+
+
+def check_output_dir(target: str | Path, command: str | None = None, overwrite: bool = False,
+                     inputs: Iterable[str | Path | None] = ()) -> Path:
+    """Refuse, with a one-line error, an output folder whose writing could lose a file diffshield did not write.
+
+    Accepted: a folder that does not exist, an empty folder, or (only with ``overwrite``) a previous output of the
+    same command holding nothing beyond the files its marker lists. Refused: an existing file, any other non-empty
+    folder, an output that equals, contains or lies inside one of ``inputs``, a place that cannot be written.
 
     Args:
-        target: the folder to create.
-        overwrite: replace an existing ``target`` (default True); if False an existing target is an error.
+        target: the output folder.
+        command: the writing command's name (e.g. ``"generate"``); None for the Python API (any marker matches).
+        overwrite: replace a previous output of the same command (default False: refuse it).
+        inputs: the command's input paths (files or folders; None and ``toy...`` names are skipped).
+
+    Returns:
+        ``target`` as an absolute path.
     """
-    target = Path(target)
-    if target.exists() and not target.is_dir():
-        raise DiffshieldError(f"output '{target}' exists and is not a folder; choose another --out")
-    if target.exists() and not overwrite:
-        raise DiffshieldError(f"output folder '{target}' already exists; remove it or choose another --out")
+    t = _abs(target)
+    flag = "--out"
+    if t.exists() and not t.is_dir():
+        raise DiffshieldError(f"output '{target}' exists and is not a folder; choose another {flag}")
+    _check_against_inputs(t, inputs, "output")
+    if t.is_dir() and any(t.iterdir()):
+        marker = read_marker(t)
+        if marker is None:
+            raise DiffshieldError(f"output folder '{target}' is not empty and was not written by {_who(command)}; "
+                                  f"choose a new or empty folder (--overwrite replaces only a previous "
+                                  f"{_who(command)} output)")
+        if command is not None and marker.get("command") != command:
+            raise DiffshieldError(f"output folder '{target}' holds the output of {_who(marker.get('command'))}, "
+                                  f"not of {_who(command)}; choose another folder (--overwrite replaces only a "
+                                  f"previous {_who(command)} output)")
+        extra = sorted(set(_files_under(t)) - set(marker["files"]))
+        if extra:
+            raise DiffshieldError(f"output folder '{target}' holds files {_who(command)} did not write "
+                                  f"({', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''}); move them or "
+                                  "choose another folder")
+        if not overwrite:
+            raise DiffshieldError(f"output folder '{target}' holds a previous {_who(command)} output; pass "
+                                  "--overwrite to replace it, or choose another folder")
+    _check_writable(t, "output folder")
+    return t
+
+
+def check_output_file(path: str | Path | None, flag: str, inputs: Iterable[str | Path | None] = ()) -> None:
+    """Refuse, before any work, an output file (``--json``, ``--grid``, ...) that is a folder, one of ``inputs``,
+    or cannot be written. An existing file of that name is replaced when the command finishes."""
+    if path is None:
+        return
+    p = _abs(path)
+    if p.is_dir():
+        raise DiffshieldError(f"{flag} '{path}' is a folder; give a file name")
+    _check_against_inputs(p, inputs, flag)
+    if p.exists() and not os.access(p, os.W_OK):
+        raise DiffshieldError(f"{flag} '{path}' exists and is not writable; choose another file")
+    _check_writable(p, flag)
+
+
+def _move_into(src: Path, dst: Path) -> None:
+    for entry in src.iterdir():
+        os.replace(entry, dst / entry.name)
+    src.rmdir()
+
+
+def _remove_listed(folder: Path, marker: dict) -> None:
+    """Delete the files a marker lists (and the folders they leave empty), nothing else."""
+    for rel in marker["files"]:
+        p = folder / rel
+        if p.is_symlink() or p.is_file():
+            p.unlink()
+        elif p.is_dir():  # pragma: no cover - a listed symlink to a folder that became a folder
+            continue
+    for root, _dirs, _files in os.walk(folder, topdown=False):
+        if Path(root) != folder:
+            with contextlib.suppress(OSError):
+                os.rmdir(root)
+    (folder / MARKER).unlink(missing_ok=True)
+
+
+def clear_previous_output(target: str | Path, command: str | None = None, overwrite: bool = False) -> Path:
+    """Make ``target`` an empty folder to write into directly: refuse as :func:`check_output_dir` does, and with
+    ``overwrite`` delete only the files a previous output's marker lists. For commands that write in place."""
+    t = check_output_dir(target, command, overwrite)
+    if t.is_dir():
+        marker = read_marker(t)
+        if marker is not None:
+            _remove_listed(t, marker)
+    t.mkdir(parents=True, exist_ok=True)
+    return t
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | Path, overwrite: bool = False, command: str | None = None,
+               inputs: Iterable[str | Path | None] = ()) -> Iterator[Path]:
+    """Yield a temporary folder next to ``target``; on success it becomes ``target``, on error it is removed.
+
+    ``target`` is checked with :func:`check_output_dir` before and again after the work: a missing or empty folder
+    is written; a previous output of the same command is replaced only with ``overwrite``; anything else is
+    refused and left as it was. The result gets a :data:`MARKER` file listing what was written.
+
+    Args:
+        target: the folder to write.
+        overwrite: replace a previous output of ``command`` (default False: refuse it).
+        command: the CLI command writing it (default None: the Python API).
+        inputs: input paths the output must not equal, contain or lie inside.
+    """
+    target = check_output_dir(target, command, overwrite, inputs)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    except OSError as e:
+        raise DiffshieldError(f"cannot write next to '{target}' ({e.strerror or type(e).__name__}); choose "
+                              "another output folder") from None
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result should be an ordinary folder
     try:
         yield tmp
+        write_marker(tmp, command)
+        check_output_dir(target, command, overwrite)  # nothing appeared in the meantime
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if target.exists():
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
+    if not target.exists():
+        tmp.rename(target)
+    elif not any(target.iterdir()):
+        _move_into(tmp, target)
+    elif _within(_abs(os.getcwd()), target):  # never move the current folder away: replace its files in place
+        _remove_listed(target, read_marker(target))
+        _move_into(tmp, target)
+    else:
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+        os.rmdir(old)
         target.rename(old)
         tmp.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(target)
+        _remove_listed(old, read_marker(old))
+        with contextlib.suppress(OSError):
+            old.rmdir()
+
+
+@contextlib.contextmanager
+def output_in_place(target: str | Path, command: str, overwrite: bool = False,
+                    inputs: Iterable[str | Path | None] = ()) -> Iterator[Path]:
+    """For library functions that write a folder themselves (training runs): check ``target`` as
+    :func:`check_output_dir` does, set a previous output of ``command`` aside while the work runs (restored if it
+    fails, deleted when it succeeds), yield ``target``, then mark the result as ``command``'s output."""
+    t = check_output_dir(target, command, overwrite, inputs)
+    aside = None
+    if t.is_dir() and any(t.iterdir()):
+        if _within(_abs(os.getcwd()), t):
+            raise DiffshieldError(f"'{target}' is the current folder (or holds it); run the command from elsewhere "
+                                  "to replace it")
+        aside = Path(tempfile.mkdtemp(prefix=f".{t.name}.", suffix=".old", dir=t.parent))
+        os.rmdir(aside)
+        t.rename(aside)
+    try:
+        yield t
+    except BaseException:
+        if aside is not None and not t.exists():
+            aside.rename(t)
+        raise
+    if aside is not None:
+        _remove_listed(aside, read_marker(aside))
+        with contextlib.suppress(OSError):
+            aside.rmdir()
+    if t.is_dir():
+        write_marker(t, command)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename, with the user's umask."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -70,7 +297,18 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 
 def atomic_write_json(path: str | Path, obj: object) -> None:
+    """Write ``obj`` as indented JSON to ``path`` (atomically)."""
     atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def atomic_save_image(image: Image.Image, path: str | Path) -> Path:
+    """Save a PIL image as PNG to ``path`` atomically, with the user's umask."""
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:

@@ -142,23 +142,51 @@ class T2IModel:
         s = int(self.unet.config.sample_size)
         return (int(self.unet.config.in_channels), s, s)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the UNet lives (all three networks live on one device after :meth:`to`)."""
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The UNet's parameter dtype."""
+        return next(self.unet.parameters()).dtype
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> T2IModel:
+        """Move the UNet, VAE and text encoder to ``device`` and/or cast them to ``dtype``, in place; returns self.
+
+        The cache of encoded prompts is cleared (its tensors lived on the old device / dtype).
+        """
+        for m in (self.unet, self.vae, self.text_encoder):
+            p = next(m.parameters())
+            if (device is not None and p.device != torch.device(device)) or (dtype is not None and p.dtype != dtype):
+                m.to(device=device, dtype=dtype)
+        self._text_cache.clear()
+        return self
+
     def eval(self) -> T2IModel:
         for m in (self.unet, self.vae, self.text_encoder):
             m.eval()
             m.requires_grad_(False)
         return self
 
-    def save(self, folder: str | Path) -> Path:
-        """Save as a StableDiffusionPipeline folder that stock diffusers loads (written atomically)."""
+    def save(self, folder: str | Path, overwrite: bool = False) -> Path:
+        """Save as a StableDiffusionPipeline folder that stock diffusers loads (written atomically).
+
+        A non-finite weight is refused before anything is written; an existing non-empty ``folder`` is replaced
+        only with ``overwrite`` and only if diffshield wrote it (see :func:`diffshield.core.io.atomic_dir`).
+        """
         from diffusers import StableDiffusionPipeline
 
+        from diffshield.core.checks import check_finite_modules
         from diffshield.core.io import atomic_dir
 
+        check_finite_modules("the model", unet=self.unet, vae=self.vae, text_encoder=self.text_encoder)
         pipe = StableDiffusionPipeline(
             vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
             scheduler=self.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
-        with atomic_dir(folder) as tmp:
+        with atomic_dir(folder, overwrite=overwrite) as tmp:
             pipe.save_pretrained(tmp, safe_serialization=True)
         return Path(folder)
 
@@ -174,18 +202,31 @@ def _quiet_hf() -> None:
         from transformers.utils import logging as tlog
 
         tlog.set_verbosity_error()
+        tlog.disable_progress_bar()  # transformers' own "Loading weights" bar
     except Exception:  # pragma: no cover - logging helpers moved
         pass
 
 
-def load_t2i(spec: str | Path, allow_pickle: bool = False, dtype: torch.dtype = torch.float32) -> T2IModel:
+def load_t2i(
+    spec: str | Path,
+    allow_pickle: bool = False,
+    dtype: torch.dtype | str = torch.float32,
+    device: torch.device | str = "cpu",
+) -> T2IModel:
     """Load a text-to-image model (StableDiffusionPipeline layout) as components, in eval mode without grads.
 
     Args:
         spec: a diffusers folder path, or ``"toy:t2i"`` for the shipped toy model.
         allow_pickle: accept pickled weight files when no safetensors exist (default False: refused).
-        dtype: parameter dtype (default float32).
+        dtype: parameter dtype, a ``torch.dtype`` or a name (default float32; ``"auto"`` = float16 on CUDA, float32
+            on the CPU; see :func:`diffshield.core.device.resolve_dtype`).
+        device: ``"cpu"`` (default), ``"cuda"``, ``"cuda:N"`` or ``"auto"``; an absent device is a one-line error
+            raised before any weight is read.
     """
+    from diffshield.core.device import resolve_device, resolve_dtype
+
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
     import diffusers
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -225,8 +266,8 @@ def load_t2i(spec: str | Path, allow_pickle: bool = False, dtype: torch.dtype = 
     except Exception as e:  # diffusers / transformers errors: keep the first line only
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DiffshieldError(f"could not load the model in '{path}': {msg}") from None
-    model = T2IModel(unet.to(dtype), vae.to(dtype), text_encoder.to(dtype), tokenizer, scheduler, source=str(spec))
-    return model.eval()
+    model = T2IModel(unet, vae, text_encoder, tokenizer, scheduler, source=str(spec))
+    return model.to(device, dtype).eval()
 
 
 def load_detector(spec: str | Path = "toy:detector"):

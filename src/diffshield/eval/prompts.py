@@ -12,6 +12,9 @@ from pathlib import Path
 
 from diffshield.core.errors import DiffshieldError
 
+#: the largest seed a row may carry (torch's generators take it, and seed + k stays in range)
+MAX_SEED = 2**62
+
 
 @dataclass
 class PromptRow:
@@ -45,11 +48,15 @@ def load_prompt_csv(path: str | Path) -> list[PromptRow]:
                 try:
                     seed = int(float(raw[seed_col])) if seed_col and raw.get(seed_col) else None
                     guidance = float(raw[guid_col]) if guid_col and raw.get(guid_col) else None
-                except ValueError:
+                except (ValueError, OverflowError):
                     raise DiffshieldError(
-                        f"'{path}' line {line}: seed/guidance must be numbers, got "
+                        f"'{path}' line {line}: seed/guidance must be finite numbers, got "
                         f"{raw.get(seed_col)!r} / {raw.get(guid_col)!r}"
                     ) from None
+                if seed is not None and not 0 <= seed <= MAX_SEED:
+                    raise DiffshieldError(f"'{path}' line {line}: seed must lie in [0, {MAX_SEED}], got {seed}")
+                if guidance is not None and not 0 <= guidance <= 100:
+                    raise DiffshieldError(f"'{path}' line {line}: guidance must lie in [0, 100], got {guidance}")
                 meta = {k: v for k, v in raw.items() if k not in ("prompt", seed_col, guid_col)}
                 rows.append(PromptRow(raw["prompt"], seed, guidance, meta))
     except UnicodeDecodeError:

@@ -207,13 +207,14 @@ def _framed(images: torch.Tensor, success: torch.Tensor, width: int = 2) -> torc
     return out
 
 
-def write_report(audit: Audit, folder: str | Path, upscale: int = 3, nrow: int = 8) -> Path:
+def write_report(audit: Audit, folder: str | Path, upscale: int = 3, nrow: int = 8, overwrite: bool = False) -> Path:
     """Write ``audit.json``, ``original.png``, ``no_attack.png``, ``<attack>.png`` (top half: no attack, bottom:
-    attacked; green frame = concept detected) and ``index.html`` into ``folder`` (atomically)."""
+    attacked; green frame = concept detected) and ``index.html`` into ``folder`` (atomically; an existing report
+    folder is replaced only with ``overwrite``)."""
     from diffshield.core.io import atomic_dir, atomic_write_json, make_grid
 
     d = audit.to_dict()
-    with atomic_dir(folder) as tmp:
+    with atomic_dir(folder, overwrite=overwrite) as tmp:
         atomic_write_json(tmp / "audit.json", d)
         pre = _framed(audit.pre_attack_images, audit.pre_attack_success)
         make_grid(pre, nrow=nrow, upscale=upscale).save(tmp / "no_attack.png")
