@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/diffshield demo --out demo_out
+	$(VENV)/bin/diffshield demo --out demo_out --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -q
