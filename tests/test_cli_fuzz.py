@@ -226,6 +226,8 @@ REFUSED: list[tuple[str, list[str], str]] = [
      "overlaps"),
     ("scan-input-reversed-is-delta", ["scan-input", "--noise", "{noise}", "--reversed", "{fake_reversed}"],
      "no reversed trigger"),
+    ("esd-checkpoint-dir-is-file", [*ESD, "--checkpoint-dir", "{afile}", "--out", "{root}/e"], "is a file"),
+    ("esd-checkpoint-dir-is-out", [*ESD, "--checkpoint-dir", "{root}/e", "--out", "{root}/e"], "overlap"),
     ("apply-delta-nan", ["apply-delta", M, TINY, "--delta", "{nan_delta}", "--out", "{root}/a"], "inf or NaN"),
     ("apply-delta-not-safetensors", ["apply-delta", M, TINY, "--delta", "{bad_delta}", "--out", "{root}/a"],
      "not a valid safetensors"),
@@ -380,6 +382,23 @@ def test_erase_then_apply_delta_accepts_threads_and_writes_markers(ws, capsys):
 
 
 # ----------------------------------------------------------------------------------------------- small cases
+
+
+def test_esd_says_that_it_resumes(ws, capsys):
+    argv = _fill([*ESD, "--checkpoint-dir", "ck", "--checkpoint-every", "1"], ws)
+    assert main([*argv, "--out", "e1"]) == 0
+    assert "resuming" not in capsys.readouterr().out
+    assert main([*argv, "--iterations", "2", "--out", "e2"]) == 0
+    assert "resuming from iteration 1 of 2" in capsys.readouterr().out
+
+
+def test_large_images_warn_with_time_and_memory(ws, capsys, monkeypatch):
+    import diffshield.cli.protect as cli_protect
+
+    monkeypatch.setattr(cli_protect, "LARGE_PIXELS", 16 * 16)
+    assert main(_fill([*PROTECT, "--out", "p.png"], ws)) == 0
+    err = capsys.readouterr().err
+    assert "24x24 px is large" in err and " s on one CPU thread" in err and "GB of memory" in err
 
 
 def test_version(capsys):

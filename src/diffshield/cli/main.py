@@ -390,6 +390,14 @@ def cmd_erase(args) -> int:
     else:
         cfg = _flag_config(args, config_cls, uce_kw, closed, esd_only)
     check_finite_fields(cfg)
+    if args.checkpoint_dir:
+        ck, out = Path(args.checkpoint_dir).resolve(), Path(args.out).resolve()
+        if ck.exists() and not ck.is_dir():
+            raise DiffshieldError(f"--checkpoint-dir '{args.checkpoint_dir}' is a file; give a folder for ESD's "
+                                  "checkpoints")
+        if ck == out or out in ck.parents or ck in out.parents:
+            raise DiffshieldError(f"--checkpoint-dir '{args.checkpoint_dir}' and --out '{args.out}' overlap; keep "
+                                  "the checkpoints outside the model folder")
     inputs = [args.model, args.checkpoint_dir]
     check_output_dir(args.out, "erase", args.overwrite, inputs=inputs)
     check_output_file(args.json, "--json", inputs=[*inputs, args.out])
