@@ -64,7 +64,7 @@ def initial_noise(seeds: list[int], shape: tuple[int, int, int], trigger: torch.
 @torch.no_grad()
 def denoise(unet, scheduler, x_t: torch.Tensor, gens: list[torch.Generator] | None = None) -> torch.Tensor:
     """Run ``scheduler``'s timesteps from ``x_t``; ``gens`` (one per image) give DDPM's per-step noise."""
-    x = x_t
+    x = x_t.to(next(unet.parameters()).device)
     for t in scheduler.timesteps:
         eps = unet(x, t).sample
         kw = {"generator": gens} if gens is not None and "generator" in scheduler.step.__code__.co_varnames else {}
@@ -114,5 +114,5 @@ def sample(model, seeds: list[int], trigger: torch.Tensor | None = None, config:
             x = x_T[i:i + cfg.batch_size]
         sched = make_scheduler(model.scheduler, cfg)
         x0 = denoise(model.unet, sched, x, gens if cfg.scheduler == "ddpm" else None)
-        out.append(((x0 + 1) / 2).clamp(0, 1))
+        out.append(((x0.float().cpu() + 1) / 2).clamp(0, 1))  # images on the CPU, whatever the model's device
     return Samples(torch.cat(out), list(seeds), trigger is not None, cfg)

@@ -93,9 +93,10 @@ class TERDConfig:
 def reversed_loss(unet, scheduler, x0: torch.Tensor, r: torch.Tensor, t: torch.Tensor, s: float,
                   gen: torch.Generator) -> torch.Tensor:
     """L(r) = 1/2 sum_pixels ||(eps1 - eps_theta(x_t^1)) - (eps2 - eps_theta(x_t^2))||^2, mean over the batch."""
-    e1 = torch.randn(x0.shape, generator=gen)
-    e2 = torch.randn(x0.shape, generator=gen)
-    abar = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    e1 = torch.randn(x0.shape, generator=gen).to(x0.device)  # CPU draws: the same on every device
+    e2 = torch.randn(x0.shape, generator=gen).to(x0.device)
+    abar = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1).to(x0.device)
+    t = t.to(x0.device)
     base = abar.sqrt() * x0
     x1 = base + (1 - abar).sqrt() * e1 + s * r
     x2 = base + (1 - abar).sqrt() * e2 + s * r
@@ -109,7 +110,7 @@ def _ddim_grad(unet, scheduler, x_T: torch.Tensor, steps: int) -> torch.Tensor:
     from diffusers import DDIMScheduler
 
     sched = DDIMScheduler.from_config({**dict(scheduler.config), "clip_sample": False, "set_alpha_to_one": False})
-    sched.set_timesteps(steps)
+    sched.set_timesteps(steps, device=x_T.device)
     x = x_T
     for t in sched.timesteps:
         x = sched.step(unet(x, t).sample, t, x).prev_sample
@@ -154,8 +155,9 @@ def reverse_trigger(model, cfg: TERDConfig | None = None, progress: bool = True)
     unet, sched = model.unet, model.scheduler
     unet.eval().requires_grad_(False)
     shape = model.image_shape
-    gen = torch.Generator().manual_seed(cfg.seed)
-    r = (-torch.rand((1, *shape), generator=gen)).requires_grad_(True)
+    dev = next(unet.parameters()).device
+    gen = torch.Generator().manual_seed(cfg.seed)  # every random draw is on the CPU, then moved
+    r = (-torch.rand((1, *shape), generator=gen)).to(dev).requires_grad_(True)
     opt = torch.optim.SGD([r], lr=cfg.lr)
     hist = []
     t0 = time.time()
@@ -169,7 +171,7 @@ def reverse_trigger(model, cfg: TERDConfig | None = None, progress: bool = True)
     for i in tqdm(range(cfg.stage1_iters), desc="TERD stage 1", disable=not progress):
         for grp in opt.param_groups:
             grp["lr"] = cosine(i, cfg.stage1_iters)
-        x0 = torch.randn((cfg.batch_size, *shape), generator=gen)
+        x0 = torch.randn((cfg.batch_size, *shape), generator=gen).to(dev)
         loss = reversed_loss(unet, sched, x0, r, timesteps(cfg.t_high), 1.0, gen) - cfg.lam * r.abs().sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -179,7 +181,7 @@ def reverse_trigger(model, cfg: TERDConfig | None = None, progress: bool = True)
     for i in tqdm(range(cfg.stage2_iters), desc="TERD stage 2", disable=not progress):
         for grp in opt.param_groups:
             grp["lr"] = cosine(i, cfg.stage2_iters)
-        eps = torch.randn((cfg.batch_size, *shape), generator=gen)
+        eps = torch.randn((cfg.batch_size, *shape), generator=gen).to(dev)
         x0 = _ddim_grad(unet, sched, eps + r, cfg.ddim_steps)
         loss = 0.5 * (reversed_loss(unet, sched, x0, r, timesteps(cfg.t_high), 1.0, gen)
                       + reversed_loss(unet, sched, x0, r, timesteps(cfg.t_low), 0.0, gen)) - cfg.lam * r.abs().sum()
@@ -188,7 +190,7 @@ def reverse_trigger(model, cfg: TERDConfig | None = None, progress: bool = True)
         torch.nn.utils.clip_grad_norm_([r], cfg.grad_clip)
         opt.step()
         hist.append((cfg.stage1_iters + i, float(loss.detach())))
-    r_hat = r.detach()[0]
+    r_hat = r.detach()[0].cpu()
     mean_kl, var_kl = kl_stats(r_hat)
     return TERDResult(r_hat, 1.0, mean_kl, var_kl, hist, time.time() - t0, asdict(cfg))
 
@@ -201,7 +203,7 @@ def input_detect(x: torch.Tensor, r: torch.Tensor, gamma: float = 1.0) -> torch.
         r: (C, H, W) reversed trigger.
         gamma: reversed noise scale (default 1.0, BadDiffusion; then the test is <x, r> > ||r||^2 / 2).
     """
-    xf, rf = x.flatten(1).double(), r.flatten().double()
+    xf, rf = x.flatten(1).double().cpu(), r.flatten().double().cpu()
     if gamma == 1.0:
         return xf @ rf > 0.5 * rf.dot(rf)
     d = xf.shape[1]

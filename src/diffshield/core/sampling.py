@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from diffshield.core.device import module_device
 from diffshield.core.errors import DiffshieldError
 from diffshield.core.loading import T2IModel
 from diffshield.core.seeding import randn_per_seed
@@ -63,9 +64,11 @@ class Generation:
 
 
 def tokenize(model: T2IModel, prompts: list[str]) -> torch.Tensor:
+    """Token ids (N, L) of prompts, padded to the tokenizer's length, on the text encoder's device."""
     tok = model.tokenizer
-    return tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
-               return_tensors="pt").input_ids
+    ids = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="pt").input_ids
+    return ids.to(module_device(model.text_encoder))
 
 
 def encode_prompts(model: T2IModel, prompts: list[str], grad: bool = False) -> torch.Tensor:
@@ -120,10 +123,11 @@ def denoise(
     with its own prompt.
     """
     sched = make_scheduler(model, scheduler)
-    sched.set_timesteps(steps)
+    sched.set_timesteps(steps, device=latents.device)
     use_cfg = uncond is not None and guidance != 1.0
     if use_cfg and uncond.shape[0] == 1 and cond.shape[0] > 1:
         uncond = uncond.expand(cond.shape[0], -1, -1)
+    both = torch.cat([uncond, cond]) if use_cfg else None  # built once, not per step
     x = latents
     for i, t in enumerate(sched.timesteps):
         if stop_at is not None and i >= stop_at:
@@ -132,7 +136,7 @@ def denoise(
             continue
         inp = sched.scale_model_input(x, t)
         if use_cfg:
-            eps = model.unet(torch.cat([inp, inp]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
+            eps = model.unet(torch.cat([inp, inp]), t, encoder_hidden_states=both).sample
             e_u, e_c = eps.chunk(2)
             eps = e_u + guidance * (e_c - e_u)
         else:
@@ -144,14 +148,17 @@ def denoise(
 
 def decode(model: T2IModel, latents: torch.Tensor) -> torch.Tensor:
     """Latents -> images (N, 3, H, W) in [0, 1] (differentiable)."""
-    x = model.vae.decode(latents / model.vae.config.scaling_factor).sample
+    vae_dtype = next(model.vae.parameters()).dtype
+    x = model.vae.decode(latents.to(vae_dtype) / model.vae.config.scaling_factor).sample
     return ((x + 1) / 2).clamp(0, 1)
 
 
 def initial_latents(model: T2IModel, seeds: list[int]) -> torch.Tensor:
-    """One standard-normal latent per seed, each from its own CPU generator (the diffusers convention)."""
+    """One standard-normal latent per seed, each from its own CPU generator (the diffusers convention), moved to the
+    model's device and dtype: seed k starts from the same noise on the CPU and on a GPU."""
     sched = make_scheduler(model, "ddim")
-    return randn_per_seed(seeds, model.latent_shape) * sched.init_noise_sigma
+    noise = randn_per_seed(seeds, model.latent_shape) * sched.init_noise_sigma
+    return noise.to(model.device, model.dtype)
 
 
 def generate(
@@ -173,6 +180,9 @@ def generate(
         negative_prompt: the unconditional prompt for guidance (default "").
         config: steps, guidance, batch size, scheduler (default SampleConfig()).
         progress: show a progress bar over batches (default True).
+
+    Returns:
+        a :class:`Generation` whose images are float32 on the CPU, whatever device and dtype the model uses.
     """
     config = config or SampleConfig()
     if prompt_embeds is None:
@@ -192,7 +202,10 @@ def generate(
     with torch.no_grad():
         for i in tqdm(batches, desc="generate", disable=not progress or len(batches) < 2, leave=False):
             j = min(n, i + config.batch_size)
-            cond = prompt_embeds[i:j] if prompt_embeds is not None else encode_prompts(model, prompts[i:j])
+            if prompt_embeds is not None:
+                cond = prompt_embeds[i:j].to(uncond.device, uncond.dtype)
+            else:
+                cond = encode_prompts(model, prompts[i:j])
             lat = initial_latents(model, seeds[i:j])
             gens = None
             if config.scheduler == "ddpm":
@@ -200,7 +213,7 @@ def generate(
 
                 gens = generators([s + 7919 for s in seeds[i:j]])
             lat = denoise(model, lat, cond, uncond, config.steps, config.guidance, config.scheduler, gens)
-            out.append(decode(model, lat))
+            out.append(decode(model, lat).float().cpu())
     labels = list(prompts) if prompts is not None else [None] * n
     return Generation(torch.cat(out), seeds, labels, config)
 
@@ -224,6 +237,7 @@ def generate_differentiable(
     """
     if uncond_embeds is None:
         uncond_embeds = encode_prompts(model, [""])
+    latents = latents.to(model.device)
     with torch.enable_grad():
         lat = denoise(model, latents, prompt_embeds, uncond_embeds, steps, guidance, "ddim")
         return decode(model, lat)

@@ -185,8 +185,10 @@ def protect(inpainter: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ima
     """
     cfg = config or AttackAsDefenseConfig()
     t0 = time.time()
-    x = image.detach().float().clamp(0, 1)
-    m = check_masks(x, mask.detach().float())
+    p = next(inpainter.parameters(), None) if isinstance(inpainter, torch.nn.Module) else None
+    dev = p.device if p is not None else image.device  # work where the inpainter lives; results come back
+    x = image.detach().float().clamp(0, 1).to(dev)
+    m = check_masks(x, mask.detach().float().to(dev))
     me = expand_mask(m, cfg.expand)
     mr = ring_mask(m, me)
     if cfg.target == "colour":
@@ -198,13 +200,13 @@ def protect(inpainter: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ima
     with torch.no_grad():
         ref_ring = inpainter(x, mr)
     gen = torch.Generator().manual_seed(cfg.seed)
-    delta = (torch.rand(x.shape, generator=gen) * cfg.init).to(x)
+    delta = (torch.rand(x.shape, generator=gen) * cfg.init).to(x)  # CPU draw: the same start on every device
     delta.requires_grad_(True)
     opt = torch.optim.Adam([delta], lr=cfg.lr, betas=cfg.betas)
     n = x.shape[0]
     masks3 = torch.cat([m, me, mr])
     targets3 = torch.cat([target, target, ref_ring])
-    weights = torch.tensor([cfg.w_mask, cfg.w_expanded, cfg.w_hide]).repeat_interleave(n)
+    weights = torch.tensor([cfg.w_mask, cfg.w_expanded, cfg.w_hide], device=dev).repeat_interleave(n)
     losses = []
     for step in range(cfg.steps):
         with torch.no_grad():
@@ -232,4 +234,5 @@ def protect(inpainter: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ima
         if cfg.quantize:
             xp = _quantize_within(x, xp, cfg.eps)
     cols = None if colours is None else [tuple(float(v) for v in c) for c in colours]
+    xp, x, target = xp.to(image.device), x.to(image.device), target.to(image.device)
     return ProtectResult(xp, xp - x, target, cols, losses, time.time() - t0)

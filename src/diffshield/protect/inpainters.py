@@ -36,6 +36,9 @@ TOY_INPAINTERS: dict[str, str] = {"toy": "inpaint", "toy:inpaint": "inpaint"}
 class Inpainter(nn.Module):
     """Base class: ``f(image, mask)`` pads to a multiple of ``multiple`` (default 8), calls :meth:`fill`, crops and
     composites ``m * fill + (1 - m) * image``. Subclasses implement ``fill(image, mask) -> image`` on padded input.
+
+    Inputs on another device than the inpainter's parameters are moved there for :meth:`fill` and the result comes
+    back on the input's device (differentiably); move the inputs yourself to avoid the copies.
     """
 
     multiple: int = 8
@@ -58,7 +61,12 @@ class Inpainter(nn.Module):
             mode = "reflect" if ph < h and pw < w else "replicate"
             x = F.pad(image, (0, pw, 0, ph), mode=mode)
             m = F.pad(mask, (0, pw, 0, ph), mode=mode)
-        out = self.fill(x, m)[..., :h, :w]
+        p = next(self.parameters(), None)
+        if p is not None and p.device != x.device:
+            out = self.fill(x.to(p.device, p.dtype), m.to(p.device, p.dtype)).to(image.device, image.dtype)
+        else:
+            out = self.fill(x, m)
+        out = out[..., :h, :w]
         return mask * out + (1 - mask) * image
 
 
@@ -252,13 +260,18 @@ def _load_toy(folder: Path) -> ToyInpainter:
     return ToyInpainter(net.eval()).eval()
 
 
-def load_inpainter(spec: str | Path = "toy") -> Inpainter:
+def load_inpainter(spec: str | Path = "toy", device: torch.device | str = "cpu") -> Inpainter:
     """Load an inpainter in eval mode with frozen parameters.
 
     Args:
         spec: ``'toy'`` / ``'toy:inpaint'`` (default: the shipped toy inpainter), a folder with config.json +
             model.safetensors (a toy inpainter you trained), or a TorchScript file (``big-lama.pt``).
+        device: ``"cpu"`` (default), ``"cuda"``, ``"cuda:N"`` or ``"auto"``. Inpainters run in float32 (their
+            Fourier layers need it; the perturbation is float32 anyway).
     """
+    from diffshield.core.device import resolve_device
+
+    device = resolve_device(device)
     s = str(spec)
     if s.startswith("toy"):
         if s not in TOY_INPAINTERS:
@@ -283,7 +296,7 @@ def load_inpainter(spec: str | Path = "toy") -> Inpainter:
             model = TorchScriptInpainter(module.eval())
     for p in model.parameters():
         p.requires_grad_(False)
-    return model.eval()
+    return model.to(device).eval()
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -272,23 +272,26 @@ def concept_latents(original: T2IModel, prompts: list[str], per_prompt: int, see
     rep = [p for p in prompts for _ in range(per_prompt)]
     seeds = [seed + j for _ in prompts for j in range(per_prompt)]
     images = generate(original, rep, seeds, config=sample, progress=False).images
+    vae = original.vae
     with torch.no_grad():
-        latents = original.vae.encode(images * 2 - 1).latent_dist.mean * original.vae.config.scaling_factor
+        x = (images * 2 - 1).to(original.device, next(vae.parameters()).dtype)
+        latents = vae.encode(x).latent_dist.mean.to(original.dtype) * vae.config.scaling_factor
     return images, latents
 
 
 def init_soft_tokens(model: T2IModel, n: int, k: int, candidates: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """(n, k, d_in) input embeddings of random candidate words: the starting point of a soft prompt."""
     table = model.text_encoder.get_input_embeddings().weight.detach()
-    ids = candidates[torch.randint(len(candidates), (n, k), generator=gen)]
-    return table[ids].clone()
+    ids = candidates[torch.randint(len(candidates), (n, k), generator=gen)]  # CPU draws: the same on every device
+    return table[ids.to(table.device)].float().clone()  # float32: the optimised tokens are master weights
 
 
 def project_to_words(
     soft: torch.Tensor, model: T2IModel, candidates: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest candidate word (by L2 in the input-embedding table) for every soft token: (embeddings, ids)."""
-    table = model.text_encoder.get_input_embeddings().weight.detach()[candidates]
-    dist = torch.cdist(soft.detach().reshape(-1, soft.shape[-1]), table)
+    weight = model.text_encoder.get_input_embeddings().weight.detach()
+    table = weight[candidates.to(weight.device)].float()
+    dist = torch.cdist(soft.detach().float().reshape(-1, soft.shape[-1]), table)
     idx = dist.argmin(-1).reshape(soft.shape[:-1])
-    return table[idx], candidates[idx]
+    return table[idx].to(soft.dtype), candidates[idx.cpu()]

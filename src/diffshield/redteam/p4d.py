@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from diffshield.core.device import autocast
 from diffshield.core.sampling import encode_prompts, generate
 from diffshield.redteam import ATTACKS
 from diffshield.redteam.base import (
@@ -111,18 +112,18 @@ class P4D(Attack):
         n_train = int(sched.config.num_train_timesteps)
         losses = []
         for _ in range(cfg.steps):
-            t = torch.randint(0, n_train, (len(x0),), generator=gen)
-            noise = torch.randn(x0.shape, generator=gen)
+            t = torch.randint(0, n_train, (len(x0),), generator=gen).to(x0.device)  # CPU draws, then moved
+            noise = torch.randn(x0.shape, generator=gen).to(x0.device, x0.dtype)
             x_t = sched.add_noise(x0, noise, t)
-            with torch.no_grad():
+            with torch.no_grad(), autocast(x0.device):
                 target = original.unet(x_t, t, encoder_hidden_states=target_cond).sample
             used = soft
             if cfg.discrete:
                 used = soft + (project_to_words(soft, model, candidates)[0] - soft).detach()
-            with torch.enable_grad():
+            with torch.enable_grad(), autocast(x0.device):
                 cond = encoder.encode(used.repeat_interleave(per, 0), suffix)
                 eps = model.unet(x_t, t, encoder_hidden_states=cond).sample
-                loss = torch.nn.functional.mse_loss(eps, target)
+                loss = torch.nn.functional.mse_loss(eps.float(), target.float())
                 opt.zero_grad()
                 loss.backward()
             opt.step()

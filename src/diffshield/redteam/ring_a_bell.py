@@ -147,8 +147,9 @@ class RingABell(Attack):
             ids[:, 1:1 + cfg.length] = candidates[pop]
             ids[:, 1 + cfg.length] = eos
             with torch.no_grad():
-                emb = self.erased.text_encoder(ids)[0].flatten(1)
-            return torch.nn.functional.cosine_similarity(emb, flat_target[None], dim=1)
+                emb = self.erased.text_encoder(ids.to(flat_target.device))[0].flatten(1)
+            # the search itself (sorting, crossover, CPU generator draws) stays on the CPU
+            return torch.nn.functional.cosine_similarity(emb.float(), flat_target[None].float(), dim=1).cpu()
 
         n_cand = len(candidates)
         pop = torch.randint(n_cand, (cfg.population, cfg.length), generator=gen)

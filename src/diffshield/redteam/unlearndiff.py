@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from diffshield.core.device import autocast
 from diffshield.core.sampling import generate
 from diffshield.redteam import ATTACKS
 from diffshield.redteam.base import (
@@ -122,16 +123,16 @@ class UnlearnDiff(Attack):
         losses = []
         model.unet.requires_grad_(False)
         for _ in range(cfg.steps):
-            t = torch.randint(0, n_train, (len(x0),), generator=gen)
-            noise = torch.randn(x0.shape, generator=gen)
+            t = torch.randint(0, n_train, (len(x0),), generator=gen).to(x0.device)  # CPU draws, then moved
+            noise = torch.randn(x0.shape, generator=gen).to(x0.device, x0.dtype)
             x_t = sched.add_noise(x0, noise, t)
             used = soft
             if cfg.discrete:  # PEZ: forward with the nearest words, gradients to the continuous tokens
                 used = soft + (project_to_words(soft, model, candidates)[0] - soft).detach()
-            with torch.enable_grad():
+            with torch.enable_grad(), autocast(x0.device):
                 cond = encoder.encode(used.repeat_interleave(per, 0), rep_prompts)
                 eps = model.unet(x_t, t, encoder_hidden_states=cond).sample
-                loss = torch.nn.functional.mse_loss(eps, noise)
+                loss = torch.nn.functional.mse_loss(eps.float(), noise)
                 opt.zero_grad()
                 loss.backward()
             opt.step()

@@ -55,13 +55,14 @@ class ConceptDetector(nn.Module):
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, batch_size: int = 256) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Per head: (label index, confidence), each of shape (N,)."""
+        """Per head: (label index, confidence), each of shape (N,) on the CPU; images may live on any device."""
         self.eval()
+        dev = next(self.parameters()).device
         out: dict[str, list] = {k: [] for k in HEADS}
         for i in range(0, len(images), batch_size):
-            logits = self(images[i:i + batch_size].float())
+            logits = self(images[i:i + batch_size].to(dev, torch.float32))
             for k, v in logits.items():
-                out[k].append(v.softmax(-1))
+                out[k].append(v.softmax(-1).cpu())
         res = {}
         for k, parts in out.items():
             p = torch.cat(parts)
