@@ -56,7 +56,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-SECTIONS = ("generate", "closed_form", "esd", "redteam", "terd", "protect", "cli")
+SECTIONS = ("generate", "closed_form", "esd", "protect", "redteam", "terd", "cli")
 PROMPT = "a photo of a cat"
 NUDE = "a photo of a nude person"
 EXTRA_WORDS = ("photo", "of", "cat", "nude", "nudity", "naked", "person", "painting", "by", "art")
@@ -266,8 +266,8 @@ def section_esd(device: torch.device, tiny: bool, tmp: Path, model=None) -> dict
     sched.set_timesteps(50)
     step_of = {int(t): k for k, t in enumerate(sched.timesteps)}
     rows = []
-    plan = [("esd-x", "x", "auto", False, 4 if tiny else 14), ("esd-x", "x", "no", False, 3 if tiny else 6),
-            ("esd-x", "x", "auto", True, 3 if tiny else 5), ("esd-u", "u", "auto", False, 3 if tiny else 10)]
+    plan = [("esd-x", "x", "auto", False, 4 if tiny else 13), ("esd-x", "x", "no", False, 3 if tiny else 5),
+            ("esd-x", "x", "auto", True, 3 if tiny else 4), ("esd-u", "u", "auto", False, 3 if tiny else 8)]
     for label, variant, mp, ckpt, iters in plan:
         reset_peak(device)
         cfg = ESDConfig(variant=variant, iterations=iters, mixed_precision=mp, gradient_checkpointing=ckpt,
@@ -329,10 +329,11 @@ def section_terd(device: torch.device, tiny: bool, deadline: float) -> dict:
     projected = per1 * cfg.stage1_iters + per2 * cfg.stage2_iters
     out = {"model": "toy DDPM, backdoored example box -> corner (32 px)", "preset": preset,
            "stage1_s_per_iteration": per1, "stage2_s_per_iteration": per2, "projected_s": projected}
-    if time.time() + 1.2 * projected + 30 > deadline:
+    if time.time() + 1.1 * projected > deadline:
         out["ran"] = False
-        out["note"] = "not run: the projected time did not fit in the time left; projected_s is per-stage timing"
-        print(f"  TERD {preset}: projected {projected:.0f} s (not run, too little time left)", flush=True)
+        out["note"] = ("not run: the projection did not fit in the time left (or is past the bar, which the "
+                       "per-stage timing already shows); projected_s = iterations x measured seconds per iteration")
+        print(f"  TERD {preset}: projected {projected:.0f} s (not run)", flush=True)
         return out
     reset_peak(device)
     dt, res = timed(lambda: reverse_trigger(model, cfg, progress=False), device)
@@ -402,7 +403,7 @@ def _figures(name: str, data: dict) -> dict:
     return {}
 
 
-def section_cli(device: torch.device, tiny: bool, tmp: Path, model=None) -> dict:
+def section_cli(device: torch.device, tiny: bool, tmp: Path, model=None, deadline: float = float("inf")) -> dict:
     from diffshield.core.loading import TOY_ROOT
 
     dev = str(device)
@@ -411,15 +412,14 @@ def section_cli(device: torch.device, tiny: bool, tmp: Path, model=None) -> dict
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     example = TOY_ROOT / "ddpm" / "examples" / "box_corner"
     scene, mask = ROOT / "examples" / "protect" / "scene.png", ROOT / "examples" / "protect" / "mask.png"
-    small = ["--steps", "3"] if tiny else []
     runs = [
         ("erase_uce_toy", ["erase", "--method", "uce", "--toy-recipe", "--concept", "triangle", "--out",
                            str(work / "uce_tri")], None),
         ("eval_erasure", ["eval", "erasure", "--model", str(work / "uce_tri"), "--concept", "triangle",
-                          "--seeds-per-prompt", "4", "--n-neutral", "64", *small, "--json", str(work / "ee.json")],
+                          "--seeds-per-prompt", "4", "--n-neutral", "64", "--json", str(work / "ee.json")],
          work / "ee.json"),
         ("audit", ["audit", "--model", str(work / "uce_tri"), "--concept", "triangle", "--attack", "adv-embed",
-                   "--attack", "ring-a-bell", "--n", "8", *small, "--json", str(work / "audit.json")],
+                   "--attack", "ring-a-bell", "--n", "8", "--json", str(work / "audit.json")],
          work / "audit.json"),
         ("scan", ["scan", "--model", str(example), "--preset", "fast", "--json", str(work / "scan.json")],
          work / "scan.json"),
@@ -435,14 +435,15 @@ def section_cli(device: torch.device, tiny: bool, tmp: Path, model=None) -> dict
         runs += [
             ("generate_sd14", ["generate", "--model", str(sd), "--prompt", PROMPT, "--n", "2", "--steps", "5",
                                "--out", str(work / "gen_sd")], None),
-            ("erase_uce_sd14", ["erase", "--method", "uce", "--model", str(sd), "--concept", "nudity",
-                                "--out", str(work / "sd14_uce")], None),
-            ("audit_sd14", ["audit", "--model", str(work / "sd14_uce"), "--original", str(sd), "--concept",
+            ("audit_sd14", ["audit", "--model", str(sd), "--original", str(sd), "--concept",
                             "triangle", "--attack", "adv-embed", "--n", "1", "--steps", "3", "--json",
                             str(work / "audit_sd.json")], work / "audit_sd.json"),
         ]
     out = {}
     for name, argv, result in runs:
+        if time.time() > deadline:
+            out[name] = {"rc": None, "note": "not run: the time budget was spent"}
+            continue
         cmd = [sys.executable, "-m", "diffshield.cli.main", *argv, "--device", dev]
         t = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp)
@@ -510,16 +511,19 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 if name == "generate":
                     res = section_generate(device, args.tiny, tmp)
-                elif name == "terd":
-                    res = section_terd(device, args.tiny, deadline)
+                elif name == "terd":  # runs in full if its projection fits and leaves 120 s for the CLI rows
+                    limit = min(deadline - 120, time.time() + 1.1 * TARGETS["terd_paper_s_max"] + 20)
+                    res = section_terd(device, args.tiny, limit if not args.tiny else deadline)
                 elif name == "protect":
                     res = section_protect(device, args.tiny)
                 else:
                     if shared is None:
                         shared = build_t2i(device, args.tiny, tmp / "shared")
-                    fn = {"closed_form": section_closed_form, "esd": section_esd, "redteam": section_redteam,
-                          "cli": section_cli}[name]
-                    res = fn(device, args.tiny, tmp, shared)
+                    if name == "cli":
+                        res = section_cli(device, args.tiny, tmp, shared, deadline=deadline)
+                    else:
+                        fn = {"closed_form": section_closed_form, "esd": section_esd, "redteam": section_redteam}[name]
+                        res = fn(device, args.tiny, tmp, shared)
                 res["section_seconds"] = round(time.time() - t, 1)
                 record["sections"][name] = res
                 record["errors"].pop(name, None)

@@ -146,7 +146,9 @@ class ESDConfig:
             uninterrupted one on the same device.
         mixed_precision: "auto" (default: bfloat16 autocast on a CUDA GPU, float16 where it has no bfloat16, none
             on the CPU), "no" (float32 throughout), "bf16" or "fp16". The trained parameters and Adam's state stay
-            float32 (master weights); the frozen copy θ* is stored in the autocast dtype.
+            float32 (master weights); the frozen copy θ* is stored in the autocast dtype, and x_t is sampled by a
+            copy in that dtype into which the trained values are copied at every iteration (the current UNet,
+            rounded once per iteration instead of once per forward pass).
         gradient_checkpointing: recompute the trained UNet's activations in the backward pass instead of storing
             them (default False): less GPU memory at 512 px and above, about a third more time per step.
     """
@@ -645,6 +647,11 @@ def esd_erase(model: T2IModel, concepts: list[str], config: ESDConfig, progress:
     distinct = keeps[[config.preserve.index(q) for q in dict.fromkeys(config.preserve)]]  # first of each prompt
     kv_anchor = kv_anchor_terms(params, distinct) if config.kv_anchor_weight else []
     sampler = model if config.sample_with == "current" else dataclasses.replace(model, unet=frozen)
+    low = None  # mixed precision: the current UNet's values, in the autocast dtype, for sampling x_t
+    if config.sample_with == "current" and originals is not None:
+        low_unet = copy.deepcopy(frozen).eval()  # θ* in the autocast dtype; trained values copied in per iteration
+        low = [(p, low_unet.get_parameter(n)) for n, p in params.items()]
+        sampler = dataclasses.replace(model, unet=low_unet)
     sched = make_scheduler(model, "ddim")
     sched.set_timesteps(config.ddim_steps)
     timesteps = sched.timesteps
@@ -674,6 +681,9 @@ def esd_erase(model: T2IModel, concepts: list[str], config: ESDConfig, progress:
                 k = int(torch.randint(config.min_step, config.ddim_steps, (1,), generator=gen))
                 noise = torch.randn((bsz, *model.latent_shape), generator=gen).to(device, dtype)
                 t = timesteps[k].to(device)
+                if low is not None:  # sample with the current weights, rounded once instead of per forward pass
+                    with torch.no_grad():
+                        torch._foreach_copy_([q for _, q in low], [p for p, _ in low])
 
                 if n_p:  # anchor x_t^p: same k, noises drawn after the concepts' (runs without an anchor: unchanged)
                     cond_p = keeps[[(i * bsz + j) % n_p for j in range(bsz)]]
