@@ -246,7 +246,7 @@ def test_presets_and_registry(tiny_model):
 
 def test_frozen_sampler_draws_x_t_from_the_original_unet(tiny_sd_dir, monkeypatch):
     """sample_with="frozen": every x_t comes from the original UNet, so it does not move as training goes on."""
-    import diffshield.erase.esd as esd
+    import diffshield.erase.esd.train as esd
 
     seen = []
     real = esd.sample_xt
@@ -268,7 +268,7 @@ def test_frozen_sampler_draws_x_t_from_the_original_unet(tiny_sd_dir, monkeypatc
 
 def test_min_step_trains_only_the_late_steps(tiny_sd_dir, monkeypatch):
     """min_step=m: every x_t is sampled down to a step k >= m; the default draws from the whole schedule, as before."""
-    import diffshield.erase.esd as esd
+    import diffshield.erase.esd.train as esd
 
     seen = []
     real = esd.sample_xt
@@ -290,7 +290,7 @@ def test_min_step_trains_only_the_late_steps(tiny_sd_dir, monkeypatch):
 
 def test_batched_steps_carry_batch_size_samples(tiny_sd_dir, monkeypatch):
     """batch_size B: every step trains on B x_t samples (B noises at one DDIM step k), B prompts, B targets."""
-    import diffshield.erase.esd as esd
+    import diffshield.erase.esd.train as esd
 
     shapes = []
     real = esd.esd_loss
@@ -361,7 +361,7 @@ def test_anchor_off_leaves_runs_and_their_checkpoint_identity_unchanged(tiny_sd_
 def test_anchor_at_the_concept_input_keeps_it_there(tiny_sd_dir, monkeypatch):
     """preserve_at="own+concept": every distinct anchor prompt is also held at the concept's x_t, in the same pass;
     the anchored prompt's prediction at concept inputs then stays nearer the original's than with "own" alone."""
-    import diffshield.erase.esd as esd
+    import diffshield.erase.esd.train as esd
 
     seen = []
     real = esd.esd_anchored_loss
@@ -505,7 +505,7 @@ def test_erase_from_samples_and_trains_the_broader_prompt(tiny_sd_dir, monkeypat
     """erase_from: x_t is sampled with the broader prompt f, and the loss falls on ε_θ(x_t, f) against the target
     from f; one prompt for all concepts is repeated, a wrong count is refused, and an unset option keeps the run
     identity that runs had before it."""
-    import diffshield.erase.esd as esd
+    import diffshield.erase.esd.train as esd
 
     model = load_t2i(tiny_sd_dir)
     f, c = encode_prompts(model, ["a box"]), encode_prompts(model, [CONCEPT])
@@ -523,3 +523,23 @@ def test_erase_from_samples_and_trains_the_broader_prompt(tiny_sd_dir, monkeypat
                   progress=False)
     assert "erase_from" not in run_identity(model, [CONCEPT], ESDConfig(**FAST))
     assert run_identity(model, [CONCEPT], ESDConfig(erase_from="a box", **FAST))["erase_from"] == ["a box"]
+
+
+def test_target_base_concept_is_esd_sd_py_form_and_its_eta_2_is_the_papers_eta_1(tiny_sd_dir):
+    """esd_sd.py's target ε*(c) − η [ε*(c) − ε*(∅)] at η 2 equals the paper's ε*(∅) − η [ε*(c) − ε*(∅)] at η 1."""
+    model = load_t2i(tiny_sd_dir)
+    frozen = model.unet.eval()
+    cond, uncond = encode_prompts(model, [CONCEPT, ""]).split(1)
+    x_t = torch.randn((1, *model.latent_shape), generator=torch.Generator().manual_seed(0))
+    t = make_scheduler(model, "ddim").timesteps[3]
+    with torch.no_grad():
+        e_c = frozen(x_t, t, encoder_hidden_states=cond).sample
+        e_u = frozen(x_t, t, encoder_hidden_states=uncond).sample
+    got = esd_target(frozen, x_t, t, cond, uncond, eta=0.5, target_base="concept")
+    torch.testing.assert_close(got, e_c - 0.5 * (e_c - e_u), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(esd_target(frozen, x_t, t, cond, uncond, eta=2.0, target_base="concept"),
+                               esd_target(frozen, x_t, t, cond, uncond, eta=1.0), rtol=1e-5, atol=1e-6)
+    with pytest.raises(DiffshieldError, match="target_base"):
+        ESDConfig(target_base="guide")
+    assert "target_base" not in run_identity(model, [CONCEPT], ESDConfig())
+    assert run_identity(model, [CONCEPT], ESDConfig(target_base="concept"))["target_base"] == "concept"
