@@ -28,12 +28,13 @@ from pathlib import Path
 import torch
 
 from diffshield.core.io import atomic_write_json, make_grid
-from diffshield.core.loading import load_detector, load_t2i
+from diffshield.core.loading import load_t2i
 from diffshield.core.sampling import SampleConfig
 from diffshield.erase.esd import esd_erase
 from diffshield.erase.rece import rece_erase
 from diffshield.erase.uce import uce_erase
 from diffshield.eval.erasure import evaluate_erasure, model_stats
+from diffshield.toyworld.detector import load_detector
 from diffshield.toyworld.erasure_recipes import (
     ANCHOR_MODES,
     METHODS,

@@ -313,7 +313,7 @@ def section_redteam(device: torch.device, tiny: bool, tmp: Path, model=None) -> 
 def section_terd(device: torch.device, tiny: bool, deadline: float) -> dict:
     from diffshield.backdoor.ddpm import load_ddpm
     from diffshield.backdoor.terd import TERDConfig, reverse_trigger
-    from diffshield.core.loading import TOY_ROOT
+    from diffshield.toyworld.names import TOY_ROOT
 
     model = load_ddpm(TOY_ROOT / "ddpm" / "examples" / "box_corner", device=device)
     n1, n2 = (4, 1) if tiny else (100, 10)
@@ -404,7 +404,7 @@ def _figures(name: str, data: dict) -> dict:
 
 
 def section_cli(device: torch.device, tiny: bool, tmp: Path, model=None, deadline: float = float("inf")) -> dict:
-    from diffshield.core.loading import TOY_ROOT
+    from diffshield.toyworld.names import TOY_ROOT
 
     dev = str(device)
     work = tmp / "cli"

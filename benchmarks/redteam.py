@@ -27,11 +27,12 @@ from pathlib import Path
 import torch
 
 from diffshield.core.io import atomic_write_json, make_grid
-from diffshield.core.loading import load_detector, load_t2i
+from diffshield.core.loading import load_t2i
 from diffshield.core.sampling import SampleConfig, generate
 from diffshield.redteam.audit import AUDIT_ATTACKS, run_audit, write_report
 from diffshield.redteam.base import ToyConceptJudge
 from diffshield.toyworld.concepts import concept_prompts, other_concepts, resolve_concept
+from diffshield.toyworld.detector import load_detector
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"

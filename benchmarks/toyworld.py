@@ -18,11 +18,12 @@ import numpy as np
 import torch
 
 from diffshield.core.io import atomic_write_json, make_grid
-from diffshield.core.loading import TOY_ROOT, load_detector, load_t2i
+from diffshield.core.loading import load_t2i
 from diffshield.core.sampling import SampleConfig, generate
 from diffshield.eval.fidelity import fidelity_prompts, generated_images, prompt_fidelity
 from diffshield.eval.frechet import detector_features, frechet_distance
-from diffshield.toyworld.detector import HEADS
+from diffshield.toyworld.detector import HEADS, load_detector
+from diffshield.toyworld.names import TOY_ROOT
 from diffshield.toyworld.shapes import SYNONYMS, ShapesWorld
 
 RESULTS = Path(__file__).resolve().parent / "results"

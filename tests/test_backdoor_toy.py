@@ -7,7 +7,7 @@ import torch
 from diffshield.backdoor.ddpm import load_ddpm
 from diffshield.backdoor.sampling import SampleConfig, sample
 from diffshield.backdoor.terd import Calibration, default_calibration_path
-from diffshield.core.loading import TOY_ROOT
+from diffshield.toyworld.names import TOY_ROOT
 
 
 def test_toy_ddpm_loads_with_stock_diffusers_and_samples():

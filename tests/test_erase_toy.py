@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from diffshield.core.errors import DiffshieldError
-from diffshield.core.loading import load_detector, load_t2i
+from diffshield.core.loading import load_t2i
 from diffshield.core.sampling import generate
 from diffshield.erase.rece import rece_erase
 from diffshield.erase.uce import uce_erase
 from diffshield.toyworld.concepts import concept_prompts, other_concepts, resolve_concept
+from diffshield.toyworld.detector import load_detector
 from diffshield.toyworld.erasure_recipes import toy_edit_prompts, toy_erasure
 
 

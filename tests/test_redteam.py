@@ -42,8 +42,9 @@ def one_thread():
 def toy(one_thread):
     import copy
 
-    from diffshield.core.loading import load_detector, load_t2i
+    from diffshield.core.loading import load_t2i
     from diffshield.erase.uce import uce_erase
+    from diffshield.toyworld.detector import load_detector
     from diffshield.toyworld.erasure_recipes import toy_erasure
 
     original = load_t2i("toy:t2i")

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from diffshield.core.loading import TOY_ROOT
 from diffshield.eval.frechet import frechet_distance
+from diffshield.toyworld.names import TOY_ROOT
 from diffshield.toyworld.shapes import COLOURS, SHAPES, STYLES, SYNONYMS, VOCAB_WORDS, ShapesWorld
 from diffshield.toyworld.tokenizer import build_tokenizer_files
 
@@ -82,7 +82,7 @@ def test_shipped_model_loads_in_stock_diffusers():
 
 @needs_shipped
 def test_shipped_detector_reads_fresh_images():
-    from diffshield.core.loading import load_detector
+    from diffshield.toyworld.detector import load_detector
 
     det = load_detector()
     b = ShapesWorld().sample(256, seed=777)
@@ -113,7 +113,7 @@ def test_detector_stored_in_float16_loads_as_float32_and_reads_the_same(tmp_path
 @needs_shipped
 def test_shipped_world1_detector_reads_world1_images():
     """toy:detector-v1 (stored in float16) judges the DDPM's world, version 1."""
-    from diffshield.core.loading import load_detector
+    from diffshield.toyworld.detector import load_detector
 
     det = load_detector("toy:detector-v1")
     b = ShapesWorld(version=1).sample(256, seed=777)
@@ -124,8 +124,9 @@ def test_shipped_world1_detector_reads_world1_images():
 
 @needs_shipped
 def test_shipped_model_meets_fidelity_bar_on_a_small_sample():
-    from diffshield.core.loading import load_detector, load_t2i
+    from diffshield.core.loading import load_t2i
     from diffshield.eval.fidelity import fidelity_prompts, prompt_fidelity
+    from diffshield.toyworld.detector import load_detector
 
     specs = fidelity_prompts(styles=False)  # 16 shape x colour prompts and their synonyms
     res = prompt_fidelity(load_t2i("toy:t2i"), load_detector(), seeds_per_prompt=2, specs=specs, progress=False)

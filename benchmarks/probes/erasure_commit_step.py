@@ -25,9 +25,10 @@ import torch
 
 from diffshield.core.errors import DiffshieldError
 from diffshield.core.io import atomic_write_json
-from diffshield.core.loading import load_detector, load_t2i
+from diffshield.core.loading import load_t2i
 from diffshield.core.sampling import decode, denoise, encode_prompts, initial_latents
 from diffshield.toyworld.concepts import HEAD_VALUES, concept_prompts, resolve_concept
+from diffshield.toyworld.detector import load_detector
 from diffshield.toyworld.erasure_recipes import PARTNER
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -29,10 +29,11 @@ from pathlib import Path
 import torch
 
 from diffshield.core.io import atomic_write_bytes, atomic_write_json, make_grid
-from diffshield.core.loading import load_detector, load_t2i
+from diffshield.core.loading import load_t2i
 from diffshield.core.sampling import SampleConfig, generate
 from diffshield.erase.esd import ESDConfig, esd_erase
 from diffshield.toyworld.concepts import HEAD_VALUES
+from diffshield.toyworld.detector import load_detector
 
 ROOT = Path(__file__).resolve().parents[2]
 CONCEPT, FROM = "a red", "a triangle"

@@ -26,11 +26,12 @@ import torch
 import torch.nn.functional as F
 
 from diffshield.core.io import atomic_write_json
-from diffshield.core.loading import load_detector, load_t2i
+from diffshield.core.loading import load_t2i
 from diffshield.core.sampling import SampleConfig, encode_prompts, make_scheduler
 from diffshield.erase.esd import esd_erase, sample_xt
 from diffshield.eval.erasure import _rate
 from diffshield.toyworld.concepts import concept_prompts, other_concepts, resolve_concept
+from diffshield.toyworld.detector import load_detector
 from diffshield.toyworld.erasure_recipes import toy_erasure
 
 ROOT = Path(__file__).resolve().parents[2]

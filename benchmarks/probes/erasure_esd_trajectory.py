@@ -23,11 +23,12 @@ import torch
 
 from diffshield.core.errors import DiffshieldError
 from diffshield.core.io import atomic_write_bytes
-from diffshield.core.loading import load_detector, load_t2i
+from diffshield.core.loading import load_t2i
 from diffshield.core.sampling import SampleConfig
 from diffshield.erase.esd import esd_erase
 from diffshield.eval.erasure import _rate
 from diffshield.toyworld.concepts import concept_prompts, other_concepts, resolve_concept
+from diffshield.toyworld.detector import load_detector
 from diffshield.toyworld.erasure_recipes import toy_erasure
 
 ROOT = Path(__file__).resolve().parents[2]

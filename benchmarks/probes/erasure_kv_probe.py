@@ -90,11 +90,11 @@ def probe(concept: str, base) -> dict:
 def sensitivity(base, levels: list[float], draws: int = 2, seeds_per_prompt: int = 4,
                 detector: str = "toy:detector") -> list[dict]:
     """Style and shape accuracy of ``base`` with random K/V noise of each relative size in ``levels`` (see 3.)."""
-    from diffshield.core.loading import load_detector
     from diffshield.core.sampling import SampleConfig, encode_prompts
     from diffshield.erase.closed_form import kv_layers
     from diffshield.eval.erasure import _rate
     from diffshield.toyworld.concepts import concept_prompts, resolve_concept
+    from diffshield.toyworld.detector import load_detector
     from diffshield.toyworld.shapes import SHAPES, STYLES
 
     det = load_detector(detector)
@@ -133,12 +133,12 @@ def sensitivity(base, levels: list[float], draws: int = 2, seeds_per_prompt: int
 def oracle(base, seeds_per_prompt: int = 4, scales: tuple[float, ...] = (1.0, 10.0),
            detector: str = "toy:detector") -> list[dict]:
     """The documented UCE edit of "striped" and the same edit preserving the other styles' evaluation prompts (4.)."""
-    from diffshield.core.loading import load_detector
     from diffshield.core.sampling import SampleConfig, encode_prompts
     from diffshield.erase.closed_form import kv_weights
     from diffshield.erase.uce import uce_erase
     from diffshield.eval.erasure import _rate
     from diffshield.toyworld.concepts import concept_prompts, resolve_concept
+    from diffshield.toyworld.detector import load_detector
     from diffshield.toyworld.erasure_recipes import toy_erasure
 
     det = load_detector(detector)

@@ -32,11 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     from diffshield.core.io import atomic_write_json
-    from diffshield.core.loading import load_detector, load_t2i
+    from diffshield.core.loading import load_t2i
     from diffshield.core.sampling import SampleConfig
     from diffshield.redteam.audit import run_audit
     from diffshield.redteam.base import ToyConceptJudge
     from diffshield.toyworld.concepts import other_concepts, resolve_concept
+    from diffshield.toyworld.detector import load_detector
 
     rivals = [w for o in other_concepts(resolve_concept(args.concept)) for w in o.words]
     settings = [("steps 0 (prefix words only)", {"steps": 0}), ("steps 40 (default)", {}),

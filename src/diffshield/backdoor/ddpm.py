@@ -107,7 +107,7 @@ class DDPMModel:
 
 
 def _toy_ddpm_path() -> Path:
-    from diffshield.core.loading import TOY_ROOT
+    from diffshield.toyworld.names import TOY_ROOT
 
     return TOY_ROOT / "ddpm"
 

@@ -71,8 +71,8 @@ def clean_quality(images: torch.Tensor, detector=None, real: torch.Tensor | None
     Returns ``recognised`` (share with shape and colour confidence >= 0.9), ``shape_conf`` (mean), ``frechet``
     and ``n``.
     """
-    from diffshield.core.loading import load_detector
     from diffshield.eval.frechet import detector_features, frechet_distance
+    from diffshield.toyworld.detector import load_detector
 
     det = detector or load_detector("toy:detector-v1")
     pred = det.predict(images)

@@ -263,7 +263,7 @@ def calibrate(clean_stats: dict[str, list[tuple[float, float]]], margin: float =
 
 
 def default_calibration_path() -> Path:
-    from diffshield.core.loading import TOY_ROOT
+    from diffshield.toyworld.names import TOY_ROOT
 
     return TOY_ROOT / "ddpm" / "terd_calibration.json"
 

@@ -443,7 +443,7 @@ def demo_step(out: Path, device: str = "cpu") -> dict:
     """The backdoor part of ``diffshield demo`` (< 60 s): a fast TERD scan of the shipped backdoored example."""
     from diffshield.backdoor.ddpm import load_ddpm
     from diffshield.core.io import atomic_write_json, to_pil
-    from diffshield.core.loading import TOY_ROOT
+    from diffshield.toyworld.names import TOY_ROOT
 
     out = Path(out) / "backdoor"
     summary = {}

@@ -206,9 +206,9 @@ def demo_erasure(model, detector, out: Path, concept: str = "triangle") -> dict:
 
 def cmd_demo(args) -> int:
     from diffshield.core.io import atomic_write_json, check_output_dir, clear_previous_output, write_marker
-    from diffshield.core.loading import load_detector, load_t2i
+    from diffshield.core.loading import load_t2i
     from diffshield.core.sampling import generate
-    from diffshield.toyworld.detector import describe
+    from diffshield.toyworld.detector import describe, load_detector
 
     out = Path(args.out)
     check_output_dir(out, "demo", args.overwrite)
@@ -262,7 +262,7 @@ def cmd_toyworld_train(args) -> int:
         raise DiffshieldError(str(e)) from None
     src = None
     if args.from_weights:
-        from diffshield.core.loading import TOY_ROOT
+        from diffshield.toyworld.names import TOY_ROOT
 
         src = TOY_ROOT if args.from_weights == "toy" else Path(args.from_weights)
         if src.resolve() == Path(args.out).resolve():
@@ -439,10 +439,11 @@ def cmd_apply_delta(args) -> int:
 
 def cmd_eval_erasure(args) -> int:
     from diffshield.core.io import atomic_write_json, make_grid
-    from diffshield.core.loading import load_detector, load_t2i
+    from diffshield.core.loading import load_t2i
     from diffshield.core.sampling import SampleConfig
     from diffshield.eval.erasure import evaluate_erasure
     from diffshield.toyworld.concepts import resolve_concept
+    from diffshield.toyworld.detector import load_detector
 
     resolve_concept(args.concept)  # an unknown concept is refused before two models and the detector are loaded
     from diffshield.core.io import check_output_file

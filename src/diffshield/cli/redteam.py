@@ -35,10 +35,11 @@ def parse_settings(items: list[str] | None) -> dict[str, dict]:
 
 
 def cmd_audit(args) -> int:
-    from diffshield.core.loading import load_detector, load_t2i
+    from diffshield.core.loading import load_t2i
     from diffshield.core.sampling import SampleConfig
     from diffshield.redteam.audit import format_table, run_audit, write_report
     from diffshield.toyworld.concepts import resolve_concept
+    from diffshield.toyworld.detector import load_detector
 
     resolve_concept(args.concept)  # the CLI judges with the toy detector: refuse a non-toy concept before loading
     from diffshield.core.io import check_output_dir, check_output_file
@@ -123,10 +124,11 @@ def demo_step(out: Path, device: str = "cpu") -> dict:
     returns a JSON-able summary."""
     import torch
 
-    from diffshield.core.loading import load_detector, load_t2i
+    from diffshield.core.loading import load_t2i
     from diffshield.core.sampling import SampleConfig
     from diffshield.erase.uce import uce_erase
     from diffshield.redteam.audit import run_audit, write_report
+    from diffshield.toyworld.detector import load_detector
     from diffshield.toyworld.erasure_recipes import toy_erasure
 
     start = time.perf_counter()

@@ -19,13 +19,6 @@ import torch
 
 from diffshield.core.errors import DiffshieldError
 
-TOY_ROOT = Path(__file__).resolve().parent.parent / "toyworld" / "weights"
-TOY_MODELS: dict[str, str] = {
-    "toy:t2i": "t2i", "toy:detector": "detector", "toy:ddpm": "ddpm", "toy:inpaint": "inpaint",
-    # The detector of world version 1, the world of the shipped DDPM: it judges the DDPM's clean samples.
-    "toy:detector-v1": "detector_v1",
-}
-
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 T2I_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 KNOWN_KINDS = {
@@ -37,12 +30,15 @@ KNOWN_KINDS = {
 
 
 def resolve_model_path(spec: str | Path) -> Path:
-    """Turn ``toy:<name>`` or a path into an existing folder path, or raise a one-line DiffshieldError."""
+    """Turn a named model (``toy:<name>``, see :data:`diffshield.core.registry.MODEL_NAMES`) or a path into an
+    existing folder path, or raise a one-line DiffshieldError."""
+    from diffshield.core.registry import MODEL_NAMES
+
     s = str(spec)
-    if s.startswith("toy:"):
-        if s not in TOY_MODELS:
-            raise DiffshieldError(f"unknown toy model {s!r}; shipped toy models: {', '.join(TOY_MODELS)}")
-        path = TOY_ROOT / TOY_MODELS[s]
+    if s in MODEL_NAMES or s.startswith("toy:"):
+        if s not in MODEL_NAMES:
+            raise DiffshieldError(f"unknown toy model {s!r}; shipped toy models: {', '.join(MODEL_NAMES.names())}")
+        path = MODEL_NAMES.get(s)
         if not path.exists():
             raise DiffshieldError(
                 f"shipped toy model {s!r} is missing at {path}; rebuild it with 'diffshield toyworld train'"
@@ -51,7 +47,7 @@ def resolve_model_path(spec: str | Path) -> Path:
     path = Path(s).expanduser()
     if not path.exists():
         raise DiffshieldError(f"model path '{path}' does not exist; give a diffusers model folder "
-                              f"or a shipped toy model ({', '.join(TOY_MODELS)})")
+                              f"or a shipped toy model ({', '.join(MODEL_NAMES.names())})")
     if path.is_file():
         raise DiffshieldError(
             f"'{path}' is a single file; give a diffusers folder (model_index.json + component folders), "
@@ -269,14 +265,3 @@ def load_t2i(
     model = T2IModel(unet, vae, text_encoder, tokenizer, scheduler, source=str(spec))
     return model.to(device, dtype).eval()
 
-
-def load_detector(spec: str | Path = "toy:detector"):
-    """Load the toy-world concept detector (``toy:detector`` or a folder with config.json + model.safetensors)."""
-    from diffshield.toyworld.detector import ConceptDetector
-
-    path = resolve_model_path(spec)
-    weights = path / "model.safetensors"
-    if not (path / "config.json").exists() or not weights.exists():
-        raise DiffshieldError(f"'{path}' is not a concept-detector folder (needs config.json and model.safetensors)")
-    check_safetensors(weights)
-    return ConceptDetector.load(path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Generic, TypeVar
 
 from diffshield.core.errors import DiffshieldError
@@ -41,3 +42,8 @@ class Registry(Generic[T]):
     def __contains__(self, name: str) -> bool:
         return name in self._items
 
+
+
+#: Named model folders (``"toy:t2i"`` -> its folder), registered by the packages that ship models (the toy world
+#: registers its own when ``diffshield`` is imported); :func:`diffshield.core.loading.resolve_model_path` reads it.
+MODEL_NAMES: Registry[Path] = Registry("named model")

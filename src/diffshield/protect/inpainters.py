@@ -28,7 +28,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from diffshield.core.errors import DiffshieldError
-from diffshield.core.loading import TOY_ROOT, check_safetensors
+from diffshield.core.loading import check_safetensors
+from diffshield.toyworld.names import TOY_ROOT
 
 TOY_INPAINTERS: dict[str, str] = {"toy": "inpaint", "toy:inpaint": "inpaint"}
 

@@ -78,8 +78,8 @@ class ToyConceptJudge:
     """
 
     def __init__(self, concept: str, detector=None) -> None:
-        from diffshield.core.loading import load_detector
         from diffshield.toyworld.concepts import resolve_concept
+        from diffshield.toyworld.detector import load_detector
 
         self.concept = resolve_concept(concept)
         self.detector = detector if detector is not None else load_detector("toy:detector")

@@ -116,3 +116,17 @@ def describe(detector: ConceptDetector, images: torch.Tensor) -> list[Detection]
         conf = {k: float(pred[k][1][i]) for k in HEADS}
         out.append(Detection(**names, confidence=conf))
     return out
+
+
+def load_detector(spec: str | Path = "toy:detector") -> ConceptDetector:
+    """Load a concept detector (``toy:detector``, ``toy:detector-v1`` or a folder with config.json +
+    model.safetensors), checked before it is read."""
+    from diffshield.core.errors import DiffshieldError
+    from diffshield.core.loading import check_safetensors, resolve_model_path
+
+    path = resolve_model_path(spec)
+    weights = path / "model.safetensors"
+    if not (path / "config.json").exists() or not weights.exists():
+        raise DiffshieldError(f"'{path}' is not a concept-detector folder (needs config.json and model.safetensors)")
+    check_safetensors(weights)
+    return ConceptDetector.load(path)

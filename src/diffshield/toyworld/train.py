@@ -133,7 +133,7 @@ def _images(pool: dict[str, np.ndarray], idx: np.ndarray) -> torch.Tensor:
 
 def _vae_source(vae_from: str) -> Path:
     """The AutoencoderKL folder that ``vae_from`` names ("toy" = the shipped one); a one-line error otherwise."""
-    from diffshield.core.loading import TOY_ROOT
+    from diffshield.toyworld.names import TOY_ROOT
 
     src = TOY_ROOT / "t2i" / "vae" if vae_from == "toy" else Path(vae_from)
     if not (src / "config.json").is_file():
