@@ -67,7 +67,7 @@ def test_readme_is_short_and_starts_with_the_two_commands():
 def test_readme_links_exist():
     text = README.read_text(encoding="utf-8")
     for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text):
-        if "://" in target or target in ("docs/gpu.md", "docs/outputs.md"):  # written alongside by other pages
+        if "://" in target:
             continue
         assert (ROOT / target).exists(), f"README links to a missing file: {target}"
 
