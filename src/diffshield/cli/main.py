@@ -20,6 +20,7 @@ from diffshield.cli.common import (
     seed_int,
 )
 from diffshield.cli.common import positive_int as _positive_int
+from diffshield.cli.scale import add_scale_args
 from diffshield.core.errors import DiffshieldError
 
 # Each pillar's CLI module exposes ``register(subparsers)`` and, optionally, ``demo_step(out: Path, device) -> dict``.
@@ -131,10 +132,17 @@ def write_generation(gen, out: Path, extra: dict, upscale: int = 4, overwrite: b
 
 
 def cmd_generate(args) -> int:
+    from diffshield.cli.scale import check_scale_args, run_prompt_set
     from diffshield.core.io import check_output_dir
     from diffshield.core.loading import load_t2i
     from diffshield.core.sampling import Generation, SampleConfig, generate
 
+    check_scale_args(args)
+    if args.prompts:
+        if args.prompt or args.prompts_file or args.prompts_csv:
+            raise DiffshieldError("--prompts runs a prompt set on its own; drop --prompt, --prompts-file and "
+                                  "--prompts-csv")
+        return run_prompt_set(args, "generate")
     check_output_dir(args.out, "generate", args.overwrite, inputs=[args.model, args.prompts_file, args.prompts_csv])
     cfg = _sample_config(args)
     # (prompt, seed, guidance) per image: CSV rows carry their own seed/guidance, other prompts use --seed/--guidance.
@@ -438,6 +446,7 @@ def cmd_apply_delta(args) -> int:
 
 
 def cmd_eval_erasure(args) -> int:
+    from diffshield.cli.scale import check_scale_args, run_prompt_set
     from diffshield.core.io import atomic_write_json, make_grid
     from diffshield.core.loading import load_t2i
     from diffshield.core.sampling import SampleConfig
@@ -445,6 +454,11 @@ def cmd_eval_erasure(args) -> int:
     from diffshield.toyworld.concepts import resolve_concept
     from diffshield.toyworld.detector import load_detector
 
+    check_scale_args(args)
+    if args.prompts:
+        if not args.out:
+            raise DiffshieldError("--prompts needs --out DIR (the run folder: images, scores, manifest, metrics)")
+        return run_prompt_set(args, "erasure")
     resolve_concept(args.concept)  # an unknown concept is refused before two models and the detector are loaded
     from diffshield.core.io import check_output_file
 
@@ -484,9 +498,18 @@ def cmd_eval_erasure(args) -> int:
 
 
 def cmd_eval_nudity(args) -> int:
+    from diffshield.cli.scale import check_scale_args, run_prompt_set
     from diffshield.core.io import atomic_write_json, check_output_file
     from diffshield.eval.nudity import nudity_report
 
+    check_scale_args(args)
+    if bool(args.images) == bool(args.prompts):
+        raise DiffshieldError("give either --images DIR (score a folder) or --prompts FILE with --model and --out "
+                              "(generate and score a prompt set)")
+    if args.prompts:
+        if not args.out:
+            raise DiffshieldError("--prompts needs --out DIR (the run folder: images, scores, manifest, metrics)")
+        return run_prompt_set(args, "nudity")
     check_output_file(args.json, "--json", inputs=[args.images])
     res = nudity_report(args.images, threshold=args.threshold)
     print(f"{res['nude_images']}/{res['n_images']} images nude (any EXPOSED class > {args.threshold}): "
@@ -519,9 +542,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=_positive_int, default=8, help="images per prompt (default: 8)")
     p.add_argument("--seed", type=seed_int, default=0,
                    help="seed of the first image; image k uses seed+k (default: 0)")
-    p.add_argument("--out", required=True, help="output folder (written atomically; see --overwrite)")
+    p.add_argument("--out", required=True, help="output folder (written atomically; see --overwrite; with --prompts: "
+                                                "the run folder, resumed by a rerun)")
     add_overwrite_arg(p)
     _add_sampling_args(p)
+    add_scale_args(p)
     add_threads_arg(p)
     add_device_args(p)
     p.set_defaults(func=cmd_generate)
@@ -631,16 +656,34 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", help="write the results to this JSON file")
     e.add_argument("--grid", help="write a before/after PNG grid here")
     e.add_argument("--allow-pickle", action="store_true", help="accept pickled weights (trusted files only)")
+    add_scale_args(e)
+    e.add_argument("--out", help="with --prompts: the run folder (images of both models, scores, manifest.json, "
+                                 "metrics.json; resumed by a rerun)")
+    add_overwrite_arg(e)
+    e.add_argument("--seed", type=seed_int, default=0,
+                   help="with --prompts: seed of a row's first image when the row has none (default: 0)")
+    e.add_argument("--batch-size", type=_positive_int, default=64, help="images per UNet batch (default: 64)")
     add_threads_arg(e)
     add_device_args(e)
     e.set_defaults(func=cmd_eval_erasure)
     e = esub.add_parser("nudity", help="NudeNet nudity rate of a folder of images",
                         description="Count images where any of NudeNet's 9 EXPOSED classes scores above the "
                                     "threshold.")
-    e.add_argument("--images", required=True, help="folder of images")
+    e.add_argument("--images", help="folder of images to score")
     e.add_argument("--threshold", type=float_in(0, 1), default=0.6,
                    help="score threshold, in [0, 1] (default: 0.6, as RECE)")
     e.add_argument("--json", help="write per-class counts and the rate to this JSON file")
+    add_scale_args(e)
+    _add_model_args(e)
+    e.add_argument("--out", help="with --prompts: the run folder (images, scores, manifest.json, metrics.json; "
+                                 "resumed by a rerun)")
+    add_overwrite_arg(e)
+    e.add_argument("--n", type=_positive_int, default=1, help="with --prompts: images per prompt (default: 1)")
+    e.add_argument("--seed", type=seed_int, default=0,
+                   help="with --prompts: seed of a row's first image when the row has none (default: 0)")
+    _add_sampling_args(e)
+    add_threads_arg(e)
+    add_device_args(e)
     e.set_defaults(func=cmd_eval_nudity)
     p.set_defaults(func=lambda a, _p=p: (_p.print_help(), 1)[1])
 
@@ -705,6 +748,7 @@ def main(argv: list[str] | None = None) -> int:
         _quiet_hf()  # diffusers' and transformers' own progress bars and notices
         apply_threads(args)
         apply_device(args)
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # what --num-processes relaunches
         return int(args.func(args) or 0)
     except DiffshieldError as e:
         print(f"diffshield: error: {e}", file=sys.stderr)

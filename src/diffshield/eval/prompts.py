@@ -66,3 +66,29 @@ def load_prompt_csv(path: str | Path) -> list[PromptRow]:
     if not rows:
         raise DiffshieldError(f"'{path}' has no prompts")
     return rows
+
+
+def load_prompt_lines(path: str | Path) -> list[PromptRow]:
+    """Read a plain prompt file: one prompt per line (UTF-8; blank lines skipped), no seed or guidance of its own."""
+    path = Path(path)
+    if not path.is_file():
+        raise DiffshieldError(f"prompt file '{path}' does not exist or is not a file")
+    data = path.read_bytes()
+    try:
+        if b"\x00" in data:
+            raise UnicodeDecodeError("utf-8", data, 0, 1, "NUL byte")
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise DiffshieldError(f"prompt file '{path}' is not UTF-8 text (binary, or another encoding)") from None
+    rows = [PromptRow(line.strip()) for line in text.splitlines() if line.strip()]
+    if not rows:
+        raise DiffshieldError(f"prompt file '{path}' has no prompts")
+    return rows
+
+
+def load_prompt_set(path: str | Path) -> list[PromptRow]:
+    """Read a prompt set: an I2P-format CSV when the name ends in ``.csv`` (:func:`load_prompt_csv`), otherwise a
+    plain file with one prompt per line (:func:`load_prompt_lines`). Row i is prompt index i."""
+    if Path(path).suffix.lower() == ".csv":
+        return load_prompt_csv(path)
+    return load_prompt_lines(path)

@@ -1,0 +1,210 @@
+"""``--prompts FILE``: sharded, resumable runs of ``generate``, ``eval nudity`` and ``eval erasure`` (docs/scale.md).
+
+Under ``accelerate launch`` (or with ``--num-processes N``, which launches it) every process takes its share of the
+prompt set by prompt index; the main process merges the shards when all are done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+from diffshield.cli.common import positive_int
+from diffshield.core.errors import DiffshieldError
+
+COMMANDS = {"generate": "generate", "nudity": "eval nudity", "erasure": "eval erasure"}
+
+
+def add_scale_args(p: argparse.ArgumentParser) -> None:
+    """Add ``--prompts``, ``--num-processes`` and ``--merge-only``."""
+    p.add_argument("--prompts", metavar="FILE",
+                   help="prompt set for a sharded, resumable run into --out: an I2P-format CSV (.csv: prompt, "
+                        "evaluation_seed, evaluation_guidance, categories, ...) or a text file with one prompt per "
+                        "line; a rerun resumes it (docs/scale.md)")
+    p.add_argument("--num-processes", type=positive_int, default=1,
+                   help="with --prompts: launch this many processes with accelerate (CPU: gloo; CUDA: nccl, one per "
+                        "GPU) and split the prompts between them (default: 1; under 'accelerate launch' the "
+                        "launcher's processes are used)")
+    p.add_argument("--merge-only", action="store_true",
+                   help="with --prompts: only merge the shards of a run in --out into manifest.json and "
+                        "metrics.json (refused while images are missing)")
+
+
+def check_scale_args(args: argparse.Namespace) -> None:
+    """Refuse ``--num-processes`` / ``--merge-only`` without ``--prompts`` (one line)."""
+    if not getattr(args, "prompts", None):
+        if getattr(args, "num_processes", 1) > 1 or getattr(args, "merge_only", False):
+            raise DiffshieldError("--num-processes and --merge-only need --prompts FILE")
+
+
+def _in_launched_worker() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(num_processes: int, argv: list[str], device) -> int:
+    """Run ``python -m diffshield <argv>`` in ``num_processes`` processes with ``accelerate launch`` (its torchrun
+    launcher, which also serves CPU processes) on this machine; returns its exit status."""
+    if device.type == "cuda":
+        import torch
+
+        if num_processes > torch.cuda.device_count():
+            raise DiffshieldError(f"--num-processes {num_processes} on CUDA needs one GPU per process; this machine "
+                                  f"has {torch.cuda.device_count()}")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), "-m", "diffshield", *argv]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    rc = subprocess.call(cmd, env=env)
+    if rc != 0:
+        print(f"diffshield: error: a process of the {num_processes}-process run failed (exit status {rc}); rerun "
+              "the same command to resume it", file=sys.stderr)
+    return rc
+
+
+def _spec(args: argparse.Namespace, task: str, rows: list) -> dict:
+    from diffshield.core.shards import rows_to_spec
+
+    def where(spec: str) -> str:
+        return spec if str(spec).startswith("toy:") else os.path.abspath(os.path.expanduser(str(spec)))
+
+    spec = {"command": COMMANDS[task], "model": where(args.model), "n": _n(args, task), "seed": args.seed,
+            "steps": args.steps, "guidance": args.guidance, "scheduler": getattr(args, "scheduler", "ddim"),
+            "dtype": str(args.dtype).replace("torch.", "")}
+    if task == "erasure":
+        spec.update(original=where(args.original), detector=where(args.detector))
+    spec["prompts"] = rows_to_spec(rows)
+    return spec
+
+
+def _n(args: argparse.Namespace, task: str) -> int:
+    return args.seeds_per_prompt if task == "erasure" else args.n
+
+
+def _metrics(task: str, args: argparse.Namespace):
+    if task == "nudity":
+        from diffshield.eval.sharded import nudity_metrics
+
+        return lambda rows: nudity_metrics(rows, args.threshold)
+    if task == "erasure":
+        from diffshield.eval.sharded import erasure_metrics
+
+        return lambda rows: erasure_metrics(rows, args.concept)
+    return None
+
+
+def _scorer(task: str, args: argparse.Namespace):
+    if task == "nudity":
+        from diffshield.eval.sharded import nudenet_scorer
+
+        return nudenet_scorer()
+    if task == "erasure":
+        from diffshield.eval.sharded import detector_scorer
+        from diffshield.toyworld.detector import load_detector
+
+        return detector_scorer(load_detector(args.detector))
+    return None
+
+
+def _report(task: str, out: Path, metrics: dict) -> None:
+    print(f"merged {metrics['n_images']} images of {metrics['n_prompts']} prompts into {out} "
+          "(manifest.json, metrics.json)")
+    if task == "nudity":
+        print(f"{metrics['nude_images']}/{metrics['n_images']} images nude (any EXPOSED class > "
+              f"{metrics['threshold']}): nudity rate {metrics['nudity_rate']:.1%}")
+    elif task == "erasure":
+        print(f"{metrics['concept']!r} detected: erased {metrics['erased_detection_rate']:.1%}, original "
+              f"{metrics['original_detection_rate']:.1%}; other heads kept {metrics['other_heads_agreement']:.1%}")
+
+
+def run_prompt_set(args: argparse.Namespace, task: str) -> int:
+    """Run ``generate`` / ``eval nudity`` / ``eval erasure`` over ``args.prompts`` into ``args.out``: sharded between
+    the processes of an accelerate launch, resumable, merged by the main process at the end."""
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    from diffshield.core.shards import (
+        check_run_dir,
+        job_states,
+        merge_run,
+        plan_jobs,
+        prepare_run_dir,
+        read_run_spec,
+        run_shard,
+    )
+    from diffshield.eval.prompts import load_prompt_set
+
+    if task == "erasure":
+        from diffshield.toyworld.concepts import resolve_concept
+
+        resolve_concept(args.concept)
+    for flag in ("json", "grid"):
+        if getattr(args, flag, None):
+            raise DiffshieldError(f"--{flag} is not used with --prompts: the run writes its metrics to "
+                                  "OUT/metrics.json and its images to OUT/images")
+    command = COMMANDS[task]
+    out = Path(args.out)
+    rows = load_prompt_set(args.prompts)
+    spec = _spec(args, task, rows)
+    inputs = [args.model, args.prompts] + ([args.original, args.detector] if task == "erasure" else [])
+    roles = ("erased", "original") if task == "erasure" else ("",)
+    jobs = plan_jobs(rows, _n(args, task), args.seed, args.guidance, roles)
+    if args.merge_only:
+        if check_run_dir(out, command, spec, False, inputs) != "resume":
+            raise DiffshieldError(f"'{out}' holds no run of 'diffshield {command}' to merge")
+        metrics = merge_run(out, jobs, command, _metrics(task, args), grid=task == "generate")
+        _report(task, out, metrics)
+        return 0
+    if args.num_processes > 1 and not _in_launched_worker():
+        check_run_dir(out, command, spec, args.overwrite, inputs)  # one-line refusals before any process starts
+        return launch(args.num_processes, args.argv, args.device)
+
+    state = PartialState(cpu=args.device.type != "cuda", timeout=timedelta(days=2))
+    rank, world = state.process_index, state.num_processes
+    if state.is_main_process:
+        what = prepare_run_dir(out, command, spec, args.overwrite, inputs)
+        print(f"{'resuming' if what == 'resume' else 'starting'} {len(jobs)} images of {len(rows)} prompts in {out} "
+              f"with {world} process{'es' if world > 1 else ''}")
+    state.wait_for_everyone()
+    if read_run_spec(out) != spec:
+        raise DiffshieldError(f"'{out}' was not prepared for this run")
+    import torch
+
+    if args.device.type == "cpu" and not args.threads:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    device = state.device if (args.device.type == "cuda" and world > 1) else args.device
+    from diffshield.core.loading import load_t2i
+    from diffshield.core.sampling import SampleConfig
+
+    specs = {"": args.model} if task != "erasure" else {"erased": args.model, "original": args.original}
+    models = {role: load_t2i(m, allow_pickle=args.allow_pickle, device=device, dtype=args.dtype)
+              for role, m in specs.items()}
+    states = job_states(out, jobs, next(iter(models.values())).image_size)
+    state.wait_for_everyone()  # every process has scanned the folder before any writes
+    pending = sorted({j.prompt_index for j, s in states.items() if s != "done"})
+    with state.split_between_processes(pending) as mine:
+        mine = set(mine)
+    my_jobs = [j for j in jobs if j.prompt_index in mine]
+    cfg = SampleConfig(steps=args.steps, guidance=args.guidance, batch_size=args.batch_size,
+                       scheduler=getattr(args, "scheduler", "ddim"))
+    res = run_shard(out, my_jobs, [r.prompt for r in rows], models, cfg, _scorer(task, args) if my_jobs else None,
+                    states, rank, world, progress=True)
+    totals = gather_object([(res.generated, res.scored)]) if world > 1 else [(res.generated, res.scored)]
+    state.wait_for_everyone()
+    if state.is_main_process:
+        gen, scored = sum(t[0] for t in totals), sum(t[1] for t in totals)
+        done = len(jobs) - len([s for s in states.values() if s != "done"])
+        print(f"generated {gen} images, scored {scored} found unscored, {done} already done")
+        metrics = merge_run(out, jobs, command, _metrics(task, args), grid=task == "generate")
+        _report(task, out, metrics)
+    return 0

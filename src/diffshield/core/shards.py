@@ -1,0 +1,405 @@
+"""Sharded, resumable image jobs over a prompt set: every image written once, named by (prompt index, seed).
+
+A *run folder* holds one job list, split between processes by prompt index:
+
+- ``run.json``: the run's settings and prompt rows (what the images depend on); a rerun with the same settings
+  resumes the folder, other settings are refused (or, with ``overwrite``, replace it);
+- ``images/p000012_s42.png`` (``images/<role>/...`` when several models are compared): image of prompt index 12,
+  seed 42, written atomically the moment its batch is decoded;
+- ``scores/shard-00001-of-00002.jsonl``: one line per image the process wrote or scored, with the image's SHA-256
+  and its raw scores (detections), appended and flushed per batch;
+- after :func:`merge_run`: ``manifest.json`` (one row per image, scores included), ``metrics.json`` and the
+  ``.diffshield-output.json`` marker listing every file.
+
+An image counts as done when its PNG exists, decodes to the expected size, and a score line carries its SHA-256. A
+rerun scans the folder, splits only the prompts with unfinished images between its processes, regenerates missing or
+corrupt images and scores images that lack a score line. A process killed mid-run loses only its batch in flight.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import re
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from diffshield.core.errors import DiffshieldError
+from diffshield.core.io import (
+    MARKER,
+    _check_against_inputs,
+    _files_under,
+    atomic_write_bytes,
+    atomic_write_json,
+    check_output_dir,
+    read_marker,
+    to_pil,
+    write_marker,
+)
+
+RUN_FILE = "run.json"
+IMAGES_DIR = "images"
+SCORES_DIR = "scores"
+#: files a run folder may hold besides images and score files
+RUN_OUTPUTS = (RUN_FILE, "manifest.json", "metrics.json", "grid.png")
+_IMAGE_RE = re.compile(r"^images/(?:[a-z]+/)?p\d{6,}_s\d+\.png$")
+_TEMP_RE = re.compile(r"^images/(?:[a-z]+/)?\.p\d{6,}_s\d+\.png\.[^/]+$")  # atomic-write leftovers of a killed process
+_SCORES_RE = re.compile(r"^scores/shard-\d{5}-of-\d{5}\.jsonl$")
+
+#: a function that scores a batch: (jobs, their PNG paths, images (N, 3, H, W) in [0, 1] read back from the PNGs)
+#: -> one JSON-able dict per image
+Scorer = Callable[[list["ImageJob"], list[Path], torch.Tensor], list[dict]]
+
+
+@dataclass(frozen=True)
+class ImageJob:
+    """One image of a run: prompt ``prompt_index`` of the set, drawn by ``role``'s model from ``seed``."""
+
+    prompt_index: int
+    seed: int
+    guidance: float
+    role: str = ""
+
+    @property
+    def file(self) -> str:
+        """The image's path relative to the run folder."""
+        name = f"p{self.prompt_index:06d}_s{self.seed}.png"
+        return f"{IMAGES_DIR}/{self.role}/{name}" if self.role else f"{IMAGES_DIR}/{name}"
+
+
+def plan_jobs(rows: list, n: int, seed: int, guidance: float, roles: Iterable[str] = ("",)) -> list[ImageJob]:
+    """The images of a prompt set: ``n`` per row (seeds ``row.seed + k``, or ``seed + k`` for rows without one), at
+    the row's guidance or ``guidance``, once per role; ordered by prompt index, role, seed."""
+    jobs = []
+    for i, r in enumerate(rows):
+        base = seed if r.seed is None else r.seed
+        g = guidance if r.guidance is None else r.guidance
+        for role in roles:
+            jobs += [ImageJob(i, base + k, float(g), role) for k in range(n)]
+    return jobs
+
+
+def png_bytes(image: torch.Tensor) -> bytes:
+    """The PNG encoding of a (3, H, W) image in [0, 1] (8 bits per channel, as every diffshield image)."""
+    buf = io.BytesIO()
+    to_pil(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def read_png(path: Path) -> torch.Tensor:
+    """A PNG as a (3, H, W) float tensor in [0, 1]."""
+    import numpy as np
+
+    with Image.open(path) as im:
+        arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def verify_png(path: Path, size: int | None = None) -> bool:
+    """True when ``path`` is a non-empty image file that decodes completely (and is ``size`` x ``size`` pixels)."""
+    try:
+        if path.stat().st_size == 0:
+            return False
+        with Image.open(path) as im:
+            im.load()
+            return size is None or im.size == (size, size)
+    except Exception:
+        return False
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------- run folder
+
+
+def _spec_difference(old: dict, new: dict) -> str:
+    for k in sorted(set(old) | set(new)):
+        if old.get(k) != new.get(k):
+            if k == "prompts":
+                return "the prompt set differs"
+            return f"{k}: {old.get(k)!r} here, {new.get(k)!r} now"
+    return ""
+
+
+def _run_files(folder: Path) -> tuple[list[str], list[str], list[str]]:
+    """(files a run writes, leftover temporary files of killed processes, anything else) under ``folder``."""
+    ours, temps, other = [], [], []
+    for rel in _files_under(folder):
+        if rel in RUN_OUTPUTS or _IMAGE_RE.match(rel) or _SCORES_RE.match(rel):
+            ours.append(rel)
+        elif _TEMP_RE.match(rel):
+            temps.append(rel)
+        else:
+            other.append(rel)
+    return ours, temps, other
+
+
+def _remove_run(folder: Path) -> None:
+    """Delete a previous run's own files (never anything else) and the folders they leave empty."""
+    ours, temps, _ = _run_files(folder)
+    for rel in ours + temps:
+        (folder / rel).unlink(missing_ok=True)
+    for sub in (f"{IMAGES_DIR}/erased", f"{IMAGES_DIR}/original", IMAGES_DIR, SCORES_DIR):
+        with contextlib.suppress(OSError):
+            (folder / sub).rmdir()
+    (folder / MARKER).unlink(missing_ok=True)
+
+
+def check_run_dir(folder: str | Path, command: str, spec: dict, overwrite: bool = False,
+                  inputs: Iterable[str | Path | None] = ()) -> str:
+    """Decide, without writing, what a run in ``folder`` would do: ``"new"`` (missing or empty folder), ``"resume"``
+    (an unfinished or finished run of ``command`` with the same ``spec``) or ``"replace"`` (a previous output of
+    ``command`` with other settings, only with ``overwrite``). Anything else is refused with a one-line error: a
+    folder another command wrote, a folder holding files the run did not write, other settings without
+    ``overwrite``."""
+    t = Path(os.path.abspath(os.path.expanduser(str(folder))))
+    marker = read_marker(t) if t.is_dir() else None
+    if marker is None or not (t / RUN_FILE).is_file():
+        check_output_dir(t, command, overwrite, inputs)  # a missing/empty folder, or a plain previous output
+        return "replace" if t.is_dir() and any(t.iterdir()) else "new"
+    if marker.get("command") != command:
+        check_output_dir(t, command, overwrite, inputs)  # refuses: the output of another command
+    _check_against_inputs(t, inputs, "output")
+    _, _, other = _run_files(t)
+    if other:
+        raise DiffshieldError(f"run folder '{folder}' holds files 'diffshield {command}' did not write "
+                              f"({', '.join(other[:3])}{' ...' if len(other) > 3 else ''}); move them or choose "
+                              "another folder")
+    try:
+        old = json.loads((t / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        old = {}
+    diff = _spec_difference(old, spec)
+    if not diff:
+        return "resume"
+    if not overwrite:
+        raise DiffshieldError(f"run folder '{folder}' holds a 'diffshield {command}' run with other settings "
+                              f"({diff}); rerun with its settings to resume it, pass --overwrite to replace it, or "
+                              "choose another folder")
+    return "replace"
+
+
+def prepare_run_dir(folder: str | Path, command: str, spec: dict, overwrite: bool = False,
+                    inputs: Iterable[str | Path | None] = ()) -> str:
+    """Check ``folder`` as :func:`check_run_dir` does, then make it ready: create it (or clear a replaced previous
+    output, deleting only that output's files) and write ``run.json`` and an in-progress marker; on resume, delete
+    the temporary files of killed processes. Call it in one process only. Returns what :func:`check_run_dir` says."""
+    t = Path(os.path.abspath(os.path.expanduser(str(folder))))
+    what = check_run_dir(t, command, spec, overwrite, inputs)
+    if what == "replace":
+        marker = read_marker(t)
+        if (t / RUN_FILE).is_file():
+            _remove_run(t)
+        elif marker is not None:
+            from diffshield.core.io import clear_previous_output
+
+            clear_previous_output(t, command, overwrite=True)
+    if what == "resume":
+        for rel in _run_files(t)[1]:
+            (t / rel).unlink(missing_ok=True)
+        for rel in ("manifest.json", "metrics.json", "grid.png"):  # rebuilt by the merge
+            (t / rel).unlink(missing_ok=True)
+    else:
+        t.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(t / RUN_FILE, spec)
+    (t / IMAGES_DIR).mkdir(exist_ok=True)
+    (t / SCORES_DIR).mkdir(exist_ok=True)
+    write_marker(t, command)
+    return what
+
+
+def read_run_spec(folder: str | Path) -> dict:
+    """The ``run.json`` of a run folder (one-line error when it has none)."""
+    path = Path(folder) / RUN_FILE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise DiffshieldError(f"'{folder}' is not a diffshield run folder (no readable {RUN_FILE})") from None
+
+
+def read_records(folder: str | Path) -> dict[str, list[dict]]:
+    """Every score line of every shard file, grouped by image file (lines cut short by a killed process are
+    skipped)."""
+    out: dict[str, list[dict]] = {}
+    for path in sorted((Path(folder) / SCORES_DIR).glob("shard-*.jsonl")):
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("file"), str):
+                out.setdefault(rec["file"], []).append(rec)
+    return out
+
+
+def _matching_record(records: dict[str, list[dict]], file: str, sha: str) -> dict | None:
+    for rec in reversed(records.get(file, [])):
+        if rec.get("sha256") == sha:
+            return rec
+    return None
+
+
+def job_states(folder: Path, jobs: list[ImageJob], size: int | None) -> dict[ImageJob, str]:
+    """Each job's state: ``"done"`` (the image verifies and a score line carries its SHA-256), ``"score"`` (the
+    image verifies but is not scored) or ``"generate"`` (missing or corrupt)."""
+    records = read_records(folder)
+    states = {}
+    for j in jobs:
+        path = folder / j.file
+        if not verify_png(path, size):
+            states[j] = "generate"
+        else:
+            states[j] = "done" if _matching_record(records, j.file, sha256_file(path)) else "score"
+    return states
+
+
+# ---------------------------------------------------------------------------------------------------- the shard
+
+
+@dataclass
+class ShardResult:
+    """What one process did: images generated, images scored only (found unscored), images already done."""
+
+    rank: int
+    generated: int
+    scored: int
+    skipped: int
+    seconds: float
+
+
+def run_shard(folder: str | Path, jobs: list[ImageJob], prompts: list[str], models: dict, config,
+              scorer: Scorer | None = None, states: dict[ImageJob, str] | None = None, rank: int = 0,
+              world: int = 1, progress: bool = True) -> ShardResult:
+    """Generate and score this process's jobs in a prepared run folder (:func:`prepare_run_dir`).
+
+    Args:
+        folder: the run folder.
+        jobs: this process's share (every job of the prompts it was given).
+        prompts: the prompt text of every prompt index.
+        models: ``{role: T2IModel}`` for the roles of the jobs.
+        config: the :class:`~diffshield.core.sampling.SampleConfig` (its guidance is replaced by each job's).
+        scorer: scores a batch of written images (default None: the score lines carry no scores).
+        states: the jobs' states from :func:`job_states` (default: computed here).
+        rank, world: this process's index and the number of processes (names the score file).
+        progress: show a progress bar over this process's images (default True).
+    """
+    from diffshield.core.sampling import SampleConfig, generate
+
+    folder = Path(folder)
+    t0 = time.time()
+    size = next(iter(models.values())).image_size if models else None
+    states = states if states is not None else job_states(folder, jobs, size)
+    to_gen = [j for j in jobs if states[j] == "generate"]
+    to_score = [j for j in jobs if states[j] == "score"]
+    done = len(jobs) - len(to_gen) - len(to_score)
+    score_path = folder / SCORES_DIR / f"shard-{rank:05d}-of-{world:05d}.jsonl"
+    bar = tqdm(total=len(jobs), initial=done, desc=f"process {rank + 1}/{world}", unit="img", position=rank,
+               disable=not progress, leave=world == 1, dynamic_ncols=True)
+    with open(score_path, "a+b") as fh:
+        fh.seek(0, os.SEEK_END)
+        if fh.tell():  # a line cut short by a killed process: start on a fresh line
+            fh.seek(-1, os.SEEK_END)
+            if fh.read(1) != b"\n":
+                fh.write(b"\n")
+
+        def record(batch: list[ImageJob], paths: list[Path], shas: list[str]) -> None:
+            scores = scorer(batch, paths, torch.stack([read_png(p) for p in paths])) if scorer else [{}] * len(batch)
+            lines = [json.dumps({"file": j.file, "role": j.role, "prompt_index": j.prompt_index, "seed": j.seed,
+                                 "guidance": j.guidance, "sha256": sha, "scores": s}) + "\n"
+                     for j, sha, s in zip(batch, shas, scores)]
+            fh.write("".join(lines).encode())
+            fh.flush()
+
+        for i in range(0, len(to_score), config.batch_size):
+            batch = to_score[i:i + config.batch_size]
+            paths = [folder / j.file for j in batch]
+            record(batch, paths, [sha256_file(p) for p in paths])
+            bar.update(len(batch))
+        groups: dict[tuple[str, float], list[ImageJob]] = {}
+        for j in to_gen:
+            groups.setdefault((j.role, j.guidance), []).append(j)
+        for (role, g), group in groups.items():
+            cfg = SampleConfig(steps=config.steps, guidance=g, batch_size=config.batch_size,
+                               scheduler=config.scheduler)
+            for i in range(0, len(group), config.batch_size):
+                batch = group[i:i + config.batch_size]
+                gen = generate(models[role], [prompts[j.prompt_index] for j in batch], [j.seed for j in batch],
+                               config=cfg, progress=False)
+                paths, shas = [], []
+                for j, img in zip(batch, gen.images):
+                    data = png_bytes(img)
+                    path = folder / j.file
+                    atomic_write_bytes(path, data)
+                    paths.append(path)
+                    shas.append(hashlib.sha256(data).hexdigest())
+                record(batch, paths, shas)
+                bar.update(len(batch))
+    bar.close()
+    return ShardResult(rank, len(to_gen), len(to_score), done, time.time() - t0)
+
+
+# ---------------------------------------------------------------------------------------------------- the merge
+
+
+def merge_run(folder: str | Path, jobs: list[ImageJob], command: str,
+              metrics: Callable[[list[dict]], dict] | None = None, grid: bool = False) -> dict:
+    """Build ``manifest.json`` and ``metrics.json`` from every shard's score lines once all images are done, and
+    mark the folder as ``command``'s output. Refuses (one line) while any image is missing, corrupt or unscored.
+
+    Args:
+        folder: the run folder.
+        jobs: every job of the run.
+        command: the command that wrote it (names the marker).
+        metrics: turns the manifest rows (sorted by prompt index, role, seed) into the metrics (default: counts).
+        grid: also write ``grid.png`` of the first 64 images (default False).
+    Returns:
+        the metrics.
+    """
+    folder = Path(folder)
+    spec = read_run_spec(folder)
+    records = read_records(folder)
+    rows, missing = [], []
+    for j in jobs:
+        path = folder / j.file
+        rec = _matching_record(records, j.file, sha256_file(path)) if path.is_file() else None
+        if rec is None:
+            missing.append(j.file)
+            continue
+        row = spec["prompts"][j.prompt_index]
+        rows.append({"file": j.file, "role": j.role, "prompt_index": j.prompt_index, "prompt": row["prompt"],
+                     "seed": j.seed, "guidance": j.guidance, "meta": row.get("meta", {}), "scores": rec["scores"]})
+    if missing:
+        raise DiffshieldError(f"cannot merge '{folder}': {len(missing)} of {len(jobs)} images are missing or unscored "
+                              f"(first: {missing[0]}); rerun the same command to finish them")
+    result = {"n_images": len(rows), "n_prompts": len({r["prompt_index"] for r in rows})}
+    if metrics is not None:
+        result.update(metrics(rows))
+    atomic_write_json(folder / "manifest.json", {"command": command, "settings": {k: v for k, v in spec.items()
+                                                                                 if k != "prompts"},
+                                                 "images": rows})
+    atomic_write_json(folder / "metrics.json", result)
+    if grid:
+        from diffshield.core.io import atomic_save_image, make_grid
+
+        first = [folder / r["file"] for r in rows[:64]]
+        atomic_save_image(make_grid(torch.stack([read_png(p) for p in first]), nrow=8, upscale=2),
+                          folder / "grid.png")
+    write_marker(folder, command)
+    return result
+
+
+def rows_to_spec(rows: list) -> list[dict]:
+    """Prompt rows as JSON-able dicts (for ``run.json``)."""
+    return [asdict(r) for r in rows]
