@@ -1,0 +1,189 @@
+"""Sharded, resumable runs over prompt sets (diffshield.core.shards, ``--prompts FILE``): two processes give the
+images and metrics of one, a SIGKILLed worker loses only its batch in flight, a rerun finishes exactly what is
+missing or corrupt, the merge refuses while anything is missing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffshield.cli.main import main
+from diffshield.core.errors import DiffshieldError
+from diffshield.core.shards import ImageJob, job_states, plan_jobs, verify_png
+from diffshield.eval.prompts import PromptRow, load_prompt_set
+
+ROOT = Path(__file__).resolve().parent.parent
+I2P_TOY = ROOT / "examples" / "prompts" / "i2p_toy_100.csv"
+
+
+def _pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.int16)
+
+
+def test_prompt_sets_csv_and_lines(tmp_path):
+    rows = load_prompt_set(I2P_TOY)
+    assert len(rows) == 100 and rows[0].seed is not None and rows[0].guidance in (5.0, 7.0, 7.5)
+    assert "categories" in rows[0].meta
+    txt = tmp_path / "p.txt"
+    txt.write_text("a red triangle\n\n  a blue circle  \n")
+    assert [r.prompt for r in load_prompt_set(txt)] == ["a red triangle", "a blue circle"]
+    (tmp_path / "bin.txt").write_bytes(b"\x00\xff")
+    with pytest.raises(DiffshieldError, match="not UTF-8"):
+        load_prompt_set(tmp_path / "bin.txt")
+    jobs = plan_jobs([PromptRow("a", 7, 3.0), PromptRow("b")], n=2, seed=100, guidance=5.0)
+    assert [(j.prompt_index, j.seed, j.guidance) for j in jobs] == [(0, 7, 3.0), (0, 8, 3.0), (1, 100, 5.0),
+                                                                    (1, 101, 5.0)]
+    assert jobs[0].file == "images/p000000_s7.png"
+
+
+def test_two_processes_equal_one_on_i2p_toy_file(tmp_path, capsys):
+    """The 100-prompt I2P-format file, generate -> toy-detector scores -> merged metrics, with 1 and 2 processes."""
+    common = ["eval", "erasure", "--prompts", str(I2P_TOY), "--model", "toy:t2i", "--concept", "triangle",
+              "--seeds-per-prompt", "1", "--steps", "3", "--device", "cpu"]
+    assert main([*common, "--out", str(tmp_path / "one"), "--threads", "1"]) == 0
+    assert main([*common, "--out", str(tmp_path / "two"), "--num-processes", "2"]) == 0
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert sorted(p.name for p in (two / "scores").iterdir()) == ["shard-00000-of-00002.jsonl",
+                                                                   "shard-00001-of-00002.jsonl"]
+    files = sorted(p.relative_to(one) for p in (one / "images").rglob("*.png"))
+    assert len(files) == 200
+    identical, worst = 0, 0
+    for f in files:
+        a, b = _pixels(one / f), _pixels(two / f)
+        identical += int(np.array_equal(a, b))
+        worst = max(worst, int(np.abs(a - b).max()))
+    # batches differ between 1 and 2 processes (each shard batches its own prompts): within 1/255 per pixel
+    assert worst <= 1, worst
+    assert identical >= 150, identical
+    m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
+    assert m1 == m2 and m1["n_images"] == 200 and m1["n_prompts"] == 100
+    assert m1["erased_detection_rate_by_category"]  # the categories column is used
+    manifest = json.loads((two / "manifest.json").read_text())
+    assert len(manifest["images"]) == 200 and manifest["images"][0]["meta"]["categories"]
+
+
+def _descendants(pid: int) -> list[int]:
+    kids = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            kids.setdefault(ppid, []).append(int(d))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out += kids.get(p, [])
+        todo += kids.get(p, [])
+    return out
+
+
+def _rank_of(pid: int) -> int | None:
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    for kv in env:
+        if kv.startswith(b"RANK="):
+            return int(kv[5:])
+    return None
+
+
+def test_sigkill_a_worker_then_rerun_generates_only_the_missing(tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("".join(f"a {c} {s}\n" for c in ("red", "blue", "green", "yellow", "pink")
+                               for s in ("triangle", "circle", "star", "square")))  # 20 prompts
+    out = tmp_path / "run"
+    args = ["generate", "--prompts", str(prompts), "--n", "2", "--steps", "25", "--batch-size", "1", "--device",
+            "cpu", "--out", str(out)]
+    launcher = subprocess.Popen([sys.executable, "-m", "diffshield", *args, "--num-processes", "2"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    second_half = {f"p{i:06d}" for i in range(10, 20)}
+    killed = False
+    deadline = time.time() + 120
+    while time.time() < deadline and launcher.poll() is None:
+        written = [p for p in (out / "images").glob("p*.png") if p.name[:7] in second_half] if out.exists() else []
+        if len(written) >= 3:
+            ranks = {pid: _rank_of(pid) for pid in _descendants(launcher.pid)}
+            victim = [pid for pid, r in ranks.items() if r == 1]
+            if victim:
+                os.kill(victim[0], signal.SIGKILL)
+                killed = True
+                break
+        time.sleep(0.05)
+    assert killed, "the worker of rank 1 finished before it could be killed"
+    assert launcher.wait(timeout=120) != 0
+    jobs = plan_jobs(load_prompt_set(prompts), 2, 0, 5.0)
+    states = job_states(out, jobs, 32)
+    done = [j for j in jobs if states[j] == "done"]
+    assert 3 <= len(done) < 40
+    # the merge refuses, in one line, while images are missing
+    assert main(["generate", "--prompts", str(prompts), "--n", "2", "--steps", "25", "--device", "cpu", "--out",
+                 str(out), "--merge-only"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cannot merge" in err and "images are missing" in err and "\n" not in err
+    # corrupt one finished image: the rerun must regenerate it too
+    corrupt = out / done[0].file
+    corrupt.write_bytes(corrupt.read_bytes()[:50])
+    before = {j.file: (out / j.file).stat().st_mtime_ns for j in done[1:]}
+    assert main([*args, "--threads", "1"]) == 0
+    log = capsys.readouterr().out
+    missing = 40 - len(done) + 1
+    assert f"generated {missing} images" in log, log
+    assert {f: (out / f).stat().st_mtime_ns for f in before} == before  # the finished images were not rewritten
+    assert all(verify_png(out / j.file, 32) for j in jobs)
+    assert json.loads((out / "metrics.json").read_text())["n_images"] == 40
+    assert len(json.loads((out / "manifest.json").read_text())["images"]) == 40
+
+
+def test_run_folder_refusals_and_resume(tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red triangle\na blue circle\n")
+    out = tmp_path / "run"
+    base = ["generate", "--prompts", str(prompts), "--n", "2", "--steps", "2", "--device", "cpu", "--threads", "1",
+            "--out", str(out)]
+    assert main(base) == 0
+    assert (out / ".diffshield-output.json").is_file() and (out / "grid.png").is_file()
+    capsys.readouterr()
+    # a rerun with the same settings does nothing but merge again; a lost score line is recomputed, not the image
+    shard = next((out / "scores").iterdir())
+    shard.write_text("".join(shard.read_text().splitlines(keepends=True)[1:]) + '{"file": "images/p0')
+    assert main(base) == 0
+    assert "generated 0 images, scored 1 found unscored, 3 already done" in capsys.readouterr().out
+    # other settings: refused in one line, replaced with --overwrite
+    assert main([*base[:-2], "--steps", "3", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "other settings (steps: 2 here, 3 now)" in err and err.count("\n") == 1
+    # a file the run did not write is never deleted: refused, even with --overwrite
+    (out / "images" / "mine.txt").write_text("keep")
+    assert main([*base, "--steps", "3", "--overwrite"]) == 2
+    assert "did not write (images/mine.txt)" in capsys.readouterr().err
+    (out / "images" / "mine.txt").unlink()
+    assert main([*base, "--steps", "3", "--overwrite"]) == 0
+    assert json.loads((out / "run.json").read_text())["steps"] == 3
+    capsys.readouterr()
+    # one-line usage errors
+    x = str(tmp_path / "x")
+    assert main(["generate", "--prompt", "a red triangle", "--prompts", str(prompts), "--out", x]) == 2
+    assert main(["generate", "--prompt", "a red triangle", "--num-processes", "2", "--out", x]) == 2
+    assert main(["eval", "nudity", "--prompts", str(prompts)]) == 2
+    assert main(["eval", "nudity"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 4 and all(e.startswith("diffshield: error:") for e in err)
+    assert not (tmp_path / "x").exists()
+
+
+def test_image_job_names_are_unique_per_role():
+    a, b = ImageJob(3, 5, 7.0, "erased"), ImageJob(3, 5, 7.0, "original")
+    assert a.file != b.file and a.file == "images/erased/p000003_s5.png"
