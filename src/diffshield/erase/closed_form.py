@@ -127,6 +127,19 @@ def shared_edit_matrix(
         lamb: λ, the pull towards the current weights (> 0).
         erase_scale: s_e. preserve_scale: s_p.
     """
+    num, den = _edit_sums(pairs, preserve, lamb, erase_scale, preserve_scale)
+    # G = num · den⁻¹ and den is symmetric positive definite (λ > 0), so Gᵀ = den⁻¹ · numᵀ.
+    return spd_solve(den, num.T).T
+
+
+def _edit_sums(
+    pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    preserve: Sequence[torch.Tensor],
+    lamb: float,
+    erase_scale: float,
+    preserve_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(λ I + s_e Σ TᵀK + s_p Σ PᵀP, λ I + s_e Σ KᵀK + s_p Σ PᵀP) in float64."""
     if not pairs:
         raise DiffshieldError("nothing to erase: give at least one concept")
     d = pairs[0][0].shape[-1]
@@ -145,8 +158,46 @@ def shared_edit_matrix(
         pp = preserve_scale * (p.T @ p)
         num = num + pp
         den = den + pp
-    # G = num · den⁻¹ and den is symmetric positive definite (λ > 0), so Gᵀ = den⁻¹ · numᵀ.
-    return spd_solve(den, num.T).T
+    return num, den
+
+
+def tensor_correction(
+    pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    preserve: Sequence[torch.Tensor],
+    lamb: float,
+    erase_scale: float,
+    preserve_scale: float,
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """What the official 2023 UCE script's ``tensor`` technique adds to W · G, per erased concept: (K, T, K den⁻¹).
+
+    The technique's target for concept i in matrix W is W Tᵢᵀ − αᵢ W Kᵢᵀ with αᵢ = ⟨W Kᵢᵀ, W Tᵢᵀ⟩ / ‖W Kᵢᵀ‖²
+    (Frobenius, over the concept's rows), so W_new = W G − s_e Σᵢ αᵢ (W Kᵢᵀ)(Kᵢ den⁻¹) with den = λ I + s_e Σ KᵀK +
+    s_p Σ PᵀP: αᵢ depends on W, the rest does not (:func:`apply_tensor`). All float64.
+    """
+    _, den = _edit_sums(pairs, preserve, lamb, erase_scale, preserve_scale)
+    out = []
+    for k, t in pairs:
+        k, t = k.to(den.device, SOLVE_DTYPE), t.to(den.device, SOLVE_DTYPE)
+        out.append((k, t, erase_scale * spd_solve(den, k.T).T))  # den symmetric: K den⁻¹ = (den⁻¹ Kᵀ)ᵀ
+    return out
+
+
+def apply_tensor(
+    layers: Sequence[tuple[str, torch.nn.Linear]],
+    g: torch.Tensor,
+    correction: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+) -> None:
+    """Write the ``tensor`` technique's W_new = W G − Σᵢ αᵢ (W Kᵢᵀ)(s_e Kᵢ den⁻¹) into every layer, in place, from
+    each layer's current weight (computed in float64; see :func:`tensor_correction`)."""
+    with torch.no_grad():
+        for _, mod in layers:
+            w = mod.weight.detach().to(g.device, SOLVE_DTYPE)
+            new = w @ g.to(SOLVE_DTYPE)
+            for k, t, kd in correction:
+                wk, wt = w @ k.T, w @ t.T
+                alpha = (wk * wt).sum() / (wk * wk).sum().clamp_min(1e-300)
+                new = new - alpha * (wk @ kd)
+            mod.weight.data.copy_(new.to(mod.weight.device, mod.weight.dtype))
 
 
 # --- Writing the edit, and the sums over all matrices --------------------------------------------------------------
@@ -212,6 +263,7 @@ def adversarial_solve(
     lamb_r: float,
     variant: str = "regzero",
     c_old: torch.Tensor | None = None,
+    surrogate_item: str = "1st",
 ) -> torch.Tensor:
     """RECE's closed-form adversarial embedding from the two d x d sums (Gong et al., ECCV 2024).
 
@@ -219,11 +271,34 @@ def adversarial_solve(
     standard: C' = argmin Σ ||W' c' - W0 c||² + λ_r ||c' - c_old||²  = (M⁻¹ (N Cᵀ + λ_r C_oldᵀ))ᵀ
     with M = λ_r I + Σ W'ᵀW' (``gram`` is Σ W'ᵀW') and N = Σ W'ᵀW0 (``cross``). Rows of ``c`` are token embeddings;
     ``c`` may be (L, d) or (B, L, d). Returns C' with the dtype and device of ``c``.
+
+    surrogate (the official code's ``close_surrogatereg``, ``close_form_emb`` without an old target): C' = C (M⁻¹ N)ᵀ
+    with, for ``surrogate_item`` "1st" (its training scripts' default) M = (1 + λ_r) S', N = Σ W'ᵀW0 + λ_r S';
+    "2nd": M = λ_r I + S', N = λ_r I + Σ W'ᵀW0; "both": M = λ_r I + (1 + λ_r) S', N = λ_r I + Σ W'ᵀW0 + λ_r S'
+    (S' = Σ W'ᵀW'). "1st" needs S' invertible (a solve that fails says so).
     """
     if lamb_r < 0:
         raise DiffshieldError(f"lamb_r must be >= 0, got {lamb_r}")
     d = gram.shape[0]
-    m = gram.to(SOLVE_DTYPE) + lamb_r * torch.eye(d, dtype=SOLVE_DTYPE, device=gram.device)
+    eye = torch.eye(d, dtype=SOLVE_DTYPE, device=gram.device)
+    if variant == "surrogate":
+        s1, n0 = gram.to(SOLVE_DTYPE), cross.to(gram.device, SOLVE_DTYPE)
+        if surrogate_item == "1st":
+            m, n = (1 + lamb_r) * s1, n0 + lamb_r * s1
+        elif surrogate_item == "2nd":
+            m, n = lamb_r * eye + s1, lamb_r * eye + n0
+        elif surrogate_item == "both":
+            m, n = lamb_r * eye + (1 + lamb_r) * s1, lamb_r * eye + n0 + lamb_r * s1
+        else:
+            raise DiffshieldError(f"surrogate_item must be '1st', '2nd' or 'both', got {surrogate_item!r}")
+        rows = c.reshape(-1, d).to(m.device, SOLVE_DTYPE)
+        try:
+            out = torch.linalg.solve(m, n @ rows.T).T
+        except RuntimeError:
+            raise DiffshieldError("the surrogate's matrix (1 + λ_r) Σ W'ᵀW' is singular; use surrogate_item "
+                                  "'both' or '2nd'") from None
+        return out.reshape(c.shape).to(c.device, c.dtype)
+    m = gram.to(SOLVE_DTYPE) + lamb_r * eye
     rows = c.reshape(-1, d).to(m.device, SOLVE_DTYPE)
     rhs = cross.to(m.device, SOLVE_DTYPE) @ rows.T  # N Cᵀ: d x rows, far fewer right-hand sides than d
     if variant == "standard":
@@ -231,5 +306,5 @@ def adversarial_solve(
             raise DiffshieldError("the 'standard' variant needs c_old (the embedding of the guide used before)")
         rhs = rhs + lamb_r * c_old.to(m.device, SOLVE_DTYPE).expand(c.shape).reshape(-1, d).T
     elif variant != "regzero":
-        raise DiffshieldError(f"variant must be 'regzero' or 'standard', got {variant!r}")
+        raise DiffshieldError(f"variant must be 'regzero', 'standard' or 'surrogate', got {variant!r}")
     return spd_solve(m, rhs).T.reshape(c.shape).to(c.device, c.dtype)

@@ -8,9 +8,15 @@ RECE starts from a UCE edit and repeats, for a few epochs:
 
        C' = argmin Σ_l ||W'_l c' - W0_l c||² + λ_r ||c'||²   =>   C' = C · ((λ_r I + Σ W'ᵀW')⁻¹ Σ W'ᵀW0)ᵀ
 
-   (variant "regzero"; variant "standard" regularises towards the guide instead: λ_r ||c' - c_old||²).
-2. Erase C' with the UCE formula (guide = the concept's guide, all rows aligned; λ = 0.1, preserve "" with 0.1).
-3. Optionally score the epoch with a validation callable and keep the best epoch.
+   (variant "regzero"; variant "standard" regularises towards the guide instead: λ_r ||c' - c_old||²; variant
+   "surrogate" is the official code's surrogate regularisation, see
+   :func:`~diffshield.erase.closed_form.adversarial_solve`).
+2. Erase C' with the UCE formula (guide = the concept's guide, all rows aligned; λ = 0.1, s_p = 0.1). The official
+   nudity/unsafe script (``train.py``) preserves " " once per concept (``retain_texts = [' ' for _ in concepts]``):
+   here "" (the same token ids) counts once per concept by default; its object script (``train_object.py``)
+   preserves "" and the given prompts once (``round_preserve``, ``round_empty_per_concept=False``).
+3. Optionally score the epoch with a validation callable and keep the best epoch (the official scripts keep the
+   epoch with the lowest validation detection rate: :mod:`diffshield.erase.select`).
 
 Every step is W ← W · G with one d x d matrix G, so the whole run is W = W0 · G_1 · G_2 ⋯ and Σ W'ᵀW' = Gᵀ S0 G
 with S0 = Σ W0ᵀW0 computed once (:mod:`diffshield.erase.closed_form`). The weights are written after every epoch
@@ -49,9 +55,10 @@ from diffshield.erase.closed_form import (
     kv_weights,
     shared_edit_matrix,
 )
-from diffshield.erase.uce import UCEConfig, check_concepts, expand_guides, uce_rows
+from diffshield.erase.uce import UCEConfig, check_concepts, expand_guides, preserve_scale_of, uce_rows
 
-VARIANTS = ("regzero", "standard")
+VARIANTS = ("regzero", "standard", "surrogate")
+SURROGATE_ITEMS = ("1st", "2nd", "both")
 
 #: preset name -> (lamb_r, epochs), from the RECE paper's settings.
 PRESETS: dict[str, tuple[float, int]] = {
@@ -73,6 +80,7 @@ def adversarial_embedding(
     lamb_r: float = 0.1,
     variant: str = "regzero",
     c_old: torch.Tensor | None = None,
+    surrogate_item: str = "1st",
 ) -> torch.Tensor:
     """RECE's closed-form adversarial embedding C' for edited K/V weights (Gong et al., ECCV 2024).
 
@@ -83,8 +91,10 @@ def adversarial_embedding(
         W_original_list: the original matrices W0_l in the same order (or a dict with the same names).
         C: the concept's text embedding, (L, d) or (B, L, d); use every token row (BOS, EOS and padding too).
         lamb_r: λ_r, the regularisation (default 0.1; the paper uses 1e-3 for styles and hard objects).
-        variant: "regzero" (default, ||c'||²) or "standard" (||c' - c_old||²).
+        variant: "regzero" (default, ||c'||²), "standard" (||c' - c_old||²) or "surrogate" (the official code's
+            surrogate regularisation; see :func:`~diffshield.erase.closed_form.adversarial_solve`).
         c_old: for "standard": the embedding to stay close to, shaped like C or broadcastable (default None).
+        surrogate_item: for "surrogate": "1st" (default, the official training scripts'), "2nd" or "both".
 
     Returns:
         C' with the shape, dtype and device of C: feed it as ``prompt_embeds`` to
@@ -106,7 +116,8 @@ def adversarial_embedding(
         raise DiffshieldError(f"embedding width {C.shape[-1]} does not match the K/V input width "
                               f"{current[0].shape[1]}")
     with torch.no_grad():
-        return adversarial_solve(gram_sum(current), cross_gram_sum(current, original), C, lamb_r, variant, c_old)
+        return adversarial_solve(gram_sum(current), cross_gram_sum(current, original), C, lamb_r, variant, c_old,
+                                 surrogate_item)
 
 
 def adversarial_embedding_for(
@@ -156,13 +167,20 @@ class RECEConfig:
     Args:
         epochs: rounds of (adversarial embedding, UCE edit) after the initial UCE edit (default 3; 0 = UCE only).
         lamb_r: λ_r, regularisation of the adversarial embedding (default 0.1).
-        variant: "regzero" (default: λ_r ||c'||²) or "standard" (λ_r ||c' - c_guide||², the guide's embedding).
-        lamb2: λ of the per-epoch UCE edits (default 0.1).
-        preserve_scale: s_p of the per-epoch UCE edits (default 0.1).
+        variant: "regzero" (default: λ_r ||c'||²), "standard" (λ_r ||c' - c_guide||², the guide's embedding) or
+            "surrogate" (the official code's surrogate regularisation, ``close_surrogatereg``).
+        surrogate_item: which terms the surrogate keeps: "1st" (default, the official training scripts'), "2nd" or
+            "both" (used only by the "surrogate" variant).
+        lamb2: λ of the per-epoch UCE edits (default 0.1, the official scripts' ``--lamb``).
+        preserve_scale: s_p of the per-epoch UCE edits (default 0.1, the official scripts').
         erase_scale: s_e of the per-epoch UCE edits (default 1.0).
         round_preserve: prompts preserved (all rows) by the per-epoch edits (default [""]).
+        round_empty_per_concept: count the empty prompt "" of ``round_preserve`` once per erased concept, i.e. with
+            weight s_p · N for N concepts, as the official ``train.py`` does (default True; it preserves " ", the
+            same token ids, once per concept); False counts it once, as ``train_object.py``.
         uce: the initial UCE edit, including the guides used by every epoch (default UCEConfig(): guide " ",
-            preserve [""], λ 0.5, s_e 1, s_p 1, token mode "paper2023"). A dict is converted.
+            preserve [""], λ 0.5, s_e 1, s_p "auto" (1.0 with only ""), token mode "paper2023"). A dict is
+            converted. Its ``technique`` must be "replace": the rounds chain shared edits W0 · G1 · G2 ⋯.
         select: optional validation ``select(model, epoch) -> score`` (lower is better), called after the initial
             UCE edit (epoch 0) and after each epoch with the weights written; the best epoch is kept (the earliest
             on ties). Its time is not counted in the edit time (default None: keep the last epoch).
@@ -171,10 +189,12 @@ class RECEConfig:
     epochs: int = 3
     lamb_r: float = 0.1
     variant: str = "regzero"
+    surrogate_item: str = "1st"
     lamb2: float = 0.1
     preserve_scale: float = 0.1
     erase_scale: float = 1.0
     round_preserve: list[str] = field(default_factory=lambda: [""])
+    round_empty_per_concept: bool = True
     uce: UCEConfig = field(default_factory=UCEConfig)
     select: Callable[[T2IModel, int], float] | None = None
 
@@ -193,6 +213,15 @@ class RECEConfig:
             raise DiffshieldError(f"lamb_r must be >= 0, got {self.lamb_r}")
         if self.variant not in VARIANTS:
             raise DiffshieldError(f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
+        if self.surrogate_item not in SURROGATE_ITEMS:
+            raise DiffshieldError(f"surrogate_item must be one of {', '.join(SURROGATE_ITEMS)}, got "
+                                  f"{self.surrogate_item!r}")
+        if not isinstance(self.round_empty_per_concept, bool):
+            raise DiffshieldError(f"round_empty_per_concept must be True or False, got "
+                                  f"{self.round_empty_per_concept!r}")
+        if self.uce.technique != "replace":
+            raise DiffshieldError("RECE's rounds chain shared edits W0 · G1 · G2: its UCE edit must use technique "
+                                  "'replace' (use 'tensor' with --method uce)")
         if not self.lamb2 > 0:
             raise DiffshieldError(f"lamb2 must be > 0 (it keeps the solve well posed), got {self.lamb2}")
         if not self.preserve_scale >= 0:
@@ -209,18 +238,25 @@ class RECEConfig:
         """The paper's setting for a kind of concept, with any field overridden.
 
         Presets (lamb_r, epochs): nudity (0.1, 3), unsafe (0.1, 2), style (1e-3, 1; guide "art"),
-        object (1e-3, 1; hard objects), object-easy (0.1, 1).
+        object (1e-3, 1; hard objects), object-easy (0.1, 1). The object and style presets preserve "" once in the
+        rounds (``round_empty_per_concept=False``), as the official ``train_object.py``; nudity and unsafe once
+        per concept, as ``train.py``. A ``uce`` override keeps the style preset's guide "art" unless it sets
+        ``guides`` itself (pass a dict of the UCE fields to change).
         """
         if name not in PRESETS:
             raise DiffshieldError(f"unknown RECE preset {name!r}; choose one of: {', '.join(PRESETS)}")
         lamb_r, epochs = PRESETS[name]
-        values: dict = {"lamb_r": lamb_r, "epochs": epochs}
-        if name == "style":
-            values["uce"] = UCEConfig(guides=["art"])
+        values: dict = {"lamb_r": lamb_r, "epochs": epochs,
+                        "round_empty_per_concept": name in ("nudity", "unsafe")}
+        uce_preset = {"guides": ["art"]} if name == "style" else {}
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(overrides) - known)
         if unknown:
             raise DiffshieldError(f"unknown RECE setting {unknown[0]!r}; settings: {', '.join(sorted(known))}")
+        uce = overrides.pop("uce", None)
+        if isinstance(uce, Mapping):  # fields given: the preset's guide stays unless they name guides
+            uce = UCEConfig(**{**uce_preset, **uce})
+        values["uce"] = uce if uce is not None else UCEConfig(**uce_preset)
         values.update(overrides)
         return cls(**values)
 
@@ -266,6 +302,8 @@ def rece_erase(model: T2IModel, concepts: list[str], config: RECEConfig | None =
     t = encode_prompts(model, guides).double()
     round_preserve = list(dict.fromkeys(config.round_preserve))
     kept = list(encode_prompts(model, round_preserve).double()) if round_preserve else []
+    if config.round_empty_per_concept and "" in round_preserve:  # "" once per concept: weight s_p · N
+        kept += [kept[round_preserve.index("")]] * (len(concepts) - 1)
     if c.shape[-1] != d:
         raise DiffshieldError(f"text embeddings have width {c.shape[-1]} but the cross-attention layers read {d}")
 
@@ -275,12 +313,12 @@ def rece_erase(model: T2IModel, concepts: list[str], config: RECEConfig | None =
         w0 = {name: mod.weight.detach().clone() for name, mod in layers}  # the original weights
         s0 = gram_sum(w0.values()).to(c.device)  # S0 = Σ W0ᵀW0, once
         g_total = shared_edit_matrix(pairs0, kept0, config.uce.lamb, config.uce.erase_scale,
-                                     config.uce.preserve_scale).to(c.device)
+                                     preserve_scale_of(config.uce)).to(c.device)
 
         def adversarial(g: torch.Tensor) -> torch.Tensor:
             # W' = W0 G: Σ W'ᵀW' = Gᵀ S0 G and Σ W'ᵀW0 = Gᵀ S0 = (S0 G)ᵀ.
             s0g = s0 @ g
-            return adversarial_solve(g.T @ s0g, s0g.T, c, config.lamb_r, config.variant, t)
+            return adversarial_solve(g.T @ s0g, s0g.T, c, config.lamb_r, config.variant, t, config.surrogate_item)
 
         def score(epoch: int) -> float | None:
             nonlocal scoring

@@ -9,6 +9,13 @@ values of the concept are moved to those of the guide), P_j: rows of preserved p
 should stay). All 32 matrices of SD 1.x share the same right factor, so the edit is W_new = W · G with one d x d G
 (see :mod:`diffshield.erase.closed_form`).
 
+The official 2023 script (``train-scripts/train_erase.py``) also has the ``tensor`` technique: the target of a
+concept's keys/values is the guide's W T_i with its component along the concept's own W K_i removed,
+W T_i − (⟨W K_i, W T_i⟩ / ‖W K_i‖²) W K_i (Frobenius products over the concept's rows, per matrix), so each matrix
+gets its own correction to G (:func:`diffshield.erase.closed_form.tensor_correction`). Its prompt expansion
+(``--add_prompts``) adds five templates per concept (:data:`EXPANSION_TEMPLATES`), each moved to the concept's
+guide, and its preserve scale is max(0.1, 1 / len(preserved prompts, "" included)) unless one is given.
+
 Example::
 
     from diffshield.core.loading import load_t2i
@@ -32,14 +39,30 @@ from diffshield.core.sampling import encode_prompts
 from diffshield.erase.base import ERASERS, EraseResult, fraction_of_unet
 from diffshield.erase.closed_form import (
     apply_shared,
+    apply_tensor,
     embedding_width,
     kv_layers,
     last_word_index,
     shared_edit_matrix,
+    tensor_correction,
     token_ids,
 )
 
 TOKEN_MODES = ("paper2023", "last", "changed")
+#: UCE techniques of the official 2023 script: "replace" (its default) and "tensor"
+TECHNIQUES = ("replace", "tensor")
+#: the official 2023 script's prompt expansion (``--add_prompts``) per concept type; the concept itself comes first
+EXPANSION_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "art": ("painting by {concept}", "art by {concept}", "artwork by {concept}", "picture by {concept}",
+            "style of {concept}"),
+    "object": ("image of {concept}", "photo of {concept}", "portrait of {concept}", "picture of {concept}",
+               "painting of {concept}"),
+}
+
+
+def auto_preserve_scale(n_preserved: int) -> float:
+    """The official 2023 script's default preserve scale, max(0.1, 1 / n) for n preserved prompts ("" included)."""
+    return max(0.1, 1.0 / max(1, n_preserved))
 
 
 @dataclass
@@ -53,12 +76,22 @@ class UCEConfig:
         lamb: λ, the weight of the current matrix in the least-squares problem (default 0.5; must be > 0).
         erase_scale: s_e, weight of the erased concepts (default 1.0). Too large a scale damages unrelated
             prompts: check them after the edit.
-        preserve_scale: s_p, weight of the preserved prompts (default 1.0; the papers use 0.1 for artist lists).
+        preserve_scale: s_p, weight of the preserved prompts: a number >= 0, or "auto" (default), the official
+            2023 script's max(0.1, 1 / n) for n preserved prompts with "" (1.0 when only "" is preserved; 0.1 from
+            ten prompts on, as for its artist lists). The 2025 script (``uce_sd_erase.py``) defaults to 1.0.
+        technique: "replace" (default; the official 2023 script's default and the paper's formula) or "tensor"
+            (the same script's other technique: the guide's keys/values minus their component along the concept's,
+            per matrix; not available in RECE, whose rounds use the shared form W · G).
+        expand_prompts: None (default), "art" or "object": also erase the official 2023 script's five templates
+            per concept (:data:`EXPANSION_TEMPLATES`: "painting by {concept}", ... or "image of {concept}", ...),
+            each moved to the concept's guide, as its ``--add_prompts``.
         token_mode: which text-embedding rows enter the edit (default "paper2023"):
             "paper2023" (official 2023 code): concept rows from its last word token to the end of the 77 rows
             (EOS and padding included), aligned by offset with the guide's rows from the guide's last word token
             (BOS for the guide " "); preserved prompts use all rows.
-            "last" (2025 rewrite): one row per prompt, its last word token (concept, guide and preserved prompts).
+            "last": one row per prompt, its last word token (concept, guide and preserved prompts), the rows the
+            2025 script ``uce_sd_erase.py`` uses; unlike that script, the empty prompt's row (BOS) is still
+            preserved, which changes the weights (by 11 % on SD 1.4).
             "changed" (beyond the papers): concept and guide rows from the first token where the two prompts differ
             to the end, at the same positions; preserved prompts use all rows. For a guide that is the concept's
             prompt with one word swapped ("a red striped triangle" -> "a red dotted triangle") these are exactly the
@@ -70,8 +103,10 @@ class UCEConfig:
     preserve: list[str] = field(default_factory=list)
     lamb: float = 0.5
     erase_scale: float = 1.0
-    preserve_scale: float = 1.0
+    preserve_scale: float | str = "auto"
     token_mode: str = "paper2023"
+    technique: str = "replace"
+    expand_prompts: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.guides, str):
@@ -88,8 +123,14 @@ class UCEConfig:
             raise DiffshieldError(f"lamb must be > 0 (it keeps the solve well posed), got {self.lamb}")
         if not self.erase_scale > 0:
             raise DiffshieldError(f"erase_scale must be > 0, got {self.erase_scale}")
-        if not self.preserve_scale >= 0:
-            raise DiffshieldError(f"preserve_scale must be >= 0, got {self.preserve_scale}")
+        if self.preserve_scale != "auto" and (isinstance(self.preserve_scale, (str, bool))
+                                              or not self.preserve_scale >= 0):
+            raise DiffshieldError(f"preserve_scale must be a number >= 0 or 'auto', got {self.preserve_scale!r}")
+        if self.technique not in TECHNIQUES:
+            raise DiffshieldError(f"technique must be one of {', '.join(TECHNIQUES)}, got {self.technique!r}")
+        if self.expand_prompts is not None and self.expand_prompts not in EXPANSION_TEMPLATES:
+            raise DiffshieldError(f"expand_prompts must be None or one of {', '.join(EXPANSION_TEMPLATES)}, got "
+                                  f"{self.expand_prompts!r}")
         if self.token_mode not in TOKEN_MODES:
             raise DiffshieldError(f"token_mode must be one of {', '.join(TOKEN_MODES)}, got {self.token_mode!r}")
 
@@ -105,6 +146,32 @@ def check_concepts(concepts: list[str] | str) -> list[str]:
         if not isinstance(c, str) or not c.strip():
             raise DiffshieldError(f"concepts must be non-empty strings, got {c!r}")
     return concepts
+
+
+def expand_prompts(concepts: list[str], guides: list[str], kind: str | None) -> tuple[list[str], list[str]]:
+    """(concepts, guides) with the official 2023 script's templates of ``kind`` ("art" / "object") added after each
+    concept, each template guided to its concept's guide (``kind`` None: unchanged)."""
+    guides = expand_guides(guides, concepts)
+    if kind is None:
+        return list(concepts), guides
+    out_c, out_g = [], []
+    for c, g in zip(concepts, guides):
+        group = [c] + [t.format(concept=c) for t in EXPANSION_TEMPLATES[kind]]
+        out_c += group
+        out_g += [g] * len(group)
+    return out_c, out_g
+
+
+def preserve_list(config: UCEConfig) -> list[str]:
+    """The preserved prompts of an edit: "" first, then ``config.preserve`` without repeats."""
+    return list(dict.fromkeys([""] + config.preserve))
+
+
+def preserve_scale_of(config: UCEConfig) -> float:
+    """s_p of an edit: ``config.preserve_scale``, or the 2023 rule max(0.1, 1 / n) for "auto"."""
+    if config.preserve_scale == "auto":
+        return auto_preserve_scale(len(preserve_list(config)))
+    return float(config.preserve_scale)
 
 
 def expand_guides(guides: list[str], concepts: list[str]) -> list[str]:
@@ -124,8 +191,8 @@ def uce_rows(
     Encodes every prompt once (text encoding; not part of the edit's time) and selects rows by ``token_mode``.
     """
     concepts = check_concepts(concepts)
-    guides = expand_guides(config.guides, concepts)
-    preserve = list(dict.fromkeys([""] + config.preserve))
+    concepts, guides = expand_prompts(concepts, config.guides, config.expand_prompts)
+    preserve = preserve_list(config)
     clash = sorted(set(concepts) & set(preserve))
     if clash:
         raise DiffshieldError(f"{clash[0]!r} is both erased and preserved; remove it from preserve")
@@ -180,9 +247,13 @@ def uce_erase(model: T2IModel, concepts: list[str], config: UCEConfig | None = N
         raise DiffshieldError(f"text embeddings have width {pairs[0][0].shape[-1]} but the cross-attention layers "
                               f"read {embedding_width(model.unet)}")
 
+    s_p = preserve_scale_of(config)
     start = time.perf_counter()
-    g = shared_edit_matrix(pairs, kept, config.lamb, config.erase_scale, config.preserve_scale)
-    apply_shared(layers, g)
+    g = shared_edit_matrix(pairs, kept, config.lamb, config.erase_scale, s_p)
+    if config.technique == "tensor":  # per-matrix corrections, from the weights before the edit
+        apply_tensor(layers, g, tensor_correction(pairs, kept, config.lamb, config.erase_scale, s_p))
+    else:
+        apply_shared(layers, g)
     seconds = time.perf_counter() - start
 
     changed = {name: mod.weight.detach().clone() for name, mod in layers}
@@ -192,6 +263,7 @@ def uce_erase(model: T2IModel, concepts: list[str], config: UCEConfig | None = N
     t_rows = torch.cat([t.cpu().double() for _, t in pairs])
     extra = {
         "n_matrices": len(layers),
+        "preserve_scale": s_p,
         "rows_erased": k_rows.shape[0],
         "rows_preserved": kept_rows.shape[0],
         "embedding_drift_preserved": _ratio(kept_rows @ g.T - kept_rows, kept_rows),

@@ -146,15 +146,16 @@ def esd_anchor_prompts(concept: str, mode: str = "others") -> list[str]:
 #: UCE on the toy world: λ 0.5 (paper), s_e 3, s_p 1, paper2023 token mode, template prompts (see module docstring)
 TOY_UCE = {"lamb": 0.5, "erase_scale": 3.0, "preserve_scale": 1.0, "token_mode": "paper2023"}
 #: RECE on the toy world: the 'object-easy' preset (λ_r 0.1, 1 epoch) on top of TOY_UCE; its rounds preserve the
-#: same templates with s_p 1
-TOY_RECE = {"preset": "object-easy", "preserve_scale": 1.0}
+#: same templates with s_p 1, the empty prompt once (the concept is one kind of value written in 92 templates)
+TOY_RECE = {"preset": "object-easy", "preserve_scale": 1.0, "round_empty_per_concept": False}
 #: ESD on the toy world: 300 iterations at lr 1e-4 (the small model tolerates a 10x larger learning rate than SD),
-#: start guidance 3; η 2 for ESD-x (the 2024 rewrite's; η 1 left 15.6 % triangles), η 1 for ESD-u; and, beyond the
+#: start guidance 3; η 2 for ESD-x (η 1 left 15.6 % triangles; with the paper's target on ε*(∅) this is a stronger
+#: push than the official esd_sd.py's η 2, which starts from ε*(c)), η 1 for ESD-u; and, beyond the
 #: paper, the "uncond+others" anchor (:func:`esd_anchor_prompts`), without which guidance cancels the erasure
 TOY_ESD = {"x": {"iterations": 300, "lr": 1e-4, "eta": 2.0, "preserve": "uncond+others"},
            "u": {"iterations": 300, "lr": 1e-4, "eta": 1.0, "preserve": "uncond+others"}}
 #: per-kind refinements of :data:`TOY_ESD`, like RECE's per-kind presets (applied before the caller's overrides).
-#: ESD-x on shapes and styles: x_t sampled by the frozen original UNet (the official 2024 code's sampler,
+#: ESD-x on shapes and styles: x_t sampled by the frozen original UNet (the official esd_sd.py's sampler,
 #: ``sample_with="frozen"``) for 500 iterations; with the fine-tuned UNet as sampler, x_t stops showing the concept as
 #: it fades and ESD-x trades the neighbours for the last images (shape: others 100 -> 91.7 %). On colours: the base
 #: setting with every anchor also held at the concept's own x_t (``preserve_at="own+concept"``); the base setting
@@ -166,7 +167,7 @@ TOY_ESD = {"x": {"iterations": 300, "lr": 1e-4, "eta": 2.0, "preserve": "uncond+
 #: to the next). ESD-u on shapes: batch 4 for 100 iterations (at batch 1 the other shapes lose 9.4 points; weight 10
 #: at batch 4 does not erase the triangle in 200 iterations). Styles have no ESD-u setting that meets the bars
 #: (weight 10 at batch 4 loses the dots within 100 iterations; nor do the anchor at the concept's x_t, the guided
-#: anchor, lr 3e-5, the 2024 code's lr 5e-5 / η 2, the frozen sampler, ``min_step`` 25 or the template anchors): the
+#: anchor, lr 3e-5, esd_sd.py's lr 5e-5 / η 2, the frozen sampler, ``min_step`` 25 or the template anchors): the
 #: UNet's guidance signals for striped and dotted point the same way (cosine 0.61,
 #: ``benchmarks/probes/erasure_signal_overlap.py``), and ESD-u can only act on what they share.
 TOY_ESD_KIND = {"x": {"shape": {"sample_with": "frozen", "iterations": 500},
@@ -185,7 +186,8 @@ def toy_erasure(method: str, concept: str, **overrides) -> tuple[list[str], obje
         method: "uce", "rece", "esd-x" or "esd-u".
         concept: a toy concept word (shape, colour or style; a synonym resolves to its concept).
         overrides: fields of the method's config to change (e.g. ``iterations=100`` or ``checkpoint_dir=...``);
-            for ESD also ``prompts="words"|"templates"`` (see :func:`esd_prompts`) and ``preserve="none"``,
+            for RECE also ``uce={...}``, settings of its first (UCE) edit; for ESD also
+            ``prompts="words"|"templates"`` (see :func:`esd_prompts`) and ``preserve="none"``,
             ``"others"``, ``"uncond+others"`` or ``"uncond+templates"`` (the anchors of
             :func:`esd_anchor_prompts`) or a list of prompts.
     Returns the list to pass as ``concepts`` to the method's erase function, and its config object.
@@ -210,6 +212,12 @@ def toy_erasure(method: str, concept: str, **overrides) -> tuple[list[str], obje
                 setattr(uce, k, v)
             uce.__post_init__()
             return p.concepts, uce
+        for k, v in dict(overrides.pop("uce", None) or {}).items():  # settings of the first (UCE) edit
+            if k not in {f.name for f in fields(UCEConfig)}:
+                raise DiffshieldError(f"unknown uce setting {k!r}; settings: "
+                                      f"{', '.join(sorted(f.name for f in fields(UCEConfig)))}")
+            setattr(uce, k, v)
+        uce.__post_init__()
         settings = {k: v for k, v in TOY_RECE.items() if k != "preset"}
         cfg = RECEConfig.from_preset(TOY_RECE["preset"], uce=uce, round_preserve=[""] + p.preserve,
                                      **{**settings, **overrides})
@@ -224,3 +232,53 @@ def toy_erasure(method: str, concept: str, **overrides) -> tuple[list[str], obje
             settings["preserve"] = esd_anchor_prompts(concept, settings["preserve"])
         return esd_prompts(concept, mode), cls(variant=variant, **settings)
     raise DiffshieldError(f"unknown erasure method {method!r}; choose one of: {', '.join(METHODS)}")
+
+
+def concept_words() -> list[str]:
+    """Every toy concept word, synonyms included, grouped by kind: the words a toy erasure accepts."""
+    from diffshield.toyworld.shapes import SYNONYMS
+
+    return [w for s in SHAPES for w in (s, SYNONYMS[s])] + list(COLOURS) + list(STYLES)
+
+
+def check_toy_concept(word: str) -> str:
+    """The toy concept ``word`` names (a synonym resolves to its concept), or a one-line refusal listing the words."""
+    from diffshield.core.errors import DiffshieldError
+
+    try:
+        return resolve_concept(word).name
+    except DiffshieldError:
+        raise DiffshieldError(f"{word!r} is not in the toy model's vocabulary of concepts; known words: "
+                              f"{', '.join(concept_words())}") from None
+
+
+def _vocab_words(folder) -> set[str] | None:
+    """Whole-word tokens of a model folder's tokenizer (``tokenizer/tokenizer.json`` or ``vocab.json``), or None."""
+    import json
+    from pathlib import Path
+
+    for name in ("tokenizer.json", "vocab.json"):
+        path = Path(folder) / "tokenizer" / name
+        if path.is_file():
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                return None
+            vocab = data.get("model", {}).get("vocab", {}) if name == "tokenizer.json" else data
+            if not isinstance(vocab, dict):
+                return None
+            if len(vocab) >= 10_000:  # a full-size tokenizer: not a toy model
+                return set()
+            return {t[:-4] for t in vocab if isinstance(t, str) and t.endswith("</w>")}
+    return None
+
+
+def is_toy_model(spec) -> bool:
+    """Whether a model spec is a toy-world text-to-image model: ``toy:t2i``, or a folder (a saved or erased toy
+    model) whose tokenizer has a small vocabulary holding every toy concept word."""
+    from diffshield.core.loading import resolve_model_path
+
+    if str(spec).startswith("toy:"):
+        return True
+    words = _vocab_words(resolve_model_path(spec))
+    return bool(words) and all(w in words for w in concept_words())
