@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from diffshield.cli.main import main
@@ -45,7 +46,7 @@ def test_erase_esd_with_preserve_records_the_anchor(tiny_sd_dir, tmp_path):
 
 
 def test_preserve_weight_without_an_esd_anchor_is_refused(tiny_sd_dir, tmp_path, capsys):
-    for method, extra in [("uce", ["--preserve", "circle"]), ("esd-u", [])]:
+    for method, extra in [("uce", ["--preserve", "circle"]), ("esd-u", ["--preset", "object"])]:
         rc = main(["erase", "--method", method, "--model", str(tiny_sd_dir), "--concept", "star", *extra,
                    "--preserve-weight", "2", "--out", str(tmp_path / method)])
         err = capsys.readouterr().err.strip()
@@ -79,7 +80,7 @@ def test_erase_esd_options_reach_the_config_and_bad_ones_are_one_line(tiny_sd_di
     assert (cfg["x_params"], cfg["preserve_at"], cfg["kv_anchor_weight"]) == ("kv", "own+concept", 10.0)
     capsys.readouterr()
     for method, extra, flag in [("uce", ["--x-params", "kv"], "--x-params"),
-                                ("esd-x", ["--kv-anchor-weight", "10"], "kv_anchor_weight"),
+                                ("esd-x", ["--kv-anchor-weight", "10", "--preset", "style"], "kv_anchor_weight"),
                                 ("esd-u", ["--x-params", "kv"], "x_params")]:
         rc = main(["erase", "--method", method, "--model", str(tiny_sd_dir), "--concept", "star", *extra,
                    "--out", str(tmp_path / method)])
@@ -104,7 +105,11 @@ def test_esd_flags_reach_the_config(tiny_sd_dir, tmp_path, capsys):
                                 ("uce", ["--no-freeze-time-and-out"], "--no-freeze-time-and-out"),
                                 ("uce", ["--iterations", "5"], "--iterations"), ("rece", ["--lr", "1e-4"], "--lr"),
                                 ("rece", ["--erase-from", "a shape"], "--erase-from"),
-                                ("esd-x", ["--epochs", "2"], "--epochs"), ("uce", ["--preset", "style"], "--preset")]:
+                                ("esd-x", ["--epochs", "2"], "--epochs"),
+                                ("uce", ["--round-lamb", "2"], "--round-lamb"),
+                                ("esd-u", ["--preset", "object-easy"], "object-easy"),
+                                ("uce", ["--select-epoch", "toy"], "--select-epoch"),
+                                ("rece", ["--technique", "tensor"], "tensor")]:
         rc = main(["erase", "--method", method, "--model", str(tiny_sd_dir), "--concept", "star", *extra,
                    "--out", str(tmp_path / "x")])
         err = capsys.readouterr().err.strip()
@@ -165,3 +170,102 @@ def test_cheap_inputs_are_checked_before_models_load(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert rc == 2 and needle in err and "no-model" not in err and "\n" not in err, (argv, err)
     assert not (tmp_path / "o").exists()
+
+
+def test_plain_erase_on_a_toy_model_uses_the_toy_setting_and_records_it(tiny_sd_dir, tmp_path, capsys):
+    """No flag but method and concept: the documented toy setting, as --toy-recipe, recorded in the report."""
+    from diffshield.toyworld.erasure_recipes import toy_erasure
+
+    for method in ("uce", "rece"):
+        rep = tmp_path / f"{method}.json"
+        assert main(["erase", "--method", method, "--model", str(tiny_sd_dir), "--concept", "wedge",
+                     "--out", str(tmp_path / method), "--json", str(rep)]) == 0
+        report = json.loads(rep.read_text())
+        prompts, cfg = toy_erasure(method, "triangle")
+        assert report["defaults"]["source"] == "toy" and report["defaults"]["concept"] == "triangle"
+        assert report["prompts"] == prompts
+        saved = report["config"] if method == "uce" else report["config"]["uce"]
+        assert saved["guides"] == (cfg if method == "uce" else cfg.uce).guides and saved["erase_scale"] == 3.0
+    capsys.readouterr()
+    rc = main(["erase", "--method", "uce", "--model", str(tiny_sd_dir), "--concept", "hexagon",
+               "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "hexagon" in err and "circle, disc" in err and "wedge" in err and "\n" not in err
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.fixture()
+def not_toy(monkeypatch):
+    """Treat every model as a non-toy model (the tiny test pipeline shares the toy vocabulary)."""
+    import diffshield.toyworld.erasure_recipes as recipes
+
+    monkeypatch.setattr(recipes, "is_toy_model", lambda spec: False)
+
+
+def test_plain_erase_on_another_model_uses_the_object_preset(tiny_sd_dir, tmp_path, not_toy):
+    rep = tmp_path / "r.json"
+    assert main(["erase", "--method", "rece", "--model", str(tiny_sd_dir), "--concept", "star",
+                 "--out", str(tmp_path / "r"), "--json", str(rep)]) == 0
+    report = json.loads(rep.read_text())
+    cfg = report["config"]
+    assert report["defaults"]["source"] == "preset" and report["defaults"]["preset"] == "object"
+    assert (cfg["lamb_r"], cfg["epochs"], cfg["lamb2"], cfg["preserve_scale"]) == (1e-3, 1, 0.1, 0.1)
+    assert cfg["round_preserve"] == [""] and cfg["round_empty_per_concept"] is False
+    assert cfg["uce"]["guides"] == [" "] and cfg["uce"]["preserve_scale"] == "auto"
+    assert cfg["uce"]["technique"] == "replace" and cfg["uce"]["lamb"] == 0.5
+
+
+def test_rece_style_preset_keeps_its_guide_with_preserve_and_rounds_preserve_the_list(tiny_sd_dir, tmp_path,
+                                                                                       not_toy):
+    listing = tmp_path / "artists.txt"
+    listing.write_text("# other artists\ncircle\n\nsquare\n")
+    rep = tmp_path / "s.json"
+    assert main(["erase", "--method", "rece", "--preset", "style", "--model", str(tiny_sd_dir), "--concept", "star",
+                 "--preserve", "a red box", "--preserve-file", str(listing), "--round-lamb", "0.2",
+                 "--out", str(tmp_path / "s"), "--json", str(rep)]) == 0
+    cfg = json.loads(rep.read_text())["config"]
+    assert cfg["uce"]["guides"] == ["art"]  # --preserve no longer replaces the preset's guide
+    assert cfg["uce"]["preserve"] == ["a red box", "circle", "square"]
+    assert cfg["round_preserve"] == ["", "a red box", "circle", "square"] and cfg["lamb2"] == 0.2
+    assert (cfg["lamb_r"], cfg["epochs"]) == (1e-3, 1)
+
+    rep = tmp_path / "n.json"
+    assert main(["erase", "--method", "rece", "--preset", "nudity", "--model", str(tiny_sd_dir), "--concept", "star",
+                 "--concept", "circle", "--round-preserve", "square", "--rece-variant", "surrogate",
+                 "--surrogate-item", "both", "--round-empty", "once", "--epochs", "1",
+                 "--out", str(tmp_path / "n"), "--json", str(rep)]) == 0
+    cfg = json.loads(rep.read_text())["config"]
+    assert cfg["round_preserve"] == ["", "square"] and cfg["round_empty_per_concept"] is False
+    assert (cfg["variant"], cfg["surrogate_item"], cfg["lamb_r"], cfg["epochs"]) == ("surrogate", "both", 0.1, 1)
+
+
+def test_uce_official_options_reach_the_config(tiny_sd_dir, tmp_path, not_toy):
+    rep = tmp_path / "u.json"
+    assert main(["erase", "--method", "uce", "--model", str(tiny_sd_dir), "--concept", "star", "--preset", "style",
+                 "--technique", "tensor", "--expand-prompts", "art", "--preserve-scale", "auto", "--preserve", "box",
+                 "--out", str(tmp_path / "u"), "--json", str(rep)]) == 0
+    report = json.loads(rep.read_text())
+    cfg = report["config"]
+    assert (cfg["technique"], cfg["expand_prompts"], cfg["preserve_scale"], cfg["guides"]) == (
+        "tensor", "art", "auto", ["art"])
+    assert "UCE style" in report["defaults"]["summary"]
+
+
+def test_unsafe_preset_erases_the_i2p_categories(tiny_sd_dir, tmp_path, not_toy):
+    from diffshield.erase.presets import UNSAFE_CONCEPTS
+
+    rep = tmp_path / "u.json"
+    assert main(["erase", "--method", "uce", "--model", str(tiny_sd_dir), "--concept", "unsafe", "--preset",
+                 "unsafe", "--out", str(tmp_path / "u"), "--json", str(rep)]) == 0
+    assert json.loads(rep.read_text())["prompts"] == list(UNSAFE_CONCEPTS) and len(UNSAFE_CONCEPTS) == 11
+
+
+def test_select_epoch_keeps_the_best_rece_epoch(tiny_sd_dir, tmp_path):
+    rep = tmp_path / "r.json"
+    assert main(["erase", "--method", "rece", "--model", str(tiny_sd_dir), "--concept", "red", "--epochs", "2",
+                 "--select-epoch", "toy", "--out", str(tmp_path / "r"), "--json", str(rep)]) == 0
+    report = json.loads(rep.read_text())
+    scores = [e["score"] for e in report["rece_epochs"]]
+    assert len(scores) == 3 and all(0 <= s <= 1 for s in scores)
+    assert report["best_epoch"] == scores.index(min(scores))
+    assert report["config"]["select"].startswith("toy_select")
