@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -60,3 +65,16 @@ def tiny_model(tiny_sd_dir):
     from diffshield.core.loading import load_t2i
 
     return load_t2i(tiny_sd_dir)
+
+
+def pytest_configure(config):
+    """Under ``benchmarks/mutations.py``: switch off the mechanism named by DIFFSHIELD_MUTATION before any test
+    module is imported, so that the tests which cover it can be seen to fail."""
+    name = os.environ.get("DIFFSHIELD_MUTATION")
+    if name:
+        path = Path(__file__).resolve().parent.parent / "benchmarks" / "mutations.py"
+        spec = importlib.util.spec_from_file_location("diffshield_mutations", path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod  # dataclasses look their module up there
+        spec.loader.exec_module(mod)
+        mod.apply(name)

@@ -131,6 +131,33 @@ def test_ring_a_bell_embedding_is_prompt_plus_eta_times_the_concept_vector(tiny_
     torch.testing.assert_close(res.embeddings[0], enc(["a box"])[0] + 2.5 * v, rtol=1e-5, atol=1e-6)
 
 
+def test_genetic_search_beats_random_prompts(tiny_sd_dir):
+    """Ring-A-Bell's genetic search finds words whose encoding is closer (cosine) to the target than any of 64 random
+    prompts of the same length from the same candidate words."""
+    from diffshield.redteam.base import word_token_ids
+    from diffshield.redteam.ring_a_bell import RingABell
+
+    model = load_t2i(tiny_sd_dir)
+    tok = model.tokenizer
+    atk = RingABell(model, concept=None, pairs=[("a red box", "a box")], search="genetic", length=4, population=24,
+                    generations=20, judge=lambda x: torch.zeros(len(x), dtype=torch.bool))
+    from diffshield.core.sampling import encode_prompts
+
+    target = encode_prompts(model, ["a red box"])[0]
+    candidates = word_token_ids(model)
+
+    def cosine(rows: torch.Tensor) -> torch.Tensor:
+        ids = torch.full((len(rows), tok.model_max_length), tok.pad_token_id, dtype=torch.long)
+        ids[:, 0], ids[:, 1:5], ids[:, 5] = tok.bos_token_id, rows, tok.eos_token_id
+        with torch.no_grad():
+            emb = model.text_encoder(ids)[0].flatten(1)
+        return torch.nn.functional.cosine_similarity(emb, target.flatten()[None], dim=1)
+
+    found, _ = atk._genetic(target, candidates, torch.Generator().manual_seed(0))
+    rand = candidates[torch.randint(len(candidates), (64, 4), generator=torch.Generator().manual_seed(1))]
+    assert float(cosine(torch.tensor([found]))[0]) > float(cosine(rand).max())
+
+
 # --- erase and evaluate -----------------------------------------------------------------------------------------
 
 

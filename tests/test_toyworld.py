@@ -12,7 +12,13 @@ from diffshield.toyworld.shapes import COLOURS, SHAPES, STYLES, SYNONYMS, VOCAB_
 from diffshield.toyworld.tokenizer import build_tokenizer_files
 
 SHIPPED = (TOY_ROOT / "t2i" / "model_index.json").exists() and (TOY_ROOT / "detector" / "config.json").exists()
-needs_shipped = pytest.mark.skipif(not SHIPPED, reason="shipped toy weights not built yet")
+needs_shipped = pytest.mark.usefixtures("shipped_weights")
+
+
+@pytest.fixture()
+def shipped_weights():
+    """Missing shipped weights fail these tests (a skipped check hides a broken checkout)."""
+    assert SHIPPED, f"shipped toy weights missing under {TOY_ROOT}; rebuild them with 'make toyworld'"
 
 
 def test_shapesworld_is_deterministic_and_labelled():
