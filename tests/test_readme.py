@@ -21,8 +21,8 @@ TINY = {
     "generate": ["--n", "1", "--steps", "2", "--threads", "1"],
     "erase": ["--threads", "1"],
     "eval erasure": ["--seeds-per-prompt", "1", "--n-neutral", "2", "--steps", "2", "--threads", "1"],
-    "audit": ["--n", "2", "--steps", "2", "--set", "unlearndiff.steps=1", "--set", "unlearndiff.n_targets=1",
-              "--set", "p4d.steps=1", "--set", "p4d.n_targets=1", "--set", "ring-a-bell-genetic.population=4",
+    "audit": ["--n", "2", "--steps", "2", "--set", "unlearndiff.rounds=1", "--set", "unlearndiff.iterations=1",
+              "--set", "p4d.steps=1", "--set", "p4d.eval_every=1", "--set", "ring-a-bell-genetic.population=4",
               "--set", "ring-a-bell-genetic.generations=1"],
     "backdoor sample": ["--n", "1", "--steps", "2"],
     "scan": [],  # the TERD preset is shrunk below

@@ -12,18 +12,19 @@ from diffshield.cli.common import add_device_args, add_overwrite_arg, add_thread
 from diffshield.cli.common import positive_int as _positive_int
 from diffshield.core.errors import DiffshieldError
 
-ATTACK_CHOICES = ("all", "adv-embed", "ring-a-bell", "ring-a-bell-genetic", "unlearndiff", "p4d")
+ATTACK_CHOICES = ("all", "adv-embed", "ring-a-bell", "ring-a-bell-genetic", "unlearndiff", "p4d", "unlearndiff-soft",
+                  "p4d-soft")
 
 
 
 def parse_settings(items: list[str] | None) -> dict[str, dict]:
-    """['unlearndiff.steps=20', 'adv-embed.lamb_r=1'] -> {'unlearndiff': {'steps': 20}, 'adv-embed': {...}}."""
+    """['unlearndiff.rounds=10', 'adv-embed.lamb_r=1'] -> {'unlearndiff': {'rounds': 10}, 'adv-embed': {...}}."""
     out: dict[str, dict] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         attack, dot, name = key.partition(".")
         if not sep or not dot or not attack or not name:
-            raise DiffshieldError(f"--set expects ATTACK.FIELD=VALUE (e.g. unlearndiff.steps=20), got {item!r}")
+            raise DiffshieldError(f"--set expects ATTACK.FIELD=VALUE (e.g. unlearndiff.rounds=10), got {item!r}")
         try:
             parsed = ast.literal_eval(value)
         except (ValueError, SyntaxError, MemoryError, RecursionError):
@@ -41,7 +42,10 @@ def cmd_audit(args) -> int:
     from diffshield.toyworld.concepts import resolve_concept
     from diffshield.toyworld.detector import load_detector
 
-    resolve_concept(args.concept)  # the CLI judges with the toy detector: refuse a non-toy concept before loading
+    if args.judge == "toy":
+        resolve_concept(args.concept)  # the toy detector judges toy concepts: refuse others before loading
+    elif not args.prompt:
+        raise DiffshieldError("with a judge other than toy, give the prompts to attack (--prompt, repeatable)")
     from diffshield.core.io import check_output_dir, check_output_file
 
     inputs = [args.model, args.original, args.detector]
@@ -53,12 +57,17 @@ def cmd_audit(args) -> int:
     attacks = args.attack or ["all"]
     erased = load_t2i(args.model, allow_pickle=args.allow_pickle, device=args.device, dtype=args.dtype)
     original = load_t2i(args.original, allow_pickle=args.allow_pickle, device=args.device, dtype=args.dtype)
-    detector = load_detector(args.detector)
+    detector = load_detector(args.detector) if args.judge == "toy" else None
+    from diffshield.redteam.judges import load_judge
+
+    judge = load_judge(args.judge, args.concept, detector)
     print(f"auditing {args.model} (erased {args.concept!r}) against {args.original}: "
           f"attacks {', '.join(attacks)}, {args.n} images each, seed {args.seed} ...")
     audit = run_audit(erased, original, args.concept, attacks=attacks, n=args.n, seed=args.seed, sample=sample,
-                      prompts=args.prompt, detector=detector, hp=hp)
-    audit.info.update({"model": str(args.model), "original": str(args.original), "detector": str(args.detector),
+                      prompts=args.prompt, judge=judge, hp=hp, budget=args.budget, baselines=not args.no_baselines)
+    audit.info.update({"model": str(args.model), "original": str(args.original),
+                       "judge": getattr(judge, "description", args.judge),
+                       "detector": str(args.detector) if args.judge == "toy" else None, "budget": args.budget,
                        "threads": args.threads, "device": str(args.device), "dtype": str(args.dtype)})
     print()
     print(format_table(audit))
@@ -72,8 +81,8 @@ def cmd_audit(args) -> int:
         from diffshield.core.io import atomic_dir
 
         with atomic_dir(args.report, overwrite=args.overwrite, command="audit", inputs=inputs) as tmp:
-            write_report(audit, tmp)
-        print(f"report: {Path(args.report) / 'index.html'} (one PNG panel per attack)")
+            write_report(audit, tmp, model=erased)
+        print(f"report: {Path(args.report) / 'index.html'}")
     return 0
 
 
@@ -92,19 +101,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--concept", required=True, help="the erased toy concept: a shape, colour or style word")
     p.add_argument("--attack", action="append", choices=ATTACK_CHOICES,
                    help="attack to run, repeatable (default: all = adv-embed, ring-a-bell, ring-a-bell-genetic, "
-                        "unlearndiff, p4d)")
+                        "unlearndiff, p4d; the soft-token variants unlearndiff-soft and p4d-soft by name)")
     p.add_argument("--n", type=_positive_int, default=32, help="images per attack (default: 32)")
     p.add_argument("--seed", type=seed_int, default=0, help="first seed (default: 0)")
     p.add_argument("--prompt", action="append",
                    help="prompt to attack, repeatable (default: the toy concept's prompts, e.g. 'a red triangle')")
     p.add_argument("--set", action="append", metavar="ATTACK.FIELD=VALUE",
-                   help="an attack setting, repeatable, e.g. --set unlearndiff.steps=20 --set adv-embed.lamb_r=1")
-    p.add_argument("--detector", default="toy:detector", help="concept detector (default: toy:detector)")
+                   help="an attack setting, repeatable, e.g. --set unlearndiff.rounds=10 --set adv-embed.lamb_r=1")
+    p.add_argument("--detector", default="toy:detector", help="concept detector of the toy judge (default: "
+                                                               "toy:detector)")
+    p.add_argument("--judge", default="toy",
+                   help="what decides that the concept is in an image: toy (default: the toy detector), nudenet or "
+                        "nudenet:THRESHOLD (NudeNet 3.4.2, 9 EXPOSED classes, default threshold 0.6), or "
+                        "MODULE:FUNCTION / FILE.py:FUNCTION (your classifier: images (N,3,H,W) in [0,1] -> bool); "
+                        "other than toy needs --prompt")
+    p.add_argument("--budget", choices=("toy", "paper"), default="toy",
+                   help="attack budgets: toy (default, minutes on a CPU) or paper (each paper's iterations; hours)")
+    p.add_argument("--no-baselines", action="store_true",
+                   help="skip the controls (random prompts of each attack's shape, and steps = 0)")
     p.add_argument("--steps", type=_positive_int, default=25, help="denoising steps (default: 25)")
     p.add_argument("--guidance", type=float_in(0, 100), default=5.0,
                    help="guidance scale, in [0, 100] (default: 5.0)")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="images per UNet batch (default: 64)")
-    p.add_argument("--json", help="write the results (attacks: {name: {asr, pre_attack_rate, n, ...}}) here")
+    p.add_argument("--json", help="write the results (verdict, attacks: {name: {conditional_asr, union_asr, ...}}) "
+                                  "here")
     p.add_argument("--report", help="write a report folder here (index.html, audit.json, one PNG per attack; see "
                                     "--overwrite)")
     add_overwrite_arg(p)

@@ -5,10 +5,15 @@ Attacks (registry name -> class), each ``atk = Attack(erased, original=..., conc
 - ``adv-embed``: RECE's closed-form adversarial embedding (Gong, Chen et al., ECCV 2024).
 - ``ring-a-bell``: concept vector added to the prompt embedding, optional genetic prompt search
   (Tsai et al., ICLR 2024).
-- ``unlearndiff``: soft prefix tokens that minimise the erased model's denoising loss on images of the concept
-  (Zhang et al., "To generate or not? ..." / UnlearnDiffAtk, ECCV 2024).
-- ``p4d``: soft prompt whose noise predictions on the erased model match the original's on the concept prompt
-  (Chin et al., "Prompting4Debugging", ICML 2024).
+- ``unlearndiff``: a text prefix searched on the vocabulary simplex (straight-through sample) that minimises the
+  erased model's denoising loss on the original's image, early stop on the judge per round
+  (Zhang et al., "To generate or not? ..." / UnlearnDiffAtk, ECCV 2024); ``unlearndiff-soft``: the same objective
+  on continuous soft tokens (a variant, stronger than the paper's search space).
+- ``p4d``: a text prompt searched with PEZ whose noise predictions on the erased model match the original's, best-of
+  selection (Chin et al., "Prompting4Debugging", ICML 2024); ``p4d-soft``: the same objective on soft tokens.
+
+Every attack has a ``toy`` and a ``paper`` budget preset (``budget="paper"``) where the paper has a budget; each
+result records the budget it ran next to the paper's.
 
 :func:`diffshield.redteam.audit.run_audit` runs them and writes a table, JSON and an HTML/PNG report.
 """
@@ -19,7 +24,14 @@ from diffshield.core.registry import Registry
 
 ATTACKS: Registry = Registry("attack")
 
-from diffshield.redteam import adv_embed, p4d, ring_a_bell, unlearndiff  # noqa: E402,F401  (register the attacks)
+from diffshield.redteam import (  # noqa: E402,F401  (register the attacks)
+    adv_embed,
+    p4d,
+    p4d_soft,
+    ring_a_bell,
+    unlearndiff,
+    unlearndiff_soft,
+)
 from diffshield.redteam.base import Attack, AttackResult  # noqa: E402
 
 __all__ = ["ATTACKS", "Attack", "AttackResult"]

@@ -61,6 +61,7 @@ class AdvEmbed(Attack):
     name = "adv-embed"
     config_cls = AdvEmbedConfig
     needs_original = True
+    access = "weights"
 
     def __init__(self, erased, original=None, concept=None, **kw) -> None:
         super().__init__(erased, original, concept, **kw)

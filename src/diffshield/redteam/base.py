@@ -41,7 +41,10 @@ class AttackResult:
         embeddings: (N, L, d) the prompt embeddings generated from (continuous attacks), else None.
         config: the attack's settings (JSON-able).
         seconds: wall time of the attack, generation and judging included.
-        extra: attack-specific diagnostics (JSON-able).
+        extra: attack-specific diagnostics (JSON-able): loss curve, searched prompts, judge calls, ...
+        soft_tokens: (N, K, d_in) optimised input-token embeddings (soft-prompt attacks), else None.
+        budget: the preset used, the budget fields as run and the paper's values (see :attr:`Attack.presets`).
+        access: what the attack needs of the model: "weights", "gradients" or "text".
     """
 
     attack: str
@@ -54,6 +57,9 @@ class AttackResult:
     config: dict = field(default_factory=dict)
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)
+    soft_tokens: torch.Tensor | None = None
+    budget: dict = field(default_factory=dict)
+    access: str = ""
 
     @property
     def asr(self) -> float:
@@ -65,7 +71,8 @@ class AttackResult:
         return {
             "attack": self.attack, "asr": self.asr, "n": len(self.seeds), "success": self.success.tolist(),
             "seeds": list(self.seeds), "prompts": list(self.prompts), "attack_prompts": self.attack_prompts,
-            "config": self.config, "seconds": self.seconds, "extra": self.extra,
+            "config": self.config, "seconds": self.seconds, "extra": self.extra, "budget": self.budget,
+            "access": self.access,
         }
 
 
@@ -84,9 +91,20 @@ class ToyConceptJudge:
         self.concept = resolve_concept(concept)
         self.detector = detector if detector is not None else load_detector("toy:detector")
 
+    #: what the report calls this judge
+    description = "toy detector head"
+
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         pred = self.detector.predict(images)[self.concept.head][0]
         return pred == self.concept.index
+
+    @torch.no_grad()
+    def scores(self, images: torch.Tensor) -> torch.Tensor:
+        """(N,) the detector's probability of the concept (the report's confidence per tile)."""
+        dev = next(self.detector.parameters()).device
+        self.detector.eval()
+        probs = self.detector(images.to(dev, torch.float32))[self.concept.head].softmax(-1)
+        return probs[:, self.concept.index].cpu()
 
 
 def default_judge(concept: str | None, judge: Judge | None = None, detector=None) -> Judge:
@@ -130,16 +148,26 @@ class Attack:
     name: ClassVar[str] = "attack"
     config_cls: ClassVar[type] = object
     needs_original: ClassVar[bool] = False
+    #: what the attack needs: "weights" (closed form on the K/V matrices), "gradients" (back-propagation through
+    #: the erased model) or "text" (the text encoder and the generator only, black-box in the UNet).
+    access: ClassVar[str] = "weights"
+    #: budget presets: {"toy": {field: value}, "paper": {field: value}}; ``budget="paper"`` runs the paper's.
+    presets: ClassVar[dict[str, dict]] = {}
 
     def __init__(self, erased: T2IModel, original: T2IModel | None = None, concept: str | None = None,
                  judge: Judge | None = None, detector=None, sample: SampleConfig | None = None,
-                 config: object | None = None, **hp) -> None:
+                 config: object | None = None, budget: str = "toy", **hp) -> None:
         if config is not None and hp:
             raise DiffshieldError(f"{self.name}: give either config or keyword settings, not both")
+        if self.presets and budget not in self.presets:
+            raise DiffshieldError(f"{self.name}: budget must be one of {', '.join(self.presets)}, got {budget!r}")
         try:
-            self.config = config if config is not None else self.config_cls(**hp)
+            self.config = config if config is not None else self.config_cls(**{**self.presets.get(budget, {}),
+                                                                                **hp})
         except TypeError as e:
             raise DiffshieldError(f"{self.name}: bad setting ({e})") from None
+        self.budget_name = budget if config is None and not (set(hp) & set(self.presets.get(budget, {}))) \
+            else "custom"
         if self.needs_original and original is None:
             raise DiffshieldError(f"the {self.name} attack is white-box: give the original model (original=...)")
         self.erased = erased
@@ -147,28 +175,77 @@ class Attack:
         self.concept = concept
         self.judge = default_judge(concept, judge, detector)
         self.sample = sample or SampleConfig()
+        self._reference: torch.Tensor | None = None
+        self._pre_success: torch.Tensor | None = None
+        self.judge_calls = 0
 
     def forward(self, prompts: list[str], seeds: list[int]) -> dict:
-        """Attack: return {"images", and any of "embeddings", "attack_prompts", "extra"}."""
+        """Attack: return {"images", and any of "embeddings", "attack_prompts", "soft_tokens", "extra"}."""
         raise NotImplementedError
 
-    def __call__(self, prompts: Sequence[str] | str, seeds: Sequence[int] | None = None) -> AttackResult:
-        """Attack ``prompts`` (one image per prompt, image i from ``seeds[i]``; default seeds 0..N-1)."""
+    #: the settings that turn the search off (the ``steps = 0`` baseline); None: no search to turn off.
+    zero_budget: ClassVar[dict | None] = None
+
+    def random_prompts(self, prompts: list[str], gen: torch.Generator) -> list[str] | None:
+        """Random text prompts of the attack's own shape (its length, from its candidate words): the random-prompt
+        baseline. None for attacks without a text search."""
+        return None
+
+    def budget_record(self) -> dict:
+        """{"preset", "as_run": the budget fields' values, "paper": the paper's values} (empty without presets)."""
+        if not self.presets:
+            return {}
+        cfg = config_dict(self.config)
+        fields = list(dict.fromkeys(k for p in self.presets.values() for k in p))
+        return {"preset": self.budget_name, "as_run": {k: cfg.get(k) for k in fields},
+                "paper": dict(self.presets.get("paper", {}))}
+
+    def original_images(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
+        """The original model's image of every (prompt, seed), reused when the caller passed them in."""
+        if self._reference is not None:
+            return self._reference
+        from diffshield.core.sampling import generate
+
+        return generate(self.original, prompts, seeds, config=self.sample, progress=False).images
+
+    def counted_judge(self, images: torch.Tensor) -> torch.Tensor:
+        """The judge, counting its calls (attacks that use the judge during the search, as UnlearnDiffAtk's early
+        stop does, call this; the final scoring is not counted)."""
+        self.judge_calls += len(images)
+        with torch.no_grad():
+            return self.judge(images).bool().cpu()
+
+    def __call__(self, prompts: Sequence[str] | str, seeds: Sequence[int] | None = None,
+                 original_images: torch.Tensor | None = None,
+                 pre_success: torch.Tensor | None = None) -> AttackResult:
+        """Attack ``prompts`` (one image per prompt, image i from ``seeds[i]``; default seeds 0..N-1).
+
+        ``original_images`` (N, 3, H, W): the original model's images of the same (prompt, seed) pairs, the targets
+        of the attacks that need them (default None: generated). ``pre_success`` (N,) bool: the judge on the erased
+        model's unattacked images, used by attacks that stop early (default None: judged by the attack)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise DiffshieldError("give at least one prompt to attack")
         seeds = list(range(len(prompts))) if seeds is None else [int(s) for s in seeds]
         if len(seeds) != len(prompts):
             raise DiffshieldError(f"{len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
+        for name, t in (("original_images", original_images), ("pre_success", pre_success)):
+            if t is not None and len(t) != len(prompts):
+                raise DiffshieldError(f"{name} has {len(t)} entries for {len(prompts)} prompts")
+        self._reference, self._pre_success, self.judge_calls = original_images, pre_success, 0
         start = time.perf_counter()
         out = self.forward(prompts, seeds)
         images = out["images"]
         with torch.no_grad():
             success = self.judge(images).bool().cpu()
+        extra = dict(out.get("extra", {}))
+        if self.judge_calls:
+            extra["judge_calls"] = self.judge_calls
         return AttackResult(attack=self.name, images=images, success=success, seeds=seeds, prompts=prompts,
                             attack_prompts=out.get("attack_prompts"), embeddings=out.get("embeddings"),
                             config=config_dict(self.config), seconds=time.perf_counter() - start,
-                            extra=out.get("extra", {}))
+                            extra=extra, soft_tokens=out.get("soft_tokens"), budget=self.budget_record(),
+                            access=self.access)
 
 
 # --- Soft prompts: learnable input-token embeddings through the (frozen) text encoder -------------------------------
@@ -295,3 +372,121 @@ def project_to_words(
     dist = torch.cdist(soft.detach().float().reshape(-1, soft.shape[-1]), table)
     idx = dist.argmin(-1).reshape(soft.shape[:-1])
     return table[idx].to(soft.dtype), candidates[idx.cpu()]
+
+
+# --- Text-space searches: token layouts, straight-through encodings, nearest words ----------------------------------
+
+#: where the searched tokens go: "prefix" (before the prompt, UnlearnDiffAtk's prefix_k), "none" (no prompt words:
+#: P4D-N) or "every-3" (one searched token before every 3 prompt tokens and one at the end: P4D-K's every_k = 3).
+LAYOUTS = ("prefix", "none", "every-3")
+
+
+def prompt_tokens(model: T2IModel, prompt: str) -> list[int]:
+    """The prompt's token ids without start/end tokens."""
+    return list(model.tokenizer(prompt, add_special_tokens=False).input_ids)
+
+
+def n_searched(layout: str, k: int, n_prompt_tokens: int) -> int:
+    """How many searched tokens a layout places: k for "prefix"/"none"; n // 3 + 1 for "every-3" (P4D-K)."""
+    return n_prompt_tokens // 3 + 1 if layout == "every-3" else k
+
+
+def layout_ids(model: T2IModel, words: list[int], adv: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids (B, L) of start + searched tokens ``adv`` (B, K) laid out around the prompt tokens ``words`` + end +
+    padding, and the positions (K,) of the searched tokens (the same for every row)."""
+    tok = model.tokenizer
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+    b, k = adv.shape
+    if layout == "prefix":
+        slots = [-1] * k + list(words)
+    elif layout == "none":
+        slots = [-1] * k
+    else:  # every-3: searched tokens at i % 4 == 0 of the n + n // 3 + 1 slots (P4D's optimize_k.py)
+        total = len(words) + k
+        it = iter(words)
+        slots = [-1 if i % 4 == 0 else next(it) for i in range(total)]
+    length = tok.model_max_length
+    if len(slots) + 2 > length:
+        raise DiffshieldError(f"prompt plus {k} searched tokens is longer than the tokenizer's {length} tokens")
+    ids = torch.full((b, length), pad, dtype=torch.long)
+    ids[:, 0] = bos
+    pos = torch.tensor([1 + i for i, v in enumerate(slots) if v == -1])
+    fixed = [(1 + i, v) for i, v in enumerate(slots) if v != -1]
+    for i, v in fixed:
+        ids[:, i] = v
+    ids[:, pos] = adv
+    ids[:, 1 + len(slots)] = eos
+    return ids, pos
+
+
+def encode_with_tokens(model: T2IModel, ids: torch.Tensor, pos: torch.Tensor,
+                       adv_embeds: torch.Tensor) -> torch.Tensor:
+    """Text-encoder states (B, L, d) of ``ids`` with the input embeddings at ``pos`` replaced by ``adv_embeds``
+    (B, K, d_in): the forward pass of a straight-through search (differentiable in ``adv_embeds``)."""
+    emb = model.text_encoder.get_input_embeddings()
+    ids = ids.to(emb.weight.device)
+
+    def hook(_mod, _inp, out):
+        out = out.clone()
+        out[:, pos.to(out.device)] = adv_embeds.to(out.dtype)
+        return out
+
+    handle = emb.register_forward_hook(hook)
+    try:
+        with torch.enable_grad():
+            return model.text_encoder(ids)[0]
+    finally:
+        handle.remove()
+
+
+def project_simplex(x: torch.Tensor) -> torch.Tensor:
+    """Euclidean projection of every row of ``x`` (..., V) onto the probability simplex (exact, by sorting; the
+    point UnlearnDiffAtk's bisection converges to)."""
+    u, _ = torch.sort(x, dim=-1, descending=True)
+    css = u.cumsum(-1) - 1
+    idx = torch.arange(1, x.shape[-1] + 1, device=x.device, dtype=x.dtype)
+    cond = (u - css / idx) > 0
+    rho = cond.to(x.dtype).cumsum(-1).argmax(-1, keepdim=True)  # last index where cond holds
+    theta = css.gather(-1, rho) / (rho + 1).to(x.dtype)
+    return (x - theta).clamp_min(0)
+
+
+def nearest_words(vectors: torch.Tensor, model: T2IModel, candidates: torch.Tensor,
+                  metric: str = "cosine") -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest candidate word of every input-space vector (..., d_in) by cosine (PEZ's projection) or L2:
+    (their embeddings (..., d_in), their ids (...))."""
+    weight = model.text_encoder.get_input_embeddings().weight.detach()
+    table = weight[candidates.to(weight.device)].float()
+    flat = vectors.detach().float().reshape(-1, vectors.shape[-1])
+    if metric == "cosine":
+        score = torch.nn.functional.normalize(flat, dim=-1) @ torch.nn.functional.normalize(table, dim=-1).T
+        idx = score.argmax(-1)
+    else:
+        idx = torch.cdist(flat, table).argmin(-1)
+    idx = idx.reshape(vectors.shape[:-1])
+    return table[idx].to(vectors.dtype), candidates[idx.cpu()]
+
+
+def token_report(model: T2IModel, vectors: torch.Tensor, concept: str | None, top: int = 3) -> list[list[dict]]:
+    """For every input-space vector (N, K, d_in): its ``top`` nearest vocabulary words (cosine) and its L2 distance
+    to the concept word's input embedding. What the report prints beside a soft prompt."""
+    weight = model.text_encoder.get_input_embeddings().weight.detach().float()
+    cands = word_token_ids(model)
+    table = weight[cands.to(weight.device)]
+    words = [decode_ids(model, [int(i)]) for i in cands]
+    cw = concept_words(concept)
+    c_ids = prompt_tokens(model, cw[0]) if cw else []
+    c_vec = weight[c_ids].mean(0) if c_ids else None
+    out = []
+    for row in vectors.detach().float().to(weight.device):
+        sim = torch.nn.functional.normalize(row, dim=-1) @ torch.nn.functional.normalize(table, dim=-1).T
+        best = sim.topk(min(top, len(words)), dim=-1)
+        toks = []
+        for j in range(len(row)):
+            d = {"nearest": [[words[int(i)], round(float(v), 3)] for v, i in zip(best.values[j], best.indices[j])]}
+            if c_vec is not None:
+                d["l2_to_concept_word"] = round(float((row[j] - c_vec).norm()), 3)
+            toks.append(d)
+        out.append(toks)
+    return out

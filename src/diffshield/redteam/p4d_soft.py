@@ -1,4 +1,5 @@
-"""P4D-style noise matching (Chin, Jiang, Huang, Chen, Chiu; "Prompting4Debugging: Red-Teaming Text-to-Image Diffusion
+"""``p4d-soft``: P4D's noise-matching objective on continuous soft tokens, a variant of (Chin, Jiang, Huang,
+Chen, Chiu; "Prompting4Debugging: Red-Teaming Text-to-Image Diffusion
 Models by Finding Problematic Prompts", ICML 2024).
 
 P4D looks for a prompt P* with which the *erased* model predicts the same noise as the *original* model does for the
@@ -10,9 +11,12 @@ with x0 the latents of images of P made by the original model. Like P4D-N, P* is
 embeddings, optimised with Adam; ``discrete=True`` projects them to vocabulary words PEZ-style and attacks with the
 text). ``keep_prompt=True`` appends P after the free tokens (P4D-K-like: the prompt's words stay).
 
+Not the paper's attack: P4D searches text with PEZ (16 tokens, the forward pass on the nearest words, best-of
+selection; ``p4d`` in :mod:`diffshield.redteam.p4d`). Free embeddings are a far larger search space.
+
 Example::
 
-    atk = P4D(erased, original=original, concept="triangle", n_tokens=8, steps=40)
+    atk = P4DSoft(erased, original=original, concept="triangle", n_tokens=8, steps=40)
     out = atk(["a red triangle"] * 8, seeds=range(8))
 """
 
@@ -39,8 +43,8 @@ from diffshield.redteam.base import (
 
 
 @dataclass
-class P4DConfig:
-    """Settings of the P4D-style attack.
+class P4DSoftConfig:
+    """Settings of ``p4d-soft``.
 
     Args:
         n_tokens: free tokens in the optimised prompt (default 8).
@@ -77,9 +81,9 @@ class P4DConfig:
               f"batch_timesteps must be >= 1, got {self.batch_timesteps!r}")
 
 
-@ATTACKS.register("p4d")
-class P4D(Attack):
-    """P4D-style noise-matching prompt optimisation (Chin et al., ICML 2024).
+@ATTACKS.register("p4d-soft")
+class P4DSoft(Attack):
+    """P4D's noise matching on soft tokens (a continuous variant of Chin et al., ICML 2024).
 
     Args (besides :class:`~diffshield.redteam.base.Attack`'s erased, original, concept, judge, sample):
         n_tokens (default 8), keep_prompt (False), steps (40), lr (0.01), n_targets (2), batch_timesteps (1),
@@ -88,9 +92,21 @@ class P4D(Attack):
     Call: ``atk(prompts, seeds)`` -> AttackResult with ``embeddings`` (or ``attack_prompts`` when discrete).
     """
 
-    name = "p4d"
-    config_cls = P4DConfig
+    name = "p4d-soft"
+    config_cls = P4DSoftConfig
     needs_original = True
+    access = "gradients"
+    presets = {"toy": {"n_tokens": 8, "steps": 40}, "paper": {"n_tokens": 16, "steps": 3000}}
+
+    zero_budget = {"steps": 0}
+
+    def random_prompts(self, prompts: list[str], gen: torch.Generator) -> list[str]:
+        """The soft tokens' own starting point as text: random candidate words (before the prompt)."""
+        cfg = self.config
+        cand = word_token_ids(self.erased, concept_words(self.concept) if cfg.exclude_concept_words else ())
+        keep = cfg.keep_prompt
+        return [(decode_ids(self.erased, cand[torch.randint(len(cand), (cfg.n_tokens,), generator=gen)].tolist())
+                 + (" " + p if keep else "")).strip() for p in prompts]
 
     def forward(self, prompts: list[str], seeds: list[int]) -> dict:
         cfg = self.config
@@ -129,7 +145,8 @@ class P4D(Attack):
             opt.step()
             losses.append(loss.item())
         soft = soft.detach()
-        extra = {"loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None}
+        extra = {"loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
+                 "loss_curve": losses, "distinct_optimisations": len(distinct)}
         tails = distinct if cfg.keep_prompt else [""] * len(distinct)
         if cfg.discrete:
             _, ids = project_to_words(soft, model, candidates)
@@ -143,4 +160,5 @@ class P4D(Attack):
             emb = encoder.encode(soft, tails).detach()
         emb = emb[[distinct.index(p) for p in prompts]]
         out = generate(model, prompts, seeds, prompt_embeds=emb, config=self.sample, progress=False)
-        return {"images": out.images, "embeddings": emb, "extra": extra}
+        return {"images": out.images, "embeddings": emb, "soft_tokens": soft[[distinct.index(p) for p in prompts]],
+                "extra": extra}

@@ -116,6 +116,7 @@ class RingABell(Attack):
     name = "ring-a-bell"
     config_cls = RingABellConfig
     needs_original = False
+    access = "text"
 
     def concept_vector(self) -> tuple[torch.Tensor, int]:
         """(v, number of pairs): v = mean(E(with) - E(without)) over the pairs, (L, d)."""
@@ -190,7 +191,7 @@ class RingABell(Attack):
             found[p], scores[p] = decode_ids(self.erased, ids), score
         attack_prompts = [found[p] for p in prompts]
         gen = generate(self.erased, attack_prompts, seeds, config=self.sample, progress=False)
-        extra.update({"searched_prompts": found, "cosine": scores})
+        extra.update({"searched_prompts": found, "cosine": scores, "distinct_optimisations": len(distinct)})
         return {"images": gen.images, "attack_prompts": attack_prompts, "extra": extra}
 
 
@@ -199,6 +200,17 @@ class RingABellGenetic(RingABell):
     """Ring-A-Bell with the genetic prompt search on by default (``search="genetic"``); same settings otherwise."""
 
     name = "ring-a-bell-genetic"
+    #: the official notebook: population 200, 3000 generations, mutation 0.25, 16 words (nudity, K = 16)
+    presets = {"toy": {"length": 8, "population": 48, "generations": 40, "mutation": 0.2},
+               "paper": {"length": 16, "population": 200, "generations": 3000, "mutation": 0.25}}
+    zero_budget = {"generations": 0}
+
+    def random_prompts(self, prompts: list[str], gen: torch.Generator) -> list[str]:
+        """``length`` random candidate words per prompt."""
+        cfg = self.config
+        cand = word_token_ids(self.erased, concept_words(self.concept) if cfg.exclude_concept_words else ())
+        return [decode_ids(self.erased, cand[torch.randint(len(cand), (cfg.length,), generator=gen)].tolist())
+                for _ in prompts]
 
     def __init__(self, erased, original=None, concept=None, config=None, **hp) -> None:
         if config is None:

@@ -1,4 +1,5 @@
-"""UnlearnDiff-style soft-prompt attack (Zhang, Jia, Chen, Liu, Yao, Hong, Fan, Liu; "To Generate or Not? Safety-Driven
+"""``unlearndiff-soft``: UnlearnDiffAtk's objective on continuous soft tokens, a variant of (Zhang, Jia, Chen, Liu,
+Yao, Hong, Fan, Liu; "To Generate or Not? Safety-Driven
 Unlearned Diffusion Models Are Still Easy To Generate Unsafe Images ... For Now", ECCV 2024, "UnlearnDiffAtk").
 
 The erased model is its own attack oracle: a prompt that makes the erased model denoise images *of the concept* well
@@ -16,9 +17,13 @@ is a prompt that makes it draw the concept. For every attacked prompt p:
 Success: the judge (concept detector) fires on the generated image. White-box: needs the erased model's gradients and
 the original model (for the target images).
 
+Not the paper's attack: UnlearnDiffAtk searches *text* (a vocabulary simplex with a straight-through sample, one
+image per optimisation, early stop on the judge; ``unlearndiff`` in :mod:`diffshield.redteam.unlearndiff`). Free
+embeddings are a far larger search space, so this variant is stronger than the paper's and reported under its own name.
+
 Example::
 
-    atk = UnlearnDiff(erased, original=original, concept="triangle", k=5, steps=40, lr=0.01)
+    atk = UnlearnDiffSoft(erased, original=original, concept="triangle", k=5, steps=40, lr=0.01)
     out = atk(["a red triangle"] * 8, seeds=range(8))
 """
 
@@ -45,8 +50,8 @@ from diffshield.redteam.base import (
 
 
 @dataclass
-class UnlearnDiffConfig:
-    """Settings of the UnlearnDiff-style attack.
+class UnlearnDiffSoftConfig:
+    """Settings of ``unlearndiff-soft``.
 
     Args:
         k: soft prefix tokens (default 5, as UnlearnDiffAtk).
@@ -88,9 +93,9 @@ class UnlearnDiffConfig:
         self.exclude_words = tuple(self.exclude_words)
 
 
-@ATTACKS.register("unlearndiff")
-class UnlearnDiff(Attack):
-    """UnlearnDiffAtk-style soft prefix attack (Zhang et al., ECCV 2024).
+@ATTACKS.register("unlearndiff-soft")
+class UnlearnDiffSoft(Attack):
+    """UnlearnDiffAtk's objective on soft prefix tokens (a continuous variant of Zhang et al., ECCV 2024).
 
     Args (besides :class:`~diffshield.redteam.base.Attack`'s erased, original, concept, judge, sample):
         k (default 5), steps (40), lr (0.01), n_targets (2), batch_timesteps (1), discrete (False),
@@ -100,9 +105,21 @@ class UnlearnDiff(Attack):
     discrete); ``extra["loss_first"/"loss_last"]`` record the optimisation.
     """
 
-    name = "unlearndiff"
-    config_cls = UnlearnDiffConfig
+    name = "unlearndiff-soft"
+    config_cls = UnlearnDiffSoftConfig
     needs_original = True
+    access = "gradients"
+    presets = {"toy": {"k": 5, "steps": 40}, "paper": {"k": 5, "steps": 2000}}
+
+    zero_budget = {"steps": 0}
+
+    def random_prompts(self, prompts: list[str], gen: torch.Generator) -> list[str]:
+        """The soft tokens' own starting point as text: random candidate words (before the prompt)."""
+        cfg = self.config
+        cand = word_token_ids(self.erased, concept_words(self.concept) if cfg.exclude_concept_words else ())
+        keep = True
+        return [(decode_ids(self.erased, cand[torch.randint(len(cand), (cfg.k,), generator=gen)].tolist())
+                 + (" " + p if keep else "")).strip() for p in prompts]
 
     def forward(self, prompts: list[str], seeds: list[int]) -> dict:
         cfg = self.config
@@ -138,7 +155,8 @@ class UnlearnDiff(Attack):
             opt.step()
             losses.append(loss.item())
         soft = soft.detach()
-        extra = {"loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None}
+        extra = {"loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
+                 "loss_curve": losses, "distinct_optimisations": len(distinct)}
         if cfg.discrete:
             _, ids = project_to_words(soft, model, candidates)
             found = {p: (decode_ids(model, row.tolist()) + " " + p).strip() for p, row in zip(distinct, ids)}
@@ -150,4 +168,5 @@ class UnlearnDiff(Attack):
             emb = encoder.encode(soft, distinct).detach()
         emb = emb[[distinct.index(p) for p in prompts]]
         out = generate(model, prompts, seeds, prompt_embeds=emb, config=self.sample, progress=False)
-        return {"images": out.images, "embeddings": emb, "extra": extra}
+        return {"images": out.images, "embeddings": emb, "soft_tokens": soft[[distinct.index(p) for p in prompts]],
+                "extra": extra}
