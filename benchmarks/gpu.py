@@ -11,6 +11,9 @@ warm-up with ``torch.cuda.synchronize()`` around the timer, peak memory from ``t
    on the same model objects: DDIM 25 steps, guidance 7.5, float16, batch 8 and 32, 512 px, the same per-seed CPU
    generators (so the two must draw the same images: their difference is reported), images returned to the CPU by
    both; diffshield's prompt cache is cleared before each call, so both encode the prompt every time.
+   ``sharded``: the same generation through the sharded, resumable path of ``--prompts FILE`` in one process
+   (:func:`diffshield.core.shards.run_shard`: PNGs, SHA-256 and a JSONL line per image written as each batch is
+   done) against ``generate`` alone on 64 images (docs/scale.md).
 2. ``closed_form``: UCE and RECE (5 epochs) edit time (text encoding cached, weight writes included).
 3. ``esd``: ESD-x and ESD-u seconds per iteration at 512 px (float32 master weights, bfloat16 autocast; ESD-x also
    in float32 and with gradient checkpointing). An iteration samples x_t with k ~ U{0..49} DDIM steps, so its time
@@ -56,12 +59,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-SECTIONS = ("generate", "closed_form", "esd", "protect", "redteam", "terd", "cli")
+SECTIONS = ("generate", "sharded", "closed_form", "esd", "protect", "redteam", "terd", "cli")
 PROMPT = "a photo of a cat"
 NUDE = "a photo of a nude person"
 EXTRA_WORDS = ("photo", "of", "cat", "nude", "nudity", "naked", "person", "painting", "by", "art")
 #: acceptance bars of the GPU figures (H200-class GPU)
-TARGETS = {"generate_ratio_min": 0.95, "generate_peak_ratio_max": 1.10, "uce_s_max": 0.015, "rece5_s_max": 0.100,
+TARGETS = {"generate_ratio_min": 0.95, "sharded_ratio_min": 0.95, "generate_peak_ratio_max": 1.10,
+           "uce_s_max": 0.015, "rece5_s_max": 0.100,
            "esd_x_1000_s_max": 600.0, "terd_paper_s_max": 180.0}
 
 SD_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
@@ -212,6 +216,49 @@ def section_generate(device: torch.device, tiny: bool, tmp: Path) -> dict:
               f"{row['stock_images_per_s']:.2f} img/s (ratio {row['ratio']:.3f}); peak {row['diffshield_peak_gib']} / "
               f"{row['stock_peak_gib']} GiB; images differ by at most {row['image_max_abs_diff']}", flush=True)
         del images
+    return out
+
+
+def section_sharded(device: torch.device, tiny: bool, tmp: Path) -> dict:
+    """One process on one device, the sharded path (:func:`diffshield.core.shards.run_shard`: PNGs written per
+    batch, a SHA-256 and a JSONL line per image) against :func:`~diffshield.core.sampling.generate` alone, on the
+    same 64 images (8 prompts x 8 seeds; tiny: 16 at 4 steps), float16 on CUDA; ratio = unsharded time / sharded
+    time."""
+    from diffshield.core.sampling import SampleConfig, generate
+    from diffshield.core.shards import plan_jobs, prepare_run_dir, run_shard
+    from diffshield.eval.prompts import PromptRow
+
+    model = build_t2i(device, tiny, tmp / "sharded_model")
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    model.to(dtype=dtype)
+    rows = [PromptRow(f"{PROMPT} by {w}") for w in EXTRA_WORDS[:8]]
+    jobs = plan_jobs(rows, 2 if tiny else 8, 0, 7.5)
+    prompts = [r.prompt for r in rows]
+    cfg = SampleConfig(steps=4 if tiny else 25, guidance=7.5, batch_size=32, scheduler="ddim")
+    runs = {"unsharded": [], "sharded": []}
+
+    def unsharded():
+        model._text_cache.clear()
+        return generate(model, [prompts[j.prompt_index] for j in jobs], [j.seed for j in jobs], config=cfg,
+                        progress=False).images
+
+    def sharded(k: int):
+        model._text_cache.clear()
+        folder = tmp / f"sharded_run{k}"
+        prepare_run_dir(folder, "generate", {"k": k})
+        return run_shard(folder, jobs, prompts, {"": model}, cfg, None, {j: "generate" for j in jobs},
+                         progress=False)
+
+    unsharded(), sharded(-1)  # warm-up
+    for k in range(3):  # interleaved
+        runs["unsharded"].append(timed(unsharded, device)[0])
+        runs["sharded"].append(timed(lambda k=k: sharded(k), device)[0])
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    out = {"images": len(jobs), "dtype": str(dtype), "batch": cfg.batch_size, "runs_s": runs,
+           "unsharded_images_per_s": len(jobs) / med["unsharded"], "sharded_images_per_s": len(jobs) / med["sharded"],
+           "ratio": med["unsharded"] / med["sharded"]}
+    print(f"  sharded path: {out['sharded_images_per_s']:.2f} img/s, generate alone "
+          f"{out['unsharded_images_per_s']:.2f} img/s (ratio {out['ratio']:.3f})", flush=True)
     return out
 
 
@@ -517,6 +564,8 @@ def main(argv: list[str] | None = None) -> int:
                     res = section_terd(device, args.tiny, limit if not args.tiny else deadline)
                 elif name == "protect":
                     res = section_protect(device, args.tiny)
+                elif name == "sharded":
+                    res = section_sharded(device, args.tiny, tmp)
                 else:
                     if shared is None:
                         shared = build_t2i(device, args.tiny, tmp / "shared")

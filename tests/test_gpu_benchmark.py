@@ -23,8 +23,8 @@ def test_gpu_benchmark_tiny_on_cpu(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        rc = bench.main(["--device", "cpu", "--tiny", "--sections", "generate,closed_form,esd,redteam,terd,protect",
-                         "--out", str(out)])
+        rc = bench.main(["--device", "cpu", "--tiny", "--sections",
+                         "generate,sharded,closed_form,esd,redteam,terd,protect", "--out", str(out)])
     finally:
         torch.set_num_threads(threads)
     rec = json.loads(out.read_text())
@@ -34,6 +34,7 @@ def test_gpu_benchmark_tiny_on_cpu(tmp_path):
     for row in s["generate"]["rows"]:
         assert row["image_max_abs_diff"] < 1e-4  # same model, seeds and scheduler: the same images as stock
         assert row["diffshield_images_per_s"] > 0 and row["stock_images_per_s"] > 0
+    assert s["sharded"]["images"] == 16 and s["sharded"]["ratio"] > 0
     assert {r["method"] for r in s["esd"]["rows"]} == {"esd-x", "esd-u"}
     assert all(r["expected_1000_iterations_s"] > 0 for r in s["esd"]["rows"])
     assert set(s["redteam"]["rows"]) == {"adv-embed", "ring-a-bell", "ring-a-bell-genetic", "unlearndiff", "p4d"}

@@ -1,0 +1,155 @@
+"""Throughput of sharded runs (``--prompts FILE``) with 1 and 2 processes at toy scale, the merge overhead, and the
+100-prompt I2P-format toy file end to end (erase -> eval erasure, eval nudity) with 2 processes.
+
+Rows:
+
+1. ``generate --prompts examples/prompts/i2p_toy_100.csv --n N`` into a fresh folder with 1 process
+   (``--threads 1``) and with ``--num-processes 2`` (one thread each), each repeated; the figures are the end-to-end
+   wall time (process start, model loading, generation, merge) and the generation phase alone, measured as the
+   end-to-end time minus the time of an immediate rerun on the finished folder (which starts, loads, scans every
+   image and merges, but generates nothing). The machine's load average is recorded before and after each run:
+   on a shared machine other jobs take cores, and the 2-process figure suffers first.
+2. ``merge``: :func:`diffshield.core.shards.merge_run` on the finished 1-process folder (verify, hash, manifest,
+   metrics, grid), against the generation phase it follows.
+3. ``end_to_end``: UCE erases ``triangle`` from the toy model, then ``eval erasure --prompts`` and
+   ``eval nudity --prompts`` run on the 100-prompt file with 2 processes.
+
+Run: ``.venv/bin/python benchmarks/scale.py`` (about 3 minutes on 2 idle CPU cores). Writes
+``benchmarks/results/scale.json`` and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+PROMPTS = ROOT / "examples" / "prompts" / "i2p_toy_100.csv"
+TARGET_SPEEDUP = 1.6
+
+
+def diffshield(*args: str) -> tuple[float, str]:
+    """Run ``python -m diffshield ARGS``; (wall seconds, stdout). Raises on failure."""
+    t = time.perf_counter()
+    res = subprocess.run([sys.executable, "-m", "diffshield", *args], capture_output=True, text=True)
+    dt = time.perf_counter() - t
+    if res.returncode != 0:
+        raise RuntimeError(f"diffshield {' '.join(args)} failed:\n{res.stderr[-2000:]}")
+    return dt, res.stdout
+
+
+def load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def generate_row(tmp: Path, processes: int, n: int, steps: int, repeats: int) -> dict:
+    runs = []
+    for r in range(repeats):
+        out = tmp / f"gen{processes}_{r}"
+        args = ["generate", "--prompts", str(PROMPTS), "--n", str(n), "--steps", str(steps), "--batch-size", "16",
+                "--device", "cpu", "--out", str(out)]
+        args += ["--num-processes", str(processes)] if processes > 1 else ["--threads", "1"]
+        before = load()
+        wall, _ = diffshield(*args)
+        idle, log = diffshield(*args)  # the rerun: start, load, scan, merge, nothing to generate
+        assert "generated 0 images" in log, log
+        runs.append({"wall_s": round(wall, 2), "rerun_s": round(idle, 2), "generation_s": round(wall - idle, 2),
+                     "load_before": before, "load_after": load()})
+        print(f"  {processes} process(es), run {r + 1}: {wall:.1f} s end to end, rerun {idle:.1f} s, "
+              f"load {before} -> {runs[-1]['load_after']}", flush=True)
+    images = len(PROMPTS.read_text().splitlines()[1:]) * n
+    wall = statistics.median(x["wall_s"] for x in runs)
+    gen = statistics.median(x["generation_s"] for x in runs)
+    return {"processes": processes, "images": images, "runs": runs, "wall_s": wall, "generation_s": gen,
+            "images_per_s_end_to_end": images / wall, "images_per_s_generation": images / gen}
+
+
+def merge_row(folder: Path, n: int) -> dict:
+    from diffshield.core.shards import merge_run, plan_jobs, read_run_spec
+    from diffshield.eval.prompts import PromptRow
+
+    spec = read_run_spec(folder)
+    rows = [PromptRow(p["prompt"], p["seed"], p["guidance"], p["meta"]) for p in spec["prompts"]]
+    jobs = plan_jobs(rows, n, spec["seed"], spec["guidance"])
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        merge_run(folder, jobs, "generate", None, grid=True)
+        times.append(time.perf_counter() - t)
+    return {"images": len(jobs), "merge_s": round(statistics.median(times), 3), "runs_s": times}
+
+
+def end_to_end(tmp: Path, steps: int) -> dict:
+    out = {}
+    uce = tmp / "uce-triangle"
+    out["erase_s"] = round(diffshield("erase", "--method", "uce", "--toy-recipe", "--concept", "triangle",
+                                      "--out", str(uce), "--threads", "1")[0], 2)
+    for name, args in (("eval_erasure", ["eval", "erasure", "--model", str(uce), "--concept", "triangle",
+                                         "--seeds-per-prompt", "1"]),
+                       ("eval_nudity", ["eval", "nudity", "--model", "toy:t2i", "--n", "1"])):
+        folder = tmp / name
+        wall, log = diffshield(*args, "--prompts", str(PROMPTS), "--steps", str(steps), "--device", "cpu",
+                               "--out", str(folder), "--num-processes", "2")
+        metrics = json.loads((folder / "metrics.json").read_text())
+        out[name] = {"wall_s": round(wall, 2), "metrics": metrics, "log": log.strip().splitlines()[-2:]}
+        print(f"  {name}: {wall:.1f} s; {log.strip().splitlines()[-1]}", flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    ap.add_argument("--n", type=int, default=2, help="images per prompt (default: 2, 200 images)")
+    ap.add_argument("--steps", type=int, default=25, help="DDIM steps (default: 25, the toy default)")
+    ap.add_argument("--repeats", type=int, default=2, help="runs per row (default: 2; medians reported)")
+    ap.add_argument("--skip-end-to-end", action="store_true", help="only the throughput and merge rows")
+    ap.add_argument("--out", default=str(RESULTS / "scale.json"), help="result JSON")
+    args = ap.parse_args(argv)
+    import torch
+
+    from diffshield.core.io import atomic_write_json
+
+    result = {"environment": {"python": platform.python_version(), "torch": torch.__version__,
+                              "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                              "load_at_start": load()},
+              "settings": {"prompts": str(PROMPTS.relative_to(ROOT)), "n": args.n, "steps": args.steps,
+                           "batch_size": 16, "repeats": args.repeats}}
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        one = generate_row(tmp, 1, args.n, args.steps, args.repeats)
+        two = generate_row(tmp, 2, args.n, args.steps, args.repeats)
+        result["generate"] = [one, two]
+        result["speedup_end_to_end"] = one["wall_s"] / two["wall_s"]
+        result["speedup_generation"] = one["generation_s"] / two["generation_s"]
+        result["target_speedup"] = TARGET_SPEEDUP
+        merge = merge_row(tmp / "gen1_0", args.n)
+        merge["fraction_of_generation"] = merge["merge_s"] / one["generation_s"]
+        result["merge"] = merge
+        if not args.skip_end_to_end:
+            result["end_to_end"] = end_to_end(tmp, args.steps)
+    result["environment"]["load_at_end"] = load()
+    atomic_write_json(args.out, result)
+    print("\n| processes | images | end to end (s) | img/s | generation (s) | img/s |")
+    print("|---|---|---|---|---|---|")
+    for r in result["generate"]:
+        print(f"| {r['processes']} | {r['images']} | {r['wall_s']:.1f} | {r['images_per_s_end_to_end']:.2f} | "
+              f"{r['generation_s']:.1f} | {r['images_per_s_generation']:.2f} |")
+    print(f"\nspeed-up with 2 processes: {result['speedup_end_to_end']:.2f}x end to end, "
+          f"{result['speedup_generation']:.2f}x generation (target >= {TARGET_SPEEDUP}x); merge of "
+          f"{merge['images']} images {merge['merge_s']:.2f} s ({merge['fraction_of_generation']:.1%} of the "
+          f"generation); load average {result['environment']['load_at_start']} -> "
+          f"{result['environment']['load_at_end']}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
