@@ -348,3 +348,143 @@ def test_delta_errors(model, tiny_model, tmp_path):
     save_file({"text_encoder.w": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(DiffshieldError, match="not a UNet tensor"):
         apply_delta(model, tmp_path / "other.safetensors")
+
+
+# --- (4) Official options, each against a float64 per-matrix reference of the official code ------------------------
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def reference_uce_tensor(w, ks, ts, ps, lamb, se, sp):
+    """train_erase.py's ``technique='tensor'`` for one matrix: the guide's values minus their projection on u = the
+    concept's values / their Frobenius norm, then its mat1 @ inverse(mat2), all float64."""
+    w = w.double()
+    mat1 = lamb * w
+    mat2 = lamb * torch.eye(w.shape[1], dtype=torch.float64)
+    for k, t in zip(ks, ts):
+        u = k @ w.T
+        u = u / u.norm()
+        new = t @ w.T
+        target = new - (u * new).sum() * u
+        mat1 = mat1 + se * target.T @ k
+        mat2 = mat2 + se * k.T @ k
+    for p in ps:
+        mat1 = mat1 + sp * (w @ p.T) @ p
+        mat2 = mat2 + sp * p.T @ p
+    return mat1 @ torch.inverse(mat2)
+
+
+def test_uce_tensor_technique_matches_the_official_per_matrix_code(model):
+    concepts, guides, preserve = ["a red square", "star"], [" ", "a blue circle"], ["green triangle"]
+    cfg = UCEConfig(guides=guides, preserve=preserve, erase_scale=1.5, preserve_scale=0.7, technique="tensor")
+    before = kv(model)
+    ks, ts, ps = reference_rows(model, concepts, guides, preserve, "paper2023")
+    uce_erase(model, concepts, cfg)
+    after = dict(model.unet.named_parameters())
+    for name, w in before.items():
+        ref = reference_uce_tensor(w, ks, ts, ps, 0.5, 1.5, 0.7)
+        assert rel(after[name].detach().double(), ref) <= 1e-5, name
+        assert rel(ref, reference_uce(w, ks, ts, ps, 0.5, 1.5, 0.7)) > 1e-3  # a different edit from "replace"
+    with pytest.raises(DiffshieldError, match="technique"):
+        RECEConfig(uce={"technique": "tensor"})
+
+
+def test_uce_auto_preserve_scale_and_prompt_expansion(model):
+    """preserve_scale 'auto' is train_erase.py's max(0.1, 1/len(['']+preserve)); --add_prompts adds 5 templates per
+    concept, each guided to the concept's guide."""
+    from diffshield.erase.uce import EXPANSION_TEMPLATES, expand_prompts, preserve_scale_of
+
+    assert preserve_scale_of(UCEConfig()) == 1.0
+    assert preserve_scale_of(UCEConfig(preserve=["a", "b", "c"])) == 0.25
+    assert preserve_scale_of(UCEConfig(preserve=[f"p{i}" for i in range(20)])) == 0.1
+    assert preserve_scale_of(UCEConfig(preserve=["a"], preserve_scale=0.7)) == 0.7
+    concepts, guides = expand_prompts(["star"], ["art"], "art")
+    assert concepts == ["star", "painting by star", "art by star", "artwork by star", "picture by star",
+                        "style of star"] and guides == ["art"] * 6
+    assert len(EXPANSION_TEMPLATES["object"]) == 5
+
+    preserve = ["green triangle", "box"]
+    before = kv(model)
+    ks, ts, ps = reference_rows(model, concepts, guides, preserve, "paper2023")
+    result = uce_erase(model, ["star"], UCEConfig(guides=["art"], preserve=preserve, expand_prompts="art"))
+    assert result.extra["preserve_scale"] == pytest.approx(1 / 3)
+    after = dict(model.unet.named_parameters())
+    for name, w in before.items():
+        assert rel(after[name].detach().double(), reference_uce(w, ks, ts, ps, 0.5, 1.0, 1 / 3)) <= 1e-5, name
+
+
+def reference_rece(model, concepts, guides, uce_preserve, round_retain, epochs, lamb_r, variant="regzero",
+                   item="1st", lamb2=0.1, sp2=0.1, sp1=1.0):
+    """RECE as its official scripts run it, per matrix in float64: a UCE edit (train_erase.py), then per epoch one
+    adversarial embedding per concept from the summed matrices of all layers (close_form_emb_regzero /
+    close_form_emb's surrogate, with torch.inverse), then edit_model_adversarial with ``round_retain`` (the retain
+    list as the script builds it, e.g. [' '] * N in train.py), technique 'replace'."""
+    w0 = {n: w.double() for n, w in kv(model).items()}
+    ks, ts, ps = reference_rows(model, concepts, guides, uce_preserve, "paper2023")
+    cur = {n: reference_uce(w, ks, ts, ps, 0.5, 1.0, sp1) for n, w in w0.items()}
+    cs = [embed(model, c)[0] for c in concepts]
+    news = [embed(model, g)[0] for g in guides]
+    retain = [embed(model, r)[0] for r in round_retain]
+    d = cs[0].shape[1]
+    eye = torch.eye(d, dtype=torch.float64)
+    for _ in range(epochs):
+        s1 = sum(w.T @ w for w in cur.values())
+        n0 = sum(cur[n].T @ w0[n] for n in cur)
+        if variant == "regzero":
+            mat1, mat2 = lamb_r * eye + s1, n0
+        elif item == "1st":
+            mat1, mat2 = (1 + lamb_r) * s1, n0 + lamb_r * s1
+        elif item == "2nd":
+            mat1, mat2 = lamb_r * eye + s1, lamb_r * eye + n0
+        else:
+            mat1, mat2 = lamb_r * eye + (1 + lamb_r) * s1, lamb_r * eye + n0 + lamb_r * s1
+        coef = torch.inverse(mat1) @ mat2
+        advs = [c @ coef.T for c in cs]
+        nxt = {}
+        for n, w in cur.items():
+            m1, m2 = lamb2 * w, lamb2 * eye
+            for a, t in zip(advs, news):
+                m1 = m1 + (w @ t.T) @ a
+                m2 = m2 + a.T @ a
+            for r in retain:
+                m1 = m1 + sp2 * (w @ r.T) @ r
+                m2 = m2 + sp2 * r.T @ r
+            nxt[n] = m1 @ torch.inverse(m2)
+        cur = nxt
+    return cur
+
+
+@pytest.mark.parametrize("variant,item", [("regzero", "1st"), ("surrogate", "1st"), ("surrogate", "2nd"),
+                                          ("surrogate", "both")])
+def test_rece_rounds_match_the_official_per_matrix_code(model, variant, item):
+    """Several concepts: train.py preserves ' ' once per concept in the rounds (weight 0.1 x N)."""
+    concepts = ["a red square", "star", "green circle"]
+    ref = reference_rece(model, concepts, [" "] * 3, [], [" "] * 3, 2, 0.1, variant, item)
+    rece_erase(model, concepts, RECEConfig(epochs=2, variant=variant, surrogate_item=item))
+    for name, w in kv(model).items():
+        assert rel(w.double(), ref[name]) <= 1e-5, name
+
+
+def test_rece_per_concept_empty_weighting_and_round_preserve(model, tiny_model):
+    concepts = ["a red square", "star"]
+    once = copy.deepcopy(tiny_model)
+    rece_erase(once, concepts, RECEConfig(epochs=1, round_empty_per_concept=False))
+    ref_once = reference_rece(tiny_model, concepts, [" "] * 2, [], [""], 1, 0.1)
+    ref_per = reference_rece(tiny_model, concepts, [" "] * 2, [], [" "] * 2, 1, 0.1)
+    rece_erase(model, concepts, RECEConfig(epochs=1))
+    for name, w in kv(model).items():
+        assert rel(w.double(), ref_per[name]) <= 1e-5, name
+        assert rel(kv(once)[name].double(), ref_once[name]) <= 1e-5, name
+        assert rel(ref_per[name], ref_once[name]) > 1e-6  # the weighting changes the edit
+    # train_object.py: the UCE edit and the rounds preserve the same list ('' and the given prompts) once, λ 0.1
+    obj = copy.deepcopy(tiny_model)
+    cfg = RECEConfig.from_preset("object", uce={"preserve": ["box"]}, round_preserve=["", "box"], lamb2=0.2)
+    assert cfg.round_empty_per_concept is False and cfg.uce.guides == [" "]
+    rece_erase(obj, concepts, cfg)
+    ref = reference_rece(tiny_model, concepts, [" "] * 2, ["box"], ["", "box"], 1, 1e-3, lamb2=0.2, sp1=0.5)
+    for name, w in kv(obj).items():
+        assert rel(w.double(), ref[name]) <= 1e-5, name
+    style = RECEConfig.from_preset("style", uce={"preserve": ["box"]})
+    assert style.uce.guides == ["art"] and style.uce.preserve == ["box"]
