@@ -6,7 +6,9 @@ red-team benchmark attacks those) and evaluated with :func:`diffshield.eval.eras
 original: detection rate of the erased concept (word and synonyms), accuracy on the other values of its kind, and the
 feature Fréchet distance on neutral prompts. ESD runs keep resumable checkpoints in ``runs/erasure/ckpt/``.
 
-Run: ``.venv/bin/python benchmarks/erasure.py`` (about 40 minutes on 2 CPU cores, mostly ESD). Writes
+Run: ``.venv/bin/python benchmarks/erasure.py`` (about 40 minutes on 2 CPU cores, mostly ESD). The defaults' rows
+(the plain ``diffshield erase --method M --model toy:t2i --concept C``, settings resolved by the CLI):
+``--cli-defaults --methods uce rece esd-x --tag -default --out benchmarks/results/erasure_defaults.json``. Writes
 ``benchmarks/results/erasure.json`` (after every row, so an interrupted run keeps what it measured),
 ``benchmarks/results/erasure_grid_<concept>.png`` and prints the table of docs/erase.md.
 
@@ -55,14 +57,33 @@ RECIPES = {"uce": TOY_UCE, "rece": TOY_RECE, "esd": TOY_ESD, "esd_kind": TOY_ESD
 ERASE_FN = {"uce": uce_erase, "rece": rece_erase, "esd-x": esd_erase, "esd-u": esd_erase}
 
 
-def run_one(base, method: str, concept: str, esd_overrides: dict, tag: str = "", models: Path = MODELS
-            ) -> tuple[object, dict]:
+def cli_default(method: str, concept: str, model_spec: str, checkpoint_dir: str | None) -> tuple[list[str], object]:
+    """(prompts, config) of the plain command ``diffshield erase --method M --model MODEL --concept C``, resolved by
+    the CLI itself (only ``--checkpoint-dir`` added for ESD, which changes no setting)."""
+    from diffshield.cli.erase import resolve_erase_settings
+    from diffshield.cli.main import build_parser
+
+    argv = ["erase", "--method", method, "--model", model_spec, "--concept", concept, "--out", "unused"]
+    if checkpoint_dir:
+        argv += ["--checkpoint-dir", checkpoint_dir]
+    prompts, cfg, _ = resolve_erase_settings(build_parser().parse_args(argv))
+    return prompts, cfg
+
+
+def run_one(base, method: str, concept: str, esd_overrides: dict, tag: str = "", models: Path = MODELS,
+            defaults_of: str | None = None) -> tuple[object, dict]:
+    """Erase ``concept`` from a copy of ``base`` with ``method`` at its toy setting, or, with ``defaults_of`` (the
+    model spec), with the settings the plain CLI command resolves to."""
     model = copy.deepcopy(base)
     overrides: dict = {}
+    ckpt = str(models / "ckpt" / f"{method}-{concept}{tag}") if method.startswith("esd") else None
     if method.startswith("esd"):
         overrides = {k: v for k, v in esd_overrides.items() if v is not None}
-        overrides["checkpoint_dir"] = str(models / "ckpt" / f"{method}-{concept}{tag}")
-    prompts, cfg = toy_erasure(method, concept, **overrides)
+        overrides["checkpoint_dir"] = ckpt
+    if defaults_of is not None:
+        prompts, cfg = cli_default(method, concept, defaults_of, ckpt)
+    else:
+        prompts, cfg = toy_erasure(method, concept, **overrides)
     cpu0, t0 = time.process_time(), time.perf_counter()
     if method.startswith("esd"):
         result = esd_erase(model, prompts, cfg, progress=True)
@@ -226,6 +247,10 @@ def main() -> int:
                     help="folder for the erased models, ESD checkpoints and the cached original figures; one per "
                          "--model (default: runs/erasure)")
     ap.add_argument("--out", default=str(RESULTS / "erasure.json"))
+    ap.add_argument("--cli-defaults", action="store_true",
+                    help="erase with the settings of the plain command 'diffshield erase --method M --model MODEL "
+                         "--concept C' (no other flag) instead of calling the recipes; rows are tagged 'default' "
+                         "(use with --tag -default and another --out)")
     ap.add_argument("--merge", nargs="*", metavar="JSON",
                     help="only merge the rows of these result files (parallel runs with --out) into --out, then print "
                          "the table")
@@ -266,7 +291,10 @@ def main() -> int:
                         "seed": args.esd_seed, "batch_size": args.esd_batch, "prompts": args.esd_prompts,
                         "sample_with": args.esd_sample_with, "preserve": args.esd_preserve,
                         "preserve_weight": args.esd_preserve_weight}
-            model, info = run_one(base, method, concept, esd_over, args.tag, models)
+            model, info = run_one(base, method, concept, esd_over, args.tag, models,
+                                  args.model if args.cli_defaults else None)
+            if args.cli_defaults:
+                info["settings"] = "default"  # the plain CLI command's
             if method.startswith("esd"):
                 info["esd_overrides"] = {k: v for k, v in esd_over.items() if v is not None}
             model.save(models / f"{method}-{concept}{args.tag}", overwrite=True)

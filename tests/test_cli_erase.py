@@ -269,3 +269,21 @@ def test_select_epoch_keeps_the_best_rece_epoch(tiny_sd_dir, tmp_path):
     assert len(scores) == 3 and all(0 <= s <= 1 for s in scores)
     assert report["best_epoch"] == scores.index(min(scores))
     assert report["config"]["select"].startswith("toy_select")
+
+
+def test_plain_command_on_toy_t2i_resolves_to_the_benchmarked_toy_setting():
+    """The acceptance rows: plain 'diffshield erase --method M --model toy:t2i --concept C' is the toy setting."""
+    import dataclasses
+
+    from diffshield.cli.erase import resolve_erase_settings
+    from diffshield.cli.main import build_parser
+    from diffshield.toyworld.erasure_recipes import toy_erasure
+
+    for method in ("uce", "rece", "esd-x", "esd-u"):
+        for concept in ("triangle", "striped", "red"):
+            args = build_parser().parse_args(["erase", "--method", method, "--model", "toy:t2i", "--concept",
+                                              concept, "--out", "unused"])
+            prompts, cfg, defaults = resolve_erase_settings(args)
+            ref_prompts, ref = toy_erasure(method, concept)
+            as_dict = lambda c: c.to_dict() if hasattr(c, "to_dict") else dataclasses.asdict(c)  # noqa: E731
+            assert prompts == ref_prompts and as_dict(cfg) == as_dict(ref) and defaults["source"] == "toy"
