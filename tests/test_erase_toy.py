@@ -108,8 +108,9 @@ def test_toy_setting_erases_the_concept_and_keeps_the_others(toy, original_rates
     fn(model, prompts, cfg)
     after, kept_after = _rates(model, det, concept)
     assert before >= drawn_before
-    assert after <= 0.15, f"{method} left {concept} in {after:.0%} of images"
-    assert kept_after >= kept_before - 0.1
+    # the bars the docs claim: at most 10 % left, the other values of the kind down at most 5 points
+    assert after <= 0.10, f"{method} left {concept} in {after:.0%} of images"
+    assert kept_after >= kept_before - 0.05, f"{method}: others {kept_before:.1%} -> {kept_after:.1%}"
 
 
 @pytest.mark.parametrize("method", ["uce", "rece", "esd-x", "esd-u"])
