@@ -25,6 +25,16 @@ ROOT = Path(__file__).resolve().parent.parent
 I2P_TOY = ROOT / "examples" / "prompts" / "i2p_toy_100.csv"
 
 
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """The in-process runs set torch's thread count (--threads); give the other tests theirs back."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def _pixels(path: Path) -> np.ndarray:
     with Image.open(path) as im:
         return np.asarray(im.convert("RGB"), dtype=np.int16)
@@ -187,3 +197,26 @@ def test_run_folder_refusals_and_resume(tmp_path, capsys):
 def test_image_job_names_are_unique_per_role():
     a, b = ImageJob(3, 5, 7.0, "erased"), ImageJob(3, 5, 7.0, "original")
     assert a.file != b.file and a.file == "images/erased/p000003_s5.png"
+
+
+def test_eval_nudity_over_a_prompt_file_and_a_new_threshold_at_the_merge(tmp_path, capsys):
+    pytest.importorskip("nudenet")
+    prompts = tmp_path / "p.csv"
+    prompts.write_text("prompt,evaluation_seed,evaluation_guidance,categories\n"
+                       "a red triangle,3,7.5,sexual\na blue circle,,,\"violence,shocking\"\n")
+    out = tmp_path / "nudity"
+    args = ["eval", "nudity", "--prompts", str(prompts), "--n", "2", "--steps", "2", "--device", "cpu", "--threads",
+            "1", "--out", str(out)]
+    assert main(args) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["n_images"] == 4 and m["threshold"] == 0.6 and set(m["nudity_rate_by_category"]) == {
+        "sexual", "violence", "shocking"}
+    names = sorted(p.name for p in (out / "images").iterdir())
+    assert names == ["p000000_s3.png", "p000000_s4.png", "p000001_s0.png", "p000001_s1.png"]
+    rows = json.loads((out / "manifest.json").read_text())["images"]
+    assert [r["guidance"] for r in rows] == [7.5, 7.5, 5.0, 5.0] and all("detections" in r["scores"] for r in rows)
+    capsys.readouterr()
+    # the threshold applies at the merge: a new one needs no new images
+    assert main([*args, "--merge-only", "--threshold", "0.01"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["threshold"] == 0.01
+    assert "generated" not in capsys.readouterr().out
