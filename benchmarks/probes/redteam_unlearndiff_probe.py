@@ -1,4 +1,4 @@
-"""Why UnlearnDiff misses the red-team sanity bar on the toy style (toy world version 2).
+"""Why unlearndiff-soft (UnlearnDiffAtk's objective on soft tokens) misses the sanity bar on the toy style.
 
 The sanity bar asks every attack to bring the concept back in >= 90 % of images when aimed at the *original* model.
 On version 2, UnlearnDiff reaches 69 % on striped (the original draws striped 91 % of the time unattacked). This
@@ -46,15 +46,15 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for label, hp in settings:
         t0 = time.perf_counter()
-        d = run_audit(original, original, args.concept, attacks=["unlearndiff"], n=args.n, sample=SampleConfig(),
+        d = run_audit(original, original, args.concept, attacks=["unlearndiff-soft"], n=args.n, sample=SampleConfig(),
                       judge=ToyConceptJudge(args.concept, det), original_images=False, progress=False,
-                      hp={"unlearndiff": hp}).to_dict()
-        a = d["attacks"]["unlearndiff"]
+                      hp={"unlearndiff-soft": hp}, baselines=False).to_dict()
+        a = d["attacks"]["unlearndiff-soft"]
         rows.append({"setting": label, "overrides": hp, "original_rate": d["pre_attack_rate"], "asr": a["asr"],
                      "seconds": round(time.perf_counter() - t0, 1)})
         print(f"{label}: UnlearnDiff vs original {a['asr']:.1%} (original unattacked {d['pre_attack_rate']:.1%})",
               flush=True)
-    atomic_write_json(Path(args.out), {"concept": args.concept, "n": args.n, "attack": "unlearndiff",
+    atomic_write_json(Path(args.out), {"concept": args.concept, "n": args.n, "attack": "unlearndiff-soft",
                                        "target": "original", "rows": rows})
     return 0
 

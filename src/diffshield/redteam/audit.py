@@ -216,7 +216,8 @@ class Audit:
         }
 
 
-def run_baselines(atk, audit: Audit, hp: dict, seed: int = 0) -> dict[str, AttackResult]:
+def run_baselines(atk, audit: Audit, hp: dict, seed: int = 0,
+                  pre_success: torch.Tensor | None = None) -> dict[str, AttackResult]:
     """The two controls of an attack on the audit's (prompt, seed) pairs: ``random`` (random prompts of the attack's
     shape from its candidate words, no search) and ``steps=0`` (the attack with its search turned off)."""
     from diffshield.redteam.base import config_dict
@@ -237,7 +238,7 @@ def run_baselines(atk, audit: Audit, hp: dict, seed: int = 0) -> dict[str, Attac
         zero = cls(atk.erased, original=atk.original, concept=atk.concept, judge=atk.judge, sample=atk.sample,
                    **{**hp, **atk.zero_budget})
         r = zero(audit.prompts, audit.seeds, original_images=audit.original_images,
-                 pre_success=audit.pre_attack_success)
+                 pre_success=audit.pre_attack_success if pre_success is None else pre_success)
         r.attack = f"{atk.name}:steps=0"
         out["steps=0"] = r
     return out
@@ -259,6 +260,7 @@ def run_audit(
     progress: bool = True,
     budget: str = "toy",
     baselines: bool = True,
+    skip_detected: bool = True,
 ) -> Audit:
     """Run attacks against an erased model on the same (prompt, seed) pairs and judge every image.
 
@@ -277,6 +279,8 @@ def run_audit(
         progress: a tqdm bar over the attacks (default True).
         budget: "toy" (default) or "paper": every attack's budget preset (see each attack's ``presets``).
         baselines: also run each attack's random-prompt and ``steps=0`` controls (default True).
+        skip_detected: attacks that stop early (UnlearnDiffAtk) leave images detected before the attack alone, as
+            the official code does (default True); False attacks every image (the sanity check on the original).
     """
     sample = sample or SampleConfig()
     names = resolve_attacks(attacks)
@@ -312,10 +316,11 @@ def run_audit(
             raise DiffshieldError(f"the {name} attack needs the original model; give it or leave {name} out")
         atk = cls(erased, original=original, concept=concept, judge=judge, sample=sample, budget=budget,
                   **hp.get(name, {}))
-        audit.results[name] = atk(prompts, seeds, original_images=audit.original_images,
-                                  pre_success=audit.pre_attack_success)
+        pre_given = audit.pre_attack_success if skip_detected else torch.zeros_like(audit.pre_attack_success)
+        audit.results[name] = atk(prompts, seeds, original_images=audit.original_images, pre_success=pre_given)
         if baselines:
-            audit.baselines[name] = run_baselines(atk, audit, {"budget": budget, **hp.get(name, {})}, seed)
+            audit.baselines[name] = run_baselines(atk, audit, {"budget": budget, **hp.get(name, {})}, seed,
+                                                  pre_given)
     scorer = getattr(judge, "scores", None)
     if callable(scorer):
         with torch.no_grad():
