@@ -293,6 +293,13 @@ def test_verdict_line():
     v = _fake_audit(clean, orig, a=[True] * 12 + [False] * 8, b=[False] * 20).verdict()
     assert v.startswith("BROKEN by 1 of 2 attacks (a)") and "12/20" in v
     assert _fake_audit(clean, [False] * 20, a=[True] * 20).verdict().startswith("NO VERDICT")
+    from diffshield.redteam.base import AttackResult
+
+    audit = _fake_audit(clean, orig, a=[False] * 20)
+    audit.baselines["a"] = {"random": AttackResult(attack="a:random", images=torch.zeros(20, 3, 4, 4),
+                                                   success=torch.tensor([True] * 10 + [False] * 10),
+                                                   seeds=audit.seeds, prompts=audit.prompts)}
+    assert audit.verdict().startswith("BROKEN without a search: a:random 10/20")
 
 
 def test_user_judge_hook_and_nudenet_judge(tmp_path):
