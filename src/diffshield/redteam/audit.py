@@ -432,11 +432,18 @@ def _embedding_section(name: str, r: AttackResult, model: T2IModel | None, conce
         tensors["soft_tokens"] = r.soft_tokens.detach().float().cpu().contiguous()
     if not tensors:
         return ""
+    # attacks that search once per distinct prompt give every seed of a prompt the same rows: store them once
+    first = {p: r.prompts.index(p) for p in dict.fromkeys(r.prompts)}
+    per_prompt = all(torch.equal(t[i], t[first[p]]) for t in tensors.values() for i, p in enumerate(r.prompts))
+    if per_prompt:
+        tensors = {k: t[list(first.values())].contiguous() for k, t in tensors.items()}
+        meta = {"rows": "one per distinct prompt", "prompts": "\n".join(first)}
+    else:
+        meta = {"rows": "one per image", "prompts": "\n".join(r.prompts), "seeds": ",".join(map(str, r.seeds))}
     (tmp / "embeddings").mkdir(exist_ok=True)
-    save_file(tensors, str(tmp / "embeddings" / f"{name}.safetensors"),
-              metadata={"attack": name, "prompts": "\n".join(r.prompts), "seeds": ",".join(map(str, r.seeds))})
+    save_file(tensors, str(tmp / "embeddings" / f"{name}.safetensors"), metadata={"attack": name, **meta})
     parts = [f"<p>saved: <a href='embeddings/{name}.safetensors'>embeddings/{name}.safetensors</a> "
-             + ", ".join(f"{k} {tuple(v.shape)}" for k, v in tensors.items()) + "</p>"]
+             + ", ".join(f"{k} {tuple(v.shape)}" for k, v in tensors.items()) + f" ({meta['rows']})</p>"]
     if r.soft_tokens is not None and model is not None:
         from diffshield.redteam.base import token_report
 
