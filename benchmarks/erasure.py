@@ -8,7 +8,7 @@ feature Fréchet distance on neutral prompts. ESD runs keep resumable checkpoint
 
 Run: ``.venv/bin/python benchmarks/erasure.py`` (about 40 minutes on 2 CPU cores, mostly ESD). The defaults' rows
 (the plain ``diffshield erase --method M --model toy:t2i --concept C``, settings resolved by the CLI):
-``--cli-defaults --methods uce rece esd-x --tag -default --out benchmarks/results/erasure_defaults.json``. Writes
+``--cli-defaults --methods uce rece esd-x --tag=-default --out benchmarks/results/erasure_defaults.json``. Writes
 ``benchmarks/results/erasure.json`` (after every row, so an interrupted run keeps what it measured),
 ``benchmarks/results/erasure_grid_<concept>.png`` and prints the table of docs/erase.md.
 
@@ -250,7 +250,7 @@ def main() -> int:
     ap.add_argument("--cli-defaults", action="store_true",
                     help="erase with the settings of the plain command 'diffshield erase --method M --model MODEL "
                          "--concept C' (no other flag) instead of calling the recipes; rows are tagged 'default' "
-                         "(use with --tag -default and another --out)")
+                         "(use with --tag=-default and another --out)")
     ap.add_argument("--merge", nargs="*", metavar="JSON",
                     help="only merge the rows of these result files (parallel runs with --out) into --out, then print "
                          "the table")
