@@ -8,13 +8,16 @@
     python benchmarks/backdoor.py recheck-clean  # clean quality again with today's toy:detector-v1, vs backdoor.json
 
 Every job uses one torch thread (``--threads``) so that jobs can run side by side on a shared 2-core machine;
-``--only NAME`` restricts zoo/eval to one model (to run several processes in parallel).
+``--only NAME`` restricts zoo/eval to one model (to run several processes in parallel). ``eval`` also runs under
+``accelerate launch --multi_gpu --num_processes N benchmarks/backdoor.py eval``, which splits the zoo between the
+processes (each model's result is cached, so a rerun finishes what a stopped run left).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -209,12 +212,22 @@ def eval_model(name: str, spec: dict, threads: int) -> dict:
 
 
 def cmd_eval(args) -> None:
-    for name, spec in ZOO_MODELS.items():
-        if args.only and name not in args.only:
-            continue
-        print(f"[eval] {name} ...", flush=True)
-        r = eval_model(name, spec, args.threads)
-        print(f"[eval] {name}: {json.dumps({k: v for k, v in r.items() if k not in ('name',)})}", flush=True)
+    """Evaluate the zoo models, each cached in runs/backdoor/results/eval_<name>.json (a rerun skips the cached ones).
+    Under ``accelerate launch`` the models are split between the processes in zoo order."""
+    from accelerate import PartialState
+
+    state = PartialState(cpu=True)
+    names = [n for n in ZOO_MODELS if not args.only or n in args.only]
+    with state.split_between_processes(names) as mine:
+        for name in mine:
+            print(f"[eval] {name} (process {state.process_index + 1}/{state.num_processes}) ...", flush=True)
+            r = eval_model(name, ZOO_MODELS[name], args.threads)
+            print(f"[eval] {name}: {json.dumps({k: v for k, v in r.items() if k not in ('name',)})}", flush=True)
+    state.wait_for_everyone()
+    missing = [n for n in names if not (CACHE / f"eval_{n}.json").exists()]
+    if state.is_main_process:
+        print(f"[eval] {len(names) - len(missing)} of {len(names)} models evaluated"
+              + (f"; missing: {', '.join(missing)}" if missing else ""), flush=True)
 
 
 def cmd_asr(args) -> None:
@@ -386,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-clean", type=int, default=128, help="clean samples per model (default: 128)")
     p.add_argument("--skip-ode-ddpm", action="store_true", help="evaluate the ODE model with DDIM-50 only")
     args = p.parse_args(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.what != "eval":
+        p.error("only 'eval' is split between processes; run the other steps in one process")
     CAL_PRESETS[:] = args.presets
     EVAL.update({"n_triggered": args.n_triggered, "n_clean": args.n_clean, "skip_ode_ddpm": args.skip_ode_ddpm})
     torch.set_num_threads(max(1, args.threads))
