@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import importlib
 import inspect
+import json
 import os
 import pkgutil
 import subprocess
@@ -358,12 +359,30 @@ def run_tests(tests: tuple[str, ...], mutation: str | None, timeout: float) -> d
     return out
 
 
+def markdown(record: dict) -> str:
+    """The table of docs/benchmarks.md from a result JSON."""
+    lines = ["| mechanism switched off | how | killed by | result |", "|---|---|---|---|"]
+    for r in record["rows"]:
+        how = ", ".join(f"`{t.split(':')[1]}`" for t in r["targets"])
+        tests = sorted({f.split("::")[-1].split("[")[0] for f in r["failed_tests"]})
+        lines.append(f"| {r['mechanism']} | {how} | {', '.join(f'`{t}`' for t in tests) or '-'} | "
+                     f"{'killed' if r['killed'] else '**survived**'} |")
+    n, s = len(record["rows"]), len(record.get("surviving", []))
+    lines.append("")
+    lines.append(f"{n - s} of {n} mutations killed ({record.get('seconds', 0) / 60:.0f} min on this machine).")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", action="append", help="run only this mutation (repeatable)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per pytest run (default 900)")
     ap.add_argument("--out", type=Path, default=RESULTS / "mutations.json", help="result JSON")
+    ap.add_argument("--markdown", action="store_true", help="print the table of the last run (--out) and stop")
     args = ap.parse_args(argv)
+    if args.markdown:
+        print(markdown(json.loads(args.out.read_text())))
+        return 0
     sys.path.insert(0, str(ROOT / "src"))
     from diffshield.core.io import atomic_write_json
 
@@ -372,8 +391,16 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     print(f"baseline: {len(tests)} tests without mutation ...", flush=True)
     base = run_tests(tests, None, args.timeout)
-    broken = [t for t in tests if base["outcomes"].get(t) != "passed"]
+    def outcomes_of(t: str) -> list[str]:  # a parametrized test's id covers every parameter
+        return [v for k, v in base["outcomes"].items() if k == t or k.startswith(t + "[")]
+
+    broken = [t for t in tests if not outcomes_of(t) or any(v != "passed" for v in outcomes_of(t))]
     record = {"baseline": {"rc": base["rc"], "seconds": base["seconds"], "not_passing": broken}, "rows": []}
+    if args.only and args.out.exists():  # a partial rerun keeps the other rows of the last run
+        old = json.loads(args.out.read_text())
+        record["rows"] = [r for r in old.get("rows", []) if r["mutation"] not in args.only]
+        kept = set(old.get("baseline", {}).get("not_passing", [])) - set(tests)
+        record["baseline"]["not_passing"] = sorted(set(broken) | kept)
     for m in rows:
         res = run_tests(m.tests, m.name, args.timeout)
         failed = sorted(k for k, v in res["outcomes"].items() if v == "failed")
@@ -388,7 +415,10 @@ def main(argv: list[str] | None = None) -> int:
         record["surviving"] = [r["mutation"] for r in record["rows"] if not r["killed"]]
         record["seconds"] = round(time.time() - start, 1)
         atomic_write_json(args.out, record)
-    print(f"\n{len(rows) - len(record['surviving'])} of {len(rows)} mutations killed; surviving: "
+    record["rows"].sort(key=lambda r: [m.name for m in MUTATIONS].index(r["mutation"]))
+    atomic_write_json(args.out, record)
+    n = len(record["rows"])
+    print(f"\n{n - len(record['surviving'])} of {n} mutations killed; surviving: "
           f"{', '.join(record['surviving']) or 'none'}; baseline not passing: {', '.join(broken) or 'none'}")
     print(f"wrote {args.out}")
     return 0 if not record["surviving"] and not broken else 1
