@@ -341,14 +341,20 @@ def combine(files: list[Path], out: Path) -> int:
         keys = {(r["method"], r["concept"], r.get("budget")) for r in d["rows"]}
         res["rows"] = [r for r in res["rows"] if (r["method"], r["concept"], r.get("budget")) not in keys] + d["rows"]
         res["lamb_r_sweep"] = [r for r in res["lamb_r_sweep"] if (r["method"], r["concept"], "toy") not in keys]
-        res["lamb_r_sweep"] += d["lamb_r_sweep"]
+        res["lamb_r_sweep"] += d.get("lamb_r_sweep", [])
         for c, srow in d["sanity"].items():
             res["sanity"][f"{c}:{srow.get('budget', 'toy')}" if ":" not in c else c] = srow
-        for c, acc in d["other_accuracy"].items():
+        for c, acc in d.get("other_accuracy", {}).items():
             res["other_accuracy"].setdefault(c, {}).update(acc)
         res["runs"].append({"file": f.name, "setup": d["setup"], "minutes": d.get("total_minutes_this_run")})
     order = {c: i for i, c in enumerate(CONCEPTS)}
-    res["rows"].sort(key=lambda r: (order.get(r["concept"], 9), METHODS.index(r["method"])))
+    res["rows"].sort(key=lambda r: (order.get(r["concept"], 9), METHODS.index(r["method"]), r.get("budget", "")))
+    seen = {a for f in files for a in json.loads(f.read_text())["setup"]["attacks"]}
+    res["setup"]["attacks"] = [a for a in AUDIT_ATTACKS if a in seen] + sorted(seen - set(AUDIT_ATTACKS))
+    if out.exists():  # the λ_r sweep (--adv-sweep) is measured separately: keep it
+        old = json.loads(out.read_text())
+        if "adv_embed_sweep" in old and "adv_embed_sweep" not in res:
+            res["adv_embed_sweep"] = old["adv_embed_sweep"]
     atomic_write_json(out, res)
     print(table(res))
     return 0
