@@ -533,8 +533,8 @@ def write_report(audit: Audit, folder: str | Path, upscale: int = 2, nrow: int =
                            + _grid_table(prompts, seeds, fb, tile, br.success.tolist(), None,
                                          br.attack_prompts if br.attack_prompts else None) + "</details>")
             sections.append("".join(sec))
-        info = " &middot; ".join(f"{html.escape(k)}: {html.escape(str(d[k]))}" for k in
-                                 ("model", "original", "detector", "judge", "device", "dtype", "threads") if k in d)
+        keys = ("model", "original", "detector", "judge", "budget", "device", "dtype", "threads")
+        info = " &middot; ".join(f"{html.escape(k)}: {html.escape(str(d[k]))}" for k in keys if k in d)
         css = ("body{font-family:sans-serif;margin:16px;max-width:1400px} .verdict{font-size:1.3em;padding:10px;"
                "border:3px solid #222;background:#fff6d8} table{border-collapse:collapse} td,th{border:1px solid "
                "#ccc;padding:3px;font-size:12px;vertical-align:top} .grid td{text-align:center;width:" + str(tile + 8)
