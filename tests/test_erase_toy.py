@@ -85,7 +85,7 @@ def test_unknown_method_is_a_clear_error():
         toy_erasure("esd-z", "triangle")
 
 
-def _rates(model, detector, concept: str, k: int = 2) -> tuple[float, float]:
+def _rates(model, detector, concept: str, k: int = 4) -> tuple[float, float]:
     c = resolve_concept(concept)
     asked = [(q, c.index) for w in c.words for q, _ in concept_prompts(c, w)]
     others = [(q, o.index) for o in other_concepts(c) for q, _ in concept_prompts(o)]
