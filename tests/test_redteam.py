@@ -365,3 +365,24 @@ def test_demo_step(tmp_path):
     json.dumps(summary)
     assert summary["attacks"]["adv-embed"]["asr"] > summary["pre_attack_rate"]
     assert (tmp_path / "audit" / "index.html").exists()
+
+
+def test_audit_cli_user_judge(tiny_sd_dir, tmp_path, capsys):
+    """--judge FILE.py:FUNCTION judges a concept outside the toy world; without --prompt it is refused in one line."""
+    from diffshield.cli.main import main
+
+    f = tmp_path / "judge.py"
+    f.write_text("import torch\ndef never(images):\n    return torch.zeros(len(images), dtype=torch.bool)\n")
+    model = ["--model", str(tiny_sd_dir), "--original", str(tiny_sd_dir)]
+    threads = torch.get_num_threads()
+    try:
+        assert main(["audit", *model, "--concept", "church", "--judge", f"{f}:never", "--n", "2"]) == 2
+        assert "--prompt" in capsys.readouterr().err
+        rc = main(["audit", *model, "--concept", "church", "--judge", f"{f}:never", "--prompt", "a church",
+                   "--attack", "adv-embed", "--n", "2", "--steps", "2", "--json", str(tmp_path / "a.json")])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    res = json.loads((tmp_path / "a.json").read_text())
+    assert res["judge"].startswith("user classifier")
+    assert res["verdict"].startswith("NO VERDICT")  # the judge never fires, not even on the original
