@@ -84,14 +84,18 @@ def _no_attack(_orig):  # an attack that generates from the plain prompts
     return forward
 
 
-def _zero_steps(orig):  # an optimisation attack with zero steps
+def _frozen_optimiser(orig):  # the attack's search with every optimiser step a no-op
     def forward(self, prompts, seeds):
-        saved = self.config
-        self.config = dataclasses.replace(saved, steps=0)
+        import torch
+
+        saved = {cls: cls.step for cls in (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)}
         try:
+            for cls in saved:
+                cls.step = lambda _self, closure=None: None
             return orig(self, prompts, seeds)
         finally:
-            self.config = saved
+            for cls, step in saved.items():
+                cls.step = step
     return forward
 
 
@@ -222,11 +226,19 @@ MUTATIONS: list[Mutation] = [
     Mutation("ring-a-bell-genetic", "Ring-A-Bell's genetic prompt search",
              ("diffshield.redteam.ring_a_bell:RingABell._genetic",), _random_genetic,
              (T + "test_behaviour.py::test_genetic_search_beats_random_prompts",)),
+    Mutation("unlearndiff", "UnlearnDiff's token search (every optimiser step a no-op)",
+             ("diffshield.redteam.unlearndiff:UnlearnDiff.forward",), _frozen_optimiser,
+             (T + "test_redteam.py::test_text_attacks_replay_through_generate",
+              T + "test_redteam.py::test_unlearndiff_counts_judge_calls_and_stops_early")),
+    Mutation("p4d", "P4D's PEZ search (every optimiser step a no-op)",
+             ("diffshield.redteam.p4d:P4D.forward",), _frozen_optimiser,
+             (T + "test_redteam.py::test_text_attacks_replay_through_generate",
+              T + "test_redteam.py::test_p4d_best_of_and_layouts")),
     Mutation("unlearndiff-soft", "UnlearnDiff's optimisation (continuous prefix)",
-             ("diffshield.redteam.unlearndiff_soft:UnlearnDiffSoft.forward",), _zero_steps,
+             ("diffshield.redteam.unlearndiff_soft:UnlearnDiffSoft.forward",), _frozen_optimiser,
              (T + "test_redteam.py::test_attack_raises_detection_against_uce[unlearndiff-soft]",)),
     Mutation("p4d-soft", "P4D's optimisation (continuous prompt)",
-             ("diffshield.redteam.p4d_soft:P4DSoft.forward",), _zero_steps,
+             ("diffshield.redteam.p4d_soft:P4DSoft.forward",), _frozen_optimiser,
              (T + "test_redteam.py::test_attack_raises_detection_against_uce[p4d-soft]",)),
     Mutation("audit-asr", "the attack success rate the audit reports",
              ("diffshield.redteam.base:AttackResult.asr",), _asr_zero,
