@@ -386,3 +386,22 @@ def test_audit_cli_user_judge(tiny_sd_dir, tmp_path, capsys):
     res = json.loads((tmp_path / "a.json").read_text())
     assert res["judge"].startswith("user classifier")
     assert res["verdict"].startswith("NO VERDICT")  # the judge never fires, not even on the original
+
+
+def test_text_searches_move_away_from_their_start(tiny_model):
+    """The searches do something: UnlearnDiffAtk's simplex leaves its uniform start (whose argmax is the first
+    candidate word k times), and P4D's words at its last evaluation differ from its initial words."""
+    never = lambda images: torch.zeros(len(images), dtype=torch.bool)  # noqa: E731
+    kw = {"original": tiny_model, "concept": "triangle", "judge": never, "sample": SampleConfig(steps=2)}
+    prompts, seeds = ["a red triangle", "a blue triangle"], [0, 1]
+    start = ATTACKS.get("unlearndiff")(tiny_model, rounds=1, iterations=0, **kw)(prompts, seeds).attack_prompts
+    moved = ATTACKS.get("unlearndiff")(tiny_model, rounds=1, iterations=4, lr=0.1, **kw)(prompts, seeds)
+    assert start[0].startswith("an an an") and moved.attack_prompts != start
+
+    def latest_wins():
+        score = iter(range(100))
+        return lambda images, targets: torch.full((len(images),), float(next(score)))
+
+    p0 = ATTACKS.get("p4d")(tiny_model, steps=0, similarity=latest_wins(), **kw)(prompts, seeds)
+    p4 = ATTACKS.get("p4d")(tiny_model, steps=6, eval_every=5, similarity=latest_wins(), **kw)(prompts, seeds)
+    assert p4.extra["best_step"] == [5, 5] and p4.attack_prompts != p0.attack_prompts
