@@ -78,3 +78,22 @@ def pytest_configure(config):
         sys.modules[spec.name] = mod  # dataclasses look their module up there
         spec.loader.exec_module(mod)
         mod.apply(name)
+
+
+@pytest.fixture()
+def sensitive_inpainter():
+    """(inpainter, green): a hand-built inpainter that paints green when the context carries a faint +-1 pattern (a
+    high-gain, LaMa-like reaction to faint cues) and grey otherwise; Attack as Defense can drive it to its target."""
+    from diffshield.protect.inpainters import FnInpainter
+
+    torch.manual_seed(0)
+    pattern = torch.randn(1, 3, 32, 32).sign()
+    green = torch.tensor([0.0, 1.0, 0.0]).view(1, 3, 1, 1)
+
+    def fn(x, m):
+        ctx = (x - 0.6) * (1 - m)
+        score = (ctx * pattern).sum(dim=(1, 2, 3), keepdim=True) / (3 * (1 - m).sum(dim=(1, 2, 3), keepdim=True))
+        a = torch.sigmoid(1000 * score - 5)
+        return (1 - a) * 0.6 + a * green
+
+    return FnInpainter(fn), green

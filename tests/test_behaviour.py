@@ -185,24 +185,13 @@ def test_colour_erasure_lowers_the_erased_rate_and_keeps_the_other_colours():
 # --- protect ----------------------------------------------------------------------------------------------------
 
 
-def test_evaluate_protection_reports_success_only_for_the_protected_image():
+def test_evaluate_protection_reports_success_only_for_the_protected_image(sensitive_inpainter):
     """Against an inpainter that paints green when the context carries a faint pattern, the protected images reach
     success 1 in evaluate_protection's own count and the unprotected ones 0."""
     from diffshield.protect.attack_as_defense import AttackAsDefenseConfig, protect
-    from diffshield.protect.inpainters import FnInpainter
     from diffshield.protect.metrics import evaluate_protection
 
-    torch.manual_seed(0)
-    pattern = torch.randn(1, 3, 32, 32).sign()
-    green = torch.tensor([0.0, 1.0, 0.0]).view(1, 3, 1, 1)
-
-    def fn(x, m):
-        ctx = (x - 0.6) * (1 - m)
-        score = (ctx * pattern).sum(dim=(1, 2, 3), keepdim=True) / (3 * (1 - m).sum(dim=(1, 2, 3), keepdim=True))
-        a = torch.sigmoid(1000 * score - 5)
-        return (1 - a) * 0.6 + a * green
-
-    f = FnInpainter(fn)
+    f, _green = sensitive_inpainter
     x = (0.6 + 0.02 * torch.rand(2, 1, 32, 32)).expand(2, 3, 32, 32).contiguous()
     m = torch.zeros(2, 1, 32, 32)
     m[..., 10:20, 10:20] = 1

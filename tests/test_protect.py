@@ -233,21 +233,11 @@ def test_toy_inpainter_loss_falls_over_20_steps():
     assert res.delta.abs().max() <= 0.025 + 1e-6
 
 
-def test_protect_succeeds_against_a_sensitive_inpainter():
+def test_protect_succeeds_against_a_sensitive_inpainter(sensitive_inpainter):
     """Sanity check of the optimiser: an inpainter that paints green when the context carries a faint +-1 pattern
     (a high-gain, LaMa-like reaction to faint cues) and grey otherwise is driven to the target by the paper's 20
     steps."""
-    torch.manual_seed(0)
-    pattern = torch.randn(1, 3, 32, 32).sign()
-    green = torch.tensor([0.0, 1.0, 0.0]).view(1, 3, 1, 1)
-
-    def fn(x, m):
-        ctx = (x - 0.6) * (1 - m)
-        score = (ctx * pattern).sum(dim=(1, 2, 3), keepdim=True) / (3 * (1 - m).sum(dim=(1, 2, 3), keepdim=True))
-        a = torch.sigmoid(1000 * score - 5)
-        return (1 - a) * 0.6 + a * green
-
-    f = FnInpainter(fn)
+    f, green = sensitive_inpainter
     x = (0.6 + 0.02 * torch.rand(2, 1, 32, 32)).expand(2, 3, 32, 32).contiguous()  # grey: target green
     m = _mask(2, 32, 32)
     clean = success(f(x, m), green.expand_as(x), m)
