@@ -228,11 +228,11 @@ MUTATIONS: list[Mutation] = [
              (T + "test_behaviour.py::test_genetic_search_beats_random_prompts",)),
     Mutation("unlearndiff", "UnlearnDiff's token search (every optimiser step a no-op)",
              ("diffshield.redteam.unlearndiff:UnlearnDiff.forward",), _frozen_optimiser,
-             (T + "test_redteam.py::test_text_attacks_replay_through_generate",
+             (T + "test_redteam.py::test_text_searches_move_away_from_their_start",
               T + "test_redteam.py::test_unlearndiff_counts_judge_calls_and_stops_early")),
     Mutation("p4d", "P4D's PEZ search (every optimiser step a no-op)",
              ("diffshield.redteam.p4d:P4D.forward",), _frozen_optimiser,
-             (T + "test_redteam.py::test_text_attacks_replay_through_generate",
+             (T + "test_redteam.py::test_text_searches_move_away_from_their_start",
               T + "test_redteam.py::test_p4d_best_of_and_layouts")),
     Mutation("unlearndiff-soft", "UnlearnDiff's optimisation (continuous prefix)",
              ("diffshield.redteam.unlearndiff_soft:UnlearnDiffSoft.forward",), _frozen_optimiser,
@@ -381,7 +381,9 @@ def markdown(record: dict) -> str:
                      f"{'killed' if r['killed'] else '**survived**'} |")
     n, s = len(record["rows"]), len(record.get("surviving", []))
     lines.append("")
-    lines.append(f"{n - s} of {n} mutations killed ({record.get('seconds', 0) / 60:.0f} min on this machine).")
+    total = sum(r.get("seconds") or 0 for r in record["rows"])
+    lines.append(f"{n - s} of {n} mutations killed ({total / 60:.0f} min of test runs on this machine, baseline "
+                 "excluded).")
     return "\n".join(lines)
 
 
