@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from diffshield.core.device import module_device
+from diffshield.core.device import module_device, module_dtype
 from diffshield.core.errors import DiffshieldError
 from diffshield.core.loading import T2IModel
 from diffshield.core.seeding import randn_per_seed
@@ -148,9 +148,17 @@ def denoise(
 
 def decode(model: T2IModel, latents: torch.Tensor) -> torch.Tensor:
     """Latents -> images (N, 3, H, W) in [0, 1] (differentiable)."""
-    vae_dtype = next(model.vae.parameters()).dtype
-    x = model.vae.decode(latents.to(vae_dtype) / model.vae.config.scaling_factor).sample
+    x = model.vae.decode(latents.to(module_dtype(model.vae)) / model.vae.config.scaling_factor).sample
     return ((x + 1) / 2).clamp(0, 1)
+
+
+def encode(model: T2IModel, images: torch.Tensor) -> torch.Tensor:
+    """Images (N, 3, H, W) in [0, 1] on any device -> scaled VAE latents (posterior means) in the UNet's dtype on the
+    model's device, without gradients; the inverse of :func:`decode`."""
+    vae = model.vae
+    with torch.no_grad():
+        x = (images * 2 - 1).to(model.device, module_dtype(vae))
+        return vae.encode(x).latent_dist.mean.to(model.dtype) * vae.config.scaling_factor
 
 
 def initial_latents(model: T2IModel, seeds: list[int]) -> torch.Tensor:

@@ -22,7 +22,7 @@ import torch
 
 from diffshield.core.errors import DiffshieldError
 from diffshield.core.loading import T2IModel
-from diffshield.core.sampling import SampleConfig, tokenize
+from diffshield.core.sampling import SampleConfig, encode, tokenize
 
 Judge = Callable[[torch.Tensor], torch.Tensor]
 
@@ -349,11 +349,7 @@ def concept_latents(original: T2IModel, prompts: list[str], per_prompt: int, see
     rep = [p for p in prompts for _ in range(per_prompt)]
     seeds = [seed + j for _ in prompts for j in range(per_prompt)]
     images = generate(original, rep, seeds, config=sample, progress=False).images
-    vae = original.vae
-    with torch.no_grad():
-        x = (images * 2 - 1).to(original.device, next(vae.parameters()).dtype)
-        latents = vae.encode(x).latent_dist.mean.to(original.dtype) * vae.config.scaling_factor
-    return images, latents
+    return images, encode(original, images)
 
 
 def init_soft_tokens(model: T2IModel, n: int, k: int, candidates: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from diffshield.core.device import autocast
-from diffshield.core.sampling import encode_prompts, generate
+from diffshield.core.sampling import encode, encode_prompts, generate
 from diffshield.redteam import ATTACKS
 from diffshield.redteam.base import (
     Attack,
@@ -152,11 +152,8 @@ class P4D(Attack):
         layout = "every-3" if cfg.keep_prompt else "none"
         words = [prompt_tokens(model, p) if cfg.keep_prompt else [] for p in prompts]
         references = self.original_images(prompts, seeds)
-        vae = original.vae
-        with torch.no_grad():
-            x = (references * 2 - 1).to(original.device, next(vae.parameters()).dtype)
-            x0 = vae.encode(x).latent_dist.mean.to(original.dtype) * vae.config.scaling_factor
-            target_cond = encode_prompts(original, prompts)
+        x0 = encode(original, references)
+        target_cond = encode_prompts(original, prompts)
         model.unet.requires_grad_(False)
         model.text_encoder.requires_grad_(False)
         groups: dict[tuple, list[int]] = {}

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from diffshield.core.device import autocast
-from diffshield.core.sampling import generate
+from diffshield.core.sampling import encode, generate
 from diffshield.redteam import ATTACKS
 from diffshield.redteam.base import (
     Attack,
@@ -168,10 +168,7 @@ class UnlearnDiff(Attack):
         todo = [i for i in range(n) if not pre[i]]
 
         references = self.original_images(prompts, seeds)
-        vae = model.vae
-        with torch.no_grad():
-            x = (references * 2 - 1).to(model.device, next(vae.parameters()).dtype)
-            x0 = vae.encode(x).latent_dist.mean.to(model.dtype) * vae.config.scaling_factor
+        x0 = encode(model, references)
 
         words = [prompt_tokens(model, p) for p in prompts]
         probs = torch.full((n, cfg.k, len(candidates)), 1.0 / len(candidates))
