@@ -9,7 +9,8 @@ warm-up with ``torch.cuda.synchronize()`` around the timer, peak memory from ``t
 
 1. ``generate``: diffshield :func:`~diffshield.core.sampling.generate` vs stock ``StableDiffusionPipeline.__call__``
    on the same model objects: DDIM 25 steps, guidance 7.5, float16, batch 8 and 32, 512 px, the same per-seed CPU
-   generators (so the two must draw the same images: their difference is reported), images returned to the CPU by
+   generators (so the two must draw the same images: their difference is reported, next to the difference between
+   two calls of stock diffusers, the control for kernel non-determinism), images returned to the CPU by
    both; diffshield's prompt cache is cleared before each call, so both encode the prompt every time.
    ``sharded``: the same generation through the sharded, resumable path of ``--prompts FILE`` in one process
    (:func:`diffshield.core.shards.run_shard`: PNGs, SHA-256 and a JSONL line per image written as each batch is
@@ -150,6 +151,11 @@ def build_t2i(device: torch.device, tiny: bool, tmp: Path):
     return T2IModel(unet, vae, text_encoder, tok, sched, source="SD-1.4-shaped, random weights").eval()
 
 
+def _finite_abs_diff(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    d = (a - b).abs()
+    return d[torch.isfinite(d)]
+
+
 def n_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -196,25 +202,29 @@ def section_generate(device: torch.device, tiny: bool, tmp: Path) -> dict:
             for name, fn in (("diffshield", ours), ("stock", stock)):
                 reset_peak(device)
                 dt, images[name] = timed(fn, device)
+                images.setdefault(f"{name}_first", images[name])
                 times[name].append(dt)
                 p = peak_gib(device)
                 peaks[name] = max(peaks.get(name, 0.0), p or 0.0)
         med = {k: statistics.median(v) for k, v in times.items()}
-        diff = (images["diffshield"] - images["stock"]).abs()
-        diff = diff[torch.isfinite(diff)]
+        diff = _finite_abs_diff(images["diffshield"], images["stock"])
+        control = _finite_abs_diff(images["stock_first"], images["stock"])  # stock against itself
         row = {"batch": batch, "repeats": repeats,
                "diffshield_images_per_s": batch / med["diffshield"], "stock_images_per_s": batch / med["stock"],
                "ratio": med["stock"] / med["diffshield"], "runs_s": times,
                "diffshield_peak_gib": peaks.get("diffshield") if device.type == "cuda" else None,
                "stock_peak_gib": peaks.get("stock") if device.type == "cuda" else None,
                "image_max_abs_diff": float(diff.max()) if diff.numel() else None,
-               "image_mean_abs_diff": float(diff.mean()) if diff.numel() else None}
+               "image_mean_abs_diff": float(diff.mean()) if diff.numel() else None,
+               "stock_repeat_max_abs_diff": float(control.max()) if control.numel() else None,
+               "stock_repeat_mean_abs_diff": float(control.mean()) if control.numel() else None}
         if row["stock_peak_gib"]:
             row["peak_ratio"] = row["diffshield_peak_gib"] / row["stock_peak_gib"]
         out["rows"].append(row)
         print(f"  generate batch {batch}: diffshield {row['diffshield_images_per_s']:.2f} img/s, stock "
               f"{row['stock_images_per_s']:.2f} img/s (ratio {row['ratio']:.3f}); peak {row['diffshield_peak_gib']} / "
-              f"{row['stock_peak_gib']} GiB; images differ by at most {row['image_max_abs_diff']}", flush=True)
+              f"{row['stock_peak_gib']} GiB; images differ by at most {row['image_max_abs_diff']} (stock against "
+              f"itself: {row['stock_repeat_max_abs_diff']})", flush=True)
         del images
     return out
 
@@ -510,6 +520,8 @@ def compare(gpu: dict, cpu: dict) -> dict:
     """Per CLI command, the figures of both runs and their absolute differences."""
     out = {}
     for name, row in (gpu.get("sections", {}).get("cli", {}) or {}).items():
+        if not isinstance(row, dict):  # section_seconds
+            continue
         ref = (cpu.get("sections", {}).get("cli", {}) or {}).get(name, {})
         a, b = row.get("figures") or {}, ref.get("figures") or {}
         out[name] = {k: {"device": a[k], "cpu": b.get(k),
