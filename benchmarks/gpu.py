@@ -323,22 +323,28 @@ def section_esd(device: torch.device, tiny: bool, tmp: Path, model=None) -> dict
     sched.set_timesteps(50)
     step_of = {int(t): k for k, t in enumerate(sched.timesteps)}
     rows = []
-    plan = [("esd-x", "x", "auto", False, 4 if tiny else 13), ("esd-x", "x", "no", False, 3 if tiny else 5),
-            ("esd-x", "x", "auto", True, 3 if tiny else 4), ("esd-u", "u", "auto", False, 3 if tiny else 8)]
-    for label, variant, mp, ckpt, iters in plan:
+    # (label, variant, mixed precision, gradient checkpointing, CUDA graphs for sampling x_t, iterations)
+    plan = [("esd-x", "x", "auto", False, True, 4 if tiny else 13),
+            ("esd-x", "x", "auto", False, False, 3 if tiny else 5),
+            ("esd-x", "x", "no", False, True, 3 if tiny else 5),
+            ("esd-x", "x", "auto", True, True, 3 if tiny else 4),
+            ("esd-u", "u", "auto", False, True, 3 if tiny else 8)]
+    for label, variant, mp, ckpt, graphs, iters in plan:
         reset_peak(device)
         cfg = ESDConfig(variant=variant, iterations=iters, mixed_precision=mp, gradient_checkpointing=ckpt,
-                        ddim_steps=50, seed=1)
+                        cuda_graphs=graphs, ddim_steps=50, seed=1)
         res = esd_erase(model, [NUDE], cfg, progress=False)
         secs = res.extra["iteration_seconds"][1:]  # the first iteration warms up kernels
         ks = [step_of[int(t)] for t in res.extra["timesteps"][1:]]
         fit = _fit(ks, secs, 24.5)
-        row = {"method": label, "mixed_precision": mp, "gradient_checkpointing": ckpt, "iterations_timed": len(secs),
+        row = {"method": label, "mixed_precision": mp, "gradient_checkpointing": ckpt, "cuda_graphs": graphs,
+               "cuda_graphs_used": res.extra.get("cuda_graphs"), "iterations_timed": len(secs),
                "k": ks, "iteration_seconds": secs, **fit,
                "expected_1000_iterations_s": 1000 * fit["expected_s_per_iteration"], "peak_gib": peak_gib(device),
                "trained_parameters": res.extra["trained_parameters"]}
         rows.append(row)
-        print(f"  {label} ({mp}{', checkpointing' if ckpt else ''}): {fit['expected_s_per_iteration']:.3f} s/iter "
+        print(f"  {label} ({mp}{', checkpointing' if ckpt else ''}{', graphs' if graphs else ''}): "
+              f"{fit['expected_s_per_iteration']:.3f} s/iter "
               f"at mean k, 1000 iterations ~ {row['expected_1000_iterations_s'] / 60:.1f} min, peak "
               f"{row['peak_gib']} GiB", flush=True)
     return {"rows": rows, "concept": NUDE, "ddim_steps": 50, "image_size": model.image_size}

@@ -543,3 +543,14 @@ def test_target_base_concept_is_esd_sd_py_form_and_its_eta_2_is_the_papers_eta_1
         ESDConfig(target_base="guide")
     assert "target_base" not in run_identity(model, [CONCEPT], ESDConfig())
     assert run_identity(model, [CONCEPT], ESDConfig(target_base="concept"))["target_base"] == "concept"
+
+
+def test_cuda_graphs_setting_is_checked_and_does_not_change_the_run(tiny_sd_dir):
+    """``cuda_graphs`` is an execution detail: a checkpoint resumes across it, and on the CPU it changes nothing."""
+    with pytest.raises(DiffshieldError, match="cuda_graphs"):
+        ESDConfig(cuda_graphs="yes")
+    model = load_t2i(tiny_sd_dir)
+    assert run_identity(model, [CONCEPT], ESDConfig(**FAST)) == run_identity(
+        model, [CONCEPT], ESDConfig(cuda_graphs=False, **FAST))
+    res = esd_erase(load_t2i(tiny_sd_dir), [CONCEPT], ESDConfig(iterations=2, ddim_steps=4), progress=False)
+    assert res.extra["cuda_graphs"] is None  # no CUDA here: eager sampling

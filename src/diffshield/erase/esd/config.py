@@ -23,7 +23,7 @@ TIME_AND_OUT_PREFIXES = ("time_embedding.", "conv_norm_out.", "conv_out.")
 CHECKPOINT_FILE = "esd_checkpoint.safetensors"
 CHECKPOINT_FORMAT = "diffshield-esd-checkpoint/1"
 #: config fields that may change between an interrupted run and its resumption
-RESUMABLE_FIELDS = ("iterations", "checkpoint_every", "checkpoint_dir", "gradient_checkpointing")
+RESUMABLE_FIELDS = ("iterations", "checkpoint_every", "checkpoint_dir", "gradient_checkpointing", "cuda_graphs")
 #: mixed-precision settings (ESDConfig.mixed_precision)
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 #: where the preservation anchor holds predictions (see ESDConfig.preserve_at)
@@ -113,6 +113,11 @@ class ESDConfig:
             rounded once per iteration instead of once per forward pass).
         gradient_checkpointing: recompute the trained UNet's activations in the backward pass instead of storing
             them (default False): less GPU memory at 512 px and above, about a third more time per step.
+        cuda_graphs: on a CUDA device, sample x_t by replaying CUDA graphs of the sampling UNet's call instead of
+            launching its kernels one by one (default True; :mod:`diffshield.core.graphs`): the k DDIM steps of a
+            batch-2 UNet are bound by per-call overhead, not arithmetic, on a large GPU. Each graph's first replay is
+            checked against an eager call, and any failure falls back to eager calls with a warning. No effect on
+            the CPU or on the result.
     """
 
     variant: str = "x"
@@ -138,6 +143,7 @@ class ESDConfig:
     checkpoint_dir: str | None = None
     mixed_precision: str = "auto"
     gradient_checkpointing: bool = False
+    cuda_graphs: bool = True
 
     #: the variant a registered preset class fixes (None: free)
     preset: ClassVar[str | None] = None
@@ -222,6 +228,8 @@ class ESDConfig:
                                   f"{self.mixed_precision!r}")
         if not isinstance(self.gradient_checkpointing, bool):
             raise DiffshieldError(f"gradient_checkpointing must be True or False, got {self.gradient_checkpointing!r}")
+        if not isinstance(self.cuda_graphs, bool):
+            raise DiffshieldError(f"cuda_graphs must be True or False, got {self.cuda_graphs!r}")
         self.eta, self.lr, self.start_guidance = float(self.eta), float(self.lr), float(self.start_guidance)
         self.iterations, self.ddim_steps = int(self.iterations), int(self.ddim_steps)
         self.batch_size = int(self.batch_size)

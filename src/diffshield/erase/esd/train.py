@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from diffshield.core.device import autocast, autocast_dtype
 from diffshield.core.errors import DiffshieldError
+from diffshield.core.graphs import GraphedUNet, graphed
 from diffshield.core.loading import T2IModel
 from diffshield.core.sampling import encode_prompts, make_scheduler
 from diffshield.erase.base import EraseResult, fraction_of_unet
@@ -68,7 +69,8 @@ def esd_erase(model: T2IModel, concepts: list[str], config: ESDConfig, progress:
         "seconds_per_iteration": mean over this call's iterations (None if none ran), "iteration_seconds": each of
         this call's iterations (sampling x_t included: it grows with the drawn step k), "resumed_from": iteration
         the run started at, "trained_parameters": number of fine-tuned parameter elements, "preserve_losses": the
-        anchor term per iteration of this call (empty without ``preserve``)}.
+        anchor term per iteration of this call (empty without ``preserve``), "cuda_graphs": on CUDA with
+        ``config.cuda_graphs``, {"replays": graph replays, "failed": why graphs were given up or None}, else None}.
     """
     if isinstance(concepts, str):
         concepts = [concepts]
@@ -112,6 +114,8 @@ def esd_erase(model: T2IModel, concepts: list[str], config: ESDConfig, progress:
         low_unet = copy.deepcopy(frozen).eval()  # θ* in the autocast dtype; trained values copied in per iteration
         low = [(p, low_unet.get_parameter(n)) for n, p in params.items()]
         sampler = dataclasses.replace(model, unet=low_unet)
+    if config.cuda_graphs and model.device.type == "cuda":  # sampling x_t is overhead-bound on a GPU
+        sampler = dataclasses.replace(sampler, unet=graphed(sampler.unet))
     sched = make_scheduler(model, "ddim")
     sched.set_timesteps(config.ddim_steps)
     timesteps = sched.timesteps
@@ -217,6 +221,8 @@ def esd_erase(model: T2IModel, concepts: list[str], config: ESDConfig, progress:
             "trained_parameters": sum(p.numel() for p in params.values()),
             "sampling_model": config.sample_with,
             "preserve_losses": keep_losses,
+            "cuda_graphs": ({"replays": sampler.unet.replays, "failed": sampler.unet.failed}
+                            if isinstance(sampler.unet, GraphedUNet) else None),
         },
     )
 
