@@ -219,3 +219,135 @@ def test_eval_nudity_over_a_prompt_file_and_a_new_threshold_at_the_merge(tmp_pat
     assert main([*args, "--merge-only", "--threshold", "0.01"]) == 0
     assert json.loads((out / "metrics.json").read_text())["threshold"] == 0.01
     assert "generated" not in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------------- the writer
+
+
+def _shard_setup(tmp_path: Path, name: str, n_prompts: int = 5):
+    import torch
+
+    from diffshield.core.loading import load_t2i
+    from diffshield.core.sampling import SampleConfig
+    from diffshield.core.shards import prepare_run_dir
+
+    torch.set_num_threads(1)
+    rows = [PromptRow(f"a {c} triangle") for c in ("red", "blue", "green", "yellow", "purple")[:n_prompts]]
+    jobs = plan_jobs(rows, 2, 0, 5.0)
+    folder = tmp_path / name
+    prepare_run_dir(folder, "generate", {"rows": n_prompts})
+    model = load_t2i("toy:t2i")
+    return folder, jobs, [r.prompt for r in rows], {"": model}, SampleConfig(steps=2, batch_size=3)
+
+
+def _toy_scorer():
+    from diffshield.eval.sharded import detector_scorer
+    from diffshield.toyworld.detector import load_detector
+
+    return detector_scorer(load_detector("toy:detector"))
+
+
+def _writer_alive() -> bool:
+    import threading
+
+    return any(t.name == "diffshield-writer" and t.is_alive() for t in threading.enumerate())
+
+
+def test_background_writer_writes_what_the_synchronous_path_writes(tmp_path):
+    from diffshield.core.shards import run_shard
+
+    sync, *rest = _shard_setup(tmp_path, "sync")
+    res_sync = run_shard(sync, *rest, scorer=_toy_scorer(), progress=False, write_queue=0)
+    bg, *rest = _shard_setup(tmp_path, "background")
+    res_bg = run_shard(bg, *rest, scorer=_toy_scorer(), progress=False, write_queue=2)
+    assert res_sync.generated == res_bg.generated == 10
+    names = sorted(p.name for p in (sync / "images").iterdir())
+    assert len(names) == 10 and names == sorted(p.name for p in (bg / "images").iterdir())
+    for n in names:  # identical PNG bytes
+        assert (sync / "images" / n).read_bytes() == (bg / "images" / n).read_bytes(), n
+    shard = "scores/shard-00000-of-00001.jsonl"
+    assert (sync / shard).read_text() == (bg / shard).read_text()  # the same lines, in the same order
+    lines = [json.loads(x) for x in (bg / shard).read_text().splitlines()]
+    assert len(lines) == 10 and all(rec["scores"]["detected"] for rec in lines)
+    assert not _writer_alive()
+
+
+def test_a_writer_error_surfaces_and_a_rerun_finishes_the_rest(tmp_path):
+    from diffshield.core.shards import run_shard
+
+    folder, jobs, prompts, models, cfg = _shard_setup(tmp_path, "run")
+    good, calls = _toy_scorer(), []
+
+    def failing(batch, paths, images):
+        calls.append(len(batch))
+        if len(calls) == 2:
+            raise OSError("disk full (test)")
+        return good(batch, paths, images)
+
+    with pytest.raises(OSError, match="disk full"):
+        run_shard(folder, jobs, prompts, models, cfg, scorer=failing, progress=False)
+    assert not _writer_alive()
+    states = job_states(folder, jobs, 32)
+    assert sum(s == "done" for s in states.values()) == 3  # the first batch only: no line without its scores
+    # the failed batch's PNGs were written before the scorer failed: they are scored, not generated again
+    res = run_shard(folder, jobs, prompts, models, cfg, scorer=good, progress=False)
+    assert res.skipped == 3 and res.scored == 3 and res.generated == 4
+    assert all(s == "done" for s in job_states(folder, jobs, 32).values())
+
+
+def test_an_interrupt_in_generation_keeps_the_written_batches(tmp_path, monkeypatch):
+    import diffshield.core.sampling as sampling
+    from diffshield.core.shards import run_shard
+
+    folder, jobs, prompts, models, cfg = _shard_setup(tmp_path, "run")
+    real, calls = sampling.generate, []
+
+    def interrupted(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(sampling, "generate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_shard(folder, jobs, prompts, models, cfg, scorer=_toy_scorer(), progress=False)
+    assert not _writer_alive()
+    states = job_states(folder, jobs, 32)
+    assert sum(s == "done" for s in states.values()) == 6  # both batches generated before the interrupt
+    monkeypatch.setattr(sampling, "generate", real)
+    res = run_shard(folder, jobs, prompts, models, cfg, scorer=_toy_scorer(), progress=False)
+    assert (res.skipped, res.scored, res.generated) == (6, 0, 4)
+    assert len((folder / "scores" / "shard-00000-of-00001.jsonl").read_text().splitlines()) == 10
+
+
+def test_batch_writer_bounded_queue_and_no_deadlock_after_a_failure():
+    import threading
+
+    from diffshield.core.shards import BatchWriter
+
+    started, release, seen = threading.Event(), threading.Event(), []
+
+    def write(i):
+        started.set()
+        release.wait(5)
+        seen.append(i)
+        if i == 1:
+            raise ValueError("write failed (test)")
+
+    w = BatchWriter(write, depth=2)
+    w.submit(0)
+    started.wait(5)
+    w.submit(1), w.submit(2)  # the queue is full now: a further submit waits for the writer
+    t = threading.Thread(target=lambda: w.submit(3))
+    t.start()
+    t.join(0.3)
+    assert t.is_alive()  # bounded: blocked while 2 items wait
+    release.set()
+    t.join(5)
+    assert not t.is_alive()
+    with pytest.raises(ValueError, match="write failed"):
+        for i in range(4, 100):  # the failure surfaces; nothing after it blocks
+            w.submit(i)
+    with pytest.raises(ValueError, match="write failed"):
+        w.close()
+    assert seen == [0, 1] and not _writer_alive()

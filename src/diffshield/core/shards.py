@@ -13,7 +13,9 @@ A *run folder* holds one job list, split between processes by prompt index:
 
 An image counts as done when its PNG exists, decodes to the expected size, and a score line carries its SHA-256. A
 rerun scans the folder, splits only the prompts with unfinished images between its processes, regenerates missing or
-corrupt images and scores images that lack a score line. A process killed mid-run loses only its batch in flight.
+corrupt images and scores images that lack a score line. Images are written by a background thread while the next
+batch is generated; a process killed mid-run loses only its batches in flight (the one being generated, the one
+being written and at most :data:`WRITE_QUEUE` waiting).
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ import hashlib
 import io
 import json
 import os
+import queue
 import re
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -279,10 +283,86 @@ class ShardResult:
     seconds: float
 
 
+#: decoded batches that may wait for the background writer while the next batch is generated (default of
+#: :func:`run_shard`'s ``write_queue``)
+WRITE_QUEUE = 2
+_STOP = object()
+
+
+class BatchWriter:
+    """Run ``write(*item)`` for every submitted item in order, in one background thread, while the caller goes on.
+
+    At most ``depth`` items wait (``submit`` blocks while the queue is full, so memory stays bounded); ``depth`` 0
+    writes in the caller's thread. The first exception ``write`` raises is re-raised in the caller's thread by the
+    next :meth:`submit` or by :meth:`close`; the items after it are dropped (in :func:`run_shard` an image without
+    its score line is redone by a rerun).
+    Use it as a context manager: leaving the block normally or by an exception (KeyboardInterrupt included) lets
+    the thread finish the items already submitted, then stops it; a writer error then surfaces unless another
+    exception is already on its way.
+    """
+
+    def __init__(self, write: Callable[..., None], depth: int = WRITE_QUEUE) -> None:
+        self._write = write
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        if depth > 0:
+            self._queue: queue.Queue = queue.Queue(maxsize=depth)
+            self._thread = threading.Thread(target=self._run, name="diffshield-writer", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            if self._error is None:  # after a failure keep emptying the queue, so that no submit blocks forever
+                try:
+                    self._write(*item)
+                except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+                    self._error = e
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def submit(self, *item) -> None:
+        """Write ``item`` (in the background when the writer has a thread); raises a previous write's error."""
+        if self._thread is None:
+            self._write(*item)
+            return
+        self._raise()
+        self._queue.put(item)
+
+    def close(self) -> None:
+        """Finish the submitted items, stop the thread and raise a write's error, if any."""
+        if self._thread is not None and self._thread.is_alive():
+            self._queue.put(_STOP)
+            self._thread.join()
+        self._raise()
+
+    def __enter__(self) -> BatchWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:  # an exception is on its way: finish what was submitted, but let that exception win
+            self.close()
+        except Exception:  # noqa: BLE001 - the exception already raised is the one to report
+            pass
+
+
 def run_shard(folder: str | Path, jobs: list[ImageJob], prompts: list[str], models: dict, config,
               scorer: Scorer | None = None, states: dict[ImageJob, str] | None = None, rank: int = 0,
-              world: int = 1, progress: bool = True) -> ShardResult:
+              world: int = 1, progress: bool = True, write_queue: int = WRITE_QUEUE) -> ShardResult:
     """Generate and score this process's jobs in a prepared run folder (:func:`prepare_run_dir`).
+
+    Each decoded batch goes to a background writer thread (:class:`BatchWriter`) that encodes the PNGs, writes them
+    atomically, hashes them, runs ``scorer`` and appends the batch's score lines to the shard's JSONL file (flushed)
+    while the next batch is generated. A score line is written only after its PNG has been renamed into place; the
+    PNG bytes are those the synchronous path writes. A process killed mid-run loses at most the batch being
+    generated, the one being written and ``write_queue`` waiting ones.
 
     Args:
         folder: the run folder.
@@ -290,10 +370,13 @@ def run_shard(folder: str | Path, jobs: list[ImageJob], prompts: list[str], mode
         prompts: the prompt text of every prompt index.
         models: ``{role: T2IModel}`` for the roles of the jobs.
         config: the :class:`~diffshield.core.sampling.SampleConfig` (its guidance is replaced by each job's).
-        scorer: scores a batch of written images (default None: the score lines carry no scores).
+        scorer: scores a batch of written images (default None: the score lines carry no scores); it runs in the
+            writer thread.
         states: the jobs' states from :func:`job_states` (default: computed here).
         rank, world: this process's index and the number of processes (names the score file).
         progress: show a progress bar over this process's images (default True).
+        write_queue: decoded batches that may wait for the writer (default :data:`WRITE_QUEUE`; 0 writes in this
+            thread, between batches).
     """
     from diffshield.core.sampling import SampleConfig, generate
 
@@ -314,38 +397,39 @@ def run_shard(folder: str | Path, jobs: list[ImageJob], prompts: list[str], mode
             if fh.read(1) != b"\n":
                 fh.write(b"\n")
 
-        def record(batch: list[ImageJob], paths: list[Path], shas: list[str]) -> None:
+        def write(batch: list[ImageJob], images: torch.Tensor | None) -> None:
+            """Write a batch's PNGs (``images``; None: they exist and need scores only), then its score lines."""
+            paths = [folder / j.file for j in batch]
+            if images is None:
+                shas = [sha256_file(p) for p in paths]
+            else:
+                shas = []
+                for path, img in zip(paths, images):
+                    data = png_bytes(img)
+                    atomic_write_bytes(path, data)
+                    shas.append(hashlib.sha256(data).hexdigest())
             scores = scorer(batch, paths, torch.stack([read_png(p) for p in paths])) if scorer else [{}] * len(batch)
             lines = [json.dumps({"file": j.file, "role": j.role, "prompt_index": j.prompt_index, "seed": j.seed,
                                  "guidance": j.guidance, "sha256": sha, "scores": s}) + "\n"
                      for j, sha, s in zip(batch, shas, scores)]
             fh.write("".join(lines).encode())
             fh.flush()
-
-        for i in range(0, len(to_score), config.batch_size):
-            batch = to_score[i:i + config.batch_size]
-            paths = [folder / j.file for j in batch]
-            record(batch, paths, [sha256_file(p) for p in paths])
             bar.update(len(batch))
-        groups: dict[tuple[str, float], list[ImageJob]] = {}
-        for j in to_gen:
-            groups.setdefault((j.role, j.guidance), []).append(j)
-        for (role, g), group in groups.items():
-            cfg = SampleConfig(steps=config.steps, guidance=g, batch_size=config.batch_size,
-                               scheduler=config.scheduler)
-            for i in range(0, len(group), config.batch_size):
-                batch = group[i:i + config.batch_size]
-                gen = generate(models[role], [prompts[j.prompt_index] for j in batch], [j.seed for j in batch],
-                               config=cfg, progress=False)
-                paths, shas = [], []
-                for j, img in zip(batch, gen.images):
-                    data = png_bytes(img)
-                    path = folder / j.file
-                    atomic_write_bytes(path, data)
-                    paths.append(path)
-                    shas.append(hashlib.sha256(data).hexdigest())
-                record(batch, paths, shas)
-                bar.update(len(batch))
+
+        with BatchWriter(write, write_queue) as writer:
+            for i in range(0, len(to_score), config.batch_size):
+                writer.submit(to_score[i:i + config.batch_size], None)
+            groups: dict[tuple[str, float], list[ImageJob]] = {}
+            for j in to_gen:
+                groups.setdefault((j.role, j.guidance), []).append(j)
+            for (role, g), group in groups.items():
+                cfg = SampleConfig(steps=config.steps, guidance=g, batch_size=config.batch_size,
+                                   scheduler=config.scheduler)
+                for i in range(0, len(group), config.batch_size):
+                    batch = group[i:i + config.batch_size]
+                    gen = generate(models[role], [prompts[j.prompt_index] for j in batch], [j.seed for j in batch],
+                                   config=cfg, progress=False)
+                    writer.submit(batch, gen.images)
     bar.close()
     return ShardResult(rank, len(to_gen), len(to_score), done, time.time() - t0)
 
