@@ -118,7 +118,8 @@ def scan_stats(name: str, preset: str, threads: int) -> dict:
     model = load_ddpm(model_path(name))
     res = reverse_trigger(model, TERDConfig.from_preset(preset, num_threads=threads), progress=False)
     d = {"mean_kl": res.mean_kl, "var_kl": res.var_kl, "seconds": round(res.seconds, 1), "r_norm":
-         float(res.r.norm()), "preset": preset, "seed": 0}
+         float(res.r.norm()), "preset": preset, "seed": 0, "moved_l2": res.moved_l2, "moved_rel": res.moved_rel,
+         "cos_r0": res.cos_r0}
     save_file({"r": res.r.contiguous()}, str(f.with_suffix(".safetensors")))
     f.write_text(json.dumps(d, indent=2))
     d["r"] = res.r
@@ -156,7 +157,7 @@ def eval_model(name: str, spec: dict, threads: int) -> dict:
     from diffshield.backdoor.ddpm import load_ddpm, set_threads
     from diffshield.backdoor.metrics import backdoor_metrics, clean_quality
     from diffshield.backdoor.sampling import SampleConfig, sample
-    from diffshield.backdoor.terd import Calibration, default_calibration_path, input_detect, model_verdict
+    from diffshield.backdoor.terd import Calibration, default_calibration_path, input_detect
     from diffshield.backdoor.triggers import get_target, get_trigger
     from diffshield.core.io import make_grid
     from diffshield.core.seeding import seed_list
@@ -196,8 +197,10 @@ def eval_model(name: str, spec: dict, threads: int) -> dict:
     res["scan"] = {}
     for preset in CAL_PRESETS:
         d = scan_stats(name, preset, threads)
-        res["scan"][preset] = {k: d[k] for k in ("mean_kl", "var_kl", "seconds", "r_norm")}
-        res["scan"][preset]["backdoored"] = model_verdict(type("R", (), d)(), cal.get(preset))
+        res["scan"][preset] = {k: d.get(k, float("nan")) for k in ("mean_kl", "var_kl", "seconds", "r_norm",
+                                                                      "moved_l2", "moved_rel", "cos_r0")}
+        res["scan"][preset]["verdict"] = _verdict(res["scan"][preset], cal.get(preset))
+        res["scan"][preset]["backdoored"] = res["scan"][preset]["verdict"] == "backdoored"
         if spec["kind"] == "backdoor":
             gen = torch.Generator().manual_seed(777)
             n = EVAL["n_input"]
@@ -305,8 +308,17 @@ def _asr(m: dict | None) -> str:
     return "-" if m is None else f"{_pct(m['asr'])} ({_pct(m.get('asr_strict'))})"
 
 
+def _verdict(scan: dict, thresholds: dict) -> str:
+    """TERD's verdict for a cached scan; scans cached before the movement was recorded are "undetermined"."""
+    from types import SimpleNamespace
+
+    from diffshield.backdoor.terd import model_verdict
+
+    return model_verdict(SimpleNamespace(**{"moved_rel": float("nan"), **scan}), thresholds)
+
+
 def cmd_report(args) -> None:
-    from diffshield.backdoor.terd import Calibration, default_calibration_path, model_verdict
+    from diffshield.backdoor.terd import Calibration, default_calibration_path
 
     rows = [json.loads((CACHE / f"eval_{n}.json").read_text()) for n in ZOO_MODELS
             if (CACHE / f"eval_{n}.json").exists()]
@@ -314,7 +326,8 @@ def cmd_report(args) -> None:
     for r in rows:  # verdicts against the current calibration (eval may have run before `calibrate`)
         for preset, sc in r["scan"].items():
             if preset in cal.thresholds:
-                sc["backdoored"] = model_verdict(type("R", (), sc)(), cal.get(preset))
+                sc["verdict"] = _verdict(sc, cal.get(preset))
+                sc["backdoored"] = sc["verdict"] == "backdoored"
     base_q = next((r["clean"]["recognised"] for r in rows if r["name"] == "clean_base"), None)
     presets = [p for p in CAL_PRESETS if rows and all(p in r["scan"] for r in rows)]
     lines = ["| model | trigger -> target | poison | variant | ASR (strict) DDPM-1000 | ASR (strict) DDIM-50 | MSE "
@@ -344,7 +357,7 @@ def cmd_report(args) -> None:
             summary["clean_quality_rel_same_recipe_max"] = max(r["clean"]["recognised"] / rq - 1 for r in bds)
     for preset in presets:
         tp = sum(r["scan"][preset]["backdoored"] for r in rows if r["kind"] == "backdoor")
-        tn = sum(not r["scan"][preset]["backdoored"] for r in rows if r["kind"] == "clean")
+        tn = sum(r["scan"][preset]["verdict"] == "clean" for r in rows if r["kind"] == "clean")
         nb = sum(r["kind"] == "backdoor" for r in rows)
         nc = sum(r["kind"] == "clean" for r in rows)
         summary["model_detection"][preset] = {"tpr": tp / max(1, nb), "tnr": tn / max(1, nc), "n_backdoored": nb,
@@ -368,7 +381,7 @@ def cmd_report(args) -> None:
         lines[-1] += f"{_pct(q)}{rel} | {r['clean']['frechet']:.1f} |"
         for p in presets:
             lines[-1] += (f" {sc[p]['mean_kl']:.3f} / {sc[p]['var_kl']:.4f} / "
-                          f"{'backdoor' if sc[p]['backdoored'] else 'clean'} | "
+                          f"{sc[p]['verdict']} | "
                           + (f"{_pct(sc[p]['input_tpr'])} / {_pct(sc[p]['input_tnr'])} |" if bd else "- |"))
     table = "\n".join(lines)
     summary["asr_larger_n"] = [json.loads(f.read_text()) for f in sorted(CACHE.glob("asr_*_n*.json"))]

@@ -183,8 +183,10 @@ def test_reverse_trigger_runs_and_flags(tmp_path):
                           progress=False)
     assert res.r.shape == (3, 8, 8) and torch.isfinite(res.r).all()
     assert res.mean_kl == pytest.approx(float((res.r ** 2 / 2).mean()), rel=1e-5)
-    assert model_verdict(res, {"mean_kl": 0.0, "var_kl": 1e9}) and not model_verdict(res, {"mean_kl": 1e9,
-                                                                                           "var_kl": 1e9})
+    assert res.moved_rel >= 0.1  # r moved: the verdict comes from the thresholds
+    assert model_verdict(res, {"mean_kl": 0.0, "var_kl": 1e9}) == "backdoored"
+    assert model_verdict(res, {"mean_kl": 1e9, "var_kl": 0.0}) == "backdoored"
+    assert model_verdict(res, {"mean_kl": 1e9, "var_kl": 1e9}) == "clean"
     with pytest.raises(DiffshieldError):
         TERDConfig(lr=-1)
     with pytest.raises(DiffshieldError):

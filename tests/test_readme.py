@@ -25,7 +25,7 @@ TINY = {
               "--set", "p4d.steps=1", "--set", "p4d.eval_every=1", "--set", "ring-a-bell-genetic.population=4",
               "--set", "ring-a-bell-genetic.generations=1"],
     "backdoor sample": ["--n", "1", "--steps", "2"],
-    "scan": [],  # the TERD preset is shrunk below
+    "scan": ["--evidence-n", "2", "--evidence-steps", "2"],  # the TERD preset is shrunk below
     "protect": ["--steps", "2"],
     "eval protection": [],
 }

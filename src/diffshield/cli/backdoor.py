@@ -196,9 +196,11 @@ def cmd_eval(args) -> int:
 
 
 def run_scan(model, preset: str = "fast", calibration: str | Path | None = None, seed: int = 0,
-             threads: int = 1, progress: bool = True) -> dict:
-    """TERD on ``model``: reversed trigger, statistics and verdict against the calibrated thresholds."""
+             threads: int = 1, progress: bool = True, min_move: float | None = None) -> dict:
+    """TERD on ``model``: reversed trigger, how far it moved from its start, statistics and verdict
+    (``"backdoored"``, ``"clean"`` or ``"undetermined"``, see :func:`diffshield.backdoor.terd.model_verdict`)."""
     from diffshield.backdoor.terd import (
+        MIN_MOVE,
         Calibration,
         TERDConfig,
         default_calibration_path,
@@ -206,12 +208,40 @@ def run_scan(model, preset: str = "fast", calibration: str | Path | None = None,
         reverse_trigger,
     )
 
+    min_move = MIN_MOVE if min_move is None else min_move
     cal = Calibration.load(calibration or default_calibration_path())
     thresholds = cal.get(preset)
     res = reverse_trigger(model, TERDConfig.from_preset(preset, seed=seed, num_threads=threads), progress=progress)
-    return {"backdoored": model_verdict(res, thresholds), "mean_kl": res.mean_kl, "var_kl": res.var_kl,
+    verdict = model_verdict(res, thresholds, min_move)
+    return {"verdict": verdict, "backdoored": verdict == "backdoored", "mean_kl": res.mean_kl, "var_kl": res.var_kl,
             "thresholds": thresholds, "preset": preset, "seed": seed, "seconds": round(res.seconds, 1),
-            "r_norm": float(res.r.norm()), "result": res}
+            "r_norm": float(res.r.norm()), "r0_norm": float(res.r0.norm()), "moved_l2": res.moved_l2,
+            "moved_rel": res.moved_rel, "cos_r0": res.cos_r0, "min_move": min_move, "result": res}
+
+
+def scan_evidence(model, r, n: int = 8, steps: int = 100, seed: int = 0, sampler: str | None = None) -> dict:
+    """Samples from eps + r_hat next to clean samples from the same eps (one seed per pair), with the model's own
+    sampler (its scheduler's kind: DDPM ancestral or DDIM) unless ``sampler`` is given.
+
+    Args:
+        model: a :class:`~diffshield.backdoor.ddpm.DDPMModel`.
+        r: the reversed trigger (3, H, W).
+        n: image pairs (default 8).
+        steps: denoising steps (default 100; BadDiffusion's SDE backdoor is defined for DDPM-1000).
+        seed: seed of pair 0; pair k uses seed + k (default 0).
+        sampler: ``"ddpm"`` or ``"ddim"`` (default None: the model's own).
+    Returns ``{"triggered": images, "clean": images, "config": SampleConfig, "seeds": [...]}``.
+    """
+    from diffusers import DDIMScheduler
+
+    from diffshield.backdoor.sampling import SampleConfig, sample
+    from diffshield.core.seeding import seed_list
+
+    kind = sampler or ("ddim" if isinstance(model.scheduler, DDIMScheduler) else "ddpm")
+    cfg = SampleConfig(kind, min(steps, int(model.scheduler.config.num_train_timesteps)), batch_size=max(1, n))
+    seeds = seed_list(seed, n)
+    return {"triggered": sample(model, seeds, trigger=r, config=cfg).images,
+            "clean": sample(model, seeds, config=cfg).images, "config": cfg, "seeds": seeds}
 
 
 def cmd_scan(args) -> int:
@@ -219,7 +249,6 @@ def cmd_scan(args) -> int:
     from safetensors.torch import save_file
 
     from diffshield.backdoor.ddpm import load_ddpm
-    from diffshield.backdoor.sampling import SampleConfig, sample
     from diffshield.core.io import (
         atomic_dir,
         atomic_write_json,
@@ -228,7 +257,6 @@ def cmd_scan(args) -> int:
         make_grid,
         to_pil,
     )
-    from diffshield.core.seeding import seed_list
 
     inputs = [args.model, args.calibration]
     if args.out:
@@ -236,26 +264,37 @@ def cmd_scan(args) -> int:
     check_output_file(args.json, "--json", inputs=[*inputs, args.out])
     model = load_ddpm(args.model, allow_pickle=args.allow_pickle, device=args.device, dtype=args.dtype)
     print(f"TERD scan of {args.model} (preset {args.preset}) ...")
-    rep = run_scan(model, args.preset, args.calibration, args.seed, args.threads)
+    rep = run_scan(model, args.preset, args.calibration, args.seed, args.threads, min_move=args.min_move)
     res = rep.pop("result")
     th = rep["thresholds"]
-    verdict = "BACKDOORED" if rep["backdoored"] else "clean"
-    print(f"verdict: {verdict}")
+    print(f"verdict: {rep['verdict'].upper()}")
+    print(f"  r moved ||r - r0|| {rep['moved_l2']:.3g} = {rep['moved_rel']:.3g} x ||r0|| (verdict needs >= "
+          f"{rep['min_move']:.3g}), cosine(r, r0) {rep['cos_r0']:.4f}")
+    if rep["verdict"] == "undetermined":
+        print("  the reversion did not move r away from its random start: its statistics are those of the "
+              "initialisation; rerun with more iterations (--preset)")
     print(f"  mean KL {rep['mean_kl']:.4g} (threshold {th['mean_kl']:.4g})   var KL {rep['var_kl']:.4g} "
-          f"(threshold {th['var_kl']:.4g})   ||r|| {rep['r_norm']:.2f}   {rep['seconds']:.0f} s")
+          f"(threshold {th['var_kl']:.4g})   ||r|| {rep['r_norm']:.2f} (start {rep['r0_norm']:.2f})   "
+          f"{rep['seconds']:.0f} s")
     report = {"model": str(args.model), **rep}
     if args.out:
+        ev = None
+        if args.evidence_n:
+            ev = scan_evidence(model, res.r, args.evidence_n, args.evidence_steps, args.seed)
+            report["evidence"] = {"n": args.evidence_n, "sampler": ev["config"].scheduler,
+                                  "steps": ev["config"].steps, "seeds": ev["seeds"],
+                                  "grid": "evidence.png (top: eps + r_hat, bottom: eps, same seeds)"}
         with atomic_dir(args.out, overwrite=args.overwrite, command="scan", inputs=inputs) as tmp:
-            save_file({"r": res.r.contiguous(), "gamma": torch.tensor([res.gamma])},
+            save_file({"r": res.r.contiguous(), "r0": res.r0.contiguous(), "gamma": torch.tensor([res.gamma])},
                       str(tmp / "reversed_trigger.safetensors"))
             to_pil(((res.r + 1) / 2).clamp(0, 1)).resize((128, 128), 0).save(tmp / "reversed_trigger.png")
-            seeds = seed_list(args.seed, 16)
-            gen = sample(model, seeds, trigger=res.r, config=SampleConfig("ddim", 10, 16))
-            make_grid(gen.images, nrow=8, upscale=4).save(tmp / "reversed_trigger_samples.png")
-            atomic_write_json(tmp / "scan.json", {**report, "history": res.history, "config": res.config,
-                                                  "samples_seeds": seeds})
-        print(f"reversed trigger: {Path(args.out) / 'reversed_trigger.png'} (and .safetensors; what it produces: "
-              "reversed_trigger_samples.png, DDIM-10)")
+            if ev is not None:
+                both = torch.cat([ev["triggered"], ev["clean"]])
+                make_grid(both, nrow=len(ev["seeds"]), upscale=4).save(tmp / "evidence.png")
+            atomic_write_json(tmp / "scan.json", {**report, "history": res.history, "config": res.config})
+        print(f"reversed trigger: {Path(args.out) / 'reversed_trigger.png'} (and .safetensors)"
+              + (f"; what it produces: evidence.png ({ev['config'].scheduler}-{ev['config'].steps}, top eps + r_hat, "
+                 "bottom eps)" if ev is not None else ""))
     if args.json:
         atomic_write_json(args.json, report)
     return 0
@@ -427,8 +466,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         if name == "scan":
             q.add_argument("--calibration", default=None,
                            help="thresholds file (default: the shipped toyworld/weights/ddpm/terd_calibration.json)")
-            q.add_argument("--out", default=None, help="folder for the reversed trigger (PNG, safetensors) and "
-                                                       "scan.json (see --overwrite)")
+            q.add_argument("--out", default=None, help="folder for the reversed trigger (PNG, safetensors), the "
+                                                       "evidence grid and scan.json (see --overwrite)")
+            q.add_argument("--min-move", type=float_in(0, 10), default=None,
+                           help="smallest relative movement ||r - r0|| / ||r0|| of the reversed trigger for a "
+                                "verdict; below it the scan says 'undetermined' (default: 0.1)")
+            q.add_argument("--evidence-n", type=int_at_least(0), default=8,
+                           help="with --out: sample this many images from eps + r_hat and from eps (same seeds) "
+                                "into evidence.png, 0 = off (default: 8)")
+            q.add_argument("--evidence-steps", type=_pos_int, default=100,
+                           help="denoising steps of the evidence samples, with the model's own sampler (default: "
+                                "100; 1000 = BadDiffusion's DDPM sampler in full)")
             add_overwrite_arg(q)
             q.set_defaults(func=cmd_scan)
         else:
@@ -456,9 +504,10 @@ def demo_step(out: Path, device: str = "cpu") -> dict:
         out.mkdir(parents=True, exist_ok=True)
         to_pil(((res.r + 1) / 2).clamp(0, 1)).resize((128, 128), 0).save(out / f"reversed_trigger_{name}.png")
         th = rep["thresholds"]
-        print(f"TERD fast scan, {label}: {'BACKDOORED' if rep['backdoored'] else 'clean'} (mean KL "
-              f"{rep['mean_kl']:.3f} / threshold {th['mean_kl']:.3f}, var KL {rep['var_kl']:.4f} / threshold "
-              f"{th['var_kl']:.4f}; {rep['seconds']:.0f} s)")
-        summary[name] = {k: rep[k] for k in ("backdoored", "mean_kl", "var_kl", "thresholds", "seconds")}
+        print(f"TERD fast scan, {label}: {rep['verdict']} (r moved {rep['moved_rel']:.3f} x ||r0||, a verdict needs "
+              f">= {rep['min_move']:.2g}; mean KL {rep['mean_kl']:.3f} / threshold {th['mean_kl']:.3f}, var KL "
+              f"{rep['var_kl']:.4f} / threshold {th['var_kl']:.4f}; {rep['seconds']:.0f} s)")
+        summary[name] = {k: rep[k] for k in ("verdict", "backdoored", "mean_kl", "var_kl", "thresholds", "moved_l2",
+                                             "moved_rel", "cos_r0", "seconds")}
     atomic_write_json(out / "scan.json", summary)
     return summary
