@@ -38,7 +38,7 @@ def parse_settings(items: list[str] | None) -> dict[str, dict]:
 def cmd_audit(args) -> int:
     from diffshield.core.loading import load_t2i
     from diffshield.core.sampling import SampleConfig
-    from diffshield.redteam.audit import format_table, run_audit, write_report
+    from diffshield.redteam.audit import run_audit
     from diffshield.toyworld.concepts import resolve_concept
     from diffshield.toyworld.detector import load_detector
 
@@ -48,13 +48,17 @@ def cmd_audit(args) -> int:
         raise DiffshieldError("with a judge other than toy, give the prompts to attack (--prompt, repeatable)")
     from diffshield.core.io import check_output_dir, check_output_file
 
+    if args.num_processes > 1 and not args.run_dir:
+        raise DiffshieldError("--num-processes needs --run-dir DIR (where the processes keep each attack's result)")
     inputs = [args.model, args.original, args.detector]
-    check_output_file(args.json, "--json", inputs=[*inputs, args.report])
+    check_output_file(args.json, "--json", inputs=[*inputs, args.report, args.run_dir])
     if args.report:
-        check_output_dir(args.report, "audit", args.overwrite, inputs=inputs)
+        check_output_dir(args.report, "audit", args.overwrite, inputs=[*inputs, args.run_dir])
     sample = SampleConfig(steps=args.steps, guidance=args.guidance, batch_size=args.batch_size)
     hp = parse_settings(args.set)
     attacks = args.attack or ["all"]
+    if args.run_dir:
+        return _audit_in_run_dir(args, attacks, hp, sample, inputs)
     erased = load_t2i(args.model, allow_pickle=args.allow_pickle, device=args.device, dtype=args.dtype)
     original = load_t2i(args.original, allow_pickle=args.allow_pickle, device=args.device, dtype=args.dtype)
     detector = load_detector(args.detector) if args.judge == "toy" else None
@@ -65,6 +69,13 @@ def cmd_audit(args) -> int:
           f"attacks {', '.join(attacks)}, {args.n} images each, seed {args.seed} ...")
     audit = run_audit(erased, original, args.concept, attacks=attacks, n=args.n, seed=args.seed, sample=sample,
                       prompts=args.prompt, judge=judge, hp=hp, budget=args.budget, baselines=not args.no_baselines)
+    return _report_audit(args, audit, judge, erased, inputs)
+
+
+def _report_audit(args, audit, judge, erased, inputs: list) -> int:
+    """Print the audit's table and write --json and --report."""
+    from diffshield.redteam.audit import format_table, write_report
+
     audit.info.update({"model": str(args.model), "original": str(args.original),
                        "judge": getattr(judge, "description", args.judge),
                        "detector": str(args.detector) if args.judge == "toy" else None, "budget": args.budget,
@@ -80,10 +91,91 @@ def cmd_audit(args) -> int:
     if args.report:
         from diffshield.core.io import atomic_dir
 
-        with atomic_dir(args.report, overwrite=args.overwrite, command="audit", inputs=inputs) as tmp:
+        with atomic_dir(args.report, overwrite=args.overwrite, command="audit", inputs=[*inputs, args.run_dir]) as tmp:
             write_report(audit, tmp, model=erased)
         print(f"report: {Path(args.report) / 'index.html'}")
     return 0
+
+
+def _audit_spec(args, names: list[str], hp: dict) -> dict:
+    """The settings an audit's results depend on (``run.json`` of its run folder), as JSON reads them back."""
+    import json
+    import os
+
+    def where(spec):
+        return spec if str(spec).startswith("toy:") else os.path.abspath(os.path.expanduser(str(spec)))
+
+    spec = {"command": "audit", "model": where(args.model), "original": where(args.original),
+            "concept": args.concept, "attacks": names, "n": args.n, "seed": args.seed, "prompts": args.prompt,
+            "judge": args.judge, "detector": where(args.detector) if args.judge == "toy" else None,
+            "budget": args.budget, "set": hp, "baselines": not args.no_baselines, "steps": args.steps,
+            "guidance": args.guidance, "batch_size": args.batch_size, "dtype": str(args.dtype).replace("torch.", "")}
+    return json.loads(json.dumps(spec))
+
+
+def _audit_in_run_dir(args, attacks: list[str], hp: dict, sample, inputs: list) -> int:
+    """``audit --run-dir DIR``: the attacks split between the processes of an accelerate launch (or one process),
+    each attack's result kept in DIR as it finishes; the main process merges, prints and writes --json/--report."""
+    import os
+    import time
+    from datetime import timedelta
+
+    from accelerate import PartialState
+
+    from diffshield.cli.scale import _in_launched_worker, launch
+    from diffshield.core.io import write_marker
+    from diffshield.core.loading import load_t2i
+    from diffshield.core.shards import check_run_dir, prepare_run_dir, read_run_spec
+    from diffshield.redteam.audit import audit_pairs, check_settings, resolve_attacks, start_audit
+    from diffshield.redteam.judges import load_judge
+    from diffshield.redteam.sharded import merge_audit, pending_attacks, run_audit_shard
+    from diffshield.toyworld.detector import load_detector
+
+    names = resolve_attacks(attacks)
+    hp = check_settings(hp, args.n, args.budget)
+    spec = _audit_spec(args, names, hp)
+    out = Path(args.run_dir)
+    if args.num_processes > 1 and not _in_launched_worker():
+        check_run_dir(out, "audit", spec, args.overwrite, inputs)  # one-line refusals before any process starts
+        return launch(args.num_processes, args.argv, args.device)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    state = PartialState(cpu=args.device.type != "cuda", timeout=timedelta(days=2))
+    rank, world = state.process_index, state.num_processes
+    if state.is_main_process:
+        what = prepare_run_dir(out, "audit", spec, args.overwrite, inputs)
+        print(f"{'resuming' if what == 'resume' else 'starting'} an audit of {len(names)} attacks in {out} with "
+              f"{world} process{'es' if world > 1 else ''}: {args.model} (erased {args.concept!r}) against "
+              f"{args.original}, {args.n} images each, seed {args.seed}")
+    state.wait_for_everyone()
+    if read_run_spec(out) != spec:
+        raise DiffshieldError(f"'{out}' was not prepared for this run")
+    device = state.device if (args.device.type == "cuda" and world > 1) else args.device
+    erased = load_t2i(args.model, allow_pickle=args.allow_pickle, device=device, dtype=args.dtype)
+    original = load_t2i(args.original, allow_pickle=args.allow_pickle, device=device, dtype=args.dtype)
+    detector = load_detector(args.detector) if args.judge == "toy" else None
+    judge = load_judge(args.judge, args.concept, detector)
+    prompts, seeds = audit_pairs(args.concept, args.n, args.seed, args.prompt)
+    audit = start_audit(erased, original, args.concept, prompts, seeds, sample, judge)
+    pending = pending_attacks(out, names)
+    state.wait_for_everyone()  # every process has scanned the folder before any writes
+    mine = pending[rank::world]
+    run_audit_shard(out, mine, audit, erased, original, judge, hp, args.seed, args.budget, not args.no_baselines,
+                    rank=rank, world=world, progress=True)
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return 0
+    print(f"ran {len(pending)} attack{'s' if len(pending) != 1 else ''}, {len(names) - len(pending)} already done")
+    merge_audit(out, names, audit, judge)
+    audit.seconds = time.perf_counter() - start
+    audit.cpu_seconds = time.process_time() - cpu_start
+    audit.info["processes"] = world
+    rc = _report_audit(args, audit, judge, erased, inputs)
+    from diffshield.core.io import atomic_write_json
+
+    atomic_write_json(out / "audit.json", audit.to_dict())
+    write_marker(out, "audit")
+    print(f"merged {len(names)} attacks into {os.path.join(str(out), 'audit.json')}")
+    return rc
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -123,6 +215,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--guidance", type=float_in(0, 100), default=5.0,
                    help="guidance scale, in [0, 100] (default: 5.0)")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="images per UNet batch (default: 64)")
+    p.add_argument("--run-dir", metavar="DIR",
+                   help="keep each attack's result in this run folder as it finishes (run.json, units/ATTACK.pt, "
+                        "audit.json): a rerun of the same command resumes it and runs only the attacks without a "
+                        "result; other settings are refused (--overwrite replaces the run) (docs/scale.md)")
+    p.add_argument("--num-processes", type=_positive_int, default=1,
+                   help="with --run-dir: launch this many processes with accelerate (CPU: gloo; CUDA: nccl, one per "
+                        "GPU) and split the attacks between them; the figures equal a 1-process audit's (default: "
+                        "1; under 'accelerate launch' the launcher's processes are used)")
     p.add_argument("--json", help="write the results (verdict, attacks: {name: {conditional_asr, union_asr, ...}}) "
                                   "here")
     p.add_argument("--report", help="write a report folder here (index.html, audit.json, one PNG per attack; see "

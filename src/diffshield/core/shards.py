@@ -54,9 +54,10 @@ RUN_FILE = "run.json"
 IMAGES_DIR = "images"
 SCORES_DIR = "scores"
 #: files a run folder may hold besides images and score files
-RUN_OUTPUTS = (RUN_FILE, "manifest.json", "metrics.json", "grid.png")
-_IMAGE_RE = re.compile(r"^images/(?:[a-z]+/)?p\d{6,}_s\d+\.png$")
-_TEMP_RE = re.compile(r"^images/(?:[a-z]+/)?\.p\d{6,}_s\d+\.png\.[^/]+$")  # atomic-write leftovers of a killed process
+RUN_OUTPUTS = (RUN_FILE, "manifest.json", "metrics.json", "grid.png", "audit.json")
+_IMAGE_RE = re.compile(r"^(?:images/(?:[a-z]+/)?p\d{6,}_s\d+\.png|units/[a-z0-9-]+\.pt)$")  # units: audit attacks
+# atomic-write leftovers of a killed process
+_TEMP_RE = re.compile(r"^(?:images/(?:[a-z]+/)?\.p\d{6,}_s\d+\.png|units/\.[a-z0-9-]+\.pt)\.[^/]+$")
 _SCORES_RE = re.compile(r"^scores/shard-\d{5}-of-\d{5}\.jsonl$")
 
 #: a function that scores a batch: (jobs, their PNG paths, images (N, 3, H, W) in [0, 1] read back from the PNGs)
@@ -155,7 +156,7 @@ def _remove_run(folder: Path) -> None:
     ours, temps, _ = _run_files(folder)
     for rel in ours + temps:
         (folder / rel).unlink(missing_ok=True)
-    for sub in (f"{IMAGES_DIR}/erased", f"{IMAGES_DIR}/original", IMAGES_DIR, SCORES_DIR):
+    for sub in (f"{IMAGES_DIR}/erased", f"{IMAGES_DIR}/original", IMAGES_DIR, SCORES_DIR, "units"):
         with contextlib.suppress(OSError):
             (folder / sub).rmdir()
     (folder / MARKER).unlink(missing_ok=True)
@@ -213,7 +214,7 @@ def prepare_run_dir(folder: str | Path, command: str, spec: dict, overwrite: boo
     if what == "resume":
         for rel in _run_files(t)[1]:
             (t / rel).unlink(missing_ok=True)
-        for rel in ("manifest.json", "metrics.json", "grid.png"):  # rebuilt by the merge
+        for rel in ("manifest.json", "metrics.json", "grid.png", "audit.json"):  # rebuilt by the merge
             (t / rel).unlink(missing_ok=True)
     else:
         t.mkdir(parents=True, exist_ok=True)

@@ -294,6 +294,26 @@ def run_audit(
     """
     sample = sample or SampleConfig()
     names = resolve_attacks(attacks)
+    hp = check_settings(hp, n, budget)
+    prompts, seeds = audit_pairs(concept, n, seed, prompts)
+    judge = default_judge(concept, judge, detector)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    audit = start_audit(erased, original if original_images else None, concept, prompts, seeds, sample, judge)
+    bar = tqdm(names, desc="attacks", disable=not progress)
+    for name in bar:
+        bar.set_postfix_str(name)
+        audit.results[name], base = run_attack(audit, name, erased, original, judge, hp, seed, budget, baselines,
+                                               skip_detected)
+        if base is not None:
+            audit.baselines[name] = base
+    finish_audit(audit, judge)
+    audit.seconds = time.perf_counter() - start
+    audit.cpu_seconds = time.process_time() - cpu_start
+    return audit
+
+
+def check_settings(hp: dict[str, dict] | None, n: int, budget: str) -> dict[str, dict]:
+    """Validate :func:`run_audit`'s ``hp``, ``n`` and ``budget`` (one-line errors); returns a copy of ``hp``."""
     hp = dict(hp or {})
     unknown = sorted(set(hp) - set(ATTACKS.names()))
     if unknown:
@@ -302,35 +322,53 @@ def run_audit(
         raise DiffshieldError(f"n must be at least 1, got {n}")
     if budget not in ("toy", "paper"):
         raise DiffshieldError(f"budget must be toy or paper, got {budget!r}")
+    return hp
+
+
+def audit_pairs(concept: str, n: int, seed: int, prompts: Sequence[str] | None = None) -> tuple[list[str], list[int]]:
+    """The audit's N (prompt, seed) pairs: :func:`audit_prompts` of a toy concept, or ``prompts`` in turn with seeds
+    ``seed + i``."""
     if prompts is None:
-        prompts, seeds = audit_prompts(concept, n, seed)
-    else:
-        prompts = list(prompts)
-        if not prompts:
-            raise DiffshieldError("give at least one prompt")
-        prompts = [prompts[i % len(prompts)] for i in range(n)]
-        seeds = [seed + i for i in range(n)]
-    judge = default_judge(concept, judge, detector)
-    start, cpu_start = time.perf_counter(), time.process_time()
+        return audit_prompts(concept, n, seed)
+    prompts = list(prompts)
+    if not prompts:
+        raise DiffshieldError("give at least one prompt")
+    return [prompts[i % len(prompts)] for i in range(n)], [seed + i for i in range(n)]
+
+
+def start_audit(erased: T2IModel, original: T2IModel | None, concept: str, prompts: list[str], seeds: list[int],
+                sample: SampleConfig, judge: Judge) -> Audit:
+    """The audit before any attack: the erased model's images of the (prompt, seed) pairs, judged, and the original
+    model's when ``original`` is given."""
     pre = generate(erased, prompts, seeds, config=sample, progress=False).images
     audit = Audit(concept=concept, prompts=prompts, seeds=seeds, sample=sample, pre_attack_images=pre,
                   pre_attack_success=judge(pre).bool().cpu())
-    if original_images and original is not None:
+    if original is not None:
         img = generate(original, prompts, seeds, config=sample, progress=False).images
         audit.original_images, audit.original_success = img, judge(img).bool().cpu()
-    bar = tqdm(names, desc="attacks", disable=not progress)
-    for name in bar:
-        bar.set_postfix_str(name)
-        cls = ATTACKS.get(name)
-        if cls.needs_original and original is None:
-            raise DiffshieldError(f"the {name} attack needs the original model; give it or leave {name} out")
-        atk = cls(erased, original=original, concept=concept, judge=judge, sample=sample, budget=budget,
-                  **hp.get(name, {}))
-        pre_given = audit.pre_attack_success if skip_detected else torch.zeros_like(audit.pre_attack_success)
-        audit.results[name] = atk(prompts, seeds, original_images=audit.original_images, pre_success=pre_given)
-        if baselines:
-            audit.baselines[name] = run_baselines(atk, audit, {"budget": budget, **hp.get(name, {})}, seed,
-                                                  pre_given)
+    return audit
+
+
+def run_attack(audit: Audit, name: str, erased: T2IModel, original: T2IModel | None, judge: Judge,
+               hp: dict[str, dict], seed: int = 0, budget: str = "toy", baselines: bool = True,
+               skip_detected: bool = True) -> tuple[AttackResult, dict[str, AttackResult] | None]:
+    """One attack of an audit started by :func:`start_audit`, and its controls (None without ``baselines``). An
+    attack draws its random numbers from its own generators, so its result does not depend on the other attacks
+    (what lets :mod:`diffshield.redteam.sharded` run the attacks in separate processes)."""
+    cls = ATTACKS.get(name)
+    if cls.needs_original and original is None:
+        raise DiffshieldError(f"the {name} attack needs the original model; give it or leave {name} out")
+    atk = cls(erased, original=original, concept=audit.concept, judge=judge, sample=audit.sample, budget=budget,
+              **hp.get(name, {}))
+    pre_given = audit.pre_attack_success if skip_detected else torch.zeros_like(audit.pre_attack_success)
+    result = atk(audit.prompts, audit.seeds, original_images=audit.original_images, pre_success=pre_given)
+    if not baselines:
+        return result, None
+    return result, run_baselines(atk, audit, {"budget": budget, **hp.get(name, {})}, seed, pre_given)
+
+
+def finish_audit(audit: Audit, judge: Judge) -> None:
+    """Record the judge's confidence per image (the report's tiles) when the judge has a ``scores`` method."""
     scorer = getattr(judge, "scores", None)
     if callable(scorer):
         with torch.no_grad():
@@ -339,9 +377,6 @@ def run_audit(
                 audit.scores["original"] = [round(float(v), 3) for v in scorer(audit.original_images)]
             for name, r in audit.results.items():
                 audit.scores[name] = [round(float(v), 3) for v in scorer(r.images)]
-    audit.seconds = time.perf_counter() - start
-    audit.cpu_seconds = time.process_time() - cpu_start
-    return audit
 
 
 def format_table(audit: Audit | dict) -> str:
