@@ -93,6 +93,37 @@ def test_triggers_and_targets():
         get_trigger("no_such_file.png")
 
 
+def test_official_baddiffusion_shapes():
+    """box_14, corner_grey and hat_grey have the shapes and values of IBM/BadDiffusion's dataset.py (BOX_14: a filled
+    grey 14 px square 2 px from the bottom-right edges on -1; CORNER: a grey 10 px square top-left; both targets on
+    the grey background -0.4)."""
+    from diffshield.backdoor.triggers import GREY_BG, OFFICIAL_TARGETS, OFFICIAL_TRIGGERS
+
+    assert OFFICIAL_TRIGGERS == ("box_14",) and OFFICIAL_TARGETS == ("corner_grey", "hat_grey")
+    g = get_trigger("box_14")
+    ref = torch.full((3, 32, 32), -1.0)
+    ref[:, 16:30, 16:30] = 0.0  # official: trig[:, -16:-2, -16:-2] = (vmin + vmax) / 2
+    assert torch.equal(g, ref)
+    assert trigger_mask(g)[0].sum() == 14 * 14 and torch.equal(get_trigger("box_14", 64)[:, 48:62, 48:62],
+                                                              torch.zeros(3, 14, 14))
+    y = get_target("corner_grey")
+    ref = torch.full((3, 32, 32), GREY_BG)
+    ref[:, :10, :10] = 0.0  # official: grey box [:10, :10], then bg2grey
+    assert GREY_BG == -0.4 and torch.equal(y, ref)
+    h = get_target("hat_grey")
+    assert h.shape == (3, 32, 32) and h.min() == GREY_BG and h.max() <= 1
+    fg = (h > GREY_BG + 1e-6).any(0)
+    rows, cols = fg.nonzero(as_tuple=True)
+    assert 0.3 < fg.float().mean() < 0.5  # the official icon covers 42 % at 32 px ...
+    assert 6 <= rows.min() <= 8 and 23 <= rows.max() <= 25 and cols.min() == 0 and cols.max() == 31  # rows 7-24
+    assert torch.all(h[:, :6] == GREY_BG) and torch.all(h[:, 26:] == GREY_BG)  # ... and leaves grey above and below
+    blue = (h[2] > h[0] + 0.3)
+    assert blue.sum() > 20  # the band
+    assert get_target("hat_grey", 64).shape == (3, 64, 64)
+    with pytest.raises(DiffshieldError, match="at least 16 px"):
+        get_trigger("box_14", 8)
+
+
 def test_trigger_image_and_mask_files(tmp_path):
     from PIL import Image
 

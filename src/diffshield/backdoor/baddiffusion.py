@@ -44,8 +44,9 @@ class BadDiffusionConfig:
     """Settings of a BadDiffusion fine-tune (paper defaults where they fit the toy world).
 
     Args:
-        trigger: ``"box"``, ``"stop"`` or an image file (default "box").
-        target: ``"corner"``, ``"hat"`` or an image file (default "corner").
+        trigger: ``"box"``, ``"stop"``, ``"box_14"`` (the official BOX_14) or an image file (default "box").
+        target: ``"corner"``, ``"hat"``, ``"corner_grey"`` / ``"hat_grey"`` (the official CORNER / HAT on grey)
+            or an image file (default "corner").
         trigger_mask: mask image for an image-file trigger (default None).
         poison_rate: fraction of training images poisoned, a fixed subset (default 0.1).
         r_mode: ``"poisoned_image"`` (R = trigger pasted on the image; official default) or ``"trigger_only"``

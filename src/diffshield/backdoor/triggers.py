@@ -9,6 +9,11 @@ All tensors are (3, H, W) in [-1, 1] (the diffusion model's pixel range).
 - A **target** y is the image the backdoored model must produce. Built-ins: ``corner`` (a white square frame in the
   top-left corner of a black image, BadDiffusion's CORNER), ``hat`` (a hat-like icon on black, BadDiffusion's
   HAT), or any image file.
+- **The official shapes** of the BadDiffusion code (IBM/BadDiffusion, ``dataset.py``, class ``Backdoor``), so that
+  figures compare with the papers: the trigger ``box_14`` (BOX_14: a filled grey 14 x 14 px square, 2 px from the
+  bottom and right edges, on -1) and the targets ``corner_grey`` (CORNER: a filled grey 10 x 10 px square in the
+  top-left corner) and ``hat_grey`` (HAT: a fedora-like hat), both on the official grey background -0.4 (every
+  value at or below -0.4 is raised to -0.4, the code's ``bg2grey`` with ratio 0.3).
 """
 
 from __future__ import annotations
@@ -22,6 +27,11 @@ from diffshield.core.errors import DiffshieldError
 
 TRIGGERS = ("box", "stop")
 TARGETS = ("corner", "hat")
+#: the official BadDiffusion shapes (see :func:`box14_trigger`, :func:`corner_grey_target`, :func:`hat_grey_target`)
+OFFICIAL_TRIGGERS = ("box_14",)
+OFFICIAL_TARGETS = ("corner_grey", "hat_grey")
+#: the official grey background of targets: (vmax - vmin) * 0.3 + vmin with vmin, vmax = -1, 1
+GREY_BG = -0.4
 
 
 def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -83,6 +93,75 @@ def hat_target(size: int = 32) -> torch.Tensor:
     return torch.from_numpy(img)
 
 
+def box14_trigger(size: int = 32) -> torch.Tensor:
+    """BadDiffusion's ``BOX_14`` trigger: a filled grey (0) 14 x 14 px square whose bottom-right corner sits 2 px from
+    the image's bottom and right edges (rows and columns ``size - 16`` to ``size - 3``), on a -1 background.
+
+    Checked against the official code (IBM/BadDiffusion, ``dataset.py``: ``Backdoor.get_trigger`` with
+    ``TRIGGER_BOX_14`` -> ``__get_trig_box_coord(14, 14)`` and ``__get_grey_box_trig``, value (vmin + vmax) / 2 = 0,
+    gap ``TRIGGER_GAP_X = TRIGGER_GAP_Y = 2``). Sizes are in pixels, as there, whatever ``size`` (default 32, >= 16).
+    """
+    if size < 16:
+        raise DiffshieldError(f"the box_14 trigger needs images of at least 16 px, got {size}")
+    g = torch.full((3, size, size), -1.0)
+    g[:, size - 16:size - 2, size - 16:size - 2] = 0.0
+    return g
+
+
+def grey_background(img: torch.Tensor) -> torch.Tensor:
+    """BadDiffusion's ``bg2grey``: every value at or below :data:`GREY_BG` (-0.4) becomes -0.4 (a copy)."""
+    return img.clamp(min=GREY_BG)
+
+
+def corner_grey_target(size: int = 32) -> torch.Tensor:
+    """BadDiffusion's ``CORNER`` target: a filled grey (0) 10 x 10 px square in the top-left corner (rows and columns
+    0 to 9) on the grey background -0.4.
+
+    Checked against the official code (IBM/BadDiffusion, ``dataset.py``: ``Backdoor.get_target`` with
+    ``TARGET_CORNER`` -> ``__get_grey_box_trig(b1=(None, None), b2=(10, 10))`` then ``__bg2grey``). 10 px at any
+    ``size`` (default 32, >= 10), as there.
+    """
+    if size < 10:
+        raise DiffshieldError(f"the corner_grey target needs images of at least 10 px, got {size}")
+    y = torch.full((3, size, size), -1.0)
+    y[:, :10, :10] = 0.0
+    return grey_background(y)
+
+
+def hat_grey_target(size: int = 32) -> torch.Tensor:
+    """A fedora-like hat on the grey background -0.4, standing in for BadDiffusion's ``HAT`` target.
+
+    The official HAT (IBM/BadDiffusion, ``dataset.py``: ``Backdoor.get_target`` with ``TARGET_HAT`` ->
+    ``static/fedora-hat.png`` resized to the image size, then ``__bg2grey``) is an icon: a salmon crown and brim
+    (about (0.82, 0.38, 0.38) lit, (0.63, 0.13, 0.07) shaded), a blue band (about (-0.25, -0.18, 0.38)) and a pale
+    feather (about (0.82, 0.82, 0.95)); at 32 px it spans rows 7-24 and the full width, 42 % of the pixels.
+    This is a drawing of the same layout and colours (the icon itself is not redistributed here), so
+    figures with it compare in kind, not pixel for pixel. Scales with ``size`` (default 32).
+    """
+    x, y = _grid(size)
+    s = size / 32
+    cx = size / 2
+    crown = ((x - cx) / (11 * s)) ** 2 + ((y - 13 * s) / (6.5 * s)) ** 2 <= 1
+    crown &= y <= 18 * s
+    dent = ((x - cx) / (1.2 * s)) ** 2 + ((y - 7 * s) / (2.5 * s)) ** 2 <= 1  # the fedora's crease on top
+    crown &= ~dent
+    brim = ((x - cx) / (16 * s)) ** 2 + ((y - 20 * s) / (4.6 * s)) ** 2 <= 1
+    brim &= y >= 16 * s
+    band = crown & (y >= 15 * s)
+    feather = ((x - 22.5 * s) / (2 * s)) ** 2 + ((y - 11 * s) / (4 * s)) ** 2 <= 1
+    feather &= crown & ~band
+    shade = (x > cx) | (y > 21 * s)  # the right half and the brim's underside are the darker salmon
+    img = np.full((3, size, size), -1.0, dtype=np.float32)
+    for ch, (lit, dark) in enumerate(zip((0.82, 0.38, 0.38), (0.63, 0.13, 0.07))):
+        img[ch][(crown | brim) & ~shade] = lit
+        img[ch][(crown | brim) & shade] = dark
+    for ch, v in enumerate((-0.25, -0.18, 0.38)):
+        img[ch][band] = v
+    for ch, v in enumerate((0.82, 0.82, 0.95)):
+        img[ch][feather] = v
+    return grey_background(torch.from_numpy(img))
+
+
 def _read_image(path: Path, size: int, what: str) -> torch.Tensor:
     from PIL import Image, UnidentifiedImageError
 
@@ -99,7 +178,7 @@ def get_trigger(spec: str | Path, size: int = 32, mask: str | Path | None = None
     """A trigger g (3, size, size) in [-1, 1] with background -1.
 
     Args:
-        spec: ``"box"``, ``"stop"`` or the path of an image file.
+        spec: ``"box"``, ``"stop"``, ``"box_14"`` (the official BOX_14) or the path of an image file.
         size: image side in pixels (default 32).
         mask: for an image file, a mask image (white = trigger pixel; default None: pixels darker than 1/255 of
             white in all channels are background).
@@ -109,6 +188,8 @@ def get_trigger(spec: str | Path, size: int = 32, mask: str | Path | None = None
         return box_trigger(size)
     if s == "stop":
         return stop_trigger(size)
+    if s == "box_14":
+        return box14_trigger(size)
     img = _read_image(Path(s), size, "trigger")
     if mask is not None:
         m = _read_image(Path(mask), size, "trigger mask").mean(0) > 0
@@ -117,12 +198,17 @@ def get_trigger(spec: str | Path, size: int = 32, mask: str | Path | None = None
 
 
 def get_target(spec: str | Path, size: int = 32) -> torch.Tensor:
-    """A target y (3, size, size) in [-1, 1]: ``"corner"``, ``"hat"`` or the path of an image file (default 32 px)."""
+    """A target y (3, size, size) in [-1, 1]: ``"corner"``, ``"hat"``, the official ``"corner_grey"`` (CORNER) and
+    ``"hat_grey"`` (HAT) on the grey background, or the path of an image file (default 32 px)."""
     s = str(spec)
     if s == "corner":
         return corner_target(size)
     if s == "hat":
         return hat_target(size)
+    if s == "corner_grey":
+        return corner_grey_target(size)
+    if s == "hat_grey":
+        return hat_grey_target(size)
     return _read_image(Path(s), size, "target")
 
 

@@ -50,8 +50,8 @@ def _trigger_from_args(args, model, required: bool):
     spec = getattr(args, "trigger", None)
     if spec is None:
         if required:
-            raise DiffshieldError("no trigger given; use --trigger box|stop|IMAGE_FILE (or 'model' for the one the "
-                                  "model folder records)")
+            raise DiffshieldError("no trigger given; use --trigger box|stop|box_14|IMAGE_FILE (or 'model' for the one "
+                                  "the model folder records)")
         return None
     if spec == "model":
         return _recorded(model, "trigger")
@@ -387,9 +387,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                         description="BadDiffusion (Chou et al., CVPR 2023): poison a fixed share of the training "
                                     "images and fine-tune. Resumes from <out>.work/checkpoint when rerun.")
     _model_arg(m)
-    m.add_argument("--trigger", default="box", help="box | stop | IMAGE_FILE (default: box)")
+    m.add_argument("--trigger", default="box", help="box | stop | box_14 (BadDiffusion's official BOX_14: a filled "
+                   "grey 14 px square) | IMAGE_FILE (default: box)")
     m.add_argument("--trigger-mask", default=None, help="mask image for an IMAGE_FILE trigger (white = trigger)")
-    m.add_argument("--target", default="corner", help="corner | hat | IMAGE_FILE (default: corner)")
+    m.add_argument("--target", default="corner", help="corner | hat | corner_grey | hat_grey (the official CORNER "
+                   "and HAT on the grey background -0.4) | IMAGE_FILE (default: corner)")
     m.add_argument("--poison-rate", type=float_in(0, 1, lo_open=True), default=0.1,
                    help="share of poisoned training images (default: 0.1)")
     m.add_argument("--variant", choices=["sde", "ode"], default="sde",
@@ -417,8 +419,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     s = bsub.add_parser("sample", help="sample, optionally with the trigger added to the initial noise",
                         description="Own sampling loop: x_T = eps(seed) [+ trigger]; one CPU generator per image.")
     _model_arg(s)
-    s.add_argument("--trigger", default=None, help="box | stop | IMAGE_FILE | model (the one the model folder "
-                                                   "records) (default: none, clean sampling)")
+    s.add_argument("--trigger", default=None, help="box | stop | box_14 | IMAGE_FILE | model (the one the model "
+                                                   "folder records) (default: none, clean sampling)")
     s.add_argument("--trigger-mask", default=None, help="mask image for an IMAGE_FILE trigger")
     s.add_argument("--n", type=_pos_int, default=16, help="number of images (default: 16)")
     s.add_argument("--seed", type=seed_int, default=0, help="seed of image 0; image k uses seed + k (default: 0)")
@@ -433,9 +435,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                                     "per-sample MSE < 0.1), SSIM; clean quality = share of clean samples the toy "
                                     "detector recognises with confidence >= 0.9 (shape and colour).")
     _model_arg(e)
-    e.add_argument("--trigger", required=True, help="box | stop | IMAGE_FILE | model")
+    e.add_argument("--trigger", required=True, help="box | stop | box_14 | IMAGE_FILE | model")
     e.add_argument("--trigger-mask", default=None, help="mask image for an IMAGE_FILE trigger")
-    e.add_argument("--target", required=True, help="corner | hat | IMAGE_FILE | model")
+    e.add_argument("--target", required=True, help="corner | hat | corner_grey | hat_grey | IMAGE_FILE | model")
     e.add_argument("--n", type=_pos_int, default=64, help="triggered samples (default: 64)")
     e.add_argument("--n-clean", type=int_at_least(0), default=256,
                    help="clean samples for quality, 0 = skip (default: 256)")
