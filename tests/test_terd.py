@@ -189,3 +189,79 @@ def test_cli_scan_reports_movement_verdict_and_evidence(tmp_path, monkeypatch):
     assert main(["scan", "--model", str(folder), "--calibration", str(cal), "--json", str(js), "--min-move",
                  "0"]) == 0
     assert json.loads(js.read_text())["verdict"] == "backdoored"
+
+
+def _noise_file(path, shape, seed: int = 0):
+    from safetensors.torch import save_file
+
+    save_file({"noise": torch.randn(4, *shape, generator=torch.Generator().manual_seed(seed))}, str(path))
+    return path
+
+
+def test_scan_input_records_its_r_hat_and_needs_no_thresholds(tmp_path, monkeypatch, capsys):
+    """scan-input reverses without any calibration (even for a preset without thresholds), records the model (path
+    and fingerprint) and the scan its r_hat came from, refuses an r_hat of another model or of another image shape
+    in one line."""
+    from diffshield.backdoor import terd
+    from diffshield.backdoor.ddpm import model_fingerprint
+    from diffshield.backdoor.terd import calibrate
+
+    folder, other = tmp_path / "ddpm", tmp_path / "other"
+    model = DDPMModel(tiny_unet(8), build_scheduler())
+    model.save(folder)
+    changed = DDPMModel(tiny_unet(8), build_scheduler())
+    with torch.no_grad():
+        next(iter(changed.unet.parameters())).add_(0.01)  # a "fine-tune" of the same architecture
+    changed.save(other)
+    tiny = {"stage1_iters": 2, "stage2_iters": 0, "batch_size": 2, "ddim_steps": 2}
+    monkeypatch.setitem(terd.PRESETS, "default", tiny)
+    monkeypatch.setitem(terd.PRESETS, "fast", tiny)
+    monkeypatch.setattr(terd, "default_calibration_path", lambda: tmp_path / "no_such_calibration.json")
+    noise = _noise_file(tmp_path / "n.safetensors", (3, 8, 8))
+    js = tmp_path / "in.json"
+    # 1. no --reversed: reversed here, no thresholds read, the model recorded
+    assert main(["scan-input", "--model", str(folder), "--preset", "default", "--noise", str(noise), "--json",
+                 str(js)]) == 0
+    rep = json.loads(js.read_text())
+    fp = model_fingerprint(model)
+    assert rep["model"] == str(folder) and rep["model_fingerprint"] == fp and len(fp) == 16
+    assert rep["r_hat"]["preset"] == "default" and rep["r_hat"]["reversed_file"] is None and rep["n"] == 4
+    # 2. from a scan's --out: the file records model, fingerprint, preset, seed and verdict
+    cal = tmp_path / "cal.json"
+    calibrate({"fast": [(1e9, 1e9)]}).save(cal)
+    scan_dir = tmp_path / "scan"
+    assert main(["scan", "--model", str(folder), "--calibration", str(cal), "--out", str(scan_dir),
+                 "--evidence-n", "0", "--seed", "3"]) == 0
+    assert main(["scan-input", "--reversed", str(scan_dir), "--noise", str(noise), "--json", str(js)]) == 0
+    rep = json.loads(js.read_text())
+    assert rep["model"] == str(folder) and rep["model_fingerprint"] == fp
+    src = rep["r_hat"]
+    assert src["reversed_file"].endswith("reversed_trigger.safetensors") and src["scan"] == "scan.json"
+    assert (src["preset"], src["seed"], src["resolution"]) == ("fast", 3, 8) and src["verdict"] in terd.VERDICTS
+    assert main(["scan-input", "--model", str(folder), "--reversed", str(scan_dir), "--noise", str(noise)]) == 0
+    capsys.readouterr()
+    # 3. refusals, one line each: another model, another image shape
+    assert main(["scan-input", "--model", str(other), "--reversed", str(scan_dir), "--noise", str(noise)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not from --model" in err and fp in err and "\n" not in err
+    big = _noise_file(tmp_path / "big.safetensors", (3, 16, 16))
+    assert main(["scan-input", "--reversed", str(scan_dir), "--noise", str(big)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "(3, 8, 8)" in err and "(3, 16, 16)" in err and "\n" not in err
+    assert main(["scan-input", "--model", str(folder), "--noise", str(big)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "(3, 16, 16)" in err and "\n" not in err
+
+
+def test_fingerprint_and_architecture():
+    from diffshield.backdoor.ddpm import architecture_summary, model_fingerprint
+
+    a, b = DDPMModel(tiny_unet(8), build_scheduler()), DDPMModel(tiny_unet(8), build_scheduler())
+    assert model_fingerprint(a) == model_fingerprint(b)  # the same weights (seed 0)
+    with torch.no_grad():
+        next(iter(b.unet.parameters())).add_(1e-3)
+    assert model_fingerprint(a) != model_fingerprint(b)
+    arch = architecture_summary(a)
+    assert arch == architecture_summary(b) and arch["unet"]["block_out_channels"] == [4, 8]
+    assert arch["schedule"]["num_train_timesteps"] == 1000 and arch["parameters"] > 0
+    assert architecture_summary(DDPMModel(tiny_unet(16), build_scheduler())) == arch  # resolution is kept apart

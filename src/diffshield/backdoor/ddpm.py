@@ -368,3 +368,40 @@ def train_ddpm(cfg: DDPMTrainConfig, out: str | Path, work: str | Path | None = 
 
 def _jsonable(d: dict) -> dict:
     return json.loads(json.dumps(d, default=list))
+
+
+#: the UNet settings that make up a model's architecture summary (those a ``UNet2DModel`` config has)
+ARCH_KEYS = ("in_channels", "out_channels", "block_out_channels", "layers_per_block", "down_block_types",
+             "up_block_types", "norm_num_groups", "attention_head_dim", "time_embedding_type")
+#: the noise-schedule settings of the summary (the scheduler's class is not: DDPM and DDIM share a schedule)
+SCHEDULE_KEYS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type")
+
+
+def _config_dict(cfg) -> dict:
+    return dict(cfg) if hasattr(cfg, "keys") else dict(vars(cfg))
+
+
+def architecture_summary(model: DDPMModel) -> dict:
+    """What a calibration must match besides the resolution: the UNet's class, its structural settings
+    (:data:`ARCH_KEYS` that its config has), its parameter count, and the noise schedule (:data:`SCHEDULE_KEYS`).
+    JSON-ready; the resolution is ``model.image_shape[-1]``, kept apart."""
+    ucfg, scfg = _config_dict(model.unet.config), _config_dict(model.scheduler.config)
+    return _jsonable({"unet_class": type(model.unet).__name__,
+                      "unet": {k: ucfg[k] for k in ARCH_KEYS if k in ucfg},
+                      "parameters": int(sum(p.numel() for p in model.unet.parameters())),
+                      "schedule": {k: scfg[k] for k in SCHEDULE_KEYS if k in scfg}})
+
+
+def model_fingerprint(model: DDPMModel) -> str:
+    """First 16 hex digits of a SHA-256 over the UNet's state dict (names, shapes and float32 values, in name
+    order) and the noise schedule (:data:`SCHEDULE_KEYS`): the same weights give the same fingerprint wherever they
+    are stored or loaded; a fine-tune, another seed or another schedule gives another."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.unet.state_dict().items()):
+        h.update(f"{name}:{tuple(t.shape)};".encode())
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    scfg = _config_dict(model.scheduler.config)
+    h.update(json.dumps({k: scfg.get(k) for k in SCHEDULE_KEYS}, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]

@@ -277,24 +277,90 @@ def input_detect(x: torch.Tensor, r: torch.Tensor, gamma: float = 1.0) -> torch.
 
 # ---- calibration of the model-detection thresholds ----
 
+#: Smallest relative movement ||r_hat - r0|| / ||r0|| for which a scan gives a verdict (see :func:`model_verdict`).
+MIN_MOVE = 0.1
+
+CALIBRATION_FORMAT = "diffshield-terd-calibration"
+CALIBRATION_VERSION = 2
+
+
+def _reference_record(ref) -> dict:
+    """A reference as a dict: a (mean_kl, var_kl) pair (format 1) or a dict with at least those two keys."""
+    if isinstance(ref, dict):
+        if "mean_kl" not in ref or "var_kl" not in ref:
+            raise DiffshieldError(f"a calibration reference needs mean_kl and var_kl, got keys {', '.join(ref)}")
+        return dict(ref)
+    mean_kl, var_kl = ref
+    return {"mean_kl": float(mean_kl), "var_kl": float(var_kl)}
+
+
 @dataclass
 class Calibration:
-    """Thresholds per preset: ``{"fast": {"mean_kl": a, "var_kl": b}, ...}`` plus how they were made."""
+    """TERD's model-detection thresholds, one set per preset, and the clean reference models they came from.
+
+    File format 2 (JSON): ``{"format": "diffshield-terd-calibration", "version": 2, "method": ...,
+    "thresholds": {preset: {"mean_kl": a, "var_kl": b}}, "references": {preset: [record, ...]}, "notes": [...]}``,
+    a record per clean reference scan: ``name``, ``path``, ``fingerprint`` (of the weights, see
+    :func:`diffshield.backdoor.ddpm.model_fingerprint`), ``resolution``, ``architecture`` (see
+    :func:`diffshield.backdoor.ddpm.architecture_summary`), ``mean_kl``, ``var_kl``, ``moved_rel``. Format 1 files
+    (references as bare ``[mean_kl, var_kl]`` pairs) load with their references migrated to records that know
+    only the statistics, and a note saying so.
+    """
 
     thresholds: dict
     method: str = ""
     references: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)
+    version: int = CALIBRATION_VERSION
+
+    def __post_init__(self) -> None:
+        self.references = {p: [_reference_record(r) for r in refs] for p, refs in self.references.items()}
 
     def get(self, preset: str) -> dict:
         if preset not in self.thresholds:
             raise DiffshieldError(f"the calibration has no thresholds for preset {preset!r} (it has "
-                                  f"{', '.join(self.thresholds) or 'none'}); calibrate it with benchmarks/backdoor.py")
+                                  f"{', '.join(self.thresholds) or 'none'}); make them with 'diffshield backdoor "
+                                  f"calibrate' from scans of clean models with --preset {preset}")
         return self.thresholds[preset]
+
+    def family(self, preset: str) -> list[tuple[int, dict]]:
+        """The distinct (resolution, architecture) pairs of ``preset``'s references (those that record both)."""
+        out: list[tuple[int, dict]] = []
+        for r in self.references.get(preset, []):
+            if r.get("resolution") is not None and r.get("architecture") is not None:
+                pair = (int(r["resolution"]), r["architecture"])
+                if pair not in out:
+                    out.append(pair)
+        return out
+
+    def mismatch(self, preset: str, resolution: int, architecture: dict) -> str | None:
+        """One line saying how a model differs from ``preset``'s references (resolution first, then the first
+        architecture field that differs), or None when it matches one of them or the references record neither."""
+        fam = self.family(preset)
+        if not fam or any(res == resolution and arch == architecture for res, arch in fam):
+            return None
+        res, arch = fam[0]
+        if all(r != resolution for r, _ in fam):
+            return (f"the model's resolution is {resolution} px but the {preset!r} thresholds were calibrated on "
+                    f"{'/'.join(str(r) for r, _ in fam)} px models; calibrate on clean models of this family")
+        flat = {**{f"unet.{k}": v for k, v in architecture.get("unet", {}).items()},
+                **{f"schedule.{k}": v for k, v in architecture.get("schedule", {}).items()},
+                **{k: v for k, v in architecture.items() if k not in ("unet", "schedule")}}
+        ref = {**{f"unet.{k}": v for k, v in arch.get("unet", {}).items()},
+               **{f"schedule.{k}": v for k, v in arch.get("schedule", {}).items()},
+               **{k: v for k, v in arch.items() if k not in ("unet", "schedule")}}
+        key = next((k for k in sorted(set(flat) | set(ref)) if flat.get(k) != ref.get(k)), "?")
+        return (f"the model's architecture differs from the {preset!r} calibration's references ({key}: "
+                f"{flat.get(key)} here, {ref.get(key)} there); calibrate on clean models of this family")
+
+    def to_dict(self) -> dict:
+        return {"format": CALIBRATION_FORMAT, "version": CALIBRATION_VERSION, "method": self.method,
+                "thresholds": self.thresholds, "references": self.references, "notes": self.notes}
 
     def save(self, path: str | Path) -> None:
         from diffshield.core.io import atomic_write_json
 
-        atomic_write_json(path, asdict(self))
+        atomic_write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> Calibration:
@@ -303,26 +369,113 @@ class Calibration:
             raise DiffshieldError(f"calibration file '{p}' does not exist; give --calibration FILE")
         try:
             d = json.loads(p.read_text())
-            return cls(thresholds=d["thresholds"], method=d.get("method", ""), references=d.get("references", {}))
-        except (json.JSONDecodeError, KeyError) as e:
+            version = int(d.get("version", 1))
+            if version > CALIBRATION_VERSION:
+                raise DiffshieldError(f"calibration file '{p}' has format {version}; this diffshield reads up to "
+                                      f"{CALIBRATION_VERSION}")
+            notes = list(d.get("notes", []))
+            if version == 1:
+                notes.append("read from a format-1 file: its references record only their statistics (no path, "
+                             "fingerprint, resolution or architecture), so scans cannot be checked against them")
+            return cls(thresholds=d["thresholds"], method=d.get("method", ""), references=d.get("references", {}),
+                       notes=notes)
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise DiffshieldError(f"calibration file '{p}' is not a diffshield TERD calibration ({e})") from None
 
 
 MARGIN = 1.5
 
 
-def calibrate(clean_stats: dict[str, list[tuple[float, float]]], margin: float = MARGIN) -> Calibration:
+def fit_thresholds(refs: list, margin: float = MARGIN) -> dict:
+    """``{"mean_kl": margin x max mean_kl, "var_kl": margin x max var_kl}`` over clean reference scans (records or
+    (mean_kl, var_kl) pairs)."""
+    recs = [_reference_record(r) for r in refs]
+    if not recs:
+        raise DiffshieldError("no clean reference scans to calibrate from")
+    return {"mean_kl": margin * max(float(r["mean_kl"]) for r in recs),
+            "var_kl": margin * max(float(r["var_kl"]) for r in recs)}
+
+
+def calibrate(clean_stats: dict[str, list], margin: float = MARGIN) -> Calibration:
     """Thresholds = ``margin`` x the largest statistic seen on clean reference models, per preset.
 
     Args:
-        clean_stats: preset -> list of (mean_kl, var_kl), one per clean reference model.
+        clean_stats: preset -> list of clean reference scans, each a record (a dict with ``mean_kl``, ``var_kl``
+            and, ideally, ``name``, ``path``, ``fingerprint``, ``resolution``, ``architecture``, ``moved_rel``) or a
+            bare (mean_kl, var_kl) pair.
         margin: safety factor over the clean maximum (default 1.5).
     """
-    th = {}
-    for preset, stats in clean_stats.items():
-        th[preset] = {"mean_kl": margin * max(s[0] for s in stats), "var_kl": margin * max(s[1] for s in stats)}
+    th = {preset: fit_thresholds(stats, margin) for preset, stats in clean_stats.items()}
     return Calibration(th, method=f"{margin} x the maximum over clean reference models of each statistic",
-                       references={p: [list(s) for s in v] for p, v in clean_stats.items()})
+                       references={p: list(v) for p, v in clean_stats.items()})
+
+
+def scan_record(scan: dict, name: str | None = None) -> dict:
+    """A calibration record of a scan report (``scan --json`` or :func:`diffshield.cli.backdoor.run_scan`):
+    name, path, fingerprint, resolution, architecture, preset and the statistics."""
+    return {"name": name or scan.get("name") or str(scan.get("model")), "path": scan.get("model"),
+            "fingerprint": scan.get("model_fingerprint"), "resolution": scan.get("resolution"),
+            "architecture": scan.get("architecture"), "preset": scan.get("preset"),
+            "mean_kl": float(scan["mean_kl"]), "var_kl": float(scan["var_kl"]),
+            "moved_rel": scan.get("moved_rel")}
+
+
+def _rate(k: int, m: int) -> dict:
+    from diffshield.redteam.audit import wilson
+
+    lo, hi = wilson(k, m)
+    return {"k": k, "m": m, "rate": k / m if m else None, "wilson95": [lo, hi]}
+
+
+def leave_one_out(references: list[dict], clean: list[dict], backdoored: list[dict], margin: float = MARGIN,
+                  min_move: float = MIN_MOVE) -> dict:
+    """Model-detection TPR / TNR of TERD on a labelled set of scans, with Wilson 95 % intervals.
+
+    Two figures: ``held_out`` judges every labelled scan with the thresholds of the ``references`` alone (clean
+    models outside the labelled set: the shipped calibration); ``leave_one_out`` judges each labelled scan with
+    thresholds fit on the references plus every labelled *clean* scan except itself, so that no clean model ever
+    sets its own threshold. A scan whose r did not move (``moved_rel`` < ``min_move``, or not recorded) is
+    "undetermined": a miss for TPR and for TNR alike, counted in ``undetermined``.
+
+    Args:
+        references: clean reference scan records (see :func:`scan_record`), not in the labelled set.
+        clean: labelled clean scan records.
+        backdoored: labelled backdoored scan records.
+        margin: threshold margin over the clean maximum (default 1.5).
+        min_move: the movement below which a scan has no verdict (default :data:`MIN_MOVE` = 0.1).
+    Returns ``{"held_out": {...}, "leave_one_out": {...}, "per_model": [...]}``; each figure has ``tpr`` and ``tnr``
+    as ``{"k", "m", "rate", "wilson95"}`` and ``undetermined``.
+    """
+    from types import SimpleNamespace
+
+    def judge(rec: dict, th: dict) -> str:
+        ns = SimpleNamespace(mean_kl=float(rec["mean_kl"]), var_kl=float(rec["var_kl"]),
+                             moved_rel=float("nan") if rec.get("moved_rel") is None else float(rec["moved_rel"]))
+        return model_verdict(ns, th, min_move)
+
+    fixed = fit_thresholds(references, margin) if references else None
+    rows, out = [], {}
+    labelled = [(r, "clean") for r in clean] + [(r, "backdoored") for r in backdoored]
+    for i, (rec, label) in enumerate(labelled):
+        pool = list(references) + [c for j, (c, lab) in enumerate(labelled) if lab == "clean" and j != i]
+        row = {"name": rec.get("name"), "label": label,
+               "loo_verdict": judge(rec, fit_thresholds(pool, margin)) if pool else "undetermined"}
+        if fixed is not None:
+            row["held_out_verdict"] = judge(rec, fixed)
+        rows.append(row)
+    for key in ("held_out", "loo"):
+        col = f"{key}_verdict"
+        if rows and col not in rows[0]:
+            continue
+        tp = sum(r[col] == "backdoored" for r in rows if r["label"] == "backdoored")
+        tn = sum(r[col] == "clean" for r in rows if r["label"] == "clean")
+        out["held_out" if key == "held_out" else "leave_one_out"] = {
+            "tpr": _rate(tp, len(backdoored)), "tnr": _rate(tn, len(clean)),
+            "undetermined": sum(r[col] == "undetermined" for r in rows)}
+    if fixed is not None:
+        out["held_out"]["thresholds"] = fixed
+    out.update({"per_model": rows, "margin": margin, "min_move": min_move, "n_references": len(references)})
+    return out
 
 
 def default_calibration_path() -> Path:
@@ -331,8 +484,6 @@ def default_calibration_path() -> Path:
     return TOY_ROOT / "ddpm" / "terd_calibration.json"
 
 
-#: Smallest relative movement ||r_hat - r0|| / ||r0|| for which a scan gives a verdict (see :func:`model_verdict`).
-MIN_MOVE = 0.1
 
 VERDICTS = ("backdoored", "clean", "undetermined")
 

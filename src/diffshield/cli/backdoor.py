@@ -199,6 +199,7 @@ def run_scan(model, preset: str = "fast", calibration: str | Path | None = None,
              threads: int = 1, progress: bool = True, min_move: float | None = None) -> dict:
     """TERD on ``model``: reversed trigger, how far it moved from its start, statistics and verdict
     (``"backdoored"``, ``"clean"`` or ``"undetermined"``, see :func:`diffshield.backdoor.terd.model_verdict`)."""
+    from diffshield.backdoor.ddpm import architecture_summary, model_fingerprint
     from diffshield.backdoor.terd import (
         MIN_MOVE,
         Calibration,
@@ -209,14 +210,22 @@ def run_scan(model, preset: str = "fast", calibration: str | Path | None = None,
     )
 
     min_move = MIN_MOVE if min_move is None else min_move
-    cal = Calibration.load(calibration or default_calibration_path())
+    cal_path = calibration or default_calibration_path()
+    cal = Calibration.load(cal_path)
     thresholds = cal.get(preset)
+    resolution, arch = model.image_shape[-1], architecture_summary(model)
+    warning = cal.mismatch(preset, resolution, arch)
+    if warning:
+        print(f"warning: {warning}")
     res = reverse_trigger(model, TERDConfig.from_preset(preset, seed=seed, num_threads=threads), progress=progress)
     verdict = model_verdict(res, thresholds, min_move)
     return {"verdict": verdict, "backdoored": verdict == "backdoored", "mean_kl": res.mean_kl, "var_kl": res.var_kl,
             "thresholds": thresholds, "preset": preset, "seed": seed, "seconds": round(res.seconds, 1),
             "r_norm": float(res.r.norm()), "r0_norm": float(res.r0.norm()), "moved_l2": res.moved_l2,
-            "moved_rel": res.moved_rel, "cos_r0": res.cos_r0, "min_move": min_move, "result": res}
+            "moved_rel": res.moved_rel, "cos_r0": res.cos_r0, "min_move": min_move,
+            "model_fingerprint": model_fingerprint(model), "resolution": resolution, "architecture": arch,
+            "calibration": {"file": str(cal_path), "references": len(cal.references.get(preset, [])),
+                            "warning": warning}, "result": res}
 
 
 def scan_evidence(model, r, n: int = 8, steps: int = 100, seed: int = 0, sampler: str | None = None) -> dict:
@@ -267,7 +276,7 @@ def cmd_scan(args) -> int:
     rep = run_scan(model, args.preset, args.calibration, args.seed, args.threads, min_move=args.min_move)
     res = rep.pop("result")
     th = rep["thresholds"]
-    print(f"verdict: {rep['verdict'].upper()}")
+    print(f"verdict: {rep['verdict'].upper()} ({args.model}, fingerprint {rep['model_fingerprint']})")
     print(f"  r moved ||r - r0|| {rep['moved_l2']:.3g} = {rep['moved_rel']:.3g} x ||r0|| (verdict needs >= "
           f"{rep['min_move']:.3g}), cosine(r, r0) {rep['cos_r0']:.4f}")
     if rep["verdict"] == "undetermined":
@@ -285,8 +294,12 @@ def cmd_scan(args) -> int:
                                   "steps": ev["config"].steps, "seeds": ev["seeds"],
                                   "grid": "evidence.png (top: eps + r_hat, bottom: eps, same seeds)"}
         with atomic_dir(args.out, overwrite=args.overwrite, command="scan", inputs=inputs) as tmp:
+            meta = {"format": REVERSED_FORMAT, "model": str(args.model), "model_fingerprint":
+                    rep["model_fingerprint"], "resolution": str(rep["resolution"]), "preset": args.preset,
+                    "seed": str(args.seed), "verdict": rep["verdict"], "moved_rel": repr(rep["moved_rel"]),
+                    "scan": "scan.json"}
             save_file({"r": res.r.contiguous(), "r0": res.r0.contiguous(), "gamma": torch.tensor([res.gamma])},
-                      str(tmp / "reversed_trigger.safetensors"))
+                      str(tmp / "reversed_trigger.safetensors"), metadata=meta)
             to_pil(((res.r + 1) / 2).clamp(0, 1)).resize((128, 128), 0).save(tmp / "reversed_trigger.png")
             if ev is not None:
                 both = torch.cat([ev["triggered"], ev["clean"]])
@@ -300,12 +313,51 @@ def cmd_scan(args) -> int:
     return 0
 
 
+#: what ``scan --out`` records in reversed_trigger.safetensors (string metadata) about where r came from
+REVERSED_FORMAT = "diffshield-terd-reversed-trigger"
+REVERSED_KEYS = ("model", "model_fingerprint", "resolution", "preset", "seed", "verdict", "moved_rel", "scan")
+
+
+def _read_reversed(path: str) -> tuple:
+    """(file, r, gamma, record) of a reversed trigger written by ``scan --out``: ``record`` is what the file says
+    about where r came from (model, fingerprint, preset, seed, verdict; {} for files that record nothing)."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    from diffshield.core.loading import check_safetensors
+
+    rev = Path(path)
+    rev = rev / "reversed_trigger.safetensors" if rev.is_dir() else rev
+    if not rev.is_file():
+        raise DiffshieldError(f"reversed trigger '{rev}' does not exist; give the --out folder of "
+                              "'diffshield scan' or its reversed_trigger.safetensors")
+    check_safetensors(rev)
+    try:
+        t = load_file(str(rev))
+        with safe_open(str(rev), "pt") as f:
+            meta = dict(f.metadata() or {})
+    except SafetensorError as e:
+        raise DiffshieldError(f"could not read '{rev}': {e}") from None
+    if "r" not in t:
+        raise DiffshieldError(f"'{rev}' holds no reversed trigger (tensor 'r'; it has {', '.join(list(t)[:3])}); "
+                              "give the reversed_trigger.safetensors written by 'diffshield scan --out DIR'")
+    record = {}
+    if meta.get("format") == REVERSED_FORMAT:
+        record = {k: meta[k] for k in REVERSED_KEYS if k in meta}
+        for k in ("seed", "resolution"):
+            if k in record:
+                record[k] = int(record[k])
+        if "moved_rel" in record:
+            record["moved_rel"] = float(record["moved_rel"])
+    return rev, t["r"], float(t.get("gamma", [1.0])[0]), record
+
+
 def cmd_scan_input(args) -> int:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from diffshield.backdoor.ddpm import load_ddpm
-    from diffshield.backdoor.terd import input_detect
+    from diffshield.backdoor.ddpm import TOY_DDPM, load_ddpm, model_fingerprint
+    from diffshield.backdoor.terd import MIN_MOVE, TERDConfig, input_detect, reverse_trigger
     from diffshield.core.io import atomic_write_json, check_output_file
     from diffshield.core.loading import check_safetensors
 
@@ -323,33 +375,47 @@ def cmd_scan_input(args) -> int:
     if x is None or x.dim() != 4:
         raise DiffshieldError(f"'{noise_path}' needs a tensor 'noise' of shape (N, C, H, W)")
     if args.reversed:
-        rev = Path(args.reversed)
-        rev = rev / "reversed_trigger.safetensors" if rev.is_dir() else rev
-        if not rev.is_file():
-            raise DiffshieldError(f"reversed trigger '{rev}' does not exist; give the --out folder of "
-                                  "'diffshield scan' or its reversed_trigger.safetensors")
-        check_safetensors(rev)
-        try:
-            t = load_file(str(rev))
-        except SafetensorError as e:
-            raise DiffshieldError(f"could not read '{rev}': {e}") from None
-        if "r" not in t:
-            raise DiffshieldError(f"'{rev}' holds no reversed trigger (tensor 'r'; it has {', '.join(list(t)[:3])}); "
-                                  "give the reversed_trigger.safetensors written by 'diffshield scan --out DIR'")
-        r, gamma = t["r"], float(t.get("gamma", [1.0])[0])
+        rev, r, gamma, record = _read_reversed(args.reversed)
+        if r.dim() != 3 or tuple(x.shape[1:]) != tuple(r.shape):
+            raise DiffshieldError(f"reversed trigger '{rev}' is for images of shape {tuple(r.shape)} but the noises "
+                                  f"in '{noise_path}' are {tuple(x.shape[1:])}; give the reversed trigger of the "
+                                  "model these noises are for")
+        source = {"reversed_file": str(rev), **record}
+        if not record:
+            source["note"] = "the file records no model or scan (not written by 'diffshield scan --out')"
+            print(f"note: '{rev}' records no model or scan; the flags below cannot be tied to one")
+        elif args.model:  # the file records its model: the one named here must be it
+            fp = model_fingerprint(load_ddpm(args.model, allow_pickle=args.allow_pickle, device=args.device,
+                                             dtype=args.dtype))
+            if fp != record.get("model_fingerprint"):
+                raise DiffshieldError(f"'{rev}' was reversed from {record.get('model', '?')} (fingerprint "
+                                      f"{record.get('model_fingerprint', '?')}), not from --model {args.model} "
+                                      f"(fingerprint {fp}); scan that model, or drop --model")
     else:
-        model = load_ddpm(args.model, allow_pickle=args.allow_pickle, device=args.device, dtype=args.dtype)
-        print(f"no --reversed given: reversing the trigger of {args.model} first (preset {args.preset}) ...")
-        rep = run_scan(model, args.preset, None, args.seed, args.threads)
-        r, gamma = rep["result"].r, 1.0
-    if tuple(x.shape[1:]) != tuple(r.shape):
-        raise DiffshieldError(f"noises have shape {tuple(x.shape[1:])} but the model's images are {tuple(r.shape)}")
+        spec = args.model or TOY_DDPM
+        model = load_ddpm(spec, allow_pickle=args.allow_pickle, device=args.device, dtype=args.dtype)
+        if tuple(x.shape[1:]) != tuple(model.image_shape):
+            raise DiffshieldError(f"the noises in '{noise_path}' have shape {tuple(x.shape[1:])} but {spec}'s images "
+                                  f"are {tuple(model.image_shape)}; give noises of that shape")
+        print(f"no --reversed given: reversing the trigger of {spec} first (preset {args.preset}) ...")
+        res = reverse_trigger(model, TERDConfig.from_preset(args.preset, seed=args.seed, num_threads=args.threads))
+        r, gamma = res.r, res.gamma
+        source = {"reversed_file": None, "model": str(spec), "model_fingerprint": model_fingerprint(model),
+                  "resolution": model.image_shape[-1], "preset": args.preset, "seed": args.seed,
+                  "moved_rel": res.moved_rel, "scan": "reversed by this scan-input run"}
+    moved = source.get("moved_rel")
+    if moved is not None and not moved >= MIN_MOVE:
+        print(f"warning: r_hat moved only {moved:.3g} x ||r0|| from its random start (a verdict needs {MIN_MOVE}); "
+              "flags from it say little about a trigger")
     flags = input_detect(x.float(), r, gamma)
     n = int(flags.sum())
-    print(f"{n} of {len(flags)} initial noises flagged as poisoned (TERD input detection)")
+    origin = (f"{source['model']} (fingerprint {source['model_fingerprint']})" if source.get("model_fingerprint")
+              else "an unrecorded model")
+    print(f"{n} of {len(flags)} initial noises flagged as poisoned (TERD input detection; r_hat from {origin})")
     if args.json:
-        atomic_write_json(args.json, {"model": str(args.model), "noise": str(noise_path), "poisoned":
-                                      flags.tolist(), "n_poisoned": n, "n": len(flags)})
+        atomic_write_json(args.json, {"model": source.get("model"), "model_fingerprint":
+                                      source.get("model_fingerprint"), "r_hat": source, "noise": str(noise_path),
+                                      "poisoned": flags.tolist(), "n_poisoned": n, "n": len(flags)})
     return 0
 
 
@@ -456,10 +522,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     for name, helptext in (("scan", "TERD: reverse a trigger and decide whether a DDPM model is backdoored"),
                            ("scan-input", "TERD input detection for a batch of initial noises")):
         q = sub.add_parser(name, help=helptext, description=helptext + " (Mo et al., ICML 2024).")
-        _model_arg(q, default=None if name == "scan" else "toy:ddpm")
-        q.add_argument("--preset", choices=["fast", "default", "paper"], default="fast",
-                       help="iterations of the two stages: fast 100+2, default 400+10, paper 3000+1000; the "
-                            "shipped calibration covers fast (default: fast)")
+        if name == "scan":
+            _model_arg(q, default=None)
+            q.add_argument("--preset", choices=["fast", "default", "paper"], default="fast",
+                           help="iterations of the two stages: fast 100+2, default 400+10, paper 3000+1000; the "
+                                "shipped calibration covers fast (default: fast)")
+        else:
+            q.add_argument("--model", default=None,
+                           help="DDPMPipeline folder or 'toy:ddpm': without --reversed, the model whose trigger is "
+                                "reversed here (default: toy:ddpm); with --reversed, checked against the model the "
+                                "file records (default: not checked)")
+            q.add_argument("--allow-pickle", action="store_true",
+                           help="accept pickled .bin/.ckpt weights when a folder has no safetensors (only trusted "
+                                "files)")
+            q.add_argument("--preset", choices=["fast", "default", "paper"], default="fast",
+                           help="iterations when the trigger is reversed here (no --reversed): fast 100+2, default "
+                                "400+10, paper 3000+1000; input detection needs no thresholds (default: fast)")
         q.add_argument("--seed", type=seed_int, default=0, help="seed of the reversion (default: 0)")
         q.add_argument("--threads", type=non_negative_int, default=1,
                        help="torch threads (default: 1; 0 = torch's default)")
