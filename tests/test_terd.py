@@ -24,6 +24,7 @@ from diffshield.backdoor.terd import (
     stage2_loss,
 )
 from diffshield.cli.main import main
+from diffshield.core.errors import DiffshieldError
 
 EVERYTHING = {"mean_kl": 0.0, "var_kl": 0.0}  # thresholds under which any statistic would be "backdoored"
 
@@ -265,3 +266,106 @@ def test_fingerprint_and_architecture():
     assert arch == architecture_summary(b) and arch["unet"]["block_out_channels"] == [4, 8]
     assert arch["schedule"]["num_train_timesteps"] == 1000 and arch["parameters"] > 0
     assert architecture_summary(DDPMModel(tiny_unet(16), build_scheduler())) == arch  # resolution is kept apart
+
+
+def _rec(name, mean_kl, var_kl, moved=0.3, preset="fast", fp=None, **kw):
+    return {"name": name, "path": name, "fingerprint": fp or name, "resolution": 8, "architecture": {"a": 1},
+            "preset": preset, "mean_kl": mean_kl, "var_kl": var_kl, "moved_rel": moved, **kw}
+
+
+def test_leave_one_out_and_held_out_rates_with_wilson_intervals():
+    """Hand-computed: references (0.10, 0.11) give thresholds 0.165 / 0.0165; a clean outlier (0.30) is a false
+    positive in both figures; a weak backdoor (0.12) is missed; a backdoor whose r did not move is undetermined."""
+    from diffshield.backdoor.terd import calibrate_from_scans
+    from diffshield.redteam.audit import wilson
+
+    refs = [_rec("r1", 0.10, 0.010), _rec("r2", 0.11, 0.011)]
+    clean = [_rec("c1", 0.10, 0.010), _rec("c2", 0.30, 0.050)]
+    bd = [_rec("b1", 0.50, 0.100), _rec("b2", 0.12, 0.012), _rec("b3", 0.90, 0.200, moved=0.01)]
+    cal, rep = calibrate_from_scans(refs, clean, bd)
+    assert cal.get("fast") == pytest.approx({"mean_kl": 0.165, "var_kl": 0.0165})
+    assert [r["name"] for r in cal.references["fast"]] == ["r1", "r2"]
+    verdicts = {r["name"]: (r["held_out_verdict"], r["loo_verdict"]) for r in rep["per_model"]}
+    assert verdicts == {"c1": ("clean", "clean"), "c2": ("backdoored", "backdoored"),  # c2 never sets its own
+                        "b1": ("backdoored", "backdoored"), "b2": ("clean", "clean"),
+                        "b3": ("undetermined", "undetermined")}
+    for key in ("held_out", "leave_one_out"):
+        r = rep[key]
+        assert (r["tpr"]["k"], r["tpr"]["m"], r["tnr"]["k"], r["tnr"]["m"]) == (1, 3, 1, 2)
+        assert r["tpr"]["wilson95"] == pytest.approx(list(wilson(1, 3)))
+        assert r["tnr"]["wilson95"] == pytest.approx(list(wilson(1, 2))) and r["undetermined"] == 1
+    # the clean outlier raises the leave-one-out thresholds of everyone else: b1 (0.5) is judged against 0.45
+    only_bd = calibrate_from_scans(refs, clean, [_rec("b4", 0.40, 0.07)])[1]
+    assert only_bd["held_out"]["tpr"]["k"] == 1 and only_bd["leave_one_out"]["tpr"]["k"] == 0
+
+
+def test_calibration_refusals_and_formats(tmp_path):
+    from diffshield.backdoor.terd import Calibration, calibrate_from_scans
+
+    refs = [_rec("r1", 0.10, 0.010), _rec("r2", 0.11, 0.011)]
+    with pytest.raises(DiffshieldError, match="did not move r"):
+        calibrate_from_scans([*refs, _rec("r3", 0.16, 0.02, moved=0.0)])
+    with pytest.raises(DiffshieldError, match="held out"):
+        calibrate_from_scans(refs, [_rec("c1", 0.1, 0.01, fp="r2")])
+    with pytest.raises(DiffshieldError, match="one TERD preset"):
+        calibrate_from_scans(refs, [_rec("c1", 0.1, 0.01, preset="default")])
+    # format 2 round trip; another preset kept with base
+    cal, _ = calibrate_from_scans(refs)
+    cal2, _ = calibrate_from_scans([_rec("r4", 0.2, 0.02, preset="default")], base=cal)
+    f = tmp_path / "cal.json"
+    cal2.save(f)
+    back = Calibration.load(f)
+    assert set(back.thresholds) == {"fast", "default"} and back.references["fast"][0]["fingerprint"] == "r1"
+    assert json.loads(f.read_text())["version"] == 2 and not back.notes
+    # format 1 (references as bare pairs) still loads, with a note
+    f1 = tmp_path / "v1.json"
+    f1.write_text(json.dumps({"thresholds": {"fast": {"mean_kl": 0.2, "var_kl": 0.02}}, "method": "m",
+                              "references": {"fast": [[0.1, 0.01]]}}))
+    old = Calibration.load(f1)
+    assert old.get("fast")["mean_kl"] == 0.2 and old.references["fast"] == [{"mean_kl": 0.1, "var_kl": 0.01}]
+    assert "format-1" in old.notes[0] and old.mismatch("fast", 64, {}) is None  # nothing to compare with
+    # mismatches: resolution first, then the first architecture field that differs
+    arch = {"unet_class": "UNet2DModel", "unet": {"block_out_channels": [4, 8]}, "schedule": {"beta_end": 0.02}}
+    c = Calibration({"fast": {"mean_kl": 1, "var_kl": 1}}, references={"fast": [{**_rec("r", 0.1, 0.01),
+                                                                                 "architecture": arch}]})
+    assert c.mismatch("fast", 8, arch) is None
+    assert "8 px" in c.mismatch("fast", 16, arch)
+    msg = c.mismatch("fast", 8, {**arch, "unet": {"block_out_channels": [8, 16]}})
+    assert "unet.block_out_channels" in msg and "\n" not in msg
+
+
+def test_cli_calibrate_then_scan_warns_on_another_family(tmp_path, monkeypatch, capsys):
+    """backdoor calibrate writes a format-2 file from scan reports and prints TPR/TNR with intervals; scan of a model
+    of another resolution than the references warns in one line."""
+    from diffshield.backdoor import terd
+
+    files = {}
+    for name, mk, vk, fp in (("ref1", 0.10, 0.010, "f1"), ("ref2", 0.11, 0.011, "f2"), ("c1", 0.10, 0.010, "f3"),
+                             ("b1", 0.50, 0.100, "f4")):
+        files[name] = tmp_path / f"{name}.json"
+        files[name].write_text(json.dumps({"model": name, "model_fingerprint": fp, "resolution": 16,
+                                           "architecture": {"unet_class": "UNet2DModel"}, "preset": "fast",
+                                           "mean_kl": mk, "var_kl": vk, "moved_rel": 0.3, "verdict": "clean"}))
+    cal, rep = tmp_path / "cal.json", tmp_path / "rep.json"
+    assert main(["backdoor", "calibrate", "--references", str(files["ref1"]), str(files["ref2"]), "--clean",
+                 str(files["c1"]), "--backdoored", str(files["b1"]), "--out", str(cal), "--json", str(rep)]) == 0
+    out = capsys.readouterr().out
+    assert "leave-one-out: TPR 1/1 = 100% (95 % 21%-100%)" in out and "TNR 1/1" in out
+    r = json.loads(rep.read_text())
+    assert r["leave_one_out"]["tpr"]["k"] == 1 and r["thresholds"]["mean_kl"] == pytest.approx(0.165)
+    assert json.loads(cal.read_text())["references"]["fast"][0]["fingerprint"] == "f1"
+    folder = tmp_path / "ddpm"
+    DDPMModel(tiny_unet(8), build_scheduler()).save(folder)
+    monkeypatch.setitem(terd.PRESETS, "fast", {"stage1_iters": 1, "stage2_iters": 0, "batch_size": 2})
+    js = tmp_path / "scan.json"
+    assert main(["scan", "--model", str(folder), "--calibration", str(cal), "--json", str(js)]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("warning:")]
+    assert len(lines) == 1 and "8 px" in lines[0] and "16 px" in lines[0]
+    rep = json.loads(js.read_text())
+    assert rep["calibration"]["warning"] and rep["resolution"] == 8 and len(rep["model_fingerprint"]) == 16
+    # a scan report is itself a valid calibration input; a reference that is in the labelled set is refused
+    capsys.readouterr()
+    assert main(["backdoor", "calibrate", "--references", str(files["ref1"]), "--clean", str(files["ref1"]),
+                 "--out", str(tmp_path / "x.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "held out" in err and "\n" not in err

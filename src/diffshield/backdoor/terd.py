@@ -478,6 +478,57 @@ def leave_one_out(references: list[dict], clean: list[dict], backdoored: list[di
     return out
 
 
+def calibrate_from_scans(references: list[dict], clean: list[dict] = (), backdoored: list[dict] = (),
+                         margin: float = MARGIN, min_move: float = MIN_MOVE,
+                         base: Calibration | None = None) -> tuple[Calibration, dict]:
+    """Thresholds of one preset from scans of held-out clean reference models, and how they do on a labelled set.
+
+    TERD (Mo et al., ICML 2024) flags a model whose reversed trigger's mean or variance of KL exceeds a threshold and
+    leaves the thresholds to the user; here they are ``margin`` x the largest statistic over the references
+    (:func:`fit_thresholds`). The references must be held out: none may share a fingerprint with a labelled scan,
+    all must come from the same preset, and each must have moved r (``moved_rel`` >= ``min_move``; the statistics
+    of an r that stayed at r0 are those of the initialisation). The labelled scans give leave-one-out and held-out
+    TPR / TNR with Wilson 95 % intervals (:func:`leave_one_out`).
+
+    Args:
+        references: scan reports of clean reference models (``scan --json``; or records, see :func:`scan_record`).
+        clean: scan reports of labelled clean models (default none).
+        backdoored: scan reports of labelled backdoored models (default none).
+        margin: threshold margin over the clean maximum (default 1.5).
+        min_move: the movement a reference scan needs (default :data:`MIN_MOVE` = 0.1).
+        base: a calibration whose other presets are kept (default None: a new file with this preset only).
+    Returns (calibration, report).
+    """
+    refs = [scan_record(r) if "path" not in r else dict(r) for r in references]
+    cl = [scan_record(r) if "path" not in r else dict(r) for r in clean]
+    bd = [scan_record(r) if "path" not in r else dict(r) for r in backdoored]
+    if not refs:
+        raise DiffshieldError("no clean reference scans to calibrate from")
+    presets = {r.get("preset") for r in refs + cl + bd}
+    if len(presets) != 1 or None in presets:
+        raise DiffshieldError(f"all scans must come from one TERD preset (found {', '.join(map(str, presets))})")
+    preset = presets.pop()
+    still = [r["name"] for r in refs if not (r.get("moved_rel") is not None and r["moved_rel"] >= min_move)]
+    if still:
+        raise DiffshieldError(f"reference scans {', '.join(still)} did not move r by {min_move} x ||r0|| (or do not "
+                              "record it): their statistics are the initialisation's; rescan with a larger preset")
+    labelled_fp = {r.get("fingerprint"): r["name"] for r in cl + bd if r.get("fingerprint")}
+    shared = [f"{r['name']} = {labelled_fp[r['fingerprint']]}" for r in refs if r.get("fingerprint") in labelled_fp]
+    if shared:
+        raise DiffshieldError(f"reference models are also in the labelled set ({'; '.join(shared)}); calibrate on "
+                              "clean models held out from it")
+    thresholds = fit_thresholds(refs, margin)
+    cal = base or Calibration({})
+    cal.thresholds = {**cal.thresholds, preset: thresholds}
+    cal.references = {**cal.references, preset: refs}
+    cal.method = f"{margin} x the maximum over held-out clean reference models of each statistic, per preset"
+    report = {"preset": preset, "thresholds": thresholds, "margin": margin, "min_move": min_move,
+              "references": [r["name"] for r in refs]}
+    if cl or bd:
+        report.update(leave_one_out(refs, cl, bd, margin, min_move))
+    return cal, report
+
+
 def default_calibration_path() -> Path:
     from diffshield.toyworld.names import TOY_ROOT
 

@@ -1,5 +1,5 @@
-"""CLI commands of the backdoor pillar: ``diffshield backdoor {train-ddpm,implant,sample,eval}``, ``diffshield scan``
-and ``diffshield scan-input`` (BadDiffusion to implant, TERD to find)."""
+"""CLI commands of the backdoor pillar: ``diffshield backdoor {train-ddpm,implant,sample,eval,calibrate}``,
+``diffshield scan`` and ``diffshield scan-input`` (BadDiffusion to implant, TERD to find)."""
 
 from __future__ import annotations
 
@@ -313,6 +313,59 @@ def cmd_scan(args) -> int:
     return 0
 
 
+def _read_scans(paths: list[str] | None, flag: str) -> list[dict]:
+    """Scan reports from ``scan --json FILE`` files or ``scan --out`` folders (their scan.json), named by file."""
+    import json
+
+    out = []
+    for p in paths or []:
+        f = Path(p) / "scan.json" if Path(p).is_dir() else Path(p)
+        if not f.is_file():
+            raise DiffshieldError(f"{flag} '{f}' does not exist; give files written by 'diffshield scan --json' "
+                                  "or 'scan --out' folders")
+        try:
+            d = json.loads(f.read_text())
+        except json.JSONDecodeError as e:
+            raise DiffshieldError(f"{flag} '{f}' is not JSON ({e})") from None
+        if not isinstance(d, dict) or not {"mean_kl", "var_kl", "preset"} <= set(d):
+            raise DiffshieldError(f"{flag} '{f}' is not a TERD scan report (no mean_kl / var_kl / preset)")
+        out.append({**d, "name": str(p)})
+    return out
+
+
+def _fmt_rate(r: dict) -> str:
+    if not r["m"]:
+        return "- (none)"
+    lo, hi = r["wilson95"]
+    return f"{r['k']}/{r['m']} = {r['rate']:.0%} (95 % {lo:.0%}-{hi:.0%})"
+
+
+def cmd_calibrate(args) -> int:
+    from diffshield.backdoor.terd import MIN_MOVE, Calibration, calibrate_from_scans
+    from diffshield.core.io import atomic_write_json, check_output_file
+
+    inputs = [*(args.references or []), *(args.clean or []), *(args.backdoored or [])]
+    check_output_file(args.out, "--out", inputs=inputs)
+    check_output_file(args.json, "--json", inputs=[*inputs, args.out])
+    refs = _read_scans(args.references, "--references")
+    clean, bd = _read_scans(args.clean, "--clean"), _read_scans(args.backdoored, "--backdoored")
+    base = Calibration.load(args.out) if args.merge and Path(args.out).exists() else None
+    cal, rep = calibrate_from_scans(refs, clean, bd, args.margin, MIN_MOVE if args.min_move is None else
+                                    args.min_move, base=base)
+    cal.save(args.out)
+    th = rep["thresholds"]
+    print(f"preset {rep['preset']}: thresholds mean KL {th['mean_kl']:.4g}, var KL {th['var_kl']:.4g} "
+          f"({args.margin} x the maximum over {len(refs)} clean reference scans) -> {args.out}")
+    for key, label in (("held_out", "thresholds of the references"), ("leave_one_out", "leave-one-out")):
+        if key in rep:
+            r = rep[key]
+            print(f"  {label}: TPR {_fmt_rate(r['tpr'])}  TNR {_fmt_rate(r['tnr'])}  undetermined "
+                  f"{r['undetermined']}")
+    if args.json:
+        atomic_write_json(args.json, rep)
+    return 0
+
+
 #: what ``scan --out`` records in reversed_trigger.safetensors (string metadata) about where r came from
 REVERSED_FORMAT = "diffshield-terd-reversed-trigger"
 REVERSED_KEYS = ("model", "model_fingerprint", "resolution", "preset", "seed", "verdict", "moved_rel", "scan")
@@ -421,9 +474,11 @@ def cmd_scan_input(args) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add this pillar's subcommands to the ``diffshield`` parser."""
-    p = sub.add_parser("backdoor", help="implant (BadDiffusion), sample and evaluate backdoors of DDPM models",
+    p = sub.add_parser("backdoor", help="implant (BadDiffusion), sample and evaluate backdoors of DDPM models; "
+                                        "calibrate TERD",
                        description="Backdoors of unconditional diffusion models: train the toy DDPM, implant a "
-                                   "backdoor with BadDiffusion, sample with a trigger, measure MSE/ASR/SSIM.")
+                                   "backdoor with BadDiffusion, sample with a trigger, measure MSE/ASR/SSIM, "
+                                   "calibrate TERD's thresholds from clean models.")
     bsub = p.add_subparsers(dest="backdoor_cmd", metavar="COMMAND")
 
     t = bsub.add_parser("train-ddpm", help="train (or fine-tune with --init) the toy DDPM on ShapesWorld",
@@ -517,6 +572,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--grid", default=None, help="write a PNG grid (16 triggered, 16 clean samples) here")
     add_device_args(e, training=True)
     e.set_defaults(func=cmd_eval)
+    c = bsub.add_parser("calibrate", help="TERD thresholds from scans of held-out clean models, with TPR/TNR",
+                        description="Set the model-detection thresholds of one TERD preset from 'diffshield scan "
+                                    "--json' reports of clean reference models (margin x the largest statistic), "
+                                    "and measure them on a labelled set of scans: TPR/TNR with Wilson 95 % "
+                                    "intervals, with the references' thresholds and leave-one-out (each labelled "
+                                    "clean model left out of its own thresholds). References must be held out "
+                                    "from the labelled set (different fingerprints).")
+    c.add_argument("--references", nargs="+", required=True,
+                   help="scan reports (scan --json FILE or scan --out DIR) of clean reference models")
+    c.add_argument("--clean", nargs="*", default=None, help="scan reports of labelled clean models (default: none)")
+    c.add_argument("--backdoored", nargs="*", default=None,
+                   help="scan reports of labelled backdoored models (default: none)")
+    c.add_argument("--margin", type=float_in(1, 100), default=1.5,
+                   help="thresholds = margin x the largest reference statistic (default: 1.5)")
+    c.add_argument("--min-move", type=float_in(0, 10), default=None,
+                   help="movement ||r - r0|| / ||r0|| a scan needs for a verdict, and a reference to count "
+                        "(default: 0.1)")
+    c.add_argument("--out", required=True, help="calibration file to write (JSON, format 2); see --merge")
+    c.add_argument("--merge", action="store_true",
+                   help="keep the other presets of an existing --out file and replace only this preset's set")
+    c.add_argument("--json", default=None, help="write the report (thresholds, TPR/TNR, per-model verdicts) here")
+    c.set_defaults(func=cmd_calibrate)
     p.set_defaults(func=lambda a, _p=p: (_p.print_help(), 1)[1])
 
     for name, helptext in (("scan", "TERD: reverse a trigger and decide whether a DDPM model is backdoored"),
@@ -545,7 +622,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         add_device_args(q, training=True)
         if name == "scan":
             q.add_argument("--calibration", default=None,
-                           help="thresholds file (default: the shipped toyworld/weights/ddpm/terd_calibration.json)")
+                           help="thresholds file from 'diffshield backdoor calibrate' (default: the shipped "
+                                "toyworld/weights/ddpm/terd_calibration.json); a model of another resolution or "
+                                "architecture than its references gets a warning")
             q.add_argument("--out", default=None, help="folder for the reversed trigger (PNG, safetensors), the "
                                                        "evidence grid and scan.json (see --overwrite)")
             q.add_argument("--min-move", type=float_in(0, 10), default=None,
