@@ -1,7 +1,7 @@
 """Backdoor benchmark: BadDiffusion backdoors and TERD detection over a model zoo on the toy world.
 
     python benchmarks/backdoor.py zoo          # build every zoo model into runs/backdoor/zoo (resumable)
-    python benchmarks/backdoor.py calibrate    # TERD on the clean reference models -> shipped calibration file
+    python benchmarks/backdoor.py calibrate    # TERD on the held-out clean references -> shipped calibration file
     python benchmarks/backdoor.py eval         # metrics, scans, input detection per zoo model (cached per model)
     python benchmarks/backdoor.py report       # -> benchmarks/results/backdoor.json + the table of docs/backdoor.md
     python benchmarks/backdoor.py all          # the four in order
@@ -115,33 +115,49 @@ def scan_stats(name: str, preset: str, threads: int) -> dict:
         d = json.loads(f.read_text())
         d["r"] = load_file(str(f.with_suffix(".safetensors")))["r"]
         return d
+    from diffshield.backdoor.ddpm import architecture_summary, model_fingerprint
+
     model = load_ddpm(model_path(name))
     res = reverse_trigger(model, TERDConfig.from_preset(preset, num_threads=threads), progress=False)
     d = {"mean_kl": res.mean_kl, "var_kl": res.var_kl, "seconds": round(res.seconds, 1), "r_norm":
          float(res.r.norm()), "preset": preset, "seed": 0, "moved_l2": res.moved_l2, "moved_rel": res.moved_rel,
-         "cos_r0": res.cos_r0}
+         "cos_r0": res.cos_r0, "model_fingerprint": model_fingerprint(model), "resolution": model.image_shape[-1],
+         "architecture": architecture_summary(model)}
     save_file({"r": res.r.contiguous()}, str(f.with_suffix(".safetensors")))
     f.write_text(json.dumps(d, indent=2))
     d["r"] = res.r
     return d
 
 
-def cmd_calibrate(args) -> None:
-    from diffshield.backdoor.terd import calibrate, default_calibration_path
+def scan_record(name: str, preset: str, threads: int) -> dict:
+    """The calibration record of a model's (cached) scan: name, path, fingerprint, resolution, architecture, stats."""
+    d = scan_stats(name, preset, threads)
+    path = model_path(name)
+    path = str(Path(path).relative_to(ROOT)) if Path(path).is_absolute() else path  # repo-relative in the file
+    return {"name": name, "path": path, "fingerprint": d.get("model_fingerprint"),
+            "resolution": d.get("resolution"), "architecture": d.get("architecture"), "preset": preset,
+            "mean_kl": d["mean_kl"], "var_kl": d["var_kl"], "moved_rel": d.get("moved_rel")}
 
-    stats = {}
+
+def cmd_calibrate(args) -> None:
+    """Thresholds per preset from the held-out references (not in the zoo) -> the shipped calibration file
+    (format 2: each reference with its path, fingerprint, resolution and architecture)."""
+    from diffshield.backdoor.terd import Calibration, calibrate_from_scans, default_calibration_path
+
+    path = default_calibration_path()
+    cal = Calibration.load(path) if path.exists() else None
     for preset in CAL_PRESETS:
-        stats[preset] = []
+        refs = []
         for name in REFERENCES:
-            d = scan_stats(name, preset, args.threads)
-            print(f"[calibrate] {preset} {name}: mean KL {d['mean_kl']:.4f} var KL {d['var_kl']:.5f} "
-                  f"({d['seconds']} s)", flush=True)
-            stats[preset].append((d["mean_kl"], d["var_kl"]))
-    cal = calibrate(stats)
+            refs.append(scan_record(name, preset, args.threads))
+            print(f"[calibrate] {preset} {name}: mean KL {refs[-1]['mean_kl']:.4f} var KL {refs[-1]['var_kl']:.5f} "
+                  f"moved {refs[-1]['moved_rel']}", flush=True)
+        cal, _ = calibrate_from_scans(refs, base=cal)
     cal.method += (f"; references: {', '.join(REFERENCES)} (clean fine-tunes of toy:ddpm, lr {CLEAN_FT['lr']}, "
                    "seeds 11-13, 256-768 steps), TERD seed 0; made by 'python benchmarks/backdoor.py calibrate'")
-    cal.save(default_calibration_path())
-    print(f"[calibrate] wrote {default_calibration_path()}: {cal.thresholds}")
+    cal.notes = []
+    cal.save(path)
+    print(f"[calibrate] wrote {path}: {cal.thresholds}")
 
 
 def acceptance_sampler(spec: dict):
@@ -362,6 +378,15 @@ def cmd_report(args) -> None:
         nc = sum(r["kind"] == "clean" for r in rows)
         summary["model_detection"][preset] = {"tpr": tp / max(1, nb), "tnr": tn / max(1, nc), "n_backdoored": nb,
                                               "n_clean": nc}
+        # held-out references' thresholds and leave-one-out, with Wilson 95 % intervals (scans cached by eval)
+        if all((CACHE / f"scan_{preset}_{n}.json").exists() for n in [*REFERENCES, *(r["name"] for r in rows)]):
+            from diffshield.backdoor.terd import leave_one_out
+
+            recs = {r["name"]: scan_record(r["name"], preset, args.threads) for r in rows}
+            loo = leave_one_out([scan_record(n, preset, args.threads) for n in REFERENCES],
+                                [recs[r["name"]] for r in rows if r["kind"] == "clean"],
+                                [recs[r["name"]] for r in rows if r["kind"] == "backdoor"])
+            summary["model_detection"][preset].update({k: loo[k] for k in ("held_out", "leave_one_out")})
         bd = [r["scan"][preset] for r in rows if r["kind"] == "backdoor"]
         summary["input_detection"][preset] = {"min_tpr": min((b["input_tpr"] for b in bd), default=None),
                                               "min_tnr": min((b["input_tnr"] for b in bd), default=None),
