@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from diffshield.cli.main import main
-from diffshield.core.device import autocast, autocast_dtype, resolve_device, resolve_dtype
+from diffshield.core.device import autocast, autocast_dtype, resolve_device, resolve_dtype, to_device
 from diffshield.core.errors import DiffshieldError
 from diffshield.core.loading import load_t2i
 from diffshield.core.sampling import SampleConfig, encode_prompts, generate, initial_latents
@@ -146,3 +146,13 @@ def test_esd_rejects_unknown_mixed_precision():
 
     with pytest.raises(DiffshieldError, match="mixed_precision"):
         ESDConfig(mixed_precision="tf32")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA,
+                                                                                          reason="needs CUDA"))])
+def test_to_device_moves_cpu_draws_exactly(device):
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+    y = to_device(x, device)
+    assert y.device.type == device and torch.equal(y.cpu(), x)
+    z = to_device(x, device, torch.bfloat16)
+    assert z.dtype == torch.bfloat16 and torch.equal(z.cpu(), x.to(torch.bfloat16))

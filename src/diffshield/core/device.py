@@ -133,6 +133,23 @@ def module_dtype(module: torch.nn.Module) -> torch.dtype:
     return torch.float32
 
 
+def to_device(t: torch.Tensor, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``t`` (drawn on the CPU) on ``device`` in ``dtype``, without stalling a GPU's queue.
+
+    A copy from ordinary (pageable) host memory to a GPU waits until every kernel already queued has run, so a loop
+    that draws its noise on the CPU every iteration (as TERD and ESD do, for device-independent draws) loses the
+    overlap of Python's kernel launches with the GPU's work. Copied from page-locked memory with
+    ``non_blocking=True`` it does not wait; PyTorch keeps the page-locked buffer alive until the copy is done. On the
+    CPU this is ``t.to(dtype=dtype)``.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        t = t.pin_memory().to(device, non_blocking=True)
+    else:
+        t = t.to(device)
+    return t if dtype is None else t.to(dtype)
+
+
 def configure_backend(device: torch.device | str) -> None:
     """Speed settings for float32 work on CUDA: TF32 matrix products and cuDNN autotuning (no effect on the CPU)."""
     if torch.device(device).type == "cuda":

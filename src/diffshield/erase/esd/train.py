@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from diffshield.core.device import autocast, autocast_dtype
+from diffshield.core.device import autocast, autocast_dtype, to_device
 from diffshield.core.errors import DiffshieldError
 from diffshield.core.graphs import GraphedUNet, graphed
 from diffshield.core.loading import T2IModel
@@ -143,15 +143,15 @@ def esd_erase(model: T2IModel, concepts: list[str], config: ESDConfig, progress:
                 train = cond if bases is None else bases[rows]  # the prompt whose prediction is trained
                 gen = iteration_generator(config.seed, i)
                 k = int(torch.randint(config.min_step, config.ddim_steps, (1,), generator=gen))
-                noise = torch.randn((bsz, *model.latent_shape), generator=gen).to(device, dtype)
-                t = timesteps[k].to(device)
+                noise = to_device(torch.randn((bsz, *model.latent_shape), generator=gen), device, dtype)
+                t = to_device(timesteps[k], device)
                 if low is not None:  # sample with the current weights, rounded once instead of per forward pass
                     with torch.no_grad():
                         torch._foreach_copy_([q for _, q in low], [p for p, _ in low])
 
                 if n_p:  # anchor x_t^p: same k, noises drawn after the concepts' (runs without an anchor: unchanged)
                     cond_p = keeps[[(i * bsz + j) % n_p for j in range(bsz)]]
-                    noise_p = torch.randn((bsz, *model.latent_shape), generator=gen).to(device, dtype)
+                    noise_p = to_device(torch.randn((bsz, *model.latent_shape), generator=gen), device, dtype)
                     both = sample_xt(sampler, torch.cat([train, cond_p]), uncond, k, torch.cat([noise, noise_p]),
                                      config.ddim_steps, config.start_guidance)
                     x_t, x_p = both.split([bsz, bsz])
