@@ -16,7 +16,10 @@ Reversed loss with two noises eps1, eps2 sharing x0 and t (the unknown trigger t
 - Input detection: x is poisoned iff log N(x; r, gamma^2 I) > log N(x; 0, I) (gamma = 1: <x, r> > ||r||^2 / 2).
 - Model detection: KL_i = -log gamma_i + (gamma_i^2 + r_i^2 - 1) / 2 (= r_i^2 / 2 for gamma = 1); the model is
   flagged when the mean or the variance of KL exceeds a threshold calibrated on clean reference models (the
-  official code prints the statistics and has no threshold).
+  official code prints the statistics and has no threshold). :func:`calibrate_from_scans` sets one preset's
+  thresholds from held-out clean scans (margin 1.5 x their maximum) and measures them with Wilson 95 % intervals
+  (:func:`leave_one_out`); :class:`Calibration` files record each reference's path, weight fingerprint,
+  resolution and architecture.
 - Verdict (ours): the random start r0 = -U(0, 1) alone has mean KL about 1/6, above typical thresholds, so a
   reversion that leaves r near r0 would "flag" any model. :func:`reverse_trigger` records r0 and how far r moved;
   :func:`model_verdict` answers ``"undetermined"`` when the relative movement ||r_hat - r0|| / ||r0|| is below
