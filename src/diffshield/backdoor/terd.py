@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from diffshield.core.device import to_device
 from diffshield.core.errors import DiffshieldError
 
 PRESETS: dict[str, dict] = {
@@ -102,10 +103,10 @@ def reversed_loss(unet, scheduler, x0: torch.Tensor, r: torch.Tensor, t: torch.T
     """L(r) = 1/2 sum_pixels ||(eps1 - eps_theta(x_t^1)) - (eps2 - eps_theta(x_t^2))||^2, mean over the batch.
 
     Draws eps1 then eps2 from ``gen`` (on the CPU, then moved: the same draws on every device)."""
-    e1 = torch.randn(x0.shape, generator=gen).to(x0.device)
-    e2 = torch.randn(x0.shape, generator=gen).to(x0.device)
-    abar = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1).to(x0.device)
-    t = t.to(x0.device)
+    e1 = to_device(torch.randn(x0.shape, generator=gen), x0.device)
+    e2 = to_device(torch.randn(x0.shape, generator=gen), x0.device)
+    abar = to_device(scheduler.alphas_cumprod[t].view(-1, 1, 1, 1), x0.device)
+    t = to_device(t, x0.device)
     base = abar.sqrt() * x0
     x1 = base + (1 - abar).sqrt() * e1 + s * r
     x2 = base + (1 - abar).sqrt() * e2 + s * r
@@ -126,13 +127,13 @@ def stage2_loss(unet, scheduler, x0: torch.Tensor, r: torch.Tensor, t_high: tupl
     xs, es, ts = [], [], []
     for (lo, hi), s in ((t_high, 1.0), (t_low, 0.0)):
         t = torch.randint(lo, hi + 1, (n,), generator=gen)
-        e1 = torch.randn(x0.shape, generator=gen).to(dev)
-        e2 = torch.randn(x0.shape, generator=gen).to(dev)
-        abar = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1).to(dev)
+        e1 = to_device(torch.randn(x0.shape, generator=gen), dev)
+        e2 = to_device(torch.randn(x0.shape, generator=gen), dev)
+        abar = to_device(scheduler.alphas_cumprod[t].view(-1, 1, 1, 1), dev)
         base = abar.sqrt() * x0
         xs += [base + (1 - abar).sqrt() * e1 + s * r, base + (1 - abar).sqrt() * e2 + s * r]
         es += [e1, e2]
-        t = t.to(dev)
+        t = to_device(t, dev)
         ts += [t, t]
     pred = unet(torch.cat(xs), torch.cat(ts)).sample
     p1h, p2h, p1l, p2l = pred.chunk(4)
@@ -154,10 +155,12 @@ def ddim_scheduler(scheduler, steps: int):
 def _ddim_grad(unet, ddim, x_T: torch.Tensor) -> torch.Tensor:
     """DDIM from x_T with gradients kept through every step (``ddim`` from :func:`ddim_scheduler`).
 
-    Timesteps are Python ints, so that indexing the schedule never waits for the device."""
+    The scheduler indexes its schedule with Python ints and the UNet gets the timesteps as one device tensor copied
+    once, so that no step waits for the device."""
     x = x_T
-    for t in ddim.timesteps.tolist():
-        x = ddim.step(unet(x, t).sample, t, x).prev_sample
+    t_dev = to_device(ddim.timesteps, x_T.device)
+    for i, t in enumerate(ddim.timesteps.tolist()):
+        x = ddim.step(unet(x, t_dev[i]).sample, t, x).prev_sample
     return x
 
 
@@ -235,7 +238,7 @@ def reverse_trigger(model, cfg: TERDConfig | None = None, progress: bool = True)
     for i in tqdm(range(cfg.stage1_iters), desc="TERD stage 1", disable=not progress):
         for grp in opt.param_groups:
             grp["lr"] = cosine(i, cfg.stage1_iters)
-        x0 = torch.randn((cfg.batch_size, *shape), generator=gen).to(dev)
+        x0 = to_device(torch.randn((cfg.batch_size, *shape), generator=gen), dev)
         loss = reversed_loss(unet, sched, x0, r, timesteps(cfg.t_high), 1.0, gen) - cfg.lam * r.abs().sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -246,7 +249,7 @@ def reverse_trigger(model, cfg: TERDConfig | None = None, progress: bool = True)
     for i in tqdm(range(cfg.stage2_iters), desc="TERD stage 2", disable=not progress):
         for grp in opt.param_groups:
             grp["lr"] = cosine(i, cfg.stage2_iters)
-        eps = torch.randn((cfg.batch_size, *shape), generator=gen).to(dev)
+        eps = to_device(torch.randn((cfg.batch_size, *shape), generator=gen), dev)
         x0 = _ddim_grad(unet, ddim, eps + r)
         loss = stage2_loss(unet, sched, x0, r, cfg.t_high, cfg.t_low, gen) - cfg.lam * r.abs().sum()
         opt.zero_grad(set_to_none=True)
