@@ -299,6 +299,23 @@ def test_leave_one_out_and_held_out_rates_with_wilson_intervals():
     assert only_bd["held_out"]["tpr"]["k"] == 1 and only_bd["leave_one_out"]["tpr"]["k"] == 0
 
 
+def test_leave_one_out_pool_skips_unmoved_scans_and_other_scans_of_the_same_weights():
+    """A labelled clean scan whose r did not move carries the initialisation's statistics: it must not raise the
+    leave-one-out thresholds of the others. Two scans of the same weights (same fingerprint) are one model: neither
+    may set the other's threshold."""
+    from diffshield.backdoor.terd import leave_one_out
+
+    refs = [_rec("r1", 0.10, 0.010), _rec("r2", 0.11, 0.011)]
+    unmoved = _rec("c0", 0.90, 0.200, moved=0.01)
+    rep = leave_one_out(refs, [unmoved], [_rec("b1", 0.50, 0.100)])
+    verdicts = {r["name"]: r["loo_verdict"] for r in rep["per_model"]}
+    assert verdicts == {"c0": "undetermined", "b1": "backdoored"}  # b1 against 0.165, not 1.35
+    twins = [_rec("c1", 0.30, 0.050, fp="same"), _rec("c2", 0.30, 0.050, fp="same")]
+    rep = leave_one_out(refs, twins, [])
+    assert [r["loo_verdict"] for r in rep["per_model"]] == ["backdoored", "backdoored"]  # as held out: 0.3 > 0.165
+    assert rep["leave_one_out"]["tnr"]["k"] == rep["held_out"]["tnr"]["k"] == 0
+
+
 def test_calibration_refusals_and_formats(tmp_path):
     from diffshield.backdoor.terd import Calibration, calibrate_from_scans
 

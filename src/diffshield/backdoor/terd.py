@@ -439,9 +439,11 @@ def leave_one_out(references: list[dict], clean: list[dict], backdoored: list[di
 
     Two figures: ``held_out`` judges every labelled scan with the thresholds of the ``references`` alone (clean
     models outside the labelled set: the shipped calibration); ``leave_one_out`` judges each labelled scan with
-    thresholds fit on the references plus every labelled *clean* scan except itself, so that no clean model ever
-    sets its own threshold. A scan whose r did not move (``moved_rel`` < ``min_move``, or not recorded) is
-    "undetermined": a miss for TPR and for TNR alike, counted in ``undetermined``.
+    thresholds fit on the references plus every labelled *clean* scan except itself and any other scan of the same
+    weights (same fingerprint), so that no clean model ever sets its own threshold; a clean scan whose r did not
+    move sets no threshold either (its statistics are the initialisation's, as for a reference). A scan whose r
+    did not move (``moved_rel`` < ``min_move``, or not recorded) is "undetermined": a miss for TPR and for TNR
+    alike, counted in ``undetermined``.
 
     Args:
         references: clean reference scan records (see :func:`scan_record`), not in the labelled set.
@@ -459,11 +461,16 @@ def leave_one_out(references: list[dict], clean: list[dict], backdoored: list[di
                              moved_rel=float("nan") if rec.get("moved_rel") is None else float(rec["moved_rel"]))
         return model_verdict(ns, th, min_move)
 
+    def moved(rec: dict) -> bool:
+        return rec.get("moved_rel") is not None and float(rec["moved_rel"]) >= min_move
+
     fixed = fit_thresholds(references, margin) if references else None
     rows, out = [], {}
     labelled = [(r, "clean") for r in clean] + [(r, "backdoored") for r in backdoored]
     for i, (rec, label) in enumerate(labelled):
-        pool = list(references) + [c for j, (c, lab) in enumerate(labelled) if lab == "clean" and j != i]
+        fp = rec.get("fingerprint")
+        pool = list(references) + [c for j, (c, lab) in enumerate(labelled) if lab == "clean" and j != i
+                                   and moved(c) and not (fp and c.get("fingerprint") == fp)]
         row = {"name": rec.get("name"), "label": label,
                "loo_verdict": judge(rec, fit_thresholds(pool, margin)) if pool else "undetermined"}
         if fixed is not None:
