@@ -254,6 +254,32 @@ def test_scan_input_records_its_r_hat_and_needs_no_thresholds(tmp_path, monkeypa
     assert "(3, 16, 16)" in err and "\n" not in err
 
 
+def test_scan_input_refuses_non_finite_noises_and_triggers(tmp_path, capsys):
+    """NaN or infinite noises, or a reversed trigger with NaN / infinite values or a gamma that is not positive,
+    are refused in one line before any detection (a NaN compares False and would read as "not poisoned")."""
+    from safetensors.torch import save_file
+
+    good = _noise_file(tmp_path / "n.safetensors", (3, 8, 8))
+    r = -torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(0))
+    rev = tmp_path / "r.safetensors"
+    save_file({"r": r, "gamma": torch.tensor([1.0])}, str(rev))
+    assert main(["scan-input", "--reversed", str(rev), "--noise", str(good)]) == 0
+    capsys.readouterr()
+    bad = torch.randn(4, 3, 8, 8)
+    bad[1, 0, 0, 0] = float("nan")
+    save_file({"noise": bad}, str(tmp_path / "nan.safetensors"))
+    assert main(["scan-input", "--reversed", str(rev), "--noise", str(tmp_path / "nan.safetensors")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "finite" in err and "\n" not in err
+    for name, tensors in (("inf_r", {"r": r.clone().fill_(float("inf")), "gamma": torch.tensor([1.0])}),
+                          ("zero_gamma", {"r": r, "gamma": torch.tensor([0.0])}),
+                          ("nan_gamma", {"r": r, "gamma": torch.tensor([float("nan")])})):
+        save_file(tensors, str(tmp_path / f"{name}.safetensors"))
+        assert main(["scan-input", "--reversed", str(tmp_path / f"{name}.safetensors"), "--noise", str(good)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "non-finite" in err and "\n" not in err, name
+
+
 def test_fingerprint_and_architecture():
     from diffshield.backdoor.ddpm import architecture_summary, model_fingerprint
 

@@ -397,15 +397,24 @@ def _read_reversed(path: str) -> tuple:
     record = {}
     if meta.get("format") == REVERSED_FORMAT:
         record = {k: meta[k] for k in REVERSED_KEYS if k in meta}
-        for k in ("seed", "resolution"):
-            if k in record:
-                record[k] = int(record[k])
-        if "moved_rel" in record:
-            record["moved_rel"] = float(record["moved_rel"])
-    return rev, t["r"], float(t.get("gamma", [1.0])[0]), record
+        try:
+            for k in ("seed", "resolution"):
+                if k in record:
+                    record[k] = int(record[k])
+            if "moved_rel" in record:
+                record["moved_rel"] = float(record["moved_rel"])
+        except ValueError as e:
+            raise DiffshieldError(f"'{rev}' has unreadable metadata ({e})") from None
+    gamma = t.get("gamma")
+    if gamma is not None and gamma.numel() != 1:
+        raise DiffshieldError(f"'{rev}' holds a gamma of {gamma.numel()} values; a reversed trigger has one")
+    return rev, t["r"], 1.0 if gamma is None else float(gamma.reshape(-1)[0]), record
 
 
 def cmd_scan_input(args) -> int:
+    import math
+
+    import torch
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -427,12 +436,18 @@ def cmd_scan_input(args) -> int:
     x = tensors.get("noise", next(iter(tensors.values()), None))
     if x is None or x.dim() != 4:
         raise DiffshieldError(f"'{noise_path}' needs a tensor 'noise' of shape (N, C, H, W)")
+    if not x.is_floating_point() or not bool(torch.isfinite(x).all()):
+        raise DiffshieldError(f"the noises in '{noise_path}' must be finite floating-point numbers (found "
+                              f"{x.dtype}{'' if not x.is_floating_point() else ' with NaN or infinite values'})")
     if args.reversed:
         rev, r, gamma, record = _read_reversed(args.reversed)
         if r.dim() != 3 or tuple(x.shape[1:]) != tuple(r.shape):
             raise DiffshieldError(f"reversed trigger '{rev}' is for images of shape {tuple(r.shape)} but the noises "
                                   f"in '{noise_path}' are {tuple(x.shape[1:])}; give the reversed trigger of the "
                                   "model these noises are for")
+        if not r.is_floating_point() or not bool(torch.isfinite(r).all()) or not (0 < gamma < math.inf):
+            raise DiffshieldError(f"reversed trigger '{rev}' holds non-finite or non-float values (r) or a gamma "
+                                  f"that is not a positive number ({gamma!r}); rerun 'diffshield scan --out'")
         source = {"reversed_file": str(rev), **record}
         if not record:
             source["note"] = "the file records no model or scan (not written by 'diffshield scan --out')"
