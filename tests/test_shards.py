@@ -351,3 +351,34 @@ def test_batch_writer_bounded_queue_and_no_deadlock_after_a_failure():
     with pytest.raises(ValueError, match="write failed"):
         w.close()
     assert seen == [0, 1] and not _writer_alive()
+
+
+def test_audit_files_in_another_commands_run_folder_are_the_users(tmp_path):
+    """units/*.pt and audit.json belong to an audit's run folder only: in a generate run folder they are the user's
+    files, so a replace with other settings refuses instead of deleting them, and a resume keeps them out of it."""
+    from diffshield.core.errors import DiffshieldError
+    from diffshield.core.shards import check_run_dir, prepare_run_dir
+
+    folder = tmp_path / "run"
+    prepare_run_dir(folder, "generate", {"rows": 1})
+    (folder / "units").mkdir()
+    mine = folder / "units" / "model.pt"
+    mine.write_bytes(b"the user's file")
+    with pytest.raises(DiffshieldError, match="did not write"):
+        check_run_dir(folder, "generate", {"rows": 2}, overwrite=True)
+    with pytest.raises(DiffshieldError, match="did not write"):
+        prepare_run_dir(folder, "generate", {"rows": 2}, overwrite=True)
+    assert mine.read_bytes() == b"the user's file"
+    mine.unlink()
+    (folder / "audit.json").write_text("{}")
+    with pytest.raises(DiffshieldError, match="did not write"):
+        prepare_run_dir(folder, "generate", {"rows": 1})  # a resume would have deleted it as a merge output
+    assert (folder / "audit.json").read_text() == "{}"
+    # an audit's own run folder: its units and audit.json are its files, replaced with --overwrite
+    audit = tmp_path / "audit"
+    prepare_run_dir(audit, "audit", {"n": 1})
+    (audit / "units").mkdir()
+    (audit / "units" / "ring-a-bell.pt").write_bytes(b"unit")
+    (audit / "audit.json").write_text("{}")
+    assert prepare_run_dir(audit, "audit", {"n": 2}, overwrite=True) == "replace"
+    assert not (audit / "units").exists() and not (audit / "audit.json").exists()

@@ -54,10 +54,14 @@ RUN_FILE = "run.json"
 IMAGES_DIR = "images"
 SCORES_DIR = "scores"
 #: files a run folder may hold besides images and score files
-RUN_OUTPUTS = (RUN_FILE, "manifest.json", "metrics.json", "grid.png", "audit.json")
-_IMAGE_RE = re.compile(r"^(?:images/(?:[a-z]+/)?p\d{6,}_s\d+\.png|units/[a-z0-9-]+\.pt)$")  # units: audit attacks
-# atomic-write leftovers of a killed process
-_TEMP_RE = re.compile(r"^(?:images/(?:[a-z]+/)?\.p\d{6,}_s\d+\.png|units/\.[a-z0-9-]+\.pt)\.[^/]+$")
+RUN_OUTPUTS = (RUN_FILE, "manifest.json", "metrics.json", "grid.png")
+_IMAGE_RE = re.compile(r"^images/(?:[a-z]+/)?p\d{6,}_s\d+\.png$")
+_TEMP_RE = re.compile(r"^images/(?:[a-z]+/)?\.p\d{6,}_s\d+\.png\.[^/]+$")  # atomic-write leftovers of a killed process
+#: what only an audit's run folder holds (diffshield.redteam.sharded): one unit per attack, the merged audit, and
+#: the units' atomic-write leftovers; in another command's run folder such files are the user's
+AUDIT_COMMAND = "audit"
+_AUDIT_RE = re.compile(r"^(?:units/[a-z0-9-]+\.pt|audit\.json)$")
+_AUDIT_TEMP_RE = re.compile(r"^units/\.[a-z0-9-]+\.pt\.[^/]+$")
 _SCORES_RE = re.compile(r"^scores/shard-\d{5}-of-\d{5}\.jsonl$")
 
 #: a function that scores a batch: (jobs, their PNG paths, images (N, 3, H, W) in [0, 1] read back from the PNGs)
@@ -138,22 +142,24 @@ def _spec_difference(old: dict, new: dict) -> str:
     return ""
 
 
-def _run_files(folder: Path) -> tuple[list[str], list[str], list[str]]:
-    """(files a run writes, leftover temporary files of killed processes, anything else) under ``folder``."""
+def _run_files(folder: Path, command: str) -> tuple[list[str], list[str], list[str]]:
+    """(files a run of ``command`` writes, leftover temporary files of killed processes, anything else) under
+    ``folder``."""
     ours, temps, other = [], [], []
+    audit = command == AUDIT_COMMAND
     for rel in _files_under(folder):
-        if rel in RUN_OUTPUTS or _IMAGE_RE.match(rel) or _SCORES_RE.match(rel):
+        if rel in RUN_OUTPUTS or _IMAGE_RE.match(rel) or _SCORES_RE.match(rel) or (audit and _AUDIT_RE.match(rel)):
             ours.append(rel)
-        elif _TEMP_RE.match(rel):
+        elif _TEMP_RE.match(rel) or (audit and _AUDIT_TEMP_RE.match(rel)):
             temps.append(rel)
         else:
             other.append(rel)
     return ours, temps, other
 
 
-def _remove_run(folder: Path) -> None:
+def _remove_run(folder: Path, command: str) -> None:
     """Delete a previous run's own files (never anything else) and the folders they leave empty."""
-    ours, temps, _ = _run_files(folder)
+    ours, temps, _ = _run_files(folder, command)
     for rel in ours + temps:
         (folder / rel).unlink(missing_ok=True)
     for sub in (f"{IMAGES_DIR}/erased", f"{IMAGES_DIR}/original", IMAGES_DIR, SCORES_DIR, "units"):
@@ -177,7 +183,7 @@ def check_run_dir(folder: str | Path, command: str, spec: dict, overwrite: bool 
     if marker.get("command") != command:
         check_output_dir(t, command, overwrite, inputs)  # refuses: the output of another command
     _check_against_inputs(t, inputs, "output")
-    _, _, other = _run_files(t)
+    _, _, other = _run_files(t, command)
     if other:
         raise DiffshieldError(f"run folder '{folder}' holds files 'diffshield {command}' did not write "
                               f"({', '.join(other[:3])}{' ...' if len(other) > 3 else ''}); move them or choose "
@@ -206,15 +212,16 @@ def prepare_run_dir(folder: str | Path, command: str, spec: dict, overwrite: boo
     if what == "replace":
         marker = read_marker(t)
         if (t / RUN_FILE).is_file():
-            _remove_run(t)
+            _remove_run(t, command)
         elif marker is not None:
             from diffshield.core.io import clear_previous_output
 
             clear_previous_output(t, command, overwrite=True)
     if what == "resume":
-        for rel in _run_files(t)[1]:
+        for rel in _run_files(t, command)[1]:
             (t / rel).unlink(missing_ok=True)
-        for rel in ("manifest.json", "metrics.json", "grid.png", "audit.json"):  # rebuilt by the merge
+        merged = ("manifest.json", "metrics.json", "grid.png") + (("audit.json",) if command == AUDIT_COMMAND else ())
+        for rel in merged:  # rebuilt by the merge
             (t / rel).unlink(missing_ok=True)
     else:
         t.mkdir(parents=True, exist_ok=True)
