@@ -346,6 +346,23 @@ def test_output_files_follow_the_umask(ws, capsys):
         assert p.stat().st_mode & 0o777 in (0o644, 0o755), p
 
 
+def test_reading_the_umask_never_opens_it_even_for_a_moment(monkeypatch):
+    """Other threads (the background PNG writer) create files while the umask is read: it must never be 0."""
+    from diffshield.core import io
+
+    old = os.umask(0o027)
+    try:
+        assert io._umask() == 0o027
+        seen = []
+        real = os.umask
+        monkeypatch.setattr(os, "umask", lambda m: seen.append(m) or real(m))
+        monkeypatch.setattr("builtins.open", lambda *a, **k: (_ for _ in ()).throw(OSError("no /proc")))
+        assert io._umask() == 0o027  # the fallback sets and restores it
+        assert seen and 0 not in seen
+    finally:
+        os.umask(old)
+
+
 # ----------------------------------------------------------------------------------------------- finite models
 
 

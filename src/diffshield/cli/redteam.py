@@ -109,7 +109,8 @@ def _audit_spec(args, names: list[str], hp: dict) -> dict:
             "concept": args.concept, "attacks": names, "n": args.n, "seed": args.seed, "prompts": args.prompt,
             "judge": args.judge, "detector": where(args.detector) if args.judge == "toy" else None,
             "budget": args.budget, "set": hp, "baselines": not args.no_baselines, "steps": args.steps,
-            "guidance": args.guidance, "batch_size": args.batch_size, "dtype": str(args.dtype).replace("torch.", "")}
+            "guidance": args.guidance, "batch_size": args.batch_size, "dtype": str(args.dtype).replace("torch.", ""),
+            "device": args.device.type}  # a resume on another kind of device would mix their figures
     return json.loads(json.dumps(spec))
 
 

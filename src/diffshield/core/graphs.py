@@ -42,6 +42,7 @@ class GraphedUNet:
         self.enabled = enabled
         self.failed: str | None = None  # why graphs were given up, if they were
         self._graphs: dict[tuple, tuple] = {}
+        self._pool = None  # one memory pool shared by every graph of this wrapper
         self.replays = 0
 
     def __getattr__(self, name: str):  # config, parameters ... of the wrapped UNet
@@ -53,6 +54,7 @@ class GraphedUNet:
     def reset(self) -> None:
         """Drop every captured graph (after parameters were replaced, not updated in place)."""
         self._graphs.clear()
+        self._pool = None
 
     def _eager(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         return self.unet(x, t, encoder_hidden_states=c).sample
@@ -94,7 +96,7 @@ class GraphedUNet:
             return SimpleNamespace(sample=result)
         except Exception as e:  # never fail a run for a speed-up: fall back to eager calls
             self.failed = f"{type(e).__name__}: {e}"
-            self._graphs.clear()
+            self.reset()
             warnings.warn(f"CUDA graphs disabled, running eagerly ({self.failed})", RuntimeWarning, stacklevel=2)
             return SimpleNamespace(sample=self._eager(x, t, c))
 
@@ -109,8 +111,9 @@ class GraphedUNet:
                 self._eager(sx, st, sc)
         torch.cuda.current_stream(x.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), ctx:
+        with torch.cuda.graph(graph, pool=self._pool), ctx:
             out = self._eager(sx, st, sc)
+        self._pool = graph.pool()
         return graph, (sx, st, sc), out
 
 

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -25,9 +26,23 @@ from diffshield.core.errors import DiffshieldError
 MARKER = ".diffshield-output.json"
 
 
+_UMASK_LOCK = threading.Lock()
+
+
 def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
+    """The process umask, read without changing it where the system allows (Linux: ``/proc/self/status``). Elsewhere
+    ``os.umask`` can only read it by setting it: under a lock, and set to the restrictive 0o077 meanwhile, so that a
+    file another thread creates in that instant is private rather than world-writable."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o077)
+        os.umask(mask)
     return mask
 
 

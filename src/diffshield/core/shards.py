@@ -416,7 +416,11 @@ def run_shard(folder: str | Path, jobs: list[ImageJob], prompts: list[str], mode
                     data = png_bytes(img)
                     atomic_write_bytes(path, data)
                     shas.append(hashlib.sha256(data).hexdigest())
-            scores = scorer(batch, paths, torch.stack([read_png(p) for p in paths])) if scorer else [{}] * len(batch)
+            if scorer:  # no autograd graphs: grad mode is per thread, and this may run in the writer's
+                with torch.inference_mode():
+                    scores = scorer(batch, paths, torch.stack([read_png(p) for p in paths]))
+            else:
+                scores = [{}] * len(batch)
             lines = [json.dumps({"file": j.file, "role": j.role, "prompt_index": j.prompt_index, "seed": j.seed,
                                  "guidance": j.guidance, "sha256": sha, "scores": s}) + "\n"
                      for j, sha, s in zip(batch, shas, scores)]
