@@ -346,7 +346,8 @@ def combine(files: list[Path], out: Path) -> int:
             res["sanity"][f"{c}:{srow.get('budget', 'toy')}" if ":" not in c else c] = srow
         for c, acc in d.get("other_accuracy", {}).items():
             res["other_accuracy"].setdefault(c, {}).update(acc)
-        res["runs"].append({"file": f.name, "setup": d["setup"], "minutes": d.get("total_minutes_this_run")})
+        res["runs"] += d.get("runs") or [{"file": f.name, "setup": d["setup"],
+                                          "minutes": d.get("total_minutes_this_run")}]  # a combined file keeps its own
     order = {c: i for i, c in enumerate(CONCEPTS)}
     res["rows"].sort(key=lambda r: (order.get(r["concept"], 9), METHODS.index(r["method"]), r.get("budget", "")))
     seen = {a for f in files for a in json.loads(f.read_text())["setup"]["attacks"]}
