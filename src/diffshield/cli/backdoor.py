@@ -371,26 +371,33 @@ REVERSED_FORMAT = "diffshield-terd-reversed-trigger"
 REVERSED_KEYS = ("model", "model_fingerprint", "resolution", "preset", "seed", "verdict", "moved_rel", "scan")
 
 
-def _read_reversed(path: str) -> tuple:
-    """(file, r, gamma, record) of a reversed trigger written by ``scan --out``: ``record`` is what the file says
-    about where r came from (model, fingerprint, preset, seed, verdict; {} for files that record nothing)."""
+def _read_tensors(path: Path, missing: str) -> tuple[dict, dict]:
+    """(tensors, string metadata) of a safetensors file, with one-line refusals: ``missing`` when it is absent,
+    a pickle or an unreadable file otherwise."""
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     from diffshield.core.loading import check_safetensors
 
-    rev = Path(path)
-    rev = rev / "reversed_trigger.safetensors" if rev.is_dir() else rev
-    if not rev.is_file():
-        raise DiffshieldError(f"reversed trigger '{rev}' does not exist; give the --out folder of "
-                              "'diffshield scan' or its reversed_trigger.safetensors")
-    check_safetensors(rev)
+    if not path.is_file():
+        raise DiffshieldError(missing)
+    check_safetensors(path)
     try:
-        t = load_file(str(rev))
-        with safe_open(str(rev), "pt") as f:
+        tensors = load_file(str(path))
+        with safe_open(str(path), "pt") as f:
             meta = dict(f.metadata() or {})
     except SafetensorError as e:
-        raise DiffshieldError(f"could not read '{rev}': {e}") from None
+        raise DiffshieldError(f"could not read '{path}': {e}") from None
+    return tensors, meta
+
+
+def _read_reversed(path: str) -> tuple:
+    """(file, r, gamma, record) of a reversed trigger written by ``scan --out``: ``record`` is what the file says
+    about where r came from (model, fingerprint, preset, seed, verdict; {} for files that record nothing)."""
+    rev = Path(path)
+    rev = rev / "reversed_trigger.safetensors" if rev.is_dir() else rev
+    t, meta = _read_tensors(rev, f"reversed trigger '{rev}' does not exist; give the --out folder of "
+                                 "'diffshield scan' or its reversed_trigger.safetensors")
     if "r" not in t:
         raise DiffshieldError(f"'{rev}' holds no reversed trigger (tensor 'r'; it has {', '.join(list(t)[:3])}); "
                               "give the reversed_trigger.safetensors written by 'diffshield scan --out DIR'")
@@ -415,24 +422,15 @@ def cmd_scan_input(args) -> int:
     import math
 
     import torch
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     from diffshield.backdoor.ddpm import TOY_DDPM, load_ddpm, model_fingerprint
     from diffshield.backdoor.terd import MIN_MOVE, TERDConfig, input_detect, reverse_trigger
     from diffshield.core.io import atomic_write_json, check_output_file
-    from diffshield.core.loading import check_safetensors
 
     check_output_file(args.json, "--json", inputs=[args.model, args.noise, args.reversed])
     noise_path = Path(args.noise)
-    if not noise_path.is_file():
-        raise DiffshieldError(f"noise file '{noise_path}' does not exist; give a .safetensors file with a tensor "
-                              "'noise' of shape (N, 3, H, W)")
-    check_safetensors(noise_path)
-    try:
-        tensors = load_file(str(noise_path))
-    except SafetensorError as e:
-        raise DiffshieldError(f"could not read '{noise_path}': {e}") from None
+    tensors, _ = _read_tensors(noise_path, f"noise file '{noise_path}' does not exist; give a .safetensors file "
+                                           "with a tensor 'noise' of shape (N, 3, H, W)")
     x = tensors.get("noise", next(iter(tensors.values()), None))
     if x is None or x.dim() != 4:
         raise DiffshieldError(f"'{noise_path}' needs a tensor 'noise' of shape (N, C, H, W)")
