@@ -49,12 +49,15 @@ class BadDiffusionConfig:
             or an image file (default "corner").
         trigger_mask: mask image for an image-file trigger (default None).
         poison_rate: fraction of training images poisoned, a fixed subset (default 0.1).
-        r_mode: ``"poisoned_image"`` (R = trigger pasted on the image; official default) or ``"trigger_only"``
-            (R = g) (default "poisoned_image").
+        r_mode: ``"poisoned_image"`` (R = trigger pasted on the image; the official code's default) or
+            ``"trigger_only"`` (R = g) (default "trigger_only", with epochs and pool_size below the recipe that
+            implants on the toy world: strict ASR 91-100 % over the six zoo models of benchmarks/backdoor.py).
         variant: ``"sde"`` (rho_t, for the DDPM sampler) or ``"ode"`` (2 rho_t, for DDIM; VillanDiffusion)
             (default "sde").
-        epochs: passes over the training pool (default 50, the paper's).
-        pool_size: ShapesWorld training images (default 256: 8 steps per epoch at batch 32).
+        epochs: passes over the training pool (default 72; the paper's 50 epochs over CIFAR-10's 50,000 images
+            are far more steps).
+        pool_size: ShapesWorld training images (default 2048: 64 steps per epoch at batch 32, 4608 steps in all;
+            shorter runs learn no strict backdoor at lr 2e-4: strict ASR 0 % after 768 steps, 81 % after 2304).
         batch_size: images per step (default 32).
         lr: Adam learning rate with linear warm-up and cosine decay (default 2e-4, the paper's at 32 px).
         warmup: warm-up steps (default 20).
@@ -71,10 +74,10 @@ class BadDiffusionConfig:
     target: str = "corner"
     trigger_mask: str | None = None
     poison_rate: float = 0.1
-    r_mode: str = "poisoned_image"
+    r_mode: str = "trigger_only"
     variant: str = "sde"
-    epochs: int = 50
-    pool_size: int = 256
+    epochs: int = 72
+    pool_size: int = 2048
     batch_size: int = 32
     lr: float = 2e-4
     warmup: int = 20

@@ -530,11 +530,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="share of poisoned training images (default: 0.1)")
     m.add_argument("--variant", choices=["sde", "ode"], default="sde",
                    help="sde: rho_t, for the DDPM sampler; ode: 2 rho_t, for DDIM (VillanDiffusion) (default: sde)")
-    m.add_argument("--r-mode", choices=["poisoned_image", "trigger_only"], default="poisoned_image",
-                   help="R of poisoned samples: the trigger pasted on the image, or the trigger alone "
-                        "(default: poisoned_image)")
-    m.add_argument("--epochs", type=_pos_int, default=50, help="passes over the training pool (default: 50)")
-    m.add_argument("--pool-size", type=_pos_int, default=256, help="training images (default: 256)")
+    m.add_argument("--r-mode", choices=["poisoned_image", "trigger_only"], default="trigger_only",
+                   help="R of poisoned samples: the trigger pasted on the image (the official code's default), or "
+                        "the trigger alone (default: trigger_only)")
+    m.add_argument("--epochs", type=_pos_int, default=72, help="passes over the training pool (default: 72; with "
+                   "the default pool, 4608 steps: the recipe that implants on the toy world)")
+    m.add_argument("--pool-size", type=_pos_int, default=2048, help="training images (default: 2048)")
     m.add_argument("--batch-size", type=_pos_int, default=32, help="images per step (default: 32)")
     m.add_argument("--lr", type=float_in(0, 1, lo_open=True), default=2e-4,
                    help="Adam learning rate, warm-up + cosine (default: 2e-4)")
