@@ -8,7 +8,9 @@ cached in runs/terd_cpu/; the summary goes to benchmarks/results/terd_cpu.json.
 
     python benchmarks/terd_cpu.py                                    # the presets fast and default
     python benchmarks/terd_cpu.py --settings fast s1=400,s2=0,lr=2   # named presets or key=value settings
-    python benchmarks/terd_cpu.py --probe    # stage 1's reversed loss at r0, the true trigger, 0, ... (no reversion)
+    python benchmarks/terd_cpu.py --settings s1=200,s2=0,lam=0.003 --asr-n 8   # a larger L1 weight lambda
+    python benchmarks/terd_cpu.py --probe    # stage 1's loss landscape, its descent direction at r0, its local basin
+    python benchmarks/terd_cpu.py --probe --probe-model deeper=runs/terd_cpu/box_corner_deeper  # (see --help)
 """
 
 from __future__ import annotations
@@ -24,11 +26,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "runs" / "terd_cpu"
 OUT = ROOT / "benchmarks" / "results" / "terd_cpu.json"
-KEYS = {"s1": "stage1_iters", "s2": "stage2_iters", "lr": "lr", "bs": "batch_size", "seed": "seed"}
+KEYS = {"s1": "stage1_iters", "s2": "stage2_iters", "lr": "lr", "bs": "batch_size", "seed": "seed", "lam": "lam"}
 
 
 def parse_setting(text: str) -> tuple[str, dict]:
-    """``fast`` / ``default`` / ``paper`` or ``s1=400,s2=0,lr=2`` (keys s1, s2, lr, bs, seed) -> (name, kwargs)."""
+    """``fast`` / ``default`` / ``paper`` or ``s1=400,s2=0,lr=2`` (keys s1, s2, lr, bs, seed, lam) -> name, kwargs."""
     from diffshield.backdoor.terd import PRESETS
 
     if text in PRESETS:
@@ -36,7 +38,7 @@ def parse_setting(text: str) -> tuple[str, dict]:
     kw = {}
     for part in text.split(","):
         k, v = part.split("=")
-        kw[KEYS[k]] = float(v) if k == "lr" else int(v)
+        kw[KEYS[k]] = float(v) if k in ("lr", "lam") else int(v)
     return text, kw
 
 
@@ -51,17 +53,19 @@ def run_one(model_name: str, spec, setting: str, kw: dict, asr_n: int) -> dict:
         model_verdict,
         reverse_trigger,
     )
-    from diffshield.backdoor.triggers import get_target, get_trigger
+    from diffshield.backdoor.triggers import get_target, get_trigger, trigger_mask
 
     f = CACHE / f"{model_name}__{setting.replace('=', '').replace(',', '_')}.json"
     if f.exists():
         d = json.loads(f.read_text())
-        if asr_n <= d.get("asr_n", 0) or d["model"] == "toy_ddpm":
+        if "r_mean_in_mask" in d and (asr_n <= d.get("asr_n", 0) or not model_name.startswith("box_corner")):
             return d
     model = load_ddpm(spec)
     cfg = TERDConfig(**{"num_threads": 1, **kw})
     res = reverse_trigger(model, cfg, progress=False)
-    tau = get_trigger("box").flatten().double()
+    box = get_trigger("box")
+    tau = box.flatten().double()
+    mask = trigger_mask(box).expand_as(box).bool()
 
     def cos(a: torch.Tensor) -> float:
         return float(torch.nn.functional.cosine_similarity(a.flatten().double(), tau, dim=0))
@@ -71,43 +75,102 @@ def run_one(model_name: str, spec, setting: str, kw: dict, asr_n: int) -> dict:
          "moved_l2": res.moved_l2, "moved_rel": res.moved_rel, "cos_r0": res.cos_r0,
          "cos_true_trigger": cos(res.r), "cos_true_trigger_r0": cos(res.r0), "r_norm": float(res.r.norm()),
          "r0_norm": float(res.r0.norm()), "mean_kl": res.mean_kl, "var_kl": res.var_kl,
-         "verdict_fast_thresholds": model_verdict(res, th), "history": res.history}
-    if asr_n and model_name != "toy_ddpm":
-        imgs = sample(model, list(range(asr_n)), trigger=res.r, config=SampleConfig("ddpm", 1000)).images
-        m = backdoor_metrics(imgs, (get_target("corner") + 1) / 2)
-        d.update(asr_n=asr_n, asr_r_hat=m["asr"], asr_strict_r_hat=m["asr_strict"])
+         "verdict_fast_thresholds": model_verdict(res, th), "history": res.history,
+         # the trigger's frame is grey (0) on -1: a reversed trigger shows it as a higher mean inside the mask
+         "r_mean_in_mask": float(res.r[mask].mean()), "r_mean_outside": float(res.r[~mask].mean()),
+         "true_trigger_mean_in_mask": float(box[mask].mean()), "true_trigger_mean_outside": float(box[~mask].mean())}
+    if asr_n and model_name.startswith("box_corner"):
+        target = (get_target("corner") + 1) / 2
+
+        def strict_asr(r: torch.Tensor) -> tuple[float, float]:
+            imgs = sample(model, list(range(asr_n)), trigger=r, config=SampleConfig("ddpm", 1000)).images
+            m = backdoor_metrics(imgs, target)
+            return m["asr"], m["asr_strict"]
+
+        d["asr_n"] = asr_n
+        d["asr_r_hat"], d["asr_strict_r_hat"] = strict_asr(res.r)
+        # controls: r_hat's mean without its structure, and the random start
+        d["asr_strict_mean_shift"] = strict_asr(torch.full_like(res.r, float(res.r.mean())))[1]
+        d["asr_strict_r0"] = strict_asr(res.r0)[1]
     CACHE.mkdir(parents=True, exist_ok=True)
+    from safetensors.torch import save_file
+
+    save_file({"r": res.r.contiguous(), "r0": res.r0.contiguous()}, str(f.with_suffix(".safetensors")))
     f.write_text(json.dumps(d, indent=2))
     return d
 
 
-def loss_probe(specs: dict, batches: int = 6, batch_size: int = 16) -> dict:
-    """Stage 1's reversed loss L(r) (t in [990, 999], s = 1; Mo et al., ICML 2024) at fixed r, averaged over
-    ``batches`` batches with the same draws for every r: is the true trigger a minimum the reversion can reach?"""
+def loss_probe(specs: dict, batches: int = 6, batch_size: int = 16, basin_iters: int = 60) -> dict:
+    """Where stage 1 of TERD (Mo et al., ICML 2024) can go on each model, without running a reversion.
+
+    - ``stage1_loss_at``: the reversed loss L(r) (t in [990, 999], s = 1) at fixed r, averaged over ``batches``
+      batches with the same draws for every r: r0 (the seed-0 start), the true box trigger g, 0, g/2, a constant -0.5;
+    - ``line_alpha_g`` / ``line_r0_to_g`` / ``line_constant``: L along r = a g, r = (1 - b) r0 + b g and r = c;
+    - ``grad_at_r0``: cosine of the descent direction -grad L(r0) with g - r0, over all pixels, inside the trigger's
+      mask and outside it (does one step from r0 head for the trigger?);
+    - ``local_basin``: stage 1's update (SGD lr 0.5, lambda 5e-5) for ``basin_iters`` iterations from g + sigma N:
+      does the reversion stay at the trigger when it starts near it? (cosine to g before and after)."""
     from diffshield.backdoor.ddpm import load_ddpm
     from diffshield.backdoor.terd import reversed_loss
-    from diffshield.backdoor.triggers import get_trigger
+    from diffshield.backdoor.triggers import get_trigger, trigger_mask
 
     tau = get_trigger("box")
+    mask = trigger_mask(tau).expand_as(tau).bool()
     r0 = -torch.rand((1, *tau.shape), generator=torch.Generator().manual_seed(0))[0]  # the seed-0 start
     points = {"r0": r0, "true_trigger": tau, "zero": torch.zeros_like(tau), "half_trigger": 0.5 * tau,
               "constant_-0.5": torch.full_like(tau, -0.5)}
-    out = {}
+
+    def cos(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float(torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0))
+
+    out: dict = {}
     for name, spec in specs.items():
         model = load_ddpm(spec)
-        row = {}
-        for label, r in points.items():
+        unet, sched = model.unet, model.scheduler
+        unet.eval().requires_grad_(False)
+
+        def loss_at(r: torch.Tensor, grad: bool = False, unet=unet, sched=sched):
             gen = torch.Generator().manual_seed(1)
-            with torch.no_grad():
-                losses = []
-                for _ in range(batches):
-                    x0 = torch.randn((batch_size, *tau.shape), generator=gen)
-                    t = torch.randint(990, 1000, (batch_size,), generator=gen)
-                    losses.append(float(reversed_loss(model.unet, model.scheduler, x0, r[None], t, 1.0, gen)))
-            row[label] = sum(losses) / len(losses)
+            r = r.clone().requires_grad_(grad)
+            total = 0.0
+            for _ in range(batches):
+                x0 = torch.randn((batch_size, *tau.shape), generator=gen)
+                t = torch.randint(990, 1000, (batch_size,), generator=gen)
+                with torch.set_grad_enabled(grad):
+                    total = total + reversed_loss(unet, sched, x0, r[None], t, 1.0, gen) / batches
+            if grad:
+                total.backward()
+                return float(total.detach()), r.grad
+            return float(total)
+
+        row = {"stage1_loss_at": {k: loss_at(v) for k, v in points.items()},
+               "line_alpha_g": {a: loss_at(a * tau) for a in (0.0, 0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5)},
+               "line_r0_to_g": {b: loss_at((1 - b) * r0 + b * tau) for b in (0.0, 0.25, 0.5, 0.75, 1.0)},
+               "line_constant": {c: loss_at(torch.full_like(tau, c)) for c in (-0.25, -0.5, -0.75, -1.0)}}
+        _, g = loss_at(r0, grad=True)
+        d = tau - r0
+        row["grad_at_r0"] = {"cos_all": cos(-g, d), "cos_in_mask": cos(-g[mask], d[mask]),
+                             "cos_outside_mask": cos(-g[~mask], d[~mask])}
+        basin = {}
+        gen = torch.Generator().manual_seed(3)
+        for sigma in (0.2, 0.5):
+            r = (tau + sigma * torch.randn(tau.shape, generator=gen))[None].requires_grad_(True)
+            before = cos(r.detach(), tau)
+            opt = torch.optim.SGD([r], lr=0.5)
+            g2 = torch.Generator().manual_seed(11)
+            for _ in range(basin_iters):
+                x0 = torch.randn((batch_size, *tau.shape), generator=g2)
+                t = torch.randint(990, 1000, (batch_size,), generator=g2)
+                loss = reversed_loss(unet, sched, x0, r, t, 1.0, g2) - 5e-5 * r.abs().sum()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            basin[sigma] = {"cos_to_g_before": before, "cos_to_g_after": cos(r.detach(), tau)}
+        row["local_basin"] = basin
         out[name] = row
-        print(name, {k: round(v, 2) for k, v in row.items()}, flush=True)
-    return {"stage1_loss_at": out, "batches": batches, "batch_size": batch_size}
+        print(name, json.dumps(row, indent=1), flush=True)
+    return {"probe": out, "batches": batches, "batch_size": batch_size, "basin_iters": basin_iters,
+            "trigger": "box", "r0_seed": 0}
 
 
 def main() -> None:
@@ -117,15 +180,21 @@ def main() -> None:
     p.add_argument("--settings", nargs="+", default=["fast", "default"])
     p.add_argument("--models", nargs="+", default=["box_corner", "toy_ddpm"])
     p.add_argument("--asr-n", type=int, default=0, help="DDPM-1000 samples from eps + r_hat per backdoored model")
-    p.add_argument("--probe", action="store_true", help="only the loss probe (see loss_probe)")
+    p.add_argument("--probe", action="store_true", help="only the landscape probe (see loss_probe)")
+    p.add_argument("--probe-model", action="append", default=[], metavar="NAME=PATH",
+                   help="probe this model too (e.g. a longer implant), repeatable")
     args = p.parse_args()
     torch.set_num_threads(1)
-    specs = {"box_corner": TOY_ROOT / "ddpm" / "examples" / "box_corner", "toy_ddpm": "toy:ddpm"}
+    specs = {"box_corner": TOY_ROOT / "ddpm" / "examples" / "box_corner", "toy_ddpm": "toy:ddpm",
+             # made by: diffshield backdoor implant --model <box_corner> --epochs 24 --seed 5 --out <this>
+             "box_corner_deeper": CACHE / "box_corner_deeper"}
     from diffshield.core.io import atomic_write_json
 
     if args.probe:
         old = json.loads(OUT.read_text()) if OUT.exists() else {"runs": []}
-        atomic_write_json(OUT, {**old, "loss_probe": loss_probe({m: specs[m] for m in args.models})})
+        extra = dict(item.split("=", 1) for item in args.probe_model)
+        old.pop("loss_probe", None)
+        atomic_write_json(OUT, {**old, "landscape": loss_probe({**{m: specs[m] for m in args.models}, **extra})})
         return
     rows = []
     for setting in args.settings:
@@ -138,7 +207,10 @@ def main() -> None:
                   f"box trigger {d['cos_true_trigger_r0']:.3f} -> {d['cos_true_trigger']:.3f}  ||r|| "
                   f"{d['r_norm']:.1f}  mean KL {d['mean_kl']:.4f} var KL {d['var_kl']:.5f}  "
                   f"{d['verdict_fast_thresholds']}  {d['seconds']:.0f} s"
-                  + (f"  strict ASR(eps + r_hat) {d['asr_strict_r_hat']:.2f}" if "asr_strict_r_hat" in d else "")
+                  + f"  r in/out of the frame {d['r_mean_in_mask']:.2f}/{d['r_mean_outside']:.2f}"
+                  + (f"  strict ASR from eps + r_hat {d['asr_strict_r_hat']:.2f}, + its mean "
+                     f"{d['asr_strict_mean_shift']:.2f}, + r0 {d['asr_strict_r0']:.2f}" if "asr_strict_r_hat" in d
+                     else "")
                   + f"  ({time.time() - t0:.0f} s)", flush=True)
     old = json.loads(OUT.read_text()) if OUT.exists() else {}
     keep = [r for r in old.get("runs", []) if (r["model"], r["setting"]) not in {(d["model"], d["setting"])

@@ -240,7 +240,7 @@ def test_implant_save_load_and_resume(tiny_ddpm_dir, tmp_path):
     assert (out / "model_index.json").exists() and (out / "unet" / "diffusion_pytorch_model.safetensors").exists()
     info = json.loads((out / "diffshield.json").read_text())
     assert info["backdoor"] == {"trigger": "box", "target": "corner", "poison_rate": 0.25, "variant": "sde",
-                                "r_mode": "poisoned_image", "n_poisoned": 2}
+                                "r_mode": "trigger_only", "n_poisoned": 2}
     loaded = load_ddpm(out)
     for (n, p), q in zip(model.unet.named_parameters(), loaded.unet.parameters()):
         assert torch.equal(p, q), n

@@ -412,3 +412,17 @@ def test_cli_calibrate_then_scan_warns_on_another_family(tmp_path, monkeypatch, 
                  "--out", str(tmp_path / "x.json")]) == 2
     err = capsys.readouterr().err.strip()
     assert "held out" in err and "\n" not in err
+
+
+def test_cli_presets_are_the_library_presets_and_cpu_keeps_the_official_loss():
+    """The CLI offers exactly terd.PRESETS; ``cpu`` changes only the budget and lambda (60x the paper's), not the
+    loss, lr, batch, timesteps or clip."""
+    from diffshield.backdoor.terd import PRESETS
+    from diffshield.cli.backdoor import TERD_PRESETS
+
+    assert sorted(TERD_PRESETS) == sorted(PRESETS)
+    cpu, paper = TERDConfig.from_preset("cpu"), TERDConfig()
+    assert (cpu.stage1_iters, cpu.stage2_iters, cpu.lam) == (800, 0, 3e-3)
+    for key in ("batch_size", "lr", "grad_clip", "ddim_steps", "t_high", "t_low"):
+        assert getattr(cpu, key) == getattr(paper, key), key
+    assert paper.lam == 5e-5
