@@ -217,7 +217,7 @@ def main() -> int:
                   + f"; other accuracy {res['other_accuracy'][concept][method]:.1%}; audit {secs / 60:.1f} min",
                   flush=True)
             grid = torch.cat([audit.pre_attack_images[:8]] + [r.images[:8] for r in audit.results.values()])
-            suffix = "" if args.budget == "toy" else f"_{args.budget}"
+            suffix = "" if args.budget == "toy" else f"_{args.budget}_{'-'.join(args.attacks)}"
             make_grid(grid, nrow=8, upscale=3).save(RESULTS / f"redteam_{method}_{concept}{suffix}.png")
             if method in ("uce", "rece") and args.lamb_r:
                 from diffshield.redteam.adv_embed import AdvEmbed
