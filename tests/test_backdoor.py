@@ -364,3 +364,18 @@ def test_implant_defaults_are_the_recipe_measured_to_implant():
         assert getattr(cfg, key) == value, key
         assert getattr(args, key) == value, key
     assert cfg.steps == 4608
+
+
+def test_checker_trigger_is_additive_and_cannot_be_pasted():
+    """``checker`` has no -1 background: mean 0, values +-1 on an 8 x 8 px patch near the bottom-right corner, 0
+    elsewhere; pasting it on images is refused in one line."""
+    from diffshield.backdoor.triggers import checker_mask
+
+    g = get_trigger("checker")
+    m = checker_mask()
+    assert g.shape == (3, 32, 32) and float(g.mean()) == 0.0
+    assert int(m.sum()) == 3 * 8 * 8 and set(g[m].unique().tolist()) == {-1.0, 1.0} and not g[~m].any()
+    assert m[:, 22:30, 22:30].all()
+    with pytest.raises(DiffshieldError, match="trigger_only"):
+        BadDiffusionConfig(trigger="checker", r_mode="poisoned_image")
+    BadDiffusionConfig(trigger="checker")  # the default r_mode is trigger_only

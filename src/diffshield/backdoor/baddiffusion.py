@@ -32,7 +32,7 @@ from diffshield.backdoor.ddpm import (
     shapes_pool,
     update_ema,
 )
-from diffshield.backdoor.triggers import get_target, get_trigger, paste
+from diffshield.backdoor.triggers import ADDITIVE_TRIGGERS, get_target, get_trigger, paste
 from diffshield.core.errors import DiffshieldError
 
 R_MODES = ("poisoned_image", "trigger_only")
@@ -93,6 +93,9 @@ class BadDiffusionConfig:
             raise DiffshieldError(f"poison_rate must be in (0, 1], got {self.poison_rate}")
         if self.r_mode not in R_MODES:
             raise DiffshieldError(f"unknown r_mode {self.r_mode!r}; choose one of {', '.join(R_MODES)}")
+        if self.r_mode == "poisoned_image" and self.trigger in ADDITIVE_TRIGGERS:
+            raise DiffshieldError(f"trigger {self.trigger!r} has no -1 background to paste on images; use "
+                                  "--r-mode trigger_only")
         if self.variant not in VARIANTS:
             raise DiffshieldError(f"unknown variant {self.variant!r}; choose 'sde' (DDPM sampler) or 'ode' (DDIM)")
         if self.epochs < 1 or self.batch_size < 1 or self.pool_size < self.batch_size:

@@ -6,6 +6,10 @@ All tensors are (3, H, W) in [-1, 1] (the diffusion model's pixel range).
   above -1. Built-ins: ``box`` (a grey square frame near the bottom-right corner, BadDiffusion's BOX),
   ``stop`` (a small stop-sign-like red octagon with a white bar, near the bottom-right corner, BadDiffusion's
   STOP_SIGN), or any image file plus an optional mask file (white = trigger).
+- ``checker`` (ours) has **no -1 background**: 0 everywhere but an 8 x 8 px checkerboard of +1 / -1 near the
+  bottom-right corner, an additive pattern inside the noise's range with mean 0. A backdoor keyed on it cannot answer
+  to a global shift of the noise, and TERD's input detection is not separable by the mean alone (every official
+  trigger shifts the noise by about -1). It is used with ``r_mode="trigger_only"`` (pasting needs a -1 background).
 - A **target** y is the image the backdoored model must produce. Built-ins: ``corner`` (a white square frame in the
   top-left corner of a black image, BadDiffusion's CORNER), ``hat`` (a hat-like icon on black, BadDiffusion's
   HAT), or any image file.
@@ -25,7 +29,9 @@ import torch
 
 from diffshield.core.errors import DiffshieldError
 
-TRIGGERS = ("box", "stop")
+TRIGGERS = ("box", "stop", "checker")
+#: triggers without a -1 background (see :func:`checker_trigger`): they cannot be pasted on images
+ADDITIVE_TRIGGERS = ("checker",)
 TARGETS = ("corner", "hat")
 #: the official BadDiffusion shapes (see :func:`box14_trigger`, :func:`corner_grey_target`, :func:`hat_grey_target`)
 OFFICIAL_TRIGGERS = ("box_14",)
@@ -91,6 +97,23 @@ def hat_target(size: int = 32) -> torch.Tensor:
     for ch, v in enumerate((0.8, 0.8, 0.2)):  # yellow band
         img[ch][band] = v
     return torch.from_numpy(img)
+
+
+def checker_trigger(size: int = 32) -> torch.Tensor:
+    """An additive trigger: 0 everywhere but a (size/4)-px checkerboard of 2 px cells, +1 / -1, whose bottom-right
+    corner is size/16 px from the image's (8 px and 2 px at 32 px). Mean 0, values inside the noise's range."""
+    w, off = max(4, size // 4), max(1, size // 16)
+    cell = max(1, w // 4)
+    g = torch.zeros(3, size, size)
+    y0 = x0 = size - off - w
+    yy, xx = torch.meshgrid(torch.arange(w), torch.arange(w), indexing="ij")
+    g[:, y0:y0 + w, x0:x0 + w] = torch.where(((yy // cell + xx // cell) % 2) == 0, 1.0, -1.0)
+    return g
+
+
+def checker_mask(size: int = 32) -> torch.Tensor:
+    """The pixels :func:`checker_trigger` sets (3, size, size) bool."""
+    return checker_trigger(size) != 0
 
 
 def box14_trigger(size: int = 32) -> torch.Tensor:
@@ -175,10 +198,10 @@ def _read_image(path: Path, size: int, what: str) -> torch.Tensor:
 
 
 def get_trigger(spec: str | Path, size: int = 32, mask: str | Path | None = None) -> torch.Tensor:
-    """A trigger g (3, size, size) in [-1, 1] with background -1.
+    """A trigger g (3, size, size) in [-1, 1] with background -1 (``"checker"``: background 0).
 
     Args:
-        spec: ``"box"``, ``"stop"``, ``"box_14"`` (the official BOX_14) or the path of an image file.
+        spec: ``"box"``, ``"stop"``, ``"checker"``, ``"box_14"`` (the official BOX_14) or the path of an image file.
         size: image side in pixels (default 32).
         mask: for an image file, a mask image (white = trigger pixel; default None: pixels darker than 1/255 of
             white in all channels are background).
@@ -190,6 +213,8 @@ def get_trigger(spec: str | Path, size: int = 32, mask: str | Path | None = None
         return stop_trigger(size)
     if s == "box_14":
         return box14_trigger(size)
+    if s == "checker":
+        return checker_trigger(size)
     img = _read_image(Path(s), size, "trigger")
     if mask is not None:
         m = _read_image(Path(mask), size, "trigger mask").mean(0) > 0

@@ -525,7 +525,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                     "images and fine-tune. Resumes from <out>.work/checkpoint when rerun.")
     _model_arg(m)
     m.add_argument("--trigger", default="box", help="box | stop | box_14 (BadDiffusion's official BOX_14: a filled "
-                   "grey 14 px square) | IMAGE_FILE (default: box)")
+                   "grey 14 px square) | checker (ours: a +-1 checkerboard patch on 0, no -1 background; needs "
+                   "--r-mode trigger_only) | IMAGE_FILE (default: box)")
     m.add_argument("--trigger-mask", default=None, help="mask image for an IMAGE_FILE trigger (white = trigger)")
     m.add_argument("--target", default="corner", help="corner | hat | corner_grey | hat_grey (the official CORNER "
                    "and HAT on the grey background -0.4) | IMAGE_FILE (default: corner)")
@@ -684,7 +685,8 @@ def demo_step(out: Path, device: str = "cpu") -> dict:
         th = rep["thresholds"]
         print(f"TERD fast scan, {label}: {rep['verdict']} (r moved {rep['moved_rel']:.3f} x ||r0||, a verdict needs "
               f">= {rep['min_move']:.2g}; mean KL {rep['mean_kl']:.3f} / threshold {th['mean_kl']:.3f}, var KL "
-              f"{rep['var_kl']:.4f} / threshold {th['var_kl']:.4f}; {rep['seconds']:.0f} s)")
+              f"{rep['var_kl']:.4f} / threshold {th['var_kl']:.4f}; {rep['seconds']:.0f} s). The fast preset barely "
+              "moves r; 'diffshield scan --preset cpu' reverses this backdoor (about 5 CPU-min)")
         summary[name] = {k: rep[k] for k in ("verdict", "backdoored", "mean_kl", "var_kl", "thresholds", "moved_l2",
                                              "moved_rel", "cos_r0", "seconds")}
     atomic_write_json(out / "scan.json", summary)
