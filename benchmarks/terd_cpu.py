@@ -10,6 +10,7 @@ cached in runs/terd_cpu/; the summary goes to benchmarks/results/terd_cpu.json.
     python benchmarks/terd_cpu.py --settings fast s1=400,s2=0,lr=2   # named presets or key=value settings
     python benchmarks/terd_cpu.py --settings s1=200,s2=0,lam=0.003 --asr-n 8   # a larger L1 weight lambda
     python benchmarks/terd_cpu.py --probe    # stage 1's loss landscape, its descent direction at r0, its local basin
+    python benchmarks/terd_cpu.py --input-detection --settings s1=800,s2=0,lam=0.003 --models box_corner
     python benchmarks/terd_cpu.py --probe --probe-model deeper=runs/terd_cpu/box_corner_deeper  # (see --help)
 """
 
@@ -26,6 +27,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "runs" / "terd_cpu"
 OUT = ROOT / "benchmarks" / "results" / "terd_cpu.json"
+#: model name -> (trigger, target) it was implanted with; clean models are scored against the box trigger
+BACKDOORS = {"box_corner": ("box", "corner"), "box_corner_deeper": ("box", "corner"),
+             "checker_corner_p20": ("checker", "corner")}
 KEYS = {"s1": "stage1_iters", "s2": "stage2_iters", "lr": "lr", "bs": "batch_size", "seed": "seed", "lam": "lam"}
 
 
@@ -53,19 +57,20 @@ def run_one(model_name: str, spec, setting: str, kw: dict, asr_n: int) -> dict:
         model_verdict,
         reverse_trigger,
     )
-    from diffshield.backdoor.triggers import get_target, get_trigger, trigger_mask
+    from diffshield.backdoor.triggers import get_target, get_trigger
 
     f = CACHE / f"{model_name}__{setting.replace('=', '').replace(',', '_')}.json"
     if f.exists():
         d = json.loads(f.read_text())
-        if "r_mean_in_mask" in d and (asr_n <= d.get("asr_n", 0) or not model_name.startswith("box_corner")):
+        if "r_mean_in_mask" in d and (asr_n <= d.get("asr_n", 0) or model_name not in BACKDOORS):
             return d
     model = load_ddpm(spec)
     cfg = TERDConfig(**{"num_threads": 1, **kw})
     res = reverse_trigger(model, cfg, progress=False)
-    box = get_trigger("box")
+    trig_name, target_name = BACKDOORS.get(model_name, ("box", "corner"))
+    box = get_trigger(trig_name)
     tau = box.flatten().double()
-    mask = trigger_mask(box).expand_as(box).bool()
+    mask = trigger_region(trig_name, box)
 
     def cos(a: torch.Tensor) -> float:
         return float(torch.nn.functional.cosine_similarity(a.flatten().double(), tau, dim=0))
@@ -78,9 +83,11 @@ def run_one(model_name: str, spec, setting: str, kw: dict, asr_n: int) -> dict:
          "verdict_fast_thresholds": model_verdict(res, th), "history": res.history,
          # the trigger's frame is grey (0) on -1: a reversed trigger shows it as a higher mean inside the mask
          "r_mean_in_mask": float(res.r[mask].mean()), "r_mean_outside": float(res.r[~mask].mean()),
-         "true_trigger_mean_in_mask": float(box[mask].mean()), "true_trigger_mean_outside": float(box[~mask].mean())}
-    if asr_n and model_name.startswith("box_corner"):
-        target = (get_target("corner") + 1) / 2
+         "true_trigger_mean_in_mask": float(box[mask].mean()), "true_trigger_mean_outside": float(box[~mask].mean()),
+         "trigger": trig_name, "cos_in_region": float(torch.nn.functional.cosine_similarity(
+             res.r[mask].double(), box[mask].double(), dim=0))}
+    if asr_n and model_name in BACKDOORS:
+        target = (get_target(target_name) + 1) / 2
 
         def strict_asr(r: torch.Tensor) -> tuple[float, float]:
             imgs = sample(model, list(range(asr_n)), trigger=r, config=SampleConfig("ddpm", 1000)).images
@@ -98,6 +105,48 @@ def run_one(model_name: str, spec, setting: str, kw: dict, asr_n: int) -> dict:
     save_file({"r": res.r.contiguous(), "r0": res.r0.contiguous()}, str(f.with_suffix(".safetensors")))
     f.write_text(json.dumps(d, indent=2))
     return d
+
+
+def trigger_region(name: str, g: torch.Tensor) -> torch.Tensor:
+    """The pixels a trigger sets: M = [g > -1] for the -1-background triggers, g != 0 for ``checker``."""
+    from diffshield.backdoor.triggers import ADDITIVE_TRIGGERS, trigger_mask
+
+    return (g != 0) if name in ADDITIVE_TRIGGERS else trigger_mask(g).bool()
+
+
+def input_detection(model_name: str, setting: str, n: int = 1000) -> dict:
+    """TERD input detection (Mo et al., ICML 2024) with the r_hat of a cached run of ``setting`` on ``model_name``:
+    poisoned inputs eps + g (g the model's trigger) against clean eps, n of each (seeds 0.. and 10^6..).
+
+    Score s(x) = <x, r> - ||r||^2 / 2, the log-likelihood ratio of N(r, I) against N(0, I) (gamma = 1): TERD flags
+    s > 0. Reported: TPR and FPR of that rule, and TPR at 5 % FPR (the threshold at the clean scores' 95th
+    percentile), for r_hat and for controls that know nothing of the trigger: r0 (the reversion's start), a
+    Gaussian vector of r_hat's norm, and a constant at r_hat's mean. A control near 5 % TPR at 5 % FPR says the
+    test is not trivial; a control near 100 % says the two distributions differ by something any vector sees."""
+    from safetensors.torch import load_file
+
+    from diffshield.backdoor.triggers import get_trigger
+
+    f = CACHE / f"{model_name}__{setting.replace('=', '').replace(',', '_')}.safetensors"
+    saved = load_file(str(f))
+    r_hat, r0 = saved["r"], saved["r0"]
+    g = get_trigger(BACKDOORS.get(model_name, ("box", "corner"))[0])
+    gen = torch.Generator().manual_seed(0)
+    clean = torch.randn((n, *g.shape), generator=gen)
+    poisoned = torch.randn((n, *g.shape), generator=gen) + g
+    gauss = torch.randn(g.shape, generator=gen)
+    vectors = {"r_hat": r_hat, "control_r0": r0, "control_gaussian": gauss * r_hat.norm() / gauss.norm(),
+               "control_constant_mean": torch.full_like(r_hat, float(r_hat.mean()))}
+    out = {"model": model_name, "setting": setting, "trigger": BACKDOORS.get(model_name, ("box",))[0], "n": n}
+    for name, r in vectors.items():
+        def score(x: torch.Tensor, r: torch.Tensor = r) -> torch.Tensor:
+            return x.flatten(1) @ r.flatten() - 0.5 * r.pow(2).sum()
+
+        sc, sp = score(clean), score(poisoned)
+        thr = torch.quantile(sc, 0.95)
+        out[name] = {"tpr_terd_rule": float((sp > 0).float().mean()), "fpr_terd_rule": float((sc > 0).float().mean()),
+                     "tpr_at_5pct_fpr": float((sp > thr).float().mean())}
+    return out
 
 
 def loss_probe(specs: dict, batches: int = 6, batch_size: int = 16, basin_iters: int = 60) -> dict:
@@ -181,13 +230,18 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=["box_corner", "toy_ddpm"])
     p.add_argument("--asr-n", type=int, default=0, help="DDPM-1000 samples from eps + r_hat per backdoored model")
     p.add_argument("--probe", action="store_true", help="only the landscape probe (see loss_probe)")
+    p.add_argument("--input-detection", action="store_true",
+                   help="input detection with the cached r_hat of each --settings x --models run, with controls")
     p.add_argument("--probe-model", action="append", default=[], metavar="NAME=PATH",
                    help="probe this model too (e.g. a longer implant), repeatable")
     args = p.parse_args()
     torch.set_num_threads(1)
     specs = {"box_corner": TOY_ROOT / "ddpm" / "examples" / "box_corner", "toy_ddpm": "toy:ddpm",
              # made by: diffshield backdoor implant --model <box_corner> --epochs 24 --seed 5 --out <this>
-             "box_corner_deeper": CACHE / "box_corner_deeper"}
+             "box_corner_deeper": CACHE / "box_corner_deeper",
+             # made by: diffshield backdoor implant --model toy:ddpm --trigger checker --target corner
+             #          --poison-rate 0.2 --out <this>
+             "checker_corner_p20": CACHE / "checker_corner_p20"}
     from diffshield.core.io import atomic_write_json
 
     if args.probe:
@@ -195,6 +249,15 @@ def main() -> None:
         extra = dict(item.split("=", 1) for item in args.probe_model)
         old.pop("loss_probe", None)
         atomic_write_json(OUT, {**old, "landscape": loss_probe({**{m: specs[m] for m in args.models}, **extra})})
+        return
+    if args.input_detection:
+        old = json.loads(OUT.read_text()) if OUT.exists() else {"runs": []}
+        rows = [input_detection(m, parse_setting(s)[0]) for s in args.settings for m in args.models]
+        for r in rows:
+            print(r["model"], r["setting"], {k: v for k, v in r.items() if isinstance(v, dict)}, flush=True)
+        keep = [r for r in old.get("input_detection", []) if (r["model"], r["setting"]) not in
+                {(x["model"], x["setting"]) for x in rows}]
+        atomic_write_json(OUT, {**old, "input_detection": keep + rows})
         return
     rows = []
     for setting in args.settings:
