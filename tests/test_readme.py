@@ -79,7 +79,9 @@ def test_readme_commands_run(tmp_path, monkeypatch):
     for name in ("examples", "src"):
         (tmp_path / name).symlink_to(ROOT / name)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setitem(terd.PRESETS, "fast", {"stage1_iters": 1, "stage2_iters": 1, "batch_size": 2, "ddim_steps": 2})
+    for preset in ("fast", "cpu"):
+        monkeypatch.setitem(terd.PRESETS, preset, {"stage1_iters": 1, "stage2_iters": 1, "batch_size": 2,
+                                                   "ddim_steps": 2})
     threads = torch.get_num_threads()
     commands = _commands()
     assert len(commands) >= 8, "the README shows one example per pillar"
