@@ -241,7 +241,11 @@ def main() -> None:
              "box_corner_deeper": CACHE / "box_corner_deeper",
              # made by: diffshield backdoor implant --model toy:ddpm --trigger checker --target corner
              #          --poison-rate 0.2 --out <this>
-             "checker_corner_p20": CACHE / "checker_corner_p20"}
+             "checker_corner_p20": CACHE / "checker_corner_p20",
+             # a clean control with the implant's lr, pool and batch, a third of its length; made by:
+             # diffshield backdoor train-ddpm --init toy:ddpm --steps 1536 --lr 2e-4 --warmup 20 --pool-size 2048
+             #          --ema-decay 0 --seed 4 --out <this>
+             "clean_ft_1536": CACHE / "clean_ft_1536"}
     from diffshield.core.io import atomic_write_json
 
     if args.probe:
