@@ -187,7 +187,8 @@ def main() -> int:
             erased = load_t2i(folder)
             t0 = time.perf_counter()
             audit = run_audit(erased, original, concept, attacks=args.attacks, n=args.n, sample=sample, judge=judge,
-                              progress=False, budget=args.budget, baselines=not args.no_baselines)
+                              progress=args.budget == "paper",  # paper-budget audits run for an hour or more
+                              budget=args.budget, baselines=not args.no_baselines)
             secs = time.perf_counter() - t0
             audit.info.update({"model": str(folder), "original": "toy:t2i", "budget": args.budget})
             report = SCRATCH / f"{method}-{concept}-{args.budget}"
