@@ -108,10 +108,10 @@ def run_one(model_name: str, spec, setting: str, kw: dict, asr_n: int) -> dict:
 
 
 def trigger_region(name: str, g: torch.Tensor) -> torch.Tensor:
-    """The pixels a trigger sets: M = [g > -1] for the -1-background triggers, g != 0 for ``checker``."""
-    from diffshield.backdoor.triggers import ADDITIVE_TRIGGERS, trigger_mask
+    """The pixels a trigger sets: M = [g > -1] for the -1-background triggers, the checkerboard for ``checker``."""
+    from diffshield.backdoor.triggers import checker_mask, trigger_mask
 
-    return (g != 0) if name in ADDITIVE_TRIGGERS else trigger_mask(g).bool()
+    return checker_mask(g.shape[-1]) if name == "checker" else trigger_mask(g).bool()
 
 
 def input_detection(model_name: str, setting: str, n: int = 1000) -> dict:
