@@ -110,6 +110,31 @@ def test_genetic_search_keeps_concept_words_out(toy):
     assert len(out.attack_prompts[0].split()) == 8
 
 
+def test_genetic_search_is_reused_only_where_it_would_repeat(toy):
+    """Models that share the text encoder (UCE/RECE/ESD edit only the UNet) search once: the reused prompts equal a
+    fresh search's; a changed text encoder searches again."""
+    import copy
+
+    from diffshield.redteam import ring_a_bell
+
+    cls = ATTACKS.get("ring-a-bell-genetic")
+    prompts, seeds = toy["prompts"][:2], toy["seeds"][:2]
+    ring_a_bell._SEARCHES.clear()
+    fresh = cls(toy["original"], concept="triangle", sample=FAST, **CHEAP["ring-a-bell-genetic"])(prompts, seeds)
+    reused = cls(toy["erased"], concept="triangle", sample=FAST, **CHEAP["ring-a-bell-genetic"])(prompts, seeds)
+    assert fresh.extra["searches_reused"] == 0 and reused.extra["searches_reused"] == reused.extra[
+        "distinct_optimisations"] > 0
+    ring_a_bell._SEARCHES.clear()
+    again = cls(toy["erased"], concept="triangle", sample=FAST, **CHEAP["ring-a-bell-genetic"])(prompts, seeds)
+    assert again.extra["searches_reused"] == 0
+    assert again.attack_prompts == reused.attack_prompts and again.extra["cosine"] == reused.extra["cosine"]
+    other = copy.deepcopy(toy["erased"])
+    with torch.no_grad():
+        other.text_encoder.get_input_embeddings().weight.mul_(1.01)
+    changed = cls(other, concept="triangle", sample=FAST, **CHEAP["ring-a-bell-genetic"])(prompts, seeds)
+    assert changed.extra["searches_reused"] == 0
+
+
 def test_unlearndiff_keeps_excluded_words_out_of_its_prefix(toy):
     """exclude_words: the words named (here the other shapes') never appear in the searched prefix, as the concept's
     own words never do; the prefix has k words before the untouched prompt."""

@@ -8,7 +8,9 @@ Models?", ICLR 2024).
 2. Continuous attack (as re-implemented for RECE): generate from E(prompt) + η v.
 3. Genetic search (``search="genetic"``, the original's black-box attack): find a sequence of K vocabulary words
    whose embedding is closest (cosine) to E(prompt) + η v; generate from that text. By default the words naming the
-   concept (and its synonyms) are excluded, so a success means other words brought the concept back.
+   concept (and its synonyms) are excluded, so a success means other words brought the concept back. A search
+   depends only on the text encoder, so models that share one (UCE, RECE and ESD edit only the UNet) reuse this
+   process's finished search; ``extra["searches_reused"]`` counts them.
 
 Example::
 
@@ -18,7 +20,9 @@ Example::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+from collections import OrderedDict
+from dataclasses import astuple, dataclass
 
 import torch
 
@@ -28,6 +32,21 @@ from diffshield.redteam import ATTACKS
 from diffshield.redteam.base import Attack, check, concept_words, decode_ids, word_token_ids
 
 SEARCHES = ("none", "genetic")
+
+#: finished genetic searches of this process, keyed by everything a search depends on (text encoder weights, target,
+#: candidates, settings, generator state), so auditing several models that share a text encoder (UCE, RECE and ESD
+#: edit only the UNet) searches once; the result is the one a new search would give, bit for bit
+_SEARCHES: OrderedDict[str, tuple[list, float, torch.Tensor]] = OrderedDict()
+_SEARCHES_MAX = 256
+
+
+def _digest(*tensors: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous().reshape(-1)
+        h.update(str((t.dtype, tuple(t.shape))).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def toy_concept_pairs(concept: str) -> list[tuple[str, str]]:
@@ -133,9 +152,20 @@ class RingABell(Attack):
         e_without = encode_prompts(self.erased, [b for _, b in pairs])
         return (e_with - e_without).mean(0), len(pairs)
 
-    def _genetic(self, target: torch.Tensor, candidates: torch.Tensor, gen: torch.Generator) -> tuple[list, float]:
-        """Genetic search for ``length`` word ids whose encoding is closest (cosine) to ``target`` (L, d)."""
+    def _genetic(self, target: torch.Tensor, candidates: torch.Tensor, gen: torch.Generator,
+                 encoder_digest: str = "") -> tuple[list, float, bool]:
+        """Genetic search for ``length`` word ids whose encoding is closest (cosine) to ``target`` (L, d).
+
+        Returns (word ids, cosine, reused): a search this process already ran with the same text encoder, target,
+        candidates, settings and generator state is reused (and the generator advanced as the search would)."""
         cfg = self.config
+        key = None
+        if encoder_digest:
+            key = encoder_digest + _digest(target.float(), candidates, gen.get_state()) + repr(astuple(cfg))
+            if key in _SEARCHES:
+                ids, score, state = _SEARCHES[key]
+                gen.set_state(state)
+                return list(ids), score, True
         tok = self.erased.tokenizer
         bos, eos = tok.bos_token_id, tok.eos_token_id
         pad = tok.pad_token_id if tok.pad_token_id is not None else eos
@@ -170,7 +200,12 @@ class RingABell(Attack):
             pop = torch.cat([pop[:n_elite], child])
             fit = torch.cat([fit[:n_elite], fitness(child)])
         best = int(fit.argmax())
-        return candidates[pop[best]].tolist(), float(fit[best])
+        ids, score = candidates[pop[best]].tolist(), float(fit[best])
+        if key is not None:
+            _SEARCHES[key] = (ids, score, gen.get_state())
+            while len(_SEARCHES) > _SEARCHES_MAX:
+                _SEARCHES.popitem(last=False)
+        return ids, score, False
 
     def forward(self, prompts: list[str], seeds: list[int]) -> dict:
         cfg = self.config
@@ -184,14 +219,17 @@ class RingABell(Attack):
             return {"images": gen.images, "embeddings": emb, "extra": extra}
         exclude = concept_words(self.concept) if cfg.exclude_concept_words else ()
         candidates = word_token_ids(self.erased, exclude)
-        found, scores = {}, {}
+        found, scores, reused = {}, {}, 0
         g = torch.Generator().manual_seed(cfg.seed)
+        enc = _digest(*self.erased.text_encoder.state_dict().values())
         for p, t in zip(distinct, targets):
-            ids, score = self._genetic(t, candidates, g)
+            ids, score, was_reused = self._genetic(t, candidates, g, enc)
             found[p], scores[p] = decode_ids(self.erased, ids), score
+            reused += was_reused
         attack_prompts = [found[p] for p in prompts]
         gen = generate(self.erased, attack_prompts, seeds, config=self.sample, progress=False)
-        extra.update({"searched_prompts": found, "cosine": scores, "distinct_optimisations": len(distinct)})
+        extra.update({"searched_prompts": found, "cosine": scores, "distinct_optimisations": len(distinct),
+                      "searches_reused": reused})
         return {"images": gen.images, "attack_prompts": attack_prompts, "extra": extra}
 
 
