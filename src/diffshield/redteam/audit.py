@@ -303,7 +303,7 @@ def run_audit(
     for name in bar:
         bar.set_postfix_str(name)
         audit.results[name], base = run_attack(audit, name, erased, original, judge, hp, seed, budget, baselines,
-                                               skip_detected)
+                                               skip_detected, progress)
         if base is not None:
             audit.baselines[name] = base
     finish_audit(audit, judge)
@@ -351,7 +351,8 @@ def start_audit(erased: T2IModel, original: T2IModel | None, concept: str, promp
 
 def run_attack(audit: Audit, name: str, erased: T2IModel, original: T2IModel | None, judge: Judge,
                hp: dict[str, dict], seed: int = 0, budget: str = "toy", baselines: bool = True,
-               skip_detected: bool = True) -> tuple[AttackResult, dict[str, AttackResult] | None]:
+               skip_detected: bool = True,
+               progress: bool = False) -> tuple[AttackResult, dict[str, AttackResult] | None]:
     """One attack of an audit started by :func:`start_audit`, and its controls (None without ``baselines``). An
     attack draws its random numbers from its own generators, so its result does not depend on the other attacks
     (what lets :mod:`diffshield.redteam.sharded` run the attacks in separate processes)."""
@@ -360,6 +361,7 @@ def run_attack(audit: Audit, name: str, erased: T2IModel, original: T2IModel | N
         raise DiffshieldError(f"the {name} attack needs the original model; give it or leave {name} out")
     atk = cls(erased, original=original, concept=audit.concept, judge=judge, sample=audit.sample, budget=budget,
               **hp.get(name, {}))
+    atk.progress = progress  # a bar over the search's own steps (the baselines below run without one)
     pre_given = audit.pre_attack_success if skip_detected else torch.zeros_like(audit.pre_attack_success)
     result = atk(audit.prompts, audit.seeds, original_images=audit.original_images, pre_success=pre_given)
     if not baselines:

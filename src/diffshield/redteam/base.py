@@ -178,6 +178,14 @@ class Attack:
         self._reference: torch.Tensor | None = None
         self._pre_success: torch.Tensor | None = None
         self.judge_calls = 0
+        #: a transient tqdm bar over the search's steps (the audit turns it on with its own bar)
+        self.progress = False
+
+    def steps_bar(self, iterable, desc: str, total: int | None = None):
+        """``iterable`` wrapped in a transient progress bar when :attr:`progress` is on."""
+        from tqdm.auto import tqdm
+
+        return tqdm(iterable, desc=f"{self.name}: {desc}", total=total, leave=False, disable=not self.progress)
 
     def forward(self, prompts: list[str], seeds: list[int]) -> dict:
         """Attack: return {"images", and any of "embeddings", "attack_prompts", "soft_tokens", "extra"}."""

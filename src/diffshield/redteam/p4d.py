@@ -169,7 +169,8 @@ class P4D(Attack):
             init = candidates[torch.randint(len(candidates), (len(idx), k), generator=gen)]
             soft = table[init.to(table.device)].float().clone().requires_grad_(True)
             opt = torch.optim.AdamW([soft], lr=cfg.lr, weight_decay=cfg.weight_decay)
-            for step in range(cfg.steps + (1 if cfg.steps == 0 else 0)):
+            steps = range(cfg.steps + (1 if cfg.steps == 0 else 0))
+            for step in self.steps_bar(steps, f"PEZ steps ({len(idx)} images)"):
                 proj, ids_near = nearest_words(soft, model, candidates, "cosine")
                 ids, pos = layout_ids(model, list(w), ids_near, layout)
                 if step % cfg.eval_every == 0:  # best-of: generate the current words, compare with the target

@@ -186,7 +186,7 @@ class RingABell(Attack):
         pop = torch.randint(n_cand, (cfg.population, cfg.length), generator=gen)
         fit = fitness(pop)
         n_elite = max(1, int(round(cfg.elite * cfg.population)))
-        for _ in range(cfg.generations):
+        for _ in self.steps_bar(range(cfg.generations), "generations"):
             order = fit.argsort(descending=True)
             pop, fit = pop[order], fit[order]
             parents = pop[: cfg.population // 2]

@@ -180,7 +180,7 @@ class UnlearnDiff(Attack):
         model.text_encoder.requires_grad_(False)
         losses: list[float] = []
         final_images: dict[int, torch.Tensor] = {}
-        for r, t in enumerate(round_timesteps(cfg.rounds, n_train)):
+        for r, t in enumerate(self.steps_bar(round_timesteps(cfg.rounds, n_train), "rounds")):
             if not todo:
                 break
             groups: dict[tuple, list[int]] = {}
