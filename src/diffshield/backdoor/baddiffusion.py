@@ -18,6 +18,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -70,6 +71,8 @@ class BadDiffusionConfig:
         num_threads: torch threads (default 1; 0 = torch's default).
     """
 
+    method: ClassVar[str] = "baddiffusion"
+
     trigger: str = "box"
     target: str = "corner"
     trigger_mask: str | None = None
@@ -112,6 +115,19 @@ class BadDiffusionConfig:
     def steps(self) -> int:
         return self.epochs * (self.pool_size // self.batch_size)
 
+    def batch_loss(self, unet, scheduler, x: torch.Tensor, poisoned: torch.Tensor, g: torch.Tensor,
+                   y: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The loss of one training batch: clean rows (x) and poisoned rows (``poisoned`` (B, 1, 1, 1), target y)."""
+        r_poison = paste(g, x) if self.r_mode == "poisoned_image" else g.expand_as(x)
+        x_s = torch.where(poisoned, y.expand_as(x), x)
+        r = torch.where(poisoned, r_poison, torch.zeros_like(x))
+        return poisoned_loss(unet, scheduler, x_s, r, eps, t, self.variant)
+
+    def backdoor_record(self, n_poisoned: int) -> dict:
+        """The ``backdoor`` entry of the saved model's diffshield.json."""
+        return {"trigger": self.trigger, "target": self.target, "poison_rate": self.poison_rate,
+                "variant": self.variant, "r_mode": self.r_mode, "n_poisoned": n_poisoned}
+
 
 def rho(scheduler, t: torch.Tensor) -> torch.Tensor:
     """rho_t = (1 - sqrt(alpha_t)) * sqrt(1 - abar_t) / (1 - alpha_t) for integer timesteps t, in float64.
@@ -153,11 +169,13 @@ def poisoned_loss(unet, scheduler, x_s: torch.Tensor, r: torch.Tensor, eps: torc
 
 def implant(model: DDPMModel | str, cfg: BadDiffusionConfig, out: str | Path, work: str | Path | None = None,
             progress: bool = True) -> DDPMModel:
-    """Fine-tune a clean model with BadDiffusion and save the backdoored DDPMPipeline folder to ``out``.
+    """Fine-tune a clean model with BadDiffusion (or TrojDiff, given a
+    :class:`~diffshield.backdoor.trojdiff.TrojDiffConfig`) and save the backdoored DDPMPipeline folder to ``out``.
 
     Args:
         model: a :class:`DDPMModel` or a spec for :func:`load_ddpm` (e.g. ``"toy:ddpm"``).
-        cfg: :class:`BadDiffusionConfig`.
+        cfg: :class:`BadDiffusionConfig` or :class:`~diffshield.backdoor.trojdiff.TrojDiffConfig` (whose
+            ``batch_loss`` makes the loss of each batch).
         out: output folder; it also gets ``diffshield.json`` (the full record: trigger, target, rate, variant,
             seeds), ``trigger.png`` and ``target.png``.
         work: checkpoint folder (default ``<out>.work``); rerunning with the same settings resumes from it.
@@ -200,7 +218,7 @@ def implant(model: DDPMModel | str, cfg: BadDiffusionConfig, out: str | Path, wo
         gen.set_state(torch.tensor(meta["rng"], dtype=torch.uint8))
     perm = None
     t0 = time.time()
-    bar = tqdm(range(start, total), desc="baddiffusion", disable=not progress, initial=start, total=total)
+    bar = tqdm(range(start, total), desc=cfg.method, disable=not progress, initial=start, total=total)
     loss_ema = None
     for step in bar:
         k = step % steps_per_epoch
@@ -210,14 +228,11 @@ def implant(model: DDPMModel | str, cfg: BadDiffusionConfig, out: str | Path, wo
                                                                                          step // steps_per_epoch))
         idx = perm[k * cfg.batch_size:(k + 1) * cfg.batch_size]
         x, p = pool[idx], poisoned[idx].view(-1, 1, 1, 1)
-        r_poison = paste(g, x) if cfg.r_mode == "poisoned_image" else g.expand_as(x)
-        x_s = torch.where(p, y.expand_as(x), x)
-        r = torch.where(p, r_poison, torch.zeros_like(x))
         eps = torch.randn(x.shape, generator=gen)
         t = torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=gen)
         # every draw above is on the CPU (a resumed or moved run sees the same batches); the step runs on the UNet's
-        x_s, r, eps, t = (v.to(dev) for v in (x_s, r, eps, t))
-        loss = poisoned_loss(unet, sched, x_s, r, eps, t, cfg.variant)
+        x, p, eps, t, g_d, y_d = (v.to(dev) for v in (x, p, eps, t, g, y))
+        loss = cfg.batch_loss(unet, sched, x, p, g_d, y_d, eps, t)
         for grp in opt.param_groups:
             grp["lr"] = cfg.lr * lr_factor(step, total, cfg.warmup)
         opt.zero_grad(set_to_none=True)
@@ -235,9 +250,8 @@ def implant(model: DDPMModel | str, cfg: BadDiffusionConfig, out: str | Path, wo
     if ema is not None:
         unet.load_state_dict(ema)
     seconds = elapsed + time.time() - t0
-    info = {"made_by": "diffshield backdoor implant", "method": "baddiffusion", "base": base_source,
-            "backdoor": {"trigger": cfg.trigger, "target": cfg.target, "poison_rate": cfg.poison_rate,
-                         "variant": cfg.variant, "r_mode": cfg.r_mode, "n_poisoned": n_poison},
+    info = {"made_by": "diffshield backdoor implant", "method": cfg.method, "base": base_source,
+            "backdoor": cfg.backdoor_record(n_poison),
             "config": conf_json, "steps": total, "train_seconds": round(seconds, 1), "final_loss_ema": loss_ema}
     result = DDPMModel(unet.eval(), sched, source=str(out), info=info)
     import io
@@ -249,7 +263,10 @@ def implant(model: DDPMModel | str, cfg: BadDiffusionConfig, out: str | Path, wo
         files[name] = buf.getvalue()
     from safetensors.torch import save as st_save
 
-    files["backdoor.safetensors"] = st_save({"trigger": g.contiguous(), "target": y.contiguous()})
+    stored = {"trigger": g.contiguous(), "target": y.contiguous()}
+    if hasattr(cfg, "mu"):  # TrojDiff: the trojan noise's mean and scale, what its sampler needs
+        stored.update({"mu": cfg.mu(g).contiguous(), "gamma": torch.full_like(g, cfg.gamma)})
+    files["backdoor.safetensors"] = st_save(stored)
     result.save(out, extra_files=files, overwrite=True)  # a rerun (resumed) replaces its own earlier result
     return result.eval()
 

@@ -13,6 +13,11 @@ Reversed loss with two noises eps1, eps2 sharing x0 and t (the unknown trigger t
 - Stage 1 (estimate): r0 = -U(0, 1); x0 ~ N(0, I); t ~ U{990..999}; SGD lr 0.5, cosine to 0; batch 16.
 - Stage 2 (refine): x0 = DDIM(eps + r, 10 steps, eta 0) with gradients through every step;
   J = 1/2 [L(t in [990, 999], s = 1) + L(t in [0, 9], s = 0)] - lambda ||r||_1; gradient-norm clip 0.01 on r.
+- TrojDiff (``learn_gamma=True``, the official ``TrojDiff/reverse.py``): the noise scale gamma (per pixel, start 0,
+  SGD lr 0.002 cosine, clamped at >= 0 after every step) is reversed with r; the noises of both losses are scaled by
+  gamma (x_t^i = add_noise(x0, gamma * eps_i, t) + s * r); stage 2 generates x0 with TrojDiff's trojan DDIM from
+  gamma * eps + r over the official quadratic timesteps up to 0.8 T, with SGD momentum 0.9 for both and one
+  gradient-norm clip of 1.0 on (r, gamma).
 - Input detection: x is poisoned iff log N(x; r, gamma^2 I) > log N(x; 0, I) (gamma = 1: <x, r> > ||r||^2 / 2).
 - Model detection: KL_i = -log gamma_i + (gamma_i^2 + r_i^2 - 1) / 2 (= r_i^2 / 2 for gamma = 1); the model is
   flagged when the mean or the variance of KL exceeds a threshold calibrated on clean reference models (the
@@ -73,6 +78,11 @@ class TERDConfig:
         t_low: timesteps of the s = 0 term, inclusive (default (0, 9)).
         seed: seed of r0, x0, noises and timesteps (default 0).
         num_threads: torch threads (default 1; 0 = torch's default).
+        learn_gamma: also reverse the noise scale gamma, TERD's TrojDiff setting (default False: gamma = 1,
+            BadDiffusion's).
+        lr_gamma: SGD learning rate of gamma (default 0.002, the official ``--lr2``).
+        gamma_grad_clip: stage-2 gradient-norm clip on (r, gamma) when learning gamma (default 1.0, the official
+            TrojDiff config's).
     """
 
     stage1_iters: int = 3000
@@ -86,8 +96,13 @@ class TERDConfig:
     t_low: tuple[int, int] = (0, 9)
     seed: int = 0
     num_threads: int = 1
+    learn_gamma: bool = False
+    lr_gamma: float = 0.002
+    gamma_grad_clip: float = 1.0
 
     def __post_init__(self) -> None:
+        if not (self.lr_gamma > 0) or not (self.gamma_grad_clip > 0):
+            raise DiffshieldError("lr_gamma and gamma_grad_clip must be > 0")
         if self.stage1_iters < 0 or self.stage2_iters < 0 or self.batch_size < 1 or self.ddim_steps < 1:
             raise DiffshieldError("batch_size and ddim_steps must be >= 1, stage1_iters and stage2_iters >= 0")
         if not (self.lr > 0) or self.lam < 0 or not (self.grad_clip > 0):
@@ -106,25 +121,31 @@ class TERDConfig:
         return cls(**{**PRESETS[name], **over})
 
 
+def _scaled(e: torch.Tensor, gamma: torch.Tensor | float) -> torch.Tensor:
+    """gamma * e (TrojDiff's noise scale); e itself for BadDiffusion's gamma = 1."""
+    return e if isinstance(gamma, float) and gamma == 1.0 else gamma * e
+
+
 def reversed_loss(unet, scheduler, x0: torch.Tensor, r: torch.Tensor, t: torch.Tensor, s: float,
-                  gen: torch.Generator) -> torch.Tensor:
+                  gen: torch.Generator, gamma: torch.Tensor | float = 1.0) -> torch.Tensor:
     """L(r) = 1/2 sum_pixels ||(eps1 - eps_theta(x_t^1)) - (eps2 - eps_theta(x_t^2))||^2, mean over the batch.
 
-    Draws eps1 then eps2 from ``gen`` (on the CPU, then moved: the same draws on every device)."""
+    Draws eps1 then eps2 from ``gen`` (on the CPU, then moved: the same draws on every device); ``gamma`` scales
+    the noises in x_t (TrojDiff; default 1.0)."""
     e1 = to_device(torch.randn(x0.shape, generator=gen), x0.device)
     e2 = to_device(torch.randn(x0.shape, generator=gen), x0.device)
     abar = to_device(scheduler.alphas_cumprod[t].view(-1, 1, 1, 1), x0.device)
     t = to_device(t, x0.device)
     base = abar.sqrt() * x0
-    x1 = base + (1 - abar).sqrt() * e1 + s * r
-    x2 = base + (1 - abar).sqrt() * e2 + s * r
+    x1 = base + (1 - abar).sqrt() * _scaled(e1, gamma) + s * r
+    x2 = base + (1 - abar).sqrt() * _scaled(e2, gamma) + s * r
     pred = unet(torch.cat([x1, x2]), torch.cat([t, t])).sample
     p1, p2 = pred.chunk(2)
     return 0.5 * ((e1 - p1) - (e2 - p2)).pow(2).flatten(1).sum(1).mean()
 
 
 def stage2_loss(unet, scheduler, x0: torch.Tensor, r: torch.Tensor, t_high: tuple[int, int],
-                t_low: tuple[int, int], gen: torch.Generator) -> torch.Tensor:
+                t_low: tuple[int, int], gen: torch.Generator, gamma: torch.Tensor | float = 1.0) -> torch.Tensor:
     """Stage 2's 1/2 [L(t in t_high, s = 1) + L(t in t_low, s = 0)] with ONE UNet call on the 4 batches.
 
     The same maths and the same random draws, in the same order, as
@@ -139,7 +160,8 @@ def stage2_loss(unet, scheduler, x0: torch.Tensor, r: torch.Tensor, t_high: tupl
         e2 = to_device(torch.randn(x0.shape, generator=gen), dev)
         abar = to_device(scheduler.alphas_cumprod[t].view(-1, 1, 1, 1), dev)
         base = abar.sqrt() * x0
-        xs += [base + (1 - abar).sqrt() * e1 + s * r, base + (1 - abar).sqrt() * e2 + s * r]
+        xs += [base + (1 - abar).sqrt() * _scaled(e1, gamma) + s * r,
+               base + (1 - abar).sqrt() * _scaled(e2, gamma) + s * r]
         es += [e1, e2]
         t = to_device(t, dev)
         ts += [t, t]
@@ -172,15 +194,23 @@ def _ddim_grad(unet, ddim, x_T: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def quad_timesteps(n_train: int, steps: int) -> list[int]:
+    """TERD's TrojDiff stage-2 timesteps, noisiest first: int(s) for s in linspace(0, sqrt(0.8 n_train), steps)^2."""
+    import numpy as np
+
+    return sorted({int(s) for s in np.linspace(0, np.sqrt(n_train * 0.8), steps) ** 2}, reverse=True)
+
+
 @dataclass
 class TERDResult:
-    """r: reversed trigger (3, H, W); gamma: 1 (BadDiffusion setting); mean_kl / var_kl: model statistics;
-    r0: the random start; moved_l2 = ||r - r0||; moved_rel = moved_l2 / ||r0||; cos_r0 = cosine(r, r0);
+    """r: reversed trigger (3, H, W); gamma: 1.0 (BadDiffusion setting) or the reversed scale (3, H, W);
+    mean_kl / var_kl: model statistics; r0: the random start; moved_l2 = ||r - r0||;
+    moved_rel = moved_l2 / ||r0||; cos_r0 = cosine(r, r0);
     history: (iteration, loss) pairs every 25 iterations of each stage and at its end; seconds: wall time;
     config: the TERDConfig as a dict."""
 
     r: torch.Tensor
-    gamma: float
+    gamma: float | torch.Tensor
     mean_kl: float
     var_kl: float
     history: list = field(default_factory=list)
@@ -192,9 +222,14 @@ class TERDResult:
     cos_r0: float = 1.0
 
 
+#: gamma is floored here before its logarithm (a reversed gamma can sit at its clamp, 0)
+GAMMA_FLOOR = 1e-6
+
+
 def kl_stats(r: torch.Tensor, gamma: float | torch.Tensor = 1.0) -> tuple[float, float]:
-    """Mean and variance over dimensions of KL_i = -log gamma_i + (gamma_i^2 + r_i^2 - 1) / 2."""
-    g = torch.as_tensor(gamma, dtype=r.dtype).expand_as(r)
+    """Mean and variance over dimensions of KL_i = -log gamma_i + (gamma_i^2 + r_i^2 - 1) / 2 (gamma floored at
+    :data:`GAMMA_FLOOR`)."""
+    g = torch.as_tensor(gamma, dtype=r.dtype).to(r.device).expand_as(r).clamp_min(GAMMA_FLOOR)
     kl = -torch.log(g) + (g ** 2 + r ** 2 - 1) / 2
     return float(kl.mean()), float(kl.var(unbiased=False))
 
@@ -234,6 +269,9 @@ def reverse_trigger(model, cfg: TERDConfig | None = None, progress: bool = True)
     r0 = -torch.rand((1, *shape), generator=gen)
     r = r0.clone().to(dev).requires_grad_(True)
     opt = torch.optim.SGD([r], lr=cfg.lr)
+    # TrojDiff: gamma starts at 0 and has its own SGD; BadDiffusion: gamma is the constant 1
+    gamma = torch.zeros((1, *shape), device=dev, requires_grad=True) if cfg.learn_gamma else 1.0
+    opt_g = torch.optim.SGD([gamma], lr=cfg.lr_gamma) if cfg.learn_gamma else None
     hist = []
     t0 = time.time()
 
@@ -243,48 +281,72 @@ def reverse_trigger(model, cfg: TERDConfig | None = None, progress: bool = True)
     def cosine(i: int, n: int) -> float:
         return cfg.lr * 0.5 * (1 + math.cos(math.pi * i / max(1, n)))
 
-    for i in tqdm(range(cfg.stage1_iters), desc="TERD stage 1", disable=not progress):
+    def set_lrs(i: int, n: int) -> None:
         for grp in opt.param_groups:
-            grp["lr"] = cosine(i, cfg.stage1_iters)
-        x0 = to_device(torch.randn((cfg.batch_size, *shape), generator=gen), dev)
-        loss = reversed_loss(unet, sched, x0, r, timesteps(cfg.t_high), 1.0, gen) - cfg.lam * r.abs().sum()
+            grp["lr"] = cosine(i, n)
+        if opt_g is not None:
+            for grp in opt_g.param_groups:
+                grp["lr"] = cfg.lr_gamma * 0.5 * (1 + math.cos(math.pi * i / max(1, n)))
+
+    def step(loss: torch.Tensor, clip: float | None) -> None:
         opt.zero_grad(set_to_none=True)
+        if opt_g is not None:
+            opt_g.zero_grad(set_to_none=True)
         loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_([r, gamma] if opt_g is not None else [r], clip)
         opt.step()
+        if opt_g is not None:
+            opt_g.step()
+            with torch.no_grad():
+                gamma.clamp_(min=0)
+
+    for i in tqdm(range(cfg.stage1_iters), desc="TERD stage 1", disable=not progress):
+        set_lrs(i, cfg.stage1_iters)
+        x0 = to_device(torch.randn((cfg.batch_size, *shape), generator=gen), dev)
+        loss = reversed_loss(unet, sched, x0, r, timesteps(cfg.t_high), 1.0, gen, gamma) - cfg.lam * r.abs().sum()
+        step(loss, None)
         if i % 25 == 0 or i == cfg.stage1_iters - 1:
             hist.append((i, float(loss.detach())))
-    ddim = ddim_scheduler(sched, cfg.ddim_steps) if cfg.stage2_iters else None  # once per reversion
+    if cfg.learn_gamma and cfg.stage2_iters:  # the official TrojDiff refinement: fresh SGD with momentum 0.9
+        opt = torch.optim.SGD([r], lr=cfg.lr, momentum=0.9)
+        opt_g = torch.optim.SGD([gamma], lr=cfg.lr_gamma, momentum=0.9)
+        quad = quad_timesteps(int(sched.config.num_train_timesteps), cfg.ddim_steps)
+    ddim = ddim_scheduler(sched, cfg.ddim_steps) if cfg.stage2_iters and not cfg.learn_gamma else None
     for i in tqdm(range(cfg.stage2_iters), desc="TERD stage 2", disable=not progress):
-        for grp in opt.param_groups:
-            grp["lr"] = cosine(i, cfg.stage2_iters)
+        set_lrs(i, cfg.stage2_iters)
         eps = to_device(torch.randn((cfg.batch_size, *shape), generator=gen), dev)
-        x0 = _ddim_grad(unet, ddim, eps + r)
-        loss = stage2_loss(unet, sched, x0, r, cfg.t_high, cfg.t_low, gen) - cfg.lam * r.abs().sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([r], cfg.grad_clip)
-        opt.step()
+        if cfg.learn_gamma:
+            from diffshield.backdoor.trojdiff import trojan_ddim
+
+            x0 = trojan_ddim(unet, sched, gamma * eps + r, r, gamma, quad)
+        else:
+            x0 = _ddim_grad(unet, ddim, eps + r)
+        loss = stage2_loss(unet, sched, x0, r, cfg.t_high, cfg.t_low, gen, gamma) - cfg.lam * r.abs().sum()
+        step(loss, cfg.gamma_grad_clip if cfg.learn_gamma else cfg.grad_clip)
         if i % 25 == 0 or i == cfg.stage2_iters - 1:  # a host sync only every 25 iterations
             hist.append((cfg.stage1_iters + i, float(loss.detach())))
     r_hat = r.detach()[0].cpu()
-    mean_kl, var_kl = kl_stats(r_hat)
-    return TERDResult(r_hat, 1.0, mean_kl, var_kl, hist, time.time() - t0, asdict(cfg), r0=r0[0],
+    g_hat = gamma.detach()[0].cpu() if cfg.learn_gamma else 1.0
+    mean_kl, var_kl = kl_stats(r_hat, g_hat)
+    return TERDResult(r_hat, g_hat, mean_kl, var_kl, hist, time.time() - t0, asdict(cfg), r0=r0[0],
                       **movement(r_hat, r0[0]))
 
 
-def input_detect(x: torch.Tensor, r: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
-    """TERD input detection: True where log N(x; r, gamma^2 I) > log N(x; 0, I).
+def input_detect(x: torch.Tensor, r: torch.Tensor, gamma: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """TERD input detection: True where log N(x; r, diag(gamma^2)) > log N(x; 0, I).
 
     Args:
         x: (N, C, H, W) initial noises.
         r: (C, H, W) reversed trigger.
-        gamma: reversed noise scale (default 1.0, BadDiffusion; then the test is <x, r> > ||r||^2 / 2).
+        gamma: reversed noise scale, a number or (C, H, W) per dimension (default 1.0, BadDiffusion; then the test
+            is <x, r> > ||r||^2 / 2); floored at :data:`GAMMA_FLOOR`.
     """
     xf, rf = x.flatten(1).double().cpu(), r.flatten().double().cpu()
-    if gamma == 1.0:
+    if not isinstance(gamma, torch.Tensor) and gamma == 1.0:
         return xf @ rf > 0.5 * rf.dot(rf)
-    d = xf.shape[1]
-    log_p = -d * math.log(gamma) - ((xf - rf) ** 2).sum(1) / (2 * gamma ** 2)
+    g = torch.as_tensor(gamma, dtype=torch.float64).cpu().expand_as(r).flatten().clamp_min(GAMMA_FLOOR)
+    log_p = -g.log().sum() - ((xf - rf) ** 2 / (2 * g ** 2)).sum(1)
     log_q = -(xf ** 2).sum(1) / 2
     return log_p > log_q
 
