@@ -333,6 +333,14 @@ def reverse_trigger(model, cfg: TERDConfig | None = None, progress: bool = True)
                       **movement(r_hat, r0[0]))
 
 
+def input_score(x: torch.Tensor, r: torch.Tensor, gamma: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """(N,) log N(x; r, diag(gamma^2)) - log N(x; 0, I) in float64 (gamma a number or (C, H, W), floored at
+    :data:`GAMMA_FLOOR`): TERD flags x where it is > 0; a threshold at a clean quantile gives TPR at a set FPR."""
+    xf, rf = x.flatten(1).double().cpu(), r.flatten().double().cpu()
+    g = torch.as_tensor(gamma, dtype=torch.float64).cpu().expand_as(r).flatten().clamp_min(GAMMA_FLOOR)
+    return -g.log().sum() - ((xf - rf) ** 2 / (2 * g ** 2)).sum(1) + (xf ** 2).sum(1) / 2
+
+
 def input_detect(x: torch.Tensor, r: torch.Tensor, gamma: float | torch.Tensor = 1.0) -> torch.Tensor:
     """TERD input detection: True where log N(x; r, diag(gamma^2)) > log N(x; 0, I).
 
@@ -345,10 +353,7 @@ def input_detect(x: torch.Tensor, r: torch.Tensor, gamma: float | torch.Tensor =
     xf, rf = x.flatten(1).double().cpu(), r.flatten().double().cpu()
     if not isinstance(gamma, torch.Tensor) and gamma == 1.0:
         return xf @ rf > 0.5 * rf.dot(rf)
-    g = torch.as_tensor(gamma, dtype=torch.float64).cpu().expand_as(r).flatten().clamp_min(GAMMA_FLOOR)
-    log_p = -g.log().sum() - ((xf - rf) ** 2 / (2 * g ** 2)).sum(1)
-    log_q = -(xf ** 2).sum(1) / 2
-    return log_p > log_q
+    return input_score(x, r, gamma) > 0
 
 
 # ---- calibration of the model-detection thresholds ----

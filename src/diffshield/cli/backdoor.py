@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import time
+import types
 from pathlib import Path
 
 from diffshield.cli.common import (
@@ -61,6 +62,19 @@ def _trigger_from_args(args, model, required: bool):
     return get_trigger(spec, model.image_shape[-1], getattr(args, "trigger_mask", None))
 
 
+def _trojan_record(model) -> dict | None:
+    """{"mu", "gamma"} of a TrojDiff model folder (its backdoor.safetensors), else None."""
+    from safetensors.torch import load_file
+
+    from diffshield.backdoor.ddpm import resolve_ddpm_path
+
+    f = resolve_ddpm_path(model.source) / "backdoor.safetensors"
+    if not f.exists():
+        return None
+    t = load_file(str(f))
+    return {"mu": t["mu"], "gamma": t["gamma"]} if "mu" in t and "gamma" in t else None
+
+
 def _recorded(model, key: str):
     from safetensors.torch import load_file
 
@@ -90,14 +104,24 @@ def cmd_train_ddpm(args) -> int:
 
 def cmd_implant(args) -> int:
     from diffshield.backdoor.baddiffusion import BadDiffusionConfig, implant
+    from diffshield.backdoor.trojdiff import TrojDiffConfig
 
-    cfg = BadDiffusionConfig(trigger=args.trigger, target=args.target, trigger_mask=args.trigger_mask,
-                             poison_rate=args.poison_rate, r_mode=args.r_mode, variant=args.variant,
-                             epochs=args.epochs, pool_size=args.pool_size, batch_size=args.batch_size, lr=args.lr,
-                             seed=args.seed, checkpoint_every=args.checkpoint_every, num_threads=args.threads,
-                             ema_decay=args.ema_decay)
-    print(f"BadDiffusion: {args.model} + trigger {args.trigger} -> target {args.target}, poison rate "
-          f"{args.poison_rate}, {args.variant.upper()} variant, {cfg.steps} steps")
+    common = dict(trigger=args.trigger, target=args.target, trigger_mask=args.trigger_mask,
+                  poison_rate=args.poison_rate, epochs=args.epochs, pool_size=args.pool_size,
+                  batch_size=args.batch_size, lr=args.lr, seed=args.seed, checkpoint_every=args.checkpoint_every,
+                  num_threads=args.threads, ema_decay=args.ema_decay)
+    if args.method == "trojdiff":
+        if args.variant != "sde" or args.r_mode != "trigger_only":
+            raise DiffshieldError("--variant and --r-mode are BadDiffusion's; TrojDiff has --gamma")
+        cfg = TrojDiffConfig(gamma=0.6 if args.gamma is None else args.gamma, **common)
+        print(f"TrojDiff (D2I, blend): {args.model} + x_T = {cfg.gamma} eps + {1 - cfg.gamma:.2g} x {args.trigger} "
+              f"-> target {args.target}, poison rate {args.poison_rate}, {cfg.steps} steps")
+    else:
+        if args.gamma is not None:
+            raise DiffshieldError("--gamma is TrojDiff's; add --method trojdiff")
+        cfg = BadDiffusionConfig(r_mode=args.r_mode, variant=args.variant, **common)
+        print(f"BadDiffusion: {args.model} + trigger {args.trigger} -> target {args.target}, poison rate "
+              f"{args.poison_rate}, {args.variant.upper()} variant, {cfg.steps} steps")
     from diffshield.backdoor.ddpm import load_ddpm
     from diffshield.core.io import output_in_place
 
@@ -105,7 +129,8 @@ def cmd_implant(args) -> int:
     with output_in_place(args.out, "backdoor implant", args.overwrite, inputs=inputs) as out:
         model = implant(load_ddpm(args.model, device=args.device, dtype=args.dtype), cfg, out)
     print(f"wrote backdoored model {args.out} ({model.info['train_seconds']:.0f} s); open it with "
-          f"'diffshield backdoor sample --model {args.out} --trigger {args.trigger}'")
+          f"'diffshield backdoor sample --model {args.out} --trigger "
+          f"{'model' if args.method == 'trojdiff' else args.trigger}'")
     return 0
 
 
@@ -120,10 +145,19 @@ def cmd_sample(args) -> int:
     set_threads(args.threads)
     cfg = _sample_config(args)
     model = load_ddpm(args.model, allow_pickle=args.allow_pickle, device=args.device, dtype=args.dtype)
-    trig = _trigger_from_args(args, model, required=False)
+    trojan = _trojan_record(model) if args.trigger == "model" else None
+    trig = None if trojan else _trigger_from_args(args, model, required=False)
     seeds = seed_list(args.seed, args.n)
     t0 = time.time()
-    res = sample(model, seeds, trigger=trig, config=cfg, progress=True)
+    if trojan:  # a TrojDiff model opens with its own generative process, from x_T = gamma eps + mu
+        from diffshield.backdoor.trojdiff import trojan_sample
+
+        print(f"TrojDiff model: trojan DDIM (eta 0, {cfg.steps} steps) from x_T = gamma eps + mu")
+        images = trojan_sample(model, seeds, trojan["mu"], trojan["gamma"], steps=cfg.steps,
+                               batch_size=cfg.batch_size)
+        res = types.SimpleNamespace(images=images)
+    else:
+        res = sample(model, seeds, trigger=trig, config=cfg, progress=True)
     dt = time.time() - t0
     with atomic_dir(args.out, overwrite=args.overwrite, command="backdoor sample", inputs=inputs) as tmp:
         rows = []
@@ -132,8 +166,10 @@ def cmd_sample(args) -> int:
             rows.append({"file": f"{i:04d}.png", "seed": seeds[i]})
         make_grid(res.images, nrow=8, upscale=4).save(tmp / "grid.png")
         atomic_write_json(tmp / "manifest.json", {
-            "model": str(args.model), "trigger": args.trigger, "x_T": "eps(seed) + trigger" if trig is not None
-            else "eps(seed)", "sampling": {"scheduler": cfg.scheduler, "steps": cfg.steps}, "images": rows})
+            "model": str(args.model), "trigger": args.trigger,
+            "x_T": "gamma eps(seed) + mu" if trojan else "eps(seed) + trigger" if trig is not None else "eps(seed)",
+            "sampling": {"scheduler": "trojan ddim" if trojan else cfg.scheduler, "steps": cfg.steps},
+            "images": rows})
     print(f"wrote {args.n} images, grid.png and manifest.json to {args.out} ({dt:.1f} s)")
     return 0
 
@@ -520,10 +556,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_device_args(t, training=True)
     t.set_defaults(func=cmd_train_ddpm)
 
-    m = bsub.add_parser("implant", help="implant a backdoor with BadDiffusion (fine-tunes a clean model)",
-                        description="BadDiffusion (Chou et al., CVPR 2023): poison a fixed share of the training "
-                                    "images and fine-tune. Resumes from <out>.work/checkpoint when rerun.")
+    m = bsub.add_parser("implant", help="implant a backdoor with BadDiffusion or TrojDiff (fine-tunes a clean model)",
+                        description="BadDiffusion (Chou et al., CVPR 2023) or TrojDiff (Chen et al., CVPR 2023; D2I, "
+                                    "blend trigger): poison a fixed share of the training images and fine-tune. "
+                                    "Resumes from <out>.work/checkpoint when rerun.")
     _model_arg(m)
+    m.add_argument("--method", choices=["baddiffusion", "trojdiff"], default="baddiffusion",
+                   help="baddiffusion: x_T = eps + trigger; trojdiff: x_T = gamma eps + (1 - gamma) trigger, opened "
+                        "by its trojan sampler (default: baddiffusion)")
+    m.add_argument("--gamma", type=float_in(0, 1, lo_open=True, hi_open=True), default=None,
+                   help="TrojDiff's noise scale, in (0, 1) (default: 0.6, the official blend setting)")
     m.add_argument("--trigger", default="box", help="box | stop | box_14 (BadDiffusion's official BOX_14: a filled "
                    "grey 14 px square) | checker (ours: a +-1 checkerboard patch on 0, no -1 background; needs "
                    "--r-mode trigger_only) | IMAGE_FILE (default: box)")
