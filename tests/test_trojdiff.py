@@ -160,3 +160,26 @@ def test_trojdiff_implant_records_its_sampler_inputs(tmp_path):
     a = trojan_sample(model, [0, 1], stored["mu"], stored["gamma"], steps=4)
     b = trojan_sample(model, [0, 1], stored["mu"], stored["gamma"], steps=4)
     assert a.shape == (2, 3, 32, 32) and torch.equal(a, b)
+
+
+def test_cli_implant_trojdiff_then_sample_with_its_process(tmp_path, capsys):
+    from diffusers import UNet2DModel
+
+    from diffshield.cli.main import main
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4, 8), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=2)
+    base = tmp_path / "base"
+    DDPMModel(unet, build_scheduler()).save(base)
+    assert main(["backdoor", "implant", "--model", str(base), "--gamma", "0.5", "--out", str(tmp_path / "x")]) == 2
+    assert "--gamma is TrojDiff's" in capsys.readouterr().err
+    out = tmp_path / "troj"
+    assert main(["backdoor", "implant", "--model", str(base), "--method", "trojdiff", "--gamma", "0.5",
+                 "--epochs", "1", "--pool-size", "64", "--poison-rate", "0.25", "--out", str(out)]) == 0
+    assert json.loads((out / "diffshield.json").read_text())["backdoor"]["gamma"] == 0.5
+    assert main(["backdoor", "sample", "--model", str(out), "--trigger", "model", "--n", "2", "--steps", "3",
+                 "--scheduler", "ddim", "--out", str(tmp_path / "s")]) == 0
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert manifest["sampling"]["scheduler"] == "trojan ddim" and manifest["x_T"] == "gamma eps(seed) + mu"

@@ -601,7 +601,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         description="Own sampling loop: x_T = eps(seed) [+ trigger]; one CPU generator per image.")
     _model_arg(s)
     s.add_argument("--trigger", default=None, help="box | stop | box_14 | IMAGE_FILE | model (the one the model "
-                                                   "folder records) (default: none, clean sampling)")
+                                                   "folder records; a TrojDiff model opens with its trojan DDIM "
+                                                   "from gamma eps + mu) (default: none, clean sampling)")
     s.add_argument("--trigger-mask", default=None, help="mask image for an IMAGE_FILE trigger")
     s.add_argument("--n", type=_pos_int, default=16, help="number of images (default: 16)")
     s.add_argument("--seed", type=seed_int, default=0, help="seed of image 0; image k uses seed + k (default: 0)")
