@@ -111,6 +111,9 @@ def main() -> int:
         "control_clean_model_trojan_process": strict_asr(trojan_sample(clean_model, seeds, mu, gamma, args.steps),
                                                          y01)}
     print("backdoor:", json.dumps(res["backdoor"]))
+    from diffshield.core.io import atomic_write_json
+
+    atomic_write_json(args.out, res)  # rewritten after every scan, so a stopped run keeps what it measured
     res["terd"] = {}
     for setting in args.settings:
         kw = dict(PRESETS[setting]) if setting in PRESETS else {
@@ -130,10 +133,9 @@ def main() -> int:
                 row["input_detection"] = input_detection(mu, gamma, r.r, r.gamma)
             rows[mname] = row
             print(setting, mname, json.dumps({k: v for k, v in row.items() if k != "config"}))
-        res["terd"][setting] = rows
+            res["terd"][setting] = rows
+            atomic_write_json(args.out, res)
     res["seconds"] = round(time.time() - t0, 1)
-    from diffshield.core.io import atomic_write_json
-
     atomic_write_json(args.out, res)
     print(f"wrote {args.out}")
     return 0
