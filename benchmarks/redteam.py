@@ -45,6 +45,15 @@ METHODS = ("uce", "rece", "esd-x", "esd-u")
 BARS = {"sanity_min": 0.90, "uce_best_asr_min": 0.50, "rece_other_cost_max": 0.05, "audit_minutes_max": 10.0}
 
 
+def replaces(new: tuple, old: dict) -> bool:
+    """Whether a row for ``new`` = (method, concept, budget, attacks) supersedes the ``old`` row: same model,
+    concept and budget, and every attack of the old row is run again (rows of other attacks, e.g. one paper-budget
+    attack measured in a separate run, are kept beside it, each with the verdict of its own attacks)."""
+    m, c, b, attacks = new
+    return (old["method"], old["concept"], old.get("budget")) == (m, c, b) and set(old.get("attacks", {})) <= set(
+        attacks)
+
+
 def other_accuracy(model, detector, concept: str, seeds_per_prompt: int, sample: SampleConfig) -> float:
     """Detector accuracy on prompts for the other values of the concept's kind (as eval.erasure's other_accuracy)."""
     c = resolve_concept(concept)
@@ -145,7 +154,8 @@ def main() -> int:
     if args.merge and out_path.exists():
         old = json.loads(out_path.read_text())
         now = {(m, c, args.budget) for c, m, _ in todo}
-        res["rows"] = [r for r in old.get("rows", []) if (r["method"], r["concept"], r.get("budget")) not in now]
+        res["rows"] = [r for r in old.get("rows", [])
+                       if not any(replaces((m, c, b, args.attacks), r) for m, c, b in now)]
         res["lamb_r_sweep"] = [r for r in old.get("lamb_r_sweep", []) if (r["method"], r["concept"]) not in now]
         res["sanity"] = old.get("sanity", {})
         res["other_accuracy"] = old.get("other_accuracy", {})
@@ -202,6 +212,7 @@ def main() -> int:
                    "pre_attack": d["pre_attack"], "eligible": d["eligible"], "n": d["n"],
                    "asr": {k: v["asr"] for k, v in d["attacks"].items()},
                    "attacks": {k: {f: v[f] for f in keep}
+                               | {"searches_reused": v.get("extra", {}).get("searches_reused", 0)}
                                | {"baselines": {b: {f: bv[f] for f in ("conditional_asr", "union_asr", "per_image",
                                                                        "attack_prompts")}
                                                 for b, bv in v["baselines"].items()}}
@@ -210,7 +221,7 @@ def main() -> int:
                    "audit_seconds": secs, "audit_cpu_seconds": audit.cpu_seconds,
                    "report": str(report.relative_to(ROOT))}
             res["rows"] = [r for r in res["rows"]
-                           if (r["method"], r["concept"], r.get("budget")) != (method, concept, args.budget)] + [row]
+                           if not replaces((method, concept, args.budget, list(row["attacks"])), r)] + [row]
             res["other_accuracy"][concept][method] = other_accuracy(erased, detector, concept, args.other_seeds,
                                                                     sample)
             print(f"[{concept}] {method} ({args.budget}): {d['verdict']}\n    "
@@ -340,7 +351,8 @@ def combine(files: list[Path], out: Path) -> int:
         if not res:
             res = {**d, "rows": [], "lamb_r_sweep": [], "sanity": {}, "other_accuracy": {}, "runs": []}
         keys = {(r["method"], r["concept"], r.get("budget")) for r in d["rows"]}
-        res["rows"] = [r for r in res["rows"] if (r["method"], r["concept"], r.get("budget")) not in keys] + d["rows"]
+        new = [(r["method"], r["concept"], r.get("budget"), list(r.get("attacks", {}))) for r in d["rows"]]
+        res["rows"] = [r for r in res["rows"] if not any(replaces(k, r) for k in new)] + d["rows"]
         res["lamb_r_sweep"] = [r for r in res["lamb_r_sweep"] if (r["method"], r["concept"], "toy") not in keys]
         res["lamb_r_sweep"] += d.get("lamb_r_sweep", [])
         for c, srow in d["sanity"].items():
@@ -387,7 +399,8 @@ def table(res: dict) -> str:
                          f"{fmt_rate(v['union_asr'])} | "
                          f"{v['distinct_prompts']} ({v.get('distinct_optimisations') or '-'} searches) | "
                          f"{fmt_rate(base.get('random', {}).get('conditional_asr'))} | "
-                         f"{fmt_rate(base.get('steps=0', {}).get('conditional_asr'))} | {v['seconds']:.0f} |")
+                         f"{fmt_rate(base.get('steps=0', {}).get('conditional_asr'))} | {v['seconds']:.0f}"
+                         f"{' (search reused)' if v.get('searches_reused') else ''} |")
     return "\n".join(lines)
 
 
