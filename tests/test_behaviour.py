@@ -153,7 +153,7 @@ def test_genetic_search_beats_random_prompts(tiny_sd_dir):
             emb = model.text_encoder(ids)[0].flatten(1)
         return torch.nn.functional.cosine_similarity(emb, target.flatten()[None], dim=1)
 
-    found, _ = atk._genetic(target, candidates, torch.Generator().manual_seed(0))
+    found, _, _ = atk._genetic(target, candidates, torch.Generator().manual_seed(0))
     rand = candidates[torch.randint(len(candidates), (64, 4), generator=torch.Generator().manual_seed(1))]
     assert float(cosine(torch.tensor([found]))[0]) > float(cosine(rand).max())
 
