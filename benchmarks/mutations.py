@@ -107,11 +107,11 @@ def _zero_concept_vector(orig):
 
 
 def _random_genetic(_orig):  # Ring-A-Bell's search replaced by one random draw
-    def genetic(self, target, candidates, gen):
+    def genetic(self, target, candidates, gen, encoder_digest=""):
         import torch
 
         ids = candidates[torch.randint(len(candidates), (self.config.length,), generator=gen)]
-        return ids.tolist(), 0.0
+        return ids.tolist(), 0.0, False
     return genetic
 
 
