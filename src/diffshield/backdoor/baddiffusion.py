@@ -101,15 +101,7 @@ class BadDiffusionConfig:
                                   "--r-mode trigger_only")
         if self.variant not in VARIANTS:
             raise DiffshieldError(f"unknown variant {self.variant!r}; choose 'sde' (DDPM sampler) or 'ode' (DDIM)")
-        if self.epochs < 1 or self.batch_size < 1 or self.pool_size < self.batch_size:
-            raise DiffshieldError("epochs and batch_size must be >= 1 and pool_size >= batch_size")
-        if round(self.pool_size * self.poison_rate) < 1:
-            raise DiffshieldError(f"poison_rate {self.poison_rate} of {self.pool_size} images poisons none; raise "
-                                  "--poison-rate or --pool-size")
-        if not 0 <= self.ema_decay < 1:
-            raise DiffshieldError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        if not (self.lr > 0) or self.warmup < 0 or self.grad_clip <= 0 or self.checkpoint_every < 1:
-            raise DiffshieldError("lr and grad_clip must be > 0, warmup >= 0 and checkpoint_every >= 1")
+        check_schedule(self)
 
     @property
     def steps(self) -> int:
@@ -127,6 +119,20 @@ class BadDiffusionConfig:
         """The ``backdoor`` entry of the saved model's diffshield.json."""
         return {"trigger": self.trigger, "target": self.target, "poison_rate": self.poison_rate,
                 "variant": self.variant, "r_mode": self.r_mode, "n_poisoned": n_poisoned}
+
+
+def check_schedule(cfg) -> None:
+    """One-line errors for the fine-tuning fields an implant config shares (epochs, pool, batch, poison rate, EMA,
+    lr, warm-up, clip, checkpoints): BadDiffusion's and TrojDiff's."""
+    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.pool_size < cfg.batch_size:
+        raise DiffshieldError("epochs and batch_size must be >= 1 and pool_size >= batch_size")
+    if round(cfg.pool_size * cfg.poison_rate) < 1:
+        raise DiffshieldError(f"poison_rate {cfg.poison_rate} of {cfg.pool_size} images poisons none; raise "
+                              "--poison-rate or --pool-size")
+    if not 0 <= cfg.ema_decay < 1:
+        raise DiffshieldError(f"ema_decay must be in [0, 1), got {cfg.ema_decay}")
+    if not (cfg.lr > 0) or cfg.warmup < 0 or cfg.grad_clip <= 0 or cfg.checkpoint_every < 1:
+        raise DiffshieldError("lr and grad_clip must be > 0, warmup >= 0 and checkpoint_every >= 1")
 
 
 def rho(scheduler, t: torch.Tensor) -> torch.Tensor:

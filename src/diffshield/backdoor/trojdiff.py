@@ -74,15 +74,9 @@ class TrojDiffConfig:
                                   f"{self.gamma}")
         if not 0 < self.poison_rate <= 1:
             raise DiffshieldError(f"poison_rate must be in (0, 1], got {self.poison_rate}")
-        if self.epochs < 1 or self.batch_size < 1 or self.pool_size < self.batch_size:
-            raise DiffshieldError("epochs and batch_size must be >= 1 and pool_size >= batch_size")
-        if round(self.pool_size * self.poison_rate) < 1:
-            raise DiffshieldError(f"poison_rate {self.poison_rate} of {self.pool_size} images poisons none; raise "
-                                  "--poison-rate or --pool-size")
-        if not 0 <= self.ema_decay < 1:
-            raise DiffshieldError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        if not (self.lr > 0) or self.warmup < 0 or self.grad_clip <= 0 or self.checkpoint_every < 1:
-            raise DiffshieldError("lr and grad_clip must be > 0, warmup >= 0 and checkpoint_every >= 1")
+        from diffshield.backdoor.baddiffusion import check_schedule
+
+        check_schedule(self)
 
     @property
     def steps(self) -> int:
