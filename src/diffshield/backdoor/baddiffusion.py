@@ -41,7 +41,29 @@ VARIANTS = ("sde", "ode")
 
 
 @dataclass
-class BadDiffusionConfig:
+class ImplantSchedule:
+    """The fine-tuning schedule BadDiffusion and TrojDiff share (defaults: the toy recipe; see
+    :class:`BadDiffusionConfig` for each field)."""
+
+    epochs: int = 72
+    pool_size: int = 2048
+    batch_size: int = 32
+    lr: float = 2e-4
+    warmup: int = 20
+    grad_clip: float = 1.0
+    ema_decay: float = 0.0
+    seed: int = 0
+    data_seed: int = 1
+    checkpoint_every: int = 100
+    num_threads: int = 1
+
+    @property
+    def steps(self) -> int:
+        return self.epochs * (self.pool_size // self.batch_size)
+
+
+@dataclass
+class BadDiffusionConfig(ImplantSchedule):
     """Settings of a BadDiffusion fine-tune (paper defaults where they fit the toy world).
 
     Args:
@@ -79,17 +101,6 @@ class BadDiffusionConfig:
     poison_rate: float = 0.1
     r_mode: str = "trigger_only"
     variant: str = "sde"
-    epochs: int = 72
-    pool_size: int = 2048
-    batch_size: int = 32
-    lr: float = 2e-4
-    warmup: int = 20
-    grad_clip: float = 1.0
-    ema_decay: float = 0.0
-    seed: int = 0
-    data_seed: int = 1
-    checkpoint_every: int = 100
-    num_threads: int = 1
 
     def __post_init__(self) -> None:
         if not 0 < self.poison_rate <= 1:
@@ -102,10 +113,6 @@ class BadDiffusionConfig:
         if self.variant not in VARIANTS:
             raise DiffshieldError(f"unknown variant {self.variant!r}; choose 'sde' (DDPM sampler) or 'ode' (DDIM)")
         check_schedule(self)
-
-    @property
-    def steps(self) -> int:
-        return self.epochs * (self.pool_size // self.batch_size)
 
     def batch_loss(self, unet, scheduler, x: torch.Tensor, poisoned: torch.Tensor, g: torch.Tensor,
                    y: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -30,11 +30,12 @@ from typing import ClassVar
 
 import torch
 
+from diffshield.backdoor.baddiffusion import ImplantSchedule, check_schedule
 from diffshield.core.errors import DiffshieldError
 
 
 @dataclass
-class TrojDiffConfig:
+class TrojDiffConfig(ImplantSchedule):
     """Settings of a TrojDiff (D2I, blend trigger) fine-tune.
 
     Args:
@@ -56,17 +57,6 @@ class TrojDiffConfig:
     trigger_mask: str | None = None
     gamma: float = 0.6
     poison_rate: float = 0.1
-    epochs: int = 72
-    pool_size: int = 2048
-    batch_size: int = 32
-    lr: float = 2e-4
-    warmup: int = 20
-    grad_clip: float = 1.0
-    ema_decay: float = 0.0
-    seed: int = 0
-    data_seed: int = 1
-    checkpoint_every: int = 100
-    num_threads: int = 1
 
     def __post_init__(self) -> None:
         if not 0 < self.gamma < 1:
@@ -74,13 +64,7 @@ class TrojDiffConfig:
                                   f"{self.gamma}")
         if not 0 < self.poison_rate <= 1:
             raise DiffshieldError(f"poison_rate must be in (0, 1], got {self.poison_rate}")
-        from diffshield.backdoor.baddiffusion import check_schedule
-
         check_schedule(self)
-
-    @property
-    def steps(self) -> int:
-        return self.epochs * (self.pool_size // self.batch_size)
 
     def mu(self, g: torch.Tensor) -> torch.Tensor:
         """The trojan mean mu = (1 - gamma) g of the blend trigger g."""
