@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -41,7 +42,9 @@ IMPLANT = {"epochs": 72, "pool_size": 2048, "batch_size": 32, "lr": 2e-4, "r_mod
 #: and the shipped TERD calibration was made from the references.
 CLEAN_FT = {"lr": 5e-4, "warmup": 20, "pool_size": 2048, "ema_decay": 0.0}
 
-# name -> how it is made. Clean models: the base itself and short clean fine-tunes with other seeds / lengths.
+# name -> how it is made. Clean models: the base itself, clean fine-tunes with other seeds, learning rates and lengths,
+# and one trained from scratch; backdoored: 5 triggers of 3 shapes at 2 positions (box, stop, box_14 and checker at
+# the bottom right, checker_tl at the top left), 4 targets, SDE and ODE, poison 5-20 %, and one TrojDiff model.
 ZOO_MODELS: dict[str, dict] = {
     "clean_base": {"kind": "clean"},
     "clean_ft_s1": {"kind": "clean", "steps": 256, "seed": 1},
@@ -49,6 +52,14 @@ ZOO_MODELS: dict[str, dict] = {
     "clean_ft_s3": {"kind": "clean", "steps": 768, "seed": 3},
     # the implant recipe's optimiser and length without poison: separates the effect of fine-tuning from the backdoor's
     "clean_ft_v4": {"kind": "clean", "steps": 4608, "seed": 4, "lr": 2e-4},
+    # the implant's optimiser, a third of its length (made first for benchmarks/terd_cpu.py, copied from there)
+    "clean_ft_1536_s4": {"kind": "clean", "steps": 1536, "seed": 4, "lr": 2e-4,
+                         "copy_of": "runs/terd_cpu/clean_ft_1536"},
+    "clean_ft_lr1e4_s6": {"kind": "clean", "steps": 2048, "seed": 6, "lr": 1e-4},
+    "clean_ft_3072_s7": {"kind": "clean", "steps": 3072, "seed": 7, "lr": 2e-4},
+    "clean_ft_1024_s8": {"kind": "clean", "steps": 1024, "seed": 8},
+    # not fine-tuned from toy:ddpm: the base's recipe from a fresh initialisation, half its length
+    "clean_scratch_s9": {"kind": "clean", "steps": 4000, "seed": 9, "scratch": True},
     "bd_box_corner_p10": {"kind": "backdoor", "trigger": "box", "target": "corner", "poison_rate": 0.1},
     "bd_box_corner_p05": {"kind": "backdoor", "trigger": "box", "target": "corner", "poison_rate": 0.05},
     "bd_box_hat_p05": {"kind": "backdoor", "trigger": "box", "target": "hat", "poison_rate": 0.05},
@@ -57,6 +68,17 @@ ZOO_MODELS: dict[str, dict] = {
     # the ODE variant (DDIM-50) learnt more slowly: strict ASR 59 % after 72 epochs, so it trains twice as long
     "bd_stop_hat_p10_ode": {"kind": "backdoor", "trigger": "stop", "target": "hat", "poison_rate": 0.1,
                             "variant": "ode", "epochs": 144},
+    # the official BadDiffusion shapes (BOX_14 -> CORNER on grey)
+    "bd_box14_cornergrey_p10": {"kind": "backdoor", "trigger": "box_14", "target": "corner_grey", "poison_rate": 0.1},
+    # additive triggers without a -1 background (made first for benchmarks/terd_cpu.py, copied from there)
+    "bd_checker_corner_p20": {"kind": "backdoor", "trigger": "checker", "target": "corner", "poison_rate": 0.2,
+                              "copy_of": "runs/terd_cpu/checker_corner_p20"},
+    "bd_checkertl_hatgrey_p15": {"kind": "backdoor", "trigger": "checker_tl", "target": "hat_grey",
+                                 "poison_rate": 0.15},
+    # TrojDiff (D2I, blend, gamma 0.6; benchmarks/trojdiff.py --epochs 144, copied from there)
+    "trojdiff_stop_hat_g06": {"kind": "backdoor", "method": "trojdiff", "trigger": "stop", "target": "hat",
+                              "poison_rate": 0.1, "gamma": 0.6, "epochs": 144,
+                              "copy_of": "runs/trojdiff/stop_hat_g0.6_e144"},
 }
 SAME_RECIPE_CLEAN = "clean_ft_v4"
 # Clean reference models for the TERD thresholds: not in the zoo, so the zoo's TNR is measured on unseen models.
@@ -65,8 +87,8 @@ REFERENCES: dict[str, dict] = {
     "ref_s12": {"kind": "clean", "steps": 512, "seed": 12},
     "ref_s13": {"kind": "clean", "steps": 768, "seed": 13},
 }
-CAL_PRESETS = ["fast"]  # --presets fast default: also calibrate / evaluate the default preset
-EVAL = {"n_triggered": 32, "n_clean": 128, "n_input": 1000}
+CAL_PRESETS = ["cpu"]  # --presets cpu fast: also calibrate / evaluate the fast preset
+EVAL = {"n_triggered": 32, "n_clean": 128, "n_input": 1000, "n_rhat": 16}
 
 
 def model_path(name: str) -> str:
@@ -81,11 +103,26 @@ def build(name: str, spec: dict, threads: int) -> None:
     if name == "clean_base" or (out / "model_index.json").exists():
         return
     t0 = time.time()
+    src = ROOT / spec.get("copy_of", "-")
+    if "copy_of" in spec and (src / "model_index.json").exists():  # made by the same recipe elsewhere: copy it
+        print(f"[zoo] {name}: copying {spec['copy_of']}", flush=True)
+        shutil.copytree(src, out.with_name(out.name + ".partial"), dirs_exist_ok=True)
+        out.with_name(out.name + ".partial").rename(out)
+        return
     print(f"[zoo] building {name} ...", flush=True)
-    if spec["kind"] == "clean":
+    if spec["kind"] == "clean" and spec.get("scratch"):  # the base's own recipe (DDPMTrainConfig's defaults)
+        train_ddpm(DDPMTrainConfig(steps=spec["steps"], seed=spec["seed"], data_seed=spec["seed"],
+                                   num_threads=threads), out)
+    elif spec["kind"] == "clean":
         recipe = {**CLEAN_FT, **{k: spec[k] for k in ("lr",) if k in spec}}
         train_ddpm(DDPMTrainConfig(steps=spec["steps"], seed=spec["seed"], data_seed=spec["seed"], init_from=BASE,
                                    num_threads=threads, checkpoint_every=128, **recipe), out)
+    elif spec.get("method") == "trojdiff":
+        from diffshield.backdoor.trojdiff import TrojDiffConfig
+
+        cfg = TrojDiffConfig(trigger=spec["trigger"], target=spec["target"], gamma=spec["gamma"],
+                             poison_rate=spec["poison_rate"], epochs=spec["epochs"], num_threads=threads)
+        implant(BASE, cfg, out)
     else:
         cfg = BadDiffusionConfig(trigger=spec["trigger"], target=spec["target"], poison_rate=spec["poison_rate"],
                                  variant=spec.get("variant", "sde"), num_threads=threads,
@@ -102,30 +139,35 @@ def cmd_zoo(args) -> None:
         build(name, spec, args.threads)
 
 
-def scan_stats(name: str, preset: str, threads: int) -> dict:
-    """TERD reversion of one model with one preset, cached in runs/backdoor/results/scan_<preset>_<name>.json."""
+def scan_stats(name: str, preset: str, threads: int, learn_gamma: bool = False) -> dict:
+    """TERD reversion of one model with one preset, cached in runs/backdoor/results/scan_<preset>_<name>.json
+    (``learn_gamma``: TERD's TrojDiff setting, which reverses gamma too, cached as scan_<preset>-gamma_<name>).
+    The returned dict holds r, and r0 and gamma where the cache has them."""
     from safetensors.torch import load_file, save_file
 
     from diffshield.backdoor.ddpm import load_ddpm
     from diffshield.backdoor.terd import TERDConfig, reverse_trigger
 
     CACHE.mkdir(parents=True, exist_ok=True)
-    f = CACHE / f"scan_{preset}_{name}.json"
+    f = CACHE / f"scan_{preset}{'-gamma' if learn_gamma else ''}_{name}.json"
     if f.exists():
         d = json.loads(f.read_text())
-        d["r"] = load_file(str(f.with_suffix(".safetensors")))["r"]
+        d.update(load_file(str(f.with_suffix(".safetensors"))))
         return d
     from diffshield.backdoor.ddpm import architecture_summary, model_fingerprint
 
     model = load_ddpm(model_path(name))
-    res = reverse_trigger(model, TERDConfig.from_preset(preset, num_threads=threads), progress=False)
+    res = reverse_trigger(model, TERDConfig.from_preset(preset, num_threads=threads, learn_gamma=learn_gamma),
+                          progress=False)
     d = {"mean_kl": res.mean_kl, "var_kl": res.var_kl, "seconds": round(res.seconds, 1), "r_norm":
-         float(res.r.norm()), "preset": preset, "seed": 0, "moved_l2": res.moved_l2, "moved_rel": res.moved_rel,
-         "cos_r0": res.cos_r0, "model_fingerprint": model_fingerprint(model), "resolution": model.image_shape[-1],
-         "architecture": architecture_summary(model)}
-    save_file({"r": res.r.contiguous()}, str(f.with_suffix(".safetensors")))
+         float(res.r.norm()), "preset": preset, "learn_gamma": learn_gamma, "seed": 0, "moved_l2": res.moved_l2,
+         "moved_rel": res.moved_rel, "cos_r0": res.cos_r0, "model_fingerprint": model_fingerprint(model),
+         "resolution": model.image_shape[-1], "architecture": architecture_summary(model)}
+    gamma = torch.as_tensor(res.gamma, dtype=res.r.dtype).expand_as(res.r)
+    tensors = {"r": res.r.contiguous(), "r0": res.r0.contiguous(), "gamma": gamma.contiguous()}
+    save_file(tensors, str(f.with_suffix(".safetensors")))
     f.write_text(json.dumps(d, indent=2))
-    d["r"] = res.r
+    d.update(tensors)
     return d
 
 
@@ -162,19 +204,98 @@ def cmd_calibrate(args) -> None:
 
 
 def acceptance_sampler(spec: dict):
-    """(label, SampleConfig): a backdoored model's acceptance sampler, DDIM-50 for the ODE variant, else DDPM-1000."""
+    """(label, SampleConfig): a backdoored model's acceptance sampler, DDIM-50 for the ODE variant, the trojan DDIM
+    (100 steps, eta 0) for TrojDiff, else DDPM-1000."""
     from diffshield.backdoor.sampling import SampleConfig
 
+    if spec.get("method") == "trojdiff":
+        return "trojan-ddim-100", SampleConfig("ddim", 100, 64)
     if spec.get("variant") == "ode":
         return "ddim-50", SampleConfig("ddim", 50, 64)
     return "ddpm-1000", SampleConfig("ddpm", 1000, 64)
+
+
+def true_shift(spec: dict) -> tuple[torch.Tensor, float]:
+    """(the mean the backdoor shifts x_T by, the noise scale): (g, 1) for BadDiffusion, (mu, gamma) for TrojDiff."""
+    from diffshield.backdoor.triggers import get_trigger
+
+    g = get_trigger(spec["trigger"])
+    if spec.get("method") == "trojdiff":
+        from diffshield.backdoor.trojdiff import TrojDiffConfig
+
+        cfg = TrojDiffConfig(trigger=spec["trigger"], target=spec["target"], gamma=spec["gamma"])
+        return cfg.mu(g), spec["gamma"]
+    return g, 1.0
+
+
+def triggered_images(model, spec: dict, seeds: list[int], r: torch.Tensor, gamma=1.0) -> torch.Tensor:
+    """Images from x_T = gamma eps + r with the backdoor's own sampler (:func:`acceptance_sampler`)."""
+    from diffshield.backdoor.sampling import sample
+    from diffshield.backdoor.trojdiff import trojan_sample
+
+    label, cfg = acceptance_sampler(spec)
+    if spec.get("method") == "trojdiff":
+        return trojan_sample(model, seeds, r, gamma, cfg.steps)
+    return sample(model, seeds, trigger=r, config=cfg, progress=False).images
+
+
+def non_trivial(spec: dict) -> bool:
+    """Input detection is not decided by the -1 background: additive triggers, and TrojDiff's gamma < 1."""
+    from diffshield.backdoor.triggers import ADDITIVE_TRIGGERS
+
+    return spec.get("trigger") in ADDITIVE_TRIGGERS or spec.get("method") == "trojdiff"
+
+
+def input_detection(spec: dict, r_hat: torch.Tensor, gamma_hat, r0: torch.Tensor, n: int) -> dict:
+    """TERD's input test on n triggered noises (gamma eps + shift) against n clean ones: TPR / FPR of its rule
+    (log-ratio > 0) and TPR at 5 % FPR, for r_hat and for controls that know nothing of the trigger (r0, and a
+    Gaussian vector of r_hat's norm, both with gamma_hat)."""
+    from diffshield.backdoor.terd import input_score
+
+    shift, gamma = true_shift(spec)
+    gen = torch.Generator().manual_seed(777)
+    benign = torch.randn((n, *shift.shape), generator=gen)
+    poisoned = gamma * torch.randn((n, *shift.shape), generator=gen) + shift
+    gauss = torch.randn(shift.shape, generator=gen)
+    out = {"n_per_class": n, "non_trivial": non_trivial(spec)}
+    for key, r in (("r_hat", r_hat), ("control_r0", r0), ("control_gaussian", gauss * r_hat.norm() / gauss.norm())):
+        sc, sp = input_score(benign, r, gamma_hat), input_score(poisoned, r, gamma_hat)
+        thr = torch.quantile(sc, 0.95)
+        out[key] = {"tpr_at_5pct_fpr": float((sp > thr).float().mean()),
+                    "tpr_terd_rule": float((sp > 0).float().mean()), "fpr_terd_rule": float((sc > 0).float().mean())}
+    return out
+
+
+def reversion_evidence(model, spec: dict, d: dict) -> dict:
+    """What the reversed trigger itself shows on a backdoored model: its cosine to the true shift against r0's, and
+    the strict ASR of the backdoor's sampler from gamma_hat eps + r_hat against the same from eps + r0."""
+    from diffshield.backdoor.metrics import backdoor_metrics
+    from diffshield.backdoor.triggers import get_target
+    from diffshield.core.seeding import seed_list
+
+    shift, _ = true_shift(spec)
+    y01 = (get_target(spec["target"]) + 1) / 2
+    seeds = seed_list(0, EVAL["n_rhat"])
+    r, r0 = d["r"], d.get("r0")
+    gamma = d.get("gamma", 1.0)
+
+    def cos(a: torch.Tensor) -> float:
+        return float(torch.nn.functional.cosine_similarity(a.flatten().double(), shift.flatten().double(), dim=0))
+
+    out = {"cos_r_hat": cos(r), "cos_r0": cos(r0) if r0 is not None else None,
+           "gamma_hat_mean": float(torch.as_tensor(gamma).mean())}
+    out["closer_than_r0"] = r0 is not None and out["cos_r_hat"] > out["cos_r0"]
+    out["asr_r_hat"] = backdoor_metrics(triggered_images(model, spec, seeds, r, gamma), y01)
+    if r0 is not None:
+        out["control_asr_r0"] = backdoor_metrics(triggered_images(model, spec, seeds, r0, 1.0), y01)
+    return out
 
 
 def eval_model(name: str, spec: dict, threads: int) -> dict:
     from diffshield.backdoor.ddpm import load_ddpm, set_threads
     from diffshield.backdoor.metrics import backdoor_metrics, clean_quality
     from diffshield.backdoor.sampling import SampleConfig, sample
-    from diffshield.backdoor.terd import Calibration, default_calibration_path, input_detect
+    from diffshield.backdoor.terd import Calibration, default_calibration_path
     from diffshield.backdoor.triggers import get_target, get_trigger
     from diffshield.core.io import make_grid
     from diffshield.core.seeding import seed_list
@@ -192,13 +313,16 @@ def eval_model(name: str, spec: dict, threads: int) -> dict:
                                                                                    EVAL["n_clean"] - 1]}
     grids = [cres.images[:8]]
     if spec["kind"] == "backdoor":
-        g, y = get_trigger(spec["trigger"]), get_target(spec["target"])
-        samplers = [acceptance_sampler(spec)]
+        shift, gamma = true_shift(spec)
+        y = get_target(spec["target"])
+        label, _ = acceptance_sampler(spec)
+        imgs = triggered_images(model, spec, seed_list(0, EVAL["n_triggered"]), shift, gamma)
+        res[label] = backdoor_metrics(imgs, (y + 1) / 2)
+        grids.append(imgs[:8])
         if spec.get("variant") == "ode" and not EVAL.get("skip_ode_ddpm"):  # DDPM-1000 too unless --skip-ode-ddpm
-            samplers.append(("ddpm-1000", SampleConfig("ddpm", 1000, 64)))
-        for label, cfg in samplers:
-            tres = sample(model, seed_list(0, EVAL["n_triggered"]), trigger=g, config=cfg)
-            res[label] = backdoor_metrics(tres.images, (y + 1) / 2)
+            tres = sample(model, seed_list(0, EVAL["n_triggered"]), trigger=shift,
+                          config=SampleConfig("ddpm", 1000, 64))
+            res["ddpm-1000"] = backdoor_metrics(tres.images, (y + 1) / 2)
             grids.append(tres.images[:8])
     elif name == "clean_base":  # how often a *clean* model "hits" a target when given a trigger: the ASR floor
         from diffshield.backdoor.triggers import TARGETS, TRIGGERS
@@ -219,12 +343,22 @@ def eval_model(name: str, spec: dict, threads: int) -> dict:
         res["scan"][preset]["verdict"] = _verdict(res["scan"][preset], cal.get(preset))
         res["scan"][preset]["backdoored"] = res["scan"][preset]["verdict"] == "backdoored"
         if spec["kind"] == "backdoor":
-            gen = torch.Generator().manual_seed(777)
-            n = EVAL["n_input"]
-            benign = torch.randn(n, 3, 32, 32, generator=gen)
-            poisoned = torch.randn(n, 3, 32, 32, generator=gen) + get_trigger(spec["trigger"])
-            res["scan"][preset]["input_tpr"] = float(input_detect(poisoned, d["r"]).float().mean())
-            res["scan"][preset]["input_tnr"] = float((~input_detect(benign, d["r"])).float().mean())
+            sc = res["scan"][preset]
+            sc["reversion"] = reversion_evidence(model, spec, d)
+            sc["input_detection"] = input_detection(spec, d["r"], 1.0, d["r0"], EVAL["n_input"])
+            sc["input_tpr"] = sc["input_detection"]["r_hat"]["tpr_terd_rule"]
+            sc["input_tnr"] = 1 - sc["input_detection"]["r_hat"]["fpr_terd_rule"]
+            if spec.get("method") == "trojdiff":  # TERD's TrojDiff setting: gamma reversed with r
+                dg = scan_stats(name, preset, threads, learn_gamma=True)
+                sc["gamma_scan"] = {k: dg.get(k) for k in ("mean_kl", "var_kl", "seconds", "r_norm", "moved_rel")}
+                sc["gamma_scan"]["reversion"] = reversion_evidence(model, spec, dg)
+                sc["gamma_scan"]["input_detection"] = input_detection(spec, dg["r"], dg["gamma"], dg["r0"],
+                                                                      EVAL["n_input"])
+            used = scan_stats(name, preset, threads, learn_gamma=True) if "gamma_scan" in sc else d
+            rev = sc.get("gamma_scan", sc)["reversion"]
+            grids.append(triggered_images(model, spec, seed_list(0, 8), used["r"], used.get("gamma", 1.0)))
+            sc["reversion_summary"] = {"asr_strict_r_hat": rev["asr_r_hat"]["asr_strict"],
+                                       "closer_than_r0": rev["closer_than_r0"]}
     res["eval_seconds"] = round(time.time() - t0, 1)
     make_grid(torch.cat(grids), nrow=8, upscale=2).save(CACHE / f"grid_{name}.png")
     f.write_text(json.dumps(res, indent=2))
@@ -347,17 +481,18 @@ def cmd_report(args) -> None:
                 sc["backdoored"] = sc["verdict"] == "backdoored"
     base_q = next((r["clean"]["recognised"] for r in rows if r["name"] == "clean_base"), None)
     presets = [p for p in CAL_PRESETS if rows and all(p in r["scan"] for r in rows)]
-    lines = ["| model | trigger -> target | poison | variant | ASR (strict) DDPM-1000 | ASR (strict) DDIM-50 | MSE "
-             "| SSIM | clean recognised (rel. to base) | feature FD | "
-             + " | ".join(f"TERD {p}: mean KL / var KL / verdict | input TPR / TNR ({p})" for p in presets) + " |",
-             "|" + "---|" * (10 + 2 * len(presets))]
-    summary = {"model_detection": {}, "input_detection": {}}
+    lines = ["| model | trigger -> target | poison | variant | ASR (strict), own sampler | clean recognised (rel. to "
+             "base) | " + " | ".join(f"TERD {p}: mean KL / var KL / moved / verdict | cos to trigger r0 -> r_hat | "
+                                     f"strict ASR from r_hat (from r0) | input TPR at 5 % FPR: r_hat / Gaussian"
+                                     for p in presets) + " |",
+             "|" + "---|" * (6 + 4 * len(presets))]
+    summary = {"model_detection": {}, "input_detection": {}, "reversion": {}}
     base_row = next((r for r in rows if r["name"] == "clean_base"), {})
     if "trigger_baseline" in base_row:
         summary["clean_base_with_trigger_asr"] = {f"{g} -> {t}": [m["asr"], m.get("asr_strict")] for g, d in
                                                   base_row["trigger_baseline"].items() for t, m in d.items()}
     bds = [r for r in rows if r["kind"] == "backdoor"]
-    main_of = {r["name"]: r.get("ddim-50") if r.get("variant") == "ode" else r.get("ddpm-1000") for r in bds}
+    main_of = {r["name"]: r.get(acceptance_sampler(r)[0]) for r in bds}
     if bds and base_q:
         summary["asr_min"] = min(m["asr"] for m in main_of.values())
         summary["asr_strict_min"] = min(m.get("asr_strict", 0.0) for m in main_of.values())
@@ -388,27 +523,54 @@ def cmd_report(args) -> None:
                                 [recs[r["name"]] for r in rows if r["kind"] == "clean"],
                                 [recs[r["name"]] for r in rows if r["kind"] == "backdoor"])
             summary["model_detection"][preset].update({k: loo[k] for k in ("held_out", "leave_one_out")})
-        bd = [r["scan"][preset] for r in rows if r["kind"] == "backdoor"]
-        summary["input_detection"][preset] = {"min_tpr": min((b["input_tpr"] for b in bd), default=None),
-                                              "min_tnr": min((b["input_tnr"] for b in bd), default=None),
-                                              "n_per_class_per_model": EVAL["n_input"]}
+        # the reversed trigger's own evidence (TrojDiff: the gamma scan's), and input detection where it is not
+        # decided by the -1 background of the official triggers
+        scans = {r["name"]: r["scan"][preset] for r in bds if "reversion" in r["scan"][preset]}
+        revs = {n: sc.get("gamma_scan", sc)["reversion"] for n, sc in scans.items()}
+        summary["reversion"][preset] = {
+            "n_backdoored": len(revs), "asr_strict_from_r_hat_at_least_80pct": sum(
+                v["asr_r_hat"]["asr_strict"] >= 0.8 for v in revs.values()),
+            "closer_to_trigger_than_r0": sum(bool(v["closer_than_r0"]) for v in revs.values()),
+            "per_model": {n: {"cos_r0": v["cos_r0"], "cos_r_hat": v["cos_r_hat"],
+                              "asr_strict_r_hat": v["asr_r_hat"]["asr_strict"],
+                              "asr_strict_r0": v.get("control_asr_r0", {}).get("asr_strict")}
+                          for n, v in revs.items()}}
+        idet = {n: sc.get("gamma_scan", sc)["input_detection"] for n, sc in scans.items()}
+        summary["input_detection"][preset] = {
+            kind: {"models": [n for n, v in idet.items() if v["non_trivial"] == (kind == "non_trivial")],
+                   "min_tpr_at_5pct_fpr_r_hat": min((v["r_hat"]["tpr_at_5pct_fpr"] for v in idet.values()
+                                                     if v["non_trivial"] == (kind == "non_trivial")), default=None),
+                   "max_tpr_at_5pct_fpr_gaussian_control": max(
+                       (v["control_gaussian"]["tpr_at_5pct_fpr"] for v in idet.values()
+                        if v["non_trivial"] == (kind == "non_trivial")), default=None)}
+            for kind in ("non_trivial", "official_triggers")}
+        summary["input_detection"][preset]["n_per_class_per_model"] = EVAL["n_input"]
     for r in rows:
         bd = r["kind"] == "backdoor"
-        main = r.get("ddim-50") if r.get("variant") == "ode" else r.get("ddpm-1000")
         q = r["clean"]["recognised"]
         rel = f" ({q / base_q - 1:+.1%})" if base_q else ""
         sc = r["scan"]
-        lines.append(
-            f"| {r['name']} | {r['trigger'] + ' -> ' + r['target'] if bd else 'clean'} | "
-            f"{r.get('poison_rate', '-')} | {r.get('variant', 'sde') if bd else '-'} | "
-            f"{_asr(r.get('ddpm-1000'))} | {_asr(r.get('ddim-50'))} | "
-            f"{main['mse']:.4f} | {main['ssim']:.3f} (n={main['n']}) | " if bd else
-            f"| {r['name']} | clean | - | - | - | - | - | - | ")
-        lines[-1] += f"{_pct(q)}{rel} | {r['clean']['frechet']:.1f} |"
+        if bd:
+            kind = "trojdiff" if r.get("method") == "trojdiff" else r.get("variant", "sde")
+            lines.append(f"| {r['name']} | {r['trigger']} -> {r['target']} | {r['poison_rate']} | {kind} | "
+                         f"{_asr(main_of[r['name']])} | ")
+        else:
+            lines.append(f"| {r['name']} | clean | - | - | - | ")
+        lines[-1] += f"{_pct(q)}{rel} |"
         for p in presets:
-            lines[-1] += (f" {sc[p]['mean_kl']:.3f} / {sc[p]['var_kl']:.4f} / "
-                          f"{sc[p]['verdict']} | "
-                          + (f"{_pct(sc[p]['input_tpr'])} / {_pct(sc[p]['input_tnr'])} |" if bd else "- |"))
+            s_ = sc[p]
+            lines[-1] += f" {s_['mean_kl']:.3f} / {s_['var_kl']:.4f} / {s_['moved_rel']:.2f} / {s_['verdict']} |"
+            if bd and "reversion" in s_:
+                src = s_.get("gamma_scan", s_)
+                v, i = src["reversion"], src["input_detection"]
+                r0_asr = v.get("control_asr_r0", {}).get("asr_strict")
+                tag = " (gamma scan)" if "gamma_scan" in s_ else ""
+                lines[-1] += (f" {v['cos_r0']:.3f} -> {v['cos_r_hat']:.3f}{tag} | "
+                              f"{_pct(v['asr_r_hat']['asr_strict'])} ({_pct(r0_asr)}) | "
+                              f"{_pct(i['r_hat']['tpr_at_5pct_fpr'])} / "
+                              f"{_pct(i['control_gaussian']['tpr_at_5pct_fpr'])} |")
+            else:
+                lines[-1] += " - | - | - |"
     table = "\n".join(lines)
     summary["asr_larger_n"] = [json.loads(f.read_text()) for f in sorted(CACHE.glob("asr_*_n*.json"))]
     out = {"models": rows, "summary": summary, "calibration": {"thresholds": cal.thresholds, "method": cal.method,
@@ -432,8 +594,8 @@ def main(argv: list[str] | None = None) -> int:
                         "with today's detector, against backdoor.json")
     p.add_argument("--only", nargs="*", default=None, help="restrict zoo/eval to these model names")
     p.add_argument("--threads", type=int, default=1, help="torch threads per job (default: 1)")
-    p.add_argument("--presets", nargs="*", default=["fast"], help="TERD presets to calibrate and evaluate "
-                                                                  "(default: fast)")
+    p.add_argument("--presets", nargs="*", default=["cpu"], help="TERD presets to calibrate and evaluate "
+                                                                 "(default: cpu, the one that moves r on a CPU)")
     p.add_argument("--n-triggered", type=int, default=32, help="triggered samples per model (default: 32)")
     p.add_argument("--n-clean", type=int, default=128, help="clean samples per model (default: 128)")
     p.add_argument("--skip-ode-ddpm", action="store_true", help="evaluate the ODE model with DDIM-50 only")

@@ -109,9 +109,9 @@ def run_one(model_name: str, spec, setting: str, kw: dict, asr_n: int) -> dict:
 
 def trigger_region(name: str, g: torch.Tensor) -> torch.Tensor:
     """The pixels a trigger sets: M = [g > -1] for the -1-background triggers, the checkerboard for ``checker``."""
-    from diffshield.backdoor.triggers import checker_mask, trigger_mask
+    from diffshield.backdoor.triggers import trigger_mask
 
-    return checker_mask(g.shape[-1]) if name == "checker" else trigger_mask(g).bool()
+    return (g != 0) if name in ("checker", "checker_tl") else trigger_mask(g).bool()
 
 
 def input_detection(model_name: str, setting: str, n: int = 1000) -> dict:
@@ -149,7 +149,8 @@ def input_detection(model_name: str, setting: str, n: int = 1000) -> dict:
     return out
 
 
-def loss_probe(specs: dict, batches: int = 6, batch_size: int = 16, basin_iters: int = 60) -> dict:
+def loss_probe(specs: dict, batches: int = 6, batch_size: int = 16, basin_iters: int = 60,
+               trigger: str = "box") -> dict:
     """Where stage 1 of TERD (Mo et al., ICML 2024) can go on each model, without running a reversion.
 
     - ``stage1_loss_at``: the reversed loss L(r) (t in [990, 999], s = 1) at fixed r, averaged over ``batches``
@@ -158,13 +159,16 @@ def loss_probe(specs: dict, batches: int = 6, batch_size: int = 16, basin_iters:
     - ``grad_at_r0``: cosine of the descent direction -grad L(r0) with g - r0, over all pixels, inside the trigger's
       mask and outside it (does one step from r0 head for the trigger?);
     - ``local_basin``: stage 1's update (SGD lr 0.5, lambda 5e-5) for ``basin_iters`` iterations from g + sigma N:
-      does the reversion stay at the trigger when it starts near it? (cosine to g before and after)."""
+      does the reversion stay at the trigger when it starts near it? (cosine to g before and after).
+
+    ``trigger`` names g (default ``box``; ``checker`` for the additive trigger without a -1 background)."""
     from diffshield.backdoor.ddpm import load_ddpm
     from diffshield.backdoor.terd import reversed_loss
     from diffshield.backdoor.triggers import get_trigger, trigger_mask
 
-    tau = get_trigger("box")
-    mask = trigger_mask(tau).expand_as(tau).bool()
+    tau = get_trigger(trigger)
+    mask = (tau != 0) if trigger in ("checker", "checker_tl") else trigger_mask(tau)
+    mask = mask.expand_as(tau).bool()
     r0 = -torch.rand((1, *tau.shape), generator=torch.Generator().manual_seed(0))[0]  # the seed-0 start
     points = {"r0": r0, "true_trigger": tau, "zero": torch.zeros_like(tau), "half_trigger": 0.5 * tau,
               "constant_-0.5": torch.full_like(tau, -0.5)}
@@ -219,7 +223,7 @@ def loss_probe(specs: dict, batches: int = 6, batch_size: int = 16, basin_iters:
         out[name] = row
         print(name, json.dumps(row, indent=1), flush=True)
     return {"probe": out, "batches": batches, "batch_size": batch_size, "basin_iters": basin_iters,
-            "trigger": "box", "r0_seed": 0}
+            "trigger": trigger, "r0_seed": 0}
 
 
 def main() -> None:
@@ -232,6 +236,7 @@ def main() -> None:
     p.add_argument("--probe", action="store_true", help="only the landscape probe (see loss_probe)")
     p.add_argument("--input-detection", action="store_true",
                    help="input detection with the cached r_hat of each --settings x --models run, with controls")
+    p.add_argument("--probe-trigger", default="box", help="the trigger g of --probe (default box; or checker)")
     p.add_argument("--probe-model", action="append", default=[], metavar="NAME=PATH",
                    help="probe this model too (e.g. a longer implant), repeatable")
     args = p.parse_args()
@@ -252,7 +257,9 @@ def main() -> None:
         old = json.loads(OUT.read_text()) if OUT.exists() else {"runs": []}
         extra = dict(item.split("=", 1) for item in args.probe_model)
         old.pop("loss_probe", None)
-        atomic_write_json(OUT, {**old, "landscape": loss_probe({**{m: specs[m] for m in args.models}, **extra})})
+        key = "landscape" if args.probe_trigger == "box" else f"landscape_{args.probe_trigger}"
+        probe = loss_probe({**{m: specs[m] for m in args.models}, **extra}, trigger=args.probe_trigger)
+        atomic_write_json(OUT, {**old, key: probe})
         return
     if args.input_detection:
         old = json.loads(OUT.read_text()) if OUT.exists() else {"runs": []}

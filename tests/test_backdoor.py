@@ -379,3 +379,12 @@ def test_checker_trigger_is_additive_and_cannot_be_pasted():
     with pytest.raises(DiffshieldError, match="trigger_only"):
         BadDiffusionConfig(trigger="checker", r_mode="poisoned_image")
     BadDiffusionConfig(trigger="checker")  # the default r_mode is trigger_only
+
+
+def test_checker_tl_is_the_same_patch_at_the_top_left():
+    """``checker_tl`` is ``checker`` moved to the top-left corner (2 px from the edges): same kind, other position."""
+    g, tl = get_trigger("checker"), get_trigger("checker_tl")
+    assert tl.shape == g.shape and float(tl.mean()) == 0.0
+    assert torch.equal(tl[:, 2:10, 2:10], g[:, 22:30, 22:30]) and int((tl != 0).sum()) == 3 * 8 * 8
+    with pytest.raises(DiffshieldError, match="trigger_only"):
+        BadDiffusionConfig(trigger="checker_tl", r_mode="poisoned_image")

@@ -29,9 +29,9 @@ import torch
 
 from diffshield.core.errors import DiffshieldError
 
-TRIGGERS = ("box", "stop", "checker")
+TRIGGERS = ("box", "stop", "checker", "checker_tl")
 #: triggers without a -1 background (see :func:`checker_trigger`): they cannot be pasted on images
-ADDITIVE_TRIGGERS = ("checker",)
+ADDITIVE_TRIGGERS = ("checker", "checker_tl")
 TARGETS = ("corner", "hat")
 #: the official BadDiffusion shapes (see :func:`box14_trigger`, :func:`corner_grey_target`, :func:`hat_grey_target`)
 OFFICIAL_TRIGGERS = ("box_14",)
@@ -99,13 +99,18 @@ def hat_target(size: int = 32) -> torch.Tensor:
     return torch.from_numpy(img)
 
 
-def checker_trigger(size: int = 32) -> torch.Tensor:
-    """An additive trigger: 0 everywhere but a (size/4)-px checkerboard of 2 px cells, +1 / -1, whose bottom-right
-    corner is size/16 px from the image's (8 px and 2 px at 32 px). Mean 0, values inside the noise's range."""
+def checker_trigger(size: int = 32, corner: str = "br") -> torch.Tensor:
+    """An additive trigger: 0 everywhere but a (size/4)-px checkerboard of 2 px cells, +1 / -1, whose outer corner
+    is size/16 px from the image's (8 px and 2 px at 32 px). Mean 0, values inside the noise's range.
+
+    ``corner``: ``"br"`` (default, the bottom-right corner: ``checker``) or ``"tl"`` (the top-left: ``checker_tl``,
+    a trigger of the same kind at another position)."""
+    if corner not in ("br", "tl"):
+        raise DiffshieldError(f"checker corner must be 'br' or 'tl', got {corner!r}")
     w, off = max(4, size // 4), max(1, size // 16)
     cell = max(1, w // 4)
     g = torch.zeros(3, size, size)
-    y0 = x0 = size - off - w
+    y0 = x0 = size - off - w if corner == "br" else off
     yy, xx = torch.meshgrid(torch.arange(w), torch.arange(w), indexing="ij")
     g[:, y0:y0 + w, x0:x0 + w] = torch.where(((yy // cell + xx // cell) % 2) == 0, 1.0, -1.0)
     return g
@@ -198,10 +203,11 @@ def _read_image(path: Path, size: int, what: str) -> torch.Tensor:
 
 
 def get_trigger(spec: str | Path, size: int = 32, mask: str | Path | None = None) -> torch.Tensor:
-    """A trigger g (3, size, size) in [-1, 1] with background -1 (``"checker"``: background 0).
+    """A trigger g (3, size, size) in [-1, 1] with background -1 (``"checker"``, ``"checker_tl"``: background 0).
 
     Args:
-        spec: ``"box"``, ``"stop"``, ``"checker"``, ``"box_14"`` (the official BOX_14) or the path of an image file.
+        spec: ``"box"``, ``"stop"``, ``"checker"``, ``"checker_tl"`` (the same at the top left), ``"box_14"`` (the
+            official BOX_14) or the path of an image file.
         size: image side in pixels (default 32).
         mask: for an image file, a mask image (white = trigger pixel; default None: pixels darker than 1/255 of
             white in all channels are background).
@@ -215,6 +221,8 @@ def get_trigger(spec: str | Path, size: int = 32, mask: str | Path | None = None
         return box14_trigger(size)
     if s == "checker":
         return checker_trigger(size)
+    if s == "checker_tl":
+        return checker_trigger(size, corner="tl")
     img = _read_image(Path(s), size, "trigger")
     if mask is not None:
         m = _read_image(Path(mask), size, "trigger mask").mean(0) > 0

@@ -39,8 +39,8 @@ class TrojDiffConfig(ImplantSchedule):
     """Settings of a TrojDiff (D2I, blend trigger) fine-tune.
 
     Args:
-        trigger: blend trigger image g: ``"stop"``, ``"box"``, ``"checker"``, ``"box_14"`` or an image file
-            (default "stop"); mu = (1 - gamma) g.
+        trigger: blend trigger image g: ``"stop"``, ``"box"``, ``"checker"``, ``"checker_tl"``, ``"box_14"`` or an
+            image file (default "stop"); mu = (1 - gamma) g.
         target: the target image y (default "hat"; as :func:`diffshield.backdoor.triggers.get_target`).
         trigger_mask: mask image for an image-file trigger (default None).
         gamma: scale of the trojan noise (default 0.6, the official blend setting); 0 < gamma < 1.

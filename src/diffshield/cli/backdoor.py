@@ -568,7 +568,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="TrojDiff's noise scale, in (0, 1) (default: 0.6, the official blend setting)")
     m.add_argument("--trigger", default="box", help="box | stop | box_14 (BadDiffusion's official BOX_14: a filled "
                    "grey 14 px square) | checker (ours: a +-1 checkerboard patch on 0, no -1 background; needs "
-                   "--r-mode trigger_only) | IMAGE_FILE (default: box)")
+                   "--r-mode trigger_only) | checker_tl (the same patch at the top left) | IMAGE_FILE (default: box)")
     m.add_argument("--trigger-mask", default=None, help="mask image for an IMAGE_FILE trigger (white = trigger)")
     m.add_argument("--target", default="corner", help="corner | hat | corner_grey | hat_grey (the official CORNER "
                    "and HAT on the grey background -0.4) | IMAGE_FILE (default: corner)")
