@@ -139,17 +139,18 @@ def cmd_zoo(args) -> None:
         build(name, spec, args.threads)
 
 
-def scan_stats(name: str, preset: str, threads: int, learn_gamma: bool = False) -> dict:
+def scan_stats(name: str, preset: str, threads: int) -> dict:
     """TERD reversion of one model with one preset, cached in runs/backdoor/results/scan_<preset>_<name>.json
-    (``learn_gamma``: TERD's TrojDiff setting, which reverses gamma too, cached as scan_<preset>-gamma_<name>).
+    (``preset`` a calibration key: ``cpu+gamma`` is TERD's TrojDiff setting, which reverses gamma too).
     The returned dict holds r, and r0 and gamma where the cache has them."""
     from safetensors.torch import load_file, save_file
 
     from diffshield.backdoor.ddpm import load_ddpm
-    from diffshield.backdoor.terd import TERDConfig, reverse_trigger
+    from diffshield.backdoor.terd import GAMMA_MODE, config_for_key, reverse_trigger
 
+    learn_gamma = preset.endswith(GAMMA_MODE)
     CACHE.mkdir(parents=True, exist_ok=True)
-    f = CACHE / f"scan_{preset}{'-gamma' if learn_gamma else ''}_{name}.json"
+    f = CACHE / f"scan_{preset}_{name}.json"
     if f.exists():
         d = json.loads(f.read_text())
         d.update(load_file(str(f.with_suffix(".safetensors"))))
@@ -157,8 +158,7 @@ def scan_stats(name: str, preset: str, threads: int, learn_gamma: bool = False) 
     from diffshield.backdoor.ddpm import architecture_summary, model_fingerprint
 
     model = load_ddpm(model_path(name))
-    res = reverse_trigger(model, TERDConfig.from_preset(preset, num_threads=threads, learn_gamma=learn_gamma),
-                          progress=False)
+    res = reverse_trigger(model, config_for_key(preset, num_threads=threads), progress=False)
     d = {"mean_kl": res.mean_kl, "var_kl": res.var_kl, "seconds": round(res.seconds, 1), "r_norm":
          float(res.r.norm()), "preset": preset, "learn_gamma": learn_gamma, "seed": 0, "moved_l2": res.moved_l2,
          "moved_rel": res.moved_rel, "cos_r0": res.cos_r0, "model_fingerprint": model_fingerprint(model),
@@ -349,12 +349,12 @@ def eval_model(name: str, spec: dict, threads: int) -> dict:
             sc["input_tpr"] = sc["input_detection"]["r_hat"]["tpr_terd_rule"]
             sc["input_tnr"] = 1 - sc["input_detection"]["r_hat"]["fpr_terd_rule"]
             if spec.get("method") == "trojdiff":  # TERD's TrojDiff setting: gamma reversed with r
-                dg = scan_stats(name, preset, threads, learn_gamma=True)
+                dg = scan_stats(name, preset + "+gamma", threads)
                 sc["gamma_scan"] = {k: dg.get(k) for k in ("mean_kl", "var_kl", "seconds", "r_norm", "moved_rel")}
                 sc["gamma_scan"]["reversion"] = reversion_evidence(model, spec, dg)
                 sc["gamma_scan"]["input_detection"] = input_detection(spec, dg["r"], dg["gamma"], dg["r0"],
                                                                       EVAL["n_input"])
-            used = scan_stats(name, preset, threads, learn_gamma=True) if "gamma_scan" in sc else d
+            used = scan_stats(name, preset + "+gamma", threads) if "gamma_scan" in sc else d
             rev = sc.get("gamma_scan", sc)["reversion"]
             grids.append(triggered_images(model, spec, seed_list(0, 8), used["r"], used.get("gamma", 1.0)))
             sc["reversion_summary"] = {"asr_strict_r_hat": rev["asr_r_hat"]["asr_strict"],

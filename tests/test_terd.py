@@ -426,3 +426,45 @@ def test_cli_presets_are_the_library_presets_and_cpu_keeps_the_official_loss():
     for key in ("batch_size", "lr", "grad_clip", "ddim_steps", "t_high", "t_low"):
         assert getattr(cpu, key) == getattr(paper, key), key
     assert paper.lam == 5e-5
+
+
+def test_cli_gamma_mode_has_its_own_thresholds_and_per_pixel_gamma(tmp_path, monkeypatch, capsys):
+    """``scan --learn-gamma`` (TERD's TrojDiff setting) is judged by the thresholds of ``<preset>+gamma``, refuses in
+    one line when the calibration has none, writes a per-pixel gamma_hat that ``scan-input`` uses, and its reports
+    calibrate that key (never the gamma = 1 preset's)."""
+    from safetensors.torch import load_file
+
+    from diffshield.backdoor import terd
+    from diffshield.backdoor.terd import Calibration, calibrate
+
+    folder = tmp_path / "ddpm"
+    DDPMModel(tiny_unet(8), build_scheduler()).save(folder)
+    monkeypatch.setitem(terd.PRESETS, "fast", {"stage1_iters": 3, "stage2_iters": 1, "batch_size": 2,
+                                               "ddim_steps": 2})
+    only_plain = tmp_path / "plain.json"
+    calibrate({"fast": [(1e9, 1e9)]}).save(only_plain)
+    assert main(["scan", "--model", str(folder), "--calibration", str(only_plain), "--learn-gamma"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "'fast+gamma'" in err and "calibrate" in err and "\n" not in err
+    cal = tmp_path / "cal.json"
+    calibrate({"fast+gamma": [(1e9, 1e9)]}).save(cal)
+    out, js = tmp_path / "scan", tmp_path / "scan.json"
+    assert main(["scan", "--model", str(folder), "--calibration", str(cal), "--learn-gamma", "--out", str(out),
+                 "--json", str(js), "--evidence-n", "2", "--evidence-steps", "2"]) == 0
+    rep = json.loads(js.read_text())
+    assert rep["preset"] == "fast+gamma" and rep["learn_gamma"] is True and rep["evidence"]["trojan"] is True
+    assert 0 <= rep["gamma_min"] <= rep["gamma_mean"] <= rep["gamma_max"] and rep["thresholds"]["mean_kl"] == 1.5e9
+    t = load_file(str(out / "reversed_trigger.safetensors"))
+    assert t["gamma"].shape == t["r"].shape == (3, 8, 8)
+    noise = _noise_file(tmp_path / "n.safetensors", (3, 8, 8))
+    assert main(["scan-input", "--reversed", str(out), "--noise", str(noise), "--json", str(js)]) == 0
+    assert json.loads(js.read_text())["r_hat"]["preset"] == "fast+gamma"
+    # the gamma reports calibrate the '+gamma' key and leave the plain preset's thresholds alone
+    new = tmp_path / "new.json"
+    calibrate({"fast": [(0.5, 0.5)]}).save(new)
+    ref = dict(rep, moved_rel=1.0)
+    (tmp_path / "ref.json").write_text(json.dumps(ref))
+    assert main(["backdoor", "calibrate", "--references", str(tmp_path / "ref.json"), "--out", str(new),
+                 "--merge"]) == 0
+    got = Calibration.load(new)
+    assert set(got.thresholds) == {"fast", "fast+gamma"} and got.thresholds["fast"]["mean_kl"] == 0.75

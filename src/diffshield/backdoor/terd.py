@@ -121,6 +121,23 @@ class TERDConfig:
         return cls(**{**PRESETS[name], **over})
 
 
+#: the suffix of a calibration key for a preset run in TERD's TrojDiff setting (gamma reversed with r): its
+#: statistics differ from the same preset's with gamma = 1, so it has its own thresholds (``"cpu+gamma"``)
+GAMMA_MODE = "+gamma"
+
+
+def preset_key(preset: str, learn_gamma: bool = False) -> str:
+    """The calibration key of a scan: the preset name, with :data:`GAMMA_MODE` appended when gamma is reversed."""
+    return preset + GAMMA_MODE if learn_gamma else preset
+
+
+def config_for_key(key: str, **over) -> TERDConfig:
+    """The :class:`TERDConfig` of a calibration key (``"cpu"``, ``"cpu+gamma"``, ...)."""
+    if key.endswith(GAMMA_MODE):
+        return TERDConfig.from_preset(key[: -len(GAMMA_MODE)], **{**over, "learn_gamma": True})
+    return TERDConfig.from_preset(key, **over)
+
+
 def _scaled(e: torch.Tensor, gamma: torch.Tensor | float) -> torch.Tensor:
     """gamma * e (TrojDiff's noise scale); e itself for BadDiffusion's gamma = 1."""
     return e if isinstance(gamma, float) and gamma == 1.0 else gamma * e

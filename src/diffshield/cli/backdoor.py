@@ -234,42 +234,51 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def run_scan(model, preset: str = "fast", calibration: str | Path | None = None, seed: int = 0,
-             threads: int = 1, progress: bool = True, min_move: float | None = None) -> dict:
+def run_scan(model, preset: str = "fast", calibration: str | Path | None = None, seed: int = 0, threads: int = 1,
+             progress: bool = True, min_move: float | None = None, learn_gamma: bool = False) -> dict:
     """TERD on ``model``: reversed trigger, how far it moved from its start, statistics and verdict
-    (``"backdoored"``, ``"clean"`` or ``"undetermined"``, see :func:`diffshield.backdoor.terd.model_verdict`)."""
+    (``"backdoored"``, ``"clean"`` or ``"undetermined"``, see :func:`diffshield.backdoor.terd.model_verdict`).
+    ``learn_gamma``: TERD's TrojDiff setting (gamma reversed with r), judged by the thresholds of
+    ``<preset>+gamma``."""
     from diffshield.backdoor.ddpm import architecture_summary, model_fingerprint
     from diffshield.backdoor.terd import (
         MIN_MOVE,
         Calibration,
-        TERDConfig,
+        config_for_key,
         default_calibration_path,
         model_verdict,
+        preset_key,
         reverse_trigger,
     )
 
     min_move = MIN_MOVE if min_move is None else min_move
+    key = preset_key(preset, learn_gamma)
     cal_path = calibration or default_calibration_path()
     cal = Calibration.load(cal_path)
-    thresholds = cal.get(preset)
+    thresholds = cal.get(key)
     resolution, arch = model.image_shape[-1], architecture_summary(model)
-    warning = cal.mismatch(preset, resolution, arch)
+    warning = cal.mismatch(key, resolution, arch)
     if warning:
         print(f"warning: {warning}")
-    res = reverse_trigger(model, TERDConfig.from_preset(preset, seed=seed, num_threads=threads), progress=progress)
+    res = reverse_trigger(model, config_for_key(key, seed=seed, num_threads=threads), progress=progress)
     verdict = model_verdict(res, thresholds, min_move)
+    gamma = {"gamma_mean": float(res.gamma.mean()), "gamma_min": float(res.gamma.min()),
+             "gamma_max": float(res.gamma.max())} if learn_gamma else {}
     return {"verdict": verdict, "backdoored": verdict == "backdoored", "mean_kl": res.mean_kl, "var_kl": res.var_kl,
-            "thresholds": thresholds, "preset": preset, "seed": seed, "seconds": round(res.seconds, 1),
+            "thresholds": thresholds, "preset": key, "learn_gamma": learn_gamma, **gamma, "seed": seed,
+            "seconds": round(res.seconds, 1),
             "r_norm": float(res.r.norm()), "r0_norm": float(res.r0.norm()), "moved_l2": res.moved_l2,
             "moved_rel": res.moved_rel, "cos_r0": res.cos_r0, "min_move": min_move,
             "model_fingerprint": model_fingerprint(model), "resolution": resolution, "architecture": arch,
-            "calibration": {"file": str(cal_path), "references": len(cal.references.get(preset, [])),
+            "calibration": {"file": str(cal_path), "references": len(cal.references.get(key, [])),
                             "warning": warning}, "result": res}
 
 
-def scan_evidence(model, r, n: int = 8, steps: int = 100, seed: int = 0, sampler: str | None = None) -> dict:
+def scan_evidence(model, r, n: int = 8, steps: int = 100, seed: int = 0, sampler: str | None = None,
+                  gamma=None) -> dict:
     """Samples from eps + r_hat next to clean samples from the same eps (one seed per pair), with the model's own
-    sampler (its scheduler's kind: DDPM ancestral or DDIM) unless ``sampler`` is given.
+    sampler (its scheduler's kind: DDPM ancestral or DDIM) unless ``sampler`` is given. With a reversed ``gamma``
+    (TERD's TrojDiff setting) the triggered row is TrojDiff's trojan DDIM from gamma_hat eps + r_hat.
 
     Args:
         model: a :class:`~diffshield.backdoor.ddpm.DDPMModel`.
@@ -278,6 +287,7 @@ def scan_evidence(model, r, n: int = 8, steps: int = 100, seed: int = 0, sampler
         steps: denoising steps (default 100; BadDiffusion's SDE backdoor is defined for DDPM-1000).
         seed: seed of pair 0; pair k uses seed + k (default 0).
         sampler: ``"ddpm"`` or ``"ddim"`` (default None: the model's own).
+        gamma: the reversed noise scale (3, H, W) (default None: gamma = 1, BadDiffusion's process).
     Returns ``{"triggered": images, "clean": images, "config": SampleConfig, "seeds": [...]}``.
     """
     from diffusers import DDIMScheduler
@@ -288,8 +298,15 @@ def scan_evidence(model, r, n: int = 8, steps: int = 100, seed: int = 0, sampler
     kind = sampler or ("ddim" if isinstance(model.scheduler, DDIMScheduler) else "ddpm")
     cfg = SampleConfig(kind, min(steps, int(model.scheduler.config.num_train_timesteps)), batch_size=max(1, n))
     seeds = seed_list(seed, n)
-    return {"triggered": sample(model, seeds, trigger=r, config=cfg).images,
-            "clean": sample(model, seeds, config=cfg).images, "config": cfg, "seeds": seeds}
+    if gamma is not None:
+        from diffshield.backdoor.trojdiff import trojan_sample
+
+        cfg = SampleConfig("ddim", cfg.steps, batch_size=cfg.batch_size)
+        triggered = trojan_sample(model, seeds, r, gamma, steps=cfg.steps)
+    else:
+        triggered = sample(model, seeds, trigger=r, config=cfg).images
+    return {"triggered": triggered, "clean": sample(model, seeds, config=cfg).images, "config": cfg, "seeds": seeds,
+            "trojan": gamma is not None}
 
 
 def cmd_scan(args) -> int:
@@ -311,8 +328,9 @@ def cmd_scan(args) -> int:
         check_output_dir(args.out, "scan", args.overwrite, inputs=inputs)
     check_output_file(args.json, "--json", inputs=[*inputs, args.out])
     model = load_ddpm(args.model, allow_pickle=args.allow_pickle, device=args.device, dtype=args.dtype)
-    print(f"TERD scan of {args.model} (preset {args.preset}) ...")
-    rep = run_scan(model, args.preset, args.calibration, args.seed, args.threads, min_move=args.min_move)
+    print(f"TERD scan of {args.model} (preset {args.preset}{', gamma reversed too' if args.learn_gamma else ''}) ...")
+    rep = run_scan(model, args.preset, args.calibration, args.seed, args.threads, min_move=args.min_move,
+                   learn_gamma=args.learn_gamma)
     res = rep.pop("result")
     th = rep["thresholds"]
     print(f"verdict: {rep['verdict'].upper()} ({args.model}, fingerprint {rep['model_fingerprint']})")
@@ -324,20 +342,26 @@ def cmd_scan(args) -> int:
     print(f"  mean KL {rep['mean_kl']:.4g} (threshold {th['mean_kl']:.4g})   var KL {rep['var_kl']:.4g} "
           f"(threshold {th['var_kl']:.4g})   ||r|| {rep['r_norm']:.2f} (start {rep['r0_norm']:.2f})   "
           f"{rep['seconds']:.0f} s")
+    if args.learn_gamma:
+        print(f"  gamma_hat mean {rep['gamma_mean']:.3g} (min {rep['gamma_min']:.3g}, max {rep['gamma_max']:.3g}; "
+              "1 = no TrojDiff scaling)")
     report = {"model": str(args.model), **rep}
     if args.out:
         ev = None
         if args.evidence_n:
-            ev = scan_evidence(model, res.r, args.evidence_n, args.evidence_steps, args.seed)
+            ev = scan_evidence(model, res.r, args.evidence_n, args.evidence_steps, args.seed,
+                               gamma=res.gamma if args.learn_gamma else None)
+            top = "trojan DDIM from gamma_hat eps + r_hat" if ev["trojan"] else "eps + r_hat"
             report["evidence"] = {"n": args.evidence_n, "sampler": ev["config"].scheduler,
-                                  "steps": ev["config"].steps, "seeds": ev["seeds"],
-                                  "grid": "evidence.png (top: eps + r_hat, bottom: eps, same seeds)"}
+                                  "steps": ev["config"].steps, "seeds": ev["seeds"], "trojan": ev["trojan"],
+                                  "grid": f"evidence.png (top: {top}, bottom: eps, same seeds)"}
         with atomic_dir(args.out, overwrite=args.overwrite, command="scan", inputs=inputs) as tmp:
             meta = {"format": REVERSED_FORMAT, "model": str(args.model), "model_fingerprint":
-                    rep["model_fingerprint"], "resolution": str(rep["resolution"]), "preset": args.preset,
+                    rep["model_fingerprint"], "resolution": str(rep["resolution"]), "preset": rep["preset"],
                     "seed": str(args.seed), "verdict": rep["verdict"], "moved_rel": repr(rep["moved_rel"]),
                     "scan": "scan.json"}
-            save_file({"r": res.r.contiguous(), "r0": res.r0.contiguous(), "gamma": torch.tensor([res.gamma])},
+            gamma = res.gamma.contiguous() if args.learn_gamma else torch.tensor([res.gamma])
+            save_file({"r": res.r.contiguous(), "r0": res.r0.contiguous(), "gamma": gamma},
                       str(tmp / "reversed_trigger.safetensors"), metadata=meta)
             to_pil(((res.r + 1) / 2).clamp(0, 1)).resize((128, 128), 0).save(tmp / "reversed_trigger.png")
             if ev is not None:
@@ -345,8 +369,9 @@ def cmd_scan(args) -> int:
                 make_grid(both, nrow=len(ev["seeds"]), upscale=4).save(tmp / "evidence.png")
             atomic_write_json(tmp / "scan.json", {**report, "history": res.history, "config": res.config})
         print(f"reversed trigger: {Path(args.out) / 'reversed_trigger.png'} (and .safetensors)"
-              + (f"; what it produces: evidence.png ({ev['config'].scheduler}-{ev['config'].steps}, top eps + r_hat, "
-                 "bottom eps)" if ev is not None else ""))
+              + (f"; what it produces: evidence.png ({ev['config'].scheduler}-{ev['config'].steps}, top "
+                 f"{'gamma_hat eps + r_hat (trojan DDIM)' if ev['trojan'] else 'eps + r_hat'}, bottom eps)"
+                 if ev is not None else ""))
     if args.json:
         atomic_write_json(args.json, report)
     return 0
@@ -452,9 +477,14 @@ def _read_reversed(path: str) -> tuple:
         except ValueError as e:
             raise DiffshieldError(f"'{rev}' has unreadable metadata ({e})") from None
     gamma = t.get("gamma")
-    if gamma is not None and gamma.numel() != 1:
-        raise DiffshieldError(f"'{rev}' holds a gamma of {gamma.numel()} values; a reversed trigger has one")
-    return rev, t["r"], 1.0 if gamma is None else float(gamma.reshape(-1)[0]), record
+    if gamma is None:
+        return rev, t["r"], 1.0, record
+    if gamma.numel() == 1:
+        return rev, t["r"], float(gamma.reshape(-1)[0]), record
+    if gamma.shape != t["r"].shape:
+        raise DiffshieldError(f"'{rev}' holds a gamma of shape {tuple(gamma.shape)}; a reversed trigger has one "
+                              f"value or one per pixel of r {tuple(t['r'].shape)}")
+    return rev, t["r"], gamma, record
 
 
 def cmd_scan_input(args) -> int:
@@ -463,7 +493,7 @@ def cmd_scan_input(args) -> int:
     import torch
 
     from diffshield.backdoor.ddpm import TOY_DDPM, load_ddpm, model_fingerprint
-    from diffshield.backdoor.terd import MIN_MOVE, TERDConfig, input_detect, reverse_trigger
+    from diffshield.backdoor.terd import MIN_MOVE, config_for_key, input_detect, preset_key, reverse_trigger
     from diffshield.core.io import atomic_write_json, check_output_file
 
     check_output_file(args.json, "--json", inputs=[args.model, args.noise, args.reversed])
@@ -482,7 +512,9 @@ def cmd_scan_input(args) -> int:
             raise DiffshieldError(f"reversed trigger '{rev}' is for images of shape {tuple(r.shape)} but the noises "
                                   f"in '{noise_path}' are {tuple(x.shape[1:])}; give the reversed trigger of the "
                                   "model these noises are for")
-        if not r.is_floating_point() or not bool(torch.isfinite(r).all()) or not (0 < gamma < math.inf):
+        g_ok = (0 < gamma < math.inf) if isinstance(gamma, float) else bool(
+            gamma.is_floating_point() and torch.isfinite(gamma).all() and (gamma >= 0).all() and (gamma > 0).any())
+        if not r.is_floating_point() or not bool(torch.isfinite(r).all()) or not g_ok:
             raise DiffshieldError(f"reversed trigger '{rev}' holds non-finite or non-float values (r) or a gamma "
                                   f"that is not a positive number ({gamma!r}); rerun 'diffshield scan --out'")
         source = {"reversed_file": str(rev), **record}
@@ -502,11 +534,12 @@ def cmd_scan_input(args) -> int:
         if tuple(x.shape[1:]) != tuple(model.image_shape):
             raise DiffshieldError(f"the noises in '{noise_path}' have shape {tuple(x.shape[1:])} but {spec}'s images "
                                   f"are {tuple(model.image_shape)}; give noises of that shape")
-        print(f"no --reversed given: reversing the trigger of {spec} first (preset {args.preset}) ...")
-        res = reverse_trigger(model, TERDConfig.from_preset(args.preset, seed=args.seed, num_threads=args.threads))
+        key = preset_key(args.preset, args.learn_gamma)
+        print(f"no --reversed given: reversing the trigger of {spec} first (preset {key}) ...")
+        res = reverse_trigger(model, config_for_key(key, seed=args.seed, num_threads=args.threads))
         r, gamma = res.r, res.gamma
         source = {"reversed_file": None, "model": str(spec), "model_fingerprint": model_fingerprint(model),
-                  "resolution": model.image_shape[-1], "preset": args.preset, "seed": args.seed,
+                  "resolution": model.image_shape[-1], "preset": key, "seed": args.seed,
                   "moved_rel": res.moved_rel, "scan": "reversed by this scan-input run"}
     moved = source.get("moved_rel")
     if moved is not None and not moved >= MIN_MOVE:
@@ -665,7 +698,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             q.add_argument("--preset", choices=TERD_PRESETS, default="fast",
                            help="iterations of the two stages: fast 100+2, default 400+10, paper 3000+1000, cpu "
                                 "800+0 with lambda 3e-3 (the one that reverses toy-world backdoors on a CPU); the "
-                                "shipped calibration covers fast (default: fast)")
+                                "shipped calibration covers fast, cpu and cpu with --learn-gamma (default: fast)")
         else:
             q.add_argument("--model", default=None,
                            help="DDPMPipeline folder or 'toy:ddpm': without --reversed, the model whose trigger is "
@@ -678,6 +711,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                            help="iterations when the trigger is reversed here (no --reversed): fast 100+2, default "
                                 "400+10, paper 3000+1000, cpu 800+0 with lambda 3e-3; input detection needs no "
                                 "thresholds (default: fast)")
+        q.add_argument("--learn-gamma", action="store_true",
+                       help="reverse TrojDiff's noise scale gamma with r (TERD's TrojDiff setting, x_T = gamma eps + "
+                            "r); scan judges it by the thresholds of '<preset>+gamma' (default: off, gamma = 1)")
         q.add_argument("--seed", type=seed_int, default=0, help="seed of the reversion (default: 0)")
         q.add_argument("--threads", type=non_negative_int, default=1,
                        help="torch threads (default: 1; 0 = torch's default)")
