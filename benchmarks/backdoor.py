@@ -580,8 +580,9 @@ def cmd_report(args) -> None:
                                               "threads_per_job": args.threads}}
     from diffshield.core.io import atomic_write_json
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(RESULTS / "backdoor.json", out)
+    dest = Path(args.out) if getattr(args, "out", None) else RESULTS / "backdoor.json"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(dest, out)
     print(table)
     print(json.dumps(summary, indent=2))
 
@@ -599,6 +600,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-triggered", type=int, default=32, help="triggered samples per model (default: 32)")
     p.add_argument("--n-clean", type=int, default=128, help="clean samples per model (default: 128)")
     p.add_argument("--skip-ode-ddpm", action="store_true", help="evaluate the ODE model with DDIM-50 only")
+    p.add_argument("--out", default=None, help="report: write here instead of benchmarks/results/backdoor.json "
+                                               "(e.g. while part of the zoo is evaluated)")
     args = p.parse_args(argv)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.what != "eval":
         p.error("only 'eval' is split between processes; run the other steps in one process")
