@@ -89,6 +89,8 @@ REFERENCES: dict[str, dict] = {
 }
 CAL_PRESETS = ["cpu"]  # --presets cpu fast: also calibrate / evaluate the fast preset
 EVAL = {"n_triggered": 32, "n_clean": 128, "n_input": 1000, "n_rhat": 16}
+#: where zoo, calibrate and eval run (``--device``; default cpu): samples use per-seed CPU generators either way
+DEVICE = ["cpu"]
 
 
 def model_path(name: str) -> str:
@@ -97,7 +99,7 @@ def model_path(name: str) -> str:
 
 def build(name: str, spec: dict, threads: int) -> None:
     from diffshield.backdoor.baddiffusion import BadDiffusionConfig, implant
-    from diffshield.backdoor.ddpm import DDPMTrainConfig, train_ddpm
+    from diffshield.backdoor.ddpm import DDPMTrainConfig, load_ddpm, train_ddpm
 
     out = ZOO / name
     if name == "clean_base" or (out / "model_index.json").exists():
@@ -112,22 +114,22 @@ def build(name: str, spec: dict, threads: int) -> None:
     print(f"[zoo] building {name} ...", flush=True)
     if spec["kind"] == "clean" and spec.get("scratch"):  # the base's own recipe (DDPMTrainConfig's defaults)
         train_ddpm(DDPMTrainConfig(steps=spec["steps"], seed=spec["seed"], data_seed=spec["seed"],
-                                   num_threads=threads), out)
+                                   num_threads=threads), out, device=DEVICE[0])
     elif spec["kind"] == "clean":
         recipe = {**CLEAN_FT, **{k: spec[k] for k in ("lr",) if k in spec}}
         train_ddpm(DDPMTrainConfig(steps=spec["steps"], seed=spec["seed"], data_seed=spec["seed"], init_from=BASE,
-                                   num_threads=threads, checkpoint_every=128, **recipe), out)
+                                   num_threads=threads, checkpoint_every=128, **recipe), out, device=DEVICE[0])
     elif spec.get("method") == "trojdiff":
         from diffshield.backdoor.trojdiff import TrojDiffConfig
 
         cfg = TrojDiffConfig(trigger=spec["trigger"], target=spec["target"], gamma=spec["gamma"],
                              poison_rate=spec["poison_rate"], epochs=spec["epochs"], num_threads=threads)
-        implant(BASE, cfg, out)
+        implant(load_ddpm(BASE, device=DEVICE[0]), cfg, out)
     else:
         cfg = BadDiffusionConfig(trigger=spec["trigger"], target=spec["target"], poison_rate=spec["poison_rate"],
                                  variant=spec.get("variant", "sde"), num_threads=threads,
                                  **{**IMPLANT, **{k: spec[k] for k in ("epochs",) if k in spec}})
-        implant(BASE, cfg, out)
+        implant(load_ddpm(BASE, device=DEVICE[0]), cfg, out)
     print(f"[zoo] {name} done in {time.time() - t0:.0f} s", flush=True)
 
 
@@ -157,7 +159,7 @@ def scan_stats(name: str, preset: str, threads: int) -> dict:
         return d
     from diffshield.backdoor.ddpm import architecture_summary, model_fingerprint
 
-    model = load_ddpm(model_path(name))
+    model = load_ddpm(model_path(name), device=DEVICE[0])
     res = reverse_trigger(model, config_for_key(preset, num_threads=threads), progress=False)
     d = {"mean_kl": res.mean_kl, "var_kl": res.var_kl, "seconds": round(res.seconds, 1), "r_norm":
          float(res.r.norm()), "preset": preset, "learn_gamma": learn_gamma, "seed": 0, "moved_l2": res.moved_l2,
@@ -305,7 +307,7 @@ def eval_model(name: str, spec: dict, threads: int) -> dict:
     f = CACHE / f"eval_{name}.json"
     if f.exists():
         return json.loads(f.read_text())
-    model = load_ddpm(model_path(name))
+    model = load_ddpm(model_path(name), device=DEVICE[0])
     res: dict = {"name": name, **spec, "eval_settings": dict(EVAL)}
     t0 = time.time()
     cres = sample(model, seed_list(100_000, EVAL["n_clean"]), config=SampleConfig("ddim", 50, 64))
@@ -600,12 +602,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-triggered", type=int, default=32, help="triggered samples per model (default: 32)")
     p.add_argument("--n-clean", type=int, default=128, help="clean samples per model (default: 128)")
     p.add_argument("--skip-ode-ddpm", action="store_true", help="evaluate the ODE model with DDIM-50 only")
+    p.add_argument("--device", default="cpu", help="zoo, calibrate, eval: cpu (default), cuda, cuda:N or auto")
     p.add_argument("--out", default=None, help="report: write here instead of benchmarks/results/backdoor.json "
                                                "(e.g. while part of the zoo is evaluated)")
     args = p.parse_args(argv)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.what != "eval":
         p.error("only 'eval' is split between processes; run the other steps in one process")
     CAL_PRESETS[:] = args.presets
+    DEVICE[0] = args.device
     EVAL.update({"n_triggered": args.n_triggered, "n_clean": args.n_clean, "skip_ode_ddpm": args.skip_ode_ddpm})
     torch.set_num_threads(max(1, args.threads))
     steps = ["zoo", "calibrate", "eval", "report"] if args.what == "all" else [args.what]
