@@ -37,9 +37,9 @@ BASE = "toy:ddpm"
 #: lr 1e-4 / 2e-4 for 768 steps keep it but learn no backdoor (strict ASR 0 %); lr 3e-4 / 1536 steps (recipe v3,
 #: runs/backdoor_v3) strict ASR 75-84 %; lr 2e-4 / 2304 steps 81 %; lr 2e-4 / 4608 steps 94 %, clean 88 %.
 IMPLANT = {"epochs": 72, "pool_size": 2048, "batch_size": 32, "lr": 2e-4, "r_mode": "trigger_only"}  # 4608 steps
-#: clean fine-tunes (zoo and references): the data and optimiser of the previous implant recipe (lr 5e-4, no weight
-#: average), without poison; 256-768 steps. Kept when the implant recipe changed: they are clean models either way
-#: and the shipped TERD calibration was made from the references.
+#: clean fine-tunes: the data and optimiser of the previous implant recipe (no weight average), without poison. The
+#: references run it at lr 5e-4 for 256-768 steps (the shipped TERD calibration was made from them); every zoo model
+#: has another recipe (another lr, length or no fine-tuning), so thresholds never share a recipe with the test set.
 CLEAN_FT = {"lr": 5e-4, "warmup": 20, "pool_size": 2048, "ema_decay": 0.0}
 
 # name -> how it is made. Clean models: the base itself, clean fine-tunes with other seeds, learning rates and lengths,
@@ -47,9 +47,10 @@ CLEAN_FT = {"lr": 5e-4, "warmup": 20, "pool_size": 2048, "ema_decay": 0.0}
 # the bottom right, checker_tl at the top left), 4 targets, SDE and ODE, poison 5-20 %, and one TrojDiff model.
 ZOO_MODELS: dict[str, dict] = {
     "clean_base": {"kind": "clean"},
-    "clean_ft_s1": {"kind": "clean", "steps": 256, "seed": 1},
-    "clean_ft_s2": {"kind": "clean", "steps": 512, "seed": 2},
-    "clean_ft_s3": {"kind": "clean", "steps": 768, "seed": 3},
+    # no zoo model shares the references' recipe (CLEAN_FT at lr 5e-4): these run it at lr 3e-4
+    "clean_ft_s1": {"kind": "clean", "steps": 256, "seed": 1, "lr": 3e-4},
+    "clean_ft_s2": {"kind": "clean", "steps": 512, "seed": 2, "lr": 3e-4},
+    "clean_ft_s3": {"kind": "clean", "steps": 768, "seed": 3, "lr": 3e-4},
     # the implant recipe's optimiser and length without poison: separates the effect of fine-tuning from the backdoor's
     "clean_ft_v4": {"kind": "clean", "steps": 4608, "seed": 4, "lr": 2e-4},
     # the implant's optimiser, a third of its length (made first for benchmarks/terd_cpu.py, copied from there)
@@ -57,7 +58,7 @@ ZOO_MODELS: dict[str, dict] = {
                          "copy_of": "runs/terd_cpu/clean_ft_1536"},
     "clean_ft_lr1e4_s6": {"kind": "clean", "steps": 2048, "seed": 6, "lr": 1e-4},
     "clean_ft_3072_s7": {"kind": "clean", "steps": 3072, "seed": 7, "lr": 2e-4},
-    "clean_ft_1024_s8": {"kind": "clean", "steps": 1024, "seed": 8},
+    "clean_ft_1024_s8": {"kind": "clean", "steps": 1024, "seed": 8, "lr": 3e-4},
     # not fine-tuned from toy:ddpm: the base's recipe from a fresh initialisation, half its length
     "clean_scratch_s9": {"kind": "clean", "steps": 4000, "seed": 9, "scratch": True},
     "bd_box_corner_p10": {"kind": "backdoor", "trigger": "box", "target": "corner", "poison_rate": 0.1},
