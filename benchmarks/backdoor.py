@@ -351,13 +351,13 @@ def eval_model(name: str, spec: dict, threads: int) -> dict:
             sc["input_detection"] = input_detection(spec, d["r"], 1.0, d["r0"], EVAL["n_input"])
             sc["input_tpr"] = sc["input_detection"]["r_hat"]["tpr_terd_rule"]
             sc["input_tnr"] = 1 - sc["input_detection"]["r_hat"]["fpr_terd_rule"]
+            used = d
             if spec.get("method") == "trojdiff":  # TERD's TrojDiff setting: gamma reversed with r
-                dg = scan_stats(name, preset + "+gamma", threads)
+                dg = used = scan_stats(name, preset + "+gamma", threads)
                 sc["gamma_scan"] = {k: dg.get(k) for k in ("mean_kl", "var_kl", "seconds", "r_norm", "moved_rel")}
                 sc["gamma_scan"]["reversion"] = reversion_evidence(model, spec, dg)
                 sc["gamma_scan"]["input_detection"] = input_detection(spec, dg["r"], dg["gamma"], dg["r0"],
                                                                       EVAL["n_input"])
-            used = scan_stats(name, preset + "+gamma", threads) if "gamma_scan" in sc else d
             rev = sc.get("gamma_scan", sc)["reversion"]
             grids.append(triggered_images(model, spec, seed_list(0, 8), used["r"], used.get("gamma", 1.0)))
             sc["reversion_summary"] = {"asr_strict_r_hat": rev["asr_r_hat"]["asr_strict"],
