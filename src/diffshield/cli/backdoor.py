@@ -515,8 +515,9 @@ def cmd_scan_input(args) -> int:
         g_ok = (0 < gamma < math.inf) if isinstance(gamma, float) else bool(
             gamma.is_floating_point() and torch.isfinite(gamma).all() and (gamma >= 0).all() and (gamma > 0).any())
         if not r.is_floating_point() or not bool(torch.isfinite(r).all()) or not g_ok:
+            shown = repr(gamma) if isinstance(gamma, float) else f"per pixel, {gamma.dtype}"
             raise DiffshieldError(f"reversed trigger '{rev}' holds non-finite or non-float values (r) or a gamma "
-                                  f"that is not a positive number ({gamma!r}); rerun 'diffshield scan --out'")
+                                  f"that is not a positive number ({shown}); rerun 'diffshield scan --out'")
         source = {"reversed_file": str(rev), **record}
         if not record:
             source["note"] = "the file records no model or scan (not written by 'diffshield scan --out')"
