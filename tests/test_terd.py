@@ -172,7 +172,8 @@ def test_cli_scan_reports_movement_verdict_and_evidence(tmp_path, monkeypatch):
     cal = tmp_path / "cal.json"
     calibrate({"fast": [(0.0, 0.0)]}).save(cal)  # thresholds of 0: any statistic exceeds them
     out, js = tmp_path / "scan", tmp_path / "scan.json"
-    assert main(["scan", "--model", str(folder), "--calibration", str(cal), "--out", str(out), "--json", str(js),
+    assert main(["scan", "--model", str(folder), "--preset", "fast",
+                 "--calibration", str(cal), "--out", str(out), "--json", str(js),
                  "--evidence-n", "3", "--evidence-steps", "2"]) == 0
     rep = json.loads(js.read_text())
     assert rep["verdict"] == "undetermined" and rep["backdoored"] is False
@@ -187,7 +188,8 @@ def test_cli_scan_reports_movement_verdict_and_evidence(tmp_path, monkeypatch):
     t = load_file(str(out / "reversed_trigger.safetensors"))
     assert {"r", "r0", "gamma"} <= set(t)
     # with a movement criterion of 0 the same scan is judged by the thresholds alone
-    assert main(["scan", "--model", str(folder), "--calibration", str(cal), "--json", str(js), "--min-move",
+    assert main(["scan", "--model", str(folder), "--preset", "fast",
+                 "--calibration", str(cal), "--json", str(js), "--min-move",
                  "0"]) == 0
     assert json.loads(js.read_text())["verdict"] == "backdoored"
 
@@ -231,7 +233,8 @@ def test_scan_input_records_its_r_hat_and_needs_no_thresholds(tmp_path, monkeypa
     cal = tmp_path / "cal.json"
     calibrate({"fast": [(1e9, 1e9)]}).save(cal)
     scan_dir = tmp_path / "scan"
-    assert main(["scan", "--model", str(folder), "--calibration", str(cal), "--out", str(scan_dir),
+    assert main(["scan", "--model", str(folder), "--preset", "fast",
+                 "--calibration", str(cal), "--out", str(scan_dir),
                  "--evidence-n", "0", "--seed", "3"]) == 0
     assert main(["scan-input", "--reversed", str(scan_dir), "--noise", str(noise), "--json", str(js)]) == 0
     rep = json.loads(js.read_text())
@@ -401,7 +404,8 @@ def test_cli_calibrate_then_scan_warns_on_another_family(tmp_path, monkeypatch, 
     DDPMModel(tiny_unet(8), build_scheduler()).save(folder)
     monkeypatch.setitem(terd.PRESETS, "fast", {"stage1_iters": 1, "stage2_iters": 0, "batch_size": 2})
     js = tmp_path / "scan.json"
-    assert main(["scan", "--model", str(folder), "--calibration", str(cal), "--json", str(js)]) == 0
+    assert main(["scan", "--model", str(folder), "--preset", "fast",
+                 "--calibration", str(cal), "--json", str(js)]) == 0
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("warning:")]
     assert len(lines) == 1 and "8 px" in lines[0] and "16 px" in lines[0]
     rep = json.loads(js.read_text())
@@ -421,6 +425,12 @@ def test_cli_presets_are_the_library_presets_and_cpu_keeps_the_official_loss():
     from diffshield.cli.backdoor import TERD_PRESETS
 
     assert sorted(TERD_PRESETS) == sorted(PRESETS)
+    # the CLI's default is the one preset measured to reverse toy-world backdoors (fast mostly ends 'undetermined')
+    from diffshield.cli.main import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["scan", "--model", "toy:ddpm"]).preset == "cpu"
+    assert parser.parse_args(["scan-input", "--noise", "n.safetensors"]).preset == "cpu"
     cpu, paper = TERDConfig.from_preset("cpu"), TERDConfig()
     assert (cpu.stage1_iters, cpu.stage2_iters, cpu.lam) == (800, 0, 3e-3)
     for key in ("batch_size", "lr", "grad_clip", "ddim_steps", "t_high", "t_low"):
@@ -443,13 +453,15 @@ def test_cli_gamma_mode_has_its_own_thresholds_and_per_pixel_gamma(tmp_path, mon
                                                "ddim_steps": 2})
     only_plain = tmp_path / "plain.json"
     calibrate({"fast": [(1e9, 1e9)]}).save(only_plain)
-    assert main(["scan", "--model", str(folder), "--calibration", str(only_plain), "--learn-gamma"]) == 2
+    assert main(["scan", "--model", str(folder), "--preset", "fast",
+                 "--calibration", str(only_plain), "--learn-gamma"]) == 2
     err = capsys.readouterr().err.strip()
     assert "'fast+gamma'" in err and "calibrate" in err and "\n" not in err
     cal = tmp_path / "cal.json"
     calibrate({"fast+gamma": [(1e9, 1e9)]}).save(cal)
     out, js = tmp_path / "scan", tmp_path / "scan.json"
-    assert main(["scan", "--model", str(folder), "--calibration", str(cal), "--learn-gamma", "--out", str(out),
+    assert main(["scan", "--model", str(folder), "--preset", "fast",
+                 "--calibration", str(cal), "--learn-gamma", "--out", str(out),
                  "--json", str(js), "--evidence-n", "2", "--evidence-steps", "2"]) == 0
     rep = json.loads(js.read_text())
     assert rep["preset"] == "fast+gamma" and rep["learn_gamma"] is True and rep["evidence"]["trojan"] is True
@@ -459,6 +471,11 @@ def test_cli_gamma_mode_has_its_own_thresholds_and_per_pixel_gamma(tmp_path, mon
     noise = _noise_file(tmp_path / "n.safetensors", (3, 8, 8))
     assert main(["scan-input", "--reversed", str(out), "--noise", str(noise), "--json", str(js)]) == 0
     assert json.loads(js.read_text())["r_hat"]["preset"] == "fast+gamma"
+    # gamma comes from the scan's folder: --learn-gamma next to --reversed is refused in one line, before any work
+    capsys.readouterr()
+    assert main(["scan-input", "--reversed", str(out), "--noise", str(noise), "--learn-gamma"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--learn-gamma" in err and "--reversed" in err and "\n" not in err
     # the gamma reports calibrate the '+gamma' key and leave the plain preset's thresholds alone
     new = tmp_path / "new.json"
     calibrate({"fast": [(0.5, 0.5)]}).save(new)

@@ -234,7 +234,7 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def run_scan(model, preset: str = "fast", calibration: str | Path | None = None, seed: int = 0, threads: int = 1,
+def run_scan(model, preset: str = "cpu", calibration: str | Path | None = None, seed: int = 0, threads: int = 1,
              progress: bool = True, min_move: float | None = None, learn_gamma: bool = False) -> dict:
     """TERD on ``model``: reversed trigger, how far it moved from its start, statistics and verdict
     (``"backdoored"``, ``"clean"`` or ``"undetermined"``, see :func:`diffshield.backdoor.terd.model_verdict`).
@@ -506,6 +506,9 @@ def cmd_scan_input(args) -> int:
     if not x.is_floating_point() or not bool(torch.isfinite(x).all()):
         raise DiffshieldError(f"the noises in '{noise_path}' must be finite floating-point numbers (found "
                               f"{x.dtype}{'' if not x.is_floating_point() else ' with NaN or infinite values'})")
+    if args.reversed and args.learn_gamma:
+        raise DiffshieldError("--learn-gamma reverses gamma in this run, but --reversed brings r_hat and its gamma "
+                              "from a scan; drop one (a 'scan --learn-gamma --out' folder already holds gamma_hat)")
     if args.reversed:
         rev, r, gamma, record = _read_reversed(args.reversed)
         if r.dim() != 3 or tuple(x.shape[1:]) != tuple(r.shape):
@@ -696,10 +699,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         q = sub.add_parser(name, help=helptext, description=helptext + " (Mo et al., ICML 2024).")
         if name == "scan":
             _model_arg(q, default=None)
-            q.add_argument("--preset", choices=TERD_PRESETS, default="fast",
-                           help="iterations of the two stages: fast 100+2, default 400+10, paper 3000+1000, cpu "
-                                "800+0 with lambda 3e-3 (the one that reverses toy-world backdoors on a CPU); the "
-                                "shipped calibration covers fast, cpu and cpu with --learn-gamma (default: fast)")
+            q.add_argument("--preset", choices=TERD_PRESETS, default="cpu",
+                           help="iterations of the two stages: cpu 800+0 with lambda 3e-3 (the one measured to "
+                                "reverse toy-world backdoors on a CPU; about 9 CPU-min on the 32 px toy DDPM), fast "
+                                "100+2 (barely moves r: mostly 'undetermined'), default 400+10, paper 3000+1000 (a "
+                                "GPU; calibrate it first); the shipped calibration covers cpu, fast and cpu with "
+                                "--learn-gamma (default: cpu)")
         else:
             q.add_argument("--model", default=None,
                            help="DDPMPipeline folder or 'toy:ddpm': without --reversed, the model whose trigger is "
@@ -708,10 +713,10 @@ def register(sub: argparse._SubParsersAction) -> None:
             q.add_argument("--allow-pickle", action="store_true",
                            help="accept pickled .bin/.ckpt weights when a folder has no safetensors (only trusted "
                                 "files)")
-            q.add_argument("--preset", choices=TERD_PRESETS, default="fast",
-                           help="iterations when the trigger is reversed here (no --reversed): fast 100+2, default "
-                                "400+10, paper 3000+1000, cpu 800+0 with lambda 3e-3; input detection needs no "
-                                "thresholds (default: fast)")
+            q.add_argument("--preset", choices=TERD_PRESETS, default="cpu",
+                           help="iterations when the trigger is reversed here (no --reversed): cpu 800+0 with lambda "
+                                "3e-3, fast 100+2, default 400+10, paper 3000+1000; input detection needs no "
+                                "thresholds (default: cpu)")
         q.add_argument("--learn-gamma", action="store_true",
                        help="reverse TrojDiff's noise scale gamma with r (TERD's TrojDiff setting, x_T = gamma eps + "
                             "r); scan judges it by the thresholds of '<preset>+gamma' (default: off, gamma = 1)")
