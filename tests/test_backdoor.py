@@ -388,3 +388,16 @@ def test_checker_tl_is_the_same_patch_at_the_top_left():
     assert torch.equal(tl[:, 2:10, 2:10], g[:, 22:30, 22:30]) and int((tl != 0).sum()) == 3 * 8 * 8
     with pytest.raises(DiffshieldError, match="trigger_only"):
         BadDiffusionConfig(trigger="checker_tl", r_mode="poisoned_image")
+
+
+def test_sampling_and_reversion_follow_a_bfloat16_model(tiny_ddpm_dir):
+    """A DDPM loaded in bfloat16 samples in its dtype (the images are those of float32, to bfloat16's precision)
+    and TERD optimises r (and gamma) in float32 through it."""
+    m32, m16 = load_ddpm(tiny_ddpm_dir), load_ddpm(tiny_ddpm_dir, dtype="bfloat16")
+    cfg = SampleConfig("ddim", 3)
+    a, b = sample(m32, [0, 1], config=cfg).images, sample(m16, [0, 1], config=cfg).images
+    assert b.dtype == torch.float32 and (a - b).abs().mean() < 0.05
+    for learn_gamma in (False, True):
+        res = reverse_trigger(m16, TERDConfig(stage1_iters=2, stage2_iters=1, batch_size=2, ddim_steps=2,
+                                              learn_gamma=learn_gamma), progress=False)
+        assert res.r.dtype == torch.float32 and bool(torch.isfinite(res.r).all()) and res.moved_l2 > 0

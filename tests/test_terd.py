@@ -243,6 +243,13 @@ def test_scan_input_records_its_r_hat_and_needs_no_thresholds(tmp_path, monkeypa
     assert src["reversed_file"].endswith("reversed_trigger.safetensors") and src["scan"] == "scan.json"
     assert (src["preset"], src["seed"], src["resolution"]) == ("fast", 3, 8) and src["verdict"] in terd.VERDICTS
     assert main(["scan-input", "--model", str(folder), "--reversed", str(scan_dir), "--noise", str(noise)]) == 0
+    # a scan in bfloat16 records its dtype: the same model, loaded here in float32, is still recognised as its model
+    bf_dir = tmp_path / "scan_bf16"
+    assert main(["scan", "--model", str(folder), "--preset", "fast", "--calibration", str(cal), "--out", str(bf_dir),
+                 "--evidence-n", "2", "--evidence-steps", "2", "--dtype", "bfloat16"]) == 0
+    assert main(["scan-input", "--model", str(folder), "--reversed", str(bf_dir), "--noise", str(noise), "--json",
+                 str(js)]) == 0
+    assert json.loads(js.read_text())["r_hat"]["dtype"] == "bfloat16"
     capsys.readouterr()
     # 3. refusals, one line each: another model, another image shape
     assert main(["scan-input", "--model", str(other), "--reversed", str(scan_dir), "--noise", str(noise)]) == 2

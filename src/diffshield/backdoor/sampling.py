@@ -64,7 +64,8 @@ def initial_noise(seeds: list[int], shape: tuple[int, int, int], trigger: torch.
 @torch.no_grad()
 def denoise(unet, scheduler, x_t: torch.Tensor, gens: list[torch.Generator] | None = None) -> torch.Tensor:
     """Run ``scheduler``'s timesteps from ``x_t``; ``gens`` (one per image) give DDPM's per-step noise."""
-    x = x_t.to(next(unet.parameters()).device)
+    w = next(unet.parameters())
+    x = x_t.to(w.device, w.dtype)  # in the weights' dtype, as diffusers' DDPMPipeline samples
     for t in scheduler.timesteps:
         eps = unet(x, t).sample
         kw = {"generator": gens} if gens is not None and "generator" in scheduler.step.__code__.co_varnames else {}

@@ -218,6 +218,19 @@ def quad_timesteps(n_train: int, steps: int) -> list[int]:
     return sorted({int(s) for s in np.linspace(0, np.sqrt(n_train * 0.8), steps) ** 2}, reverse=True)
 
 
+class _Float32Unet:
+    """A UNet in a lower precision (``--dtype bfloat16``) seen as a float32 function: its inputs are cast to its
+    dtype and its ``.sample`` back to float32, so that r, gamma, the losses and their gradients stay float32."""
+
+    def __init__(self, unet: torch.nn.Module, dtype: torch.dtype):
+        self.unet, self.dtype = unet, dtype
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(sample=self.unet(x.to(self.dtype), t).sample.float())
+
+
 @dataclass
 class TERDResult:
     """r: reversed trigger (3, H, W); gamma: 1.0 (BadDiffusion setting) or the reversed scale (3, H, W);
@@ -281,7 +294,9 @@ def reverse_trigger(model, cfg: TERDConfig | None = None, progress: bool = True)
     unet, sched = model.unet, model.scheduler
     unet.eval().requires_grad_(False)
     shape = model.image_shape
-    dev = next(unet.parameters()).device
+    dev, wdtype = next(unet.parameters()).device, next(unet.parameters()).dtype
+    if wdtype != torch.float32:  # r is optimised in float32 whatever the weights' precision
+        unet = _Float32Unet(unet, wdtype)
     gen = torch.Generator().manual_seed(cfg.seed)  # every random draw is on the CPU, then moved
     r0 = -torch.rand((1, *shape), generator=gen)
     r = r0.clone().to(dev).requires_grad_(True)

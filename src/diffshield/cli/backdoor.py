@@ -359,7 +359,7 @@ def cmd_scan(args) -> int:
             meta = {"format": REVERSED_FORMAT, "model": str(args.model), "model_fingerprint":
                     rep["model_fingerprint"], "resolution": str(rep["resolution"]), "preset": rep["preset"],
                     "seed": str(args.seed), "verdict": rep["verdict"], "moved_rel": repr(rep["moved_rel"]),
-                    "scan": "scan.json"}
+                    "scan": "scan.json", "dtype": str(next(model.unet.parameters()).dtype).removeprefix("torch.")}
             gamma = res.gamma.contiguous() if args.learn_gamma else torch.tensor([res.gamma])
             save_file({"r": res.r.contiguous(), "r0": res.r0.contiguous(), "gamma": gamma},
                       str(tmp / "reversed_trigger.safetensors"), metadata=meta)
@@ -432,7 +432,8 @@ def cmd_calibrate(args) -> int:
 
 #: what ``scan --out`` records in reversed_trigger.safetensors (string metadata) about where r came from
 REVERSED_FORMAT = "diffshield-terd-reversed-trigger"
-REVERSED_KEYS = ("model", "model_fingerprint", "resolution", "preset", "seed", "verdict", "moved_rel", "scan")
+REVERSED_KEYS = ("model", "model_fingerprint", "resolution", "preset", "seed", "verdict", "moved_rel", "scan",
+                 "dtype")
 
 
 def _read_tensors(path: Path, missing: str) -> tuple[dict, dict]:
@@ -526,8 +527,11 @@ def cmd_scan_input(args) -> int:
             source["note"] = "the file records no model or scan (not written by 'diffshield scan --out')"
             print(f"note: '{rev}' records no model or scan; the flags below cannot be tied to one")
         elif args.model:  # the file records its model: the one named here must be it
-            fp = model_fingerprint(load_ddpm(args.model, allow_pickle=args.allow_pickle, device=args.device,
-                                             dtype=args.dtype))
+            # the fingerprint is of the weights as the scan loaded them: load them in the dtype it records
+            # (load_ddpm reads float32 and casts, so a cast on the CPU gives the same weights, float16 included)
+            dtype = getattr(torch, record.get("dtype", ""), None)
+            check = load_ddpm(args.model, allow_pickle=args.allow_pickle, device="cpu", dtype=torch.float32)
+            fp = model_fingerprint(check.to(dtype=dtype if isinstance(dtype, torch.dtype) else args.dtype))
             if fp != record.get("model_fingerprint"):
                 raise DiffshieldError(f"'{rev}' was reversed from {record.get('model', '?')} (fingerprint "
                                       f"{record.get('model_fingerprint', '?')}), not from --model {args.model} "
@@ -637,9 +641,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     s = bsub.add_parser("sample", help="sample, optionally with the trigger added to the initial noise",
                         description="Own sampling loop: x_T = eps(seed) [+ trigger]; one CPU generator per image.")
     _model_arg(s)
-    s.add_argument("--trigger", default=None, help="box | stop | box_14 | IMAGE_FILE | model (the one the model "
-                                                   "folder records; a TrojDiff model opens with its trojan DDIM "
-                                                   "from gamma eps + mu) (default: none, clean sampling)")
+    s.add_argument("--trigger", default=None,
+                   help="box | stop | box_14 | checker | checker_tl | IMAGE_FILE | model (the one the model folder "
+                        "records; a TrojDiff model opens with its trojan DDIM from gamma eps + mu) (default: none, "
+                        "clean sampling)")
     s.add_argument("--trigger-mask", default=None, help="mask image for an IMAGE_FILE trigger")
     s.add_argument("--n", type=_pos_int, default=16, help="number of images (default: 16)")
     s.add_argument("--seed", type=seed_int, default=0, help="seed of image 0; image k uses seed + k (default: 0)")
@@ -654,7 +659,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                     "per-sample MSE < 0.1), SSIM; clean quality = share of clean samples the toy "
                                     "detector recognises with confidence >= 0.9 (shape and colour).")
     _model_arg(e)
-    e.add_argument("--trigger", required=True, help="box | stop | box_14 | IMAGE_FILE | model")
+    e.add_argument("--trigger", required=True, help="box | stop | box_14 | checker | checker_tl | IMAGE_FILE | model")
     e.add_argument("--trigger-mask", default=None, help="mask image for an IMAGE_FILE trigger")
     e.add_argument("--target", required=True, help="corner | hat | corner_grey | hat_grey | IMAGE_FILE | model")
     e.add_argument("--n", type=_pos_int, default=64, help="triggered samples (default: 64)")
