@@ -86,8 +86,19 @@ def _recorded(model, key: str):
     return load_file(str(f))[key]
 
 
+def _float32_training(args, command: str) -> None:
+    """Training keeps float32 master weights: an explicit half-precision --dtype is refused in one line."""
+    import torch
+
+    if args.dtype != torch.float32:
+        raise DiffshieldError(f"{command} trains float32 master weights; drop --dtype {str(args.dtype)[6:]} (on a "
+                              "CUDA GPU the forward passes already run in bfloat16 autocast)")
+
+
 def cmd_train_ddpm(args) -> int:
     from diffshield.backdoor.ddpm import DDPMTrainConfig, train_ddpm
+
+    _float32_training(args, "backdoor train-ddpm")
 
     cfg = DDPMTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                           pool_size=args.pool_size, init_from=args.init, checkpoint_every=args.checkpoint_every,
@@ -106,6 +117,7 @@ def cmd_implant(args) -> int:
     from diffshield.backdoor.baddiffusion import BadDiffusionConfig, implant
     from diffshield.backdoor.trojdiff import TrojDiffConfig
 
+    _float32_training(args, "backdoor implant")
     common = dict(trigger=args.trigger, target=args.target, trigger_mask=args.trigger_mask,
                   poison_rate=args.poison_rate, epochs=args.epochs, pool_size=args.pool_size,
                   batch_size=args.batch_size, lr=args.lr, seed=args.seed, checkpoint_every=args.checkpoint_every,
