@@ -718,10 +718,10 @@ def register(sub: argparse._SubParsersAction) -> None:
             _model_arg(q, default=None)
             q.add_argument("--preset", choices=TERD_PRESETS, default="cpu",
                            help="iterations of the two stages: cpu 800+0 with lambda 3e-3 (the one measured to "
-                                "reverse toy-world backdoors on a CPU; about 9 CPU-min on the 32 px toy DDPM), fast "
-                                "100+2 (barely moves r: mostly 'undetermined'), default 400+10, paper 3000+1000 (a "
-                                "GPU; calibrate it first); the shipped calibration covers cpu, fast and cpu with "
-                                "--learn-gamma (default: cpu)")
+                                "reverse toy-world backdoors on a CPU; about 6 min on one thread for the 32 px toy "
+                                "DDPM), fast 100+2 (barely moves r: mostly 'undetermined'), default 400+10, paper "
+                                "3000+1000 (a GPU; calibrate it first); the shipped calibration covers cpu, fast and "
+                                "cpu with --learn-gamma (default: cpu)")
         else:
             q.add_argument("--model", default=None,
                            help="DDPMPipeline folder or 'toy:ddpm': without --reversed, the model whose trigger is "
