@@ -6,6 +6,8 @@
     python benchmarks/backdoor.py report       # -> benchmarks/results/backdoor.json + the table of docs/backdoor.md
     python benchmarks/backdoor.py all          # the four in order
     python benchmarks/backdoor.py recheck-clean  # clean quality again with today's toy:detector-v1, vs backdoor.json
+    python benchmarks/backdoor.py parallel --device cuda --jobs 8 --budget-s 240 --copy-to $OUT
+                                               # a GPU session: zoo + eval of every model not yet evaluated
 
 Every job uses one torch thread (``--threads``) so that jobs can run side by side on a shared 2-core machine;
 ``--only NAME`` restricts zoo/eval to one model (to run several processes in parallel). ``eval`` also runs under
@@ -590,12 +592,79 @@ def cmd_report(args) -> None:
     print(json.dumps(summary, indent=2))
 
 
+#: parallel: seconds after --budget-s before the jobs still running are stopped
+PARALLEL_GRACE_S = 60.0
+
+
+def job_command(name: str, args) -> list[str]:
+    """The shell command of one model in ``parallel``: build it (resumable), then evaluate it, one torch thread."""
+    me = [sys.executable, str(Path(__file__).resolve())]
+    common = ["--only", name, "--threads", "1", "--device", args.device]
+    ev = [*common, "--presets", *args.presets, "--n-triggered", str(args.n_triggered), "--n-clean", str(args.n_clean)]
+    return ["bash", "-c", " ".join(map(_quote, [*me, "zoo", *common])) + " && "
+            + " ".join(map(_quote, [*me, "eval", *ev]))]
+
+
+def _quote(a: str) -> str:
+    import shlex
+
+    return shlex.quote(str(a))
+
+
+def cmd_parallel(args) -> None:
+    """Build and evaluate the ``--only`` models (default: every zoo model without a cached eval) in ``--jobs``
+    processes side by side on ``--device``, launching nothing after ``--budget-s`` seconds and stopping what still
+    runs :data:`PARALLEL_GRACE_S` later (builds resume from their checkpoints). These 1 M-parameter UNets leave a
+    GPU mostly idle, so several processes share one. ``--copy-to DIR`` copies each finished model's cached results
+    (eval, scans, grid) there, e.g. ``$OUT`` on the device machine. Logs: runs/backdoor/logs/parallel_<name>.log."""
+    import subprocess
+
+    names = [n for n in ZOO_MODELS if (n in args.only if args.only else not (CACHE / f"eval_{n}.json").exists())]
+    logs = RUNS / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    t0, queue, running, done = time.time(), list(names), {}, {}
+    print(f"[parallel] {len(names)} models, {args.jobs} at a time on {args.device}: {', '.join(names)}", flush=True)
+    while queue or running:
+        late = time.time() - t0 > args.budget_s
+        while queue and len(running) < args.jobs and not late:
+            name = queue.pop(0)
+            with open(logs / f"parallel_{name}.log", "ab") as log:
+                running[name] = subprocess.Popen(job_command(name, args), stdout=log, stderr=subprocess.STDOUT,
+                                                 cwd=ROOT, start_new_session=True)
+        for name, proc in list(running.items()):
+            if proc.poll() is not None:
+                done[name] = proc.returncode
+                del running[name]
+                print(f"[parallel] {name}: exit {proc.returncode} at {time.time() - t0:.0f} s", flush=True)
+            elif time.time() - t0 > args.budget_s + PARALLEL_GRACE_S:
+                os.killpg(proc.pid, 15)
+                proc.wait()
+                done[name] = "stopped at the budget"
+                del running[name]
+                print(f"[parallel] {name}: stopped at the budget", flush=True)
+        if late and queue:
+            print(f"[parallel] budget reached: not started {', '.join(queue)}", flush=True)
+            done.update({n: "not started" for n in queue})
+            queue = []
+        time.sleep(0.2)
+    finished = [n for n in names if (CACHE / f"eval_{n}.json").exists()]
+    if args.copy_to:
+        dest = Path(args.copy_to)
+        dest.mkdir(parents=True, exist_ok=True)
+        for n in finished:
+            for f in [*CACHE.glob(f"eval_{n}.json"), *CACHE.glob(f"scan_*_{n}.*"), *CACHE.glob(f"grid_{n}.png")]:
+                shutil.copy2(f, dest / f.name)
+    print(f"[parallel] {len(finished)} of {len(names)} evaluated in {time.time() - t0:.0f} s; "
+          + json.dumps({n: v for n, v in done.items() if v != 0}), flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["zoo", "calibrate", "eval", "report", "all", "asr", "recheck-clean"],
+    p.add_argument("what", choices=["zoo", "calibrate", "eval", "report", "all", "asr", "recheck-clean", "parallel"],
                    help="a step, or all of zoo/calibrate/eval/report; 'asr': a larger-sample ASR check of the --only "
                         "models with --n-triggered samples; 'recheck-clean': clean quality of the zoo models on disk "
-                        "with today's detector, against backdoor.json")
+                        "with today's detector, against backdoor.json; 'parallel': zoo + eval of the models "
+                        "not yet evaluated in --jobs processes (a GPU session)")
     p.add_argument("--only", nargs="*", default=None, help="restrict zoo/eval to these model names")
     p.add_argument("--threads", type=int, default=1, help="torch threads per job (default: 1)")
     p.add_argument("--presets", nargs="*", default=["cpu"], help="TERD presets to calibrate and evaluate "
@@ -606,6 +675,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", help="zoo, calibrate, eval: cpu (default), cuda, cuda:N or auto")
     p.add_argument("--out", default=None, help="report: write here instead of benchmarks/results/backdoor.json "
                                                "(e.g. while part of the zoo is evaluated)")
+    p.add_argument("--jobs", type=int, default=8, help="parallel: processes side by side (default: 8)")
+    p.add_argument("--budget-s", type=float, default=float("inf"), help="parallel: launch nothing after this many "
+                                                                         "seconds (default: no limit)")
+    p.add_argument("--copy-to", default=None, help="parallel: copy each finished model's results here")
     args = p.parse_args(argv)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.what != "eval":
         p.error("only 'eval' is split between processes; run the other steps in one process")
@@ -616,7 +689,7 @@ def main(argv: list[str] | None = None) -> int:
     steps = ["zoo", "calibrate", "eval", "report"] if args.what == "all" else [args.what]
     for s in steps:
         {"zoo": cmd_zoo, "calibrate": cmd_calibrate, "eval": cmd_eval, "report": cmd_report, "asr": cmd_asr,
-         "recheck-clean": cmd_recheck_clean}[s](args)
+         "recheck-clean": cmd_recheck_clean, "parallel": cmd_parallel}[s](args)
     return 0
 
 
