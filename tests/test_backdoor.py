@@ -402,35 +402,3 @@ def test_sampling_and_reversion_follow_a_bfloat16_model(tiny_ddpm_dir):
                                               learn_gamma=learn_gamma), progress=False)
         assert res.r.dtype == torch.float32 and bool(torch.isfinite(res.r).all()) and res.moved_l2 > 0
 
-
-def test_ddpm_training_keeps_float32_master_weights_under_bfloat16_autocast(tiny_ddpm_dir, tmp_path, monkeypatch,
-                                                                            capsys):
-    """Where autocast is on (a CUDA GPU with bfloat16; forced here on the CPU), implant's forward passes run in
-    bfloat16 while weights, optimiser and saved model stay float32 and change; an explicit half --dtype for the
-    training commands is refused in one line, before anything is written."""
-    from diffshield.backdoor import ddpm as ddpm_mod
-    from diffshield.core import device as dev_mod
-
-    seen = []
-    real = ddpm_mod.training_autocast
-
-    def spy(device):
-        seen.append(dev_mod.autocast_dtype(device))
-        return real(device)
-
-    monkeypatch.setattr(dev_mod, "autocast_dtype", lambda device: torch.bfloat16)
-    monkeypatch.setattr("diffshield.backdoor.baddiffusion.training_autocast", spy)
-    cfg = BadDiffusionConfig(epochs=1, pool_size=8, batch_size=4, poison_rate=0.25)
-    model = implant(str(tiny_ddpm_dir), cfg, tmp_path / "bd", progress=False)
-    assert seen == [torch.bfloat16, torch.bfloat16]
-    saved = load_ddpm(tmp_path / "bd")
-    assert all(p.dtype == torch.float32 and bool(torch.isfinite(p).all()) for p in saved.unet.parameters())
-    base = load_ddpm(tiny_ddpm_dir)
-    assert any(not torch.equal(p, q) for p, q in zip(base.unet.parameters(), model.unet.parameters()))
-    for argv in (["backdoor", "implant", "--model", str(tiny_ddpm_dir), "--out", str(tmp_path / "x"), "--dtype",
-                  "bfloat16"],
-                 ["backdoor", "train-ddpm", "--out", str(tmp_path / "y"), "--dtype", "bfloat16"]):
-        assert main(argv) == 2
-        err = capsys.readouterr().err.strip()
-        assert "float32 master weights" in err and "\n" not in err
-    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

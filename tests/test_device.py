@@ -156,3 +156,24 @@ def test_to_device_moves_cpu_draws_exactly(device):
     assert y.device.type == device and torch.equal(y.cpu(), x)
     z = to_device(x, device, torch.bfloat16)
     assert z.dtype == torch.bfloat16 and torch.equal(z.cpu(), x.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("argv", [
+    ["protect", "x.png", "--mask", "m.png", "--out", "{out}"],
+    ["eval", "protection", "--image", "x.png", "--protected", "y.png", "--mask", "m.png"],
+    ["backdoor", "train-ddpm", "--out", "{out}"],
+    ["backdoor", "implant", "--out", "{out}"],
+])
+def test_float32_commands_refuse_another_dtype_in_one_line(argv, tmp_path, capsys):
+    """Commands whose model runs in float32 whatever is asked (DDPM training with float32 master weights, the
+    inpainter) refuse --dtype bfloat16 in one line instead of ignoring it; their help says so."""
+    out = tmp_path / "out.png"
+    assert main([a.format(out=out) for a in argv] + ["--dtype", "bfloat16"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "keeps float32 weights" in err and "--dtype bfloat16" in err and "\n" not in err
+    assert not out.exists()
+    try:
+        main([argv[0], *argv[1:2 if argv[0] != "protect" else 1], "--help"])
+    except SystemExit:
+        pass
+    assert "this command keeps float32 weights" in " ".join(capsys.readouterr().out.split())

@@ -31,7 +31,6 @@ from diffshield.backdoor.ddpm import (
     save_checkpoint,
     set_threads,
     shapes_pool,
-    training_autocast,
     update_ema,
 )
 from diffshield.backdoor.triggers import ADDITIVE_TRIGGERS, get_target, get_trigger, paste
@@ -246,8 +245,7 @@ def implant(model: DDPMModel | str, cfg: BadDiffusionConfig, out: str | Path, wo
         t = torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=gen)
         # every draw above is on the CPU (a resumed or moved run sees the same batches); the step runs on the UNet's
         x, p, eps, t, g_d, y_d = (v.to(dev) for v in (x, p, eps, t, g, y))
-        with training_autocast(dev):
-            loss = cfg.batch_loss(unet, sched, x, p, g_d, y_d, eps, t).float()
+        loss = cfg.batch_loss(unet, sched, x, p, g_d, y_d, eps, t)
         for grp in opt.param_groups:
             grp["lr"] = cfg.lr * lr_factor(step, total, cfg.warmup)
         opt.zero_grad(set_to_none=True)

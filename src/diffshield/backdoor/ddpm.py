@@ -30,16 +30,6 @@ def set_threads(n: int) -> None:
         torch.set_num_threads(n)
 
 
-def training_autocast(device: torch.device | str):
-    """The mixed precision of DDPM training (``train_ddpm``, ``implant``): bfloat16 autocast of the forward pass on
-    a CUDA GPU that has bfloat16 (master weights, optimiser and EMA stay float32; no loss scaling is needed); a
-    no-op on the CPU and on GPUs without bfloat16, where training stays float32."""
-    from diffshield.core import device as d
-
-    amp = d.autocast_dtype(device)
-    return d.autocast(device, enabled=amp == torch.bfloat16, dtype=amp)
-
-
 def build_unet(block_out_channels: tuple[int, ...] = (32, 64, 64), layers_per_block: int = 1,
                sample_size: int = 32, norm_num_groups: int = 8):
     """A small attention-free ``UNet2DModel`` for 32 px RGB (defaults: (32, 64, 64), 1 layer/block, 1.06 M params)."""
@@ -352,8 +342,7 @@ def train_ddpm(cfg: DDPMTrainConfig, out: str | Path, work: str | Path | None = 
         a = acp[t].view(-1, 1, 1, 1)
         x0, eps, t, a = x0.to(dev), eps.to(dev), t.to(dev), a.to(dev)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
-        with training_autocast(dev):
-            loss = torch.nn.functional.mse_loss(unet(xt, t).sample.float(), eps)
+        loss = torch.nn.functional.mse_loss(unet(xt, t).sample, eps)
         for g in opt.param_groups:
             g["lr"] = cfg.lr * lr_factor(step, cfg.steps, cfg.warmup)
         opt.zero_grad(set_to_none=True)

@@ -136,17 +136,26 @@ DEVICE_HELP = ("where the models run: auto (default: cuda when this machine has 
 DTYPE_HELP = ("parameter dtype: auto (default: {auto}), float32, float16 (CUDA only) or bfloat16")
 
 
-def add_device_args(parser: argparse.ArgumentParser, training: bool = False) -> None:
+def add_device_args(parser: argparse.ArgumentParser, training: bool = False, autocast: bool = True,
+                    float32_only: bool = False) -> None:
     """Add ``--device`` and ``--dtype``; :func:`apply_device` resolves them before the command runs.
 
-    ``training``: the command trains or attacks, so ``--dtype auto`` keeps float32 master weights (mixed precision
-    comes from autocast on CUDA); inference commands get float16 on CUDA.
+    ``training``: the command trains or attacks, so ``--dtype auto`` keeps float32 master weights; ``autocast``: its
+    forward passes then run in bfloat16 autocast on CUDA (say False where the command has no autocast);
+    ``float32_only``: the command's model runs in float32 whatever is asked (a training loop with float32 master
+    weights, an inpainter whose Fourier convolutions need float32): any other ``--dtype`` is refused in one line.
+    Inference commands get float16 on CUDA.
     """
-    auto = ("float32; on CUDA the forward passes run in bfloat16 autocast" if training
-            else "float16 on CUDA, float32 on the CPU")
+    amp = "; on CUDA the forward passes run in bfloat16 autocast" if autocast else ""
+    if float32_only:
+        dtype_help = (f"parameter dtype: auto or float32 (default: auto = float32{amp}); this command keeps "
+                      "float32 weights")
+    else:
+        auto = f"float32{amp}" if training else "float16 on CUDA, float32 on the CPU"
+        dtype_help = DTYPE_HELP.format(auto=auto)
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
-    parser.add_argument("--dtype", default="auto", help=DTYPE_HELP.format(auto=auto))
-    parser.set_defaults(device_training=training)
+    parser.add_argument("--dtype", default="auto", help=dtype_help)
+    parser.set_defaults(device_training=training or float32_only, device_float32_only=float32_only)
 
 
 def apply_device(args: argparse.Namespace) -> None:
@@ -155,9 +164,15 @@ def apply_device(args: argparse.Namespace) -> None:
     Raises a one-line DiffshieldError for an unknown or absent device or dtype; turns on TF32 on CUDA."""
     if not hasattr(args, "device") or not isinstance(args.device, str):
         return
+    import torch
+
     from diffshield.core.device import configure_backend, resolve_device, resolve_dtype
+    from diffshield.core.errors import DiffshieldError
 
     args.device = resolve_device(args.device)
     args.dtype = resolve_dtype(getattr(args, "dtype", "auto"), args.device,
                                training=getattr(args, "device_training", False))
+    if getattr(args, "device_float32_only", False) and args.dtype != torch.float32:
+        raise DiffshieldError(f"this command keeps float32 weights (training with float32 master weights, or an "
+                              f"inpainter that needs float32); drop --dtype {str(args.dtype).removeprefix('torch.')}")
     configure_backend(args.device)

@@ -386,7 +386,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="target of the protection: the solid colour farthest from the image's mean colour, or "
                         "1 - image (default: colour)")
     add_threads_arg(p)
-    add_device_args(p, training=True)
+    add_device_args(p, float32_only=True, autocast=False)
 
 
 def _eval_subparsers(sub: argparse._SubParsersAction):
