@@ -402,3 +402,38 @@ def test_sampling_and_reversion_follow_a_bfloat16_model(tiny_ddpm_dir):
                                               learn_gamma=learn_gamma), progress=False)
         assert res.r.dtype == torch.float32 and bool(torch.isfinite(res.r).all()) and res.moved_l2 > 0
 
+
+
+def test_greyscale_ddpm_samples_and_scans_and_toy_training_refuses_it(tmp_path, capsys):
+    """A 1-channel DDPM (MNIST-like, 8 px) samples to greyscale PNGs and scans with an evidence grid; implant and
+    train-ddpm --init, which train on the toy world's 32 px RGB images, refuse it in one line before writing."""
+    from diffusers import UNet2DModel
+    from PIL import Image
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(4, 8), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=2)
+    folder = tmp_path / "grey"
+    DDPMModel(unet, build_scheduler()).save(folder)
+    assert main(["backdoor", "sample", "--model", str(folder), "--n", "2", "--scheduler", "ddim", "--steps", "2",
+                 "--out", str(tmp_path / "s")]) == 0
+    first = Image.open(tmp_path / "s" / "0000.png")
+    assert first.mode == "L" and first.size == (8, 8)
+    cal = tmp_path / "cal.json"
+    calibrate({"fast": [(1e9, 1e9)]}).save(cal)
+    from diffshield.backdoor import terd
+
+    tiny = {"stage1_iters": 2, "stage2_iters": 1, "batch_size": 2, "ddim_steps": 2}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(terd.PRESETS, "fast", tiny)
+        assert main(["scan", "--model", str(folder), "--preset", "fast", "--calibration", str(cal), "--out",
+                     str(tmp_path / "scan"), "--evidence-n", "2", "--evidence-steps", "2"]) == 0
+    assert Image.open(tmp_path / "scan" / "evidence.png").mode == "RGB"
+    capsys.readouterr()
+    for argv in (["backdoor", "implant", "--model", str(folder), "--out", str(tmp_path / "bd")],
+                 ["backdoor", "train-ddpm", "--init", str(folder), "--out", str(tmp_path / "ft")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert "32 px RGB" in err and "(1, 8, 8)" in err and "\n" not in err
+    assert not (tmp_path / "bd").exists() and not (tmp_path / "ft").exists()

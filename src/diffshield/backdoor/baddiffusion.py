@@ -25,6 +25,7 @@ import torch
 from diffshield.backdoor.ddpm import (
     DDPMModel,
     _jsonable,
+    check_toy_shape,
     load_checkpoint,
     load_ddpm,
     lr_factor,
@@ -202,6 +203,7 @@ def implant(model: DDPMModel | str, cfg: BadDiffusionConfig, out: str | Path, wo
     set_threads(cfg.num_threads)
     base = load_ddpm(model) if isinstance(model, (str, Path)) else model
     base_source = str(model) if isinstance(model, (str, Path)) else base.source
+    check_toy_shape(base, "implant")
     unet, sched = base.unet, base.scheduler
     dev = next(unet.parameters()).device
     size = int(unet.config.sample_size)

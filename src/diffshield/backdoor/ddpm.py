@@ -30,6 +30,13 @@ def set_threads(n: int) -> None:
         torch.set_num_threads(n)
 
 
+def check_toy_shape(model: DDPMModel, what: str) -> None:
+    """Training here draws ShapesWorld's 32 px RGB images: refuse, in one line, a model that makes other images."""
+    if tuple(model.image_shape) != (3, 32, 32):
+        raise DiffshieldError(f"{what} trains on the toy world's 32 px RGB images, but '{model.source}' makes images "
+                              f"of shape {tuple(model.image_shape)}; give a 32 px RGB DDPM")
+
+
 def build_unet(block_out_channels: tuple[int, ...] = (32, 64, 64), layers_per_block: int = 1,
                sample_size: int = 32, norm_num_groups: int = 8):
     """A small attention-free ``UNet2DModel`` for 32 px RGB (defaults: (32, 64, 64), 1 layer/block, 1.06 M params)."""
@@ -311,6 +318,7 @@ def train_ddpm(cfg: DDPMTrainConfig, out: str | Path, work: str | Path | None = 
     seed_everything(cfg.seed)
     if cfg.init_from:
         base = load_ddpm(cfg.init_from)
+        check_toy_shape(base, "train-ddpm --init")
         unet, scheduler = base.unet, base.scheduler
     else:
         unet, scheduler = build_unet(cfg.block_out_channels), build_scheduler()

@@ -327,19 +327,20 @@ def atomic_save_image(image: Image.Image, path: str | Path) -> Path:
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:
-    """(3, H, W) float tensor in [0, 1] -> PIL RGB image."""
-    arr = (image.detach().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
-    return Image.fromarray(arr)
+    """(3, H, W) float tensor in [0, 1] -> PIL RGB image; (1, H, W) -> greyscale ("L")."""
+    arr = (image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+    return Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
 
 
 def make_grid(images: torch.Tensor, nrow: int = 8, upscale: int = 1, pad: int = 1) -> Image.Image:
-    """Tile (N, 3, H, W) images in [0, 1] into a grid image, ``nrow`` per row, each upscaled (nearest)."""
+    """Tile (N, 3, H, W) (or greyscale (N, 1, H, W)) images in [0, 1] into an RGB grid image, ``nrow`` per row, each
+    upscaled (nearest)."""
     n, _, h, w = images.shape
     nrow = max(1, min(nrow, n))
     rows = (n + nrow - 1) // nrow
     canvas = Image.new("RGB", (nrow * (w * upscale + pad) + pad, rows * (h * upscale + pad) + pad), (255, 255, 255))
     for i in range(n):
-        im = to_pil(images[i])
+        im = to_pil(images[i]).convert("RGB")
         if upscale != 1:
             im = im.resize((w * upscale, h * upscale), Image.NEAREST)
         r, c = divmod(i, nrow)
