@@ -437,3 +437,30 @@ def test_greyscale_ddpm_samples_and_scans_and_toy_training_refuses_it(tmp_path, 
         err = capsys.readouterr().err.strip()
         assert "32 px RGB" in err and "(1, 8, 8)" in err and "\n" not in err
     assert not (tmp_path / "bd").exists() and not (tmp_path / "ft").exists()
+
+
+def test_non_square_ddpm_keeps_its_aspect(tmp_path):
+    """A DDPM whose sample_size is (height, width) samples and scans at that shape; the reversed-trigger image keeps
+    its aspect ratio."""
+    from diffusers import UNet2DModel
+    from PIL import Image
+
+    from diffshield.backdoor import terd
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=(8, 12), in_channels=3, out_channels=3, block_out_channels=(4, 8),
+                       layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=2)
+    folder = tmp_path / "rect"
+    DDPMModel(unet, build_scheduler()).save(folder)
+    assert load_ddpm(folder).image_shape == (3, 8, 12)
+    assert main(["backdoor", "sample", "--model", str(folder), "--n", "1", "--scheduler", "ddim", "--steps", "2",
+                 "--out", str(tmp_path / "s")]) == 0
+    assert Image.open(tmp_path / "s" / "0000.png").size == (12, 8)
+    cal = tmp_path / "cal.json"
+    calibrate({"fast": [(1e9, 1e9)]}).save(cal)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(terd.PRESETS, "fast", {"stage1_iters": 2, "stage2_iters": 1, "batch_size": 2, "ddim_steps": 2})
+        assert main(["scan", "--model", str(folder), "--preset", "fast", "--calibration", str(cal), "--out",
+                     str(tmp_path / "scan"), "--evidence-n", "0"]) == 0
+    assert Image.open(tmp_path / "scan" / "reversed_trigger.png").size == (120, 80)

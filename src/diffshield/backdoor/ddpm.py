@@ -73,8 +73,9 @@ class DDPMModel:
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        s = int(self.unet.config.sample_size)
-        return (int(self.unet.config.in_channels), s, s)
+        s = self.unet.config.sample_size  # an int, or (height, width) for a non-square model
+        h, w = (int(s), int(s)) if isinstance(s, (int, float)) else (int(s[0]), int(s[1]))
+        return (int(self.unet.config.in_channels), h, w)
 
     @property
     def device(self) -> torch.device:

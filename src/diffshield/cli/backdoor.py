@@ -309,6 +309,14 @@ def scan_evidence(model, r, n: int = 8, steps: int = 100, seed: int = 0, sampler
             "trojan": gamma is not None}
 
 
+def _trigger_image(r):
+    """A reversed trigger r in [-1, 1] as an image, upscaled (nearest) so that its longer side is about 128 px."""
+    from diffshield.core.io import to_pil
+
+    k = max(1, 128 // max(r.shape[-2:]))
+    return to_pil(((r + 1) / 2).clamp(0, 1)).resize((r.shape[-1] * k, r.shape[-2] * k), 0)
+
+
 def cmd_scan(args) -> int:
     import torch
     from safetensors.torch import save_file
@@ -320,7 +328,6 @@ def cmd_scan(args) -> int:
         check_output_dir,
         check_output_file,
         make_grid,
-        to_pil,
     )
 
     inputs = [args.model, args.calibration]
@@ -363,7 +370,7 @@ def cmd_scan(args) -> int:
             gamma = res.gamma.contiguous() if args.learn_gamma else torch.tensor([res.gamma])
             save_file({"r": res.r.contiguous(), "r0": res.r0.contiguous(), "gamma": gamma},
                       str(tmp / "reversed_trigger.safetensors"), metadata=meta)
-            to_pil(((res.r + 1) / 2).clamp(0, 1)).resize((128, 128), 0).save(tmp / "reversed_trigger.png")
+            _trigger_image(res.r).save(tmp / "reversed_trigger.png")
             if ev is not None:
                 both = torch.cat([ev["triggered"], ev["clean"]])
                 make_grid(both, nrow=len(ev["seeds"]), upscale=4).save(tmp / "evidence.png")
@@ -759,7 +766,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def demo_step(out: Path, device: str = "cpu") -> dict:
     """The backdoor part of ``diffshield demo`` (< 60 s): a fast TERD scan of the shipped backdoored example."""
     from diffshield.backdoor.ddpm import load_ddpm
-    from diffshield.core.io import atomic_write_json, to_pil
+    from diffshield.core.io import atomic_write_json
     from diffshield.toyworld.names import TOY_ROOT
 
     out = Path(out) / "backdoor"
@@ -771,7 +778,7 @@ def demo_step(out: Path, device: str = "cpu") -> dict:
         res = rep.pop("result")
         name = "example" if "example" in label else "clean"
         out.mkdir(parents=True, exist_ok=True)
-        to_pil(((res.r + 1) / 2).clamp(0, 1)).resize((128, 128), 0).save(out / f"reversed_trigger_{name}.png")
+        _trigger_image(res.r).save(out / f"reversed_trigger_{name}.png")
         th = rep["thresholds"]
         print(f"TERD fast scan, {label}: {rep['verdict']} (r moved {rep['moved_rel']:.3f} x ||r0||, a verdict needs "
               f">= {rep['min_move']:.2g}; mean KL {rep['mean_kl']:.3f} / threshold {th['mean_kl']:.3f}, var KL "
