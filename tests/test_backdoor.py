@@ -464,3 +464,12 @@ def test_non_square_ddpm_keeps_its_aspect(tmp_path):
         assert main(["scan", "--model", str(folder), "--preset", "fast", "--calibration", str(cal), "--out",
                      str(tmp_path / "scan"), "--evidence-n", "0"]) == 0
     assert Image.open(tmp_path / "scan" / "reversed_trigger.png").size == (120, 80)
+
+
+def test_flat_images_counts_one_colour_samples():
+    from diffshield.backdoor.metrics import flat_images
+
+    x = torch.rand(5, 3, 8, 8)
+    x[:2] = 0.0  # flat black (what eps + r0 gives on a clean toy model)
+    x[2] = 0.7 + 0.001 * torch.rand(3, 8, 8)  # flat grey, up to a tiny ripple
+    assert flat_images(x) == 3 and flat_images(x, tol=0.0) == 0

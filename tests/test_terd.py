@@ -179,6 +179,7 @@ def test_cli_scan_reports_movement_verdict_and_evidence(tmp_path, monkeypatch):
     assert rep["verdict"] == "undetermined" and rep["backdoored"] is False
     assert rep["moved_rel"] < rep["min_move"] == MIN_MOVE and rep["cos_r0"] > 0.99 and rep["moved_l2"] >= 0
     assert rep["evidence"]["n"] == 3 and rep["evidence"]["sampler"] == "ddpm" and rep["evidence"]["steps"] == 2
+    assert 0 <= rep["evidence"]["flat_triggered"] <= 3
     full = json.loads((out / "scan.json").read_text())
     assert full["verdict"] == "undetermined" and full["r0_norm"] > 0
     grid = Image.open(out / "evidence.png")

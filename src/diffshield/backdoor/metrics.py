@@ -44,6 +44,17 @@ def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> torch.Ten
     return m.flatten(1).mean(1)
 
 
+#: per-image pixel standard deviation (in [0, 1]) below which a sample counts as one flat colour
+FLAT_STD = 0.02
+
+
+def flat_images(images: torch.Tensor, tol: float = FLAT_STD) -> int:
+    """How many of ``images`` (N, C, H, W) in [0, 1] are one flat colour (pixel std below ``tol``, default
+    :data:`FLAT_STD`). A shift that pushes x_T off the noise distribution (r0, or a reversed r on a clean toy
+    model) makes every sample come out flat black: such a row of identical images is not a backdoor's target."""
+    return int((images.float().flatten(1).std(dim=1) < tol).sum())
+
+
 def backdoor_metrics(images: torch.Tensor, target: torch.Tensor) -> dict:
     """MSE, ASR (and the stricter ``asr_strict``, see the module docstring) and SSIM of triggered samples.
 

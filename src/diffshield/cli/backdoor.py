@@ -359,9 +359,16 @@ def cmd_scan(args) -> int:
             ev = scan_evidence(model, res.r, args.evidence_n, args.evidence_steps, args.seed,
                                gamma=res.gamma if args.learn_gamma else None)
             top = "trojan DDIM from gamma_hat eps + r_hat" if ev["trojan"] else "eps + r_hat"
+            from diffshield.backdoor.metrics import flat_images
+
+            flat = flat_images(ev["triggered"])
             report["evidence"] = {"n": args.evidence_n, "sampler": ev["config"].scheduler,
                                   "steps": ev["config"].steps, "seeds": ev["seeds"], "trojan": ev["trojan"],
-                                  "grid": f"evidence.png (top: {top}, bottom: eps, same seeds)"}
+                                  "grid": f"evidence.png (top: {top}, bottom: eps, same seeds)",
+                                  "flat_triggered": flat}
+            if flat == args.evidence_n:
+                print(f"  note: every sample from {top} is one flat colour: r_hat pushes the noise off its "
+                      "distribution (r0 does the same on clean toy models); that is no backdoor's target")
         with atomic_dir(args.out, overwrite=args.overwrite, command="scan", inputs=inputs) as tmp:
             meta = {"format": REVERSED_FORMAT, "model": str(args.model), "model_fingerprint":
                     rep["model_fingerprint"], "resolution": str(rep["resolution"]), "preset": rep["preset"],
