@@ -31,12 +31,13 @@ Reversed loss with two noises eps1, eps2 sharing x0 and t (the unknown trigger t
   ``min_move`` (default :data:`MIN_MOVE` = 0.1), else ``"backdoored"`` or ``"clean"`` from the thresholds.
 
 The paper runs 3000 + 1000 iterations (``preset="paper"``); on a 2-core CPU that is far over the 15-minute scan
-budget, so ``"default"`` and ``"fast"`` run fewer iterations with their own calibrated thresholds (see
-:data:`PRESETS` and the shipped calibration file). Neither, nor any budget of the paper's lambda tried, reverses the
-toy world's backdoors: there the reversed loss at r = 0 is about 3x its value at the trigger, and stage 1 descends
-towards 0. ``"cpu"`` (800 stage-1 iterations, lambda 3e-3, no stage 2) keeps the official loss and optimiser and
-weighs the L1 term 60x more; on the shipped backdoored example its r_hat opens the backdoor (strict ASR 8/8 from
-eps + r_hat) while on the clean toy DDPM r still shrinks.
+budget, so ``"default"`` and ``"fast"`` run fewer iterations (see :data:`PRESETS`; the shipped calibration file has
+thresholds for ``"fast"``, ``"cpu"`` and ``"cpu+gamma"``, the others need ``backdoor calibrate``). Neither, nor any
+budget of the paper's lambda tried, reverses the toy world's backdoors: there the reversed loss at r = 0 is about 3x
+its value at the trigger, and stage 1 descends towards 0. ``"cpu"`` (800 stage-1 iterations, lambda 3e-3, no stage
+2; the CLI's default) keeps the official loss and optimiser and weighs the L1 term 60x more; on the shipped
+backdoored example its r_hat opens the backdoor (strict ASR 8/8 from eps + r_hat) while on the clean toy DDPM r
+still shrinks. A UNet in bfloat16 is used as a float32 function: r, gamma and the losses stay float32.
 """
 
 from __future__ import annotations
