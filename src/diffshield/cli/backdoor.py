@@ -220,7 +220,8 @@ def cmd_eval(args) -> int:
     imgs = res.pop("triggered_images")
     clean_imgs = res.pop("clean_images", None)
     report = {"model": str(args.model), "trigger": args.trigger, "target": args.target, **res}
-    print(f"triggered ({cfg.scheduler}-{cfg.steps}, n={res['n']}): MSE {res['mse']:.4f}  ASR {res['asr']:.1%}  "
+    print(f"triggered ({cfg.scheduler}-{cfg.steps}, n={res['n']}): MSE {res['mse']:.4f}  ASR {res['asr']:.1%} "
+          f"(strict {res['asr_strict']:.1%}: also MSE < {res['asr_strict_mse']:.3g}, half a black image's)  "
           f"SSIM {res['ssim']:.3f}")
     if "clean" in res:
         c = res["clean"]
