@@ -30,7 +30,7 @@ def test_parallel_runs_jobs_side_by_side_and_copies_what_finished(monkeypatch, t
 
     def fake(name, args):  # a job: note its start and end, write the model's eval and scan files
         code = (f"import time, pathlib; s = pathlib.Path({str(stamps)!r}); (s / '{name}.start').write_text("
-                f"repr(time.time())); time.sleep(0.4); c = pathlib.Path({str(cache)!r}); "
+                f"repr(time.time())); time.sleep(1.5); c = pathlib.Path({str(cache)!r}); "
                 f"(c / 'eval_{name}.json').write_text('{{}}'); (c / 'scan_cpu_{name}.json').write_text('{{}}'); "
                 f"(s / '{name}.end').write_text(repr(time.time()))")
         return [sys.executable, "-c", code]
