@@ -791,7 +791,7 @@ def demo_step(out: Path, device: str = "cpu") -> dict:
         print(f"TERD fast scan, {label}: {rep['verdict']} (r moved {rep['moved_rel']:.3f} x ||r0||, a verdict needs "
               f">= {rep['min_move']:.2g}; mean KL {rep['mean_kl']:.3f} / threshold {th['mean_kl']:.3f}, var KL "
               f"{rep['var_kl']:.4f} / threshold {th['var_kl']:.4f}; {rep['seconds']:.0f} s). The fast preset barely "
-              "moves r; 'diffshield scan --preset cpu' reverses this backdoor (about 5 CPU-min)")
+              "moves r; 'diffshield scan' (its default preset, cpu) reverses this backdoor (about 6 CPU-min)")
         summary[name] = {k: rep[k] for k in ("verdict", "backdoored", "mean_kl", "var_kl", "thresholds", "moved_l2",
                                              "moved_rel", "cos_r0", "seconds")}
     atomic_write_json(out / "scan.json", summary)
