@@ -29,7 +29,7 @@ CACHE = ROOT / "runs" / "terd_cpu"
 OUT = ROOT / "benchmarks" / "results" / "terd_cpu.json"
 #: model name -> (trigger, target) it was implanted with; clean models are scored against the box trigger
 BACKDOORS = {"box_corner": ("box", "corner"), "box_corner_deeper": ("box", "corner"),
-             "checker_corner_p20": ("checker", "corner")}
+             "checker_corner_p20": ("checker", "corner"), "checker_cornergrey_p20": ("checker", "corner_grey")}
 KEYS = {"s1": "stage1_iters", "s2": "stage2_iters", "lr": "lr", "bs": "batch_size", "seed": "seed", "lam": "lam"}
 
 
@@ -247,6 +247,10 @@ def main() -> None:
              # made by: diffshield backdoor implant --model toy:ddpm --trigger checker --target corner
              #          --poison-rate 0.2 --out <this>
              "checker_corner_p20": CACHE / "checker_corner_p20",
+             # the same with a grey-background target (does the cpu verdict follow the target's darkness?); made by:
+             # diffshield backdoor implant --model toy:ddpm --trigger checker --target corner_grey
+             #          --poison-rate 0.2 --out <this>
+             "checker_cornergrey_p20": CACHE / "checker_cornergrey_p20",
              # a clean control with the implant's lr, pool and batch, a third of its length; made by:
              # diffshield backdoor train-ddpm --init toy:ddpm --steps 1536 --lr 2e-4 --warmup 20 --pool-size 2048
              #          --ema-decay 0 --seed 4 --out <this>
