@@ -17,13 +17,13 @@ from diffshield.cli.main import main
 from diffshield.core.errors import DiffshieldError
 
 
-def tiny_unet(size: int = 8):
+def tiny_unet(size: int | tuple[int, int] = 8, channels: int = 3):
     from diffusers import UNet2DModel
 
     torch.manual_seed(0)
-    return UNet2DModel(sample_size=size, in_channels=3, out_channels=3, block_out_channels=(4, 8), layers_per_block=1,
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       norm_num_groups=2)
+    return UNet2DModel(sample_size=size, in_channels=channels, out_channels=channels, block_out_channels=(4, 8),
+                       layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=2)
 
 
 @pytest.fixture(scope="module")
@@ -407,15 +407,10 @@ def test_sampling_and_reversion_follow_a_bfloat16_model(tiny_ddpm_dir):
 def test_greyscale_ddpm_samples_and_scans_and_toy_training_refuses_it(tmp_path, capsys):
     """A 1-channel DDPM (MNIST-like, 8 px) samples to greyscale PNGs and scans with an evidence grid; implant and
     train-ddpm --init, which train on the toy world's 32 px RGB images, refuse it in one line before writing."""
-    from diffusers import UNet2DModel
     from PIL import Image
 
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(4, 8), layers_per_block=1,
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       norm_num_groups=2)
     folder = tmp_path / "grey"
-    DDPMModel(unet, build_scheduler()).save(folder)
+    DDPMModel(tiny_unet(8, channels=1), build_scheduler()).save(folder)
     assert main(["backdoor", "sample", "--model", str(folder), "--n", "2", "--scheduler", "ddim", "--steps", "2",
                  "--out", str(tmp_path / "s")]) == 0
     first = Image.open(tmp_path / "s" / "0000.png")
@@ -442,17 +437,12 @@ def test_greyscale_ddpm_samples_and_scans_and_toy_training_refuses_it(tmp_path, 
 def test_non_square_ddpm_keeps_its_aspect(tmp_path):
     """A DDPM whose sample_size is (height, width) samples and scans at that shape; the reversed-trigger image keeps
     its aspect ratio."""
-    from diffusers import UNet2DModel
     from PIL import Image
 
     from diffshield.backdoor import terd
 
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=(8, 12), in_channels=3, out_channels=3, block_out_channels=(4, 8),
-                       layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=2)
     folder = tmp_path / "rect"
-    DDPMModel(unet, build_scheduler()).save(folder)
+    DDPMModel(tiny_unet((8, 12)), build_scheduler()).save(folder)
     assert load_ddpm(folder).image_shape == (3, 8, 12)
     assert main(["backdoor", "sample", "--model", str(folder), "--n", "1", "--scheduler", "ddim", "--steps", "2",
                  "--out", str(tmp_path / "s")]) == 0
