@@ -47,6 +47,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -226,9 +227,7 @@ class _Float32Unet:
     def __init__(self, unet: torch.nn.Module, dtype: torch.dtype):
         self.unet, self.dtype = unet, dtype
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor):
-        from types import SimpleNamespace
-
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> SimpleNamespace:
         return SimpleNamespace(sample=self.unet(x.to(self.dtype), t).sample.float())
 
 
