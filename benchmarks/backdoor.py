@@ -598,17 +598,12 @@ PARALLEL_GRACE_S = 60.0
 
 def job_command(name: str, args) -> list[str]:
     """The shell command of one model in ``parallel``: build it (resumable), then evaluate it, one torch thread."""
+    import shlex
+
     me = [sys.executable, str(Path(__file__).resolve())]
     common = ["--only", name, "--threads", "1", "--device", args.device]
     ev = [*common, "--presets", *args.presets, "--n-triggered", str(args.n_triggered), "--n-clean", str(args.n_clean)]
-    return ["bash", "-c", " ".join(map(_quote, [*me, "zoo", *common])) + " && "
-            + " ".join(map(_quote, [*me, "eval", *ev]))]
-
-
-def _quote(a: str) -> str:
-    import shlex
-
-    return shlex.quote(str(a))
+    return ["bash", "-c", shlex.join([*me, "zoo", *common]) + " && " + shlex.join([*me, "eval", *ev])]
 
 
 def cmd_parallel(args) -> None:
