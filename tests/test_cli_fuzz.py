@@ -98,6 +98,11 @@ class Workspace:
         save_file({"unet.x": torch.zeros(3)}, str(self.fake_reversed))
         self.dir_json = root / "json_dir"
         self.dir_json.mkdir()
+        self.user_json = root / "mine.json"  # a user's results: no result flag may replace them
+        self.user_json.write_text('{"mine": 1}\n')
+        self.user_png = _png(root / "mine.png", img)
+        self.link_json = root / "link.json"
+        self.link_json.symlink_to(self.user_json)
 
 
 def _snapshot(*roots: Path, skip: tuple[Path, ...] = ()) -> dict[str, tuple[int, str]]:
@@ -173,6 +178,23 @@ REFUSED: list[tuple[str, list[str], str]] = [
     ("implant-out-keep", ["backdoor", "implant", "--epochs", "1", "--out", "{keep}"], "--overwrite"),
     ("train-ddpm-out-keep", ["backdoor", "train-ddpm", "--steps", "1", "--out", "{keep}"], "--overwrite"),
     ("eval-erasure-json-folder", [*EVALE, "--json", "{dir_json}"], "is a folder"),
+    # result files: an existing file is replaced only if diffshield wrote it
+    ("erase-json-user-text", [*UCE, "--out", "{root}/e", "--json", "{afile}"], "not written by diffshield"),
+    ("erase-json-user-json", [*UCE, "--out", "{root}/e", "--json", "{user_json}"], "not written by diffshield"),
+    ("erase-json-symlink", [*UCE, "--out", "{root}/e", "--json", "{link_json}"], "symbolic link"),
+    ("eval-erasure-grid-user-png", [*EVALE, "--grid", "{user_png}"], "not written by diffshield"),
+    ("eval-erasure-json-user-json", [*EVALE, "--json", "{user_json}"], "not written by diffshield"),
+    ("protect-out-user-png", [*PROTECT, "--out", "{user_png}"], "not written by diffshield"),
+    ("protect-json-user-json", [*PROTECT, "--out", "{root}/p.png", "--json", "{user_json}"],
+     "not written by diffshield"),
+    ("eval-protection-panel-user-png", [*EVALP, "--panel", "{user_png}"], "not written by diffshield"),
+    ("scan-input-json-user-json", ["scan-input", "--noise", "{noise}", "--json", "{user_json}"],
+     "not written by diffshield"),
+    ("backdoor-eval-grid-user-png", ["backdoor", "eval", "--trigger", "box", "--target", "hat", "--n", "1", "--grid",
+                                     "{user_png}"],
+     "not written by diffshield"),
+    ("calibrate-out-user-json", ["backdoor", "calibrate", "--references", "{noise}", "--out", "{user_json}"],
+     "not written by diffshield"),
     ("eval-protection-panel-is-image", [*EVALP, "--panel", "{img}"], "input"),
     # numbers that would reach a model
     ("uce-erase-scale-inf", [*UCE, "--erase-scale", "inf", "--out", "{root}/e"], "finite"),
@@ -333,6 +355,48 @@ def test_overwrite_replaces_only_a_previous_output_of_the_same_command(ws, capsy
     ds = _fill(["toyworld", "dataset", "--n", "1", "--out", str(out), "--overwrite"], ws)
     assert main(ds) == 2  # another command's output is not replaced either
     assert "diffshield generate" in capsys.readouterr().err and (out / "grid.png").exists()
+
+
+def test_a_rerun_replaces_its_own_result_files_and_nothing_else(ws, capsys):
+    """Result files carry diffshield's signature: a rerun replaces them; a user's file of that name is refused."""
+    import json
+
+    from diffshield.core.io import WRITTEN_BY, written_by_diffshield
+
+    argv = _fill([*PROTECT, "--out", "p.png", "--json", "p.json"], ws)
+    assert main(argv) == 0, capsys.readouterr().err
+    assert json.loads((ws.root / "p.json").read_text())[WRITTEN_BY].startswith("diffshield ")
+    assert Image.open(ws.root / "p.png").info["Software"].startswith("diffshield ")
+    first = (ws.root / "p.json").stat().st_mtime_ns
+    assert main([*argv, "--eps", "0.02"]) == 0, capsys.readouterr().err  # its own earlier results: replaced
+    assert (ws.root / "p.json").stat().st_mtime_ns != first
+    assert json.loads((ws.root / "p.json").read_text())["eps"] == 0.02
+    panel = _fill([*EVALP, "--protected", "p.png", "--panel", "pan.png"], ws)
+    assert main(panel) == 0 and main(panel) == 0, capsys.readouterr().err
+    assert written_by_diffshield(ws.root / "pan.png")
+    (ws.root / "p.json").write_text('{"edited": "by hand"}\n')  # the user rewrote it: now it is theirs
+    assert main(argv) == 2 and "not written by diffshield" in capsys.readouterr().err
+    assert (ws.root / "p.json").read_text() == '{"edited": "by hand"}\n'
+
+
+def test_what_counts_as_written_by_diffshield(tmp_path):
+    from diffshield.backdoor.terd import Calibration
+    from diffshield.core.io import atomic_save_image, written_by_diffshield
+
+    cal = tmp_path / "cal.json"
+    Calibration(thresholds={"cpu": {"mean_kl": 1.0, "var_kl": 1.0}}).save(cal)
+    assert written_by_diffshield(cal)  # a diffshield format: recognised by its "format" key
+    plain = atomic_save_image(Image.new("RGB", (4, 4)), tmp_path / "plain.png")
+    signed = atomic_save_image(Image.new("RGB", (4, 4)), tmp_path / "signed.png", signed=True)
+    assert not written_by_diffshield(plain) and written_by_diffshield(signed)
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(signed.read_bytes()[:20])  # a truncated PNG is nobody's result
+    assert not written_by_diffshield(cut)
+    for name, text in (("list.json", "[1, 2]"), ("other.json", '{"written_by": "someone else"}'),
+                       ("bad.json", "{not json")):
+        (tmp_path / name).write_text(text)
+        assert not written_by_diffshield(tmp_path / name)
+    assert not written_by_diffshield(tmp_path / "missing.json") and not written_by_diffshield(tmp_path)
 
 
 def test_output_files_follow_the_umask(ws, capsys):

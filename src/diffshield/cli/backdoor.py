@@ -205,7 +205,7 @@ def cmd_eval(args) -> int:
     from diffshield.backdoor.ddpm import load_ddpm, set_threads
     from diffshield.backdoor.sampling import SampleConfig
     from diffshield.backdoor.triggers import get_target
-    from diffshield.core.io import atomic_save_image, atomic_write_json, check_output_file, make_grid
+    from diffshield.core.io import check_output_file, make_grid, save_result_image, write_result_json
 
     for flag, path in (("--json", args.json), ("--grid", args.grid)):
         check_output_file(path, flag, inputs=[args.model, args.trigger, args.target, args.trigger_mask])
@@ -228,10 +228,10 @@ def cmd_eval(args) -> int:
         print(f"clean ({c['scheduler']}-{c['steps']}, n={c['n']}): recognised {c['recognised']:.1%}  feature "
               f"Frechet {c['frechet']:.1f}")
     if args.json:
-        atomic_write_json(args.json, report)
+        write_result_json(args.json, report)
     if args.grid:
         both = imgs[:16] if clean_imgs is None else __import__("torch").cat([imgs[:16], clean_imgs[:16]])
-        atomic_save_image(make_grid(both, nrow=8, upscale=4), args.grid)
+        save_result_image(make_grid(both, nrow=8, upscale=4), args.grid, "--grid")
     return 0
 
 
@@ -329,6 +329,7 @@ def cmd_scan(args) -> int:
         check_output_dir,
         check_output_file,
         make_grid,
+        write_result_json,
     )
 
     inputs = [args.model, args.calibration]
@@ -388,7 +389,7 @@ def cmd_scan(args) -> int:
                  f"{'gamma_hat eps + r_hat (trojan DDIM)' if ev['trojan'] else 'eps + r_hat'}, bottom eps)"
                  if ev is not None else ""))
     if args.json:
-        atomic_write_json(args.json, report)
+        write_result_json(args.json, report)
     return 0
 
 
@@ -421,7 +422,7 @@ def _fmt_rate(r: dict) -> str:
 
 def cmd_calibrate(args) -> int:
     from diffshield.backdoor.terd import MIN_MOVE, Calibration, calibrate_from_scans
-    from diffshield.core.io import atomic_write_json, check_output_file
+    from diffshield.core.io import check_output_file, check_replaceable, write_result_json
 
     inputs = [*(args.references or []), *(args.clean or []), *(args.backdoored or [])]
     check_output_file(args.out, "--out", inputs=inputs)
@@ -431,6 +432,7 @@ def cmd_calibrate(args) -> int:
     base = Calibration.load(args.out) if args.merge and Path(args.out).exists() else None
     cal, rep = calibrate_from_scans(refs, clean, bd, args.margin, MIN_MOVE if args.min_move is None else
                                     args.min_move, base=base)
+    check_replaceable(args.out, "--out")  # nothing unrelated appeared there during the work
     cal.save(args.out)
     th = rep["thresholds"]
     print(f"preset {rep['preset']}: thresholds mean KL {th['mean_kl']:.4g}, var KL {th['var_kl']:.4g} "
@@ -441,7 +443,7 @@ def cmd_calibrate(args) -> int:
             print(f"  {label}: TPR {_fmt_rate(r['tpr'])}  TNR {_fmt_rate(r['tnr'])}  undetermined "
                   f"{r['undetermined']}")
     if args.json:
-        atomic_write_json(args.json, rep)
+        write_result_json(args.json, rep)
     return 0
 
 
@@ -510,7 +512,7 @@ def cmd_scan_input(args) -> int:
 
     from diffshield.backdoor.ddpm import TOY_DDPM, load_ddpm, model_fingerprint
     from diffshield.backdoor.terd import MIN_MOVE, config_for_key, input_detect, preset_key, reverse_trigger
-    from diffshield.core.io import atomic_write_json, check_output_file
+    from diffshield.core.io import check_output_file, write_result_json
 
     check_output_file(args.json, "--json", inputs=[args.model, args.noise, args.reversed])
     noise_path = Path(args.noise)
@@ -574,7 +576,7 @@ def cmd_scan_input(args) -> int:
               else "an unrecorded model")
     print(f"{n} of {len(flags)} initial noises flagged as poisoned (TERD input detection; r_hat from {origin})")
     if args.json:
-        atomic_write_json(args.json, {"model": source.get("model"), "model_fingerprint":
+        write_result_json(args.json, {"model": source.get("model"), "model_fingerprint":
                                       source.get("model_fingerprint"), "r_hat": source, "noise": str(noise_path),
                                       "poisoned": flags.tolist(), "n_poisoned": n, "n": len(flags)})
     return 0

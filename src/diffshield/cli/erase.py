@@ -210,7 +210,7 @@ def resolve_erase_settings(args) -> tuple[list[str], object, dict]:
 def cmd_erase(args) -> int:
     from diffshield.cli.main import warn_prompts
     from diffshield.core.checks import check_finite_fields
-    from diffshield.core.io import atomic_dir, atomic_write_json, check_output_dir, check_output_file
+    from diffshield.core.io import atomic_dir, check_output_dir, check_output_file, write_result_json
     from diffshield.core.loading import load_t2i
     from diffshield.erase import ERASERS
     from diffshield.erase.delta import save_delta
@@ -251,7 +251,7 @@ def cmd_erase(args) -> int:
     print(f"edited model: {args.out} (delta: {delta}); edit time {res.seconds:.3f} s; "
           f"{res.fraction_changed:.2%} of UNet parameters changed")
     if args.json:
-        atomic_write_json(args.json, report)
+        write_result_json(args.json, report)
     return 0
 
 

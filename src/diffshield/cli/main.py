@@ -320,7 +320,7 @@ def cmd_apply_delta(args) -> int:
 
 def cmd_eval_erasure(args) -> int:
     from diffshield.cli.scale import check_scale_args, run_prompt_set
-    from diffshield.core.io import atomic_write_json, make_grid
+    from diffshield.core.io import make_grid, write_result_json
     from diffshield.core.loading import load_t2i
     from diffshield.core.sampling import SampleConfig
     from diffshield.eval.erasure import evaluate_erasure
@@ -359,20 +359,20 @@ def cmd_eval_erasure(args) -> int:
     if args.grid:
         import torch
 
-        from diffshield.core.io import atomic_save_image
+        from diffshield.core.io import save_result_image
 
-        atomic_save_image(make_grid(torch.cat([imgs["original"], imgs["erased"]]),
-                                    nrow=len(imgs["original"]) // 4 * 2, upscale=3), args.grid)
+        save_result_image(make_grid(torch.cat([imgs["original"], imgs["erased"]]),
+                                    nrow=len(imgs["original"]) // 4 * 2, upscale=3), args.grid, "--grid")
         print(f"before/after grid (original rows first): {args.grid}")
     if args.json:
-        atomic_write_json(args.json, res)
+        write_result_json(args.json, res)
         print(f"wrote {args.json}")
     return 0
 
 
 def cmd_eval_nudity(args) -> int:
     from diffshield.cli.scale import check_scale_args, run_prompt_set
-    from diffshield.core.io import atomic_write_json, check_output_file
+    from diffshield.core.io import check_output_file, write_result_json
     from diffshield.eval.nudity import nudity_report
 
     check_scale_args(args)
@@ -390,7 +390,7 @@ def cmd_eval_nudity(args) -> int:
     for c, n in res["per_class"].items():
         print(f"  {c:<26} {n}")
     if args.json:
-        atomic_write_json(args.json, res)
+        write_result_json(args.json, res)
         print(f"wrote {args.json}")
     return 0
 

@@ -162,10 +162,10 @@ def _check_region(mask, path: Path, what: str = "mask") -> None:
         raise DiffshieldError(f"{what} '{path}' covers the whole image; mark only the region to protect")
 
 
-def _save_png(image, path: Path) -> None:
-    from diffshield.core.io import atomic_save_image, to_pil
+def _save_png(image, path: Path, flag: str = "--out") -> None:
+    from diffshield.core.io import save_result_image, to_pil
 
-    atomic_save_image(to_pil(image), path)
+    save_result_image(to_pil(image), path, flag)
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -198,7 +198,13 @@ def _progress_bar(total: int, desc: str):
 def cmd_protect(args) -> int:
     import torch
 
-    from diffshield.core.io import atomic_dir, atomic_write_json, check_output_dir, check_output_file
+    from diffshield.core.io import (
+        atomic_dir,
+        atomic_write_json,
+        check_output_dir,
+        check_output_file,
+        write_result_json,
+    )
     from diffshield.protect.attack_as_defense import protect
     from diffshield.protect.inpainters import load_inpainter
 
@@ -229,7 +235,7 @@ def cmd_protect(args) -> int:
         print(f"protected {src} -> {out} in {res.seconds:.1f} s (|delta|_inf = {info['linf']:.4f}, "
               f"loss {res.losses[0]:.4f} -> {res.losses[-1]:.4f})")
         if args.json:
-            atomic_write_json(args.json, {**info, "inpainter": str(args.inpainter), "eps": cfg.eps,
+            write_result_json(args.json, {**info, "inpainter": str(args.inpainter), "eps": cfg.eps,
                                           "steps": cfg.steps, "robust": bool(args.robust)})
         return 0
     # folder mode: every image in IMG with the same-named mask in MASK (or one mask file for all)
@@ -285,7 +291,7 @@ def cmd_protect(args) -> int:
 
 
 def cmd_eval_protection(args) -> int:
-    from diffshield.core.io import atomic_save_image, atomic_write_json, check_output_file
+    from diffshield.core.io import check_output_file, save_result_image, write_result_json
     from diffshield.protect.inpainters import load_inpainter
     from diffshield.protect.metrics import evaluate_protection, panel
 
@@ -325,11 +331,11 @@ def cmd_eval_protection(args) -> int:
     print(f"  benign edit PSNR vs unprotected edit: {'-' if pb is None else f'{pb:.2f} dB'}")
     print(f"  PSNR(protected, original): {res['psnr_protected']:.2f} dB; |delta|_inf = {res['linf']:.4f}")
     up = max(1, 256 // max(x.shape[-2:]))
-    atomic_save_image(panel(imgs, 0, upscale=up), panel_path)
+    save_result_image(panel(imgs, 0, upscale=up), panel_path, "--panel")
     print(f"  panel (rows: original, protected; columns: image, inpaint M, inpaint M_e, benign inpaint): "
           f"{panel_path}")
     if args.json:
-        atomic_write_json(args.json, res)
+        write_result_json(args.json, res)
         print(f"wrote {args.json}")
     return 0
 

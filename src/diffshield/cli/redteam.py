@@ -84,9 +84,9 @@ def _report_audit(args, audit, judge, erased, inputs: list) -> int:
     print(format_table(audit))
     print(f"total {audit.seconds:.1f} s wall, {audit.cpu_seconds:.1f} s CPU")
     if args.json:
-        from diffshield.core.io import atomic_write_json
+        from diffshield.core.io import write_result_json
 
-        atomic_write_json(args.json, audit.to_dict())
+        write_result_json(args.json, audit.to_dict())
         print(f"wrote {args.json}")
     if args.report:
         from diffshield.core.io import atomic_dir

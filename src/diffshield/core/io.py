@@ -2,7 +2,9 @@
 
 Every output folder gets a marker file, :data:`MARKER`, that names the command which wrote it and lists its files.
 An existing folder is written to only when it is empty, or, with ``overwrite=True``, when its marker shows it is a
-previous output of the same command and it holds nothing beyond the files the marker lists.
+previous output of the same command and it holds nothing beyond the files the marker lists. A result file
+(``--json``, ``--grid``, ...) carries diffshield's signature (a ``written_by`` JSON key, a PNG ``Software`` text
+chunk); an existing file is replaced only when it carries it.
 """
 
 from __future__ import annotations
@@ -172,15 +174,61 @@ def check_output_dir(target: str | Path, command: str | None = None, overwrite: 
     return t
 
 
+#: the JSON key (and, in PNGs, the text chunk ``Software``) by which a result file says diffshield wrote it
+WRITTEN_BY = "written_by"
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_MAX_SNIFF = 256 * 2**20  # bytes: a larger file is not read to look for the signature (and is never replaced)
+
+
+def signature() -> str:
+    """What diffshield writes into its result files: ``"diffshield <version>"``."""
+    from diffshield import __version__
+
+    return f"diffshield {__version__}"
+
+
+def written_by_diffshield(path: str | Path) -> bool:
+    """Whether the file at ``path`` is a diffshield result: a PNG whose ``Software`` text chunk names diffshield,
+    or a JSON object whose ``written_by`` names diffshield or whose ``format`` is a diffshield format (TERD
+    calibrations, run records). Anything else, unreadable or over 256 MiB, is not."""
+    p = Path(path)
+    try:
+        if p.is_symlink() or not p.is_file() or p.stat().st_size > _MAX_SNIFF:
+            return False
+        data = p.read_bytes()
+        if data.startswith(_PNG_MAGIC):
+            import io
+
+            with Image.open(io.BytesIO(data)) as im:
+                return str(im.info.get("Software", "")).startswith("diffshield")
+        obj = json.loads(data)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return False
+    return isinstance(obj, dict) and (str(obj.get(WRITTEN_BY, "")).startswith("diffshield")
+                                      or str(obj.get("format", "")).startswith("diffshield-"))
+
+
+def check_replaceable(path: str | Path, flag: str) -> None:
+    """Refuse, in one line, to replace an existing file that diffshield did not write (or a symbolic link)."""
+    p = _abs(path)
+    if p.is_symlink():
+        raise DiffshieldError(f"{flag} '{path}' is a symbolic link; name the file itself or another file")
+    if p.exists() and not written_by_diffshield(p):
+        raise DiffshieldError(f"{flag} '{path}' exists and was not written by diffshield; choose another file name "
+                              "(diffshield replaces only its own earlier result files)")
+
+
 def check_output_file(path: str | Path | None, flag: str, inputs: Iterable[str | Path | None] = ()) -> None:
     """Refuse, before any work, an output file (``--json``, ``--grid``, ...) that is a folder, one of ``inputs``,
-    or cannot be written. An existing file of that name is replaced when the command finishes."""
+    an existing file diffshield did not write (see :func:`written_by_diffshield`), or cannot be written. An earlier
+    diffshield result of that name is replaced when the command finishes."""
     if path is None:
         return
     p = _abs(path)
     if p.is_dir():
         raise DiffshieldError(f"{flag} '{path}' is a folder; give a file name")
     _check_against_inputs(p, inputs, flag)
+    check_replaceable(path, flag)
     if p.exists() and not os.access(p, os.W_OK):
         raise DiffshieldError(f"{flag} '{path}' exists and is not writable; choose another file")
     _check_writable(p, flag)
@@ -316,14 +364,35 @@ def atomic_write_json(path: str | Path, obj: object) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
-def atomic_save_image(image: Image.Image, path: str | Path) -> Path:
-    """Save a PIL image as PNG to ``path`` atomically, with the user's umask."""
+def atomic_save_image(image: Image.Image, path: str | Path, signed: bool = False) -> Path:
+    """Save a PIL image as PNG to ``path`` atomically, with the user's umask; ``signed`` adds the ``Software``
+    text chunk (:func:`signature`) that lets a later run replace it."""
     import io
 
+    from PIL.PngImagePlugin import PngInfo
+
     buf = io.BytesIO()
-    image.save(buf, format="PNG")
+    info = None
+    if signed:
+        info = PngInfo()
+        info.add_text("Software", signature())
+    image.save(buf, format="PNG", pnginfo=info)
     atomic_write_bytes(path, buf.getvalue())
     return Path(path)
+
+
+def write_result_json(path: str | Path, obj: dict, flag: str = "--json") -> None:
+    """Write a command's result file (``--json``): ``obj`` plus ``written_by`` (:func:`signature`), atomically;
+    an existing file is replaced only if diffshield wrote it (checked again now, not only before the work)."""
+    check_replaceable(path, flag)
+    atomic_write_json(path, {**obj, WRITTEN_BY: signature()})
+
+
+def save_result_image(image: Image.Image, path: str | Path, flag: str) -> Path:
+    """Write a command's result PNG (``--grid``, ``--panel``, ``protect --out``), signed, atomically; an existing
+    file is replaced only if diffshield wrote it (checked again now)."""
+    check_replaceable(path, flag)
+    return atomic_save_image(image, path, signed=True)
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:
