@@ -162,10 +162,10 @@ def _check_region(mask, path: Path, what: str = "mask") -> None:
         raise DiffshieldError(f"{what} '{path}' covers the whole image; mark only the region to protect")
 
 
-def _save_png(image, path: Path, flag: str = "--out") -> None:
+def _save_png(image, path: Path) -> None:
     from diffshield.core.io import save_result_image, to_pil
 
-    save_result_image(to_pil(image), path, flag)
+    save_result_image(to_pil(image), path, "--out")
 
 
 def _images_in(folder: Path) -> list[Path]:
