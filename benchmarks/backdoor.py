@@ -5,6 +5,7 @@
     python benchmarks/backdoor.py eval         # metrics, scans, input detection per zoo model (cached per model)
     python benchmarks/backdoor.py report       # -> benchmarks/results/backdoor.json + the table of docs/backdoor.md
     python benchmarks/backdoor.py all          # the four in order
+    python benchmarks/backdoor.py restore      # a fresh clone: the published eval rows as the cache, for report
     python benchmarks/backdoor.py recheck-clean  # clean quality again with today's toy:detector-v1, vs backdoor.json
     python benchmarks/backdoor.py parallel --device cuda --jobs 8 --budget-s 240 --copy-to $OUT
                                                # a GPU session: zoo + eval of every model not yet evaluated
@@ -311,7 +312,7 @@ def eval_model(name: str, spec: dict, threads: int) -> dict:
     if f.exists():
         return json.loads(f.read_text())
     model = load_ddpm(model_path(name), device=DEVICE[0])
-    res: dict = {"name": name, **spec, "eval_settings": dict(EVAL)}
+    res: dict = {"name": name, **spec, "eval_settings": dict(EVAL), "threads": threads, "device": DEVICE[0]}
     t0 = time.time()
     cres = sample(model, seed_list(100_000, EVAL["n_clean"]), config=SampleConfig("ddim", 50, 64))
     res["clean"] = {**clean_quality(cres.images), "sampler": "ddim-50", "seeds": [100_000, 100_000 +
@@ -473,6 +474,44 @@ def _verdict(scan: dict, thresholds: dict) -> str:
     return model_verdict(SimpleNamespace(**{"moved_rel": float("nan"), **scan}), thresholds)
 
 
+def _report_record(name: str, preset: str, row: dict | None, cal, threads: int) -> dict | None:
+    """A scan record for the report's held-out and leave-one-out figures: from the cached scan where there is one,
+    else from what was published (a reference's record in the shipped calibration; a zoo model's statistics in its
+    restored eval row, without a fingerprint, so it is judged like any other model); None when neither has it."""
+    if (CACHE / f"scan_{preset}_{name}.json").exists():
+        return scan_record(name, preset, threads)
+    if row is None:
+        return next((dict(r) for r in cal.references.get(preset, []) if r.get("name") == name), None)
+    sc = row.get("scan", {}).get(preset)
+    if sc is None:
+        return None
+    path = model_path(name)
+    return {"name": name, "path": str(Path(path).relative_to(ROOT)) if Path(path).is_absolute() else path,
+            "fingerprint": None, "preset": preset, "mean_kl": sc["mean_kl"], "var_kl": sc["var_kl"],
+            "moved_rel": sc.get("moved_rel")}
+
+
+def cmd_restore(args) -> None:
+    """Eval caches (runs/backdoor/results/eval_<name>.json) of the zoo models that a results file written by
+    ``report`` holds and the cache lacks, so that a fresh clone's ``report`` and ``parallel`` go on from the published
+    figures: the models' weights are not in the repository (``zoo`` rebuilds them), and a cached eval is never
+    replaced. Each restored row names its source in ``restored_from``."""
+    src = Path(args.source)
+    if not src.is_file():
+        raise SystemExit(f"restore: no results file {src}")
+    rows = json.loads(src.read_text()).get("models", [])
+    CACHE.mkdir(parents=True, exist_ok=True)
+    done = []
+    for r in rows:
+        f = CACHE / f"eval_{r.get('name')}.json"
+        if r.get("name") not in ZOO_MODELS or f.exists():
+            continue
+        rel = str(src.resolve().relative_to(ROOT)) if src.resolve().is_relative_to(ROOT) else str(src)
+        f.write_text(json.dumps({**r, "restored_from": r.get("restored_from", rel)}, indent=2))
+        done.append(r["name"])
+    print(f"[restore] {len(done)} eval rows from {src}" + (f": {', '.join(done)}" if done else ""), flush=True)
+
+
 def cmd_report(args) -> None:
     from diffshield.backdoor.terd import Calibration, default_calibration_path
 
@@ -520,12 +559,12 @@ def cmd_report(args) -> None:
         summary["model_detection"][preset] = {"tpr": tp / max(1, nb), "tnr": tn / max(1, nc), "n_backdoored": nb,
                                               "n_clean": nc}
         # held-out references' thresholds and leave-one-out, with Wilson 95 % intervals (scans cached by eval)
-        if all((CACHE / f"scan_{preset}_{n}.json").exists() for n in [*REFERENCES, *(r["name"] for r in rows)]):
+        refs = [_report_record(n, preset, None, cal, args.threads) for n in REFERENCES]
+        recs = {r["name"]: _report_record(r["name"], preset, r, cal, args.threads) for r in rows}
+        if all(refs) and all(recs.values()):
             from diffshield.backdoor.terd import leave_one_out
 
-            recs = {r["name"]: scan_record(r["name"], preset, args.threads) for r in rows}
-            loo = leave_one_out([scan_record(n, preset, args.threads) for n in REFERENCES],
-                                [recs[r["name"]] for r in rows if r["kind"] == "clean"],
+            loo = leave_one_out(refs, [recs[r["name"]] for r in rows if r["kind"] == "clean"],
                                 [recs[r["name"]] for r in rows if r["kind"] == "backdoor"])
             summary["model_detection"][preset].update({k: loo[k] for k in ("held_out", "leave_one_out")})
         # the reversed trigger's own evidence (TrojDiff: the gamma scan's), and input detection where it is not
@@ -655,11 +694,13 @@ def cmd_parallel(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["zoo", "calibrate", "eval", "report", "all", "asr", "recheck-clean", "parallel"],
+    p.add_argument("what", choices=["zoo", "calibrate", "eval", "report", "all", "asr", "recheck-clean", "parallel",
+                                     "restore"],
                    help="a step, or all of zoo/calibrate/eval/report; 'asr': a larger-sample ASR check of the --only "
                         "models with --n-triggered samples; 'recheck-clean': clean quality of the zoo models on disk "
                         "with today's detector, against backdoor.json; 'parallel': zoo + eval of the models "
-                        "not yet evaluated in --jobs processes (a GPU session)")
+                        "not yet evaluated in --jobs processes (a GPU session); 'restore': the eval rows of a "
+                        "results file (--from) as cached evals, for the models the cache lacks")
     p.add_argument("--only", nargs="*", default=None, help="restrict zoo/eval to these model names")
     p.add_argument("--threads", type=int, default=1, help="torch threads per job (default: 1)")
     p.add_argument("--presets", nargs="*", default=["cpu"], help="TERD presets to calibrate and evaluate "
@@ -674,6 +715,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget-s", type=float, default=float("inf"), help="parallel: launch nothing after this many "
                                                                          "seconds (default: no limit)")
     p.add_argument("--copy-to", default=None, help="parallel: copy each finished model's results here")
+    p.add_argument("--from", dest="source", default=str(RESULTS / "backdoor_zoo.json"),
+                   help="restore: the results file (default: benchmarks/results/backdoor_zoo.json)")
     args = p.parse_args(argv)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.what != "eval":
         p.error("only 'eval' is split between processes; run the other steps in one process")
@@ -684,7 +727,7 @@ def main(argv: list[str] | None = None) -> int:
     steps = ["zoo", "calibrate", "eval", "report"] if args.what == "all" else [args.what]
     for s in steps:
         {"zoo": cmd_zoo, "calibrate": cmd_calibrate, "eval": cmd_eval, "report": cmd_report, "asr": cmd_asr,
-         "recheck-clean": cmd_recheck_clean, "parallel": cmd_parallel}[s](args)
+         "recheck-clean": cmd_recheck_clean, "parallel": cmd_parallel, "restore": cmd_restore}[s](args)
     return 0
 
 

@@ -3,11 +3,13 @@
 #   1. benchmarks/gpu.py's rows not yet met or not yet measured (esd, terd, sharded, generate), into a copy of
 #      benchmarks/results/gpu.json under $OUT (the other sections are kept; the repository's file is not touched);
 #   2. with the time left, the backdoor zoo's models not yet evaluated, built and evaluated side by side
-#      (benchmarks/backdoor.py parallel; runs/backdoor/results, carried, tells which are done).
+#      (benchmarks/backdoor.py parallel; the published figures, restored into runs/backdoor/results, tell which
+#      are done).
 # Everything comes back under $OUT: gpu.json, the logs, zoo/ (eval_*, scan_*, grid_* of each finished model).
-# Device tool: carry [".whl", "runs/backdoor/results"]; command: bash benchmarks/gpu_session.sh 560
+# Device tool: carry [".whl"]; command: bash benchmarks/gpu_session.sh 560
 # (.whl: diffusers and what it needs that the machine lacks, see docs/gpu.md). Back here: copy $OUT/gpu.json over
-# benchmarks/results/gpu.json and $OUT/zoo/* into runs/backdoor/results, then benchmarks/backdoor.py report.
+# benchmarks/results/gpu.json and $OUT/zoo/* into runs/backdoor/results, then benchmarks/backdoor.py restore and
+# report --out benchmarks/results/backdoor_zoo.json.
 set -u
 total=${1:-560}
 sections=${SECTIONS:-esd,terd,sharded,generate}
@@ -30,6 +32,7 @@ python3 benchmarks/gpu.py --device "$device" $tiny --sections "$sections" --budg
   --out "$out/gpu.json" 2>&1 | tee "$out/gpu_log.txt"
 left=$(( total - ($(date +%s) - t0) - 20 ))
 if [ "$left" -gt 120 ]; then
+  python3 benchmarks/backdoor.py restore   # the models already published are not rebuilt
   # nothing is launched after the budget; what still runs 60 s later is stopped
   python3 benchmarks/backdoor.py parallel --device "$device" --jobs 8 --budget-s $(( left - 70 )) --copy-to "$out/zoo" \
     2>&1 | tee "$out/zoo_log.txt"

@@ -58,3 +58,27 @@ def test_parallel_stops_at_its_budget(monkeypatch, tmp_path, capsys):
     assert "slow: stopped at the budget" in out and "not started never" in out
     assert json.loads(out.strip().splitlines()[-1].split("; ", 1)[1]) == {"slow": "stopped at the budget",
                                                                            "never": "not started"}
+
+
+def test_restore_fills_only_the_missing_evals_and_parallel_then_skips_them(monkeypatch, tmp_path, capsys):
+    mod = load_benchmark(monkeypatch, tmp_path, ["a", "b", "c"])
+    cache = tmp_path / "runs" / "results"
+    (cache / "eval_a.json").write_text('{"name": "a", "mine": true}')  # a cached eval is never replaced
+    published = tmp_path / "zoo.json"
+    published.write_text(json.dumps({"models": [{"name": "a", "kind": "clean"}, {"name": "b", "kind": "clean"},
+                                                {"name": "gone", "kind": "clean"}]}))
+    assert mod.main(["restore", "--from", str(published)]) == 0
+    assert json.loads((cache / "eval_a.json").read_text()) == {"name": "a", "mine": True}
+    assert json.loads((cache / "eval_b.json").read_text())["restored_from"] == str(published)
+    assert not (cache / "eval_gone.json").exists()  # not a zoo model
+    started = []
+    monkeypatch.setattr(mod, "job_command", lambda name, args: started.append(name) or [sys.executable, "-c", ""])
+    assert mod.main(["parallel", "--jobs", "1"]) == 0
+    assert started == ["c"]
+    capsys.readouterr()
+    try:
+        mod.main(["restore", "--from", str(tmp_path / "missing.json")])
+    except SystemExit as e:
+        assert "no results file" in str(e)
+    else:
+        raise AssertionError("restore from a missing file must exit")
