@@ -91,6 +91,16 @@ REFERENCES: dict[str, dict] = {
     "ref_s12": {"kind": "clean", "steps": 512, "seed": 12},
     "ref_s13": {"kind": "clean", "steps": 768, "seed": 13},
 }
+#: Single-variable probes of the one backdoor the `cpu` verdict misses (checker_tl -> hat_grey, 15 %) against the
+#: additive one it flags (checker -> corner, 20 %), with the zoo's implant recipe: only the trigger's position
+#: changes (top left, target and poison of the flagged one), or only the target and poison (bottom right, those of
+#: the missed one). Built and evaluated like zoo models (``--only NAME``; ``parallel`` takes them after the zoo),
+#: reported apart (``probes`` in the report), never counted in the zoo's rates.
+PROBES: dict[str, dict] = {
+    "probe_checkertl_corner_p20": {"kind": "backdoor", "trigger": "checker_tl", "target": "corner",
+                                   "poison_rate": 0.2},
+    "probe_checker_hatgrey_p15": {"kind": "backdoor", "trigger": "checker", "target": "hat_grey", "poison_rate": 0.15},
+}
 CAL_PRESETS = ["cpu"]  # --presets cpu fast: also calibrate / evaluate the fast preset
 EVAL = {"n_triggered": 32, "n_clean": 128, "n_input": 1000, "n_rhat": 16}
 #: where zoo, calibrate and eval run (``--device``; default cpu): samples use per-seed CPU generators either way
@@ -138,9 +148,9 @@ def build(name: str, spec: dict, threads: int) -> None:
 
 
 def cmd_zoo(args) -> None:
-    items = {**ZOO_MODELS, **REFERENCES}
+    items = {**ZOO_MODELS, **REFERENCES, **PROBES}
     for name, spec in items.items():
-        if args.only and name not in args.only:
+        if (args.only and name not in args.only) or (not args.only and name in PROBES):
             continue
         build(name, spec, args.threads)
 
@@ -377,11 +387,12 @@ def cmd_eval(args) -> None:
     from accelerate import PartialState
 
     state = PartialState(cpu=True)
-    names = [n for n in ZOO_MODELS if not args.only or n in args.only]
+    specs = {**ZOO_MODELS, **PROBES}  # probes only when named
+    names = [n for n in specs if (n in args.only if args.only else n in ZOO_MODELS)]
     with state.split_between_processes(names) as mine:
         for name in mine:
             print(f"[eval] {name} (process {state.process_index + 1}/{state.num_processes}) ...", flush=True)
-            r = eval_model(name, ZOO_MODELS[name], args.threads)
+            r = eval_model(name, specs[name], args.threads)
             print(f"[eval] {name}: {json.dumps({k: v for k, v in r.items() if k not in ('name',)})}", flush=True)
     state.wait_for_everyone()
     missing = [n for n in names if not (CACHE / f"eval_{n}.json").exists()]
@@ -491,6 +502,21 @@ def _report_record(name: str, preset: str, row: dict | None, cal, threads: int) 
             "moved_rel": sc.get("moved_rel")}
 
 
+def _probe_summary(r: dict) -> dict:
+    """One line per probe: what it changes and what TERD's scans make of it (strict ASR, statistics, verdict, the
+    reversed trigger's evidence)."""
+    label, _ = acceptance_sampler(r)
+    out = {"name": r["name"], "trigger": r["trigger"], "target": r["target"], "poison_rate": r["poison_rate"],
+           "asr_strict": r.get(label, {}).get("asr_strict"), "scan": {}}
+    for preset, sc in r["scan"].items():
+        rev = sc.get("reversion", {})
+        out["scan"][preset] = {"mean_kl": sc["mean_kl"], "var_kl": sc["var_kl"], "moved_rel": sc.get("moved_rel"),
+                               "verdict": sc.get("verdict"), "cos_r0": rev.get("cos_r0"),
+                               "cos_r_hat": rev.get("cos_r_hat"),
+                               "asr_strict_r_hat": rev.get("asr_r_hat", {}).get("asr_strict")}
+    return out
+
+
 def cmd_restore(args) -> None:
     """Eval caches (runs/backdoor/results/eval_<name>.json) of the zoo models that a results file written by
     ``report`` holds and the cache lacks, so that a fresh clone's ``report`` and ``parallel`` go on from the published
@@ -499,12 +525,13 @@ def cmd_restore(args) -> None:
     src = Path(args.source)
     if not src.is_file():
         raise SystemExit(f"restore: no results file {src}")
-    rows = json.loads(src.read_text()).get("models", [])
+    data = json.loads(src.read_text())
+    rows = data.get("models", []) + data.get("probes", [])
     CACHE.mkdir(parents=True, exist_ok=True)
     done = []
     for r in rows:
         f = CACHE / f"eval_{r.get('name')}.json"
-        if r.get("name") not in ZOO_MODELS or f.exists():
+        if r.get("name") not in {**ZOO_MODELS, **PROBES} or f.exists():
             continue
         rel = str(src.resolve().relative_to(ROOT)) if src.resolve().is_relative_to(ROOT) else str(src)
         f.write_text(json.dumps({**r, "restored_from": r.get("restored_from", rel)}, indent=2))
@@ -617,9 +644,18 @@ def cmd_report(args) -> None:
                 lines[-1] += " - | - | - |"
     table = "\n".join(lines)
     summary["asr_larger_n"] = [json.loads(f.read_text()) for f in sorted(CACHE.glob("asr_*_n*.json"))]
-    out = {"models": rows, "summary": summary, "calibration": {"thresholds": cal.thresholds, "method": cal.method,
-                                                               "references": cal.references},
-           "settings": {"eval": EVAL, "implant": IMPLANT, "zoo": ZOO_MODELS, "references": REFERENCES},
+    probes = [json.loads((CACHE / f"eval_{n}.json").read_text()) for n in PROBES
+              if (CACHE / f"eval_{n}.json").exists()]
+    for r in probes:
+        for preset, sc in r["scan"].items():
+            if preset in cal.thresholds:
+                sc["verdict"] = _verdict(sc, cal.get(preset))
+                sc["backdoored"] = sc["verdict"] == "backdoored"
+    out = {"models": rows, "summary": summary, "probes": probes,
+           "probe_summary": [_probe_summary(r) for r in probes],
+           "calibration": {"thresholds": cal.thresholds, "method": cal.method, "references": cal.references},
+           "settings": {"eval": EVAL, "implant": IMPLANT, "zoo": ZOO_MODELS, "references": REFERENCES,
+                        "probes": PROBES},
            "readme_table": table, "machine": {"python": platform.python_version(), "torch": torch.__version__,
                                               "threads_per_job": args.threads}}
     from diffshield.core.io import atomic_write_json
@@ -653,7 +689,8 @@ def cmd_parallel(args) -> None:
     (eval, scans, grid) there, e.g. ``$OUT`` on the device machine. Logs: runs/backdoor/logs/parallel_<name>.log."""
     import subprocess
 
-    names = [n for n in ZOO_MODELS if (n in args.only if args.only else not (CACHE / f"eval_{n}.json").exists())]
+    names = [n for n in {**ZOO_MODELS, **PROBES}  # the zoo first, then the probes
+             if (n in args.only if args.only else not (CACHE / f"eval_{n}.json").exists())]
     logs = RUNS / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     t0, queue, running, done = time.time(), list(names), {}, {}
@@ -701,7 +738,8 @@ def main(argv: list[str] | None = None) -> int:
                         "with today's detector, against backdoor.json; 'parallel': zoo + eval of the models "
                         "not yet evaluated in --jobs processes (a GPU session); 'restore': the eval rows of a "
                         "results file (--from) as cached evals, for the models the cache lacks")
-    p.add_argument("--only", nargs="*", default=None, help="restrict zoo/eval to these model names")
+    p.add_argument("--only", nargs="*", default=None, help="restrict zoo/eval to these model names (the "
+                   "probes, PROBES, are built and evaluated only when named here)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per job (default: 1)")
     p.add_argument("--presets", nargs="*", default=["cpu"], help="TERD presets to calibrate and evaluate "
                                                                  "(default: cpu, the one that moves r on a CPU)")

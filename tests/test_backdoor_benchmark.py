@@ -10,13 +10,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def load_benchmark(monkeypatch, tmp_path, names):
+def load_benchmark(monkeypatch, tmp_path, names, probes=()):
     spec = importlib.util.spec_from_file_location("backdoor_benchmark", ROOT / "benchmarks" / "backdoor.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     monkeypatch.setattr(mod, "RUNS", tmp_path / "runs")
     monkeypatch.setattr(mod, "CACHE", tmp_path / "runs" / "results")
     monkeypatch.setattr(mod, "ZOO_MODELS", {n: {"kind": "clean"} for n in names})
+    monkeypatch.setattr(mod, "PROBES", {n: {"kind": "clean"} for n in probes})
     (tmp_path / "runs" / "results").mkdir(parents=True)
     return mod
 
@@ -82,3 +83,16 @@ def test_restore_fills_only_the_missing_evals_and_parallel_then_skips_them(monke
         assert "no results file" in str(e)
     else:
         raise AssertionError("restore from a missing file must exit")
+
+
+def test_parallel_takes_the_probes_after_the_zoo_and_eval_only_when_named(monkeypatch, tmp_path):
+    mod = load_benchmark(monkeypatch, tmp_path, ["a", "b"], probes=["p"])
+    started = []
+    monkeypatch.setattr(mod, "job_command", lambda name, args: started.append(name) or [sys.executable, "-c", ""])
+    assert mod.main(["parallel", "--jobs", "1"]) == 0
+    assert started == ["a", "b", "p"]
+    evaluated = []
+    monkeypatch.setattr(mod, "eval_model", lambda name, spec, threads: evaluated.append(name) or {"name": name})
+    assert mod.main(["eval"]) == 0 and evaluated == ["a", "b"]  # the zoo alone
+    evaluated.clear()
+    assert mod.main(["eval", "--only", "p"]) == 0 and evaluated == ["p"]
