@@ -6,7 +6,7 @@
     python benchmarks/backdoor.py report       # -> benchmarks/results/backdoor.json + the table of docs/backdoor.md
     python benchmarks/backdoor.py all          # the four in order
     python benchmarks/backdoor.py restore      # a fresh clone: the published eval rows as the cache, for report
-    python benchmarks/backdoor.py recheck-clean  # clean quality again with today's toy:detector-v1, vs backdoor.json
+    python benchmarks/backdoor.py recheck-clean  # clean quality again with today's toy:detector-v1, vs the first zoo
     python benchmarks/backdoor.py parallel --device cuda --jobs 8 --budget-s 240 --copy-to $OUT
                                                # a GPU session: zoo + eval of every model not yet evaluated
 
@@ -434,7 +434,8 @@ def cmd_asr(args) -> None:
 
 def cmd_recheck_clean(args) -> None:
     """Recompute the clean quality (recognised, feature FD) of every zoo model still on disk with the detector shipped
-    today (``toy:detector-v1``), on the same seeds, and compare it with the figures in ``backdoor.json``. Written when
+    today (``toy:detector-v1``), on the same seeds, and compare it with the first zoo's figures
+    (``backdoor_first_zoo.json``, the file it was written against). Written when
     the detector was re-stored in float16: -> ``benchmarks/results/backdoor_clean_recheck.json``."""
     from diffshield.backdoor.ddpm import load_ddpm, set_threads
     from diffshield.backdoor.metrics import clean_quality
@@ -443,7 +444,8 @@ def cmd_recheck_clean(args) -> None:
     from diffshield.core.seeding import seed_list
 
     set_threads(args.threads)
-    recorded = {m["name"]: m["clean"] for m in json.loads((RESULTS / "backdoor.json").read_text())["models"]}
+    first_zoo = json.loads((RESULTS / "backdoor_first_zoo.json").read_text())
+    recorded = {m["name"]: m["clean"] for m in first_zoo["models"]}
     rows = []
     for name in ZOO_MODELS:
         path = model_path(name)
@@ -735,7 +737,7 @@ def main(argv: list[str] | None = None) -> int:
                                      "restore"],
                    help="a step, or all of zoo/calibrate/eval/report; 'asr': a larger-sample ASR check of the --only "
                         "models with --n-triggered samples; 'recheck-clean': clean quality of the zoo models on disk "
-                        "with today's detector, against backdoor.json; 'parallel': zoo + eval of the models "
+                        "with today's detector, against the first zoo's figures; 'parallel': zoo + eval of the models "
                         "not yet evaluated in --jobs processes (a GPU session); 'restore': the eval rows of a "
                         "results file (--from) as cached evals, for the models the cache lacks")
     p.add_argument("--only", nargs="*", default=None, help="restrict zoo/eval to these model names (the "
@@ -753,8 +755,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget-s", type=float, default=float("inf"), help="parallel: launch nothing after this many "
                                                                          "seconds (default: no limit)")
     p.add_argument("--copy-to", default=None, help="parallel: copy each finished model's results here")
-    p.add_argument("--from", dest="source", default=str(RESULTS / "backdoor_zoo.json"),
-                   help="restore: the results file (default: benchmarks/results/backdoor_zoo.json)")
+    p.add_argument("--from", dest="source", default=str(RESULTS / "backdoor.json"),
+                   help="restore: the results file (default: benchmarks/results/backdoor.json)")
     args = p.parse_args(argv)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.what != "eval":
         p.error("only 'eval' is split between processes; run the other steps in one process")

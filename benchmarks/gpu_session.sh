@@ -9,7 +9,7 @@
 # Device tool: carry [".whl"]; command: bash benchmarks/gpu_session.sh 560
 # (.whl: diffusers and what it needs that the machine lacks, see docs/gpu.md). Back here: copy $OUT/gpu.json over
 # benchmarks/results/gpu.json and $OUT/zoo/* into runs/backdoor/results, then benchmarks/backdoor.py restore and
-# report --out benchmarks/results/backdoor_zoo.json.
+# report.
 set -u
 total=${1:-560}
 sections=${SECTIONS:-esd,terd,sharded,generate}
