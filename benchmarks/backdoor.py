@@ -111,6 +111,12 @@ def model_path(name: str) -> str:
     return BASE if name == "clean_base" else str(ZOO / name)
 
 
+def repo_relative(path: str | Path) -> str:
+    """``path`` relative to the repository when it lies inside it (as the result files record paths), else as is."""
+    p = Path(path)
+    return str(p.resolve().relative_to(ROOT)) if p.is_absolute() and p.resolve().is_relative_to(ROOT) else str(path)
+
+
 def build(name: str, spec: dict, threads: int) -> None:
     from diffshield.backdoor.baddiffusion import BadDiffusionConfig, implant
     from diffshield.backdoor.ddpm import DDPMTrainConfig, load_ddpm, train_ddpm
@@ -190,9 +196,7 @@ def scan_stats(name: str, preset: str, threads: int) -> dict:
 def scan_record(name: str, preset: str, threads: int) -> dict:
     """The calibration record of a model's (cached) scan: name, path, fingerprint, resolution, architecture, stats."""
     d = scan_stats(name, preset, threads)
-    path = model_path(name)
-    path = str(Path(path).relative_to(ROOT)) if Path(path).is_absolute() else path  # repo-relative in the file
-    return {"name": name, "path": path, "fingerprint": d.get("model_fingerprint"),
+    return {"name": name, "path": repo_relative(model_path(name)), "fingerprint": d.get("model_fingerprint"),
             "resolution": d.get("resolution"), "architecture": d.get("architecture"), "preset": preset,
             "mean_kl": d["mean_kl"], "var_kl": d["var_kl"], "moved_rel": d.get("moved_rel")}
 
@@ -498,10 +502,8 @@ def _report_record(name: str, preset: str, row: dict | None, cal, threads: int) 
     sc = row.get("scan", {}).get(preset)
     if sc is None:
         return None
-    path = model_path(name)
-    return {"name": name, "path": str(Path(path).relative_to(ROOT)) if Path(path).is_absolute() else path,
-            "fingerprint": None, "preset": preset, "mean_kl": sc["mean_kl"], "var_kl": sc["var_kl"],
-            "moved_rel": sc.get("moved_rel")}
+    return {"name": name, "path": repo_relative(model_path(name)), "fingerprint": None, "preset": preset,
+            "mean_kl": sc["mean_kl"], "var_kl": sc["var_kl"], "moved_rel": sc.get("moved_rel")}
 
 
 def _probe_summary(r: dict) -> dict:
@@ -530,12 +532,11 @@ def cmd_restore(args) -> None:
     data = json.loads(src.read_text())
     rows = data.get("models", []) + data.get("probes", [])
     CACHE.mkdir(parents=True, exist_ok=True)
-    done = []
+    done, rel = [], repo_relative(src.resolve())
     for r in rows:
         f = CACHE / f"eval_{r.get('name')}.json"
         if r.get("name") not in {**ZOO_MODELS, **PROBES} or f.exists():
             continue
-        rel = str(src.resolve().relative_to(ROOT)) if src.resolve().is_relative_to(ROOT) else str(src)
         f.write_text(json.dumps({**r, "restored_from": r.get("restored_from", rel)}, indent=2))
         done.append(r["name"])
     print(f"[restore] {len(done)} eval rows from {src}" + (f": {', '.join(done)}" if done else ""), flush=True)
@@ -546,8 +547,10 @@ def cmd_report(args) -> None:
 
     rows = [json.loads((CACHE / f"eval_{n}.json").read_text()) for n in ZOO_MODELS
             if (CACHE / f"eval_{n}.json").exists()]
+    probes = [json.loads((CACHE / f"eval_{n}.json").read_text()) for n in PROBES
+              if (CACHE / f"eval_{n}.json").exists()]
     cal = Calibration.load(default_calibration_path())
-    for r in rows:  # verdicts against the current calibration (eval may have run before `calibrate`)
+    for r in [*rows, *probes]:  # verdicts against the current calibration (eval may have run before `calibrate`)
         for preset, sc in r["scan"].items():
             if preset in cal.thresholds:
                 sc["verdict"] = _verdict(sc, cal.get(preset))
@@ -646,13 +649,6 @@ def cmd_report(args) -> None:
                 lines[-1] += " - | - | - |"
     table = "\n".join(lines)
     summary["asr_larger_n"] = [json.loads(f.read_text()) for f in sorted(CACHE.glob("asr_*_n*.json"))]
-    probes = [json.loads((CACHE / f"eval_{n}.json").read_text()) for n in PROBES
-              if (CACHE / f"eval_{n}.json").exists()]
-    for r in probes:
-        for preset, sc in r["scan"].items():
-            if preset in cal.thresholds:
-                sc["verdict"] = _verdict(sc, cal.get(preset))
-                sc["backdoored"] = sc["verdict"] == "backdoored"
     out = {"models": rows, "summary": summary, "probes": probes,
            "probe_summary": [_probe_summary(r) for r in probes],
            "calibration": {"thresholds": cal.thresholds, "method": cal.method, "references": cal.references},
