@@ -70,7 +70,7 @@ ZOO_MODELS: dict[str, dict] = {
     "bd_stop_corner_p05": {"kind": "backdoor", "trigger": "stop", "target": "corner", "poison_rate": 0.05},
     "bd_stop_hat_p10": {"kind": "backdoor", "trigger": "stop", "target": "hat", "poison_rate": 0.1},
     # the ODE variant (DDIM-50) learnt more slowly: strict ASR 59 % after 72 epochs, so it trains twice as long;
-    # its weights ship in benchmarks/zoo_weights (made by `zoo --only bd_stop_hat_p10_ode --threads 2`: 2.5 h on a
+    # its weights ship in benchmarks/zoo_weights (made by `zoo --only bd_stop_hat_p10_ode --threads 2`: 2 h 43 min on a
     # 2-core CPU), so that a fresh clone evaluates it without rebuilding it
     "bd_stop_hat_p10_ode": {"kind": "backdoor", "trigger": "stop", "target": "hat", "poison_rate": 0.1,
                             "variant": "ode", "epochs": 144, "copy_of": "benchmarks/zoo_weights/bd_stop_hat_p10_ode"},
