@@ -163,8 +163,9 @@ def test_trigger_injection_changes_only_the_initial_noise():
     assert clean.images.shape == (3, 3, 8, 8) and not torch.equal(clean.images, trig.images)
     # DDIM (eta 0): deterministic; a single image regenerates alone
     d = SampleConfig("ddim", steps=4)
+    # (batches of 1 and 2 may take other BLAS paths: float reordering only)
     torch.testing.assert_close(sample(model, [2], trigger=g, config=d).images[0],
-                               sample(model, [1, 2], trigger=g, config=d).images[1])
+                               sample(model, [1, 2], trigger=g, config=d).images[1], rtol=0, atol=1e-4)
 
 
 def test_input_detection_separates_known_shift():

@@ -20,7 +20,11 @@ def test_toy_ddpm_loads_with_stock_diffusers_and_samples():
     res = sample(model, [0, 1], config=SampleConfig("ddim", 5))
     assert res.images.shape == (2, 3, 32, 32) and 0 <= res.images.min() and res.images.max() <= 1
     again = sample(model, [1], config=SampleConfig("ddim", 5))
-    torch.testing.assert_close(res.images[1], again.images[0])
+    # Same seed, same image whatever the batch: the noise comes from the seed's own generator. Batches of 1 and 2 take
+    # different BLAS paths on some CPUs, so allow float reordering (observed 1.6e-5), far below one 8-bit level.
+    torch.testing.assert_close(res.images[1], again.images[0], rtol=0, atol=1e-4)
+    other = sample(model, [2], config=SampleConfig("ddim", 5))
+    assert (other.images[0] - again.images[0]).abs().max() > 0.05  # another seed is another image
 
 
 def test_shipped_example_and_calibration():
