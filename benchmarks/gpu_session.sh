@@ -7,7 +7,7 @@
 #      are done).
 # Everything comes back under $OUT: gpu.json, the logs, zoo/ (eval_*, scan_*, grid_* of each finished model).
 # Device tool: carry [".whl"]; command: bash benchmarks/gpu_session.sh 560
-# (.whl: diffusers and what it needs that the machine lacks, see docs/gpu.md). Back here: copy $OUT/gpu.json over
+# (.whl: diffusers and what it needs that the machine lacks: bash benchmarks/gpu_wheels.sh). Back here: copy $OUT/gpu.json over
 # benchmarks/results/gpu.json and $OUT/zoo/* into runs/backdoor/results, then benchmarks/backdoor.py restore and
 # report.
 set -u
