@@ -382,16 +382,16 @@ def section_terd(device: torch.device, tiny: bool, deadline: float) -> dict:
     model = load_ddpm(TOY_ROOT / "ddpm" / "examples" / "box_corner", device=device)
     n1, n2 = (2, 1) if tiny else (100, 10)
     small = {"batch_size": 4} if tiny else {}  # tiny: a smoke run of the path, not a timing
-    reverse_trigger(model, TERDConfig(stage1_iters=n1 // 2, stage2_iters=n2, num_threads=0, **small),
-                    progress=False)  # warm-up
-    dt1, _ = timed(lambda: reverse_trigger(model, TERDConfig(stage1_iters=n1, stage2_iters=0, num_threads=0, **small),
-                                           progress=False), device)
-    dt2, _ = timed(lambda: reverse_trigger(model, TERDConfig(stage1_iters=1, stage2_iters=n2, num_threads=0, **small),
-                                           progress=False), device)
+
+    def terd(n_1: int, n_2: int) -> TERDConfig:
+        return TERDConfig(stage1_iters=n_1, stage2_iters=n_2, num_threads=0, **small)
+
+    reverse_trigger(model, terd(n1 // 2, n2), progress=False)  # warm-up
+    dt1, _ = timed(lambda: reverse_trigger(model, terd(n1, 0), progress=False), device)
+    dt2, _ = timed(lambda: reverse_trigger(model, terd(1, n2), progress=False), device)
     per1, per2 = dt1 / n1, dt2 / n2
     preset = "tiny (4 + 1 iterations, batch 4)" if tiny else "paper"
-    cfg = TERDConfig(stage1_iters=4, stage2_iters=1, num_threads=0, **small) if tiny else TERDConfig.from_preset(
-        "paper", num_threads=0)
+    cfg = terd(4, 1) if tiny else TERDConfig.from_preset("paper", num_threads=0)
     projected = per1 * cfg.stage1_iters + per2 * cfg.stage2_iters
     out = {"model": "toy DDPM, backdoored example box -> corner (32 px)", "preset": preset,
            "stage1_s_per_iteration": per1, "stage2_s_per_iteration": per2, "projected_s": projected}
