@@ -382,3 +382,30 @@ def test_audit_files_in_another_commands_run_folder_are_the_users(tmp_path):
     (audit / "audit.json").write_text("{}")
     assert prepare_run_dir(audit, "audit", {"n": 2}, overwrite=True) == "replace"
     assert not (audit / "units").exists() and not (audit / "audit.json").exists()
+
+
+def test_the_launching_process_hands_the_workers_their_command_without_importing_diffusers(tmp_path):
+    """``--num-processes N`` runs accelerate's launcher in the command's own process; that process only launches,
+    so it must not pay for diffusers' imports before the workers (which need them) start."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red triangle\n")
+    code = (
+        "import sys\n"
+        "import diffshield.cli.scale as scale\n"
+        "seen = {}\n"
+        "def fake(n, argv, device):\n"
+        "    seen.update(n=n, argv=argv, device=str(device), diffusers='diffusers' in sys.modules)\n"
+        "    return 0\n"
+        "scale.launch = fake\n"
+        "from diffshield.cli.main import main\n"
+        f"rc = main(['generate', '--prompts', {str(prompts)!r}, '--device', 'cpu', '--out', "
+        f"{str(tmp_path / 'out')!r}, '--num-processes', '2'])\n"
+        "print(rc, seen)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert res.returncode == 0, res.stderr
+    rc, seen = res.stdout.strip().split(" ", 1)
+    assert rc == "0"
+    seen = eval(seen)  # noqa: S307 - our own repr of a dict of str/int/bool
+    assert seen["n"] == 2 and seen["device"] == "cpu" and seen["diffusers"] is False
+    assert seen["argv"][:3] == ["generate", "--prompts", str(prompts)] and "--num-processes" in seen["argv"]
