@@ -16,7 +16,7 @@ Rows:
 3. ``end_to_end``: UCE erases ``triangle`` from the toy model, then ``eval erasure --prompts`` and
    ``eval nudity --prompts`` run on the 100-prompt file with 2 processes.
 
-Run: ``.venv/bin/python benchmarks/scale.py`` (about 3 minutes on 2 idle CPU cores). Writes
+Run: ``.venv/bin/python benchmarks/scale.py`` (3 to 14 minutes on 2 idle CPU cores, as fast as the machine is). Writes
 ``benchmarks/results/scale.json`` and prints a markdown table.
 """
 
