@@ -117,8 +117,10 @@ def test_sigkill_a_worker_then_rerun_generates_only_the_missing(tmp_path, capsys
     out = tmp_path / "run"
     args = ["generate", "--prompts", str(prompts), "--n", "2", "--steps", "10", "--batch-size", "1", "--device",
             "cpu", "--out", str(out)]
-    launcher = subprocess.Popen([sys.executable, "-m", "diffshield", *args, "--num-processes", "2"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    err_file = tmp_path / "launcher.err"
+    with err_file.open("w") as err:
+        launcher = subprocess.Popen([sys.executable, "-m", "diffshield", *args, "--num-processes", "2"],
+                                    stdout=subprocess.DEVNULL, stderr=err, cwd=tmp_path)
     second_half = {f"p{i:06d}" for i in range(8, 16)}
     killed = False
     deadline = time.time() + 120
@@ -134,6 +136,9 @@ def test_sigkill_a_worker_then_rerun_generates_only_the_missing(tmp_path, capsys
         time.sleep(0.05)
     assert killed, "the worker of rank 1 finished before it could be killed"
     assert launcher.wait(timeout=120) != 0
+    last = err_file.read_text().strip().splitlines()[-1]  # the killed worker, named in one line
+    assert last.startswith("diffshield: error: a process of the 2-process run failed (") and \
+        "process 1: exit status -9" in last and last.endswith("rerun the same command to resume it"), last
     jobs = plan_jobs(load_prompt_set(prompts), 2, 0, 5.0)
     states = job_states(out, jobs, 32)
     done = [j for j in jobs if states[j] == "done"]

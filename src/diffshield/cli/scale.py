@@ -66,34 +66,23 @@ def launch(num_processes: int, argv: list[str], device) -> int:
             raise DiffshieldError(f"--num-processes {num_processes} on CUDA needs one GPU per process; this machine "
                                   f"has {torch.cuda.device_count()}")
     from accelerate.commands.launch import launch_command, launch_command_parser
+    from accelerate.utils import patch_environment
 
     flags = ["--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1", "--mixed_precision", "no",
              "--dynamo_backend", "no", "--main_process_port", str(_free_port()), "-m", "diffshield", *argv]
     launch_args = launch_command_parser().parse_args(flags)
-    saved = os.environ.get("PYTHONUNBUFFERED")
-    os.environ["PYTHONUNBUFFERED"] = "1"  # the workers' progress bars and lines arrive as they are written
+    rc, why = 0, ""
     try:
-        launch_command(launch_args)
-        rc = 0
-    except SystemExit as e:  # the launcher's own exit (a signal, an interrupt, a failed child with --quiet)
-        rc = e.code if isinstance(e.code, int) else 1
+        with patch_environment(PYTHONUNBUFFERED="1"):  # the workers' bars and lines arrive as they are written
+            launch_command(launch_args)
+    except SystemExit as e:  # the launcher's own exit (a signal, an interrupt)
+        rc, why = (e.code if isinstance(e.code, int) else 1), ""
     except Exception as e:  # noqa: BLE001 - torchrun's ChildFailedError: a worker exited non-zero or was killed
         failures = getattr(e, "failures", None) or {}
-        codes = sorted({f.exitcode for f in failures.values() if getattr(f, "exitcode", None)})
-        rc = codes[0] if len(codes) == 1 and codes[0] > 0 else 1
-        if failures:
-            print("diffshield: " + ", ".join(f"process {r} exited with status {f.exitcode}"
-                                             for r, f in sorted(failures.items())), file=sys.stderr)
-        else:
-            print(f"diffshield: the launcher stopped: {type(e).__name__}", file=sys.stderr)
-    finally:
-        if saved is None:
-            os.environ.pop("PYTHONUNBUFFERED", None)
-        else:
-            os.environ["PYTHONUNBUFFERED"] = saved
+        rc, why = 1, ", ".join(f"process {r}: exit status {f.exitcode}" for r, f in sorted(failures.items()))
     if rc != 0:
-        print(f"diffshield: error: a process of the {num_processes}-process run failed (exit status {rc}); rerun "
-              "the same command to resume it", file=sys.stderr)
+        print(f"diffshield: error: a process of the {num_processes}-process run failed ({why or f'exit status {rc}'}"
+              "); rerun the same command to resume it", file=sys.stderr)
     return rc
 
 
