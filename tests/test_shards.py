@@ -414,3 +414,41 @@ def test_the_launching_process_hands_the_workers_their_command_without_importing
     seen = eval(seen)  # noqa: S307 - our own repr of a dict of str/int/bool
     assert seen["n"] == 2 and seen["device"] == "cpu" and seen["diffusers"] is False
     assert seen["argv"][:3] == ["generate", "--prompts", str(prompts)] and "--num-processes" in seen["argv"]
+
+
+def test_launch_reports_a_failed_worker_and_an_interrupt_in_one_line(monkeypatch, capsys):
+    """How ``--num-processes``'s in-process launcher ends: success 0; a failed worker (torchrun's ChildFailedError)
+    1, naming the process; an interrupt (the launcher exits 128 + signal) that status, said as an interrupt."""
+    import accelerate.commands.launch as accelerate_launch
+    import torch
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from diffshield.cli.scale import launch
+
+    seen = {}
+
+    def ok(args):
+        seen["env"] = os.environ.get("PYTHONUNBUFFERED")
+        seen["script"] = (args.training_script, args.training_script_args, args.num_processes, args.module)
+
+    monkeypatch.setattr(accelerate_launch, "launch_command", ok)
+    assert launch(2, ["generate", "--out", "x"], torch.device("cpu")) == 0
+    assert seen["env"] == "1" and seen["script"] == ("diffshield", ["generate", "--out", "x"], 2, True)
+    assert capsys.readouterr().err == ""
+
+    def killed(args):
+        failure = ProcessFailure(local_rank=1, pid=4321, exitcode=-9, error_file="/nonexistent")
+        raise ChildFailedError("diffshield", {1: failure})
+
+    monkeypatch.setattr(accelerate_launch, "launch_command", killed)
+    assert launch(2, ["generate"], torch.device("cpu")) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "2-process run failed (process 1: exit status -9)" in err
+
+    def interrupted(args):
+        raise SystemExit(130)
+
+    monkeypatch.setattr(accelerate_launch, "launch_command", interrupted)
+    assert launch(2, ["generate"], torch.device("cpu")) == 130
+    err = capsys.readouterr().err
+    assert err == "diffshield: interrupted (signal 2); rerun the same command to resume it\n"

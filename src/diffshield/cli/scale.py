@@ -75,8 +75,11 @@ def launch(num_processes: int, argv: list[str], device) -> int:
     try:
         with patch_environment(PYTHONUNBUFFERED="1"):  # the workers' bars and lines arrive as they are written
             launch_command(launch_args)
-    except SystemExit as e:  # the launcher's own exit (a signal, an interrupt)
-        rc, why = (e.code if isinstance(e.code, int) else 1), ""
+    except SystemExit as e:  # the launcher stopped its workers on a signal (Ctrl-C: 130) and exits 128 + signal
+        rc = e.code if isinstance(e.code, int) else 1
+        if rc > 128:
+            print(f"diffshield: interrupted (signal {rc - 128}); rerun the same command to resume it", file=sys.stderr)
+            return rc
     except Exception as e:  # noqa: BLE001 - torchrun's ChildFailedError: a worker exited non-zero or was killed
         failures = getattr(e, "failures", None) or {}
         rc, why = 1, ", ".join(f"process {r}: exit status {f.exitcode}" for r, f in sorted(failures.items()))
