@@ -41,8 +41,11 @@ def test_demo_through_the_cli(tmp_path, monkeypatch, capsys):
     summary = json.loads((out / "demo.json").read_text())
     assert {"generate", "erase", "redteam", "backdoor", "protect"} <= set(summary)
     assert summary["erase"]["detected_after"] < summary["erase"]["detected_before"]
+    # the shipped backdoored example draws its target from noise + trigger, and not from noise alone
+    assert summary["backdoor"]["samples"]["asr_strict_with_trigger"] >= 0.75, summary["backdoor"]["samples"]
+    assert summary["backdoor"]["samples"]["asr_without_trigger"] == 0.0, summary["backdoor"]["samples"]
     for f in ("generate/grid.png", "erase/uce-triangle-grid.png", "redteam/audit/index.html",
-              "protect/protect/panel.png"):
+              "backdoor/backdoor/with_and_without_trigger.png", "protect/protect/panel.png"):
         assert (out / f).exists(), f
     assert "summary:" in capsys.readouterr().out
 
