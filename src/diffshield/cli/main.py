@@ -20,7 +20,7 @@ from diffshield.cli.common import (
     seed_int,
 )
 from diffshield.cli.common import positive_int as _positive_int
-from diffshield.cli.scale import _in_launched_worker, add_scale_args
+from diffshield.cli.scale import add_scale_args, only_launches
 from diffshield.core.errors import DiffshieldError
 
 # Each pillar's CLI module exposes ``register(subparsers)`` and, optionally, ``demo_step(out: Path, device) -> dict``.
@@ -555,7 +555,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 1
     try:
-        if getattr(args, "num_processes", 1) <= 1 or _in_launched_worker():
+        if not only_launches(args):
             # diffusers' and transformers' own progress bars and notices; a process that only launches the workers
             # of a --num-processes run skips it (importing their logging imports most of both: seconds on a CPU)
             from diffshield.core.loading import _quiet_hf

@@ -123,7 +123,7 @@ def _audit_in_run_dir(args, attacks: list[str], hp: dict, sample, inputs: list) 
 
     from accelerate import PartialState
 
-    from diffshield.cli.scale import _in_launched_worker, launch
+    from diffshield.cli.scale import launch, only_launches
     from diffshield.core.io import write_marker
     from diffshield.core.loading import load_t2i
     from diffshield.core.shards import check_run_dir, prepare_run_dir, read_run_spec
@@ -136,7 +136,7 @@ def _audit_in_run_dir(args, attacks: list[str], hp: dict, sample, inputs: list) 
     hp = check_settings(hp, args.n, args.budget)
     spec = _audit_spec(args, names, hp)
     out = Path(args.run_dir)
-    if args.num_processes > 1 and not _in_launched_worker():
+    if only_launches(args):
         check_run_dir(out, "audit", spec, args.overwrite, inputs)  # one-line refusals before any process starts
         return launch(args.num_processes, args.argv, args.device)
     start, cpu_start = time.perf_counter(), time.process_time()

@@ -45,6 +45,12 @@ def _in_launched_worker() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def only_launches(args: argparse.Namespace) -> bool:
+    """True in the process of a ``--num-processes N`` (N > 1) command that only starts the N workers: not itself one
+    of them (under ``accelerate launch``, or in a worker it started, WORLD_SIZE is above 1)."""
+    return getattr(args, "num_processes", 1) > 1 and not _in_launched_worker()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -182,7 +188,7 @@ def run_prompt_set(args: argparse.Namespace, task: str) -> int:
         metrics = merge_run(out, jobs, command, _metrics(task, args), grid=task == "generate")
         _report(task, out, metrics)
         return 0
-    if args.num_processes > 1 and not _in_launched_worker():
+    if only_launches(args):
         check_run_dir(out, command, spec, args.overwrite, inputs)  # one-line refusals before any process starts
         return launch(args.num_processes, args.argv, args.device)
 
