@@ -17,7 +17,7 @@ demo: $(STAMP)
 	$(VENV)/bin/diffshield demo --out demo_out --overwrite
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2   # two workers: the tests run single-threaded
+	$(PY) -m pytest -q -n 2 --maxschedchunk 1   # two workers, one test at a time each (long ones first: conftest)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks scripts examples

@@ -49,6 +49,7 @@ def _figures(d: dict) -> dict:
     return out
 
 
+@pytest.mark.long(55)
 def test_two_process_audit_merges_to_the_figures_of_one(audit_args, tmp_path, capsys):
     base = audit_args
     assert main([*base, "--json", str(tmp_path / "one.json")]) == 0
@@ -65,6 +66,7 @@ def test_two_process_audit_merges_to_the_figures_of_one(audit_args, tmp_path, ca
     assert (tmp_path / "report" / "index.html").is_file() and (run / ".diffshield-output.json").is_file()
 
 
+@pytest.mark.long(35)
 def test_audit_run_dir_resumes_only_the_missing_attacks_and_refuses_other_settings(audit_args, tmp_path, capsys):
     base = audit_args
     run = tmp_path / "run"

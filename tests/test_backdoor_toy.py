@@ -35,19 +35,3 @@ def test_shipped_example_and_calibration():
     ex = TOY_ROOT / "ddpm" / "examples" / "box_corner"
     model = load_ddpm(ex)
     assert model.info["backdoor"]["trigger"] == "box" and (ex / "backdoor.safetensors").exists()
-
-
-def test_demo_step_summary(tmp_path, monkeypatch, capsys):
-    from diffshield.backdoor import terd
-    from diffshield.cli.backdoor import demo_step
-
-    monkeypatch.setitem(terd.PRESETS, "fast", {"stage1_iters": 2, "stage2_iters": 1, "batch_size": 2,
-                                               "ddim_steps": 2})
-    summary = demo_step(tmp_path)
-    assert set(summary) == {"samples", "example"}
-    assert {"backdoored", "mean_kl", "var_kl", "thresholds"} <= set(summary["example"])
-    assert summary["samples"]["asr_strict_with_trigger"] >= 0.75 and summary["samples"]["asr_without_trigger"] == 0
-    assert (tmp_path / "backdoor" / "scan.json").exists()
-    assert (tmp_path / "backdoor" / "with_and_without_trigger.png").exists()
-    out = capsys.readouterr().out
-    assert "TERD fast scan" in out and "samples are its target; from noise alone, 0%" in out

@@ -24,6 +24,7 @@ def one_thread():
 # --- backdoors --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.long(30)
 def test_shipped_backdoor_opens_with_its_trigger_and_only_with_it():
     """The shipped BadDiffusion example (box -> corner, SDE) draws its target from ε + trigger with the DDPM sampler
     it was implanted for (strict ASR: MSE to the target below half the target's energy), and ordinary images from ε
@@ -161,6 +162,7 @@ def test_genetic_search_beats_random_prompts(tiny_sd_dir):
 # --- erase and evaluate -----------------------------------------------------------------------------------------
 
 
+@pytest.mark.long(55)
 def test_colour_erasure_lowers_the_erased_rate_and_keeps_the_other_colours():
     """UCE at its toy setting erases "red" from toy:t2i, and eval erasure tells the erased model from the original
     (a swap of the two, or an edit that does nothing, fails here)."""

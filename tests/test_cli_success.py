@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from PIL import Image
 
@@ -29,6 +30,7 @@ def test_train_ddpm_then_implant_through_the_cli(tmp_path):
     assert any(not torch.equal(p, q) for p, q in zip(base.unet.parameters(), after.unet.parameters()))
 
 
+@pytest.mark.long(195)
 def test_demo_through_the_cli(tmp_path, monkeypatch, capsys):
     """``diffshield demo`` writes every pillar's part; the TERD scan runs at a tiny budget here (the demo's own
     figures are in the README)."""
@@ -44,10 +46,14 @@ def test_demo_through_the_cli(tmp_path, monkeypatch, capsys):
     # the shipped backdoored example draws its target from noise + trigger, and not from noise alone
     assert summary["backdoor"]["samples"]["asr_strict_with_trigger"] >= 0.75, summary["backdoor"]["samples"]
     assert summary["backdoor"]["samples"]["asr_without_trigger"] == 0.0, summary["backdoor"]["samples"]
+    assert {"backdoored", "mean_kl", "var_kl", "thresholds"} <= set(summary["backdoor"]["example"])
     for f in ("generate/grid.png", "erase/uce-triangle-grid.png", "redteam/audit/index.html",
-              "backdoor/backdoor/with_and_without_trigger.png", "protect/protect/panel.png"):
+              "backdoor/backdoor/with_and_without_trigger.png", "backdoor/backdoor/scan.json",
+              "protect/protect/panel.png"):
         assert (out / f).exists(), f
-    assert "summary:" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "summary:" in printed
+    assert "TERD fast scan" in printed and "samples are its target; from noise alone, 0%" in printed
 
 
 def test_eval_nudity_through_the_cli(tmp_path):

@@ -5,6 +5,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -17,6 +18,7 @@ def load_benchmark():
     return mod
 
 
+@pytest.mark.long(70)
 def test_gpu_benchmark_tiny_on_cpu(tmp_path):
     bench = load_benchmark()
     out = tmp_path / "gpu.json"

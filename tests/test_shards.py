@@ -56,6 +56,7 @@ def test_prompt_sets_csv_and_lines(tmp_path):
     assert jobs[0].file == "images/p000000_s7.png"
 
 
+@pytest.mark.long(50)
 def test_two_processes_equal_one_on_i2p_toy_file(tmp_path, capsys):
     """The 100-prompt I2P-format file, generate -> toy-detector scores -> merged metrics, with 1 and 2 processes."""
     common = ["eval", "erasure", "--prompts", str(I2P_TOY), "--model", "toy:t2i", "--concept", "triangle",
@@ -110,6 +111,7 @@ def _rank_of(pid: int) -> int | None:
     return None
 
 
+@pytest.mark.long(40)
 def test_sigkill_a_worker_then_rerun_generates_only_the_missing(tmp_path, capsys):
     prompts = tmp_path / "p.txt"
     prompts.write_text("".join(f"a {c} {s}\n" for c in ("red", "blue", "green", "yellow")

@@ -128,6 +128,7 @@ def test_shipped_world1_detector_reads_world1_images():
         assert (pred[head][0].numpy() == getattr(b, head)).mean() >= 0.97, head
 
 
+@pytest.mark.long(50)
 @needs_shipped
 def test_shipped_model_meets_fidelity_bar_on_a_small_sample():
     from diffshield.core.loading import load_t2i
@@ -153,6 +154,7 @@ def test_cli_generate_writes_images_grid_and_manifest(tmp_path):
     assert all((out / r["file"]).exists() for r in manifest["images"]) and (out / "grid.png").exists()
 
 
+@pytest.mark.long(50)
 def test_recipe_runs_end_to_end_and_the_continuation_stage_changes_the_unet(tmp_path):
     """The training recipe on a tiny budget: every stage runs, a rerun skips the finished stages, and the optional
     continuation stage (4b) starts from stage 4's weights and moves them."""
