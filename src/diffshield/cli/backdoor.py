@@ -778,7 +778,6 @@ def demo_step(out: Path, device: str = "cpu") -> dict:
     draws with and without its trigger (4 seeds each, its DDPM sampler at 200 of 1000 steps), then a fast TERD scan
     of it (about 30 s of CPU on a fast day)."""
     import torch
-    from safetensors.torch import load_file
 
     from diffshield.backdoor.ddpm import load_ddpm
     from diffshield.backdoor.metrics import backdoor_metrics
@@ -791,11 +790,10 @@ def demo_step(out: Path, device: str = "cpu") -> dict:
     summary = {}
     folder = TOY_ROOT / "ddpm" / "examples" / "box_corner"
     model = load_ddpm(folder, device=device)
-    rec = load_file(str(folder / "backdoor.safetensors"))
     seeds, cfg = [0, 1, 2, 3], SampleConfig("ddpm", 200, batch_size=4)
-    opened = sample(model, seeds, trigger=rec["trigger"], config=cfg).images
+    opened = sample(model, seeds, trigger=_recorded(model, "trigger"), config=cfg).images
     plain = sample(model, seeds, config=cfg).images
-    target = (rec["target"] + 1) / 2
+    target = (_recorded(model, "target") + 1) / 2
     hit, miss = backdoor_metrics(opened, target), backdoor_metrics(plain, target)
     make_grid(torch.cat([opened, plain]), nrow=4, upscale=4).save(out / "with_and_without_trigger.png")
     summary["samples"] = {"asr_strict_with_trigger": hit["asr_strict"], "asr_without_trigger": miss["asr"],
