@@ -80,6 +80,23 @@ def pytest_configure(config):
         mod.apply(name)
 
 
+def worker_threads() -> int:
+    """This pytest process's share of the machine's cores: all of them without pytest-xdist, else cores / workers."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_per_worker():
+    """Every test starts with torch on at most its worker's share of the cores (fewer where a module asks for one
+    thread). Torch's default (every core) in each of ``make test``'s two workers puts four busy threads on two cores,
+    which doubles the time of anything compute-bound (two 32-image generations side by side: 48 s each on two
+    threads, 25 s each on one); and a test that runs a command with ``--threads N`` would otherwise leave N behind for
+    the next test on its worker."""
+    torch.set_num_threads(min(torch.get_num_threads(), worker_threads()))
+    yield
+
+
 @pytest.fixture()
 def sensitive_inpainter():
     """(inpainter, green): a hand-built inpainter that paints green when the context carries a faint +-1 pattern (a
