@@ -42,7 +42,11 @@ def test_demo_through_the_cli(tmp_path, monkeypatch, capsys):
     assert main(["demo", "--out", str(out), "--threads", "1"]) == 0
     summary = json.loads((out / "demo.json").read_text())
     assert {"generate", "erase", "redteam", "backdoor", "protect"} <= set(summary)
-    assert summary["erase"]["detected_after"] < summary["erase"]["detected_before"]
+    # UCE at its toy setting on 'triangle' and 'wedge' (32 images from the erase test's prompts and seeds): the bars
+    # the docs claim, at most 10 % left and the other shape (circles, 16 images) down at most 5 points
+    erase = summary["erase"]
+    assert erase["detected_before"] >= 0.9 and erase["detected_after"] <= 0.10, erase
+    assert erase["circle_after"] >= erase["circle_before"] - 0.05, erase
     # the shipped backdoored example draws its target from noise + trigger, and not from noise alone
     assert summary["backdoor"]["samples"]["asr_strict_with_trigger"] >= 0.75, summary["backdoor"]["samples"]
     assert summary["backdoor"]["samples"]["asr_without_trigger"] == 0.0, summary["backdoor"]["samples"]
