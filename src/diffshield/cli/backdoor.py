@@ -809,8 +809,8 @@ def demo_step(out: Path, device: str = "cpu") -> dict:
     print(f"TERD fast scan, backdoored example (box -> corner): {rep['verdict']} (r moved {rep['moved_rel']:.3f} x "
           f"||r0||, a verdict needs >= {rep['min_move']:.2g}; mean KL {rep['mean_kl']:.3f} / threshold "
           f"{th['mean_kl']:.3f}, var KL {rep['var_kl']:.4f} / threshold {th['var_kl']:.4f}; {rep['seconds']:.0f} s). "
-          "The fast preset barely moves r; 'diffshield scan' (its default preset, cpu) reverses this backdoor (about "
-          "6 CPU-min)")
+          "The fast preset barely moves r; the cpu preset (scan's default) reverses this backdoor in about 6 CPU-min: "
+          f"diffshield scan --model {folder} --out scan_box_corner")
     summary["example"] = {k: rep[k] for k in ("verdict", "backdoored", "mean_kl", "var_kl", "thresholds", "moved_l2",
                                               "moved_rel", "cos_r0", "seconds")}
     atomic_write_json(out / "scan.json", summary)
