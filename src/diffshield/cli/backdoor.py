@@ -776,7 +776,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def demo_step(out: Path, device: str = "cpu") -> dict:
     """The backdoor part of ``diffshield demo``: what the shipped backdoored example (BadDiffusion, box -> corner)
     draws with and without its trigger (4 seeds each, its DDPM sampler at 200 of 1000 steps), then a fast TERD scan
-    of it on the demo's threads (74 s on two cores, 132 s on one, on a slow day)."""
+    of it on the demo's threads (75-90 s on two cores, 132 s on one, on a slow day)."""
     import torch
 
     from diffshield.backdoor.ddpm import load_ddpm
