@@ -97,6 +97,17 @@ def _torch_threads_per_worker():
     yield
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a whole module (``pytestmark = pytest.mark.usefixtures("one_thread")``): the toy and
+    tiny models' tensors are too small for intra-op threads, which only add overhead, and on a shared CPU extra
+    OpenMP threads spin."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture()
 def sensitive_inpainter():
     """(inpainter, green): a hand-built inpainter that paints green when the context carries a faint +-1 pattern (a

@@ -12,13 +12,7 @@ import torch
 from diffshield.core.errors import DiffshieldError
 from diffshield.core.loading import load_t2i
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- backdoors --------------------------------------------------------------------------------------------------

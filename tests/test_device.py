@@ -14,12 +14,7 @@ from diffshield.core.sampling import SampleConfig, encode_prompts, generate, ini
 HAS_CUDA = torch.cuda.is_available()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_resolve_device_auto_and_cpu():

@@ -27,13 +27,7 @@ CONCEPT = "a red box"
 FAST = dict(ddim_steps=4, lr=1e-3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny UNet's tensors are far too small for intra-op threads, which only add overhead (16x on 2 cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def snapshot(model):

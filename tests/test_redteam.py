@@ -33,13 +33,7 @@ CHEAP = {
 RAISING = ("adv-embed", "unlearndiff-soft", "p4d-soft")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread: on a shared, oversubscribed CPU, extra OpenMP threads spin and slow everything down."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
