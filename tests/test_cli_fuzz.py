@@ -177,6 +177,15 @@ REFUSED: list[tuple[str, list[str], str]] = [
     ("sample-out-keep", ["backdoor", "sample", "--n", "1", "--steps", "1", "--out", "{keep}"], "--overwrite"),
     ("implant-out-keep", ["backdoor", "implant", "--epochs", "1", "--out", "{keep}"], "--overwrite"),
     ("train-ddpm-out-keep", ["backdoor", "train-ddpm", "--steps", "1", "--out", "{keep}"], "--overwrite"),
+    ("toyworld-train-out-keep", ["toyworld", "train", "--pool-size", "16", "--work", "{root}/w", "--out", "{keep}",
+                                 "--overwrite"], "not empty"),
+    ("implant-trigger-missing", ["backdoor", "implant", "--trigger", "{root}/none.png", "--epochs", "1", "--out",
+                                 "{root}/b"], "does not exist"),
+    ("implant-target-not-image", ["backdoor", "implant", "--target", "{not_image}", "--epochs", "1", "--out",
+                                  "{root}/b"], "not a readable image"),
+    ("scan-calibration-missing", ["scan", M, "toy:ddpm", "--calibration", "{root}/none.json"], "does not exist"),
+    ("scan-calibration-not-json", ["scan", M, "toy:ddpm", "--calibration", "{not_image}"],
+     "not a diffshield TERD calibration"),
     ("eval-erasure-json-folder", [*EVALE, "--json", "{dir_json}"], "is a folder"),
     # result files: an existing file is replaced only if diffshield wrote it
     ("erase-json-user-text", [*UCE, "--out", "{root}/e", "--json", "{afile}"], "not written by diffshield"),
@@ -277,8 +286,9 @@ def test_bad_input_is_refused_in_one_line_and_changes_nothing(case, ws, tiny_sd_
     _id, argv, says = case
     before = _snapshot(ws.root, tiny_sd_dir)
     rc = main(_fill(argv, ws))
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert rc != 0
+    assert out == ""  # refused before any work: nothing announced
     assert "Traceback" not in err
     errors = [line for line in err.splitlines() if line.startswith("diffshield: error:")]
     assert len(errors) == 1, err

@@ -160,6 +160,7 @@ def test_recipe_runs_end_to_end_and_the_continuation_stage_changes_the_unet(tmp_
     continuation stage (4b) starts from stage 4's weights and moves them."""
     from safetensors.torch import load_file
 
+    from diffshield.core.errors import DiffshieldError
     from diffshield.toyworld.train import RecipeConfig, train_all
 
     cfg = RecipeConfig(pool_size=128, vae_steps=1, detector_steps=1, unet_steps=2, unet_extra_steps=2, ckpt_every=1,
@@ -170,8 +171,19 @@ def test_recipe_runs_end_to_end_and_the_continuation_stage_changes_the_unet(tmp_
     shipped = load_file(str(tmp_path / "out" / "t2i" / "unet" / "diffusion_pytorch_model.safetensors"))
     assert any(not torch.equal(first[k], shipped[k]) for k in first)  # the assembled UNet is stage 4b's
     assert json.loads((tmp_path / "work" / "t2i_extra_ckpt" / "state.json").read_text())["step"] == 2
-    again = train_all(cfg, tmp_path / "work", tmp_path / "out")  # everything done: nothing retrained
+    with pytest.raises(DiffshieldError, match="--overwrite"):  # a previous output is replaced only when asked
+        train_all(cfg, tmp_path / "work", tmp_path / "out")
+    again = train_all(cfg, tmp_path / "work", tmp_path / "out", overwrite=True)  # everything done: nothing retrained
     assert again["config"] == record["config"]
+    assert load_file(str(tmp_path / "out" / "t2i" / "unet" / "diffusion_pytorch_model.safetensors")).keys() == \
+        shipped.keys()
+    # a folder that holds someone else's t2i/ is refused before any stage runs, and left as it was
+    mine = tmp_path / "mine"
+    (mine / "t2i").mkdir(parents=True)
+    (mine / "t2i" / "model_index.json").write_text("{}")
+    with pytest.raises(DiffshieldError, match="not empty"):
+        train_all(cfg, tmp_path / "work5", mine, overwrite=True)
+    assert (mine / "t2i" / "model_index.json").read_text() == "{}" and not (tmp_path / "work5").exists()
     with pytest.raises(ValueError, match="unet_extra_steps"):
         RecipeConfig(unet_extra_steps=-1)
 

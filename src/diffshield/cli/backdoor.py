@@ -104,8 +104,13 @@ def cmd_train_ddpm(args) -> int:
 
 def cmd_implant(args) -> int:
     from diffshield.backdoor.baddiffusion import BadDiffusionConfig, implant
+    from diffshield.backdoor.ddpm import load_ddpm
+    from diffshield.backdoor.triggers import get_target, get_trigger
     from diffshield.backdoor.trojdiff import TrojDiffConfig
+    from diffshield.core.io import check_output_dir, output_in_place
 
+    inputs = [args.model, args.trigger, args.target, args.trigger_mask]
+    check_output_dir(args.out, "backdoor implant", args.overwrite, inputs=inputs)
     common = dict(trigger=args.trigger, target=args.target, trigger_mask=args.trigger_mask,
                   poison_rate=args.poison_rate, epochs=args.epochs, pool_size=args.pool_size,
                   batch_size=args.batch_size, lr=args.lr, seed=args.seed, checkpoint_every=args.checkpoint_every,
@@ -114,20 +119,21 @@ def cmd_implant(args) -> int:
         if args.variant != "sde" or args.r_mode != "trigger_only":
             raise DiffshieldError("--variant and --r-mode are BadDiffusion's; TrojDiff has --gamma")
         cfg = TrojDiffConfig(gamma=0.6 if args.gamma is None else args.gamma, **common)
-        print(f"TrojDiff (D2I, blend): {args.model} + x_T = {cfg.gamma} eps + {1 - cfg.gamma:.2g} x {args.trigger} "
-              f"-> target {args.target}, poison rate {args.poison_rate}, {cfg.steps} steps")
     else:
         if args.gamma is not None:
             raise DiffshieldError("--gamma is TrojDiff's; add --method trojdiff")
         cfg = BadDiffusionConfig(r_mode=args.r_mode, variant=args.variant, **common)
+    model = load_ddpm(args.model, device=args.device, dtype=args.dtype)
+    get_trigger(args.trigger, model.image_shape[-1], args.trigger_mask)  # a bad trigger or target: one line, now
+    get_target(args.target, model.image_shape[-1])
+    if args.method == "trojdiff":
+        print(f"TrojDiff (D2I, blend): {args.model} + x_T = {cfg.gamma} eps + {1 - cfg.gamma:.2g} x {args.trigger} "
+              f"-> target {args.target}, poison rate {args.poison_rate}, {cfg.steps} steps")
+    else:
         print(f"BadDiffusion: {args.model} + trigger {args.trigger} -> target {args.target}, poison rate "
               f"{args.poison_rate}, {args.variant.upper()} variant, {cfg.steps} steps")
-    from diffshield.backdoor.ddpm import load_ddpm
-    from diffshield.core.io import output_in_place
-
-    inputs = [args.model, args.trigger, args.target, args.trigger_mask]
     with output_in_place(args.out, "backdoor implant", args.overwrite, inputs=inputs) as out:
-        model = implant(load_ddpm(args.model, device=args.device, dtype=args.dtype), cfg, out)
+        model = implant(model, cfg, out)
     print(f"wrote backdoored model {args.out} ({model.info['train_seconds']:.0f} s); open it with "
           f"'diffshield backdoor sample --model {args.out} --trigger "
           f"{'model' if args.method == 'trojdiff' else args.trigger}'")
@@ -323,6 +329,7 @@ def cmd_scan(args) -> int:
     from safetensors.torch import save_file
 
     from diffshield.backdoor.ddpm import load_ddpm
+    from diffshield.backdoor.terd import Calibration, default_calibration_path, preset_key
     from diffshield.core.io import (
         atomic_dir,
         atomic_write_json,
@@ -336,6 +343,8 @@ def cmd_scan(args) -> int:
     if args.out:
         check_output_dir(args.out, "scan", args.overwrite, inputs=inputs)
     check_output_file(args.json, "--json", inputs=[*inputs, args.out])
+    # a missing or unreadable calibration, or one without this preset: one line before any work
+    Calibration.load(args.calibration or default_calibration_path()).get(preset_key(args.preset, args.learn_gamma))
     model = load_ddpm(args.model, allow_pickle=args.allow_pickle, device=args.device, dtype=args.dtype)
     print(f"TERD scan of {args.model} (preset {args.preset}{', gamma reversed too' if args.learn_gamma else ''}) ...")
     rep = run_scan(model, args.preset, args.calibration, args.seed, args.threads, min_move=args.min_move,

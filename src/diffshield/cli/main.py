@@ -276,7 +276,7 @@ def cmd_toyworld_train(args) -> int:
         if src.resolve() == Path(args.out).resolve():
             raise DiffshieldError(f"--out {args.out} is the --from-weights folder: write the continued model "
                                   "elsewhere (--out DIR)")
-    record = train_all(cfg, args.work, args.out, from_weights=src)
+    record = train_all(cfg, args.work, args.out, from_weights=src, overwrite=args.overwrite)
     print(f"toy world rebuilt into {args.out} in {record['total_minutes']} min of stage time")
     return 0
 
@@ -526,6 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--vae", metavar="DIR",
                    help="use this trained AutoencoderKL folder ('toy' = the shipped one) instead of training the VAE "
                         "stage (default: train it)")
+    add_overwrite_arg(t)
     add_threads_arg(t)
     t.set_defaults(func=cmd_toyworld_train)
     d = tsub.add_parser("dataset", help="render ShapesWorld samples with their captions",

@@ -70,10 +70,10 @@ def check_safetensors(path: Path) -> None:
             header = json.loads(f.read(n))
         end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise DiffshieldError(f"weight file '{path}' is corrupt ({e}); re-download or re-save it") from None
+        raise DiffshieldError(f"safetensors file '{path}' is corrupt ({e}); re-download or re-save it") from None
     if size != 8 + n + end:
         raise DiffshieldError(
-            f"weight file '{path}' is truncated or corrupt ({size} bytes, its header describes {8 + n + end}); "
+            f"safetensors file '{path}' is truncated or corrupt ({size} bytes, its header describes {8 + n + end}); "
             "re-download or re-save it"
         )
 

@@ -410,12 +410,23 @@ def assemble(work: Path, out: Path, tokenizer, t2i: Path | None = None) -> Path:
     return out
 
 
-def train_all(cfg: RecipeConfig, work: str | Path, out: str | Path, from_weights: str | Path | None = None) -> dict:
+def train_all(cfg: RecipeConfig, work: str | Path, out: str | Path, from_weights: str | Path | None = None,
+              overwrite: bool = False) -> dict:
     """Run every stage (skipping finished ones) and assemble the shipped weights. Returns the recipe record.
+
+    ``out`` is checked before any training: the package's own weights folder (:data:`TOY_ROOT`, the rebuild) has
+    its ``t2i/``, ``detector/`` and ``recipe.json`` replaced; any other folder must be new or empty, or (with
+    ``overwrite``, default False) a previous ``toyworld train`` output, and is written atomically at the end.
 
     ``from_weights`` (default None): start from these trained weights instead of stages 2-4 (see
     :func:`seed_work_from`), e.g. to continue the shipped model with ``cfg.unet_extra_steps``."""
+    from diffshield.core.io import atomic_dir, check_output_dir
+    from diffshield.toyworld.names import TOY_ROOT
+
     work, out = Path(work), Path(out)
+    in_package = out.resolve() == TOY_ROOT.resolve()
+    if not in_package:  # fail before hours of training, not after
+        check_output_dir(out, "toyworld train", overwrite, inputs=[work, from_weights, cfg.vae_from])
     if cfg.vae_from is not None:
         _vae_source(cfg.vae_from)  # fail before rendering the pool, not after
     if from_weights is not None:
@@ -439,7 +450,6 @@ def train_all(cfg: RecipeConfig, work: str | Path, out: str | Path, from_weights
     t = time.time()
     t2i = stage_t2i_extra(cfg, work, pool, vae, tokenizer)
     timings["t2i_extra_s"] = time.time() - t
-    assemble(work, out, tokenizer, t2i)
     # Stage times of the run that actually did the work (a stage skipped now keeps its earlier time).
     tpath = work / "timings.json"
     history = json.loads(tpath.read_text()) if tpath.exists() else {}
@@ -454,6 +464,12 @@ def train_all(cfg: RecipeConfig, work: str | Path, out: str | Path, from_weights
         "total_minutes": round(sum(history.values()) / 60, 1),
         "torch": torch.__version__,
     }
-    (out / "recipe.json").write_text(json.dumps(record, indent=2))
+    if in_package:
+        assemble(work, out, tokenizer, t2i)
+        (out / "recipe.json").write_text(json.dumps(record, indent=2))
+    else:
+        with atomic_dir(out, overwrite=overwrite, command="toyworld train") as tmp:
+            assemble(work, tmp, tokenizer, t2i)
+            (tmp / "recipe.json").write_text(json.dumps(record, indent=2))
     _log(work, f"done: {history}")
     return record
