@@ -26,7 +26,8 @@ lint: $(STAMP)
 # gives the VAE (shared by both worlds) and toy:detector-v1 (the DDPM's world); world version 2 gives toy:t2i and
 # toy:detector on that VAE. The DDPM and the inpainter have their own recipes (docs/toyworld.md).
 toyworld: $(STAMP)
-	$(VENV)/bin/diffshield toyworld train --world-version 1 --work runs/toyworld1 --out runs/toyworld1/weights
+	$(VENV)/bin/diffshield toyworld train --world-version 1 --work runs/toyworld1 --out runs/toyworld1/weights \
+		--overwrite
 	cp runs/toyworld1/weights/detector/config.json runs/toyworld1/weights/detector/model.safetensors \
 		src/diffshield/toyworld/weights/detector_v1/
 	$(VENV)/bin/diffshield toyworld train --world-version 2 --vae runs/toyworld1/weights/t2i/vae --work runs/toyworld2

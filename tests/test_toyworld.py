@@ -184,6 +184,12 @@ def test_recipe_runs_end_to_end_and_the_continuation_stage_changes_the_unet(tmp_
     with pytest.raises(DiffshieldError, match="not empty"):
         train_all(cfg, tmp_path / "work5", mine, overwrite=True)
     assert (mine / "t2i" / "model_index.json").read_text() == "{}" and not (tmp_path / "work5").exists()
+    with pytest.raises(DiffshieldError, match="inside --out"):  # the work folder would end up in the output
+        train_all(cfg, tmp_path / "out6" / "work", tmp_path / "out6")
+    inner = train_all(cfg, tmp_path / "work", tmp_path / "work" / "weights")  # the Makefile's layout
+    assert inner["config"] == record["config"] and (tmp_path / "work" / "weights" / "t2i").is_dir()
+    assert train_all(cfg, tmp_path / "work", tmp_path / "work" / "weights", overwrite=True)["config"] == \
+        record["config"]
     with pytest.raises(ValueError, match="unet_extra_steps"):
         RecipeConfig(unet_extra_steps=-1)
 

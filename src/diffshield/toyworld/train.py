@@ -426,7 +426,11 @@ def train_all(cfg: RecipeConfig, work: str | Path, out: str | Path, from_weights
     work, out = Path(work), Path(out)
     in_package = out.resolve() == TOY_ROOT.resolve()
     if not in_package:  # fail before hours of training, not after
-        check_output_dir(out, "toyworld train", overwrite, inputs=[work, from_weights, cfg.vae_from])
+        check_output_dir(out, "toyworld train", overwrite, inputs=[from_weights, cfg.vae_from])
+        w, o = work.resolve(), out.resolve()
+        if w == o or o in w.parents:  # --out inside --work is fine (the Makefile's layout), the reverse is not
+            raise DiffshieldError(f"--work '{work}' is or lies inside --out '{out}'; keep the work folder outside "
+                                  "the output")
     if cfg.vae_from is not None:
         _vae_source(cfg.vae_from)  # fail before rendering the pool, not after
     if from_weights is not None:
