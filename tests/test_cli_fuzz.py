@@ -237,6 +237,9 @@ REFUSED: list[tuple[str, list[str], str]] = [
     ("train-ddpm-threads-negative", ["backdoor", "train-ddpm", "--threads", "-1", "--out", "{root}/b"], "0 or more"),
     ("audit-set-inf", [*AUDIT, "--set", "adv-embed.lamb_r=1e999"], "finite"),
     ("audit-guidance-inf", [*AUDIT, "--guidance", "inf"], "finite"),
+    ("audit-set-unknown-attack", [*AUDIT, "--set", "nosuch.steps=1"], "unknown attack"),
+    ("audit-set-misspelt-field", [*AUDIT, "--set", "p4d.step=10"], "no setting 'step'"),
+    ("audit-set-out-of-range", [*AUDIT, "--set", "p4d.steps=-1"], "steps must be"),
     # input files
     ("prompts-file-binary", ["generate", M, TINY, "--prompts-file", "{prompts_bin}", "--out", "{root}/g"], "UTF-8"),
     ("prompts-file-latin1", ["generate", M, TINY, "--prompts-file", "{prompts_latin1}", "--out", "{root}/g"],

@@ -38,7 +38,7 @@ def parse_settings(items: list[str] | None) -> dict[str, dict]:
 def cmd_audit(args) -> int:
     from diffshield.core.loading import load_t2i
     from diffshield.core.sampling import SampleConfig
-    from diffshield.redteam.audit import run_audit
+    from diffshield.redteam.audit import check_settings, run_audit
     from diffshield.toyworld.concepts import resolve_concept
     from diffshield.toyworld.detector import load_detector
 
@@ -55,7 +55,7 @@ def cmd_audit(args) -> int:
     if args.report:
         check_output_dir(args.report, "audit", args.overwrite, inputs=[*inputs, args.run_dir])
     sample = SampleConfig(steps=args.steps, guidance=args.guidance, batch_size=args.batch_size)
-    hp = parse_settings(args.set)
+    hp = check_settings(parse_settings(args.set), args.n, args.budget)
     attacks = args.attack or ["all"]
     if args.run_dir:
         return _audit_in_run_dir(args, attacks, hp, sample, inputs)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import html
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 import torch
@@ -322,6 +322,18 @@ def check_settings(hp: dict[str, dict] | None, n: int, budget: str) -> dict[str,
         raise DiffshieldError(f"n must be at least 1, got {n}")
     if budget not in ("toy", "paper"):
         raise DiffshieldError(f"budget must be toy or paper, got {budget!r}")
+    for name, values in hp.items():  # a misspelt or out-of-range setting: refused now, not after earlier attacks ran
+        cls = ATTACKS.get(name)
+        known = [f.name for f in fields(cls.config_cls)] if is_dataclass(cls.config_cls) else []
+        misspelt = sorted(set(values) - set(known))
+        if misspelt:
+            raise DiffshieldError(f"{name} has no setting {misspelt[0]!r}; its settings: {', '.join(known)}")
+        try:
+            cls.config_cls(**{**cls.presets.get(budget, {}), **values})
+        except TypeError as e:
+            raise DiffshieldError(f"{name}: bad setting ({e})") from None
+        except DiffshieldError as e:
+            raise DiffshieldError(f"{name}: {e}") from None
     return hp
 
 
