@@ -105,3 +105,42 @@ def test_cli_errors_are_one_line(case, tiny_sd_copy, tmp_path, capsys):
     assert rc == 2
     assert err.startswith("diffshield: error: ") and "\n" not in err and "Traceback" not in err
     assert not out.exists()
+
+
+def _as_variant(folder, variant: str = "fp16") -> None:
+    """Rename every plain weight file as ``save_pretrained(variant=...)`` names it (an fp16-only download)."""
+    for f in list(folder.glob("*/*.safetensors")):
+        f.rename(f.with_name(f"{f.stem}.{variant}{f.suffix}"))
+
+
+def test_a_folder_of_one_weight_variant_loads_and_draws_what_the_plain_one_draws(tiny_sd_copy, tiny_model):
+    from diffshield.core.sampling import SampleConfig, generate
+
+    _as_variant(tiny_sd_copy)
+    model = load_t2i(tiny_sd_copy)
+    cfg = SampleConfig(steps=2)
+    a = generate(tiny_model, ["a red triangle"], [0], config=cfg, progress=False).images
+    b = generate(model, ["a red triangle"], [0], config=cfg, progress=False).images
+    assert torch.equal(a, b)
+    # two variants and no plain file: which to load is the user's choice, refused in one line
+    unet = tiny_sd_copy / "unet"
+    shutil.copy(unet / "diffusion_pytorch_model.fp16.safetensors", unet / "diffusion_pytorch_model.ema.safetensors")
+    with pytest.raises(DiffshieldError, match="several variants \\(ema, fp16\\)"):
+        load_t2i(tiny_sd_copy)
+    # a plain file next to variants is the one loaded
+    shutil.copy(unet / "diffusion_pytorch_model.fp16.safetensors", unet / "diffusion_pytorch_model.safetensors")
+    assert torch.equal(generate(load_t2i(tiny_sd_copy), ["a red triangle"], [0], config=cfg, progress=False).images, a)
+
+
+def test_a_ddpm_folder_of_one_weight_variant_loads(tmp_path):
+    from diffshield.backdoor.ddpm import load_ddpm, resolve_ddpm_path
+
+    src, dst = resolve_ddpm_path("toy:ddpm"), tmp_path / "ddpm"
+    dst.mkdir()
+    shutil.copy(src / "model_index.json", dst)
+    for comp in ("unet", "scheduler"):
+        shutil.copytree(src / comp, dst / comp)
+    _as_variant(dst)
+    assert not list(dst.glob("unet/diffusion_pytorch_model.safetensors"))
+    a, b = load_ddpm("toy:ddpm").unet.state_dict(), load_ddpm(dst).unet.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

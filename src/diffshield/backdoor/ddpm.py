@@ -153,7 +153,7 @@ def load_ddpm(spec: str | Path, allow_pickle: bool = False, device: torch.device
     import diffusers
     from diffusers import UNet2DModel
 
-    from diffshield.core.loading import _quiet_hf, check_component_weights, read_model_index
+    from diffshield.core.loading import _quiet_hf, check_component_weights, read_model_index, weight_variant
 
     _quiet_hf()
     path = resolve_ddpm_path(spec)
@@ -169,7 +169,8 @@ def load_ddpm(spec: str | Path, allow_pickle: bool = False, device: torch.device
         raise DiffshieldError(f"'{path}' lists unet in model_index.json but has no 'unet/' folder")
     use_safe = check_component_weights(path / "unet", allow_pickle)
     try:
-        unet = UNet2DModel.from_pretrained(path, subfolder="unet", use_safetensors=use_safe)
+        unet = UNet2DModel.from_pretrained(path, subfolder="unet", use_safetensors=use_safe,
+                                           variant=weight_variant(path / "unet", use_safe))
         sched_cls = getattr(diffusers, index["scheduler"][1], None)
         if sched_cls is None:
             raise DiffshieldError(f"unknown scheduler class {index['scheduler'][1]!r} in '{path}/model_index.json'")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,6 +95,27 @@ def check_component_weights(folder: Path, allow_pickle: bool) -> bool:
             )
         return False
     raise DiffshieldError(f"component folder '{folder}' has no weight file (*.safetensors)")
+
+
+def weight_variant(folder: Path, safetensors: bool = True) -> str | None:
+    """The diffusers weight variant to load from a component folder (of the safetensors files, or with
+    ``safetensors=False`` of the pickled ones): None when it holds plain weight files (``model.safetensors``,
+    ``diffusion_pytorch_model.safetensors`` or their shards), else the one variant its files carry, as
+    ``save_pretrained(variant="fp16")`` writes them (``diffusion_pytorch_model.fp16.safetensors`` -> ``"fp16"``).
+    Several variants and no plain file: a one-line error."""
+    suffixes = (".safetensors",) if safetensors else PICKLE_SUFFIXES
+    variants = set()
+    for f in folder.iterdir():
+        if f.suffix not in suffixes:
+            continue
+        parts = re.sub(r"-\d+-of-\d+", "", f.name).split(".")  # shards: name-00001-of-00002[.variant].ext
+        if len(parts) == 2:
+            return None
+        variants.add(parts[-2])
+    if len(variants) > 1:
+        raise DiffshieldError(f"'{folder}' holds weights of several variants ({', '.join(sorted(variants))}) and no "
+                              "plain weight file; keep the files of one variant in that folder")
+    return next(iter(variants), None)
 
 
 def read_model_index(path: Path) -> dict:
@@ -246,11 +268,14 @@ def load_t2i(
         if not folder.is_dir():
             raise DiffshieldError(f"'{path}' lists {comp} in model_index.json but has no '{comp}/' folder")
         use_safe[comp] = check_component_weights(folder, allow_pickle)
+    variant = {comp: weight_variant(path / comp, safe) for comp, safe in use_safe.items()}  # e.g. fp16-only folders
     try:
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", use_safetensors=use_safe["unet"])
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", use_safetensors=use_safe["vae"])
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", use_safetensors=use_safe["unet"],
+                                                    variant=variant["unet"])
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", use_safetensors=use_safe["vae"],
+                                            variant=variant["vae"])
         text_encoder = CLIPTextModel.from_pretrained(
-            path / "text_encoder", use_safetensors=use_safe["text_encoder"]
+            path / "text_encoder", use_safetensors=use_safe["text_encoder"], variant=variant["text_encoder"]
         )
         tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer")
         sched_cls = getattr(diffusers, index["scheduler"][1], None)
