@@ -279,6 +279,12 @@ def test_load_ddpm_refuses_pickle_and_wrong_kinds(tiny_ddpm_dir, tmp_path, tiny_
         load_ddpm(tiny_sd_dir)
     with pytest.raises(DiffshieldError, match="unknown toy model"):
         load_ddpm("toy:nothing")
+    vpred = tmp_path / "vpred"  # the backdoor formulas are written in ε: a v-prediction DDPM is refused
+    shutil.copytree(tiny_ddpm_dir, vpred)
+    cfg_file = vpred / "scheduler" / "scheduler_config.json"
+    cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), "prediction_type": "v_prediction"}))
+    with pytest.raises(DiffshieldError, match="predicts 'v_prediction'"):
+        load_ddpm(vpred)
 
 
 def test_cli_sample_eval_scan_input(tiny_ddpm_dir, tmp_path, capsys):

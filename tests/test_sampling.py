@@ -91,3 +91,29 @@ def test_denoise_split_at_a_step_equals_the_whole_run(tiny_model):
         half = denoise(tiny_model, lat, cond, uncond, steps=6, stop_at=3)
         assert torch.allclose(denoise(tiny_model, half, cond, uncond, steps=6, start_at=3), whole, atol=1e-6)
         assert not torch.allclose(denoise(tiny_model, half, other, uncond, steps=6, start_at=3), whole, atol=1e-4)
+
+
+@pytest.mark.parametrize("t", [17, torch.tensor([3, 500, 999])])
+def test_denoising_target_follows_the_prediction_type(t):
+    """ε for ε-models; for v-models the velocity (diffusers' own get_velocity), from which x0 comes back as
+    √ᾱ x_t - √(1-ᾱ) v; x0 for sample-models; anything else refused."""
+    from diffusers import DDPMScheduler
+
+    from diffshield.core.errors import DiffshieldError
+    from diffshield.core.sampling import denoising_target
+
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    tt = torch.as_tensor(t).expand(3) if torch.as_tensor(t).dim() == 0 else t
+    eps_s = DDPMScheduler(beta_schedule="scaled_linear")
+    assert denoising_target(eps_s, x0, noise, t) is noise
+    v_s = DDPMScheduler(beta_schedule="scaled_linear", prediction_type="v_prediction")
+    v = denoising_target(v_s, x0, noise, t)
+    assert torch.allclose(v, v_s.get_velocity(x0, noise, tt), atol=1e-6)
+    a = v_s.alphas_cumprod[tt].reshape(-1, 1, 1, 1)
+    x_t = v_s.add_noise(x0, noise, tt)
+    assert torch.allclose(a.sqrt() * x_t - (1 - a).sqrt() * v, x0, atol=1e-5)
+    assert denoising_target(DDPMScheduler(prediction_type="sample"), x0, noise, t) is x0
+    eps_s.register_to_config(prediction_type="flow")
+    with pytest.raises(DiffshieldError, match="prediction_type 'flow'"):
+        denoising_target(eps_s, x0, noise, t)

@@ -180,6 +180,10 @@ def load_ddpm(spec: str | Path, allow_pickle: bool = False, device: torch.device
     except Exception as e:  # diffusers errors: keep the first line only
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DiffshieldError(f"could not load the model in '{path}': {msg}") from None
+    kind = scheduler.config.get("prediction_type", "epsilon")
+    if kind != "epsilon":  # BadDiffusion's, VillanDiffusion's, TrojDiff's and TERD's formulas are written in ε
+        raise DiffshieldError(f"'{path}' predicts {kind!r}; the backdoor commands need an ε-prediction DDPM "
+                              "(prediction_type 'epsilon' in its scheduler config)")
     info_file = path / "diffshield.json"
     info = json.loads(info_file.read_text()) if info_file.exists() else {}
     return DDPMModel(unet, scheduler, source=str(spec), info=info).to(device, dtype).eval()

@@ -92,6 +92,22 @@ def encode_prompts(model: T2IModel, prompts: list[str], grad: bool = False) -> t
     return torch.stack([cache[p] for p in prompts])
 
 
+def denoising_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
+    """What the UNet is trained to predict at x_t = √ᾱ_t x0 + √(1-ᾱ_t) ε, by the scheduler's ``prediction_type``:
+    ε for ``"epsilon"`` (Stable Diffusion 1.x, 2.x-base, the toy models), the velocity √ᾱ_t ε - √(1-ᾱ_t) x0 for
+    ``"v_prediction"`` (Stable Diffusion 2.x at 768 px), x0 for ``"sample"``. ``t``: one timestep or one per item."""
+    kind = scheduler.config.get("prediction_type", "epsilon")
+    if kind == "epsilon":
+        return noise
+    if kind == "sample":
+        return x0
+    if kind != "v_prediction":
+        raise DiffshieldError(f"unknown prediction_type {kind!r} in the model's scheduler config")
+    a = scheduler.alphas_cumprod.to(x0.device, torch.float32)[torch.as_tensor(t, device=x0.device)]
+    a = a.reshape(-1, *[1] * (x0.dim() - 1)) if a.dim() else a
+    return (a.sqrt() * noise.float() - (1 - a).sqrt() * x0.float()).to(noise.dtype)
+
+
 def make_scheduler(model: T2IModel, kind: str = "ddim"):
     """A fresh scheduler of the given kind, configured from the model's own scheduler config."""
     from diffusers import DDIMScheduler, DDPMScheduler

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from diffshield.core.device import autocast
-from diffshield.core.sampling import encode, generate
+from diffshield.core.sampling import denoising_target, encode, generate
 from diffshield.redteam import ATTACKS
 from diffshield.redteam.base import (
     Attack,
@@ -201,7 +201,8 @@ class UnlearnDiff(Attack):
                     with torch.enable_grad(), autocast(x0.device):
                         cond = encode_with_tokens(model, ids, pos, adv)
                         eps = model.unet(x_t, tt, encoder_hidden_states=cond).sample
-                        per_item = (eps.float() - noise.float()).pow(2).flatten(1).mean(1)
+                        target = denoising_target(model.scheduler, x0[sel], noise, t)  # ε (v for v-models)
+                        per_item = (eps.float() - target.float()).pow(2).flatten(1).mean(1)
                         per_item.sum().backward()  # each image's gradient is its own search's gradient
                     total += float(per_item.detach().sum())
                     count += len(idx)

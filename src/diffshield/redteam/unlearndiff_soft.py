@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from diffshield.core.device import autocast
-from diffshield.core.sampling import generate
+from diffshield.core.sampling import denoising_target, generate
 from diffshield.redteam import ATTACKS
 from diffshield.redteam.base import (
     Attack,
@@ -149,7 +149,7 @@ class UnlearnDiffSoft(Attack):
             with torch.enable_grad(), autocast(x0.device):
                 cond = encoder.encode(used.repeat_interleave(per, 0), rep_prompts)
                 eps = model.unet(x_t, t, encoder_hidden_states=cond).sample
-                loss = torch.nn.functional.mse_loss(eps.float(), noise)
+                loss = torch.nn.functional.mse_loss(eps.float(), denoising_target(sched, x0, noise, t).float())
                 opt.zero_grad()
                 loss.backward()
             opt.step()
