@@ -314,6 +314,47 @@ def test_delta_reproduces_the_edit_and_stock_diffusers_loads_the_saved_model(mod
     assert not torch.equal(loaded[name], dict(load_t2i(tiny_sd_dir).unet.named_parameters())[name])
 
 
+def test_delta_refuses_a_model_it_was_not_computed_on(model, tiny_sd_dir, tmp_path, capsys):
+    """The delta's tensors replace the base's: on another model (another seed of the same architecture, or the base
+    with an adapter merged into the edited layers' modules) they would graft the base's edited layers onto it. The
+    base-model probe refuses such a model and leaves it untouched; the base itself passes in another dtype."""
+    from conftest import build_tiny_pipeline
+    from diffshield.cli.main import main
+
+    path = save_delta(uce_erase(model, ["red square"], UCEConfig()), tmp_path / "d.safetensors", base_model="tiny")
+    assert len(read_delta_info(path)["base_probe"]) == 6
+    edited = {n: p.detach().clone() for n, p in model.unet.named_parameters()}
+
+    same = load_t2i(tiny_sd_dir, dtype="bfloat16")  # the base, rounded: passes
+    apply_delta(same, path)
+    for n, p in same.unet.named_parameters():
+        assert torch.equal(p, edited[n].to(torch.bfloat16)), n
+
+    other_dir = build_tiny_pipeline(tmp_path / "other", seed=1)
+    other = load_t2i(other_dir)
+    before = {n: p.detach().clone() for n, p in other.unet.named_parameters()}
+    with pytest.raises(DiffshieldError, match="computed on another model .*--any-base") as e:
+        apply_delta(other, path)
+    assert "\n" not in str(e.value)
+    assert all(torch.equal(p, before[n]) for n, p in other.unet.named_parameters())  # nothing written
+    apply_delta(other, path, any_base=True)  # asked for: applied
+    assert torch.equal(dict(other.unet.named_parameters())[next(iter(kv(model)))], edited[next(iter(kv(model)))])
+
+    merged = load_t2i(tiny_sd_dir)  # an adapter merged into attn2 (to_q moves with to_k / to_v): refused
+    q = next(m for n, m in merged.unet.named_modules() if n.endswith("attn2.to_q"))
+    with torch.no_grad():
+        q.weight.mul_(1.05)
+    with pytest.raises(DiffshieldError, match="attn2.to_q.weight' differs"):
+        apply_delta(merged, path)
+
+    out = tmp_path / "applied"
+    assert main(["apply-delta", "--model", str(other_dir), "--delta", str(path), "--out", str(out)]) == 2
+    assert not out.exists() and "--any-base" in capsys.readouterr().err
+    assert main(["apply-delta", "--model", str(other_dir), "--delta", str(path), "--out", str(out),
+                 "--any-base"]) == 0
+    assert (out / "model_index.json").exists()
+
+
 def test_delta_errors(model, tiny_model, tmp_path):
     with pytest.raises(DiffshieldError, match="does not exist"):
         apply_delta(model, tmp_path / "missing.safetensors")

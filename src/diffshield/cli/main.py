@@ -311,7 +311,7 @@ def cmd_apply_delta(args) -> int:
     read_delta_info(args.delta)  # a missing or malformed delta is refused before the model is loaded
     check_output_dir(args.out, "apply-delta", args.overwrite, inputs=[args.model, args.delta])
     model = load_t2i(args.model, allow_pickle=args.allow_pickle)
-    info = apply_delta(model, args.delta)
+    info = apply_delta(model, args.delta, any_base=args.any_base)
     with atomic_dir(args.out, overwrite=args.overwrite, command="apply-delta", inputs=[args.model, args.delta]) as tmp:
         model.save(tmp)
     print(f"applied {args.delta} to {args.model}: wrote {args.out} ({len(info.get('tensors', info))} entries)")
@@ -441,6 +441,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--delta", required=True, help="delta .safetensors file written by 'diffshield erase'")
     p.add_argument("--out", required=True, help="output folder (see --overwrite)")
+    p.add_argument("--any-base", action="store_true",
+                   help="apply the delta even when --model is not the model it was computed on (its tensors replace "
+                        "the model's: on another model they graft the base's edited layers onto it); by default "
+                        "such a model is refused")
     add_overwrite_arg(p)
     add_threads_arg(p)
     p.set_defaults(func=cmd_apply_delta)

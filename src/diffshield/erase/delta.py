@@ -2,7 +2,10 @@
 
 A UCE/RECE edit of SD 1.x changes 32 matrices (2.2 % of the UNet, about 77 MB in float32) instead of a 3.4 GB
 UNet. The file holds the changed UNet tensors under ``unet.<parameter name>`` and, in the safetensors metadata,
-the method name, its config (JSON), the base model it was computed on and the fraction of UNet parameters changed.
+the method name, its config (JSON), the base model it was computed on, the fraction of UNet parameters changed and a
+probe of the base model: a few values of UNet parameters the edit left alone. The tensors replace the base model's,
+so applied to another model (a fine-tune of it, another version) they would graft the base's edited layers onto it;
+:func:`apply_delta` compares the probe first and refuses such a model.
 
     save_delta(result, "nudity.safetensors", base_model="CompVis/stable-diffusion-v1-4")
     model = load_t2i(path_to_sd14)
@@ -25,6 +28,46 @@ from diffshield.erase.base import EraseResult
 FORMAT = "diffshield-delta"
 VERSION = "1"
 PREFIX = "unet."
+#: the base-model probe: PROBE_VALUES values from each of PROBE_TENSORS UNet parameters the edit left alone (half of
+#: them beside the edited ones, in the same modules, where an adapter merged into the base would show; half from the
+#: start of the UNet)
+PROBE_TENSORS, PROBE_VALUES = 6, 64
+#: probe values match when |a - b| <= PROBE_ATOL + PROBE_RTOL |b|: loose enough for float16 / bfloat16 copies of the
+#: base, far below what fine-tuning moves
+PROBE_RTOL, PROBE_ATOL = 1e-2, 1e-4
+
+
+def _probe_values(p: torch.Tensor) -> list[float]:
+    flat = p.detach().reshape(-1)
+    idx = torch.linspace(0, flat.numel() - 1, min(PROBE_VALUES, flat.numel()), device=flat.device).long()
+    return flat[idx].float().cpu().tolist()
+
+
+def base_probe(unet: torch.nn.Module, skip=()) -> dict[str, list[float]]:
+    """Evenly spaced values (float32) of :data:`PROBE_TENSORS` UNet parameters not in ``skip`` (the edited ones):
+    first those in the edited parameters' own modules (``attn2.to_q`` beside an edited ``attn2.to_k``), then the
+    UNet's first ones. A fingerprint of the base model that survives a change of device or dtype."""
+    params = [(n, p) for n, p in unet.named_parameters() if n not in skip and p.numel()]
+    parents = {n.rsplit(".", 2)[0] for n in skip}
+    near = [(n, p) for n, p in params if n.rsplit(".", 2)[0] in parents][:PROBE_TENSORS // 2]
+    taken = {n for n, _ in near}
+    rest = [(n, p) for n, p in params if n not in taken][:PROBE_TENSORS - len(near)]
+    return {n: _probe_values(p) for n, p in near + rest}
+
+
+def probe_mismatch(unet: torch.nn.Module, probe: dict[str, list[float]]) -> str | None:
+    """Why ``unet`` is not the model a :func:`base_probe` came from (None when every probed value matches)."""
+    params = dict(unet.named_parameters())
+    for name, values in probe.items():
+        if name not in params or params[name].numel() == 0:
+            return f"it has no parameter '{name}'"
+        now, ref = torch.tensor(_probe_values(params[name])), torch.tensor(values, dtype=torch.float32)
+        if now.shape != ref.shape:
+            return f"its '{name}' has another size"
+        diff = (now - ref).abs()
+        if bool((diff > PROBE_ATOL + PROBE_RTOL * ref.abs()).any()):
+            return f"its '{name}' differs (by up to {float(diff.max()):.3g})"
+    return None
 
 
 def save_delta(result: EraseResult, path: str | Path, base_model: str) -> Path:
@@ -54,6 +97,7 @@ def save_delta(result: EraseResult, path: str | Path, base_model: str) -> Path:
         "config": json.dumps(result.config, sort_keys=True),
         "base_model": str(base_model),
         "fraction_changed": repr(float(result.fraction_changed)),
+        "base_probe": json.dumps(base_probe(result.model.unet, skip=result.changed)),
     }
     atomic_write_bytes(path, save(tensors, metadata=metadata))
     return path
@@ -100,6 +144,10 @@ def read_delta_info(path: str | Path) -> dict:
     except json.JSONDecodeError:
         raise DiffshieldError(f"delta '{path}' has a corrupt config in its metadata") from None
     fraction = meta.get("fraction_changed")
+    try:
+        probe = json.loads(meta["base_probe"]) if "base_probe" in meta else None
+    except json.JSONDecodeError:
+        raise DiffshieldError(f"delta '{path}' has a corrupt base_probe in its metadata") from None
     return {
         "format": meta.get("format"),
         "method": meta.get("method"),
@@ -108,15 +156,19 @@ def read_delta_info(path: str | Path) -> dict:
         "fraction_changed": float(fraction) if fraction is not None else None,
         "tensors": shapes,
         "n_parameters": sum(int(torch.Size(s).numel()) for s in shapes.values()),
+        "base_probe": probe,
     }
 
 
-def apply_delta(model: T2IModel, path: str | Path) -> dict:
-    """Write a delta's tensors into ``model``'s UNet, in place; nothing is written unless every tensor fits.
+def apply_delta(model: T2IModel, path: str | Path, any_base: bool = False) -> dict:
+    """Write a delta's tensors into ``model``'s UNet, in place; nothing is written unless every tensor fits and
+    ``model`` is the delta's base model.
 
     Args:
-        model: the model the delta was computed on (the ``base_model`` in its metadata).
+        model: the model the delta was computed on (the ``base_model`` in its metadata), in any device or dtype.
         path: a file written by :func:`save_delta`.
+        any_base: apply it even when the base-model probe says ``model`` is another model (default False: refused;
+            deltas written before the probe existed are applied without the check).
 
     Returns:
         The delta's info (:func:`read_delta_info`).
@@ -132,6 +184,11 @@ def apply_delta(model: T2IModel, path: str | Path) -> dict:
         if list(params[name].shape) != shape:
             raise DiffshieldError(f"delta tensor 'unet.{name}' has shape {tuple(shape)} but the model's is "
                                   f"{tuple(params[name].shape)} (base model: {info['base_model']})")
+    why = None if any_base or not info["base_probe"] else probe_mismatch(model.unet, info["base_probe"])
+    if why:
+        raise DiffshieldError(f"delta '{path}' was computed on another model (base model: {info['base_model']}): "
+                              f"{why}; its tensors would replace this model's layers with the base's edited ones "
+                              "(pass --any-base to apply it anyway)")
     tensors = load_file(str(path))
     bad = non_finite_tensors(tensors)
     if bad:
