@@ -144,3 +144,42 @@ def test_a_ddpm_folder_of_one_weight_variant_loads(tmp_path):
     assert not list(dst.glob("unet/diffusion_pytorch_model.safetensors"))
     a, b = load_ddpm("toy:ddpm").unet.state_dict(), load_ddpm(dst).unet.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_saved_model_keeps_the_components_diffshield_does_not_load(tiny_sd_dir, tmp_path):
+    """Stable Diffusion folders carry a safety checker and its feature extractor, which diffshield does not load;
+    an edited model written by diffshield keeps them (copied as they are), so erasing a concept never drops them."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from safetensors.torch import load_file
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    from diffshield.erase.uce import UCEConfig, uce_erase
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir)
+    tiny = dict(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2)
+    checker = StableDiffusionSafetyChecker(CLIPConfig(
+        text_config=dict(tiny, vocab_size=100, max_position_embeddings=16),
+        vision_config=dict(tiny, image_size=32, patch_size=16), projection_dim=8))
+    src = tmp_path / "sd"
+    StableDiffusionPipeline(
+        vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
+        scheduler=pipe.scheduler, safety_checker=checker, requires_safety_checker=True,
+        feature_extractor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+    ).save_pretrained(src, safe_serialization=True)
+
+    model = load_t2i(src)
+    uce_erase(model, ["red square"], UCEConfig())
+    model.save(tmp_path / "erased")
+    again = StableDiffusionPipeline.from_pretrained(tmp_path / "erased")
+    assert isinstance(again.safety_checker, StableDiffusionSafetyChecker) and again.feature_extractor is not None
+    assert again.config.requires_safety_checker is True
+    weights = sorted((src / "safety_checker").glob("*.safetensors"))
+    assert weights and all(load_file(str(f)).keys() == load_file(str(tmp_path / "erased" / "safety_checker" /
+                                                                      f.name)).keys() for f in weights)
+    for name, p in checker.named_parameters():
+        assert torch.equal(dict(again.safety_checker.named_parameters())[name], p), name
+    # the toy model has none, and its saved copy has none either
+    toy = load_t2i("toy:t2i")
+    toy.save(tmp_path / "toy")
+    assert not (tmp_path / "toy" / "safety_checker").exists()

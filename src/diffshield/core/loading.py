@@ -206,7 +206,42 @@ class T2IModel:
         )
         with atomic_dir(folder, overwrite=overwrite) as tmp:
             pipe.save_pretrained(tmp, safe_serialization=True)
+            carry_other_components(self.source, tmp)
         return Path(folder)
+
+
+#: the components a :class:`T2IModel` holds (and saves itself)
+T2I_OWN = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def carry_other_components(source: str | Path, folder: Path) -> list[str]:
+    """Copy into a saved pipeline ``folder`` the components of the ``source`` folder that diffshield does not load
+    (Stable Diffusion's ``safety_checker`` and ``feature_extractor``, ...) with their ``model_index.json`` entries and
+    settings such as ``requires_safety_checker``, so that an edited model keeps them. Files are copied as they are,
+    never loaded. Nothing happens for a toy model or a source without a model index. Returns the copied names."""
+    src = Path(str(source)).expanduser()
+    if not source or str(source).startswith("toy:") or not (src / "model_index.json").is_file():
+        return []
+    import shutil
+
+    index = json.loads((src / "model_index.json").read_text())
+    out_file = folder / "model_index.json"
+    out = json.loads(out_file.read_text())
+    copied = []
+    for name, entry in index.items():
+        if name.startswith("_") or name in T2I_OWN:
+            continue
+        if isinstance(entry, list):
+            if len(entry) == 2 and entry[0] is not None and (src / name).is_dir():
+                shutil.copytree(src / name, folder / name)
+                out[name] = entry
+                copied.append(name)
+        else:  # a pipeline setting (requires_safety_checker)
+            out[name] = entry
+    if copied:
+        out["requires_safety_checker"] = index.get("requires_safety_checker", "safety_checker" in copied)
+    out_file.write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
+    return copied
 
 
 def _quiet_hf() -> None:
