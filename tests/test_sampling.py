@@ -67,6 +67,20 @@ def test_bad_inputs(tiny_model):
         SampleConfig(scheduler="euler")
 
 
+def test_guidance_range_is_the_clis_everywhere(tiny_sd_dir, tmp_path):
+    """The CLI and the prompt files accept guidance in [0, 100]; the configs behind them take the same range, so a
+    value the CLI accepts is never refused later, in the middle of a run."""
+    from diffshield.cli.main import main
+    from diffshield.erase.esd import ESDConfig
+
+    assert SampleConfig(guidance=100).guidance == 100
+    with pytest.raises(DiffshieldError, match="between 0 and 100"):
+        SampleConfig(guidance=100.5)
+    assert ESDConfig(start_guidance=100, preserve=["a red circle"], preserve_guidance=100).start_guidance == 100
+    assert main(["generate", "--model", str(tiny_sd_dir), "--prompt", "a red triangle", "--n", "1", "--steps", "1",
+                 "--guidance", "75", "--out", str(tmp_path / "g")]) == 0
+
+
 def test_save_roundtrip_loads_in_stock_diffusers(tiny_model, tmp_path):
     from diffusers import StableDiffusionPipeline
 

@@ -352,7 +352,7 @@ def add_erase_parser(sub: argparse._SubParsersAction) -> None:
                    help="ESD: DDIM schedule N that x_t is drawn from (default: 50)")
     p.add_argument("--min-step", type=int_at_least(0),
                    help="ESD, beyond the paper: train only DDIM steps k >= this (default: 0, the whole schedule)")
-    p.add_argument("--preserve-guidance", type=GUIDANCE,
+    p.add_argument("--preserve-guidance", type=float_in(0, 100, lo_open=True),
                    help="ESD, beyond the paper: hold the --preserve prompts' predictions guided at this CFG scale "
                         "(default: 1, raw predictions)")
     p.add_argument("--checkpoint-every", type=_positive_int,

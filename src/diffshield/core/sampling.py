@@ -42,8 +42,8 @@ class SampleConfig:
     def __post_init__(self) -> None:
         if not 1 <= self.steps <= 1000:
             raise DiffshieldError(f"steps must be between 1 and 1000, got {self.steps}")
-        if not 0 <= self.guidance <= 50:
-            raise DiffshieldError(f"guidance must be between 0 and 50, got {self.guidance}")
+        if not 0 <= self.guidance <= 100:  # the CLI's and the prompt files' range
+            raise DiffshieldError(f"guidance must be between 0 and 100, got {self.guidance}")
         if self.batch_size < 1:
             raise DiffshieldError(f"batch size must be at least 1, got {self.batch_size}")
         if self.scheduler not in SCHEDULERS:

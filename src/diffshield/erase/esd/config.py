@@ -172,8 +172,8 @@ class ESDConfig:
             raise DiffshieldError(f"ESD batch_size must be a whole number between 1 and 256, got {self.batch_size!r}")
         if not _is_number(self.lr) or not 0 < self.lr <= 1:
             raise DiffshieldError(f"ESD learning rate must be a number in (0, 1], e.g. 1e-5; got {self.lr!r}")
-        if not _is_number(self.start_guidance) or not 0 <= self.start_guidance <= 50:
-            raise DiffshieldError(f"start_guidance must be between 0 and 50, got {self.start_guidance!r}")
+        if not _is_number(self.start_guidance) or not 0 <= self.start_guidance <= 100:  # the CLI's range
+            raise DiffshieldError(f"start_guidance must be between 0 and 100, got {self.start_guidance!r}")
         if not _is_int(self.ddim_steps) or not 1 <= self.ddim_steps <= 1000:
             raise DiffshieldError(f"ddim_steps must be a whole number between 1 and 1000, got {self.ddim_steps!r}")
         if not _is_int(self.min_step) or not 0 <= self.min_step < self.ddim_steps:
@@ -197,8 +197,8 @@ class ESDConfig:
         if self.preserve_at != "own" and not self.preserve:
             raise DiffshieldError(f"preserve_at={self.preserve_at!r} places the preservation anchor: give at least "
                                   "one preserve prompt")
-        if not _is_number(self.preserve_guidance) or not 0 < self.preserve_guidance <= 50:
-            raise DiffshieldError(f"preserve_guidance must be a number in (0, 50] (1: raw predictions), got "
+        if not _is_number(self.preserve_guidance) or not 0 < self.preserve_guidance <= 100:
+            raise DiffshieldError(f"preserve_guidance must be a number in (0, 100] (1: raw predictions), got "
                                   f"{self.preserve_guidance!r}")
         self.preserve_guidance = float(self.preserve_guidance)
         if self.preserve_guidance != 1.0 and (not self.preserve or self.preserve_at != "own"):
