@@ -210,10 +210,6 @@ class T2IModel:
         return Path(folder)
 
 
-#: the components a :class:`T2IModel` holds (and saves itself)
-T2I_OWN = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-
-
 def carry_other_components(source: str | Path, folder: Path) -> list[str]:
     """Copy into a saved pipeline ``folder`` the components of the ``source`` folder that diffshield does not load
     (Stable Diffusion's ``safety_checker`` and ``feature_extractor``, ...) with their ``model_index.json`` entries and
@@ -229,7 +225,7 @@ def carry_other_components(source: str | Path, folder: Path) -> list[str]:
     out = json.loads(out_file.read_text())
     copied = []
     for name, entry in index.items():
-        if name.startswith("_") or name in T2I_OWN:
+        if name.startswith("_") or name in T2I_COMPONENTS:
             continue
         if isinstance(entry, list):
             if len(entry) == 2 and entry[0] is not None and (src / name).is_dir():
@@ -238,8 +234,8 @@ def carry_other_components(source: str | Path, folder: Path) -> list[str]:
                 copied.append(name)
         else:  # a pipeline setting (requires_safety_checker)
             out[name] = entry
-    if copied:
-        out["requires_safety_checker"] = index.get("requires_safety_checker", "safety_checker" in copied)
+    if copied and "requires_safety_checker" not in index:
+        out["requires_safety_checker"] = "safety_checker" in copied
     out_file.write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
     return copied
 
