@@ -131,3 +131,30 @@ def test_denoising_target_follows_the_prediction_type(t):
     eps_s.register_to_config(prediction_type="flow")
     with pytest.raises(DiffshieldError, match="prediction_type 'flow'"):
         denoising_target(eps_s, x0, noise, t)
+
+
+def test_a_stochastic_native_scheduler_is_seeded_per_image(tiny_sd_dir, tmp_path):
+    """A model whose own scheduler draws noise at every step (Euler ancestral, common on SD 2.x and community
+    models) gives, with --scheduler native, the same image for the same seed whatever the global RNG and the batch."""
+    import json
+    import shutil
+
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    from diffshield.core.loading import load_t2i
+
+    folder = tmp_path / "ea"
+    shutil.copytree(tiny_sd_dir, folder)
+    euler = EulerAncestralDiscreteScheduler.from_pretrained(folder, subfolder="scheduler")
+    euler.save_pretrained(folder / "scheduler")
+    index = json.loads((folder / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", "EulerAncestralDiscreteScheduler"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    model = load_t2i(folder)
+    cfg = SampleConfig(steps=4, scheduler="native")
+    torch.manual_seed(1)
+    a = generate(model, ["a red triangle"], [3], config=cfg, progress=False).images
+    torch.manual_seed(2)
+    b = generate(model, ["a blue circle", "a red triangle"], [0, 3], config=cfg, progress=False).images
+    assert torch.allclose(a[0], b[1], atol=1e-4)
+    assert not torch.allclose(a[0], b[0], atol=1e-2)

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -144,6 +145,8 @@ def denoise(
     if use_cfg and uncond.shape[0] == 1 and cond.shape[0] > 1:
         uncond = uncond.expand(cond.shape[0], -1, -1)
     both = torch.cat([uncond, cond]) if use_cfg else None  # built once, not per step
+    # a stochastic step (DDPM, a native Euler-ancestral, ...) draws its noise from the per-image generators
+    kwargs = {"generator": generator} if generator and "generator" in inspect.signature(sched.step).parameters else {}
     x = latents
     for i, t in enumerate(sched.timesteps):
         if stop_at is not None and i >= stop_at:
@@ -157,7 +160,6 @@ def denoise(
             eps = e_u + guidance * (e_c - e_u)
         else:
             eps = model.unet(inp, t, encoder_hidden_states=cond).sample
-        kwargs = {"generator": generator} if (scheduler == "ddpm" and generator) else {}
         x = sched.step(eps, t, x, **kwargs).prev_sample
     return x
 
@@ -232,7 +234,7 @@ def generate(
                 cond = encode_prompts(model, prompts[i:j])
             lat = initial_latents(model, seeds[i:j])
             gens = None
-            if config.scheduler == "ddpm":
+            if config.scheduler != "ddim":  # DDPM's and a native scheduler's step noise: one generator per image
                 from diffshield.core.seeding import generators
 
                 gens = generators([s + 7919 for s in seeds[i:j]])
