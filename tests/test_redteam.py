@@ -360,11 +360,12 @@ def test_audit_cli(tiny_sd_dir, tmp_path, capsys):
     threads = torch.get_num_threads()
     try:
         rc = main(["audit", *model, "--concept", "triangle", "--attack", "adv-embed", "--n", "2", "--steps", "2",
-                   "--json", str(tmp_path / "a.json"), "--report", str(tmp_path / "rep")])
+                   "--set", "p4d.steps=5", "--json", str(tmp_path / "a.json"), "--report", str(tmp_path / "rep")])
         assert torch.get_num_threads() == 1  # the default: one thread (robust when other jobs share the cores)
     finally:
         torch.set_num_threads(threads)
     assert rc == 0
+    assert "warning: --set gives settings for p4d, which this audit does not run" in capsys.readouterr().err
     res = json.loads((tmp_path / "a.json").read_text())
     assert set(res["attacks"]) == {"adv-embed"} and res["attacks"]["adv-embed"]["n"] == 2 and res["threads"] == 1
     assert main(["audit", *model, "--concept", "triangle", "--threads", "-1"]) == 2

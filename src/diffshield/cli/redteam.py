@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ast
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -38,7 +39,7 @@ def parse_settings(items: list[str] | None) -> dict[str, dict]:
 def cmd_audit(args) -> int:
     from diffshield.core.loading import load_t2i
     from diffshield.core.sampling import SampleConfig
-    from diffshield.redteam.audit import check_settings, run_audit
+    from diffshield.redteam.audit import check_settings, resolve_attacks, run_audit
     from diffshield.toyworld.concepts import resolve_concept
     from diffshield.toyworld.detector import load_detector
 
@@ -57,6 +58,10 @@ def cmd_audit(args) -> int:
     sample = SampleConfig(steps=args.steps, guidance=args.guidance, batch_size=args.batch_size)
     hp = check_settings(parse_settings(args.set), args.n, args.budget)
     attacks = args.attack or ["all"]
+    idle = sorted(set(hp) - set(resolve_attacks(attacks)))
+    if idle:  # valid settings, but for an attack this audit does not run: most likely a mistyped --attack
+        print(f"warning: --set gives settings for {', '.join(idle)}, which this audit does not run (--attack "
+              f"{' '.join(attacks)})", file=sys.stderr)
     if args.run_dir:
         return _audit_in_run_dir(args, attacks, hp, sample, inputs)
     erased = load_t2i(args.model, allow_pickle=args.allow_pickle, device=args.device, dtype=args.dtype)
