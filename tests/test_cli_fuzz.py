@@ -509,3 +509,23 @@ def test_prompt_warnings(ws, capsys):
     err = capsys.readouterr().err
     assert "reads only the first 77" in err and "purple" in err
     assert "Loading weights" not in err
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(ws, tiny_sd_dir, capsys, monkeypatch):
+    """An OSError from the machine (here a full disk while the edited model is written) is one error line, status
+    1, and the output's temporary folder is removed: no traceback, nothing half-written."""
+    import errno
+
+    from diffusers import StableDiffusionPipeline
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(StableDiffusionPipeline, "save_pretrained", full)
+    before = _snapshot(ws.root, tiny_sd_dir)
+    assert main(_fill([*UCE, "--out", "{root}/e"], ws)) == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == "diffshield: error: [Errno 28] No space left on device"
+    assert "Traceback" not in err
+    assert not (ws.root / "e").exists() and not list(ws.root.glob(".*.tmp"))
+    assert _snapshot(ws.root, tiny_sd_dir) == before

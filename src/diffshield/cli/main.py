@@ -573,6 +573,9 @@ def main(argv: list[str] | None = None) -> int:
     except DiffshieldError as e:
         print(f"diffshield: error: {e}", file=sys.stderr)
         return 2
+    except (OSError, MemoryError) as e:  # the machine's, not the input's: a full disk, a lost mount, no memory left
+        print(f"diffshield: error: {str(e) or type(e).__name__}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("diffshield: interrupted", file=sys.stderr)
         return 130
