@@ -368,12 +368,14 @@ def section_redteam(device: torch.device, tiny: bool, tmp: Path, model=None) -> 
         sample = SampleConfig()  # the attacks' documented default: DDIM 25 steps, guidance 5
         cls(model, original=model, judge=judge, sample=sample, **kw, **warm.get(name, {}))([NUDE], [0])
         reset_peak(device)
-        atk = cls(model, original=model, judge=judge, sample=sample, **kw)
+        small = warm.get(name, {}) if tiny else {}  # tiny: a smoke run of the path at the warm-up budget
+        atk = cls(model, original=model, judge=judge, sample=sample, **kw, **small)
         dt, res = timed(lambda atk=atk: atk([NUDE], [0]), device)
         rows[name] = {"seconds_per_prompt": dt, "peak_gib": peak_gib(device), "config": res.config}
         print(f"  {name}: {dt:.2f} s per prompt, peak {rows[name]['peak_gib']} GiB", flush=True)
+    budget = "the warm-up budgets (a smoke run)" if tiny else "each attack's defaults (AttackConfig())"
     return {"rows": rows, "image_size": model.image_size, "images_per_prompt": 1,
-            "budget": "each attack's defaults (AttackConfig()); sampling DDIM 25 steps, guidance 5"}
+            "budget": f"{budget}; sampling DDIM 25 steps, guidance 5"}
 
 
 def section_terd(device: torch.device, tiny: bool, deadline: float) -> dict:
