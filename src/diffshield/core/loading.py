@@ -51,8 +51,9 @@ def resolve_model_path(spec: str | Path) -> Path:
                               f"or a shipped toy model ({', '.join(MODEL_NAMES.names())})")
     if path.is_file():
         raise DiffshieldError(
-            f"'{path}' is a single file; give a diffusers folder (model_index.json + component folders), "
-            "e.g. one saved with StableDiffusionPipeline.save_pretrained"
+            f"'{path}' is a single file; give a diffusers folder (model_index.json + component folders), e.g. "
+            "a single-file checkpoint converted with StableDiffusionPipeline.from_single_file(path).save_pretrained("
+            "folder)"
         )
     return path
 
