@@ -96,3 +96,25 @@ def test_demo_step(tmp_path, capsys):
     json.dumps(summary)
     assert (tmp_path / "protect" / "panel.png").is_file()
     assert "[protect]" in capsys.readouterr().out
+
+
+def test_a_phone_photo_is_read_the_way_viewers_show_it(files, tmp_path):
+    """A JPEG whose EXIF orientation says "rotate 90°" (how phones store portrait photos) is protected upright: the
+    mask drawn on the photo as viewers show it fits, and the protected PNG has the displayed orientation."""
+    from diffshield.cli.protect import load_image, load_mask
+
+    upright = Image.open(files / "scene0.png").convert("RGB")  # 60 x 64, as the user sees the photo
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # the sensor's pixels; EXIF 6 rotates them back
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    photo = tmp_path / "photo.jpg"
+    stored.save(photo, quality=95, exif=exif)
+    assert Image.open(photo).size == (64, 60)
+    x = load_image(photo)
+    assert tuple(x.shape[-2:]) == (64, 60)  # H x W of the upright photo
+    assert np.abs(x[0].permute(1, 2, 0).numpy() * 255 - np.asarray(upright, dtype=np.float32)).mean() < 8  # JPEG
+    assert tuple(load_mask(files / "scene0_mask.png", size=(64, 60)).shape[-2:]) == (64, 60)
+    out = tmp_path / "prot.png"
+    assert main(["protect", str(photo), "--mask", str(files / "scene0_mask.png"), "--out", str(out), "--steps",
+                 "1", "--threads", "1"]) == 0
+    assert Image.open(out).size == (60, 64)

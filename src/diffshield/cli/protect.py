@@ -88,7 +88,7 @@ def load_image(path: str | Path):
     refused. Images smaller than :data:`MIN_SIDE` on a side are refused.
     """
     import torch
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
     if not path.is_file():
@@ -96,7 +96,7 @@ def load_image(path: str | Path):
     try:
         with Image.open(path) as im:
             im.load()
-            arr = _to_rgb_array(im, path)
+            arr = _to_rgb_array(ImageOps.exif_transpose(im), path)  # as viewers show it (a phone photo's rotation)
     except DiffshieldError:
         raise
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
@@ -130,14 +130,14 @@ def load_mask(path: str | Path, size: tuple[int, int] | None = None, what: str =
     """
     import numpy as np
     import torch
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
     if not path.is_file():
         raise DiffshieldError(f"{what} '{path}' does not exist or is not a file")
     try:
         with Image.open(path) as im:
-            arr = np.asarray(im.convert("L"), dtype=np.uint8)
+            arr = np.asarray(ImageOps.exif_transpose(im).convert("L"), dtype=np.uint8)
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise DiffshieldError(f"{what} '{path}' is not an image Pillow can read ({type(e).__name__}); give a "
                               "black-and-white PNG (white = region)") from None
