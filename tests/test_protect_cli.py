@@ -118,3 +118,23 @@ def test_a_phone_photo_is_read_the_way_viewers_show_it(files, tmp_path):
     assert main(["protect", str(photo), "--mask", str(files / "scene0_mask.png"), "--out", str(out), "--steps",
                  "1", "--threads", "1"]) == 0
     assert Image.open(out).size == (60, 64)
+
+
+def test_the_protected_png_keeps_the_originals_colour_profile(files, tmp_path):
+    """A photo with an embedded colour profile (a phone's Display P3, ...) is protected into a PNG with the same
+    profile, so that colour-managed viewers show it as they show the original."""
+    from PIL import ImageCms
+
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    src = tmp_path / "profiled.png"
+    Image.open(files / "scene0.png").save(src, icc_profile=icc)
+    out = tmp_path / "prot.png"
+    assert main(["protect", str(src), "--mask", str(files / "scene0_mask.png"), "--out", str(out), "--steps", "1",
+                 "--threads", "1"]) == 0
+    assert Image.open(out).info.get("icc_profile") == icc
+    folder_out = tmp_path / "many"  # folder mode too
+    (tmp_path / "in").mkdir()
+    Image.open(src).save(tmp_path / "in" / "a.png", icc_profile=icc)
+    assert main(["protect", str(tmp_path / "in"), "--mask", str(files / "scene0_mask.png"), "--out",
+                 str(folder_out), "--steps", "1", "--threads", "1"]) == 0
+    assert Image.open(folder_out / "a.png").info.get("icc_profile") == icc

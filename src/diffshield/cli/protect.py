@@ -162,10 +162,22 @@ def _check_region(mask, path: Path, what: str = "mask") -> None:
         raise DiffshieldError(f"{what} '{path}' covers the whole image; mark only the region to protect")
 
 
-def _save_png(image, path: Path) -> None:
+def _icc_profile(path: Path) -> bytes | None:
+    """The colour profile embedded in an image file (a phone's Display P3, ...), if any."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.info.get("icc_profile") or None
+
+
+def _save_png(image, path: Path, icc: bytes | None = None) -> None:
+    """The protected PNG, with the original's colour profile (``icc``) so that it displays as the original does."""
     from diffshield.core.io import save_result_image, to_pil
 
-    save_result_image(to_pil(image), path, "--out")
+    pil = to_pil(image)
+    if icc:
+        pil.info["icc_profile"] = icc
+    save_result_image(pil, path, "--out")
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -228,7 +240,7 @@ def cmd_protect(args) -> int:
         bar, cb = _progress_bar(cfg.steps, src.name)
         res = protect(inpainter, x, m, cfg, progress=cb)
         bar.close()
-        _save_png(res.protected[0], out)
+        _save_png(res.protected[0], out, _icc_profile(src))
         info = {"image": str(src), "mask": str(msk), "out": str(out), "seconds": round(res.seconds, 2),
                 "linf": float(res.delta.abs().max()), "target_colour": res.target_colour,
                 "loss_first": res.losses[0], "loss_last": res.losses[-1]}
@@ -276,7 +288,7 @@ def cmd_protect(args) -> int:
                               progress=cb)
                 bar.close()
                 for j, (f, _x, _m) in enumerate(chunk):
-                    _save_png(res.protected[j], tmp / (f.stem + ".png"))
+                    _save_png(res.protected[j], tmp / (f.stem + ".png"), _icc_profile(f))
                     rows.append({"image": f.name, "out": f.stem + ".png",
                                  "linf": float(res.delta[j].abs().max()),
                                  "target_colour": None if res.target_colour is None else res.target_colour[j]})
