@@ -151,6 +151,9 @@ def test_cli_generate_writes_images_grid_and_manifest(tmp_path):
                  "--out", str(out)]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert [r["seed"] for r in manifest["images"]] == [5, 6, 7]
+    env = manifest["environment"]  # what a rerun needs to give the same pixels
+    assert env["device"] == "cpu" and env["dtype"] == "float32" and env["torch"] == torch.__version__
+    assert env["diffshield"] and env["diffusers"] and manifest["sampling"]["batch_size"] == 64
     assert all((out / r["file"]).exists() for r in manifest["images"]) and (out / "grid.png").exists()
 
 

@@ -109,6 +109,17 @@ def _read_prompts(args) -> list[str]:
     return prompts
 
 
+def run_environment(model) -> dict:
+    """The software and device a model ran with: diffshield, torch and diffusers versions, device, dtype."""
+    import diffusers
+
+    from diffshield import __version__
+    from diffshield.core.device import describe
+
+    return {"diffshield": __version__, "diffusers": diffusers.__version__, **describe(model.device),
+            "dtype": str(model.dtype).removeprefix("torch.")}
+
+
 def write_generation(gen, out: Path, extra: dict, upscale: int = 4, overwrite: bool = False,
                      command: str | None = None) -> Path:
     """Write PNGs, grid.png and manifest.json for a Generation into ``out`` (atomically; an existing folder only as
@@ -125,7 +136,8 @@ def write_generation(gen, out: Path, extra: dict, upscale: int = 4, overwrite: b
         cfg = gen.config
         atomic_write_json(tmp / "manifest.json", {
             **extra,
-            "sampling": {"steps": cfg.steps, "guidance": cfg.guidance, "scheduler": cfg.scheduler},
+            "sampling": {"steps": cfg.steps, "guidance": cfg.guidance, "scheduler": cfg.scheduler,
+                         "batch_size": cfg.batch_size},
             "images": rows,
         })
     return out
@@ -170,7 +182,8 @@ def cmd_generate(args) -> int:
     stacked = torch.cat(images)[torch.argsort(torch.tensor(order))]
     gen = Generation(stacked, [j[1] for j in jobs], [j[0] for j in jobs], cfg)
     dt = time.time() - t0
-    extra = {"model": str(args.model), "guidance_per_image": [j[2] for j in jobs]}
+    extra = {"model": str(args.model), "guidance_per_image": [j[2] for j in jobs],
+             "environment": run_environment(model)}  # what else a rerun needs to give the same pixels
     out = write_generation(gen, Path(args.out), extra, overwrite=args.overwrite, command="generate")
     print(f"wrote {len(jobs)} images, grid.png and manifest.json to {out} ({len(jobs) / dt:.1f} images/s)")
     return 0
