@@ -242,7 +242,7 @@ def cmd_eval(args) -> int:
 
 
 def run_scan(model, preset: str = "cpu", calibration: str | Path | None = None, seed: int = 0, threads: int = 1,
-             progress: bool = True, min_move: float | None = None, learn_gamma: bool = False) -> dict:
+             progress: bool = True, min_move: float | None = None, learn_gamma: bool = False, cal=None) -> dict:
     """TERD on ``model``: reversed trigger, how far it moved from its start, statistics and verdict
     (``"backdoored"``, ``"clean"`` or ``"undetermined"``, see :func:`diffshield.backdoor.terd.model_verdict`).
     ``learn_gamma``: TERD's TrojDiff setting (gamma reversed with r), judged by the thresholds of
@@ -261,7 +261,7 @@ def run_scan(model, preset: str = "cpu", calibration: str | Path | None = None, 
     min_move = MIN_MOVE if min_move is None else min_move
     key = preset_key(preset, learn_gamma)
     cal_path = calibration or default_calibration_path()
-    cal = Calibration.load(cal_path)
+    cal = cal if cal is not None else Calibration.load(cal_path)  # ``cal``: the file at ``calibration``, read already
     thresholds = cal.get(key)
     resolution, arch = model.image_shape[-1], architecture_summary(model)
     warning = cal.mismatch(key, resolution, arch)
@@ -344,11 +344,12 @@ def cmd_scan(args) -> int:
         check_output_dir(args.out, "scan", args.overwrite, inputs=inputs)
     check_output_file(args.json, "--json", inputs=[*inputs, args.out])
     # a missing or unreadable calibration, or one without this preset: one line before any work
-    Calibration.load(args.calibration or default_calibration_path()).get(preset_key(args.preset, args.learn_gamma))
+    cal = Calibration.load(args.calibration or default_calibration_path())
+    cal.get(preset_key(args.preset, args.learn_gamma))
     model = load_ddpm(args.model, allow_pickle=args.allow_pickle, device=args.device, dtype=args.dtype)
     print(f"TERD scan of {args.model} (preset {args.preset}{', gamma reversed too' if args.learn_gamma else ''}) ...")
     rep = run_scan(model, args.preset, args.calibration, args.seed, args.threads, min_move=args.min_move,
-                   learn_gamma=args.learn_gamma)
+                   learn_gamma=args.learn_gamma, cal=cal)
     res = rep.pop("result")
     th = rep["thresholds"]
     print(f"verdict: {rep['verdict'].upper()} ({args.model}, fingerprint {rep['model_fingerprint']})")
