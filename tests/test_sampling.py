@@ -49,6 +49,25 @@ def test_text_encoding_is_cached(tiny_model):
     assert calls == [2]
 
 
+def test_the_text_cache_follows_edits_of_the_text_encoder(tiny_sd_dir):
+    """Embeddings cached before the text encoder's weights change (fine-tuning, a loaded adapter, an in-place edit)
+    are never served after it: the next call encodes again."""
+    from diffshield.core.loading import load_t2i
+
+    model = load_t2i(tiny_sd_dir)
+    before = encode_prompts(model, ["a box"]).clone()
+    weight = next(p for n, p in model.text_encoder.named_parameters() if n.endswith("final_layer_norm.weight"))
+    with torch.no_grad():
+        weight.mul_(2.0)
+    after = encode_prompts(model, ["a box"])
+    assert not torch.allclose(before, after)
+    assert torch.allclose(after, model.text_encoder(model.tokenizer(
+        ["a box"], padding="max_length", max_length=model.tokenizer.model_max_length,
+        return_tensors="pt").input_ids)[0])
+    model.text_encoder.load_state_dict(load_t2i(tiny_sd_dir).text_encoder.state_dict())  # copy_: back to the start
+    assert torch.allclose(encode_prompts(model, ["a box"]), before)
+
+
 def test_differentiable_path_gives_gradients(tiny_model):
     emb = encode_prompts(tiny_model, ["a red wedge"]).clone().requires_grad_(True)
     lat = initial_latents(tiny_model, [0]).requires_grad_(True)

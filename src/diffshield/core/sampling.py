@@ -72,8 +72,21 @@ def tokenize(model: T2IModel, prompts: list[str]) -> torch.Tensor:
     return ids.to(module_device(model.text_encoder))
 
 
+#: the cache entry that records which text-encoder state the cached embeddings came from (not a prompt: a str key
+#: can never equal it)
+_STATE_KEY = ("__text_encoder_state__",)
+
+
+def _encoder_state(encoder: torch.nn.Module) -> tuple:
+    """What the cached embeddings depend on: the encoder object, and each parameter's storage, dtype and in-place
+    version counter (every optimiser step, ``load_state_dict`` and ``mul_`` bumps it); a few microseconds."""
+    return (id(encoder), tuple((p.data_ptr(), p.dtype, p._version) for p in encoder.parameters()))
+
+
 def encode_prompts(model: T2IModel, prompts: list[str], grad: bool = False) -> torch.Tensor:
     """Text-encoder last hidden states (N, L, d) for prompts; each distinct prompt is encoded once and cached.
+
+    The cache is dropped when the text encoder changes (its weights edited in place, replaced, moved or cast).
 
     Args:
         model: the text-to-image model.
@@ -85,6 +98,10 @@ def encode_prompts(model: T2IModel, prompts: list[str], grad: bool = False) -> t
     if grad:
         return model.text_encoder(tokenize(model, prompts))[0]
     cache = model._text_cache
+    state = _encoder_state(model.text_encoder)
+    if cache.get(_STATE_KEY) != state:  # the encoder was edited, replaced or moved since these were cached
+        cache.clear()
+        cache[_STATE_KEY] = state
     todo = [p for p in dict.fromkeys(prompts) if p not in cache]
     if todo:
         with torch.no_grad():
