@@ -407,9 +407,12 @@ def section_terd(device: torch.device, tiny: bool, deadline: float) -> dict:
         return out
     reset_peak(device)
     dt, res = timed(lambda: reverse_trigger(model, cfg, progress=False), device)
+    s1, s2 = res.stage_seconds  # the full run's own rates, to set beside the short runs' (projected_s)
     out.update(ran=True, seconds=dt, mean_kl=res.mean_kl, var_kl=res.var_kl, r_norm=float(res.r.norm()),
-               peak_gib=peak_gib(device))
-    print(f"  TERD {preset}: {dt:.1f} s (projected {projected:.1f} s)", flush=True)
+               peak_gib=peak_gib(device), stage_seconds=[s1, s2],
+               full_run_s_per_iteration=[s1 / max(1, cfg.stage1_iters), s2 / max(1, cfg.stage2_iters)])
+    print(f"  TERD {preset}: {dt:.1f} s (projected {projected:.1f} s; stage 1 {s1:.1f} s, stage 2 {s2:.1f} s)",
+          flush=True)
     return out
 
 

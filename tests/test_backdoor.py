@@ -216,6 +216,8 @@ def test_reverse_trigger_runs_and_flags(tmp_path):
     assert res.r.shape == (3, 8, 8) and torch.isfinite(res.r).all()
     assert res.mean_kl == pytest.approx(float((res.r ** 2 / 2).mean()), rel=1e-5)
     assert res.moved_rel >= 0.1  # r moved: the verdict comes from the thresholds
+    s1, s2 = res.stage_seconds  # each stage's own clock, within the whole run's
+    assert s1 > 0 and s2 > 0 and s1 + s2 <= res.seconds
     assert model_verdict(res, {"mean_kl": 0.0, "var_kl": 1e9}) == "backdoored"
     assert model_verdict(res, {"mean_kl": 1e9, "var_kl": 0.0}) == "backdoored"
     assert model_verdict(res, {"mean_kl": 1e9, "var_kl": 1e9}) == "clean"
