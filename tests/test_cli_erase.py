@@ -249,6 +249,25 @@ def test_uce_official_options_reach_the_config(tiny_sd_dir, tmp_path, not_toy):
     assert (cfg["technique"], cfg["expand_prompts"], cfg["preserve_scale"], cfg["guides"]) == (
         "tensor", "art", "auto", ["art"])
     assert "UCE style" in report["defaults"]["summary"]
+    # the summary is the preset's own line; the flags that change it are named after it (the guide stays the
+    # preset's 'art' here, and the report says which flags were given)
+    assert report["defaults"]["flags"] == ["--preserve 'box'", "--expand-prompts 'art'",
+                                           "--preserve-scale 'auto'", "--technique 'tensor'"]
+    assert report["defaults"]["summary"].endswith("; with " + ", ".join(report["defaults"]["flags"]))
+
+
+def test_the_printed_setting_names_the_flags_that_change_it(tiny_sd_dir, tmp_path, not_toy, capsys):
+    rep = tmp_path / "g.json"
+    assert main(["erase", "--method", "uce", "--model", str(tiny_sd_dir), "--concept", "star", "--guide", "circle",
+                 "--lamb", "0.3", "--out", str(tmp_path / "g"), "--json", str(rep)]) == 0
+    banner = capsys.readouterr().out.splitlines()[0]
+    assert "guide ' '" in banner and banner.endswith("; with --guide 'circle', --lamb 0.3 ...")
+    report = json.loads(rep.read_text())
+    assert report["config"]["guides"] == ["circle"] and report["config"]["lamb"] == 0.3
+    rep = tmp_path / "p.json"
+    assert main(["erase", "--method", "uce", "--model", str(tiny_sd_dir), "--concept", "star",
+                 "--out", str(tmp_path / "p"), "--json", str(rep)]) == 0
+    assert "flags" not in json.loads(rep.read_text())["defaults"]  # the preset as it is
 
 
 def test_unsafe_preset_erases_the_i2p_categories(tiny_sd_dir, tmp_path, not_toy):

@@ -212,6 +212,13 @@ REFUSED: list[tuple[str, list[str], str]] = [
     ("uce-lamb-nan", [*UCE, "--lamb", "nan", "--out", "{root}/e"], "finite"),
     ("uce-lamb-zero", [*UCE, "--lamb", "0", "--out", "{root}/e"], "must lie in"),
     ("uce-erase-scale-negative", [*UCE, "--erase-scale", "-1", "--out", "{root}/e"], "must lie in"),
+    # prompts that contradict each other: refused before the model is loaded (nothing on stdout)
+    ("uce-concept-preserved", [*UCE, "--preserve", "triangle", "--out", "{root}/e"], "both erased and preserved"),
+    ("uce-concept-own-guide", [*UCE, "--guide", "Triangle ", "--out", "{root}/e"], "its own guide"),
+    ("rece-concept-round-preserved", ["erase", "--method", "rece", M, TINY, "--concept", "triangle",
+                                      "--round-preserve", "triangle", "--out", "{root}/e"],
+     "both erased and preserved"),
+    ("esd-concept-preserved", [*ESD, "--preserve", "triangle", "--out", "{root}/e"], "both erased and preserved"),
     ("esd-lr-inf", [*ESD, "--lr", "inf", "--out", "{root}/e"], "finite"),
     ("esd-eta-nan", [*ESD, "--eta", "nan", "--out", "{root}/e"], "finite"),
     ("esd-start-guidance-inf", [*ESD, "--start-guidance", "inf", "--out", "{root}/e"], "finite"),
@@ -529,3 +536,25 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(ws, tiny_sd_dir
     assert "Traceback" not in err
     assert not (ws.root / "e").exists() and not list(ws.root.glob(".*.tmp"))
     assert _snapshot(ws.root, tiny_sd_dir) == before
+
+
+def test_a_closed_stdout_ends_the_command_quietly(tmp_path):
+    """``diffshield ... | head -1``: once the reader has gone, the command stops with status 1 and prints no error
+    (no traceback, no 'Exception ignored' at exit)."""
+    import subprocess
+    import sys
+
+    script = ("import sys; from diffshield.cli import main as m\n"
+              "def chatty(args):\n"
+              "    for i in range(100000):\n"
+              "        print('line', i)\n"
+              "p = m.build_parser(); sub = p._subparsers._group_actions[0]\n"
+              "sub.add_parser('chatty').set_defaults(func=chatty)\n"
+              "m.build_parser = lambda: p\n"
+              "sys.exit(m.main(['chatty']))\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=tmp_path)
+    assert proc.stdout.readline() == b"line 0\n"
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 1 and err == "", err

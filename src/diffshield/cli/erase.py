@@ -200,11 +200,50 @@ def resolve_erase_settings(args) -> tuple[list[str], object, dict]:
         prompts = preset_concepts(preset, list(args.concept))
         cfg = _preset_config(args, config_cls, preset, prompts, preserve, closed, esd_only, rece_only)
         defaults = {"source": "preset", "preset": preset, "summary": preset_summary(args.method, preset)}
+    given = given_flags(args)
+    if given:  # the summary above is the setting's own; these flags change it
+        defaults["flags"] = given
+        defaults["summary"] += "; with " + ", ".join(given)
     if is_rece:
         judge = _select_judge(args, list(args.concept), toy)
         if judge is not None:
             cfg.select = judge
     return prompts, cfg, defaults
+
+
+#: flags that change a preset's or toy setting's values (the summary names those the user gave)
+SETTING_FLAGS = ("guide", "preserve", "preserve_file", "expand_prompts", "lamb", "erase_scale", "preserve_scale",
+                 "token_mode", "technique", "epochs", "round_preserve", "round_lamb", "round_empty", "rece_variant",
+                 "surrogate_item", "iterations", "lr", "preserve_weight", "no_freeze_time_and_out", *ESD_FLAGS)
+
+
+def given_flags(args) -> list[str]:
+    """The setting flags given on the command line, as ``--flag value`` (repeatable ones with each value)."""
+    out = []
+    for key in dict.fromkeys(SETTING_FLAGS):
+        value = getattr(args, key, None)
+        if value is None or value is False or value == []:
+            continue
+        if value is True:
+            out.append(_flag(key))
+        else:
+            out += [f"{_flag(key)} {v!r}" for v in (value if isinstance(value, list) else [value])]
+    return out
+
+
+def check_erase_prompts(concepts: list[str], cfg) -> None:
+    """Refuse contradictory prompts (a concept also preserved, or guided to itself) before the model is loaded."""
+    from diffshield.erase.base import check_prompt_roles
+    from diffshield.erase.esd import ESDConfig
+    from diffshield.erase.rece import RECEConfig, check_rece_prompts
+    from diffshield.erase.uce import UCEConfig, check_uce_prompts
+
+    if isinstance(cfg, RECEConfig):
+        check_rece_prompts(concepts, cfg)
+    elif isinstance(cfg, UCEConfig):
+        check_uce_prompts(concepts, cfg)
+    elif isinstance(cfg, ESDConfig):
+        check_prompt_roles(concepts, preserve=cfg.preserve)
 
 
 def cmd_erase(args) -> int:
@@ -218,6 +257,7 @@ def cmd_erase(args) -> int:
     _, erase_fn = ERASERS.get(args.method)
     concepts, cfg, defaults = resolve_erase_settings(args)
     check_finite_fields(cfg)
+    check_erase_prompts(concepts, cfg)
     if args.checkpoint_dir:
         ck, out = Path(args.checkpoint_dir).resolve(), Path(args.out).resolve()
         if ck.exists() and not ck.is_dir():

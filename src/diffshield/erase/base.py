@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from diffshield.core.errors import DiffshieldError
 from diffshield.core.loading import T2IModel
 from diffshield.core.registry import Registry
 
@@ -56,3 +57,22 @@ def fraction_of_unet(unet: torch.nn.Module, names: list[str]) -> float:
     params = dict(unet.named_parameters())
     total = sum(p.numel() for p in params.values())
     return sum(params[n].numel() for n in names) / total
+
+
+def _words(prompt: str) -> str:
+    """A prompt as CLIP's tokenizer reads it: lower case, runs of whitespace as one space, no outer spaces."""
+    return " ".join(prompt.lower().split())
+
+
+def check_prompt_roles(concepts: list[str], guides: list[str] = (), preserve: list[str] = ()) -> None:
+    """Refuse an erasure whose prompts contradict each other (before any work): a concept that is also preserved,
+    or a concept guided to itself (the edit would map it onto itself and erase nothing). Prompts are compared as
+    the tokenizer reads them (case and spacing ignored); ``guides`` pairs with ``concepts`` one to one."""
+    kept = {_words(p) for p in preserve}
+    for c in concepts:
+        if _words(c) in kept:
+            raise DiffshieldError(f"{c!r} is both erased and preserved; remove it from preserve")
+    for c, g in zip(concepts, guides):
+        if _words(c) == _words(g):
+            raise DiffshieldError(f"{c!r} is its own guide: the edit would map it onto itself and erase nothing; "
+                                  "choose another guide (default ' ', the unconditional prompt)")

@@ -44,7 +44,7 @@ from diffshield.core.checks import check_finite_fields
 from diffshield.core.errors import DiffshieldError
 from diffshield.core.loading import T2IModel
 from diffshield.core.sampling import encode_prompts
-from diffshield.erase.base import ERASERS, EraseResult, fraction_of_unet
+from diffshield.erase.base import ERASERS, EraseResult, check_prompt_roles, fraction_of_unet
 from diffshield.erase.closed_form import (
     adversarial_solve,
     apply_shared,
@@ -55,7 +55,14 @@ from diffshield.erase.closed_form import (
     kv_weights,
     shared_edit_matrix,
 )
-from diffshield.erase.uce import UCEConfig, check_concepts, expand_guides, preserve_scale_of, uce_rows
+from diffshield.erase.uce import (
+    UCEConfig,
+    check_concepts,
+    check_uce_prompts,
+    expand_guides,
+    preserve_scale_of,
+    uce_rows,
+)
 
 VARIANTS = ("regzero", "standard", "surrogate")
 SURROGATE_ITEMS = ("1st", "2nd", "both")
@@ -275,6 +282,16 @@ def _residual(adv: torch.Tensor, c: torch.Tensor, g: torch.Tensor, s0: torch.Ten
     return float(((diff @ s0) * diff).sum() / ((c @ s0) * c).sum().clamp_min(1e-30))
 
 
+def check_rece_prompts(concepts: list[str], config: RECEConfig) -> tuple[list[str], list[str]]:
+    """(concepts, one guide per concept) of a RECE run, after refusing contradictory prompts in its UCE edit and in
+    its rounds (a concept that a round preserves); needs no model."""
+    check_uce_prompts(concepts, config.uce)
+    concepts = check_concepts(concepts)
+    guides = expand_guides(config.uce.guides, concepts)
+    check_prompt_roles(concepts, guides, config.round_preserve)
+    return concepts, guides
+
+
 def rece_erase(model: T2IModel, concepts: list[str], config: RECEConfig | None = None) -> EraseResult:
     """Erase concepts from ``model`` in place with RECE (Gong et al., ECCV 2024): UCE, then adversarial rounds.
 
@@ -291,8 +308,7 @@ def rece_erase(model: T2IModel, concepts: list[str], config: RECEConfig | None =
         model, ``extra["uce_adv_residual"]`` the same for the initial UCE edit alone.
     """
     config = config or RECEConfig()
-    concepts = check_concepts(concepts)
-    guides = expand_guides(config.uce.guides, concepts)
+    concepts, guides = check_rece_prompts(concepts, config)
     layers = kv_layers(model.unet)
     d = embedding_width(model.unet)
 

@@ -36,7 +36,7 @@ from diffshield.core.checks import check_finite_fields
 from diffshield.core.errors import DiffshieldError
 from diffshield.core.loading import T2IModel
 from diffshield.core.sampling import encode_prompts
-from diffshield.erase.base import ERASERS, EraseResult, fraction_of_unet
+from diffshield.erase.base import ERASERS, EraseResult, check_prompt_roles, fraction_of_unet
 from diffshield.erase.closed_form import (
     apply_shared,
     apply_tensor,
@@ -183,6 +183,14 @@ def expand_guides(guides: list[str], concepts: list[str]) -> list[str]:
     return list(guides)
 
 
+def check_uce_prompts(concepts: list[str], config: UCEConfig) -> tuple[list[str], list[str]]:
+    """(concepts, guides) of an edit, templates expanded, after refusing contradictory prompts (a concept also
+    preserved, or guided to itself); needs no model, so callers check before loading one."""
+    concepts, guides = expand_prompts(check_concepts(concepts), config.guides, config.expand_prompts)
+    check_prompt_roles(concepts, guides, preserve_list(config))
+    return concepts, guides
+
+
 def uce_rows(
     model: T2IModel, concepts: list[str], config: UCEConfig
 ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[torch.Tensor]]:
@@ -190,12 +198,8 @@ def uce_rows(
 
     Encodes every prompt once (text encoding; not part of the edit's time) and selects rows by ``token_mode``.
     """
-    concepts = check_concepts(concepts)
-    concepts, guides = expand_prompts(concepts, config.guides, config.expand_prompts)
+    concepts, guides = check_uce_prompts(concepts, config)
     preserve = preserve_list(config)
-    clash = sorted(set(concepts) & set(preserve))
-    if clash:
-        raise DiffshieldError(f"{clash[0]!r} is both erased and preserved; remove it from preserve")
     prompts = list(dict.fromkeys(concepts + guides + preserve))
     emb = dict(zip(prompts, encode_prompts(model, prompts)))
     last = dict(zip(prompts, last_word_index(model, prompts)))

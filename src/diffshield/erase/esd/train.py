@@ -16,7 +16,7 @@ from diffshield.core.errors import DiffshieldError
 from diffshield.core.graphs import GraphedUNet, graphed
 from diffshield.core.loading import T2IModel
 from diffshield.core.sampling import encode_prompts, make_scheduler
-from diffshield.erase.base import EraseResult, fraction_of_unet
+from diffshield.erase.base import EraseResult, check_prompt_roles, fraction_of_unet
 from diffshield.erase.esd.checkpoint import checkpoint_cpu_seconds, load_checkpoint, run_identity, save_checkpoint
 from diffshield.erase.esd.config import ESDConfig
 from diffshield.erase.esd.params import esd_parameters
@@ -79,6 +79,7 @@ def esd_erase(model: T2IModel, concepts: list[str], config: ESDConfig, progress:
         raise DiffshieldError(f"give at least one non-empty concept prompt to erase, got {concepts!r}")
     if not isinstance(config, ESDConfig):
         raise DiffshieldError(f"esd_erase needs an ESDConfig, got {type(config).__name__}")
+    check_prompt_roles(concepts, preserve=config.preserve)
     if len(config.erase_from) not in (0, 1, len(concepts)):
         raise DiffshieldError(f"give one erase_from prompt per concept ({len(concepts)}) or one for all, got "
                               f"{len(config.erase_from)}")
