@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -586,6 +587,12 @@ def main(argv: list[str] | None = None) -> int:
     except DiffshieldError as e:
         print(f"diffshield: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # stdout was closed by a reader (``| head``): say nothing more, as other tools do
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        except (OSError, ValueError):
+            pass
+        return 1
     except (OSError, MemoryError) as e:  # the machine's, not the input's: a full disk, a lost mount, no memory left
         print(f"diffshield: error: {str(e) or type(e).__name__}", file=sys.stderr)
         return 1
