@@ -355,6 +355,43 @@ def test_delta_refuses_a_model_it_was_not_computed_on(model, tiny_sd_dir, tmp_pa
     assert (out / "model_index.json").exists()
 
 
+@pytest.mark.parametrize("method", ["uce", "rece", "esd-x"])
+def test_a_delta_never_silently_undoes_another_edit_of_its_base(method, tiny_sd_dir, tmp_path, capsys):
+    """Two deltas computed on the same base, one per concept: applying the second over the first would replace the
+    first's edited layers with the base's and bring its concept back. It is refused (nothing written) unless asked
+    for; applying a delta to a model that already holds it passes (nothing changes)."""
+    from diffshield.cli.main import main
+    from diffshield.erase import ERASERS
+    from diffshield.erase.esd import ESDConfig
+
+    cls, erase = ERASERS.get(method)
+    cfg = ESDConfig(variant="x", iterations=2, lr=1e-2, ddim_steps=2) if method == "esd-x" else cls()
+    paths = []
+    for concept in ("red square", "blue star"):
+        m = load_t2i(tiny_sd_dir)
+        res = erase(m, [concept], cfg)
+        assert sorted(res.base_values) == sorted(res.changed)
+        paths.append(save_delta(res, tmp_path / f"{concept[:3]}.safetensors", base_model="tiny"))
+    first = load_t2i(tiny_sd_dir)
+    apply_delta(first, paths[0])
+    after_first = {n: p.detach().clone() for n, p in first.unet.named_parameters()}
+    with pytest.raises(DiffshieldError, match="changed since the delta's base.*would undo it.*--any-base") as e:
+        apply_delta(first, paths[1])
+    assert "\n" not in str(e.value)
+    assert all(torch.equal(p, after_first[n]) for n, p in first.unet.named_parameters())  # nothing written
+    apply_delta(first, paths[0])  # already there: passes, the same weights
+    assert all(torch.equal(p, after_first[n]) for n, p in first.unet.named_parameters())
+    apply_delta(first, paths[1], any_base=True)  # asked for: the second edit replaces the first's layers
+
+    first_only = load_t2i(tiny_sd_dir)
+    apply_delta(first_only, paths[0])
+    first_only.save(tmp_path / "first")
+    out = tmp_path / "both"
+    assert main(["apply-delta", "--model", str(tmp_path / "first"), "--delta", str(paths[1]), "--out",
+                 str(out)]) == 2
+    assert not out.exists() and "would undo it" in capsys.readouterr().err
+
+
 def test_delta_errors(model, tiny_model, tmp_path):
     with pytest.raises(DiffshieldError, match="does not exist"):
         apply_delta(model, tmp_path / "missing.safetensors")

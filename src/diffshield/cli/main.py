@@ -456,9 +456,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delta", required=True, help="delta .safetensors file written by 'diffshield erase'")
     p.add_argument("--out", required=True, help="output folder (see --overwrite)")
     p.add_argument("--any-base", action="store_true",
-                   help="apply the delta even when --model is not the model it was computed on (its tensors replace "
-                        "the model's: on another model they graft the base's edited layers onto it); by default "
-                        "such a model is refused")
+                   help="apply the delta even when --model is not the model it was computed on, or is that model "
+                        "with the delta's layers changed since (its tensors replace the model's: on another model "
+                        "they graft the base's edited layers onto it; over another delta of the same base they undo "
+                        "it); by default such a model is refused")
     add_overwrite_arg(p)
     add_threads_arg(p)
     p.set_defaults(func=cmd_apply_delta)

@@ -29,6 +29,8 @@ class EraseResult:
         seconds: edit time (excluding model load and, for closed forms, text encoding).
         fraction_changed: share of UNet parameters (by element count) that the method changed.
         extra: method-specific facts (e.g. RECE per-epoch scores, ESD losses).
+        base_values: for each changed parameter, :func:`probe_values` of it *before* the edit (a delta records
+            them, so that it is never applied over a model whose edited layers were changed since).
     """
 
     model: T2IModel
@@ -38,6 +40,19 @@ class EraseResult:
     seconds: float
     fraction_changed: float
     extra: dict = field(default_factory=dict)
+    base_values: dict[str, list[float]] = field(default_factory=dict)
+
+
+#: values per tensor in a probe (:func:`probe_values`)
+PROBE_VALUES = 64
+
+
+def probe_values(p: torch.Tensor) -> list[float]:
+    """:data:`PROBE_VALUES` evenly spaced values of a tensor, as float32 numbers: a fingerprint that survives a
+    change of device or dtype (compared with a tolerance)."""
+    flat = p.detach().reshape(-1)
+    idx = torch.linspace(0, flat.numel() - 1, min(PROBE_VALUES, flat.numel()), device=flat.device).long()
+    return flat[idx].float().cpu().tolist()
 
 
 def cross_attention_kv(unet: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:

@@ -3,9 +3,11 @@
 A UCE/RECE edit of SD 1.x changes 32 matrices (2.2 % of the UNet, about 77 MB in float32) instead of a 3.4 GB
 UNet. The file holds the changed UNet tensors under ``unet.<parameter name>`` and, in the safetensors metadata,
 the method name, its config (JSON), the base model it was computed on, the fraction of UNet parameters changed and a
-probe of the base model: a few values of UNet parameters the edit left alone. The tensors replace the base model's,
-so applied to another model (a fine-tune of it, another version) they would graft the base's edited layers onto it;
-:func:`apply_delta` compares the probe first and refuses such a model.
+probe of the base model: a few values of UNet parameters the edit left alone, and of the edited ones as they were
+before the edit. The tensors replace the base model's, so applied to another model (a fine-tune of it, another
+version) they would graft the base's edited layers onto it, and applied over another edit of the base (a second
+delta computed on the same base) they would undo that edit; :func:`apply_delta` compares both probes first and
+refuses such a model.
 
     save_delta(result, "nudity.safetensors", base_model="CompVis/stable-diffusion-v1-4")
     model = load_t2i(path_to_sd14)
@@ -23,7 +25,7 @@ from diffshield.core.checks import check_finite_tensors, non_finite_tensors
 from diffshield.core.errors import DiffshieldError
 from diffshield.core.io import atomic_write_bytes
 from diffshield.core.loading import T2IModel, check_safetensors
-from diffshield.erase.base import EraseResult
+from diffshield.erase.base import EraseResult, probe_values
 
 FORMAT = "diffshield-delta"
 VERSION = "1"
@@ -31,16 +33,10 @@ PREFIX = "unet."
 #: the base-model probe: PROBE_VALUES values from each of PROBE_TENSORS UNet parameters the edit left alone (half of
 #: them beside the edited ones, in the same modules, where an adapter merged into the base would show; half from the
 #: start of the UNet)
-PROBE_TENSORS, PROBE_VALUES = 6, 64
+PROBE_TENSORS = 6
 #: probe values match when |a - b| <= PROBE_ATOL + PROBE_RTOL |b|: loose enough for float16 / bfloat16 copies of the
 #: base, far below what fine-tuning moves
 PROBE_RTOL, PROBE_ATOL = 1e-2, 1e-4
-
-
-def _probe_values(p: torch.Tensor) -> list[float]:
-    flat = p.detach().reshape(-1)
-    idx = torch.linspace(0, flat.numel() - 1, min(PROBE_VALUES, flat.numel()), device=flat.device).long()
-    return flat[idx].float().cpu().tolist()
 
 
 def base_probe(unet: torch.nn.Module, skip=()) -> dict[str, list[float]]:
@@ -52,7 +48,11 @@ def base_probe(unet: torch.nn.Module, skip=()) -> dict[str, list[float]]:
     near = [(n, p) for n, p in params if n.rsplit(".", 2)[0] in parents][:PROBE_TENSORS // 2]
     taken = {n for n, _ in near}
     rest = [(n, p) for n, p in params if n not in taken][:PROBE_TENSORS - len(near)]
-    return {n: _probe_values(p) for n, p in near + rest}
+    return {n: probe_values(p) for n, p in near + rest}
+
+
+def _differs(now: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    return (now - ref).abs() > PROBE_ATOL + PROBE_RTOL * ref.abs()
 
 
 def probe_mismatch(unet: torch.nn.Module, probe: dict[str, list[float]]) -> str | None:
@@ -61,12 +61,27 @@ def probe_mismatch(unet: torch.nn.Module, probe: dict[str, list[float]]) -> str 
     for name, values in probe.items():
         if name not in params or params[name].numel() == 0:
             return f"it has no parameter '{name}'"
-        now, ref = torch.tensor(_probe_values(params[name])), torch.tensor(values, dtype=torch.float32)
+        now, ref = torch.tensor(probe_values(params[name])), torch.tensor(values, dtype=torch.float32)
         if now.shape != ref.shape:
             return f"its '{name}' has another size"
-        diff = (now - ref).abs()
-        if bool((diff > PROBE_ATOL + PROBE_RTOL * ref.abs()).any()):
-            return f"its '{name}' differs (by up to {float(diff.max()):.3g})"
+        if bool(_differs(now, ref).any()):
+            return f"its '{name}' differs (by up to {float((now - ref).abs().max()):.3g})"
+    return None
+
+
+def edited_mismatch(unet: torch.nn.Module, edited_probe: dict[str, list[float]],
+                    delta_values: dict[str, list[float]]) -> str | None:
+    """Why ``unet``'s layers that a delta replaces are neither the base's (``edited_probe``: their values before
+    the edit) nor the delta's own (``delta_values``: the delta already applied); None when every one is either."""
+    params = dict(unet.named_parameters())
+    for name, values in edited_probe.items():
+        if name not in params or name not in delta_values:
+            continue  # the shape check names a missing parameter
+        now = torch.tensor(probe_values(params[name]))
+        base, mine = torch.tensor(values, dtype=torch.float32), torch.tensor(delta_values[name])
+        if now.shape == base.shape and (not bool(_differs(now, base).any()) or not bool(_differs(now, mine).any())):
+            continue
+        return f"its '{name}' differs from the base's (by up to {float((now - base).abs().max()):.3g})"
     return None
 
 
@@ -99,6 +114,8 @@ def save_delta(result: EraseResult, path: str | Path, base_model: str) -> Path:
         "fraction_changed": repr(float(result.fraction_changed)),
         "base_probe": json.dumps(base_probe(result.model.unet, skip=result.changed)),
     }
+    if result.base_values:  # the edited tensors before the edit (results made by hand may lack them)
+        metadata["edited_probe"] = json.dumps({n: v for n, v in result.base_values.items() if n in result.changed})
     atomic_write_bytes(path, save(tensors, metadata=metadata))
     return path
 
@@ -146,8 +163,9 @@ def read_delta_info(path: str | Path) -> dict:
     fraction = meta.get("fraction_changed")
     try:
         probe = json.loads(meta["base_probe"]) if "base_probe" in meta else None
+        edited = json.loads(meta["edited_probe"]) if "edited_probe" in meta else None
     except json.JSONDecodeError:
-        raise DiffshieldError(f"delta '{path}' has a corrupt base_probe in its metadata") from None
+        raise DiffshieldError(f"delta '{path}' has a corrupt base probe in its metadata") from None
     return {
         "format": meta.get("format"),
         "method": meta.get("method"),
@@ -157,6 +175,7 @@ def read_delta_info(path: str | Path) -> dict:
         "tensors": shapes,
         "n_parameters": sum(int(torch.Size(s).numel()) for s in shapes.values()),
         "base_probe": probe,
+        "edited_probe": edited,
     }
 
 
@@ -167,8 +186,9 @@ def apply_delta(model: T2IModel, path: str | Path, any_base: bool = False) -> di
     Args:
         model: the model the delta was computed on (the ``base_model`` in its metadata), in any device or dtype.
         path: a file written by :func:`save_delta`.
-        any_base: apply it even when the base-model probe says ``model`` is another model (default False: refused;
-            deltas written before the probe existed are applied without the check).
+        any_base: apply it even when the probes say ``model`` is another model, or the base with the delta's layers
+            changed since (another edit, which the delta would undo) (default False: refused; deltas written
+            before the probes existed are applied without the check). A model that already holds the delta passes.
 
     Returns:
         The delta's info (:func:`read_delta_info`).
@@ -190,6 +210,15 @@ def apply_delta(model: T2IModel, path: str | Path, any_base: bool = False) -> di
                               f"{why}; its tensors would replace this model's layers with the base's edited ones "
                               "(pass --any-base to apply it anyway)")
     tensors = load_file(str(path))
+    if not any_base and info["edited_probe"]:
+        mine = {key[len(PREFIX):]: probe_values(t) for key, t in tensors.items()}
+        why = edited_mismatch(model.unet, info["edited_probe"], mine)
+        if why:
+            raise DiffshieldError(
+                f"delta '{path}' replaces layers that this model has changed since the delta's base: {why}. "
+                "Another edit (an erasure, a second delta) was applied to them, and this delta would undo it: to "
+                "erase several concepts, erase them in one run (--concept repeated) or erase from the erased model "
+                "(pass --any-base to apply it anyway)")
     bad = non_finite_tensors(tensors)
     if bad:
         raise DiffshieldError(f"delta '{path}' holds inf or NaN in {len(bad)} tensor(s) ({bad[0]}); it would break "

@@ -44,7 +44,7 @@ from diffshield.core.checks import check_finite_fields
 from diffshield.core.errors import DiffshieldError
 from diffshield.core.loading import T2IModel
 from diffshield.core.sampling import encode_prompts
-from diffshield.erase.base import ERASERS, EraseResult, check_prompt_roles, fraction_of_unet
+from diffshield.erase.base import ERASERS, EraseResult, check_prompt_roles, fraction_of_unet, probe_values
 from diffshield.erase.closed_form import (
     adversarial_solve,
     apply_shared,
@@ -386,7 +386,8 @@ def rece_erase(model: T2IModel, concepts: list[str], config: RECEConfig | None =
         "n_matrices": len(layers),
     }
     return EraseResult(model=model, changed=changed, method="rece", config=config.to_dict(), seconds=seconds,
-                       fraction_changed=fraction_of_unet(model.unet, list(changed)), extra=extra)
+                       fraction_changed=fraction_of_unet(model.unet, list(changed)), extra=extra,
+                       base_values={name: probe_values(w) for name, w in w0.items()})
 
 
 ERASERS.register("rece")((RECEConfig, rece_erase))

@@ -36,7 +36,7 @@ from diffshield.core.checks import check_finite_fields
 from diffshield.core.errors import DiffshieldError
 from diffshield.core.loading import T2IModel
 from diffshield.core.sampling import encode_prompts
-from diffshield.erase.base import ERASERS, EraseResult, check_prompt_roles, fraction_of_unet
+from diffshield.erase.base import ERASERS, EraseResult, check_prompt_roles, fraction_of_unet, probe_values
 from diffshield.erase.closed_form import (
     apply_shared,
     apply_tensor,
@@ -252,6 +252,7 @@ def uce_erase(model: T2IModel, concepts: list[str], config: UCEConfig | None = N
                               f"read {embedding_width(model.unet)}")
 
     s_p = preserve_scale_of(config)
+    base_values = {name: probe_values(mod.weight) for name, mod in layers}
     start = time.perf_counter()
     g = shared_edit_matrix(pairs, kept, config.lamb, config.erase_scale, s_p)
     if config.technique == "tensor":  # per-matrix corrections, from the weights before the edit
@@ -274,7 +275,8 @@ def uce_erase(model: T2IModel, concepts: list[str], config: UCEConfig | None = N
         "gap_left_erased": _ratio(k_rows @ g.T - t_rows, k_rows - t_rows),
     }
     return EraseResult(model=model, changed=changed, method="uce", config=asdict(config), seconds=seconds,
-                       fraction_changed=fraction_of_unet(model.unet, list(changed)), extra=extra)
+                       fraction_changed=fraction_of_unet(model.unet, list(changed)), extra=extra,
+                       base_values=base_values)
 
 
 ERASERS.register("uce")((UCEConfig, uce_erase))

@@ -16,7 +16,7 @@ from diffshield.core.errors import DiffshieldError
 from diffshield.core.graphs import GraphedUNet, graphed
 from diffshield.core.loading import T2IModel
 from diffshield.core.sampling import encode_prompts, make_scheduler
-from diffshield.erase.base import EraseResult, check_prompt_roles, fraction_of_unet
+from diffshield.erase.base import EraseResult, check_prompt_roles, fraction_of_unet, probe_values
 from diffshield.erase.esd.checkpoint import checkpoint_cpu_seconds, load_checkpoint, run_identity, save_checkpoint
 from diffshield.erase.esd.config import ESDConfig
 from diffshield.erase.esd.params import esd_parameters
@@ -204,6 +204,7 @@ def esd_erase(model: T2IModel, concepts: list[str], config: ESDConfig, progress:
 
     before = originals if originals is not None else dict(frozen.named_parameters())
     changed = {n: p.detach().to("cpu").clone() for n, p in params.items() if not torch.equal(p, before[n])}
+    base_values = {n: probe_values(before[n]) for n in changed}
     del frozen, before, originals
     return EraseResult(
         model=model,
@@ -212,6 +213,7 @@ def esd_erase(model: T2IModel, concepts: list[str], config: ESDConfig, progress:
         config=asdict(config),
         seconds=time.perf_counter() - start_time,
         fraction_changed=fraction_of_unet(unet, list(changed)),
+        base_values=base_values,
         extra={
             "losses": losses,
             "timesteps": ts_used,
