@@ -137,7 +137,7 @@ ESD = ["erase", "--method", "esd-x", M, TINY, "--concept", "triangle", "--iterat
 PROTECT = ["protect", "{img}", "--mask", "{mask}", "--steps", "1", "--threads", "1"]
 EVALP = ["eval", "protection", "--image", "{img}", "--protected", "{img}", "--mask", "{mask}", "--threads", "1"]
 EVALE = ["eval", "erasure", M, TINY, "--concept", "triangle", "--seeds-per-prompt", "1", "--steps", "1"]
-AUDIT = ["audit", M, TINY, "--concept", "triangle", "--n", "1", "--steps", "1"]
+AUDIT = ["audit", M, TINY, "--original", TINY, "--concept", "triangle", "--n", "1", "--steps", "1"]
 
 #: (case id, argv with {placeholders} for Workspace attributes, what the one-line error must mention)
 REFUSED: list[tuple[str, list[str], str]] = [
@@ -212,6 +212,9 @@ REFUSED: list[tuple[str, list[str], str]] = [
     ("uce-lamb-nan", [*UCE, "--lamb", "nan", "--out", "{root}/e"], "finite"),
     ("uce-lamb-zero", [*UCE, "--lamb", "0", "--out", "{root}/e"], "must lie in"),
     ("uce-erase-scale-negative", [*UCE, "--erase-scale", "-1", "--out", "{root}/e"], "must lie in"),
+    # an audit compares the erased model with the one it was made from
+    ("audit-original-other-architecture", ["audit", M, TINY, "--original", "toy:t2i", "--concept", "triangle"],
+     "same architecture"),
     # prompts that contradict each other: refused before the model is loaded (nothing on stdout)
     ("uce-concept-preserved", [*UCE, "--preserve", "triangle", "--out", "{root}/e"], "both erased and preserved"),
     ("uce-concept-own-guide", [*UCE, "--guide", "Triangle ", "--out", "{root}/e"], "its own guide"),

@@ -377,6 +377,27 @@ def test_audit_cli(tiny_sd_dir, tmp_path, capsys):
     assert "ATTACK.FIELD=VALUE" in capsys.readouterr().err
 
 
+def test_audit_needs_the_original_of_a_real_model_and_refuses_another_architecture(tiny_sd_dir, tmp_path, capsys,
+                                                                                      monkeypatch):
+    """A model outside the toy world has no default original (toy:t2i would be compared with it); an original of
+    another architecture is refused by its config, before any weights load."""
+    import diffshield.core.loading as loading
+    import diffshield.toyworld.erasure_recipes as recipes
+    from diffshield.cli.main import main
+
+    loads = []
+    monkeypatch.setattr(loading, "load_t2i", lambda *a, **k: loads.append(a) or pytest.fail("loaded a model"))
+    argv = ["audit", "--model", str(tiny_sd_dir), "--concept", "church", "--judge", "nudenet", "--prompt", "a church"]
+    monkeypatch.setattr(recipes, "is_toy_model", lambda spec: False)
+    assert main(argv) == 2
+    assert "give --original" in capsys.readouterr().err
+    monkeypatch.undo()
+    monkeypatch.setattr(loading, "load_t2i", lambda *a, **k: loads.append(a) or pytest.fail("loaded a model"))
+    assert main(["audit", "--model", str(tiny_sd_dir), "--concept", "triangle"]) == 2  # toy vocabulary: toy:t2i
+    err = capsys.readouterr().err
+    assert "same architecture: unet.cross_attention_dim is" in err and "toy:t2i" in err and not loads
+
+
 @pytest.mark.slow
 def test_demo_step(tmp_path):
     from diffshield.cli.redteam import demo_step

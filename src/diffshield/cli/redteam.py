@@ -36,6 +36,23 @@ def parse_settings(items: list[str] | None) -> dict[str, dict]:
     return out
 
 
+def check_original(args) -> None:
+    """Fill in ``--original`` (toy:t2i for a toy-world model) or refuse its absence, and refuse an original of
+    another architecture than the erased model's: both before any model is loaded."""
+    from diffshield.core.loading import architecture_mismatch
+    from diffshield.toyworld.erasure_recipes import is_toy_model
+
+    if args.original is None:
+        if not is_toy_model(args.model):
+            raise DiffshieldError(f"give --original, the model '{args.model}' was erased from (the attacks and the "
+                                  "verdict compare the two; only a toy-world model defaults to toy:t2i)")
+        args.original = "toy:t2i"
+    why = architecture_mismatch(args.model, args.original)
+    if why:
+        raise DiffshieldError(f"--original must be the model the erased one was made from, of the same "
+                              f"architecture: {why}")
+
+
 def cmd_audit(args) -> int:
     from diffshield.core.loading import load_t2i
     from diffshield.core.sampling import SampleConfig
@@ -51,6 +68,7 @@ def cmd_audit(args) -> int:
 
     if args.num_processes > 1 and not args.run_dir:
         raise DiffshieldError("--num-processes needs --run-dir DIR (where the processes keep each attack's result)")
+    check_original(args)
     inputs = [args.model, args.original, args.detector]
     check_output_file(args.json, "--json", inputs=[*inputs, args.report, args.run_dir])
     if args.report:
@@ -195,7 +213,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog="example: diffshield audit --model erased/ --original toy:t2i --concept triangle --n 32 "
                "--json audit.json --report audit_report/")
     p.add_argument("--model", required=True, help="the erased model (diffusers folder)")
-    p.add_argument("--original", default="toy:t2i", help="the model before erasure (default: toy:t2i)")
+    p.add_argument("--original",
+                   help="the model before erasure, of the same architecture (default: toy:t2i for a toy-world "
+                        "model; required for any other)")
     p.add_argument("--concept", required=True, help="the erased toy concept: a shape, colour or style word")
     p.add_argument("--attack", action="append", choices=ATTACK_CHOICES,
                    help="attack to run, repeatable (default: all = adv-embed, ring-a-bell, ring-a-bell-genetic, "

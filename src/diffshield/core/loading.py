@@ -58,6 +58,38 @@ def resolve_model_path(spec: str | Path) -> Path:
     return path
 
 
+#: the config keys that make two text-to-image models the same architecture (one's weights fit the other's)
+ARCHITECTURE_KEYS = {"unet": ("in_channels", "sample_size", "cross_attention_dim", "block_out_channels",
+                              "layers_per_block", "attention_head_dim"),
+                     "text_encoder": ("hidden_size", "num_hidden_layers", "vocab_size")}
+
+
+def t2i_architecture(spec: str | Path) -> dict:
+    """The architecture of a text-to-image model folder, read from its components' ``config.json`` without loading
+    weights: {"unet.<key>": value, "text_encoder.<key>": value} for :data:`ARCHITECTURE_KEYS` (absent files or
+    keys are left out)."""
+    import json
+
+    root, out = resolve_model_path(spec), {}
+    for component, keys in ARCHITECTURE_KEYS.items():
+        try:
+            config = json.loads((root / component / "config.json").read_text())
+        except (OSError, ValueError):
+            continue
+        out.update({f"{component}.{k}": config[k] for k in keys if k in config})
+    return out
+
+
+def architecture_mismatch(a: str | Path, b: str | Path) -> str | None:
+    """How model ``b``'s architecture differs from model ``a``'s (the first differing key), or None when every key
+    both configs give agrees."""
+    arch_a, arch_b = t2i_architecture(a), t2i_architecture(b)
+    for key in arch_a:
+        if key in arch_b and arch_a[key] != arch_b[key]:
+            return f"{key} is {arch_a[key]} in '{a}' and {arch_b[key]} in '{b}'"
+    return None
+
+
 def check_safetensors(path: Path) -> None:
     """Raise DiffshieldError if a .safetensors file is truncated or its header is corrupt (reads the header only)."""
     size = path.stat().st_size
