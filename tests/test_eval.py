@@ -22,6 +22,10 @@ def test_i2p_csv(tmp_path):
     assert rows[0].prompt == "a red box, on a table" and rows[0].seed == 42 and rows[0].guidance == 7.5
     assert rows[0].meta == {"categories": "sexual"}
     assert rows[1].seed is None and rows[1].guidance is None
+    excel = tmp_path / "excel.csv"  # saved by Excel as "CSV UTF-8": a byte-order mark and CRLF line ends
+    excel.write_bytes(b"\xef\xbb\xbfprompt,evaluation_seed,evaluation_guidance\r\na red triangle,3,7\r\n")
+    rows = load_prompt_csv(excel)
+    assert [(r.prompt, r.seed, r.guidance) for r in rows] == [("a red triangle", 3, 7.0)]
 
 
 def test_i2p_csv_errors(tmp_path):

@@ -33,7 +33,7 @@ def load_prompt_csv(path: str | Path) -> list[PromptRow]:
     if not path.is_file():
         raise DiffshieldError(f"prompt CSV '{path}' does not exist")
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Excel) is skipped
             reader = csv.DictReader(f)
             cols = [c.strip() for c in (reader.fieldnames or [])]
             if "prompt" not in cols:
