@@ -22,6 +22,12 @@ def test_same_seed_same_image_regardless_of_batch(tiny_model):
     assert a.seeds == [5, 6, 7] and a.manifest()[2] == {"index": 2, "prompt": "a red box", "seed": 7}
 
 
+def test_one_prompt_as_a_string_is_one_prompt(tiny_model):
+    one = generate(tiny_model, "a red box", seeds=[3], config=CFG, progress=False)
+    listed = generate(tiny_model, ["a red box"], seeds=[3], config=CFG, progress=False)
+    assert one.prompts == ["a red box"] and torch.equal(one.images, listed.images)
+
+
 def test_ddpm_sampler_is_seeded_per_image(tiny_model):
     cfg = SampleConfig(steps=3, scheduler="ddpm", batch_size=1)
     a = generate(tiny_model, ["a star", "a star"], seeds=[1, 2], config=cfg, progress=False)

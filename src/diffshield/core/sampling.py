@@ -217,7 +217,7 @@ def generate(
 
     Args:
         model: a loaded text-to-image model.
-        prompts: N prompts (or None when ``prompt_embeds`` is given).
+        prompts: N prompts, or one prompt as a string (or None when ``prompt_embeds`` is given).
         seeds: N seeds (default 0..N-1); image i starts from noise drawn by a generator seeded with seeds[i].
         prompt_embeds: (N, L, d) precomputed text embeddings instead of prompts.
         negative_prompt: the unconditional prompt for guidance (default "").
@@ -228,6 +228,8 @@ def generate(
         a :class:`Generation` whose images are float32 on the CPU, whatever device and dtype the model uses.
     """
     config = config or SampleConfig()
+    if isinstance(prompts, str):  # one prompt, not its characters
+        prompts = [prompts]
     if prompt_embeds is None:
         if not prompts:
             raise DiffshieldError("give at least one prompt (or prompt embeddings)")
