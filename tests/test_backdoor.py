@@ -135,6 +135,14 @@ def test_trigger_image_and_mask_files(tmp_path):
     assert torch.allclose(g[:, :8, :8], torch.tensor([1.0, -1.0, -1.0]).view(3, 1, 1).expand(3, 8, 8))
     assert trigger_mask(g)[0].sum() == 64
 
+    # a sticker with a transparent background: the transparent pixels are background whatever colour they hide
+    sticker = Image.new("RGBA", (32, 32), (255, 0, 0, 0))
+    sticker.paste((255, 255, 255, 255), (24, 24, 32, 32))
+    sticker.save(tmp_path / "sticker.png")
+    g = get_trigger(tmp_path / "sticker.png")
+    assert trigger_mask(g)[0].sum() == 64 and torch.equal(g[:, :24, :], torch.full((3, 24, 32), -1.0))
+    assert torch.equal(g[:, 24:, 24:], torch.ones(3, 8, 8))
+
 
 def test_trigger_injection_changes_only_the_initial_noise():
     """Same seeds, DDPM sampler: with a trigger, x_T differs by exactly g, every per-step noise is the same."""

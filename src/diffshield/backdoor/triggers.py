@@ -196,7 +196,11 @@ def _read_image(path: Path, size: int, what: str) -> torch.Tensor:
     if not path.is_file():
         raise DiffshieldError(f"{what} file '{path}' does not exist; give a built-in name or an image file")
     try:
-        im = Image.open(path).convert("RGB").resize((size, size), Image.BILINEAR)
+        im = Image.open(path)
+        if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:  # transparent = background (black, -1),
+            im = im.convert("RGBA")                                      # whatever colour the pixels hide
+            im = Image.alpha_composite(Image.new("RGBA", im.size, (0, 0, 0, 255)), im)
+        im = im.convert("RGB").resize((size, size), Image.BILINEAR)
     except (UnidentifiedImageError, OSError) as e:
         raise DiffshieldError(f"{what} file '{path}' is not a readable image ({e})") from None
     return torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1).contiguous()
@@ -210,7 +214,8 @@ def get_trigger(spec: str | Path, size: int = 32, mask: str | Path | None = None
             official BOX_14) or the path of an image file.
         size: image side in pixels (default 32).
         mask: for an image file, a mask image (white = trigger pixel; default None: pixels darker than 1/255 of
-            white in all channels are background).
+            white in all channels are background; transparent pixels of an image with an alpha channel are black,
+            hence background).
     """
     s = str(spec)
     if s == "box":
