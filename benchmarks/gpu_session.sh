@@ -5,7 +5,8 @@
 #   2. with the time left, the backdoor zoo's models not yet evaluated, built and evaluated side by side
 #      (benchmarks/backdoor.py parallel; the published figures, restored into runs/backdoor/results, tell which
 #      are done).
-# Everything comes back under $OUT: gpu.json, the logs, zoo/ (eval_*, scan_*, grid_* of each finished model).
+# Everything comes back under $OUT: gpu.json, the logs, terd_drift_gpu.json (benchmarks/probes/terd_drift.py on the
+# GPU), zoo/ (eval_*, scan_*, grid_* of each finished model).
 # Device tool: carry [".whl"]; command: bash benchmarks/gpu_session.sh 560
 # (.whl: diffusers and what it needs that the machine lacks: bash benchmarks/gpu_wheels.sh). Back here: copy $OUT/gpu.json over
 # benchmarks/results/gpu.json and $OUT/zoo/* into runs/backdoor/results, then benchmarks/backdoor.py restore and
@@ -30,6 +31,10 @@ gpu_budget=$(( total * 6 / 10 ))
 [ -n "$tiny" ] || cp benchmarks/results/gpu.json "$out/gpu.json"
 python3 benchmarks/gpu.py --device "$device" $tiny --sections "$sections" --budget-s "$gpu_budget" \
   --out "$out/gpu.json" 2>&1 | tee "$out/gpu_log.txt"
+if [ -z "$tiny" ] && [[ ",$sections," == *",terd,"* ]]; then  # does a TERD iteration cost more late in a run?
+  timeout 60 python3 benchmarks/probes/terd_drift.py --device "$device" --out "$out/terd_drift_gpu.json" 2>&1 \
+    | tee "$out/terd_drift_log.txt"
+fi
 left=$(( total - ($(date +%s) - t0) - 20 ))
 if [ "$left" -gt 120 ]; then
   python3 benchmarks/backdoor.py restore   # the models already published are not rebuilt
