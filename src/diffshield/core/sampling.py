@@ -80,7 +80,16 @@ _STATE_KEY = ("__text_encoder_state__",)
 def _encoder_state(encoder: torch.nn.Module) -> tuple:
     """What the cached embeddings depend on: the encoder object, and each parameter's storage, dtype and in-place
     version counter (every optimiser step, ``load_state_dict`` and ``mul_`` bumps it); a few microseconds."""
-    return (id(encoder), tuple((p.data_ptr(), p.dtype, p._version) for p in encoder.parameters()))
+    return (id(encoder), tuple((p.data_ptr(), p.dtype, _version(p)) for p in encoder.parameters()))
+
+
+def _version(p: torch.Tensor) -> int:
+    """A tensor's in-place version counter; -1 for an inference-mode tensor, which has none (and which nothing
+    outside inference mode may edit in place)."""
+    try:
+        return p._version
+    except RuntimeError:
+        return -1
 
 
 def encode_prompts(model: T2IModel, prompts: list[str], grad: bool = False) -> torch.Tensor:
