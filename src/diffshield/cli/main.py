@@ -521,9 +521,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("toyworld", help="the toy world: dataset samples and training recipes",
                        description="ShapesWorld data and the recipes of the shipped toy weights.")
     tsub = p.add_subparsers(dest="toy_command", metavar="ACTION")
-    t = tsub.add_parser("train", help="retrain every shipped toy weight from scratch (~50 min on 2 CPU cores)",
-                        description="Rebuild the shipped toy models. Finished stages in --work are reused; the "
-                                    "UNet stage resumes from its latest checkpoint.")
+    t = tsub.add_parser("train", help="retrain the toy text-to-image model and its detector from scratch (about "
+                                      "50 min per world version on 2 CPU cores)",
+                        description="Rebuild the shipped toy text-to-image model (VAE, text encoder, UNet) and the "
+                                    "detector that judges it, for one world version ('make toyworld' does both "
+                                    "versions; the DDPM and the inpainter have their own recipes, docs/toyworld.md). "
+                                    "Finished stages in --work are reused; the UNet stage resumes from its latest "
+                                    "checkpoint.")
     t.add_argument("--work", default="runs/toyworld", help="work folder for checkpoints and logs "
                                                            "(default: runs/toyworld)")
     t.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "toyworld" / "weights"),
