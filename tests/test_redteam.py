@@ -429,6 +429,36 @@ def test_audit_cli_user_judge(tiny_sd_dir, tmp_path, capsys):
     assert res["verdict"].startswith("NO VERDICT")  # the judge never fires, not even on the original
 
 
+def test_a_user_judge_is_held_to_one_boolean_per_image(tmp_path):
+    """A user's classifier may answer with a bool tensor, an array, a list or 0/1 integers; scores, a wrong count
+    or its own crash are one line naming it (they were taken as True, an internal error, or a traceback)."""
+    from diffshield.redteam.judges import load_judge
+
+    f = tmp_path / "judges.py"
+    f.write_text("import numpy as np, torch\n"
+                 "def ok(x): return torch.tensor([True, False])\n"
+                 "def listy(x): return [True, False]\n"
+                 "def ints(x): return np.array([1, 0])\n"
+                 "def probs(x): return torch.tensor([0.7, 0.2])\n"
+                 "def extra(x): return torch.ones(3, dtype=torch.bool)\n"
+                 "def crash(x): raise ValueError('my model broke')\n"
+                 "def scored(x): return torch.tensor([True, True])\n"
+                 "scored.scores = lambda x: torch.tensor([0.9, 0.8])\n")
+    images = torch.rand(2, 3, 8, 8)
+    for name in ("ok", "listy", "ints"):
+        assert load_judge(f"{f}:{name}")(images).tolist() == [True, False], name
+    judge = load_judge(f"{f}:scored")
+    assert judge.description == f"user classifier {f}:scored"
+    assert torch.allclose(judge.scores(images), torch.tensor([0.9, 0.8]))
+    for name, message in (("probs", "float32 values.*threshold"), ("extra", "3 values .* for 2 images"),
+                          ("crash", "failed on 2 images: ValueError: my model broke")):
+        with pytest.raises(DiffshieldError, match=message):
+            load_judge(f"{f}:{name}")(images)
+    (tmp_path / "bad.py").write_text("def broken(:\n")
+    with pytest.raises(DiffshieldError, match="could not be run: SyntaxError"):
+        load_judge(f"{tmp_path / 'bad.py'}:broken")
+
+
 def test_text_searches_move_away_from_their_start(tiny_model):
     """The searches do something: UnlearnDiffAtk's simplex leaves its uniform start (whose argmax is the first
     candidate word k times), and P4D's words at its last evaluation differ from its initial words."""

@@ -86,7 +86,10 @@ def _load_callable(spec: str) -> Callable:
             raise DiffshieldError(f"judge file '{path}' does not exist")
         mod_spec = importlib.util.spec_from_file_location(f"diffshield_user_judge_{path.stem}", path)
         module = importlib.util.module_from_spec(mod_spec)
-        mod_spec.loader.exec_module(module)
+        try:
+            mod_spec.loader.exec_module(module)
+        except Exception as e:  # the user's file: a syntax error, a failed import, ...
+            raise DiffshieldError(f"judge file '{path}' could not be run: {type(e).__name__}: {e}") from None
     else:
         try:
             module = importlib.import_module(target)
@@ -114,10 +117,44 @@ def load_judge(spec: str, concept: str | None = None, detector=None):
         except ValueError:
             raise DiffshieldError(f"judge {spec!r}: the NudeNet threshold must be a number") from None
         return NudeNetJudge(threshold)
-    fn = _load_callable(spec)
-    if not hasattr(fn, "description"):
+    return UserJudge(_load_callable(spec), spec)
+
+
+class UserJudge:
+    """A user classifier as a judge: its answer is checked (one boolean per image, as a tensor, array or list;
+    0/1 integers accepted) and its failures are one line naming it. Other attributes (``scores``) are the
+    function's own."""
+
+    def __init__(self, fn: Callable, spec: str):
+        self.fn, self.spec = fn, spec
+        self.description = getattr(fn, "description", f"user classifier {spec}")
+
+    def __getattr__(self, name: str):
+        if name == "fn":  # not set yet (copying, unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.fn, name)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
         try:
-            fn.description = f"user classifier {spec}"
-        except (AttributeError, TypeError):
-            pass
-    return fn
+            out = self.fn(images)
+        except DiffshieldError:
+            raise
+        except Exception as e:
+            raise DiffshieldError(f"the judge {self.spec!r} failed on {len(images)} images: {type(e).__name__}: "
+                                  f"{e}") from None
+        try:
+            t = torch.as_tensor(out).detach().cpu()
+        except (TypeError, ValueError, RuntimeError):
+            raise DiffshieldError(f"the judge {self.spec!r} returned {type(out).__name__}; it must return one "
+                                  "boolean per image (a bool tensor, array or list)") from None
+        if t.dtype != torch.bool:
+            whole = not (t.is_floating_point() or t.is_complex()) and bool(((t == 0) | (t == 1)).all())
+            if not whole:
+                raise DiffshieldError(f"the judge {self.spec!r} returned {str(t.dtype).replace('torch.', '')} "
+                                      "values; it must return one boolean per image (threshold scores yourself, "
+                                      "e.g. return probs > 0.5)")
+            t = t.bool()
+        if t.shape != (len(images),):
+            raise DiffshieldError(f"the judge {self.spec!r} returned {t.numel()} values of shape {tuple(t.shape)} "
+                                  f"for {len(images)} images; it must return one boolean per image")
+        return t
