@@ -215,10 +215,10 @@ def apply_delta(model: T2IModel, path: str | Path, any_base: bool = False) -> di
         why = edited_mismatch(model.unet, info["edited_probe"], mine)
         if why:
             raise DiffshieldError(
-                f"delta '{path}' replaces layers that this model has changed since the delta's base: {why}. "
-                "Another edit (an erasure, a second delta) was applied to them, and this delta would undo it: to "
-                "erase several concepts, erase them in one run (--concept repeated) or erase from the erased model "
-                "(pass --any-base to apply it anyway)")
+                f"delta '{path}' replaces layers that differ in this model from the delta's base (base model: "
+                f"{info['base_model']}): {why}. This model has another edit in them (an erasure, a second delta: "
+                "applying would undo it) or lacks one the base had. To erase several concepts, erase them in one run "
+                "(--concept repeated) or erase from the erased model (pass --any-base to apply it anyway)")
     bad = non_finite_tensors(tensors)
     if bad:
         raise DiffshieldError(f"delta '{path}' holds inf or NaN in {len(bad)} tensor(s) ({bad[0]}); it would break "
