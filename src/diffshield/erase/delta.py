@@ -30,9 +30,9 @@ from diffshield.erase.base import EraseResult, probe_values
 FORMAT = "diffshield-delta"
 VERSION = "1"
 PREFIX = "unet."
-#: the base-model probe: PROBE_VALUES values from each of PROBE_TENSORS UNet parameters the edit left alone (half of
-#: them beside the edited ones, in the same modules, where an adapter merged into the base would show; half from the
-#: start of the UNet)
+#: the base-model probe: ``erase.base.PROBE_VALUES`` values from each of PROBE_TENSORS UNet parameters the edit left
+#: alone (half of them beside the edited ones, in the same modules, where an adapter merged into the base would show;
+#: half from the start of the UNet)
 PROBE_TENSORS = 6
 #: probe values match when |a - b| <= PROBE_ATOL + PROBE_RTOL |b|: loose enough for float16 / bfloat16 copies of the
 #: base, far below what fine-tuning moves
@@ -79,9 +79,10 @@ def edited_mismatch(unet: torch.nn.Module, edited_probe: dict[str, list[float]],
             continue  # the shape check names a missing parameter
         now = torch.tensor(probe_values(params[name]))
         base, mine = torch.tensor(values, dtype=torch.float32), torch.tensor(delta_values[name])
-        if now.shape == base.shape and (not bool(_differs(now, base).any()) or not bool(_differs(now, mine).any())):
-            continue
-        return f"its '{name}' differs from the base's (by up to {float((now - base).abs().max()):.3g})"
+        if now.shape != base.shape:
+            return f"its '{name}' has another size than the base's"
+        if bool(_differs(now, base).any()) and bool(_differs(now, mine).any()):
+            return f"its '{name}' differs from the base's (by up to {float((now - base).abs().max()):.3g})"
     return None
 
 
