@@ -454,3 +454,30 @@ def test_launch_reports_a_failed_worker_and_an_interrupt_in_one_line(monkeypatch
     assert launch(2, ["generate"], torch.device("cpu")) == 130
     err = capsys.readouterr().err
     assert err == "diffshield: interrupted (signal 2); rerun the same command to resume it\n"
+
+
+def test_a_negative_prompt_steers_both_paths_alike_and_belongs_to_a_runs_settings(tmp_path, capsys):
+    """``--negative-prompt`` replaces the empty prompt of guidance in plain and sharded generation alike (the same
+    pixels), is recorded, and a run folder resumed with another one is refused."""
+    common = ["--n", "2", "--steps", "2", "--device", "cpu", "--threads", "1"]
+    assert main(["generate", "--prompt", "a red triangle", *common, "--out", str(tmp_path / "plain")]) == 0
+    neg = ["--negative-prompt", "triangle"]
+    assert main(["generate", "--prompt", "a red triangle", *common, *neg, "--out", str(tmp_path / "neg")]) == 0
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red triangle\n")
+    run = tmp_path / "run"
+    sharded = ["generate", "--prompts", str(prompts), *common, "--out", str(run)]
+    assert main([*sharded, *neg]) == 0
+
+    def px(path: Path) -> np.ndarray:
+        return np.asarray(Image.open(path), dtype=np.int16)
+
+    for k in range(2):
+        plain, steered = px(tmp_path / "plain" / f"000{k}.png"), px(tmp_path / "neg" / f"000{k}.png")
+        assert np.abs(plain - steered).max() > 20  # the negative prompt changes the image
+        assert np.abs(steered - px(run / "images" / f"p000000_s{k}.png")).max() <= 1
+    assert json.loads((tmp_path / "neg" / "manifest.json").read_text())["negative_prompt"] == "triangle"
+    assert json.loads((run / "run.json").read_text())["negative_prompt"] == "triangle"
+    capsys.readouterr()
+    assert main([*sharded, "--negative-prompt", "circle"]) == 2
+    assert "other settings (negative_prompt: 'triangle' here, 'circle' now)" in capsys.readouterr().err

@@ -170,13 +170,14 @@ def cmd_generate(args) -> int:
     if args.prompt or args.prompts_file or not jobs:
         jobs += [(p, args.seed + k, cfg.guidance) for p in _read_prompts(args) for k in range(args.n)]
     model = load_t2i(args.model, allow_pickle=args.allow_pickle, device=args.device, dtype=args.dtype)
-    warn_prompts(model.tokenizer, [j[0] for j in jobs])
+    warn_prompts(model.tokenizer, [j[0] for j in jobs] + ([args.negative_prompt] if args.negative_prompt else []))
     t0 = time.time()
     images, order = [], []
     for g in dict.fromkeys(j[2] for j in jobs):  # one generate call per guidance value
         idx = [i for i, j in enumerate(jobs) if j[2] == g]
         sub = SampleConfig(steps=cfg.steps, guidance=g, batch_size=cfg.batch_size, scheduler=cfg.scheduler)
-        images.append(generate(model, [jobs[i][0] for i in idx], [jobs[i][1] for i in idx], config=sub).images)
+        images.append(generate(model, [jobs[i][0] for i in idx], [jobs[i][1] for i in idx],
+                               negative_prompt=args.negative_prompt, config=sub).images)
         order += idx
     import torch
 
@@ -185,6 +186,8 @@ def cmd_generate(args) -> int:
     dt = time.time() - t0
     extra = {"model": str(args.model), "guidance_per_image": [j[2] for j in jobs],
              "environment": run_environment(model)}  # what else a rerun needs to give the same pixels
+    if args.negative_prompt:
+        extra["negative_prompt"] = args.negative_prompt
     out = write_generation(gen, Path(args.out), extra, overwrite=args.overwrite, command="generate")
     print(f"wrote {len(jobs)} images, grid.png and manifest.json to {out} ({len(jobs) / dt:.1f} images/s)")
     return 0
@@ -431,6 +434,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seed of the first image; image k uses seed+k (default: 0)")
     p.add_argument("--out", required=True, help="output folder (written atomically; see --overwrite; with --prompts: "
                                                 "the run folder, resumed by a rerun)")
+    p.add_argument("--negative-prompt", default="",
+                   help="the prompt classifier-free guidance steers away from, in place of the empty prompt "
+                        "(default: none); with the erased concept's name it is the negative-prompt baseline that "
+                        "erasure papers compare with (SD-NEG)")
     add_overwrite_arg(p)
     _add_sampling_args(p)
     add_scale_args(p)

@@ -106,6 +106,8 @@ def _spec(args: argparse.Namespace, task: str, rows: list) -> dict:
             "dtype": str(args.dtype).replace("torch.", "")}
     if task == "erasure":
         spec.update(original=where(args.original), detector=where(args.detector))
+    if getattr(args, "negative_prompt", ""):  # absent when empty: run folders made before the option still resume
+        spec["negative_prompt"] = args.negative_prompt
     spec["prompts"] = rows_to_spec(rows)
     return spec
 
@@ -221,7 +223,7 @@ def run_prompt_set(args: argparse.Namespace, task: str) -> int:
     cfg = SampleConfig(steps=args.steps, guidance=args.guidance, batch_size=args.batch_size,
                        scheduler=getattr(args, "scheduler", "ddim"))
     res = run_shard(out, my_jobs, [r.prompt for r in rows], models, cfg, _scorer(task, args) if my_jobs else None,
-                    states, rank, world, progress=True)
+                    states, rank, world, progress=True, negative_prompt=getattr(args, "negative_prompt", ""))
     totals = gather_object([(res.generated, res.scored)]) if world > 1 else [(res.generated, res.scored)]
     state.wait_for_everyone()
     if state.is_main_process:

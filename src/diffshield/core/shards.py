@@ -363,7 +363,8 @@ class BatchWriter:
 
 def run_shard(folder: str | Path, jobs: list[ImageJob], prompts: list[str], models: dict, config,
               scorer: Scorer | None = None, states: dict[ImageJob, str] | None = None, rank: int = 0,
-              world: int = 1, progress: bool = True, write_queue: int = WRITE_QUEUE) -> ShardResult:
+              world: int = 1, progress: bool = True, write_queue: int = WRITE_QUEUE,
+              negative_prompt: str = "") -> ShardResult:
     """Generate and score this process's jobs in a prepared run folder (:func:`prepare_run_dir`).
 
     Each decoded batch goes to a background writer thread (:class:`BatchWriter`) that encodes the PNGs, writes them
@@ -385,6 +386,7 @@ def run_shard(folder: str | Path, jobs: list[ImageJob], prompts: list[str], mode
         progress: show a progress bar over this process's images (default True).
         write_queue: decoded batches that may wait for the writer (default :data:`WRITE_QUEUE`; 0 writes in this
             thread, between batches).
+        negative_prompt: the prompt guidance steers away from (default "": the empty prompt).
     """
     from diffshield.core.sampling import SampleConfig, generate
 
@@ -440,7 +442,7 @@ def run_shard(folder: str | Path, jobs: list[ImageJob], prompts: list[str], mode
                 for i in range(0, len(group), config.batch_size):
                     batch = group[i:i + config.batch_size]
                     gen = generate(models[role], [prompts[j.prompt_index] for j in batch], [j.seed for j in batch],
-                                   config=cfg, progress=False)
+                                   negative_prompt=negative_prompt, config=cfg, progress=False)
                     writer.submit(batch, gen.images)
     bar.close()
     return ShardResult(rank, len(to_gen), len(to_score), done, time.time() - t0)
