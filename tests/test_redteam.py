@@ -365,7 +365,9 @@ def test_audit_cli(tiny_sd_dir, tmp_path, capsys):
     finally:
         torch.set_num_threads(threads)
     assert rc == 0
-    assert "warning: --set gives settings for p4d, which this audit does not run" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "warning: --set gives settings for p4d, which this audit does not run" in err
+    assert "--model and --original are the same model" in err  # a control, said so
     res = json.loads((tmp_path / "a.json").read_text())
     assert set(res["attacks"]) == {"adv-embed"} and res["attacks"]["adv-embed"]["n"] == 2 and res["threads"] == 1
     assert main(["audit", *model, "--concept", "triangle", "--threads", "-1"]) == 2

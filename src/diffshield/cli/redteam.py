@@ -39,7 +39,7 @@ def parse_settings(items: list[str] | None) -> dict[str, dict]:
 def check_original(args) -> None:
     """Fill in ``--original`` (toy:t2i for a toy-world model) or refuse its absence, and refuse an original of
     another architecture than the erased model's: both before any model is loaded."""
-    from diffshield.core.loading import architecture_mismatch
+    from diffshield.core.loading import architecture_mismatch, resolve_model_path
     from diffshield.toyworld.erasure_recipes import is_toy_model
 
     if args.original is None:
@@ -47,6 +47,9 @@ def check_original(args) -> None:
             raise DiffshieldError(f"give --original, the model '{args.model}' was erased from (the attacks and the "
                                   "verdict compare the two; only a toy-world model defaults to toy:t2i)")
         args.original = "toy:t2i"
+    if resolve_model_path(args.model).resolve() == resolve_model_path(args.original).resolve():
+        print(f"warning: --model and --original are the same model ('{args.model}'): this audits a model that was "
+              "not erased (a control)", file=sys.stderr)
     why = architecture_mismatch(args.model, args.original)
     if why:
         raise DiffshieldError(f"--original must be the model the erased one was made from, of the same "
