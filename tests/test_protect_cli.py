@@ -42,7 +42,13 @@ def test_protect_and_eval_single(files, capsys):
         assert k in res
     assert res["psnr_protected"] > 30
     assert (files / "panel.png").is_file()
-    assert "PSNR(protected, original)" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "PSNR(protected, original)" in printed.out and "warning" not in printed.err
+    # another image given as --protected (a mix-up): evaluated, with a warning that it is no protection of --image
+    assert main(["eval", "protection", "--image", str(files / "scene0.png"), "--protected", str(files / "scene1.png"),
+                 "--mask", str(files / "scene0_mask.png"), "--panel", str(files / "panel1.png"),
+                 "--threads", "1"]) == 0
+    assert "is it the protected version of" in capsys.readouterr().err
 
 
 def test_protect_folder_mode(files, tmp_path):
