@@ -215,6 +215,12 @@ REFUSED: list[tuple[str, list[str], str]] = [
     # an audit compares the erased model with the one it was made from
     ("audit-original-other-architecture", ["audit", M, TINY, "--original", "toy:t2i", "--concept", "triangle"],
      "same architecture"),
+    # prompt-list files named by the flag that gave them
+    ("uce-preserve-file-missing", [*UCE, "--preserve-file", "{root}/none.txt", "--out", "{root}/e"],
+     "--preserve-file"),
+    ("rece-select-prompts-missing", ["erase", "--method", "rece", M, TINY, "--concept", "triangle", "--select-epoch",
+                                     "nudenet", "--select-prompts", "{root}/none.txt", "--out", "{root}/e"],
+     "--select-prompts '"),
     # prompts that contradict each other: refused before the model is loaded (nothing on stdout)
     ("uce-concept-preserved", [*UCE, "--preserve", "triangle", "--out", "{root}/e"], "both erased and preserved"),
     ("uce-concept-own-guide", [*UCE, "--guide", "Triangle ", "--out", "{root}/e"], "its own guide"),

@@ -41,14 +41,15 @@ def preserve_scale_arg(text: str) -> float | str:
     return float_in(0)(text)
 
 
-def read_preserve_file(path: str) -> list[str]:
-    """Prompts of a ``--preserve-file``: one per line, blank lines and lines starting with '#' skipped."""
+def read_preserve_file(path: str, flag: str = "--preserve-file") -> list[str]:
+    """Prompts of a prompt-list file (``--preserve-file``, or the ``flag`` named in errors): one per line, blank
+    lines and lines starting with '#' skipped."""
     from diffshield.cli.main import read_text_file
 
-    lines = [ln.strip() for ln in read_text_file(Path(path), "--preserve-file").splitlines()]
+    lines = [ln.strip() for ln in read_text_file(Path(path), flag).splitlines()]
     out = [ln for ln in lines if ln and not ln.startswith("#")]
     if not out:
-        raise DiffshieldError(f"--preserve-file '{path}' holds no prompt (one concept per line)")
+        raise DiffshieldError(f"{flag} '{path}' holds no prompt (one per line)")
     return out
 
 
@@ -73,7 +74,7 @@ def _select_judge(args, concepts: list[str], toy: bool):
 
     if not args.select_prompts:
         raise DiffshieldError("--select-epoch nudenet needs --select-prompts FILE (validation prompts, one a line)")
-    return nudenet_select(read_preserve_file(args.select_prompts))
+    return nudenet_select(read_preserve_file(args.select_prompts, "--select-prompts"))
 
 
 def _toy_config(args, closed: dict, esd_only: dict, rece_only: dict) -> tuple[list[str], object]:
