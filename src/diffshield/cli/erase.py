@@ -28,6 +28,8 @@ ESD_FLAGS = ("x_params", "preserve_at", "kv_anchor_weight", "eta", "start_guidan
 PROMPT_FLAGS = ("guide", "preserve", "preserve_file", "preset", "expand_prompts", "round_preserve")
 #: RECE-only flags (argparse dest -> RECEConfig field)
 RECE_FLAGS = {"epochs": "epochs", "round_lamb": "lamb2", "rece_variant": "variant", "surrogate_item": "surrogate_item"}
+#: UCE closed-form flags, each one field of UCEConfig (RECE's first edit too)
+CLOSED_FLAGS = ("lamb", "erase_scale", "preserve_scale", "token_mode", "expand_prompts", "technique")
 
 
 def _flag(key: str) -> str:
@@ -159,10 +161,7 @@ def resolve_erase_settings(args) -> tuple[list[str], object, dict]:
     if args.preserve_weight is not None and not (is_esd and (preserve or use_toy)):
         raise DiffshieldError("--preserve-weight weighs ESD's preservation anchor: use it with --method esd-x/esd-u "
                               "and at least one --preserve")
-    closed = {k: v for k, v in (("lamb", args.lamb), ("erase_scale", args.erase_scale),
-                                ("preserve_scale", args.preserve_scale), ("token_mode", args.token_mode),
-                                ("expand_prompts", args.expand_prompts), ("technique", args.technique))
-              if v is not None}
+    closed = {k: getattr(args, k) for k in CLOSED_FLAGS if getattr(args, k) is not None}
     esd_only = {k: getattr(args, k) for k in ESD_FLAGS if getattr(args, k) is not None}
     if args.no_freeze_time_and_out:
         esd_only["freeze_time_and_out"] = False
@@ -213,9 +212,8 @@ def resolve_erase_settings(args) -> tuple[list[str], object, dict]:
 
 
 #: flags that change a preset's or toy setting's values (the summary names those the user gave)
-SETTING_FLAGS = ("guide", "preserve", "preserve_file", "expand_prompts", "lamb", "erase_scale", "preserve_scale",
-                 "token_mode", "technique", "epochs", "round_preserve", "round_lamb", "round_empty", "rece_variant",
-                 "surrogate_item", "iterations", "lr", "preserve_weight", "no_freeze_time_and_out", *ESD_FLAGS)
+SETTING_FLAGS = (*(k for k in PROMPT_FLAGS if k != "preset"), *CLOSED_FLAGS, *RECE_FLAGS, "round_empty",
+                 "iterations", "lr", "preserve_weight", "no_freeze_time_and_out", *ESD_FLAGS)
 
 
 def given_flags(args) -> list[str]:

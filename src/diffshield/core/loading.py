@@ -68,8 +68,6 @@ def t2i_architecture(spec: str | Path) -> dict:
     """The architecture of a text-to-image model folder, read from its components' ``config.json`` without loading
     weights: {"unet.<key>": value, "text_encoder.<key>": value} for :data:`ARCHITECTURE_KEYS` (absent files or
     keys are left out)."""
-    import json
-
     root, out = resolve_model_path(spec), {}
     for component, keys in ARCHITECTURE_KEYS.items():
         try:

@@ -283,13 +283,12 @@ def _residual(adv: torch.Tensor, c: torch.Tensor, g: torch.Tensor, s0: torch.Ten
 
 
 def check_rece_prompts(concepts: list[str], config: RECEConfig) -> tuple[list[str], list[str]]:
-    """(concepts, one guide per concept) of a RECE run, after refusing contradictory prompts in its UCE edit and in
-    its rounds (a concept that a round preserves); needs no model."""
+    """(concepts, one guide per concept) of a RECE run, after refusing contradictory prompts in its UCE edit (which
+    checks the guides) and in its rounds (a concept that a round preserves); needs no model."""
     check_uce_prompts(concepts, config.uce)
     concepts = check_concepts(concepts)
-    guides = expand_guides(config.uce.guides, concepts)
-    check_prompt_roles(concepts, guides, config.round_preserve)
-    return concepts, guides
+    check_prompt_roles(concepts, preserve=config.round_preserve)
+    return concepts, expand_guides(config.uce.guides, concepts)
 
 
 def rece_erase(model: T2IModel, concepts: list[str], config: RECEConfig | None = None) -> EraseResult:
