@@ -93,8 +93,9 @@ TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_
 
 
 def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    from diffshield.core.device import synchronize
+
+    synchronize(device)
 
 
 def reset_peak(device: torch.device) -> None:

@@ -51,7 +51,7 @@ from types import SimpleNamespace
 
 import torch
 
-from diffshield.core.device import to_device
+from diffshield.core.device import synchronize, to_device
 from diffshield.core.errors import DiffshieldError
 
 PRESETS: dict[str, dict] = {
@@ -275,12 +275,6 @@ def movement(r: torch.Tensor, r0: torch.Tensor) -> dict:
             "cos_r0": float(torch.nn.functional.cosine_similarity(a, b, dim=0))}
 
 
-def _drain(dev: torch.device) -> None:
-    """Wait for the device's queued work (a CUDA stream runs behind Python), so that a stage's clock is its own."""
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
 def reverse_trigger(model, cfg: TERDConfig | None = None, progress: bool = True) -> TERDResult:
     """Two-stage trigger reversion of TERD (Mo et al., ICML 2024) on ``model`` (a
     :class:`~diffshield.backdoor.ddpm.DDPMModel`).
@@ -348,7 +342,7 @@ def reverse_trigger(model, cfg: TERDConfig | None = None, progress: bool = True)
         step(loss, None)
         if i % 25 == 0 or i == cfg.stage1_iters - 1:
             hist.append((i, float(loss.detach())))
-    _drain(dev)
+    synchronize(dev)  # each stage's clock is its own
     t1 = time.time()
     if cfg.learn_gamma and cfg.stage2_iters:  # the official TrojDiff refinement: fresh SGD with momentum 0.9
         opt = torch.optim.SGD([r], lr=cfg.lr, momentum=0.9)
@@ -368,7 +362,7 @@ def reverse_trigger(model, cfg: TERDConfig | None = None, progress: bool = True)
         step(loss, cfg.gamma_grad_clip if cfg.learn_gamma else cfg.grad_clip)
         if i % 25 == 0 or i == cfg.stage2_iters - 1:  # a host sync only every 25 iterations
             hist.append((cfg.stage1_iters + i, float(loss.detach())))
-    _drain(dev)
+    synchronize(dev)
     t2 = time.time()
     r_hat = r.detach()[0].cpu()
     g_hat = gamma.detach()[0].cpu() if cfg.learn_gamma else 1.0

@@ -150,6 +150,14 @@ def to_device(t: torch.Tensor, device: torch.device | str, dtype: torch.dtype | 
     return t if dtype is None else t.to(dtype)
 
 
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the device's queued work (a CUDA stream runs behind Python), so that a clock read next is the
+    work's own; nothing to wait for on the CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def configure_backend(device: torch.device | str) -> None:
     """Speed settings for float32 work on CUDA: TF32 matrix products and cuDNN autotuning (no effect on the CPU)."""
     if torch.device(device).type == "cuda":
