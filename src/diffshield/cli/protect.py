@@ -303,12 +303,14 @@ def cmd_protect(args) -> int:
 # ----------------------------------------------------------------------------------------------- eval protection
 
 
-#: |protected - original|_inf above this (4x protect's default budget) draws a warning: probably not its protection
-FAR_FROM_ORIGINAL = 0.1
+#: |protected - original|_inf above this many times protect's default budget draws a warning: probably not its
+#: protection
+FAR_FROM_ORIGINAL = 4
 
 
 def cmd_eval_protection(args) -> int:
     from diffshield.core.io import check_output_file, save_result_image, write_result_json
+    from diffshield.protect.attack_as_defense import AttackAsDefenseConfig
     from diffshield.protect.inpainters import load_inpainter
     from diffshield.protect.metrics import evaluate_protection, panel
 
@@ -323,11 +325,11 @@ def cmd_eval_protection(args) -> int:
     xp = load_image(args.protected)
     if xp.shape != x.shape:
         raise DiffshieldError(f"--protected is {xp.shape[3]}x{xp.shape[2]} but --image is {x.shape[3]}x{x.shape[2]}")
-    linf = float((xp - x).abs().max())
-    if linf > FAR_FROM_ORIGINAL:  # a mix-up of files, most likely: say so before the figures are read as a protection
+    linf, budget = float((xp - x).abs().max()), AttackAsDefenseConfig().eps
+    if linf > FAR_FROM_ORIGINAL * budget:  # a mix-up of files, most likely: said before the figures are read
         print(f"warning: --protected differs from --image by up to {linf:.3f} ({linf * 255:.0f}/255), far more than "
-              f"a protection moves pixels (protect's budget: --eps, default 0.025); is it the protected version of "
-              f"'{args.image}'?", file=sys.stderr)
+              f"a protection moves pixels (protect's budget: --eps, default {budget}); is it the protected version "
+              f"of '{args.image}'?", file=sys.stderr)
     m = load_mask(args.mask, tuple(x.shape[-2:]))
     _check_region(m, Path(args.mask))
     benign = None
