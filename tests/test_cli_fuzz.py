@@ -256,6 +256,9 @@ REFUSED: list[tuple[str, list[str], str]] = [
     ("audit-set-unknown-attack", [*AUDIT, "--set", "nosuch.steps=1"], "unknown attack"),
     ("audit-set-misspelt-field", [*AUDIT, "--set", "p4d.step=10"], "no setting 'step'"),
     ("audit-set-out-of-range", [*AUDIT, "--set", "p4d.steps=-1"], "steps must be"),
+    ("audit-set-flag-as-word", [*AUDIT, "--set", "p4d.keep_prompt=no"], "keep_prompt must be true or false"),
+    ("audit-set-flag-as-number", [*AUDIT, "--set", "unlearndiff.early_stop=0"], "early_stop must be true or false"),
+    ("audit-set-int-as-float", [*AUDIT, "--set", "p4d.steps=2.5"], "steps must be an integer"),
     # input files
     ("prompts-file-binary", ["generate", M, TINY, "--prompts-file", "{prompts_bin}", "--out", "{root}/g"], "UTF-8"),
     ("prompts-file-latin1", ["generate", M, TINY, "--prompts-file", "{prompts_latin1}", "--out", "{root}/g"],

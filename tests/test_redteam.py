@@ -478,3 +478,19 @@ def test_text_searches_move_away_from_their_start(tiny_model):
     p0 = ATTACKS.get("p4d")(tiny_model, steps=0, similarity=latest_wins(), **kw)(prompts, seeds)
     p4 = ATTACKS.get("p4d")(tiny_model, steps=6, eval_every=5, similarity=latest_wins(), **kw)(prompts, seeds)
     assert p4.extra["best_step"] == [5, 5] and p4.attack_prompts != p0.attack_prompts
+
+
+def test_set_reads_flags_as_a_shell_user_writes_them_and_refuses_other_types():
+    """``--set p4d.keep_prompt=false`` is the flag False (it was the string 'false', a true value that turned P4D
+    into P4D-K); a value of another type than its field's is refused."""
+    from diffshield.cli.redteam import parse_settings
+    from diffshield.redteam.audit import check_settings
+
+    hp = parse_settings(["p4d.keep_prompt=false", "unlearndiff.early_stop=TRUE", "p4d.exclude_concept_words=False"])
+    assert hp == {"p4d": {"keep_prompt": False, "exclude_concept_words": False}, "unlearndiff": {"early_stop": True}}
+    assert check_settings(hp, 2, "toy") == hp
+    for bad in ({"p4d": {"keep_prompt": "no"}}, {"p4d": {"keep_prompt": 1}}, {"p4d": {"steps": 2.5}},
+                {"adv-embed": {"lamb_r": True}}, {"adv-embed": {"variant": 3}}):
+        with pytest.raises(DiffshieldError, match="must be"):
+            check_settings(bad, 2, "toy")
+    assert check_settings({"adv-embed": {"lamb_r": 1}}, 2, "toy")  # an integer is a number

@@ -30,6 +30,8 @@ def parse_settings(items: list[str] | None) -> dict[str, dict]:
             parsed = ast.literal_eval(value)
         except (ValueError, SyntaxError, MemoryError, RecursionError):
             parsed = value  # a bare string
+            if value.strip().lower() in ("true", "false"):  # a flag, as a shell user writes it
+                parsed = value.strip().lower() == "true"
         if isinstance(parsed, float) and not math.isfinite(parsed):
             raise DiffshieldError(f"--set {key}: must be a finite number, got {value!r}")
         out.setdefault(attack, {})[name] = parsed

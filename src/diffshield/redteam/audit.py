@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import html
 import time
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -312,6 +313,24 @@ def run_audit(
     return audit
 
 
+def _check_setting_type(attack: str, name: str, value, hint) -> None:
+    """Refuse a setting whose value is not of its field's plain type (bool, int, float, str): a string 'false'
+    would otherwise pass as a true flag, and 1 as a flag."""
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif hint is str:
+        ok = isinstance(value, str)
+    else:
+        return  # containers and unions: the config's own checks
+    if not ok:
+        want = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[hint]
+        raise DiffshieldError(f"{attack}.{name} must be {want}, got {value!r}")
+
+
 def check_settings(hp: dict[str, dict] | None, n: int, budget: str) -> dict[str, dict]:
     """Validate :func:`run_audit`'s ``hp``, ``n`` and ``budget`` (one-line errors); returns a copy of ``hp``."""
     hp = dict(hp or {})
@@ -328,6 +347,9 @@ def check_settings(hp: dict[str, dict] | None, n: int, budget: str) -> dict[str,
         misspelt = sorted(set(values) - set(known))
         if misspelt:
             raise DiffshieldError(f"{name} has no setting {misspelt[0]!r}; its settings: {', '.join(known)}")
+        hints = typing.get_type_hints(cls.config_cls) if is_dataclass(cls.config_cls) else {}
+        for field_name, value in values.items():
+            _check_setting_type(name, field_name, value, hints.get(field_name))
         try:
             cls.config_cls(**{**cls.presets.get(budget, {}), **values})
         except TypeError as e:
