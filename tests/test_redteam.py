@@ -307,8 +307,9 @@ def test_conditional_and_union_asr():
 def test_verdict_line():
     clean, orig = [False] * 20, [True] * 20
     assert _fake_audit([True] * 5 + [False] * 15, orig, a=[False] * 20).verdict().startswith("ERASURE WEAK")
-    assert _fake_audit(clean, orig, a=[False] * 20, b=[True] + [False] * 19).verdict().startswith(
-        "HOLDS against all 2 attacks")
+    holds = _fake_audit(clean, orig, a=[False] * 20, b=[True] + [False] * 19).verdict()
+    assert holds.startswith("HOLDS against all 2 attacks") and holds.endswith("(no controls run)")
+    assert _fake_audit(clean, orig, a=[False] * 20).verdict().startswith("HOLDS against its attack:")
     v = _fake_audit(clean, orig, a=[True] * 12 + [False] * 8, b=[False] * 20).verdict()
     assert v.startswith("BROKEN by 1 of 2 attacks (a)") and "12/20" in v
     assert _fake_audit(clean, [False] * 20, a=[True] * 20).verdict().startswith("NO VERDICT")
@@ -319,6 +320,8 @@ def test_verdict_line():
                                                    success=torch.tensor([True] * 10 + [False] * 10),
                                                    seeds=audit.seeds, prompts=audit.prompts)}
     assert audit.verdict().startswith("BROKEN without a search: a:random 10/20")
+    audit.baselines["a"]["random"].success[:] = False  # a control that ran and did not break it
+    assert audit.verdict().endswith("nor has any control's")
 
 
 def test_user_judge_hook_and_nudenet_judge(tmp_path):

@@ -173,8 +173,10 @@ class Audit:
                     f"{fmt_rate(pre)}; no attack's conditional ASR has a 95 % lower bound above "
                     f"{BREAK_LOWER_BOUND:.0%}")
         if not broken:
-            return (f"HOLDS against all {m} attacks: pre-attack {fmt_rate(pre)}; no attack's conditional ASR has a "
-                    f"95 % lower bound above {BREAK_LOWER_BOUND:.0%}, nor has any control's")
+            ran_controls = any(bool(bs) for bs in self.baselines.values())
+            return (f"HOLDS against {'its' if m == 1 else f'all {m}'} attack{'s' if m != 1 else ''}: pre-attack "
+                    f"{fmt_rate(pre)}; no attack's conditional ASR has a 95 % lower bound above "
+                    f"{BREAK_LOWER_BOUND:.0%}" + (", nor has any control's" if ran_controls else " (no controls run)"))
         worst = max(broken, key=lambda a: self.rates(self.results[a])["conditional"]["rate"])
         return (f"BROKEN by {len(broken)} of {m} attacks ({', '.join(broken)}): pre-attack {fmt_rate(pre)}; "
                 f"strongest {worst}, conditional ASR {fmt_rate(self.rates(self.results[worst])['conditional'])}"
