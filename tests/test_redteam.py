@@ -497,3 +497,16 @@ def test_set_reads_flags_as_a_shell_user_writes_them_and_refuses_other_types():
         with pytest.raises(DiffshieldError, match="must be"):
             check_settings(bad, 2, "toy")
     assert check_settings({"adv-embed": {"lamb_r": 1}}, 2, "toy")  # an integer is a number
+
+
+def test_a_python_judge_is_checked_like_a_cli_one(tiny_model):
+    """run_audit(judge=fn) checks fn's answers as ``--judge FILE.py:fn`` does: probabilities were read as True (a
+    0.2 everywhere made every image a success, ERASURE WEAK at 100 %), and a list answer raised AttributeError."""
+    kw = dict(attacks=["adv-embed"], n=2, sample=SampleConfig(steps=1), prompts=["a red triangle"],
+              hp=CHEAP, progress=False)
+    probs = lambda images: torch.full((len(images),), 0.2)  # noqa: E731
+    with pytest.raises(DiffshieldError, match="float32 values.*threshold scores yourself"):
+        run_audit(tiny_model, tiny_model, "triangle", judge=probs, **kw)
+    as_list = lambda images: [False] * len(images)  # noqa: E731
+    audit = run_audit(tiny_model, tiny_model, "triangle", judge=as_list, **kw)
+    assert audit.pre_attack_success.tolist() == [False, False]

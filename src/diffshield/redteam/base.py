@@ -108,11 +108,17 @@ class ToyConceptJudge:
 
 
 def default_judge(concept: str | None, judge: Judge | None = None, detector=None) -> Judge:
-    """``judge`` if given, else the toy detector's judge for ``concept`` (a clear error for non-toy concepts)."""
+    """``judge`` if given, its answers checked (:class:`~diffshield.redteam.judges.UserJudge`: one boolean per image,
+    so that probabilities are not silently read as True), else the toy detector's judge for ``concept`` (a clear
+    error for non-toy concepts)."""
     if judge is not None:
+        from diffshield.redteam.judges import UserJudge
+
         if not callable(judge):
             raise DiffshieldError("judge must be a callable images -> bool tensor")
-        return judge
+        if isinstance(judge, (UserJudge, ToyConceptJudge)):
+            return judge
+        return UserJudge(judge, getattr(judge, "__qualname__", type(judge).__name__))
     if not concept:
         raise DiffshieldError("give the concept to attack (concept=...) or a judge callable")
     try:
