@@ -436,9 +436,12 @@ def test_output_files_follow_the_umask(ws, capsys):
     try:
         assert main(_fill([*PROTECT, "--out", "p.png"], ws)) == 0
         assert main(_fill([*GEN, "--out", "g"], ws)) == 0
+        assert main(["erase", "--model", ws.model, "--method", "uce", "--concept", "triangle", "--out", "e"]) == 0
     finally:
         os.umask(old)
-    for p in [ws.root / "p.png", *(ws.root / "g").iterdir(), ws.root / "g"]:
+    written = [*(ws.root / "g").iterdir(), *(p for p in (ws.root / "e").rglob("*") if p.is_file())]
+    assert any(p.suffix == ".safetensors" for p in written)
+    for p in [ws.root / "p.png", *written, ws.root / "g", ws.root / "e"]:
         assert p.stat().st_mode & 0o777 in (0o644, 0o755), p
 
 

@@ -267,6 +267,17 @@ def clear_previous_output(target: str | Path, command: str | None = None, overwr
     return t
 
 
+def follow_umask(folder: Path) -> None:
+    """Give every file under ``folder`` the mode the user's umask sets (0o644 under 0o022): safetensors (0.8) and
+    temporary files are created private (0o600), which left saved models unreadable to the user's group."""
+    mode = 0o666 & ~_umask()
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            p = os.path.join(root, name)
+            if not os.path.islink(p) and os.stat(p).st_mode & 0o777 != mode:
+                os.chmod(p, mode)
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | Path, overwrite: bool = False, command: str | None = None,
                inputs: Iterable[str | Path | None] = ()) -> Iterator[Path]:
@@ -292,6 +303,7 @@ def atomic_dir(target: str | Path, overwrite: bool = False, command: str | None 
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result should be an ordinary folder
     try:
         yield tmp
+        follow_umask(tmp)
         write_marker(tmp, command)
         check_output_dir(target, command, overwrite)  # nothing appeared in the meantime
     except BaseException:
@@ -340,6 +352,7 @@ def output_in_place(target: str | Path, command: str, overwrite: bool = False,
         with contextlib.suppress(OSError):
             aside.rmdir()
     if t.is_dir():
+        follow_umask(t)
         write_marker(t, command)
 
 
