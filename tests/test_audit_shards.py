@@ -5,9 +5,11 @@ the merge refuses while one is missing."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from diffshield.cli.main import main
 from diffshield.core.errors import DiffshieldError
@@ -88,6 +90,18 @@ def test_audit_run_dir_resumes_only_the_missing_attacks_and_refuses_other_settin
     assert "other settings (seed: 0 here, 3 now)" in err and err.count("\n") == 1
     assert main([*base, "--num-processes", "2"]) == 2
     assert "--num-processes needs --run-dir" in capsys.readouterr().err
+    # the model saved anew at the same path: its old results are not reused (they were, silently)
+    te = Path(base[base.index("--model") + 1]) / "text_encoder" / "model.safetensors"
+    original = te.read_bytes()
+    state = load_file(te)
+    state = {k: v * 1.01 if v.is_floating_point() else v for k, v in state.items()}
+    try:
+        save_file(state, te)
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert "was started with other model files" in err and "text_encoder/model.safetensors has changed" in err
+    finally:
+        te.write_bytes(original)
 
 
 def test_merge_audit_refuses_while_an_attack_has_no_result(tmp_path):

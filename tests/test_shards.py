@@ -481,3 +481,34 @@ def test_a_negative_prompt_steers_both_paths_alike_and_belongs_to_a_runs_setting
     capsys.readouterr()
     assert main([*sharded, "--negative-prompt", "circle"]) == 2
     assert "other settings (negative_prompt: 'triangle' here, 'circle' now)" in capsys.readouterr().err
+
+
+def test_a_model_saved_anew_at_the_same_path_is_not_resumed(tiny_sd_copy, tmp_path, capsys):
+    """A run folder records the model's files (``models.json``): a rerun after the model was saved anew at the same
+    path is refused (its images would mix two models), a file only touched resumes, --overwrite starts again."""
+    import os
+
+    from safetensors.torch import load_file, save_file
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red triangle\n")
+    out = tmp_path / "run"
+    base = ["generate", "--model", str(tiny_sd_copy), "--prompts", str(prompts), "--n", "2", "--steps", "1",
+            "--device", "cpu", "--threads", "1", "--out", str(out)]
+    assert main(base) == 0
+    recorded = json.loads((out / "models.json").read_text())["model"]["files"]
+    assert "unet/diffusion_pytorch_model.safetensors" in recorded and "model_index.json" in recorded
+    unet = tiny_sd_copy / "unet" / "diffusion_pytorch_model.safetensors"
+    os.utime(unet)  # touched, same bytes: resumes
+    capsys.readouterr()
+    assert main(base) == 0
+    assert "generated 0 images" in capsys.readouterr().out
+    before = (out / "images" / "p000000_s0.png").read_bytes()
+    save_file({k: v * 1.5 for k, v in load_file(unet).items()}, unet)
+    assert main(base) == 2
+    err = capsys.readouterr().err
+    assert "other model files" in err and "unet/diffusion_pytorch_model.safetensors has changed" in err
+    assert (out / "images" / "p000000_s0.png").read_bytes() == before  # nothing touched
+    assert main([*base, "--overwrite"]) == 0
+    assert "generated 2 images" in capsys.readouterr().out
+    assert (out / "images" / "p000000_s0.png").read_bytes() != before

@@ -164,14 +164,17 @@ def _audit_in_run_dir(args, attacks: list[str], hp: dict, sample, inputs: list) 
     hp = check_settings(hp, args.n, args.budget)
     spec = _audit_spec(args, names, hp)
     out = Path(args.run_dir)
+    models = {"model": args.model, "original": args.original,
+              "detector": args.detector if args.judge == "toy" else None,  # a resume checks they are unchanged
+              "judge": args.judge.rsplit(":", 1)[0] if ".py:" in args.judge else None}
     if only_launches(args):
-        check_run_dir(out, "audit", spec, args.overwrite, inputs)  # one-line refusals before any process starts
+        check_run_dir(out, "audit", spec, args.overwrite, inputs, models)  # one-line refusals before any process
         return launch(args.num_processes, args.argv, args.device)
     start, cpu_start = time.perf_counter(), time.process_time()
     state = PartialState(cpu=args.device.type != "cuda", timeout=timedelta(days=2))
     rank, world = state.process_index, state.num_processes
     if state.is_main_process:
-        what = prepare_run_dir(out, "audit", spec, args.overwrite, inputs)
+        what = prepare_run_dir(out, "audit", spec, args.overwrite, inputs, models)
         print(f"{'resuming' if what == 'resume' else 'starting'} an audit of {len(names)} attacks in {out} with "
               f"{world} process{'es' if world > 1 else ''}: {args.model} (erased {args.concept!r}) against "
               f"{args.original}, {args.n} images each, seed {args.seed}")

@@ -182,22 +182,24 @@ def run_prompt_set(args: argparse.Namespace, task: str) -> int:
     rows = load_prompt_set(args.prompts)
     spec = _spec(args, task, rows)
     inputs = [args.model, args.prompts] + ([args.original, args.detector] if task == "erasure" else [])
+    models = ({"model": args.model, "original": args.original, "detector": args.detector} if task == "erasure"
+              else {"model": args.model})  # a resume checks that their files are the ones the run started with
     roles = ("erased", "original") if task == "erasure" else ("",)
     jobs = plan_jobs(rows, _n(args, task), args.seed, args.guidance, roles)
     if args.merge_only:
-        if check_run_dir(out, command, spec, False, inputs) != "resume":
+        if check_run_dir(out, command, spec, False, inputs, models) != "resume":
             raise DiffshieldError(f"'{out}' holds no run of 'diffshield {command}' to merge")
         metrics = merge_run(out, jobs, command, _metrics(task, args), grid=task == "generate")
         _report(task, out, metrics)
         return 0
     if only_launches(args):
-        check_run_dir(out, command, spec, args.overwrite, inputs)  # one-line refusals before any process starts
+        check_run_dir(out, command, spec, args.overwrite, inputs, models)  # one-line refusals before any process
         return launch(args.num_processes, args.argv, args.device)
 
     state = PartialState(cpu=args.device.type != "cuda", timeout=timedelta(days=2))
     rank, world = state.process_index, state.num_processes
     if state.is_main_process:
-        what = prepare_run_dir(out, command, spec, args.overwrite, inputs)
+        what = prepare_run_dir(out, command, spec, args.overwrite, inputs, models)
         print(f"{'resuming' if what == 'resume' else 'starting'} {len(jobs)} images of {len(rows)} prompts in {out} "
               f"with {world} process{'es' if world > 1 else ''}")
     state.wait_for_everyone()

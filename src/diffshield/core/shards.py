@@ -54,7 +54,9 @@ RUN_FILE = "run.json"
 IMAGES_DIR = "images"
 SCORES_DIR = "scores"
 #: files a run folder may hold besides images and score files
-RUN_OUTPUTS = (RUN_FILE, "manifest.json", "metrics.json", "grid.png")
+#: the files of the models a run depends on, as the run found them (:func:`model_files_record`)
+MODELS_FILE = "models.json"
+RUN_OUTPUTS = (RUN_FILE, MODELS_FILE, "manifest.json", "metrics.json", "grid.png")
 _IMAGE_RE = re.compile(r"^images/(?:[a-z]+/)?p\d{6,}_s\d+\.png$")
 _TEMP_RE = re.compile(r"^images/(?:[a-z]+/)?\.p\d{6,}_s\d+\.png\.[^/]+$")  # atomic-write leftovers of a killed process
 #: what only an audit's run folder holds (diffshield.redteam.sharded): one unit per attack, the merged audit, and
@@ -168,13 +170,80 @@ def _remove_run(folder: Path, command: str) -> None:
     (folder / MARKER).unlink(missing_ok=True)
 
 
+_MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".json", ".txt", ".model")
+
+
+def _model_path(spec: str | Path) -> Path:
+    p = Path(str(spec)).expanduser()
+    if p.is_file():
+        return p
+    from diffshield.core.loading import resolve_model_path
+
+    return resolve_model_path(spec)
+
+
+def _model_files(path: Path) -> dict[str, Path]:
+    """The weight, config and tokenizer files of a model folder (or the file itself), by relative path."""
+    from diffshield.core.io import MARKER
+
+    if path.is_file():
+        return {path.name: path}
+    return {p.relative_to(path).as_posix(): p for p in sorted(path.rglob("*"))
+            if p.is_file() and p.suffix in _MODEL_FILE_SUFFIXES and p.name != MARKER
+            and not any(part.startswith(".") for part in p.relative_to(path).parts)}
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def model_files_record(models: dict[str, str | Path | None]) -> dict:
+    """``{role: {"path", "files": {relative path: [size, mtime_ns, sha256]}}}`` of the weight, config and tokenizer
+    files of each model (a folder, a ``toy:`` name or a file; None is skipped): what a resumed run checks, so that
+    its images and results never mix two versions of a model saved at the same path. Hashing reads every file once
+    (about 3 s for an SD-1.4 folder)."""
+    out = {}
+    for role, spec in models.items():
+        if spec is not None:
+            files = _model_files(_model_path(spec))
+            out[role] = {"path": str(spec), "files": {
+                rel: [f.stat().st_size, f.stat().st_mtime_ns, _sha256_file(f)] for rel, f in files.items()}}
+    return out
+
+
+def model_files_change(recorded: dict, models: dict[str, str | Path | None]) -> str:
+    """How the models' files differ from ``recorded`` (:func:`model_files_record`), or "" when they are the same.
+    A file whose size and modification time are unchanged is taken as unchanged without reading it."""
+    for role, spec in models.items():
+        if spec is None or role not in recorded:
+            continue
+        old = recorded[role].get("files", {})
+        now = _model_files(_model_path(spec))
+        for rel in sorted(set(old) | set(now)):
+            if rel not in now:
+                return f"{spec}: {rel} is gone"
+            if rel not in old:
+                return f"{spec}: {rel} is new"
+            size, mtime, digest = old[rel]
+            st = now[rel].stat()
+            if (st.st_size, st.st_mtime_ns) != (size, mtime) and _sha256_file(now[rel]) != digest:
+                return f"{spec}: {rel} has changed"
+    return ""
+
+
 def check_run_dir(folder: str | Path, command: str, spec: dict, overwrite: bool = False,
-                  inputs: Iterable[str | Path | None] = ()) -> str:
+                  inputs: Iterable[str | Path | None] = (), models: dict[str, str | Path | None] | None = None
+                  ) -> str:
     """Decide, without writing, what a run in ``folder`` would do: ``"new"`` (missing or empty folder), ``"resume"``
-    (an unfinished or finished run of ``command`` with the same ``spec``) or ``"replace"`` (a previous output of
-    ``command`` with other settings, only with ``overwrite``). Anything else is refused with a one-line error: a
-    folder another command wrote, a folder holding files the run did not write, other settings without
-    ``overwrite``."""
+    (an unfinished or finished run of ``command`` with the same ``spec``, and with ``models``' files as the run
+    recorded them in ``models.json``) or ``"replace"`` (a previous output of ``command`` with other settings or
+    other model files, only with ``overwrite``). Anything else is refused with a one-line error: a folder another
+    command wrote, a folder holding files the run did not write, other settings or a model saved anew at the same
+    path without ``overwrite``."""
     t = Path(os.path.abspath(os.path.expanduser(str(folder))))
     marker = read_marker(t) if t.is_dir() else None
     if marker is None or not (t / RUN_FILE).is_file():
@@ -193,6 +262,18 @@ def check_run_dir(folder: str | Path, command: str, spec: dict, overwrite: bool 
     except (OSError, ValueError):
         old = {}
     diff = _spec_difference(old, spec)
+    if not diff and models and (t / MODELS_FILE).is_file():
+        try:
+            recorded = json.loads((t / MODELS_FILE).read_text())
+        except (OSError, ValueError):
+            recorded = {}
+        change = model_files_change(recorded, models)
+        if change:
+            if not overwrite:
+                raise DiffshieldError(f"run folder '{folder}' was started with other model files ({change}); its "
+                                      "results would mix two models: pass --overwrite to start it again, or choose "
+                                      "another folder")
+            return "replace"
     if not diff:
         return "resume"
     if not overwrite:
@@ -203,12 +284,14 @@ def check_run_dir(folder: str | Path, command: str, spec: dict, overwrite: bool 
 
 
 def prepare_run_dir(folder: str | Path, command: str, spec: dict, overwrite: bool = False,
-                    inputs: Iterable[str | Path | None] = ()) -> str:
+                    inputs: Iterable[str | Path | None] = (), models: dict[str, str | Path | None] | None = None
+                    ) -> str:
     """Check ``folder`` as :func:`check_run_dir` does, then make it ready: create it (or clear a replaced previous
-    output, deleting only that output's files) and write ``run.json`` and an in-progress marker; on resume, delete
-    the temporary files of killed processes. Call it in one process only. Returns what :func:`check_run_dir` says."""
+    output, deleting only that output's files) and write ``run.json``, ``models.json`` (the files of ``models``, see
+    :func:`model_files_record`) and an in-progress marker; on resume, delete the temporary files of killed
+    processes. Call it in one process only. Returns what :func:`check_run_dir` says."""
     t = Path(os.path.abspath(os.path.expanduser(str(folder))))
-    what = check_run_dir(t, command, spec, overwrite, inputs)
+    what = check_run_dir(t, command, spec, overwrite, inputs, models)
     if what == "replace":
         marker = read_marker(t)
         if (t / RUN_FILE).is_file():
@@ -226,6 +309,8 @@ def prepare_run_dir(folder: str | Path, command: str, spec: dict, overwrite: boo
     else:
         t.mkdir(parents=True, exist_ok=True)
         atomic_write_json(t / RUN_FILE, spec)
+    if models and (what != "resume" or not (t / MODELS_FILE).is_file()):  # a run from before models.json: from now
+        atomic_write_json(t / MODELS_FILE, model_files_record(models))
     (t / IMAGES_DIR).mkdir(exist_ok=True)
     (t / SCORES_DIR).mkdir(exist_ok=True)
     write_marker(t, command)
