@@ -510,3 +510,28 @@ def test_a_python_judge_is_checked_like_a_cli_one(tiny_model):
     as_list = lambda images: [False] * len(images)  # noqa: E731
     audit = run_audit(tiny_model, tiny_model, "triangle", judge=as_list, **kw)
     assert audit.pre_attack_success.tolist() == [False, False]
+
+
+def test_what_an_audit_lacks_is_refused_before_any_image(tiny_model):
+    """Missing Ring-A-Bell pairs for a concept outside the toy world, and a prompt too long for UnlearnDiffAtk's
+    searched tokens, were found only when that attack's turn came, after the earlier attacks had run."""
+    from diffshield.redteam.audit import check_pairs
+
+    calls = []
+
+    def judge(images):
+        calls.append(len(images))
+        return torch.zeros(len(images), dtype=torch.bool)
+
+    with pytest.raises(DiffshieldError, match=r"ring-a-bell needs prompt pairs .*--set 'ring-a-bell.pairs="):
+        run_audit(tiny_model, tiny_model, "church", attacks=["adv-embed", "ring-a-bell"], n=1, prompts=["a red box"],
+                  judge=judge, sample=SampleConfig(steps=1), progress=False)
+    check_pairs(["ring-a-bell"], {"ring-a-bell": {"pairs": [("a church", "a house")]}}, "church")  # given: fine
+    check_pairs(["ring-a-bell", "adv-embed"], {}, "triangle")  # a toy concept: made automatically
+    long = "a red triangle " + "red blue " * 36
+    with pytest.raises(DiffshieldError, match="unlearndiff: the prompt .* needs 80 of the tokenizer's 77"):
+        run_audit(tiny_model, tiny_model, "triangle", attacks=["adv-embed", "unlearndiff"], n=1, prompts=[long],
+                  judge=judge, sample=SampleConfig(steps=1), hp={"unlearndiff": {"k": 3}}, progress=False)
+    assert calls == []  # no image was judged
+    with pytest.raises(DiffshieldError, match="a pair's two prompts must differ"):
+        ATTACKS.get("ring-a-bell").config_cls(pairs=[("a church", "A church ")])

@@ -61,7 +61,7 @@ def check_original(args) -> None:
 def cmd_audit(args) -> int:
     from diffshield.core.loading import load_t2i
     from diffshield.core.sampling import SampleConfig
-    from diffshield.redteam.audit import check_settings, resolve_attacks, run_audit
+    from diffshield.redteam.audit import check_pairs, check_settings, resolve_attacks, run_audit
     from diffshield.toyworld.concepts import resolve_concept
     from diffshield.toyworld.detector import load_detector
 
@@ -81,6 +81,7 @@ def cmd_audit(args) -> int:
     sample = SampleConfig(steps=args.steps, guidance=args.guidance, batch_size=args.batch_size)
     hp = check_settings(parse_settings(args.set), args.n, args.budget)
     attacks = args.attack or ["all"]
+    check_pairs(resolve_attacks(attacks), hp, args.concept)
     idle = sorted(set(hp) - set(resolve_attacks(attacks)))
     if idle:  # valid settings, but for an attack this audit does not run: most likely a mistyped --attack
         print(f"warning: --set gives settings for {', '.join(idle)}, which this audit does not run (--attack "
@@ -155,7 +156,7 @@ def _audit_in_run_dir(args, attacks: list[str], hp: dict, sample, inputs: list) 
     from diffshield.core.io import write_marker
     from diffshield.core.loading import load_t2i
     from diffshield.core.shards import check_run_dir, prepare_run_dir, read_run_spec
-    from diffshield.redteam.audit import audit_pairs, check_settings, resolve_attacks, start_audit
+    from diffshield.redteam.audit import audit_pairs, check_prompt_room, check_settings, resolve_attacks, start_audit
     from diffshield.redteam.judges import load_judge
     from diffshield.redteam.sharded import merge_audit, pending_attacks, run_audit_shard
     from diffshield.toyworld.detector import load_detector
@@ -187,6 +188,7 @@ def _audit_in_run_dir(args, attacks: list[str], hp: dict, sample, inputs: list) 
     detector = load_detector(args.detector) if args.judge == "toy" else None
     judge = load_judge(args.judge, args.concept, detector)
     prompts, seeds = audit_pairs(args.concept, args.n, args.seed, args.prompt)
+    check_prompt_room(erased, names, hp, args.budget, prompts)
     audit = start_audit(erased, original, args.concept, prompts, seeds, sample, judge)
     pending = pending_attacks(out, names)
     state.wait_for_everyone()  # every process has scanned the folder before any writes

@@ -33,7 +33,7 @@ from diffshield.core.errors import DiffshieldError
 from diffshield.core.loading import T2IModel
 from diffshield.core.sampling import SampleConfig, generate
 from diffshield.redteam import ATTACKS
-from diffshield.redteam.base import AttackResult, Judge, default_judge
+from diffshield.redteam.base import AttackResult, Judge, default_judge, prompt_room
 
 #: the attacks ``attacks="all"`` runs, in order (the soft-token variants ``unlearndiff-soft``, ``p4d-soft``: by name).
 AUDIT_ATTACKS: tuple[str, ...] = ("adv-embed", "ring-a-bell", "ring-a-bell-genetic", "unlearndiff", "p4d")
@@ -298,7 +298,9 @@ def run_audit(
     sample = sample or SampleConfig()
     names = resolve_attacks(attacks)
     hp = check_settings(hp, n, budget)
+    check_pairs(names, hp, concept)
     prompts, seeds = audit_pairs(concept, n, seed, prompts)
+    check_prompt_room(erased, names, hp, budget, prompts)
     judge = default_judge(concept, judge, detector)
     start, cpu_start = time.perf_counter(), time.process_time()
     audit = start_audit(erased, original if original_images else None, concept, prompts, seeds, sample, judge)
@@ -333,6 +335,25 @@ def _check_setting_type(attack: str, name: str, value, hint) -> None:
         raise DiffshieldError(f"{attack}.{name} must be {want}, got {value!r}")
 
 
+def check_pairs(names: Sequence[str], hp: dict[str, dict], concept: str) -> None:
+    """Refuse, before any work, an attack that needs (with, without) prompt pairs (Ring-A-Bell's concept vector)
+    for a concept outside the toy world when ``hp`` gives none."""
+    from diffshield.toyworld.concepts import resolve_concept
+
+    for name in names:
+        cls = ATTACKS.get(name)
+        takes_pairs = is_dataclass(cls.config_cls) and "pairs" in {f.name for f in fields(cls.config_cls)}
+        if not takes_pairs or hp.get(name, {}).get("pairs") is not None:
+            continue
+        try:
+            resolve_concept(concept)
+        except DiffshieldError:
+            raise DiffshieldError(
+                f"{name} needs prompt pairs that differ by {concept!r} (not a toy concept): --set '{name}.pairs="
+                f"[(\"a photo of a {concept}\", \"a photo\")]' (Python: hp={{'{name}': {{'pairs': [...]}}}}), or "
+                f"leave {name} out with --attack") from None
+
+
 def check_settings(hp: dict[str, dict] | None, n: int, budget: str) -> dict[str, dict]:
     """Validate :func:`run_audit`'s ``hp``, ``n`` and ``budget`` (one-line errors); returns a copy of ``hp``."""
     hp = dict(hp or {})
@@ -359,6 +380,19 @@ def check_settings(hp: dict[str, dict] | None, n: int, budget: str) -> dict[str,
         except DiffshieldError as e:
             raise DiffshieldError(f"{name}: {e}") from None
     return hp
+
+
+def check_prompt_room(erased: T2IModel, names: Sequence[str], hp: dict[str, dict], budget: str,
+                      prompts: Sequence[str]) -> None:
+    """Refuse a prompt too long for an attack's searched tokens (:func:`~diffshield.redteam.base.prompt_room`)
+    before any attack runs, not when that attack's turn comes."""
+    layouts = {}
+    for name in names:
+        cls = ATTACKS.get(name)
+        layout = cls.prompt_layout(cls.config_cls(**{**cls.presets.get(budget, {}), **hp.get(name, {})}))
+        if layout is not None:
+            layouts[name] = layout
+    prompt_room(erased, layouts, prompts)
 
 
 def audit_pairs(concept: str, n: int, seed: int, prompts: Sequence[str] | None = None) -> tuple[list[str], list[int]]:

@@ -160,6 +160,13 @@ class Attack:
     #: budget presets: {"toy": {field: value}, "paper": {field: value}}; ``budget="paper"`` runs the paper's.
     presets: ClassVar[dict[str, dict]] = {}
 
+    @classmethod
+    def prompt_layout(cls, config: object) -> tuple[str, int] | None:
+        """(layout, searched tokens) of an attack that places tokens in the attacked prompt (see
+        :func:`layout_ids`: "prefix", "none" or "every-3"), or None (default) for one that leaves it alone: what
+        :func:`prompt_room` checks before an audit."""
+        return None
+
     def __init__(self, erased: T2IModel, original: T2IModel | None = None, concept: str | None = None,
                  judge: Judge | None = None, detector=None, sample: SampleConfig | None = None,
                  config: object | None = None, budget: str = "toy", **hp) -> None:
@@ -399,6 +406,27 @@ def prompt_tokens(model: T2IModel, prompt: str) -> list[int]:
 def n_searched(layout: str, k: int, n_prompt_tokens: int) -> int:
     """How many searched tokens a layout places: k for "prefix"/"none"; n // 3 + 1 for "every-3" (P4D-K)."""
     return n_prompt_tokens // 3 + 1 if layout == "every-3" else k
+
+
+def layout_length(layout: str, k: int, n_prompt_tokens: int) -> int:
+    """Token positions a layout takes, start and end tokens included."""
+    if layout == "none":
+        return k + 2
+    return n_prompt_tokens + n_searched(layout, k, n_prompt_tokens) + 2
+
+
+def prompt_room(model: T2IModel, layouts: dict[str, tuple[str, int]], prompts: Sequence[str]) -> None:
+    """Refuse, in one line, a prompt that does not fit the tokenizer's length with an attack's searched tokens
+    (``layouts``: attack name -> :meth:`Attack.prompt_layout`), before any attack runs."""
+    length = model.tokenizer.model_max_length
+    for p in dict.fromkeys(prompts):
+        n = len(prompt_tokens(model, p))
+        for name, (layout, k) in layouts.items():
+            need = layout_length(layout, k, n)
+            if need > length:
+                raise DiffshieldError(f"{name}: the prompt {p[:40] + '...' if len(p) > 40 else p!r} is {n} tokens; "
+                                      f"with {need - n - 2} searched tokens it needs {need} of the tokenizer's "
+                                      f"{length}: shorten it")
 
 
 def layout_ids(model: T2IModel, words: list[int], adv: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor]:

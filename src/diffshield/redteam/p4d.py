@@ -125,6 +125,10 @@ class P4D(Attack):
                "paper": {"n_tokens": 16, "steps": 3000, "eval_every": 50}}
     zero_budget = {"steps": 0}
 
+    @classmethod
+    def prompt_layout(cls, config: P4DConfig) -> tuple[str, int]:
+        return ("every-3" if config.keep_prompt else "none"), config.n_tokens
+
     def random_prompts(self, prompts: list[str], gen: torch.Generator) -> list[str]:
         """Random candidate words in the attack's layout (16 words for P4D-N; the prompt with a random word every 3
         tokens for P4D-K)."""

@@ -98,6 +98,10 @@ class P4DSoft(Attack):
     access = "gradients"
     presets = {"toy": {"n_tokens": 8, "steps": 40}, "paper": {"n_tokens": 16, "steps": 3000}}
 
+    @classmethod
+    def prompt_layout(cls, config: P4DSoftConfig) -> tuple[str, int]:
+        return ("prefix" if config.keep_prompt else "none"), config.n_tokens
+
     zero_budget = {"steps": 0}
 
     def random_prompts(self, prompts: list[str], gen: torch.Generator) -> list[str]:

@@ -118,6 +118,9 @@ class RingABellConfig:
             self.pairs = [tuple(p) for p in self.pairs]
             check(all(len(p) == 2 and all(isinstance(s, str) for s in p) for p in self.pairs) and self.pairs,
                   "pairs must be a non-empty list of (with concept, without concept) prompt pairs")
+            same = [p for p in self.pairs if p[0].strip().lower() == p[1].strip().lower()]
+            check(not same, f"a pair's two prompts must differ by the concept (their difference is the concept "
+                            f"vector), got {same[0]!r}" if same else "")
 
 
 @ATTACKS.register("ring-a-bell")

@@ -133,6 +133,10 @@ class UnlearnDiff(Attack):
     config_cls = UnlearnDiffConfig
     needs_original = True
     access = "gradients"
+    @classmethod
+    def prompt_layout(cls, config: UnlearnDiffConfig) -> tuple[str, int]:
+        return "prefix", config.k
+
     presets = {"toy": {"k": 3, "rounds": 5, "iterations": 8},
                "paper": {"k": 3, "rounds": 50, "iterations": 40}}
     zero_budget = {"iterations": 0}

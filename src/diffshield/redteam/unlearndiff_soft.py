@@ -111,6 +111,10 @@ class UnlearnDiffSoft(Attack):
     access = "gradients"
     presets = {"toy": {"k": 5, "steps": 40}, "paper": {"k": 5, "steps": 2000}}
 
+    @classmethod
+    def prompt_layout(cls, config: UnlearnDiffSoftConfig) -> tuple[str, int]:
+        return "prefix", config.k
+
     zero_budget = {"steps": 0}
 
     def random_prompts(self, prompts: list[str], gen: torch.Generator) -> list[str]:
