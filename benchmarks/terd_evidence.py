@@ -64,6 +64,10 @@ def main() -> int:
         row["seconds"] = round(time.time() - t0, 1)
         print(json.dumps(row), flush=True)
         rows.append(row)
+    if not rows:  # no scans cached on this machine: keep the recorded result rather than replace it with nothing
+        print(f"no scan_cpu_*.safetensors in {zoo.CACHE}: run 'python benchmarks/backdoor.py' (or its restore step) "
+              "first; results/terd_evidence.json left as it was", file=sys.stderr)
+        return 1
     out = {"sampler": f"{CONFIG.scheduler}-{CONFIG.steps}", "seeds": [SEEDS[0], SEEDS[-1]], "n": len(SEEDS),
            "rows": rows, "machine": {"python": platform.python_version(), "torch": torch.__version__}}
     atomic_write_json(zoo.RESULTS / "terd_evidence.json", out)
