@@ -69,6 +69,9 @@ def test_frechet_distance_known_gaussians():
     a = rng.normal(size=(4000, 4))
     b = rng.normal(size=(4000, 4)) + np.array([2.0, 0, 0, 0])
     assert frechet_distance(a, a) == pytest.approx(0, abs=1e-6)
+    for n in (2, 3, 16):  # few samples of many features: the square root's rounding went below 0 (-2.7e-05 at n=2)
+        x = np.random.default_rng(n).normal(size=(n, 128))
+        assert frechet_distance(x, x) >= 0
     assert frechet_distance(a, b) == pytest.approx(4.0, rel=0.1)
     c = rng.normal(size=(4000, 4)) * 2  # covariance 4I vs I: trace term 4 * (1 + 4 - 2*2) = 4
     assert frechet_distance(a, c) == pytest.approx(4.0, rel=0.15)

@@ -103,10 +103,11 @@ finite_float = float_in()
 MARKER_NAME = ".diffshield-output.json"
 
 
-def add_overwrite_arg(parser: argparse.ArgumentParser) -> None:
-    """Add ``--overwrite``: replace a previous output of the same command (never a folder diffshield did not write)."""
+def add_overwrite_arg(parser: argparse.ArgumentParser, what: str = "--out") -> None:
+    """Add ``--overwrite``: replace a previous output of the same command (never a folder diffshield did not write);
+    ``what`` names the outputs it applies to (default "--out")."""
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace --out when it holds a previous output of this command (recognised by its "
+                        help=f"replace {what} when it holds a previous output of this command (recognised by its "
                              f"{MARKER_NAME} file); a folder holding anything else is never replaced")
 
 

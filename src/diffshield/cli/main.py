@@ -508,8 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "prompt set (--prompts FILE --model M --out DIR; sharded and resumable, "
                                     "docs/scale.md).")
     e.add_argument("--images", help="folder of images to score")
-    e.add_argument("--threshold", type=float_in(0, 1), default=0.6,
-                   help="score threshold, in [0, 1] (default: 0.6, as RECE)")
+    e.add_argument("--threshold", type=float_in(0, 1, lo_open=True, hi_open=True), default=0.6,
+                   help="score threshold, in (0, 1) (default: 0.6, as RECE)")
     e.add_argument("--json", help="write per-class counts and the rate to this JSON file")
     add_scale_args(e)
     _add_model_args(e)

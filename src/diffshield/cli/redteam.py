@@ -263,7 +263,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                   "here")
     p.add_argument("--report", help="write a report folder here (index.html, audit.json, one PNG per attack; see "
                                     "--overwrite)")
-    add_overwrite_arg(p)
+    add_overwrite_arg(p, "--report or --run-dir")
     p.add_argument("--allow-pickle", action="store_true", help="accept pickled weights (trusted files only)")
     add_threads_arg(p, default=1)  # the toy model's small tensors gain little from more threads
     add_device_args(p, training=True)

@@ -16,7 +16,8 @@ def _sqrtm_psd(a: np.ndarray) -> np.ndarray:
 
 
 def frechet_distance(feats_a: np.ndarray | torch.Tensor, feats_b: np.ndarray | torch.Tensor) -> float:
-    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2), in float64.
+    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2), in float64, never below 0 (the square
+    root's rounding made it slightly negative for equal or nearly equal sets).
 
     Args:
         feats_a, feats_b: (N, D) feature arrays (N >= 2 each).
@@ -29,7 +30,8 @@ def frechet_distance(feats_a: np.ndarray | torch.Tensor, feats_b: np.ndarray | t
     s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     r = _sqrtm_psd(s_a)
     cross = _sqrtm_psd(r @ s_b @ r)
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * np.trace(cross))
+    d = float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * np.trace(cross))
+    return max(d, 0.0)  # a distance: rounding in the square root gives -1e-14 .. -4e-4 for equal sets
 
 
 @torch.no_grad()
