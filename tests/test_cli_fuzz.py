@@ -256,6 +256,7 @@ REFUSED: list[tuple[str, list[str], str]] = [
     ("audit-set-unknown-attack", [*AUDIT, "--set", "nosuch.steps=1"], "unknown attack"),
     ("audit-set-misspelt-field", [*AUDIT, "--set", "p4d.step=10"], "no setting 'step'"),
     ("audit-set-out-of-range", [*AUDIT, "--set", "p4d.steps=-1"], "steps must be"),
+    ("audit-empty-prompt", [*AUDIT, "--prompt", "a red triangle", "--prompt", " "], "--prompt is empty"),
     ("audit-set-flag-as-word", [*AUDIT, "--set", "p4d.keep_prompt=no"], "keep_prompt must be true or false"),
     ("audit-set-flag-as-number", [*AUDIT, "--set", "unlearndiff.early_stop=0"], "early_stop must be true or false"),
     ("audit-set-int-as-float", [*AUDIT, "--set", "p4d.steps=2.5"], "steps must be an integer"),
@@ -531,6 +532,10 @@ def test_prompt_warnings(ws, capsys):
     err = capsys.readouterr().err
     assert "reads only the first 77" in err and "purple" in err
     assert "Loading weights" not in err
+    # audit --prompt warns as generate does (it said nothing)
+    argv = _fill([*AUDIT, "--attack", "adv-embed", "--no-baselines", "--prompt", "a purple triangle"], ws)
+    assert main(argv) == 0
+    assert "vocabulary lacks purple" in capsys.readouterr().err
 
 
 def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(ws, tiny_sd_dir, capsys, monkeypatch):

@@ -59,6 +59,7 @@ def check_original(args) -> None:
 
 
 def cmd_audit(args) -> int:
+    from diffshield.cli.main import warn_prompts
     from diffshield.core.loading import load_t2i
     from diffshield.core.sampling import SampleConfig
     from diffshield.redteam.audit import check_pairs, check_settings, resolve_attacks, run_audit
@@ -69,6 +70,8 @@ def cmd_audit(args) -> int:
         resolve_concept(args.concept)  # the toy detector judges toy concepts: refuse others before loading
     elif not args.prompt:
         raise DiffshieldError("with a judge other than toy, give the prompts to attack (--prompt, repeatable)")
+    if args.prompt and any(not p.strip() for p in args.prompt):
+        raise DiffshieldError("--prompt is empty: give the prompt to attack (an attack needs the concept's prompt)")
     from diffshield.core.io import check_output_dir, check_output_file
 
     if args.num_processes > 1 and not args.run_dir:
@@ -90,6 +93,8 @@ def cmd_audit(args) -> int:
         return _audit_in_run_dir(args, attacks, hp, sample, inputs)
     erased = load_t2i(args.model, allow_pickle=args.allow_pickle, device=args.device, dtype=args.dtype)
     original = load_t2i(args.original, allow_pickle=args.allow_pickle, device=args.device, dtype=args.dtype)
+    if args.prompt:
+        warn_prompts(erased.tokenizer, args.prompt)
     detector = load_detector(args.detector) if args.judge == "toy" else None
     from diffshield.redteam.judges import load_judge
 
@@ -152,6 +157,7 @@ def _audit_in_run_dir(args, attacks: list[str], hp: dict, sample, inputs: list) 
 
     from accelerate import PartialState
 
+    from diffshield.cli.main import warn_prompts
     from diffshield.cli.scale import launch, only_launches
     from diffshield.core.io import write_marker
     from diffshield.core.loading import load_t2i
@@ -185,6 +191,8 @@ def _audit_in_run_dir(args, attacks: list[str], hp: dict, sample, inputs: list) 
     device = state.device if (args.device.type == "cuda" and world > 1) else args.device
     erased = load_t2i(args.model, allow_pickle=args.allow_pickle, device=device, dtype=args.dtype)
     original = load_t2i(args.original, allow_pickle=args.allow_pickle, device=device, dtype=args.dtype)
+    if args.prompt and state.is_main_process:
+        warn_prompts(erased.tokenizer, args.prompt)
     detector = load_detector(args.detector) if args.judge == "toy" else None
     judge = load_judge(args.judge, args.concept, detector)
     prompts, seeds = audit_pairs(args.concept, args.n, args.seed, args.prompt)
