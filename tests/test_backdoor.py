@@ -480,3 +480,91 @@ def test_flat_images_counts_one_colour_samples():
     x[:2] = 0.0  # flat black (what eps + r0 gives on a clean toy model)
     x[2] = 0.7 + 0.001 * torch.rand(3, 8, 8)  # flat grey, up to a tiny ripple
     assert flat_images(x) == 3 and flat_images(x, tol=0.0) == 0
+
+
+def test_eval_opens_a_trojdiff_model_with_its_trojan_ddim(tiny_ddpm_dir, tmp_path):
+    """eval --trigger model on a TrojDiff folder (it records mu and gamma) samples as 'backdoor sample --trigger
+    model' does: the trojan DDIM from x_T = gamma eps + mu, recorded in the report's sampling info."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from diffshield.backdoor.trojdiff import trojan_sample
+
+    folder = tmp_path / "troj"
+    shutil.copytree(tiny_ddpm_dir, folder)
+    g, y = get_trigger("stop"), get_target("hat")
+    mu, gamma = 0.4 * g, torch.full_like(g, 0.6)
+    save_file({"trigger": g, "target": y, "mu": mu, "gamma": gamma}, str(folder / "backdoor.safetensors"))
+    rep = tmp_path / "e.json"
+    assert main(["backdoor", "eval", "--model", str(folder), "--trigger", "model", "--target", "model", "--n", "2",
+                 "--n-clean", "0", "--steps", "2", "--json", str(rep)]) == 0
+    r = json.loads(rep.read_text())
+    assert r["sampling"]["scheduler"] == "trojan ddim" and r["sampling"]["x_T"] == "gamma eps(seed) + mu"
+    want = backdoor_metrics(trojan_sample(load_ddpm(folder), [0, 1], mu, gamma, steps=2), (y + 1) / 2)
+    assert r["mse"] == pytest.approx(want["mse"], rel=1e-5) and r["sampling"]["steps"] == 2
+
+
+def test_cli_refuses_ignored_or_unusable_options_before_work(tiny_ddpm_dir, tmp_path, capsys):
+    """--trigger-mask without an image-file trigger, --channels with --init and eval --n-clean 1 are refused in one
+    line before anything is sampled, trained or written."""
+    d, mask = str(tiny_ddpm_dir), str(tmp_path / "no_such_mask.png")
+    runs = {
+        "sample_box": ["backdoor", "sample", "--model", d, "--trigger", "box", "--trigger-mask", mask, "--n", "1",
+                       "--scheduler", "ddim", "--steps", "1", "--out", str(tmp_path / "o1")],
+        "sample_none": ["backdoor", "sample", "--model", d, "--trigger-mask", mask, "--n", "1", "--scheduler",
+                        "ddim", "--steps", "1", "--out", str(tmp_path / "o2")],
+        "eval_box": ["backdoor", "eval", "--model", d, "--trigger", "box", "--trigger-mask", mask, "--target",
+                     "corner", "--n", "1", "--n-clean", "0", "--scheduler", "ddim", "--steps", "1", "--json",
+                     str(tmp_path / "o3.json")],
+        "implant_box": ["backdoor", "implant", "--model", d, "--trigger", "box", "--trigger-mask", mask,
+                        "--epochs", "1", "--pool-size", "4", "--batch-size", "4", "--out", str(tmp_path / "o4")],
+        "init_channels": ["backdoor", "train-ddpm", "--init", d, "--channels", "8", "16", "--steps", "1",
+                          "--pool-size", "4", "--batch-size", "4", "--warmup", "0", "--out", str(tmp_path / "o5")],
+        "n_clean_1": ["backdoor", "eval", "--model", d, "--trigger", "box", "--target", "corner", "--n", "1",
+                      "--n-clean", "1", "--scheduler", "ddim", "--steps", "1", "--json", str(tmp_path / "o6.json")],
+    }
+    capsys.readouterr()
+    for name, argv in runs.items():
+        assert main(argv) == 2, name
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err, name
+        key = {"init_channels": "--init", "n_clean_1": "at least 2"}.get(name, "image-file --trigger")
+        assert key in err, (name, err)
+    assert not any(tmp_path.glob("o*")) and not any(tmp_path.glob("o*.json"))
+    with pytest.raises(DiffshieldError, match="image-file trigger only"):
+        get_trigger("box", 32, mask)
+    from diffshield.backdoor.ddpm import DDPMTrainConfig
+    from diffshield.cli.backdoor import DEFAULT_CHANNELS
+
+    assert DEFAULT_CHANNELS == DDPMTrainConfig().block_out_channels  # the CLI's default without --init
+    from diffshield.cli.main import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["backdoor", "train-ddpm", "--out", "o", "--channels", "8", "16"]).channels == [8, 16]
+    assert not getattr(parse(["backdoor", "train-ddpm", "--out", "o", "--init", d]), "channels_given", False)
+
+
+def test_models_of_another_schedule_length_are_refused(tmp_path, capsys):
+    """A DDPM whose scheduler has num_train_timesteps != 1000 is refused in one line by sample, eval and scan before
+    any work (TERD's t_high (990, 999) and the 1000-step samplers would index past it); reverse_trigger refuses it
+    too."""
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler(num_train_timesteps=100, beta_schedule="linear", clip_sample=False)
+    folder = tmp_path / "short"
+    DDPMModel(tiny_unet(8), sched).save(folder)
+    cal = tmp_path / "cal.json"
+    calibrate({"fast": [(1e9, 1e9)]}).save(cal)
+    capsys.readouterr()
+    for argv in (["backdoor", "sample", "--model", str(folder), "--n", "1", "--out", str(tmp_path / "s")],
+                 ["backdoor", "eval", "--model", str(folder), "--trigger", "box", "--target", "corner", "--n", "1",
+                  "--n-clean", "0"],
+                 ["scan", "--model", str(folder), "--preset", "fast", "--calibration", str(cal)]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert "100-step" in err and "1000-step" in err and "\n" not in err, argv
+    assert not (tmp_path / "s").exists()
+    with pytest.raises(DiffshieldError, match="1000-step"):
+        reverse_trigger(DDPMModel(tiny_unet(8), sched), TERDConfig(stage1_iters=1, stage2_iters=0, batch_size=2),
+                        progress=False)

@@ -493,3 +493,143 @@ def test_cli_gamma_mode_has_its_own_thresholds_and_per_pixel_gamma(tmp_path, mon
                  "--merge"]) == 0
     got = Calibration.load(new)
     assert set(got.thresholds) == {"fast", "fast+gamma"} and got.thresholds["fast"]["mean_kl"] == 0.75
+
+
+def _scan_file(path, name="m", fp="f", **over):
+    rep = {"model": name, "model_fingerprint": fp, "resolution": 8, "architecture": {"unet_class": "UNet2DModel"},
+           "preset": "fast", "mean_kl": 0.1, "var_kl": 0.01, "moved_rel": 0.3, **over}
+    path.write_text(json.dumps(rep))  # json writes NaN / Infinity literals, as a hand-edited report may hold
+    return str(path)
+
+
+@pytest.mark.parametrize("key", ["mean_kl", "var_kl", "moved_rel"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -0.1, "0.1", None])
+def test_calibrate_refuses_statistics_that_are_not_finite_non_negative_numbers(tmp_path, capsys, key, value):
+    """A NaN reference statistic would make the threshold NaN (or be skipped by max(), depending on the order);
+    NaN, infinite, negative, textual and null statistics are refused in one line naming the file and the key, before
+    anything is written."""
+    good = _scan_file(tmp_path / "good.json", "good", "f1")
+    bad = _scan_file(tmp_path / "bad.json", "bad", "f2", **{key: value})
+    out = tmp_path / "cal.json"
+    capsys.readouterr()
+    for refs in ([bad, good], [good, bad]):
+        assert main(["backdoor", "calibrate", "--references", *refs, "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "bad.json" in err and key in err and "\n" not in err, err
+    assert main(["backdoor", "calibrate", "--references", good, "--clean", bad, "--out", str(out)]) == 2
+    assert not out.exists()
+
+
+def test_library_calibration_refuses_bad_statistics_in_any_order():
+    from diffshield.backdoor.terd import calibrate_from_scans, fit_thresholds, leave_one_out, scan_record
+
+    nan = float("nan")
+    for refs in ([(nan, 0.1), (0.1, 0.01)], [(0.1, 0.01), (nan, 0.1)], [(0.1, -1.0)], [("0.1", 0.01)]):
+        with pytest.raises(DiffshieldError, match="finite numbers >= 0"):
+            fit_thresholds(refs)
+    with pytest.raises(DiffshieldError, match="scan report m: var_kl is inf"):
+        scan_record({"model": "m", "mean_kl": 0.1, "var_kl": float("inf"), "moved_rel": 0.3})
+    with pytest.raises(DiffshieldError, match="moved_rel"):
+        calibrate_from_scans([_rec("r1", 0.1, 0.01, moved=nan)])
+    with pytest.raises(DiffshieldError, match="c1: mean_kl is nan"):
+        leave_one_out([_rec("r1", 0.1, 0.01)], [_rec("c1", nan, 0.01)], [])
+
+
+def test_calibrate_refuses_one_model_in_both_labels_and_twice_as_a_reference(tmp_path, capsys):
+    ref1, ref2 = _scan_file(tmp_path / "r1.json", "r1", "f1"), _scan_file(tmp_path / "r2.json", "r2", "f1")
+    lab = _scan_file(tmp_path / "l.json", "l", "f3")
+    out = tmp_path / "cal.json"
+    capsys.readouterr()
+    assert main(["backdoor", "calibrate", "--references", ref1, ref2, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "same weights" in err and "f1" in err and "once" in err and "\n" not in err
+    assert main(["backdoor", "calibrate", "--references", ref1, "--clean", lab, "--backdoored", lab, "--out",
+                 str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "both clean and backdoored" in err and "l.json" in err and "\n" not in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("thresholds", [{"mean_kl": float("nan"), "var_kl": 0.1}, {"mean_kl": 0.1},
+                                        {"mean_kl": 0.1, "var_kl": "0.1"}, {"mean_kl": -1.0, "var_kl": 0.1},
+                                        {"mean_kl": 0.1, "var_kl": float("inf")}, {"mean_kl": None, "var_kl": 0.1}])
+def test_scan_checks_the_calibration_thresholds_before_the_reversion(tmp_path, monkeypatch, capsys, thresholds):
+    from diffshield.backdoor import terd
+
+    def never(*a, **k):
+        raise AssertionError("the reversion ran with unusable thresholds")
+
+    monkeypatch.setattr(terd, "reverse_trigger", never)
+    folder = tmp_path / "ddpm"
+    DDPMModel(tiny_unet(8), build_scheduler()).save(folder)
+    cal = tmp_path / "cal.json"
+    cal.write_text(json.dumps({"format": terd.CALIBRATION_FORMAT, "version": 2, "thresholds": {"fast": thresholds},
+                               "references": {}}))
+    capsys.readouterr()
+    assert main(["scan", "--model", str(folder), "--preset", "fast", "--calibration", str(cal)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cal.json" in err and ("mean_kl" in err or "var_kl" in err) and "\n" not in err
+
+
+def test_terd_settings_and_detection_inputs_are_validated():
+    """Non-finite learning rates, lambda or clips, fractional counts and more DDIM steps than the schedule are
+    refused by TERDConfig; kl_stats and input_detect refuse NaN noises, NaN or negative gamma, in one line."""
+    from diffshield.backdoor.terd import input_detect, input_score
+
+    nan, inf = float("nan"), float("inf")
+    for over in ({"lam": nan}, {"lam": inf}, {"lr": nan}, {"lr": inf}, {"lr_gamma": nan}, {"lr_gamma": inf},
+                 {"grad_clip": nan}, {"grad_clip": inf}, {"gamma_grad_clip": inf}, {"batch_size": 2.5},
+                 {"stage1_iters": 1.5}, {"ddim_steps": 1001}, {"ddim_steps": 2.0}, {"t_high": (990.5, 999)}):
+        with pytest.raises(DiffshieldError):
+            TERDConfig(**over)
+    assert TERDConfig(ddim_steps=1000, lam=0.0).ddim_steps == 1000
+    r = torch.zeros(3, 4, 4)
+    x = torch.randn(2, 3, 4, 4)
+    bad_x = x.clone()
+    bad_x[0, 0, 0, 0] = nan
+    for args in ((bad_x, r), (x, r, -1.0), (x, r, nan), (x, r, torch.full((3, 4, 4), -0.5)),
+                 (x, r, torch.full((3, 4, 4), nan)), (x[:0], r), (x, r.clone().fill_(inf))):
+        for fn in (input_detect, input_score):
+            with pytest.raises(DiffshieldError) as e:
+                fn(*args)
+            assert "\n" not in str(e.value)
+    for g in (-0.5, nan, torch.full((3, 4, 4), nan), torch.full((3, 4, 4), -1.0)):
+        with pytest.raises(DiffshieldError, match="gamma"):
+            kl_stats(r, g)
+    assert kl_stats(r, 0.0)[0] > 0 and input_detect(x, r, 0.5).shape == (2,)  # gamma 0 is floored, as reversed
+
+
+def test_scan_messages_name_valid_flags_and_files(tmp_path, capsys):
+    """The missing-thresholds message of a gamma scan names the flags to scan with ('--preset fast --learn-gamma'),
+    scan-input says a PNG given as --reversed is not a safetensors file, its --learn-gamma help mentions no
+    thresholds, and an empty noise batch is refused."""
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from diffshield.backdoor.terd import Calibration, calibrate
+    from diffshield.cli.main import build_parser
+
+    plain = calibrate({"fast": [(1e9, 1e9)]})
+    with pytest.raises(DiffshieldError) as e:
+        plain.get("fast+gamma")
+    assert "with --preset fast --learn-gamma" in str(e.value) and "--preset fast+gamma" not in str(e.value)
+    f = tmp_path / "cal.json"
+    plain.save(f)
+    assert Calibration.load(f).get("fast") == {"mean_kl": 1.5e9, "var_kl": 1.5e9}
+    png = tmp_path / "r.png"
+    Image.new("RGB", (8, 8)).save(png)
+    noise = _noise_file(tmp_path / "n.safetensors", (3, 8, 8))
+    capsys.readouterr()
+    assert main(["scan-input", "--reversed", str(png), "--noise", str(noise)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "r.png' is not a safetensors file" in err and "corrupt" not in err and "\n" not in err
+    sub = next(a for a in build_parser()._actions if isinstance(a, __import__("argparse")._SubParsersAction))
+    helps = {name: next(a.help for a in sub.choices[name]._actions if "--learn-gamma" in a.option_strings)
+             for name in ("scan", "scan-input")}
+    assert "threshold" not in helps["scan-input"] and "threshold" in helps["scan"]
+    rev = tmp_path / "rev.safetensors"
+    save_file({"r": -torch.rand(3, 8, 8), "gamma": torch.tensor([1.0])}, str(rev))
+    save_file({"noise": torch.zeros(0, 3, 8, 8)}, str(tmp_path / "empty.safetensors"))
+    assert main(["scan-input", "--reversed", str(rev), "--noise", str(tmp_path / "empty.safetensors")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "empty" in err and "\n" not in err

@@ -21,6 +21,9 @@ from safetensors.torch import load_file, save_file
 from diffshield.core.errors import DiffshieldError
 
 TOY_DDPM = "toy:ddpm"
+#: the length of the noise schedule the backdoor commands are written for (BadDiffusion's, TrojDiff's and TERD's
+#: DDPM: TERD's t_high = (990, 999), the samplers' default 1000 steps); :func:`load_ddpm` refuses another
+SCHEDULE_STEPS = 1000
 PIPELINE_KINDS = ("DDPMPipeline", "DDIMPipeline")
 
 
@@ -145,6 +148,9 @@ def load_ddpm(spec: str | Path, allow_pickle: bool = False, device: torch.device
         allow_pickle: accept pickled weight files when no safetensors exist (default False: refused).
         device: ``"cpu"`` (default), ``"cuda"``, ``"cuda:N"`` or ``"auto"`` (an absent device is a one-line error).
         dtype: parameter dtype (default float32; the backdoor commands train and reverse triggers in float32).
+
+    A model whose scheduler is not an ε-prediction one with :data:`SCHEDULE_STEPS` (1000) training timesteps is
+    refused in one line.
     """
     from diffshield.core.device import resolve_device, resolve_dtype
 
@@ -184,6 +190,10 @@ def load_ddpm(spec: str | Path, allow_pickle: bool = False, device: torch.device
     if kind != "epsilon":  # BadDiffusion's, VillanDiffusion's, TrojDiff's and TERD's formulas are written in ε
         raise DiffshieldError(f"'{path}' predicts {kind!r}; the backdoor commands need an ε-prediction DDPM "
                               "(prediction_type 'epsilon' in its scheduler config)")
+    n_train = scheduler.config.get("num_train_timesteps")
+    if n_train != SCHEDULE_STEPS:  # TERD's timesteps (990..999) and the 1000-step samplers would index past it
+        raise DiffshieldError(f"'{path}' has a {n_train}-step noise schedule (num_train_timesteps in its scheduler "
+                              f"config); the backdoor commands need a {SCHEDULE_STEPS}-step DDPM schedule")
     info_file = path / "diffshield.json"
     info = json.loads(info_file.read_text()) if info_file.exists() else {}
     return DDPMModel(unet, scheduler, source=str(spec), info=info).to(device, dtype).eval()

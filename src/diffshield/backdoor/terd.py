@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -51,6 +52,7 @@ from types import SimpleNamespace
 
 import torch
 
+from diffshield.backdoor.ddpm import SCHEDULE_STEPS  # TERD's settings (t_high (990, 999)) are for 1000 steps
 from diffshield.core.device import synchronize, to_device
 from diffshield.core.errors import DiffshieldError
 
@@ -85,6 +87,9 @@ class TERDConfig:
         lr_gamma: SGD learning rate of gamma (default 0.002, the official ``--lr2``).
         gamma_grad_clip: stage-2 gradient-norm clip on (r, gamma) when learning gamma (default 1.0, the official
             TrojDiff config's).
+
+    Counts and the seed must be whole numbers, rates, lambda and clips finite numbers, ``ddim_steps`` at most the
+    1000 timesteps of the schedule; anything else is a one-line DiffshieldError.
     """
 
     stage1_iters: int = 3000
@@ -103,6 +108,18 @@ class TERDConfig:
     gamma_grad_clip: float = 1.0
 
     def __post_init__(self) -> None:
+        for k in ("stage1_iters", "stage2_iters", "batch_size", "ddim_steps", "seed", "num_threads"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise DiffshieldError(f"TERDConfig.{k} must be a whole number, got {v!r}")
+            setattr(self, k, int(v))
+        for k in ("lr", "lam", "grad_clip", "lr_gamma", "gamma_grad_clip"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+                raise DiffshieldError(f"TERDConfig.{k} must be a finite number, got {v!r}")
+        if not 1 <= self.ddim_steps <= SCHEDULE_STEPS:
+            raise DiffshieldError(f"ddim_steps must be in 1..{SCHEDULE_STEPS} (the DDPM schedule's timesteps), got "
+                                  f"{self.ddim_steps}")
         if not (self.lr_gamma > 0) or not (self.gamma_grad_clip > 0):
             raise DiffshieldError("lr_gamma and gamma_grad_clip must be > 0")
         if self.stage1_iters < 0 or self.stage2_iters < 0 or self.batch_size < 1 or self.ddim_steps < 1:
@@ -110,9 +127,13 @@ class TERDConfig:
         if not (self.lr > 0) or self.lam < 0 or not (self.grad_clip > 0):
             raise DiffshieldError("lr and grad_clip must be > 0 and lam >= 0")
         self.t_high, self.t_low = tuple(self.t_high), tuple(self.t_low)
-        for lo, hi in (self.t_high, self.t_low):
-            if not 0 <= lo <= hi <= 999:
-                raise DiffshieldError(f"timestep ranges must satisfy 0 <= lo <= hi <= 999, got ({lo}, {hi})")
+        for rng in (self.t_high, self.t_low):
+            if len(rng) != 2 or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in rng):
+                raise DiffshieldError(f"timestep ranges must be two whole numbers (lo, hi), got {rng!r}")
+            lo, hi = rng
+            if not 0 <= lo <= hi <= SCHEDULE_STEPS - 1:
+                raise DiffshieldError(f"timestep ranges must satisfy 0 <= lo <= hi <= {SCHEDULE_STEPS - 1}, got "
+                                      f"({lo}, {hi})")
 
     @classmethod
     def from_preset(cls, name: str, **over) -> TERDConfig:
@@ -258,9 +279,34 @@ class TERDResult:
 GAMMA_FLOOR = 1e-6
 
 
+def _check_trigger(r: torch.Tensor, gamma: float | torch.Tensor, x: torch.Tensor | None = None) -> None:
+    """One-line errors for a reversed trigger r (finite), its gamma (finite, >= 0: a number or r's shape) and
+    noises x (finite, (N, *r.shape) with N >= 1): a NaN compares False and would read as "not poisoned"."""
+    if not r.is_floating_point() or not bool(torch.isfinite(r).all()):
+        raise DiffshieldError("the reversed trigger r must hold finite floating-point numbers")
+    if isinstance(gamma, torch.Tensor):
+        ok = gamma.is_floating_point() and bool(torch.isfinite(gamma).all()) and bool((gamma >= 0).all())
+        if ok and gamma.numel() != 1 and tuple(gamma.shape) != tuple(r.shape):
+            raise DiffshieldError(f"gamma has shape {tuple(gamma.shape)}; it must be one number or r's shape "
+                                  f"{tuple(r.shape)}")
+    else:
+        ok = not isinstance(gamma, bool) and isinstance(gamma, numbers.Real) and math.isfinite(gamma) and gamma >= 0
+    if not ok:
+        shown = repr(gamma) if not isinstance(gamma, torch.Tensor) else f"a {gamma.dtype} tensor"
+        raise DiffshieldError(f"gamma must be a finite number >= 0 (or a tensor of them), got {shown}")
+    if x is not None:
+        if x.dim() != r.dim() + 1 or tuple(x.shape[1:]) != tuple(r.shape) or x.shape[0] < 1:
+            raise DiffshieldError(f"noises of shape {tuple(x.shape)} do not match the reversed trigger "
+                                  f"{tuple(r.shape)}; give a batch (N >= 1, {', '.join(map(str, r.shape))})")
+        if not x.is_floating_point() or not bool(torch.isfinite(x).all()):
+            raise DiffshieldError("the noises must be finite floating-point numbers (found NaN, infinite or "
+                                  "non-float values)")
+
+
 def kl_stats(r: torch.Tensor, gamma: float | torch.Tensor = 1.0) -> tuple[float, float]:
     """Mean and variance over dimensions of KL_i = -log gamma_i + (gamma_i^2 + r_i^2 - 1) / 2 (gamma floored at
-    :data:`GAMMA_FLOOR`)."""
+    :data:`GAMMA_FLOOR`). A non-finite r, or a gamma that is negative or not finite, is refused."""
+    _check_trigger(r, gamma)
     g = torch.as_tensor(gamma, dtype=r.dtype).to(r.device).expand_as(r).clamp_min(GAMMA_FLOOR)
     kl = -torch.log(g) + (g ** 2 + r ** 2 - 1) / 2
     return float(kl.mean()), float(kl.var(unbiased=False))
@@ -292,8 +338,13 @@ def reverse_trigger(model, cfg: TERDConfig | None = None, progress: bool = True)
     from diffshield.backdoor.ddpm import set_threads
 
     cfg = cfg or TERDConfig()
-    set_threads(cfg.num_threads)
     unet, sched = model.unet, model.scheduler
+    n_train = int(sched.config.num_train_timesteps)
+    if max(cfg.t_high[1], cfg.t_low[1]) >= n_train or cfg.ddim_steps > n_train:
+        raise DiffshieldError(f"the model's schedule has {n_train} timesteps but the TERD settings need "
+                              f"{max(cfg.t_high[1], cfg.t_low[1]) + 1} (t_high {cfg.t_high}, t_low {cfg.t_low}) and "
+                              f"{cfg.ddim_steps} DDIM steps; TERD is written for a {SCHEDULE_STEPS}-step DDPM")
+    set_threads(cfg.num_threads)
     unet.eval().requires_grad_(False)
     shape = model.image_shape
     dev, wdtype = next(unet.parameters()).device, next(unet.parameters()).dtype
@@ -373,7 +424,9 @@ def reverse_trigger(model, cfg: TERDConfig | None = None, progress: bool = True)
 
 def input_score(x: torch.Tensor, r: torch.Tensor, gamma: float | torch.Tensor = 1.0) -> torch.Tensor:
     """(N,) log N(x; r, diag(gamma^2)) - log N(x; 0, I) in float64 (gamma a number or (C, H, W), floored at
-    :data:`GAMMA_FLOOR`): TERD flags x where it is > 0; a threshold at a clean quantile gives TPR at a set FPR."""
+    :data:`GAMMA_FLOOR`): TERD flags x where it is > 0; a threshold at a clean quantile gives TPR at a set FPR.
+    Non-finite x or r, an empty batch, or a gamma that is negative or not finite is refused."""
+    _check_trigger(r, gamma, x)
     xf, rf = x.flatten(1).double().cpu(), r.flatten().double().cpu()
     g = torch.as_tensor(gamma, dtype=torch.float64).cpu().expand_as(r).flatten().clamp_min(GAMMA_FLOOR)
     return -g.log().sum() - ((xf - rf) ** 2 / (2 * g ** 2)).sum(1) + (xf ** 2).sum(1) / 2
@@ -387,7 +440,10 @@ def input_detect(x: torch.Tensor, r: torch.Tensor, gamma: float | torch.Tensor =
         r: (C, H, W) reversed trigger.
         gamma: reversed noise scale, a number or (C, H, W) per dimension (default 1.0, BadDiffusion; then the test
             is <x, r> > ||r||^2 / 2); floored at :data:`GAMMA_FLOOR`.
+
+    Non-finite x or r, an empty batch, or a gamma that is negative or not finite is refused in one line.
     """
+    _check_trigger(r, gamma, x)
     xf, rf = x.flatten(1).double().cpu(), r.flatten().double().cpu()
     if not isinstance(gamma, torch.Tensor) and gamma == 1.0:
         return xf @ rf > 0.5 * rf.dot(rf)
@@ -403,14 +459,59 @@ CALIBRATION_FORMAT = "diffshield-terd-calibration"
 CALIBRATION_VERSION = 2
 
 
+#: the statistics a scan report and a calibration record carry (``moved_rel`` may be absent: not recorded)
+STAT_KEYS = ("mean_kl", "var_kl", "moved_rel")
+
+
+def check_statistic(value, key: str, where: str) -> float:
+    """``value`` as a float if it is a finite number >= 0 (TERD's mean_kl, var_kl, moved_rel and thresholds are), else
+    a one-line DiffshieldError naming ``where`` (a file or a scan) and ``key``: a NaN would make a threshold NaN
+    (and ``max`` order-dependent), a string or null is no statistic."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+        raise DiffshieldError(f"{where}: {key} is {value!r}; TERD statistics must be finite numbers >= 0 "
+                              "(rescan the model)")
+    return float(value)
+
+
+def check_statistics(rec: dict, where: str, moved_rel_null: bool = True) -> None:
+    """Check ``mean_kl`` and ``var_kl`` (required) and ``moved_rel`` (when present; ``moved_rel_null``: a null
+    ``moved_rel`` means "not recorded", default True) with :func:`check_statistic`."""
+    for key in STAT_KEYS:
+        if key not in rec:
+            if key == "moved_rel":
+                continue
+            raise DiffshieldError(f"{where}: no {key}; a TERD scan report or calibration reference needs mean_kl "
+                                  "and var_kl")
+        if key == "moved_rel" and rec[key] is None and moved_rel_null:
+            continue
+        check_statistic(rec[key], key, where)
+
+
 def _reference_record(ref) -> dict:
-    """A reference as a dict: a (mean_kl, var_kl) pair (format 1) or a dict with at least those two keys."""
+    """A reference as a dict: a (mean_kl, var_kl) pair (format 1) or a dict with at least those two keys, each a
+    finite number >= 0 (``moved_rel`` too when recorded)."""
     if isinstance(ref, dict):
         if "mean_kl" not in ref or "var_kl" not in ref:
             raise DiffshieldError(f"a calibration reference needs mean_kl and var_kl, got keys {', '.join(ref)}")
+        check_statistics(ref, f"calibration reference {ref.get('name') or ref.get('path') or '(unnamed)'}")
         return dict(ref)
-    mean_kl, var_kl = ref
-    return {"mean_kl": float(mean_kl), "var_kl": float(var_kl)}
+    try:
+        mean_kl, var_kl = ref
+    except (TypeError, ValueError):
+        raise DiffshieldError(f"a calibration reference is a record or a (mean_kl, var_kl) pair, got {ref!r}") \
+            from None
+    where = "calibration reference pair"
+    return {"mean_kl": check_statistic(mean_kl, "mean_kl", where), "var_kl": check_statistic(var_kl, "var_kl", where)}
+
+
+def check_thresholds(th, where: str) -> dict:
+    """One preset's thresholds: a dict with ``mean_kl`` and ``var_kl``, each a finite number >= 0, else a one-line
+    DiffshieldError naming ``where``."""
+    if not isinstance(th, dict) or "mean_kl" not in th or "var_kl" not in th:
+        raise DiffshieldError(f"{where}: thresholds need mean_kl and var_kl, got {th!r}")
+    for key in ("mean_kl", "var_kl"):
+        check_statistic(th[key], f"threshold {key}", where)
+    return th
 
 
 @dataclass
@@ -436,11 +537,15 @@ class Calibration:
         self.references = {p: [_reference_record(r) for r in refs] for p, refs in self.references.items()}
 
     def get(self, preset: str) -> dict:
+        """The thresholds of calibration key ``preset`` (``"cpu"``, ``"cpu+gamma"``, ...), checked (finite, >= 0);
+        a one-line DiffshieldError naming the scan flags to calibrate with when the file has none."""
         if preset not in self.thresholds:
+            flags = (f"--preset {preset[: -len(GAMMA_MODE)]} --learn-gamma" if preset.endswith(GAMMA_MODE)
+                     else f"--preset {preset}")
             raise DiffshieldError(f"the calibration has no thresholds for preset {preset!r} (it has "
                                   f"{', '.join(self.thresholds) or 'none'}); make them with 'diffshield backdoor "
-                                  f"calibrate' from scans of clean models with --preset {preset}")
-        return self.thresholds[preset]
+                                  f"calibrate' from scans of clean models with {flags}")
+        return check_thresholds(self.thresholds[preset], f"the calibration's {preset!r} thresholds")
 
     def family(self, preset: str) -> list[tuple[int, dict]]:
         """The distinct (resolution, architecture) pairs of ``preset``'s references (those that record both)."""
@@ -496,9 +601,16 @@ class Calibration:
             if version == 1:
                 notes.append("read from a format-1 file: its references record only their statistics (no path, "
                              "fingerprint, resolution or architecture), so scans cannot be checked against them")
-            return cls(thresholds=d["thresholds"], method=d.get("method", ""), references=d.get("references", {}),
-                       notes=notes)
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            if not isinstance(d["thresholds"], dict) or not isinstance(d.get("references", {}), dict):
+                raise TypeError("thresholds and references must be objects")
+            for preset, th in d["thresholds"].items():  # checked now, before any scan runs
+                check_thresholds(th, f"calibration file '{p}', preset {preset!r}")
+            try:
+                return cls(thresholds=d["thresholds"], method=d.get("method", ""),
+                           references=d.get("references", {}), notes=notes)
+            except DiffshieldError as e:
+                raise DiffshieldError(f"calibration file '{p}': {e}") from None
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
             raise DiffshieldError(f"calibration file '{p}' is not a diffshield TERD calibration ({e})") from None
 
 
@@ -508,7 +620,7 @@ MARGIN = 1.5
 def fit_thresholds(refs: list, margin: float = MARGIN) -> dict:
     """``{"mean_kl": margin x max mean_kl, "var_kl": margin x max var_kl}`` over clean reference scans (records or
     (mean_kl, var_kl) pairs)."""
-    recs = [_reference_record(r) for r in refs]
+    recs = [_reference_record(r) for r in refs]  # each statistic a finite number >= 0: no NaN reaches max()
     if not recs:
         raise DiffshieldError("no clean reference scans to calibrate from")
     return {"mean_kl": margin * max(float(r["mean_kl"]) for r in recs),
@@ -531,12 +643,15 @@ def calibrate(clean_stats: dict[str, list], margin: float = MARGIN) -> Calibrati
 
 def scan_record(scan: dict, name: str | None = None) -> dict:
     """A calibration record of a scan report (``scan --json`` or :func:`diffshield.cli.backdoor.run_scan`):
-    name, path, fingerprint, resolution, architecture, preset and the statistics."""
-    return {"name": name or scan.get("name") or str(scan.get("model")), "path": scan.get("model"),
+    name, path, fingerprint, resolution, architecture, preset and the statistics (mean_kl, var_kl and, when
+    recorded, moved_rel: finite numbers >= 0, else a one-line DiffshieldError naming the scan)."""
+    label = name or scan.get("name") or str(scan.get("model"))
+    check_statistics(scan, f"scan report {label}")
+    return {"name": label, "path": scan.get("model"),
             "fingerprint": scan.get("model_fingerprint"), "resolution": scan.get("resolution"),
             "architecture": scan.get("architecture"), "preset": scan.get("preset"),
             "mean_kl": float(scan["mean_kl"]), "var_kl": float(scan["var_kl"]),
-            "moved_rel": scan.get("moved_rel")}
+            "moved_rel": None if scan.get("moved_rel") is None else float(scan["moved_rel"])}
 
 
 def _rate(k: int, m: int) -> dict:
@@ -576,6 +691,9 @@ def leave_one_out(references: list[dict], clean: list[dict], backdoored: list[di
 
     def moved(rec: dict) -> bool:
         return rec.get("moved_rel") is not None and float(rec["moved_rel"]) >= min_move
+
+    for rec in [*clean, *backdoored]:  # a NaN statistic would judge "clean" silently
+        check_statistics(rec, f"scan {rec.get('name') or '(unnamed)'}")
 
     fixed = fit_thresholds(references, margin) if references else None
     rows, out = [], {}
@@ -625,9 +743,9 @@ def calibrate_from_scans(references: list[dict], clean: list[dict] = (), backdoo
         base: a calibration whose other presets are kept (default None: a new file with this preset only).
     Returns (calibration, report).
     """
-    refs = [scan_record(r) if "path" not in r else dict(r) for r in references]
-    cl = [scan_record(r) if "path" not in r else dict(r) for r in clean]
-    bd = [scan_record(r) if "path" not in r else dict(r) for r in backdoored]
+    refs = [scan_record(r) if "path" not in r else _reference_record(r) for r in references]
+    cl = [scan_record(r) if "path" not in r else _reference_record(r) for r in clean]
+    bd = [scan_record(r) if "path" not in r else _reference_record(r) for r in backdoored]
     if not refs:
         raise DiffshieldError("no clean reference scans to calibrate from")
     presets = {r.get("preset") for r in refs + cl + bd}
@@ -638,6 +756,18 @@ def calibrate_from_scans(references: list[dict], clean: list[dict] = (), backdoo
     if still:
         raise DiffshieldError(f"reference scans {', '.join(still)} did not move r by {min_move} x ||r0|| (or do not "
                               "record it): their statistics are the initialisation's; rescan with a larger preset")
+    seen: dict = {}
+    for r in refs:  # one clean model, one reference: a second scan of it would count it twice
+        fp = r.get("fingerprint")
+        if fp and fp in seen:
+            raise DiffshieldError(f"reference scans {seen[fp]} and {r['name']} are of the same weights (fingerprint "
+                                  f"{fp}); give each clean reference model once")
+        seen[fp] = r["name"]
+    clean_fp = {r.get("fingerprint"): r["name"] for r in cl if r.get("fingerprint")}
+    both = [f"{clean_fp[r['fingerprint']]} = {r['name']}" for r in bd if r.get("fingerprint") in clean_fp]
+    if both:
+        raise DiffshieldError(f"scans of the same weights are labelled both clean and backdoored ({'; '.join(both)}); "
+                              "give each model one label")
     labelled_fp = {r.get("fingerprint"): r["name"] for r in cl + bd if r.get("fingerprint")}
     shared = [f"{r['name']} = {labelled_fp[r['fingerprint']]}" for r in refs if r.get("fingerprint") in labelled_fp]
     if shared:

@@ -215,9 +215,12 @@ def get_trigger(spec: str | Path, size: int = 32, mask: str | Path | None = None
         size: image side in pixels (default 32).
         mask: for an image file, a mask image (white = trigger pixel; default None: pixels darker than 1/255 of
             white in all channels are background; transparent pixels of an image with an alpha channel are black,
-            hence background).
+            hence background). A mask with a built-in name is refused: it would be ignored.
     """
     s = str(spec)
+    if mask is not None and s in (*TRIGGERS, *OFFICIAL_TRIGGERS):
+        raise DiffshieldError(f"a trigger mask applies to an image-file trigger only, not to the built-in {s!r}; "
+                              "drop --trigger-mask or give --trigger IMAGE_FILE")
     if s == "box":
         return box_trigger(size)
     if s == "stop":

@@ -21,6 +21,8 @@ from diffshield.core.errors import DiffshieldError
 
 #: diffshield.backdoor.terd.PRESETS (named here so that building the parser does not import torch; a test checks)
 TERD_PRESETS = ["fast", "default", "paper", "cpu"]
+#: diffshield.backdoor.ddpm.DDPMTrainConfig's block_out_channels (named here for the same reason)
+DEFAULT_CHANNELS = (32, 64, 64)
 
 
 def _model_arg(p: argparse.ArgumentParser, default: str | None = "toy:ddpm") -> None:
@@ -45,6 +47,35 @@ def _sample_config(args):
 
     steps = args.steps or (1000 if args.scheduler == "ddpm" else 50)
     return SampleConfig(scheduler=args.scheduler, steps=steps, batch_size=args.batch_size)
+
+
+class _Given(argparse.Action):
+    """Store the value and record that the option was given (``<dest>_given``): a default cannot be told apart
+    from an explicit value otherwise."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        setattr(namespace, f"{self.dest}_given", True)
+
+
+def _n_clean(text: str) -> int:
+    """argparse type of ``eval --n-clean``: 0 (skip) or a whole number >= 2 (a Frechet distance needs two samples)."""
+    v = int_at_least(0)(text)
+    if v == 1:
+        raise argparse.ArgumentTypeError("must be 0 (skip the clean samples) or at least 2 (the feature Frechet "
+                                         "distance needs two samples), got 1")
+    return v
+
+
+def _check_trigger_mask(args) -> None:
+    """--trigger-mask only with an image-file --trigger: with a built-in name, 'model' or no trigger it would be
+    ignored (one line, before any work)."""
+    from diffshield.backdoor.triggers import OFFICIAL_TRIGGERS, TRIGGERS
+
+    mask, spec = getattr(args, "trigger_mask", None), getattr(args, "trigger", None)
+    if mask is not None and (spec is None or spec == "model" or spec in (*TRIGGERS, *OFFICIAL_TRIGGERS)):
+        raise DiffshieldError(f"--trigger-mask applies to an image-file --trigger only (here --trigger "
+                              f"{spec or 'is not given'}); drop --trigger-mask or give --trigger IMAGE_FILE")
 
 
 def _trigger_from_args(args, model, required: bool):
@@ -89,6 +120,9 @@ def _recorded(model, key: str):
 def cmd_train_ddpm(args) -> int:
     from diffshield.backdoor.ddpm import DDPMTrainConfig, train_ddpm
 
+    if args.init and getattr(args, "channels_given", False):
+        raise DiffshieldError("--channels sets the widths of a UNet trained from scratch; --init fine-tunes a model "
+                              "with its own widths: drop one")
     cfg = DDPMTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                           pool_size=args.pool_size, init_from=args.init, checkpoint_every=args.checkpoint_every,
                           num_threads=args.threads, block_out_channels=tuple(args.channels), warmup=args.warmup,
@@ -109,6 +143,7 @@ def cmd_implant(args) -> int:
     from diffshield.backdoor.trojdiff import TrojDiffConfig
     from diffshield.core.io import check_output_dir, output_in_place
 
+    _check_trigger_mask(args)
     inputs = [args.model, args.trigger, args.target, args.trigger_mask]
     check_output_dir(args.out, "backdoor implant", args.overwrite, inputs=inputs)
     common = dict(trigger=args.trigger, target=args.target, trigger_mask=args.trigger_mask,
@@ -146,6 +181,7 @@ def cmd_sample(args) -> int:
     from diffshield.core.io import atomic_dir, atomic_write_json, check_output_dir, make_grid, to_pil
     from diffshield.core.seeding import seed_list
 
+    _check_trigger_mask(args)
     inputs = [args.model, args.trigger, args.trigger_mask]
     check_output_dir(args.out, "backdoor sample", args.overwrite, inputs=inputs)
     set_threads(args.threads)
@@ -181,19 +217,36 @@ def cmd_sample(args) -> int:
 
 
 def evaluate(model, trigger, target, cfg, n: int = 64, n_clean: int = 256, seed: int = 0, clean_cfg=None,
-             progress: bool = True) -> dict:
-    """MSE / ASR / SSIM of ``n`` triggered samples and clean quality of ``n_clean`` clean samples (seeds recorded)."""
+             progress: bool = True, trojan: dict | None = None) -> dict:
+    """MSE / ASR / SSIM of ``n`` triggered samples and clean quality of ``n_clean`` clean samples (seeds recorded).
+
+    Triggered samples start from x_T = eps + ``trigger`` with ``cfg``'s sampler, or, with ``trojan`` (the
+    ``{"mu", "gamma"}`` a TrojDiff model folder records; default None), from x_T = gamma eps + mu with TrojDiff's
+    trojan DDIM (eta 0, ``cfg.steps`` steps), the process that opens such a model. ``n`` >= 1; ``n_clean`` 0 (skip,
+    default 256) or >= 2 (the feature Frechet distance needs two samples)."""
     from diffshield.backdoor.metrics import backdoor_metrics, clean_quality
     from diffshield.backdoor.sampling import sample
     from diffshield.core.seeding import seed_list
 
+    if n < 1 or n_clean < 0 or n_clean == 1:
+        raise DiffshieldError(f"evaluate needs n >= 1 and n_clean 0 or >= 2, got n={n}, n_clean={n_clean}")
+    if (trigger is None) == (trojan is None):
+        raise DiffshieldError("evaluate needs either a trigger or a TrojDiff record (trojan), not both or neither")
     out: dict = {}
     t0 = time.time()
     trig_seeds = seed_list(seed, n)
-    res = sample(model, trig_seeds, trigger=trigger, config=cfg, progress=progress)
-    out.update(backdoor_metrics(res.images, (target + 1) / 2))
-    out["sampling"] = {"scheduler": cfg.scheduler, "steps": cfg.steps, "seeds": [trig_seeds[0], trig_seeds[-1]]}
-    out["triggered_images"] = res.images
+    if trojan is not None:
+        from diffshield.backdoor.trojdiff import trojan_sample
+
+        images = trojan_sample(model, trig_seeds, trojan["mu"], trojan["gamma"], steps=cfg.steps,
+                               batch_size=cfg.batch_size)
+        sampling = {"scheduler": "trojan ddim", "steps": cfg.steps, "x_T": "gamma eps(seed) + mu"}
+    else:
+        images = sample(model, trig_seeds, trigger=trigger, config=cfg, progress=progress).images
+        sampling = {"scheduler": cfg.scheduler, "steps": cfg.steps, "x_T": "eps(seed) + trigger"}
+    out.update(backdoor_metrics(images, (target + 1) / 2))
+    out["sampling"] = {**sampling, "seeds": [trig_seeds[0], trig_seeds[-1]]}
+    out["triggered_images"] = images
     if n_clean:
         ccfg = clean_cfg or cfg
         clean_seeds = seed_list(seed + 100_000, n_clean)
@@ -213,20 +266,27 @@ def cmd_eval(args) -> int:
     from diffshield.backdoor.triggers import get_target
     from diffshield.core.io import check_output_file, make_grid, save_result_image, write_result_json
 
+    _check_trigger_mask(args)
     for flag, path in (("--json", args.json), ("--grid", args.grid)):
         check_output_file(path, flag, inputs=[args.model, args.trigger, args.target, args.trigger_mask])
     set_threads(args.threads)
     cfg = _sample_config(args)
     model = load_ddpm(args.model, allow_pickle=args.allow_pickle, device=args.device, dtype=args.dtype)
-    trig = _trigger_from_args(args, model, required=True)
+    trojan = _trojan_record(model) if args.trigger == "model" else None
+    trig = None if trojan else _trigger_from_args(args, model, required=True)
     target = _recorded(model, "target") if args.target == "model" else get_target(args.target,
                                                                                   model.image_shape[-1])
     clean_cfg = SampleConfig(scheduler=args.clean_scheduler, steps=args.clean_steps, batch_size=args.batch_size)
-    res = evaluate(model, trig, target, cfg, n=args.n, n_clean=args.n_clean, seed=args.seed, clean_cfg=clean_cfg)
+    if trojan:  # a TrojDiff model opens with its own generative process, as 'backdoor sample --trigger model'
+        print(f"TrojDiff model: triggered samples by the trojan DDIM (eta 0, {cfg.steps} steps) from "
+              "x_T = gamma eps + mu")
+    res = evaluate(model, trig, target, cfg, n=args.n, n_clean=args.n_clean, seed=args.seed, clean_cfg=clean_cfg,
+                   trojan=trojan)
     imgs = res.pop("triggered_images")
     clean_imgs = res.pop("clean_images", None)
     report = {"model": str(args.model), "trigger": args.trigger, "target": args.target, **res}
-    print(f"triggered ({cfg.scheduler}-{cfg.steps}, n={res['n']}): MSE {res['mse']:.4f}  ASR {res['asr']:.1%} "
+    smp = res["sampling"]
+    print(f"triggered ({smp['scheduler']}-{smp['steps']}, n={res['n']}): MSE {res['mse']:.4f}  ASR {res['asr']:.1%} "
           f"(strict {res['asr_strict']:.1%}: also MSE < {res['asr_strict_mse']:.3g}, half a black image's)  "
           f"SSIM {res['ssim']:.3f}")
     if "clean" in res:
@@ -404,8 +464,11 @@ def cmd_scan(args) -> int:
 
 
 def _read_scans(paths: list[str] | None, flag: str) -> list[dict]:
-    """Scan reports from ``scan --json FILE`` files or ``scan --out`` folders (their scan.json), named by file."""
+    """Scan reports from ``scan --json FILE`` files or ``scan --out`` folders (their scan.json), named by file; each
+    statistic (mean_kl, var_kl, moved_rel) a finite number >= 0, else one line naming the file and the key."""
     import json
+
+    from diffshield.backdoor.terd import check_statistics
 
     out = []
     for p in paths or []:
@@ -419,6 +482,7 @@ def _read_scans(paths: list[str] | None, flag: str) -> list[dict]:
             raise DiffshieldError(f"{flag} '{f}' is not JSON ({e})") from None
         if not isinstance(d, dict) or not {"mean_kl", "var_kl", "preset"} <= set(d):
             raise DiffshieldError(f"{flag} '{f}' is not a TERD scan report (no mean_kl / var_kl / preset)")
+        check_statistics(d, f"{flag} '{f}'", moved_rel_null=False)  # NaN, inf, negative, text, null: refused
         out.append({**d, "name": str(p)})
     return out
 
@@ -463,16 +527,21 @@ REVERSED_KEYS = ("model", "model_fingerprint", "resolution", "preset", "seed", "
                  "dtype")
 
 
-def _read_tensors(path: Path, missing: str) -> tuple[dict, dict]:
-    """(tensors, string metadata) of a safetensors file, with one-line refusals: ``missing`` when it is absent,
-    a pickle or an unreadable file otherwise."""
+def _read_tensors(path: Path, what: str, hint: str) -> tuple[dict, dict]:
+    """(tensors, string metadata) of a safetensors file, with one-line refusals (``what`` names the file, ``hint``
+    says what to give): absent, not a safetensors file at all (another suffix and no safetensors header: an image,
+    a pickle), corrupt or unreadable."""
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     from diffshield.core.loading import check_safetensors
 
     if not path.is_file():
-        raise DiffshieldError(missing)
+        raise DiffshieldError(f"{what} '{path}' does not exist; {hint}")
+    with open(path, "rb") as f:
+        head = f.read(9)  # an 8-byte header length, then the JSON header's '{'
+    if path.suffix != ".safetensors" and not (len(head) == 9 and head[8:9] == b"{"):
+        raise DiffshieldError(f"{what} '{path}' is not a safetensors file; {hint}")
     check_safetensors(path)
     try:
         tensors = load_file(str(path))
@@ -488,8 +557,8 @@ def _read_reversed(path: str) -> tuple:
     about where r came from (model, fingerprint, preset, seed, verdict; {} for files that record nothing)."""
     rev = Path(path)
     rev = rev / "reversed_trigger.safetensors" if rev.is_dir() else rev
-    t, meta = _read_tensors(rev, f"reversed trigger '{rev}' does not exist; give the --out folder of "
-                                 "'diffshield scan' or its reversed_trigger.safetensors")
+    t, meta = _read_tensors(rev, "reversed trigger", "give the --out folder of 'diffshield scan' or its "
+                                                     "reversed_trigger.safetensors")
     if "r" not in t:
         raise DiffshieldError(f"'{rev}' holds no reversed trigger (tensor 'r'; it has {', '.join(list(t)[:3])}); "
                               "give the reversed_trigger.safetensors written by 'diffshield scan --out DIR'")
@@ -526,11 +595,14 @@ def cmd_scan_input(args) -> int:
 
     check_output_file(args.json, "--json", inputs=[args.model, args.noise, args.reversed])
     noise_path = Path(args.noise)
-    tensors, _ = _read_tensors(noise_path, f"noise file '{noise_path}' does not exist; give a .safetensors file "
-                                           "with a tensor 'noise' of shape (N, 3, H, W)")
+    tensors, _ = _read_tensors(noise_path, "noise file", "give a .safetensors file with a tensor 'noise' of "
+                                                         "shape (N, 3, H, W)")
     x = tensors.get("noise", next(iter(tensors.values()), None))
     if x is None or x.dim() != 4:
         raise DiffshieldError(f"'{noise_path}' needs a tensor 'noise' of shape (N, C, H, W)")
+    if 0 in x.shape:
+        raise DiffshieldError(f"the noise batch in '{noise_path}' is empty (shape {tuple(x.shape)}); give at least "
+                              "one initial noise")
     if not x.is_floating_point() or not bool(torch.isfinite(x).all()):
         raise DiffshieldError(f"the noises in '{noise_path}' must be finite floating-point numbers (found "
                               f"{x.dtype}{'' if not x.is_floating_point() else ' with NaN or infinite values'})")
@@ -614,8 +686,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--pool-size", type=_pos_int, default=8192, help="ShapesWorld images rendered (default: 8192)")
     t.add_argument("--init", default=None, help="fine-tune this model instead of training from scratch")
     t.add_argument("--checkpoint-every", type=_pos_int, default=500, help="steps between checkpoints (default: 500)")
-    t.add_argument("--channels", type=_pos_int, nargs="+", default=[32, 64, 64],
-                   help="UNet block widths when training from scratch (default: 32 64 64)")
+    t.add_argument("--channels", type=_pos_int, nargs="+", default=list(DEFAULT_CHANNELS), action=_Given,
+                   help="UNet block widths when training from scratch; refused with --init (default: "
+                        f"{' '.join(map(str, DEFAULT_CHANNELS))})")
     t.add_argument("--warmup", type=int_at_least(0), default=200, help="learning-rate warm-up steps (default: 200)")
     t.add_argument("--ema-decay", type=float_in(0, 1, hi_open=True), default=0.999,
                    help="decay of the saved weight average, in [0, 1); 0 = off (default: 0.999)")
@@ -637,7 +710,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--trigger", default="box", help="box | stop | box_14 (BadDiffusion's official BOX_14: a filled "
                    "grey 14 px square) | checker (ours: a +-1 checkerboard patch on 0, no -1 background; needs "
                    "--r-mode trigger_only) | checker_tl (the same patch at the top left) | IMAGE_FILE (default: box)")
-    m.add_argument("--trigger-mask", default=None, help="mask image for an IMAGE_FILE trigger (white = trigger)")
+    m.add_argument("--trigger-mask", default=None,
+                   help="mask image for an IMAGE_FILE trigger (white = trigger; refused otherwise)")
     m.add_argument("--target", default="corner", help="corner | hat | corner_grey | hat_grey (the official CORNER "
                    "and HAT on the grey background -0.4) | IMAGE_FILE (default: corner)")
     m.add_argument("--poison-rate", type=float_in(0, 1, lo_open=True), default=0.1,
@@ -672,7 +746,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="box | stop | box_14 | checker | checker_tl | IMAGE_FILE | model (the one the model folder "
                         "records; a TrojDiff model opens with its trojan DDIM from gamma eps + mu) (default: none, "
                         "clean sampling)")
-    s.add_argument("--trigger-mask", default=None, help="mask image for an IMAGE_FILE trigger")
+    s.add_argument("--trigger-mask", default=None, help="mask image for an IMAGE_FILE trigger (refused otherwise)")
     s.add_argument("--n", type=_pos_int, default=16, help="number of images (default: 16)")
     s.add_argument("--seed", type=seed_int, default=0, help="seed of image 0; image k uses seed + k (default: 0)")
     _sampler_args(s)
@@ -686,12 +760,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                                     "per-sample MSE < 0.1), SSIM; clean quality = share of clean samples the toy "
                                     "detector recognises with confidence >= 0.9 (shape and colour).")
     _model_arg(e)
-    e.add_argument("--trigger", required=True, help="box | stop | box_14 | checker | checker_tl | IMAGE_FILE | model")
-    e.add_argument("--trigger-mask", default=None, help="mask image for an IMAGE_FILE trigger")
+    e.add_argument("--trigger", required=True, help="box | stop | box_14 | checker | checker_tl | IMAGE_FILE | model "
+                   "(the one the model folder records; a TrojDiff model opens with its trojan DDIM from gamma eps + "
+                   "mu, --steps steps)")
+    e.add_argument("--trigger-mask", default=None, help="mask image for an IMAGE_FILE trigger (refused otherwise)")
     e.add_argument("--target", required=True, help="corner | hat | corner_grey | hat_grey | IMAGE_FILE | model")
     e.add_argument("--n", type=_pos_int, default=64, help="triggered samples (default: 64)")
-    e.add_argument("--n-clean", type=int_at_least(0), default=256,
-                   help="clean samples for quality, 0 = skip (default: 256)")
+    e.add_argument("--n-clean", type=_n_clean, default=256,
+                   help="clean samples for quality: 0 = skip, else at least 2 (default: 256)")
     e.add_argument("--clean-scheduler", choices=["ddpm", "ddim"], default="ddim",
                    help="sampler of the clean samples (default: ddim)")
     e.add_argument("--clean-steps", type=_pos_int, default=50, help="steps of the clean sampler (default: 50)")
@@ -749,9 +825,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                            help="iterations when the trigger is reversed here (no --reversed): cpu 800+0 with lambda "
                                 "3e-3, fast 100+2, default 400+10, paper 3000+1000; input detection needs no "
                                 "thresholds (default: cpu)")
-        q.add_argument("--learn-gamma", action="store_true",
-                       help="reverse TrojDiff's noise scale gamma with r (TERD's TrojDiff setting, x_T = gamma eps + "
-                            "r); scan judges it by the thresholds of '<preset>+gamma' (default: off, gamma = 1)")
+        if name == "scan":
+            q.add_argument("--learn-gamma", action="store_true",
+                           help="reverse TrojDiff's noise scale gamma with r (TERD's TrojDiff setting, x_T = gamma "
+                                "eps + r), judged by the thresholds calibrated for '--preset P --learn-gamma' "
+                                "(default: off, gamma = 1)")
+        else:
+            q.add_argument("--learn-gamma", action="store_true",
+                           help="when the trigger is reversed here (no --reversed), reverse TrojDiff's noise scale "
+                                "gamma with r (TERD's TrojDiff setting, x_T = gamma eps + r); noises are then tested "
+                                "against N(r, gamma^2) (default: off, gamma = 1)")
         q.add_argument("--seed", type=seed_int, default=0, help="seed of the reversion (default: 0)")
         q.add_argument("--threads", type=non_negative_int, default=1,
                        help="torch threads (default: 1; 0 = torch's default)")
