@@ -262,14 +262,18 @@ def test_implant_save_load_and_resume(tiny_ddpm_dir, tmp_path):
 
     pipe = DDPMPipeline.from_pretrained(out)
     assert pipe.unet.config.sample_size == 32
-    # a checkpoint from an interrupted run with the same settings is resumed: same result
+    # the checkpoints of a finished run are removed (resuming an interrupted one: test_behaviour.py)
     work = tmp_path / "bd2.work"
     cfg1 = BadDiffusionConfig(epochs=2, pool_size=8, batch_size=4, checkpoint_every=2, poison_rate=0.25)
     implant(str(tiny_ddpm_dir), cfg1, tmp_path / "bd2", work=work, progress=False)
-    assert not (work / "checkpoint").exists() or (work / "checkpoint" / "meta.json").exists()
-    again = implant(str(tiny_ddpm_dir), cfg1, tmp_path / "bd2", work=work, progress=False)  # resumes at step 2
+    assert not work.exists()  # a finished run leaves no training state behind (it left 3x the model's size)
+    keep = tmp_path / "mine.work"
+    (keep / "checkpoint").mkdir(parents=True)
+    (keep / "notes.txt").write_text("mine")
+    again = implant(str(tiny_ddpm_dir), cfg1, tmp_path / "bd2", work=keep, progress=False)  # the same result
     for p, q in zip(again.unet.parameters(), loaded.unet.parameters()):
         torch.testing.assert_close(p, q)
+    assert (keep / "notes.txt").read_text() == "mine" and not (keep / "checkpoint").exists()
 
 
 def test_load_ddpm_refuses_pickle_and_wrong_kinds(tiny_ddpm_dir, tmp_path, tiny_sd_dir):

@@ -29,6 +29,7 @@ from diffshield.backdoor.ddpm import (
     load_checkpoint,
     load_ddpm,
     lr_factor,
+    remove_checkpoint,
     save_checkpoint,
     set_threads,
     shapes_pool,
@@ -283,6 +284,7 @@ def implant(model: DDPMModel | str, cfg: BadDiffusionConfig, out: str | Path, wo
         stored.update({"mu": cfg.mu(g).contiguous(), "gamma": torch.full_like(g, cfg.gamma)})
     files["backdoor.safetensors"] = st_save(stored)
     result.save(out, extra_files=files, overwrite=True)  # a rerun (resumed) replaces its own earlier result
+    remove_checkpoint(work)
     return result.eval()
 
 

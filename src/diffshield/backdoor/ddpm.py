@@ -246,6 +246,24 @@ def save_checkpoint(folder: Path, unet, ema: dict | None, opt: torch.optim.Optim
         (tmp / "meta.json").write_text(json.dumps({**meta, "step": step}, indent=2) + "\n")
 
 
+def remove_checkpoint(work: Path) -> None:
+    """After a finished run: delete the checkpoint :func:`save_checkpoint` wrote in ``work/checkpoint`` (only the
+    files its marker lists) and the folders it leaves empty, so that no training state (the model, its average and
+    Adam's moments: three times the model's size) is left beside the result."""
+    import contextlib
+
+    from diffshield.core.io import _remove_listed, read_marker
+
+    ck = Path(work) / "checkpoint"
+    marker = read_marker(ck) if ck.is_dir() else None
+    if marker is None:
+        return
+    _remove_listed(ck, marker)
+    with contextlib.suppress(OSError):
+        ck.rmdir()
+        Path(work).rmdir()
+
+
 def load_checkpoint(folder: Path, unet, ema: dict | None, opt: torch.optim.Optimizer) -> dict:
     """Restore what :func:`save_checkpoint` wrote; returns its meta (with ``step``)."""
     from diffshield.core.loading import check_safetensors
@@ -387,6 +405,7 @@ def train_ddpm(cfg: DDPMTrainConfig, out: str | Path, work: str | Path | None = 
             round(seconds, 1), "final_loss_ema": loss_ema, "torch_threads": torch.get_num_threads()}
     model = DDPMModel(unet.eval(), scheduler, source=str(out), info=info)
     model.save(out, overwrite=True)  # a rerun (resumed from its checkpoint) replaces its own earlier result
+    remove_checkpoint(work)
     return model.eval()
 
 
