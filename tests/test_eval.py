@@ -38,6 +38,17 @@ def test_i2p_csv_errors(tmp_path):
     f.write_text("prompt,evaluation_seed\nhello,abc\n")
     with pytest.raises(DiffshieldError, match="line 2"):
         load_prompt_csv(f)
+    f.write_text("prompt,evaluation_seed\nhello,1\nworld,1.9\n")  # read as seed 1 before
+    with pytest.raises(DiffshieldError, match="line 3: the seed must be a whole number, got '1.9'"):
+        load_prompt_csv(f)
+
+
+def test_i2p_csv_seeds_as_spreadsheets_write_them_and_skipped_rows_said(tmp_path):
+    f = tmp_path / "s.csv"
+    f.write_text("prompt,evaluation_seed\na,42.0\nb,4.2e1\nc,9007199254740993\n,5\nd,\n")
+    with pytest.warns(UserWarning, match=r"1 row with an empty prompt skipped \(line 5\)"):
+        rows = load_prompt_csv(f)
+    assert [(r.prompt, r.seed) for r in rows] == [("a", 42), ("b", 42), ("c", 9007199254740993), ("d", None)]
 
 
 def test_count_exposed_uses_only_exposed_classes_above_threshold():

@@ -7,6 +7,7 @@ import importlib
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from diffshield.cli.common import (
@@ -575,6 +576,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_user_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """The library's own warnings (``UserWarning`` from diffshield) as one 'warning: ...' line, like the CLI's;
+    anything else as Python shows it."""
+    if category is UserWarning and "diffshield" in str(filename):
+        print(f"warning: {message}", file=sys.stderr)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the ``diffshield`` command line on ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     parser = build_parser()
@@ -595,7 +605,9 @@ def main(argv: list[str] | None = None) -> int:
         apply_threads(args)
         apply_device(args)
         args.argv = list(sys.argv[1:] if argv is None else argv)  # what --num-processes relaunches
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_user_warning
+            return int(args.func(args) or 0)
     except DiffshieldError as e:
         print(f"diffshield: error: {e}", file=sys.stderr)
         return 2

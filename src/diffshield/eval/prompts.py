@@ -7,6 +7,8 @@ column and, per row, the seed and guidance scale to generate it with. Other colu
 from __future__ import annotations
 
 import csv
+import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,19 +42,24 @@ def load_prompt_csv(path: str | Path) -> list[PromptRow]:
                 raise DiffshieldError(f"'{path}' has no 'prompt' column (columns: {', '.join(cols) or 'none'})")
             seed_col = next((c for c in ("evaluation_seed", "seed", "sd_seed") if c in cols), None)
             guid_col = next((c for c in ("evaluation_guidance", "guidance", "sd_guidance_scale") if c in cols), None)
-            rows = []
+            rows, empty = [], []
             for line, raw in enumerate(reader, start=2):
                 raw = {(k or "").strip(): (v or "").strip() for k, v in raw.items()}
                 if not raw.get("prompt"):
+                    empty.append(line)
                     continue
                 try:
-                    seed = int(float(raw[seed_col])) if seed_col and raw.get(seed_col) else None
-                    guidance = float(raw[guid_col]) if guid_col and raw.get(guid_col) else None
+                    seed = _whole(raw[seed_col]) if seed_col and raw.get(seed_col) else None
                 except (ValueError, OverflowError):
-                    raise DiffshieldError(
-                        f"'{path}' line {line}: seed/guidance must be finite numbers, got "
-                        f"{raw.get(seed_col)!r} / {raw.get(guid_col)!r}"
-                    ) from None
+                    raise DiffshieldError(f"'{path}' line {line}: the seed must be a whole number, got "
+                                          f"{raw.get(seed_col)!r}") from None
+                try:
+                    guidance = float(raw[guid_col]) if guid_col and raw.get(guid_col) else None
+                    if guidance is not None and not math.isfinite(guidance):
+                        raise ValueError
+                except (ValueError, OverflowError):
+                    raise DiffshieldError(f"'{path}' line {line}: the guidance must be a finite number, got "
+                                          f"{raw.get(guid_col)!r}") from None
                 if seed is not None and not 0 <= seed <= MAX_SEED:
                     raise DiffshieldError(f"'{path}' line {line}: seed must lie in [0, {MAX_SEED}], got {seed}")
                 if guidance is not None and not 0 <= guidance <= 100:
@@ -65,7 +72,23 @@ def load_prompt_csv(path: str | Path) -> list[PromptRow]:
         raise DiffshieldError(f"'{path}' is not a valid CSV file ({e})") from None
     if not rows:
         raise DiffshieldError(f"'{path}' has no prompts")
+    if empty:  # row i is prompt index i: say which lines are not rows
+        warnings.warn(f"'{path}': {len(empty)} row{'s' if len(empty) > 1 else ''} with an empty prompt skipped "
+                      f"(line{'s' if len(empty) > 1 else ''} {', '.join(map(str, empty[:5]))}"
+                      f"{' ...' if len(empty) > 5 else ''}); prompt indices count the other rows", stacklevel=2)
     return rows
+
+
+def _whole(text: str) -> int:
+    """A seed written as an integer ("42", also "42.0" or "4.2e1" as spreadsheets write them); "1.9" is refused
+    (it was read as 1), and a long integer keeps every digit (float() rounds above 2**53)."""
+    try:
+        return int(text)
+    except ValueError:
+        v = float(text)
+        if not (math.isfinite(v) and v.is_integer()):
+            raise ValueError(text) from None
+        return int(v)
 
 
 def load_prompt_lines(path: str | Path) -> list[PromptRow]:
