@@ -407,6 +407,9 @@ def test_a_rerun_replaces_its_own_result_files_and_nothing_else(ws, capsys):
     panel = _fill([*EVALP, "--protected", "p.png", "--panel", "pan.png"], ws)
     assert main(panel) == 0 and main(panel) == 0, capsys.readouterr().err
     assert written_by_diffshield(ws.root / "pan.png")
+    before = (ws.root / "pan.png").read_bytes()  # --json naming an earlier result image: refused, not replaced
+    assert main([*panel[:-2], "--json", "pan.png"]) == 2 and "give a .json file name" in capsys.readouterr().err
+    assert (ws.root / "pan.png").read_bytes() == before
     (ws.root / "p.json").write_text('{"edited": "by hand"}\n')  # the user rewrote it: now it is theirs
     assert main(argv) == 2 and "not written by diffshield" in capsys.readouterr().err
     assert (ws.root / "p.json").read_text() == '{"edited": "by hand"}\n'

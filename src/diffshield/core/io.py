@@ -229,6 +229,11 @@ def check_output_file(path: str | Path | None, flag: str, inputs: Iterable[str |
         raise DiffshieldError(f"{flag} '{path}' is a folder; give a file name")
     _check_against_inputs(p, inputs, flag)
     check_replaceable(path, flag)
+    if flag == "--json" and p.is_file():  # a JSON report over an earlier result image (--json grid.png): a slip
+        with open(p, "rb") as f:
+            if f.read(len(_PNG_MAGIC)) == _PNG_MAGIC:
+                raise DiffshieldError(f"--json '{path}' is an image diffshield wrote; a JSON report would replace "
+                                      "it: give a .json file name")
     if p.exists() and not os.access(p, os.W_OK):
         raise DiffshieldError(f"{flag} '{path}' exists and is not writable; choose another file")
     _check_writable(p, flag)
