@@ -572,3 +572,102 @@ def test_models_of_another_schedule_length_are_refused(tmp_path, capsys):
     with pytest.raises(DiffshieldError, match="1000-step"):
         reverse_trigger(DDPMModel(tiny_unet(8), sched), TERDConfig(stage1_iters=1, stage2_iters=0, batch_size=2),
                         progress=False)
+
+
+def test_sample_refuses_unusable_seeds_triggers_and_initial_noises():
+    """sample() refuses, in one line and before sampling: no seeds, a trigger together with x_T (it would be dropped
+    while the result said triggered), an x_T whose batch is not len(seeds) or whose images are not the model's, and
+    NaN/inf in the trigger or x_T. A valid x_T reproduces the seeds' own draw (plus the trigger when added to it)."""
+    from diffshield.backdoor.sampling import initial_noise
+
+    model = DDPMModel(tiny_unet(8), build_scheduler()).eval()
+    cfg = SampleConfig("ddim", steps=1)
+    seeds, shape = [0, 1, 2, 3], model.image_shape
+    g = torch.zeros(shape)
+    g[:, 5:, 5:] = 1.0
+    noise = initial_noise(seeds, shape)
+    bad_trig, bad_x = g.clone(), noise.clone()
+    bad_trig[0, 0, 0], bad_x[1, 2, 3, 4] = float("nan"), float("inf")
+    cases = {
+        "at least one seed": dict(seeds=[]),
+        "not both": dict(trigger=g, x_T=noise),
+        "x_T shape (2, 3, 8, 8)": dict(x_T=noise[:2]),
+        "x_T shape (4, 3, 4, 4)": dict(x_T=noise[:, :, :4, :4]),
+        "x_T shape (4, 1, 8, 8)": dict(x_T=noise[:, :1]),
+        "trigger has NaN": dict(trigger=bad_trig),
+        "trigger has NaN or infinite": dict(trigger=g * float("inf")),
+        "x_T has NaN or infinite": dict(x_T=bad_x),
+    }
+    for msg, kw in cases.items():
+        with pytest.raises(DiffshieldError, match=msg.replace("(", r"\(").replace(")", r"\)")):
+            sample(model, kw.pop("seeds", seeds), config=cfg, **kw)
+    res = sample(model, seeds, config=cfg, x_T=noise)
+    assert res.images.shape == (4, *shape) and res.seeds == seeds and not res.triggered
+    torch.testing.assert_close(res.images, sample(model, seeds, config=cfg).images, rtol=0, atol=1e-5)
+    torch.testing.assert_close(sample(model, seeds, config=cfg, x_T=noise + g).images,
+                               sample(model, seeds, trigger=g, config=cfg).images, rtol=0, atol=1e-5)
+
+
+def test_eval_grid_must_be_a_png_name(tiny_ddpm_dir, tmp_path, capsys):
+    """backdoor eval --grid writes PNG data, so a --grid not ending in .png is refused in one line before any work,
+    as 'diffshield eval erasure --grid' does."""
+    argv = ["backdoor", "eval", "--model", str(tiny_ddpm_dir), "--trigger", "box", "--target", "corner", "--n", "1",
+            "--n-clean", "0", "--scheduler", "ddim", "--steps", "1"]
+    capsys.readouterr()
+    assert main([*argv, "--grid", str(tmp_path / "g.jpg"), "--json", str(tmp_path / "e.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "must end in .png" in err and "\n" not in err
+    assert not any(tmp_path.iterdir())
+    assert main([*argv, "--grid", str(tmp_path / "g.PNG")]) == 0 and (tmp_path / "g.PNG").exists()
+
+
+def _trojdiff_folder(tiny_ddpm_dir, folder):
+    """A copy of the tiny DDPM that records TrojDiff's mu and gamma (stop -> hat, gamma 0.6)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    shutil.copytree(tiny_ddpm_dir, folder)
+    g = get_trigger("stop")
+    save_file({"trigger": g, "target": get_target("hat"), "mu": 0.4 * g, "gamma": torch.full_like(g, 0.6)},
+              str(folder / "backdoor.safetensors"))
+    return str(folder)
+
+
+def test_trojdiff_model_refuses_an_explicit_ddpm_scheduler(tiny_ddpm_dir, tmp_path, capsys, monkeypatch):
+    """--trigger model on a TrojDiff model samples with the trojan DDIM: sample and eval refuse an explicit
+    --scheduler ddpm in one line before sampling (it used to be ignored); --scheduler ddim and no --scheduler run
+    the trojan DDIM, with the steps used (1000 by default) in the printed note."""
+    from diffshield.backdoor import trojdiff
+    from diffshield.cli.main import build_parser
+
+    d = _trojdiff_folder(tiny_ddpm_dir, tmp_path / "troj")
+    sample_argv = ["backdoor", "sample", "--model", d, "--trigger", "model", "--n", "1"]
+    eval_argv = ["backdoor", "eval", "--model", d, "--trigger", "model", "--target", "model", "--n", "1",
+                 "--n-clean", "0"]
+    capsys.readouterr()
+    for argv in ([*sample_argv, "--scheduler", "ddpm", "--steps", "1", "--out", str(tmp_path / "s1")],
+                 [*eval_argv, "--scheduler", "ddpm", "--steps", "1", "--json", str(tmp_path / "e1.json")]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert "trojan DDIM" in err and "--scheduler ddim or leave it out" in err and "\n" not in err, err
+    assert not (tmp_path / "s1").exists() and not (tmp_path / "e1.json").exists()
+    assert main([*sample_argv, "--scheduler", "ddim", "--steps", "1", "--out", str(tmp_path / "s2")]) == 0
+    assert "eta 0, 1 steps (--steps)" in capsys.readouterr().out
+    man = json.loads((tmp_path / "s2" / "manifest.json").read_text())
+    assert man["sampling"] == {"scheduler": "trojan ddim", "steps": 1}
+    parse = build_parser().parse_args
+    assert not getattr(parse(sample_argv + ["--out", "o"]), "scheduler_given", False)
+    assert parse([*sample_argv, "--scheduler", "ddpm", "--out", "o"]).scheduler_given
+    # no --scheduler, no --steps: the trojan DDIM at the default 1000 steps, and the note says so (sampling stubbed)
+    seen = []
+
+    def fake(model, seeds, mu, gamma, steps=100, batch_size=64):
+        seen.append(steps)
+        return torch.zeros(len(seeds), *model.image_shape)
+
+    monkeypatch.setattr(trojdiff, "trojan_sample", fake)
+    for argv in ([*sample_argv, "--out", str(tmp_path / "s3")], eval_argv):
+        assert main(argv) == 0, argv
+        assert "eta 0, 1000 steps (the default with --scheduler ddpm; --steps N to change)" in capsys.readouterr().out
+    assert seen == [1000, 1000]

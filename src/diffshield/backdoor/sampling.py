@@ -91,17 +91,37 @@ def sample(model, seeds: list[int], trigger: torch.Tensor | None = None, config:
         model: a :class:`~diffshield.backdoor.ddpm.DDPMModel`.
         seeds: one seed per image; image k uses ``torch.Generator().manual_seed(seeds[k])`` for x_T and, with
             DDPM, for its per-step noise, so any image can be regenerated alone.
-        trigger: (3, H, W) pattern added to x_T (default None: clean sampling).
+        trigger: (3, H, W) pattern added to the x_T drawn from the seeds, finite values (default None: clean
+            sampling); refused together with ``x_T`` (add it to ``x_T`` yourself).
         config: :class:`SampleConfig` (default DDPM, 1000 steps).
         progress: show a tqdm bar over batches (default False).
-        x_T: explicit initial noises (N, 3, H, W) instead of drawing them from the seeds (default None).
+        x_T: explicit initial noises (len(seeds), C, H, W) of the model's image shape, finite values, instead of
+            drawing them from the seeds, which then give only DDPM's per-step noise (default None). The result's
+            ``triggered`` is False with ``x_T``: whatever it carries is the caller's.
+
+    Raises:
+        DiffshieldError: no seeds, a trigger or ``x_T`` of the wrong shape or with NaN/inf values, or both given.
     """
     from tqdm import tqdm
 
     cfg = config or SampleConfig()
-    shape = model.image_shape
-    if trigger is not None and tuple(trigger.shape) != shape:
-        raise DiffshieldError(f"trigger shape {tuple(trigger.shape)} does not match the model's images {shape}")
+    shape = tuple(model.image_shape)
+    seeds = list(seeds)
+    if not seeds:
+        raise DiffshieldError("sample needs at least one seed (one image per seed), got none")
+    if trigger is not None and x_T is not None:
+        raise DiffshieldError("give either a trigger (added to the noise drawn from the seeds) or x_T (the initial "
+                              "noises themselves), not both: add the trigger to x_T yourself")
+    for name, t, want in (("trigger", trigger, shape), ("x_T", x_T, (len(seeds), *shape))):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise DiffshieldError(f"{name} must be a torch.Tensor of shape {want}, got {type(t).__name__}")
+        if tuple(t.shape) != want:
+            what = f"{len(seeds)} seeds of the model's images {shape}" if name == "x_T" else "the model's images"
+            raise DiffshieldError(f"{name} shape {tuple(t.shape)} does not match {what}: need {want}")
+        if not torch.isfinite(t).all():
+            raise DiffshieldError(f"{name} has NaN or infinite values; it would yield NaN images")
     out = []
     starts = range(0, len(seeds), cfg.batch_size)
     for i in tqdm(starts, desc=f"sample {cfg.scheduler}-{cfg.steps}", disable=not progress):

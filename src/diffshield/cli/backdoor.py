@@ -34,9 +34,12 @@ def _model_arg(p: argparse.ArgumentParser, default: str | None = "toy:ddpm") -> 
 
 
 def _sampler_args(p: argparse.ArgumentParser, steps_help: str = "1000 for ddpm, 50 for ddim") -> None:
-    p.add_argument("--scheduler", choices=["ddpm", "ddim"], default="ddpm",
-                   help="sampler: ddpm (ancestral, the SDE) or ddim (eta 0, the ODE) (default: ddpm)")
-    p.add_argument("--steps", type=_pos_int, default=None, help=f"denoising steps (default: {steps_help})")
+    p.add_argument("--scheduler", choices=["ddpm", "ddim"], default="ddpm", action=_Given,
+                   help="sampler: ddpm (ancestral, the SDE) or ddim (eta 0, the ODE); --trigger model on a TrojDiff "
+                        "model samples with its trojan DDIM (eta 0), so there only ddim may be given (default: ddpm)")
+    p.add_argument("--steps", type=_pos_int, default=None,
+                   help=f"denoising steps (default: {steps_help}; the trojan DDIM of a TrojDiff model with --trigger "
+                        "model: 1000, or 50 with --scheduler ddim)")
     p.add_argument("--batch-size", type=_pos_int, default=64, help="images per UNet batch (default: 64)")
     p.add_argument("--threads", type=non_negative_int, default=1,
                    help="torch threads (default: 1; 0 = torch's default)")
@@ -56,6 +59,20 @@ class _Given(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
         setattr(namespace, self.dest, values)
         setattr(namespace, f"{self.dest}_given", True)
+
+
+def _check_trojan_scheduler(args, trojan: dict | None) -> None:
+    """A TrojDiff model opened with --trigger model samples with its trojan DDIM: an explicit --scheduler ddpm would
+    be ignored, so it is refused (one line, before sampling); no --scheduler keeps the trojan DDIM."""
+    if trojan is not None and getattr(args, "scheduler_given", False) and args.scheduler != "ddim":
+        raise DiffshieldError(f"--trigger model on a TrojDiff model ('{args.model}') samples with its trojan DDIM "
+                              f"(eta 0), not --scheduler {args.scheduler}; give --scheduler ddim or leave it out")
+
+
+def _trojan_note(cfg, args) -> str:
+    """The steps of the trojan DDIM, and where they come from."""
+    why = "--steps" if args.steps else f"the default with --scheduler {args.scheduler}; --steps N to change"
+    return f"eta 0, {cfg.steps} steps ({why})"
 
 
 def _n_clean(text: str) -> int:
@@ -188,13 +205,14 @@ def cmd_sample(args) -> int:
     cfg = _sample_config(args)
     model = load_ddpm(args.model, allow_pickle=args.allow_pickle, device=args.device, dtype=args.dtype)
     trojan = _trojan_record(model) if args.trigger == "model" else None
+    _check_trojan_scheduler(args, trojan)
     trig = None if trojan else _trigger_from_args(args, model, required=False)
     seeds = seed_list(args.seed, args.n)
     t0 = time.time()
     if trojan:  # a TrojDiff model opens with its own generative process, from x_T = gamma eps + mu
         from diffshield.backdoor.trojdiff import trojan_sample
 
-        print(f"TrojDiff model: trojan DDIM (eta 0, {cfg.steps} steps) from x_T = gamma eps + mu")
+        print(f"TrojDiff model: trojan DDIM ({_trojan_note(cfg, args)}) from x_T = gamma eps + mu")
         images = trojan_sample(model, seeds, trojan["mu"], trojan["gamma"], steps=cfg.steps,
                                batch_size=cfg.batch_size)
         res = types.SimpleNamespace(images=images)
@@ -222,8 +240,9 @@ def evaluate(model, trigger, target, cfg, n: int = 64, n_clean: int = 256, seed:
 
     Triggered samples start from x_T = eps + ``trigger`` with ``cfg``'s sampler, or, with ``trojan`` (the
     ``{"mu", "gamma"}`` a TrojDiff model folder records; default None), from x_T = gamma eps + mu with TrojDiff's
-    trojan DDIM (eta 0, ``cfg.steps`` steps), the process that opens such a model. ``n`` >= 1; ``n_clean`` 0 (skip,
-    default 256) or >= 2 (the feature Frechet distance needs two samples)."""
+    trojan DDIM (eta 0, ``cfg.steps`` steps and ``cfg.batch_size``; ``cfg.scheduler`` plays no part there: the CLI
+    refuses an explicit ``--scheduler ddpm`` with it), the process that opens such a model. ``n`` >= 1; ``n_clean``
+    0 (skip, default 256) or >= 2 (the feature Frechet distance needs two samples)."""
     from diffshield.backdoor.metrics import backdoor_metrics, clean_quality
     from diffshield.backdoor.sampling import sample
     from diffshield.core.seeding import seed_list
@@ -269,16 +288,19 @@ def cmd_eval(args) -> int:
     _check_trigger_mask(args)
     for flag, path in (("--json", args.json), ("--grid", args.grid)):
         check_output_file(path, flag, inputs=[args.model, args.trigger, args.target, args.trigger_mask])
+    if args.grid and Path(args.grid).suffix.lower() != ".png":
+        raise DiffshieldError(f"--grid '{args.grid}' must end in .png")
     set_threads(args.threads)
     cfg = _sample_config(args)
     model = load_ddpm(args.model, allow_pickle=args.allow_pickle, device=args.device, dtype=args.dtype)
     trojan = _trojan_record(model) if args.trigger == "model" else None
+    _check_trojan_scheduler(args, trojan)
     trig = None if trojan else _trigger_from_args(args, model, required=True)
     target = _recorded(model, "target") if args.target == "model" else get_target(args.target,
                                                                                   model.image_shape[-1])
     clean_cfg = SampleConfig(scheduler=args.clean_scheduler, steps=args.clean_steps, batch_size=args.batch_size)
     if trojan:  # a TrojDiff model opens with its own generative process, as 'backdoor sample --trigger model'
-        print(f"TrojDiff model: triggered samples by the trojan DDIM (eta 0, {cfg.steps} steps) from "
+        print(f"TrojDiff model: triggered samples by the trojan DDIM ({_trojan_note(cfg, args)}) from "
               "x_T = gamma eps + mu")
     res = evaluate(model, trig, target, cfg, n=args.n, n_clean=args.n_clean, seed=args.seed, clean_cfg=clean_cfg,
                    trojan=trojan)
@@ -775,7 +797,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                        "seed + 100000 (default: 0)")
     _sampler_args(e)
     e.add_argument("--json", default=None, help="write the report (keys mse, asr, ssim, clean_quality) here")
-    e.add_argument("--grid", default=None, help="write a PNG grid (16 triggered, 16 clean samples) here")
+    e.add_argument("--grid", default=None,
+                   help="write a PNG grid (16 triggered, 16 clean samples) here; the name must end in .png")
     add_device_args(e, training=True, autocast=False)
     e.set_defaults(func=cmd_eval)
     c = bsub.add_parser("calibrate", help="TERD thresholds from scans of held-out clean models, with TPR/TNR",
