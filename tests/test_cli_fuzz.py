@@ -391,7 +391,9 @@ def test_overwrite_replaces_only_a_previous_output_of_the_same_command(ws, capsy
 
 
 def test_a_rerun_replaces_its_own_result_files_and_nothing_else(ws, capsys):
-    """Result files carry diffshield's signature: a rerun replaces them; a user's file of that name is refused."""
+    """Result files carry diffshield's signature: a rerun replaces them; a user's file of that name is refused.
+    protect's --out, the protected image itself, is replaced only with --overwrite (as --overwrite's help says, and
+    as folder mode does), and never when it is another kind of diffshield result (an eval panel)."""
     import json
 
     from diffshield.core.io import WRITTEN_BY, written_by_diffshield
@@ -400,18 +402,24 @@ def test_a_rerun_replaces_its_own_result_files_and_nothing_else(ws, capsys):
     assert main(argv) == 0, capsys.readouterr().err
     assert json.loads((ws.root / "p.json").read_text())[WRITTEN_BY].startswith("diffshield ")
     assert Image.open(ws.root / "p.png").info["Software"].startswith("diffshield ")
-    first = (ws.root / "p.json").stat().st_mtime_ns
-    assert main([*argv, "--eps", "0.02"]) == 0, capsys.readouterr().err  # its own earlier results: replaced
+    first, first_png = (ws.root / "p.json").stat().st_mtime_ns, (ws.root / "p.png").read_bytes()
+    assert main([*argv, "--eps", "0.02"]) == 2  # the protected image: not replaced without --overwrite
+    assert "--overwrite" in capsys.readouterr().err
+    assert (ws.root / "p.png").read_bytes() == first_png and (ws.root / "p.json").stat().st_mtime_ns == first
+    assert main([*argv, "--eps", "0.02", "--overwrite"]) == 0, capsys.readouterr().err  # its own results: replaced
     assert (ws.root / "p.json").stat().st_mtime_ns != first
     assert json.loads((ws.root / "p.json").read_text())["eps"] == 0.02
     panel = _fill([*EVALP, "--protected", "p.png", "--panel", "pan.png"], ws)
     assert main(panel) == 0 and main(panel) == 0, capsys.readouterr().err
     assert written_by_diffshield(ws.root / "pan.png")
+    before = (ws.root / "pan.png").read_bytes()  # protect --out naming the eval panel: refused, even with --overwrite
+    assert main(_fill([*PROTECT, "--out", "pan.png", "--overwrite"], ws)) == 2
+    assert "not a protected image" in capsys.readouterr().err and (ws.root / "pan.png").read_bytes() == before
     before = (ws.root / "pan.png").read_bytes()  # --json naming an earlier result image: refused, not replaced
     assert main([*panel[:-2], "--json", "pan.png"]) == 2 and "give a .json file name" in capsys.readouterr().err
     assert (ws.root / "pan.png").read_bytes() == before
     (ws.root / "p.json").write_text('{"edited": "by hand"}\n')  # the user rewrote it: now it is theirs
-    assert main(argv) == 2 and "not written by diffshield" in capsys.readouterr().err
+    assert main([*argv, "--overwrite"]) == 2 and "not written by diffshield" in capsys.readouterr().err
     assert (ws.root / "p.json").read_text() == '{"edited": "by hand"}\n'
 
 

@@ -245,3 +245,116 @@ def test_protect_succeeds_against_a_sensitive_inpainter(sensitive_inpainter):
     assert res.target_colour == [(0.0, 1.0, 0.0)] * 2
     assert not clean.any() and success(f(res.protected, m), green.expand_as(x), m).all()
     assert res.losses[-1] < 0.1 * res.losses[0]
+
+
+# ----------------------------------------------------------------------------------------------- reported defects
+
+
+def test_the_default_init_follows_a_small_eps_and_an_explicit_init_is_still_checked(tiny):
+    assert AttackAsDefenseConfig().init == 0.01 and AttackAsDefenseConfig(eps=0.005).init == 0.005
+    with pytest.raises(DiffshieldError, match="init"):
+        AttackAsDefenseConfig(eps=0.005, init=0.006)
+    x = (torch.rand(1, 3, 24, 24) * 255).round() / 255
+    res = protect(tiny, x, _mask(1, 24, 24), AttackAsDefenseConfig(eps=0.005, steps=2))
+    assert res.delta.abs().max() <= 0.005 + 1e-6
+
+
+def test_quantize_needs_an_eps_of_one_8_bit_step_and_without_it_stays_within_eps(tiny):
+    """Below 1/255 no uint8 level may lie within eps of an off-grid image (the old rounding landed up to 3 eps
+    away): refused with quantize=True; quantize=False keeps the budget."""
+    with pytest.raises(DiffshieldError, match="8-bit step"):
+        AttackAsDefenseConfig(eps=0.003, init=0.0)
+    AttackAsDefenseConfig(eps=1 / 255)  # one step: accepted
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, 24, 24)  # not on the 8-bit grid
+    res = protect(tiny, x, _mask(1, 24, 24), AttackAsDefenseConfig(eps=0.003, quantize=False, steps=2))
+    assert (res.protected.double() - x.double()).abs().max() <= 0.003 + 1e-6
+
+
+@pytest.mark.parametrize("bad, says", [
+    (torch.rand(1, 3, 8, 8), "16 px"),
+    (torch.rand(1, 3, 12, 40), "16 px"),
+    ((torch.rand(1, 3, 32, 32) * 255).to(torch.uint8), "uint8"),
+    (torch.rand(1, 3, 32, 32) * 255, "[0, 1]"),
+    (torch.full((1, 3, 32, 32), float("nan")), "[0, 1]"),
+])
+def test_protect_and_evaluate_refuse_what_they_cannot_take(tiny, bad, says):
+    m = _mask(1, *bad.shape[-2:])
+    with pytest.raises(DiffshieldError, match=says.replace("[", r"\[").replace("]", r"\]")):
+        protect(tiny, bad, m, AttackAsDefenseConfig(steps=1))
+    good = torch.rand(bad.shape)
+    with pytest.raises(DiffshieldError, match=says.replace("[", r"\[").replace("]", r"\]")):
+        evaluate_protection(tiny, bad, good, m, partial=False)
+
+
+def test_evaluate_protection_binarises_masks_as_protect_does(tiny):
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, 32, 32)
+    m = torch.zeros(1, 1, 32, 32)
+    m[..., 8:20, 8:20] = 1.0
+    m[..., 20:26, 8:20] = 0.4  # a soft brush edge: not part of the region
+    res = protect(tiny, x, m, AttackAsDefenseConfig(steps=1))
+    soft = evaluate_protection(tiny, x, res.protected, m, partial=False)
+    hard = evaluate_protection(tiny, x, res.protected, (m > 0.5).float(), partial=False)
+    for k in ("target_fraction_M", "distance_to_target_M", "psnr_benign"):
+        assert soft[k] == hard[k], k
+
+
+def test_a_broken_toy_inpainter_folder_is_one_line(tiny, tmp_path):
+    import json
+
+    from diffshield.protect.inpainters import save_toy_inpainter
+
+    good = save_toy_inpainter(tiny.net, tmp_path / "good")
+    cfg = json.loads((good / "config.json").read_text())
+
+    def broken(name, text):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "model.safetensors").write_bytes((good / "model.safetensors").read_bytes())
+        (d / "config.json").write_text(text)
+        return d
+
+    cases = [(broken("truncated", (good / "config.json").read_text()[:30]), "not valid JSON"),
+             (broken("base", json.dumps({**cfg, "base": 8})), "do not match"),
+             (broken("string", json.dumps({**cfg, "n_down": "2"})), "whole number"),
+             (broken("list", "[1, 2]"), "not a JSON object")]
+    for folder, says in cases:
+        with pytest.raises(DiffshieldError, match=says) as e:
+            load_inpainter(folder)
+        assert "\n" not in str(e.value)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch 2.13 deprecates TorchScript, still loads it
+def test_a_torchscript_inpainter_that_breaks_the_contract_is_one_line(tmp_path):
+    class Half(torch.nn.Module):  # wrong shape
+        def forward(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.avg_pool2d(image, 2)
+
+    class One(torch.nn.Module):  # takes one argument
+        def forward(self, batch: torch.Tensor) -> torch.Tensor:
+            return batch[:, :3]
+
+    class Bytes(torch.nn.Module):  # 0-255, as some LaMa exports
+        def forward(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            return image * 255
+
+    x, m = torch.rand(1, 3, 16, 16), _mask(1, 16, 16)
+    for cls, says in ((Half, "shape"), (One, "failed when called"), (Bytes, "not \\[0, 1\\]")):
+        path = tmp_path / f"{cls.__name__}.pt"
+        torch.jit.save(torch.jit.script(cls()), str(path))
+        f = load_inpainter(path)
+        with pytest.raises(DiffshieldError, match=says) as e:
+            f(x, m)
+        assert "\n" not in str(e.value)
+
+
+def test_a_folder_whose_name_starts_with_toy_is_a_path(tiny, tmp_path, monkeypatch):
+    from diffshield.protect.inpainters import save_toy_inpainter
+
+    monkeypatch.chdir(tmp_path)
+    save_toy_inpainter(tiny.net, tmp_path / "toy_inpainter")
+    f = load_inpainter("toy_inpainter")
+    assert f.net.config.base == 4
+    with pytest.raises(DiffshieldError, match="unknown toy"):
+        load_inpainter("toy:nothing")

@@ -144,3 +144,149 @@ def test_the_protected_png_keeps_the_originals_colour_profile(files, tmp_path):
     assert main(["protect", str(tmp_path / "in"), "--mask", str(files / "scene0_mask.png"), "--out",
                  str(folder_out), "--steps", "1", "--threads", "1"]) == 0
     assert Image.open(folder_out / "a.png").info.get("icc_profile") == icc
+
+
+# ----------------------------------------------------------------------------------------------- reported defects
+
+
+def _copy(src, dst):
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_bytes(src.read_bytes())
+    return dst
+
+
+def _png16_rgb(arr: np.ndarray, path) -> None:
+    """A 16-bit RGB PNG, written by hand (Pillow cannot write one)."""
+    import struct
+    import zlib
+
+    h, w, _ = arr.shape
+    raw = b"".join(b"\x00" + arr[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(t, d):
+        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("names", [("a.png", "a.jpg"), ("x.png", "X.PNG")])
+def test_folder_mode_refuses_images_that_would_write_the_same_output(files, tmp_path, capsys, names):
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for n in names:
+        Image.open(files / "scene0.png").save(imgs / n)
+    out = tmp_path / "out"
+    err = _err(capsys, ["protect", str(imgs), "--mask", str(files / "scene0_mask.png"), "--out", str(out),
+                        "--steps", "1"])
+    assert "would both be written" in err and not out.exists()
+
+
+def test_an_eps_below_the_default_init_works_and_one_below_an_8_bit_step_is_refused(files, tmp_path, capsys):
+    out = tmp_path / "p.png"
+    argv = ["protect", str(files / "scene0.png"), "--mask", str(files / "scene0_mask.png"), "--steps", "2",
+            "--threads", "1"]
+    assert main([*argv, "--out", str(out), "--eps", "0.005"]) == 0, capsys.readouterr().err
+    a = np.asarray(Image.open(files / "scene0.png"), dtype=np.int16)
+    assert np.abs(np.asarray(Image.open(out), dtype=np.int16) - a).max() <= 1  # 0.005 * 255 = 1.3
+    capsys.readouterr()
+    assert "8-bit step" in _err(capsys, [*argv, "--out", str(tmp_path / "q.png"), "--eps", "0.003"])
+
+
+def test_16_bit_colour_is_refused_and_16_bit_masks_are_cut_at_half(files, tmp_path, capsys):
+    from diffshield.cli.protect import load_mask
+
+    rgb16 = (np.asarray(Image.open(files / "scene0.png")).astype(np.uint32) * 257 + 200).astype(np.uint16)
+    _png16_rgb(rgb16, tmp_path / "rgb16.png")
+    out = tmp_path / "p.png"
+    err = _err(capsys, ["protect", str(tmp_path / "rgb16.png"), "--mask", str(files / "scene0_mask.png"), "--out",
+                        str(out)])
+    assert "16-bit colour" in err and not out.exists()
+    m16 = np.zeros((32, 32), np.uint16)
+    m16[:, 8:16] = 1000  # 1.5 % of full scale: not the region
+    m16[:, 16:24] = 30000  # 46 %: not the region
+    m16[:, 24:] = 40000  # 61 %: the region
+    Image.fromarray(m16).save(tmp_path / "m16.png")
+    assert Image.open(tmp_path / "m16.png").mode.startswith("I")
+    m = load_mask(tmp_path / "m16.png")[0, 0].numpy()
+    assert m[:, :24].sum() == 0 and m[:, 24:].min() == 1
+
+
+def test_a_greyscale_profile_is_not_put_on_the_rgb_output(files, tmp_path):
+    gray_icc = bytearray(128)
+    gray_icc[12:20] = b"mntrGRAY"  # the header's device class and data colour space: a greyscale profile
+    src = tmp_path / "grey.png"
+    Image.open(files / "scene0.png").convert("L").save(src, icc_profile=bytes(gray_icc))
+    assert Image.open(src).info["icc_profile"][16:20] == b"GRAY"
+    out = tmp_path / "p.png"
+    assert main(["protect", str(src), "--mask", str(files / "scene0_mask.png"), "--out", str(out), "--steps", "1",
+                 "--threads", "1"]) == 0
+    with Image.open(out) as im:
+        assert im.mode == "RGB" and "icc_profile" not in im.info
+
+
+def test_folder_mode_finds_a_mask_with_an_upper_case_suffix(files, tmp_path):
+    _copy(files / "scene0.png", tmp_path / "imgs" / "C.png")
+    _copy(files / "scene0_mask.png", tmp_path / "masks" / "C.PNG")
+    assert main(["protect", str(tmp_path / "imgs"), "--mask", str(tmp_path / "masks"), "--out",
+                 str(tmp_path / "out"), "--steps", "1", "--threads", "1"]) == 0
+    assert (tmp_path / "out" / "C.png").is_file()
+
+
+def test_a_transparency_colour_key_is_refused(files, tmp_path):
+    from diffshield.cli.protect import load_image
+    from diffshield.core.errors import DiffshieldError
+
+    rgb = np.asarray(Image.open(files / "scene0.png").convert("RGB"))
+    Image.fromarray(rgb).save(tmp_path / "rgb.png", transparency=tuple(int(v) for v in rgb[0, 0]))
+    Image.fromarray(rgb[..., 0]).save(tmp_path / "l.png", transparency=int(rgb[0, 0, 0]))
+    for name in ("rgb.png", "l.png"):
+        assert "transparency" in Image.open(tmp_path / name).info
+        with pytest.raises(DiffshieldError, match="transparent"):
+            load_image(tmp_path / name)
+    unused = tmp_path / "unused.png"  # a key that no pixel has: nothing is transparent
+    Image.fromarray(np.full((20, 20, 3), 9, np.uint8)).save(unused, transparency=(1, 2, 3))
+    assert load_image(unused).shape == (1, 3, 20, 20)
+
+
+def test_a_decompression_bomb_mask_is_one_line(files, monkeypatch):
+    from diffshield.cli.protect import load_mask
+    from diffshield.core.errors import DiffshieldError
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # the 64 x 60 mask is then over twice the limit
+    with pytest.raises(DiffshieldError, match="not an image Pillow can read"):
+        load_mask(files / "scene0_mask.png")
+
+
+def test_silently_accepted_inputs_are_refused_or_handled(files, tmp_path, capsys):
+    img, mask = files / "scene0.png", files / "scene0_mask.png"
+    imgs = tmp_path / "imgs"
+    _copy(img, imgs / "a.png")
+    out = tmp_path / "out"
+    # the image folder given as its own mask folder
+    assert "image folder itself" in _err(capsys, ["protect", str(imgs), "--mask", str(imgs), "--out", str(out)])
+    # --eot-samples without --robust would be ignored
+    assert "--robust" in _err(capsys, ["protect", str(img), "--mask", str(mask), "--out", str(tmp_path / "p.png"),
+                                       "--eot-samples", "3"])
+    # a multi-page TIFF: only its first page would be protected
+    pages = [Image.open(img).convert("RGB"), Image.open(img).convert("RGB").transpose(Image.Transpose.FLIP_LEFT_RIGHT)]
+    pages[0].save(tmp_path / "multi.tif", save_all=True, append_images=pages[1:])
+    assert "2 pages" in _err(capsys, ["protect", str(tmp_path / "multi.tif"), "--mask", str(mask), "--out",
+                                      str(tmp_path / "p.png")])
+    pages[0].save(tmp_path / "phone.jpg", format="MPO", save_all=True, append_images=pages[1:])  # a camera JPEG
+    from diffshield.cli.protect import load_image
+
+    assert Image.open(tmp_path / "phone.jpg").n_frames == 2 and load_image(tmp_path / "phone.jpg").shape[-1] == 60
+    # a mask with transparent pixels: what its colour means is unclear
+    rgba = np.dstack([np.asarray(Image.open(mask).convert("RGB")), np.full((64, 60), 255, np.uint8)])
+    rgba[:4, :4, 3] = 0
+    Image.fromarray(rgba).save(tmp_path / "mask_rgba.png")
+    assert "transparent" in _err(capsys, ["protect", str(img), "--mask", str(tmp_path / "mask_rgba.png"), "--out",
+                                          str(tmp_path / "p.png")])
+    assert not out.exists() and not (tmp_path / "p.png").exists()
+    # a shared mask kept inside the image folder is the mask, not an image to protect
+    _copy(mask, imgs / "mask.png")
+    assert main(["protect", str(imgs), "--mask", str(imgs / "mask.png"), "--out", str(out), "--steps", "1",
+                 "--threads", "1"]) == 0
+    assert [r["image"] for r in json.loads((out / "manifest.json").read_text())["images"]] == ["a.png"]
+    assert not (out / "mask.png").exists()

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from diffshield.cli.common import add_device_args, add_overwrite_arg, add_threads_arg, seed_int
+from diffshield.cli.common import add_device_args, add_threads_arg, seed_int
 from diffshield.cli.common import positive_int as _positive_int
 from diffshield.core.errors import DiffshieldError
 
@@ -44,16 +44,37 @@ def _float_in(lo: float, hi: float):
 # ----------------------------------------------------------------------------------------------- image I/O
 
 
+def _transparent_key(im) -> bool:
+    """Whether a non-palette image's tRNS colour key (``im.info["transparency"]``) matches any of its pixels."""
+    import numpy as np
+
+    key = im.info.get("transparency")
+    if key is None or im.mode in ("P", "RGBA", "LA", "PA", "La", "RGBa"):
+        return False
+    arr = np.asarray(im)
+    if arr.ndim == 3:
+        if not isinstance(key, tuple) or len(key) != arr.shape[2]:
+            return True  # a key we cannot compare: assume it is used
+        return bool((arr == np.asarray(key, dtype=arr.dtype)).all(axis=2).any())
+    if isinstance(key, tuple | bytes):
+        return True
+    return bool((arr == key).any())
+
+
 def _to_rgb_array(im, path: Path):
     """The stated conversion rules: 8-bit RGB as is; greyscale (1-, 8- or 16-bit) copied into R, G and B; 16-bit
     values divided by 65535; palette images through their palette; alpha dropped only when every pixel is opaque.
-    Refused in one line: transparency, CMYK, float and 32-bit images."""
+    Refused in one line: transparency (an alpha channel, a palette's or a tRNS colour key that some pixel uses),
+    CMYK, float and 32-bit images."""
     import numpy as np
 
     mode = im.mode
     if mode == "CMYK":
         raise DiffshieldError(f"'{path}' is a CMYK image; convert it to RGB with a colour-managed tool first "
                               "(a naive conversion would change its colours)")
+    if _transparent_key(im):
+        raise DiffshieldError(f"'{path}' has transparent pixels (a transparency colour key); the protection works on "
+                              "opaque RGB: flatten it onto a background first")
     if mode == "P":
         im = im.convert("RGBA" if "transparency" in im.info else "RGB")
         mode = im.mode
@@ -81,12 +102,45 @@ def _to_rgb_array(im, path: Path):
                           "16-bit RGB or greyscale PNG")
 
 
+def _raw_mode(im) -> str:
+    """The pixel layout in the file (Pillow's raw mode, e.g. ``"RGB;16B"`` for a 16-bit RGB PNG); "" if unknown.
+    Read before ``load()``, which forgets it."""
+    tile = getattr(im, "tile", None) or []
+    if not tile:
+        return ""
+    args = tile[0][3] if len(tile[0]) > 3 else None
+    if isinstance(args, tuple):
+        args = args[0] if args else None
+    return args if isinstance(args, str) else ""
+
+
+def _frames(im) -> int:
+    """Pages or frames of an image file; 1 for a camera JPEG stored as MPO (the primary image plus previews or a
+    depth map, of which the primary image is the photo)."""
+    return 1 if im.format == "MPO" else getattr(im, "n_frames", 1)
+
+
+def _check_layout(im, path: Path) -> None:
+    """Refuse, in one line, files that Pillow would read wrongly or only in part: several frames or pages (only the
+    first would be protected) and 16-bit colour (Pillow keeps the high byte of each channel only)."""
+    frames = _frames(im)
+    if frames > 1:
+        raise DiffshieldError(f"'{path}' holds {frames} pages or frames; diffshield protects one image: save the "
+                              "page to protect as its own PNG")
+    raw = _raw_mode(im)
+    if im.mode in ("RGB", "RGBA") and (";16" in raw or ";48" in raw or ";64" in raw):
+        raise DiffshieldError(f"'{path}' is a 16-bit colour image, which Pillow reads only at 8 bits per channel "
+                              "(the result would break the --eps budget against the true values); convert it to "
+                              "8-bit RGB first")
+
+
 def load_image(path: str | Path):
     """Read an image file as a (1, 3, H, W) float tensor in [0, 1]; one-line error for anything else.
 
-    Pixel formats follow :func:`_to_rgb_array`: greyscale becomes three equal channels, 16-bit values are scaled
-    by 1/65535, palette images are expanded, an all-opaque alpha channel is dropped; transparency and CMYK are
-    refused. Images smaller than :data:`MIN_SIDE` on a side are refused.
+    Pixel formats follow :func:`_to_rgb_array`: greyscale becomes three equal channels, 16-bit greyscale values are
+    scaled by 1/65535, palette images are expanded, an all-opaque alpha channel is dropped; transparency, CMYK,
+    16-bit colour (which Pillow cannot read at full depth) and files with several pages or frames are refused.
+    Images smaller than :data:`MIN_SIDE` on a side are refused.
     """
     import torch
     from PIL import Image, ImageOps, UnidentifiedImageError
@@ -96,6 +150,7 @@ def load_image(path: str | Path):
         raise DiffshieldError(f"image '{path}' does not exist or is not a file")
     try:
         with Image.open(path) as im:
+            _check_layout(im, path)
             im.load()
             arr = _to_rgb_array(ImageOps.exif_transpose(im), path)  # as viewers show it (a phone photo's rotation)
     except DiffshieldError:
@@ -121,8 +176,32 @@ def warn_if_large(shape, steps: int, n: int = 1) -> None:
               "inpainter; shrink the image or lower --steps for less)", file=sys.stderr)
 
 
+def _mask_array(im, path: Path, what: str):
+    """A mask image as an (H, W) bool array: pixels at or above half of full scale are True (128 of 255 for 8-bit
+    files, 32768 of 65535 for 16-bit ones). Transparent pixels are refused: their colour means nothing."""
+    import numpy as np
+
+    alpha = None
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (im.mode == "P" and "transparency" in im.info):
+        alpha = np.asarray(im.convert("RGBA").getchannel("A"))
+    if (alpha is not None and alpha.min() < 255) or _transparent_key(im):
+        raise DiffshieldError(f"{what} '{path}' has transparent pixels; give a black-and-white mask without "
+                              "transparency (white = region)")
+    if im.mode.startswith("I;16") or im.mode == "I":
+        arr = np.asarray(im, dtype=np.float64)
+        if arr.min() < 0 or arr.max() > 65535:
+            raise DiffshieldError(f"{what} '{path}' is a 32-bit integer image; give an 8- or 16-bit PNG")
+        return arr >= 32768
+    if im.mode == "F":
+        raise DiffshieldError(f"{what} '{path}' is a floating-point image; give a black-and-white PNG")
+    return np.asarray(im.convert("L"), dtype=np.uint8) >= 128
+
+
 def load_mask(path: str | Path, size: tuple[int, int] | None = None, what: str = "mask"):
-    """Read a mask image as (1, 1, H, W) {0, 1} (white/non-zero alpha-less pixels >= 128 are 1 = protect).
+    """Read a mask image as (1, 1, H, W) {0, 1}: pixels at or above half of full scale (128 for 8-bit files, 32768
+    for 16-bit ones; colour converted to greyscale) are 1 = protect.
+
+    Masks with transparent pixels and files with several pages or frames are refused in one line.
 
     Args:
         path: image file (any mode; converted to greyscale).
@@ -138,14 +217,21 @@ def load_mask(path: str | Path, size: tuple[int, int] | None = None, what: str =
         raise DiffshieldError(f"{what} '{path}' does not exist or is not a file")
     try:
         with Image.open(path) as im:
-            arr = np.asarray(ImageOps.exif_transpose(im).convert("L"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+            frames = _frames(im)
+            if frames > 1:
+                raise DiffshieldError(f"{what} '{path}' holds {frames} pages or frames; give a single "
+                                      "black-and-white PNG")
+            im.load()
+            arr = _mask_array(ImageOps.exif_transpose(im), path, what)
+    except DiffshieldError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         raise DiffshieldError(f"{what} '{path}' is not an image Pillow can read ({type(e).__name__}); give a "
                               "black-and-white PNG (white = region)") from None
     if size is not None and arr.shape != tuple(size):
         raise DiffshieldError(f"{what} '{path}' is {arr.shape[1]}x{arr.shape[0]} but the image is "
                               f"{size[1]}x{size[0]}; give a {what} of the image's size")
-    m = torch.from_numpy((arr >= 128).astype(np.float32))[None, None]
+    m = torch.from_numpy(arr.astype(np.float32))[None, None]
     return m
 
 
@@ -164,35 +250,112 @@ def _check_region(mask, path: Path, what: str = "mask") -> None:
 
 
 def _icc_profile(path: Path) -> bytes | None:
-    """The colour profile embedded in an image file (a phone's Display P3, ...), if any."""
+    """The colour profile embedded in an image file (a phone's Display P3, ...), if any, when it describes RGB
+    data: the protected PNG is RGB, so a greyscale (or other) profile would make it invalid and is dropped (viewers
+    then show the PNG as sRGB, which a grey gamma-2.2 profile matches closely)."""
     from PIL import Image
 
     with Image.open(path) as im:
-        return im.info.get("icc_profile") or None
+        icc = im.info.get("icc_profile") or None
+    if icc is not None and icc[16:20] != b"RGB ":  # the profile header's data colour space
+        return None
+    return icc
+
+
+#: the PNG text chunk, with value "protect", that marks a protected image written by ``diffshield protect``
+COMMAND_CHUNK = "diffshield-command"
+
+
+def is_protect_output(path: str | Path) -> bool:
+    """Whether ``path`` is a PNG that ``diffshield protect`` wrote (signed, with :data:`COMMAND_CHUNK` = protect)."""
+    from PIL import Image
+
+    from diffshield.core.io import written_by_diffshield
+
+    if not written_by_diffshield(path):
+        return False
+    try:
+        with Image.open(path) as im:
+            return im.info.get(COMMAND_CHUNK) == "protect"
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return False
+
+
+def _check_out_png(out: Path, overwrite: bool) -> None:
+    """Single-image mode: ``--out`` may replace only a previous ``diffshield protect`` output, and only with
+    ``--overwrite`` (checked before the work and again just before writing)."""
+    if not out.exists():
+        return
+    if not is_protect_output(out):
+        raise DiffshieldError(f"--out '{out}' exists and is not a protected image written by 'diffshield protect'; "
+                              "choose another file name (--overwrite replaces only a previous protect output)")
+    if not overwrite:
+        raise DiffshieldError(f"--out '{out}' holds a previous 'diffshield protect' output; pass --overwrite to "
+                              "replace it, or choose another file name")
 
 
 def _save_png(image, path: Path, icc: bytes | None = None) -> None:
-    """The protected PNG, with the original's colour profile (``icc``) so that it displays as the original does."""
-    from diffshield.core.io import save_result_image, to_pil
+    """The protected PNG, signed (``Software`` and :data:`COMMAND_CHUNK`), with the original's colour profile
+    (``icc``) so that it displays as the original does; written atomically."""
+    import io
 
-    pil = to_pil(image)
-    if icc:
-        pil.info["icc_profile"] = icc
-    save_result_image(pil, path, "--out")
+    from PIL.PngImagePlugin import PngInfo
+
+    from diffshield.core.io import atomic_write_bytes, signature, to_pil
+
+    info = PngInfo()
+    info.add_text("Software", signature())
+    info.add_text(COMMAND_CHUNK, "protect")
+    buf = io.BytesIO()
+    kw = {"icc_profile": icc} if icc else {}
+    to_pil(image).save(buf, format="PNG", pnginfo=info, **kw)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+def _mask_for(image: Path, masks: Path) -> Path | None:
+    """The mask of ``image`` in the folder ``masks``: the file of the same name, else the same stem with an image
+    suffix (in :data:`IMAGE_SUFFIXES` order, lower case first, then any case: C.PNG for C.png)."""
+    same = masks / image.name
+    if same.is_file():
+        return same
+    for s in IMAGE_SUFFIXES:
+        if (masks / (image.stem + s)).is_file():
+            return masks / (image.stem + s)
+    found = sorted((p for p in masks.iterdir() if p.is_file() and p.stem == image.stem
+                    and p.suffix.lower() in IMAGE_SUFFIXES), key=lambda p: (IMAGE_SUFFIXES.index(p.suffix.lower()),
+                                                                            p.name))
+    return found[0] if found else None
+
+
+def _check_names(files: list[Path], src: Path) -> None:
+    """Folder mode writes OUT/<stem>.png: refuse images whose stems differ only in case or suffix (a.png, a.jpg,
+    A.png), which would write the same output file."""
+    seen: dict[str, Path] = {}
+    for f in files:
+        key = f.stem.lower()
+        if key in seen:
+            raise DiffshieldError(f"'{seen[key].name}' and '{f.name}' in '{src}' would both be written as "
+                                  f"{f.stem}.png; rename one of them (output names ignore the suffix and case)")
+        seen[key] = f
+
+
 # ----------------------------------------------------------------------------------------------- protect
 
 
 def _config(args):
-    from diffshield.protect.attack_as_defense import AttackAsDefenseConfig
+    from diffshield.protect.attack_as_defense import MIN_EPS, AttackAsDefenseConfig
     from diffshield.protect.robust import EOTConfig
 
-    eot = EOTConfig(samples=args.eot_samples) if args.robust else None
+    if args.eot_samples is not None and not args.robust:
+        raise DiffshieldError("--eot-samples applies only with --robust; add --robust or drop --eot-samples")
+    if args.eps < MIN_EPS - 1e-12:
+        raise DiffshieldError(f"--eps {args.eps} is below one 8-bit step (1/255 = {MIN_EPS:.5f}): the protected "
+                              "PNG has 8-bit levels, so no pixel could move; give --eps 0.004 or more")
+    eot = EOTConfig(samples=args.eot_samples or 1) if args.robust else None
     return AttackAsDefenseConfig(eps=args.eps, steps=args.steps, target=args.target, seed=args.seed, eot=eot)
 
 
@@ -232,15 +395,18 @@ def cmd_protect(args) -> int:
         if msk.is_dir():
             raise DiffshieldError(f"--mask '{msk}' is a folder but the input is one image; give one mask file")
         check_output_file(out, "--out", inputs=inputs)
+        _check_out_png(out, args.overwrite)
         check_output_file(args.json, "--json", inputs=[*inputs, out])
         x = load_image(src)
         m = load_mask(msk, tuple(x.shape[-2:]))
         _check_region(m, msk)
-        warn_if_large(x.shape, cfg.steps * (1 + (args.eot_samples if args.robust else 0)))
+        warn_if_large(x.shape, cfg.steps * (1 + (cfg.eot.samples if cfg.eot else 0)))
         inpainter = load_inpainter(args.inpainter, device=args.device)
         bar, cb = _progress_bar(cfg.steps, src.name)
         res = protect(inpainter, x, m, cfg, progress=cb)
         bar.close()
+        check_output_file(out, "--out", inputs=inputs)  # nothing else appeared there meanwhile
+        _check_out_png(out, args.overwrite)
         _save_png(res.protected[0], out, _icc_profile(src))
         info = {"image": str(src), "mask": str(msk), "out": str(out), "seconds": round(res.seconds, 2),
                 "linf": float(res.delta.abs().max()), "target_colour": res.target_colour,
@@ -255,16 +421,24 @@ def cmd_protect(args) -> int:
     if args.json:
         raise DiffshieldError("--json is for one image; in folder mode the run report is --out's manifest.json")
     check_output_dir(out, "protect", args.overwrite, inputs=inputs)
-    files = _images_in(src)
-    if not files:
-        raise DiffshieldError(f"folder '{src}' holds no image files ({', '.join(IMAGE_SUFFIXES)})")
     if not msk.exists():
         raise DiffshieldError(f"--mask '{msk}' does not exist; give a folder of masks named like the images, or "
                               "one mask file")
+    if msk.is_dir() and msk.resolve() == src.resolve():
+        raise DiffshieldError(f"--mask '{msk}' is the image folder itself; give a separate folder of masks named "
+                              "like the images, or one mask file")
+    files = _images_in(src)
+    if msk.is_file():  # a shared mask kept among the images is the mask, not an image to protect
+        skipped = [f for f in files if f.resolve() == msk.resolve()]
+        files = [f for f in files if f.resolve() != msk.resolve()]
+        if skipped:
+            print(f"note: '{skipped[0]}' is the --mask file; it is not protected", file=sys.stderr)
+    if not files:
+        raise DiffshieldError(f"folder '{src}' holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+    _check_names(files, src)
     items = []
     for f in files:
-        mf = msk if msk.is_file() else next((msk / (f.stem + s) for s in IMAGE_SUFFIXES
-                                             if (msk / (f.stem + s)).is_file()), None)
+        mf = msk if msk.is_file() else _mask_for(f, msk)
         if mf is None:
             raise DiffshieldError(f"no mask for '{f.name}' in '{msk}' (expected {f.stem}.png)")
         x = load_image(f)
@@ -272,7 +446,7 @@ def cmd_protect(args) -> int:
         _check_region(m, mf)
         items.append((f, x, m))
     largest = max(items, key=lambda it: it[1].shape[-1] * it[1].shape[-2])[1].shape
-    warn_if_large(largest, cfg.steps * (1 + (args.eot_samples if args.robust else 0)), n=len(items))
+    warn_if_large(largest, cfg.steps * (1 + (cfg.eot.samples if cfg.eot else 0)), n=len(items))
     inpainter = load_inpainter(args.inpainter, device=args.device)
     groups: dict[tuple[int, int], list] = {}
     for it in items:
@@ -437,21 +611,26 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Add an imperceptible perturbation (L-inf <= eps) so that inpainting the masked region paints "
                     "a solid, obviously wrong colour, while edits elsewhere keep working (Attack as Defense, Zhang "
                     "et al. 2024). IMG may be a folder: then MASK is a folder of same-named masks (or one mask "
-                    "file for all) and OUT a folder.")
+                    "file for all, which is not protected itself if it lies in IMG) and OUT a folder of <stem>.png "
+                    "files (images whose names differ only in suffix or case are refused).")
     p.add_argument("image", metavar="IMG", help="image file, or a folder of images")
     p.add_argument("--mask", required=True,
                    help="black-and-white mask of the same size, white = region to protect (a folder in folder mode)")
     p.add_argument("--out", required=True, help="output .png (a folder in folder mode; written atomically; "
                                                 "never one of the inputs)")
-    add_overwrite_arg(p)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out when it holds a previous output of 'diffshield protect' (a protected PNG it "
+                        "wrote; in folder mode, a folder recognised by its .diffshield-output.json file); nothing "
+                        "else is ever replaced")
     p.add_argument("--eps", type=_float_in(0, 1), default=0.025,
-                   help="L-inf budget on the [0, 1] scale (default: 0.025, about 6/255)")
+                   help="L-inf budget on the [0, 1] scale, at least 1/255 (default: 0.025, about 6/255); the "
+                        "perturbation starts uniform in [0, min(0.01, eps))")
     p.add_argument("--steps", type=_positive_int, default=20, help="Adam steps (default: 20)")
     p.add_argument("--robust", action="store_true",
                    help="expectation over transformations (JPEG, resize, uint8, larger masks): more robust "
                         "protection at (1 + --eot-samples) times the cost (default: off, as in the paper)")
-    p.add_argument("--eot-samples", type=_positive_int, default=1,
-                   help="transformed views per step with --robust (default: 1)")
+    p.add_argument("--eot-samples", type=_positive_int, default=None,
+                   help="transformed views per step; only with --robust (default: 1)")
     p.add_argument("--batch-size", type=_positive_int, default=8,
                    help="images of equal size protected together in folder mode (default: 8)")
     p.add_argument("--seed", type=seed_int, default=0,

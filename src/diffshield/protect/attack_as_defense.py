@@ -10,11 +10,13 @@ wrong colour, while fills of masks around the region (the ring M_r = M_e - M) st
 
 with M_e = 1[conv2d(M, ones(17 x 17), pad 8) > 0], T a solid colour: whichever of green, red, blue (in that order,
 first maximum wins) is farthest from the image's mean colour, or 1 - x. Adam (lr 0.1, betas (0.5, 0.5)), delta
-initialised U[0, 0.01), 20 steps, delta clipped to +-eps before each forward; the result is rounded to uint8.
+initialised U[0, min(0.01, eps)), 20 steps, delta clipped to +-eps before each forward; the result is rounded to
+uint8 levels within eps.
 
-Unlike the official code this runs on a CPU, in batches, on any image size, and an empty mask gives a zero loss
-term rather than NaN. An optional expectation over transformations (:mod:`diffshield.protect.robust`) makes the
-protection survive JPEG, resizing and larger attacker masks (not in the paper).
+Unlike the official code this runs on a CPU, in batches, on any image size from :data:`MIN_SIDE` px up, and an empty
+mask gives a zero loss term rather than NaN. An optional expectation over transformations
+(:mod:`diffshield.protect.robust`) makes the protection survive JPEG, resizing and larger attacker masks (not in
+the paper).
 
 Example::
 
@@ -40,6 +42,15 @@ from diffshield.protect.robust import EOTConfig, sample_transform
 #: Candidate target colours, in the order that breaks ties (green, red, blue).
 TARGET_COLOURS: tuple[tuple[float, float, float], ...] = ((0.0, 1.0, 0.0), (1.0, 0.0, 0.0), (0.0, 0.0, 1.0))
 
+#: the smallest image side protect and evaluate_protection take (the inpainters' padding and down-sampling need it;
+#: the CLI's ``MIN_SIDE`` is the same)
+MIN_SIDE = 16
+#: the smallest eps with ``quantize=True``: one 8-bit step. Below it no uint8 level may lie within eps of an image
+#: that is not on the 8-bit grid, and an image on it could not move at all.
+MIN_EPS = 1 / 255
+#: the default upper end of delta's uniform initialisation (when eps is smaller, eps is used)
+DEFAULT_INIT = 0.01
+
 
 @dataclass
 class AttackAsDefenseConfig:
@@ -50,13 +61,16 @@ class AttackAsDefenseConfig:
         steps: Adam iterations (default 20).
         lr: Adam learning rate (default 0.1).
         betas: Adam betas (default (0.5, 0.5)).
-        init: delta starts uniform in [0, init) (default 0.01).
+        init: delta starts uniform in [0, init), 0 <= init <= eps (default None: min(0.01, eps), the paper's
+            0.01 unless the budget is smaller).
         expand: half-size of the square that expands M into M_e, i.e. a (2 * expand + 1)^2 kernel (default 8: 17x17).
         w_mask: weight of the target term on M (default 1).
         w_expanded: weight of the target term on M_e, the "incomplete trigger" (default 1).
         w_hide: weight of the ring term that keeps other edits unchanged (default 2).
         target: ``"colour"`` (solid colour farthest from the mean colour, default) or ``"invert"`` (T = 1 - x).
-        quantize: round the result to uint8 levels, staying within eps (default True).
+        quantize: round the result to uint8 levels, staying within eps (default True); needs eps >= 1/255
+            (:data:`MIN_EPS`): with a smaller budget pass ``quantize=False`` (the result is then not on the 8-bit
+            grid, and saving it as an 8-bit image moves pixels by up to 0.5/255 more).
         seed: seed of delta's initialisation (default 0).
         eot: expectation over transformations for robustness (default None: off, as in the paper).
     """
@@ -65,7 +79,7 @@ class AttackAsDefenseConfig:
     steps: int = 20
     lr: float = 0.1
     betas: tuple[float, float] = (0.5, 0.5)
-    init: float = 0.01
+    init: float | None = None
     expand: int = 8
     w_mask: float = 1.0
     w_expanded: float = 1.0
@@ -84,6 +98,11 @@ class AttackAsDefenseConfig:
             raise DiffshieldError(f"lr must be positive, got {self.lr}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise DiffshieldError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        if self.quantize and self.eps < MIN_EPS - 1e-12:
+            raise DiffshieldError(f"eps {self.eps} is below one 8-bit step (1/255 = {MIN_EPS:.5f}): rounding to uint8 "
+                                  "levels could not stay within it; raise eps or pass quantize=False")
+        if self.init is None:
+            self.init = min(DEFAULT_INIT, self.eps)
         if not 0 <= self.init <= self.eps:
             raise DiffshieldError(f"init must lie in [0, eps={self.eps}], got {self.init}")
         if self.expand < 0:
@@ -160,8 +179,29 @@ def check_masks(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return m
 
 
+def check_images(image, what: str = "images") -> None:
+    """Refuse, in one line, what protect and evaluate_protection cannot take: anything but a floating-point
+    (N, 3, H, W) tensor with values in [0, 1] (uint8 0-255 images included: divide them by 255) and at least
+    :data:`MIN_SIDE` px on each side."""
+    if not isinstance(image, torch.Tensor):
+        raise DiffshieldError(f"{what} must be a torch tensor (N, 3, H, W) in [0, 1], got {type(image).__name__}")
+    if not image.is_floating_point():
+        raise DiffshieldError(f"{what} are {image.dtype}; give floats in [0, 1] (e.g. uint8 images / 255)")
+    if image.dim() != 4 or image.shape[1] != 3:
+        raise DiffshieldError(f"{what} must be (N, 3, H, W), got {tuple(image.shape)}")
+    if image.shape[0] == 0:
+        raise DiffshieldError(f"{what} are an empty batch")
+    if min(image.shape[-2:]) < MIN_SIDE:
+        raise DiffshieldError(f"{what} are {image.shape[3]}x{image.shape[2]}; the inpainters need at least "
+                              f"{MIN_SIDE} px on each side")
+    lo, hi = float(image.min()), float(image.max())
+    if not (0 <= lo and hi <= 1):  # NaN fails too
+        raise DiffshieldError(f"{what} hold values in [{lo:.4g}, {hi:.4g}]; give values in [0, 1]")
+
+
 def _quantize_within(x: torch.Tensor, xp: torch.Tensor, eps: float) -> torch.Tensor:
-    """Round to uint8 levels, then step back inside [x - eps, x + eps] and [0, 1]."""
+    """Round to uint8 levels, then step back inside [x - eps, x + eps] and [0, 1]. Needs eps >= 1/255
+    (:data:`MIN_EPS`): then a level always lies within reach, so the result stays within eps of x."""
     q = torch.round(xp * 255)
     lo = torch.ceil((x - eps) * 255 - 1e-4).clamp(0, 255)
     hi = torch.floor((x + eps) * 255 + 1e-4).clamp(0, 255)
@@ -175,7 +215,8 @@ def protect(inpainter: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ima
 
     Args:
         inpainter: differentiable ``f(image, mask) -> image`` (see :mod:`diffshield.protect.inpainters`).
-        image: (N, 3, H, W) in [0, 1], any H and W.
+        image: (N, 3, H, W) floats in [0, 1], H and W at least :data:`MIN_SIDE` (16); anything else (uint8
+            0-255, values outside [0, 1], smaller images) is refused in one line.
         mask: (N, 1, H, W), 1 = the region to protect (M). Empty or all-covering masks are refused.
         config: settings (default :class:`AttackAsDefenseConfig()`: eps 0.025, 20 steps, Adam lr 0.1 (0.5, 0.5)).
         progress: called as ``progress(step, loss)`` after every step (default None).
@@ -184,10 +225,13 @@ def protect(inpainter: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ima
         :class:`ProtectResult` with the protected images.
     """
     cfg = config or AttackAsDefenseConfig()
+    if not isinstance(mask, torch.Tensor):
+        raise DiffshieldError(f"mask must be a torch tensor (N, 1, H, W), got {type(mask).__name__}")
     t0 = time.time()
     p = next(inpainter.parameters(), None) if isinstance(inpainter, torch.nn.Module) else None
     dev = p.device if p is not None else image.device  # work where the inpainter lives; results come back
-    x = image.detach().float().clamp(0, 1).to(dev)
+    check_images(image)
+    x = image.detach().float().to(dev)
     m = check_masks(x, mask.detach().float().to(dev))
     me = expand_mask(m, cfg.expand)
     mr = ring_mask(m, me)

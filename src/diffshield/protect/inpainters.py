@@ -215,14 +215,41 @@ class ToyInpainter(Inpainter):
 
 class TorchScriptInpainter(Inpainter):
     """A user-supplied TorchScript inpainter such as LaMa's ``big-lama.pt``, called as ``module(image, mask)`` with
-    image in [0, 1] (N, 3, H, W) and a binary (N, 1, H, W) mask, returning an image in [0, 1]."""
+    image in [0, 1] (N, 3, H, W) and a binary (N, 1, H, W) mask, returning an image in [0, 1].
 
-    def __init__(self, module: torch.jit.ScriptModule) -> None:
+    Every call checks the result: a module that cannot be called that way, returns something other than one tensor
+    of the image's shape, or returns values outside [0, 1] (beyond :attr:`range_tolerance`, e.g. a 0-255 export) is
+    refused in one line."""
+
+    #: how far outside [0, 1] the module's output may stray (default 0.05) before it is refused
+    range_tolerance: float = 0.05
+
+    def __init__(self, module: torch.jit.ScriptModule, name: str = "TorchScript inpainter") -> None:
         super().__init__()
         self.module = module
+        self.name = name
 
     def fill(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.module(image, mask)
+        try:
+            out = self.module(image, mask)
+        except (RuntimeError, TypeError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DiffshieldError(f"{self.name} failed when called as model(image, mask) on {tuple(image.shape)} "
+                                  f"images: {first[:200]}") from None
+        if not isinstance(out, torch.Tensor):
+            raise DiffshieldError(f"{self.name} returned {type(out).__name__}, not one image tensor; it must map "
+                                  "(image, mask) to an (N, 3, H, W) image")
+        if out.shape != image.shape:
+            raise DiffshieldError(f"{self.name} returned shape {tuple(out.shape)} for images of shape "
+                                  f"{tuple(image.shape)}; it must return an image of the input's shape")
+        if not out.is_floating_point():
+            raise DiffshieldError(f"{self.name} returned {out.dtype} values; it must return floats in [0, 1]")
+        lo, hi = float(out.detach().min()), float(out.detach().max())
+        tol = self.range_tolerance
+        if not (-tol <= lo and hi <= 1 + tol):  # NaN fails too
+            raise DiffshieldError(f"{self.name} returned values in [{lo:.4g}, {hi:.4g}], not [0, 1] (a 0-255 "
+                                  "export?); wrap it so that it returns images in [0, 1]")
+        return out
 
 
 # ----------------------------------------------------------------------------------------------- save / load
@@ -250,10 +277,31 @@ def _load_toy(folder: Path) -> ToyInpainter:
         raise DiffshieldError(f"'{folder}' is not a toy inpainter folder (needs config.json and model.safetensors); "
                               "rebuild it with 'python -m diffshield.protect.train_inpainter'")
     check_safetensors(weights)
-    raw = json.loads(cfg_file.read_text())
-    cfg = FFCConfig(**{k: raw[k] for k in ("base", "n_down", "n_blocks", "ratio_global", "stem_kernel") if k in raw})
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise DiffshieldError(f"'{cfg_file}' is not valid JSON ({type(e).__name__}); re-save the folder with "
+                              "save_toy_inpainter") from None
+    if not isinstance(raw, dict):
+        raise DiffshieldError(f"'{cfg_file}' is not a JSON object; re-save the folder with save_toy_inpainter")
+    kw = {k: raw[k] for k in ("base", "n_down", "n_blocks", "ratio_global", "stem_kernel") if k in raw}
+    for k, v in kw.items():
+        ok = isinstance(v, float | int) if k == "ratio_global" else isinstance(v, int)
+        if isinstance(v, bool) or not ok:
+            want = "a number" if k == "ratio_global" else "a whole number"
+            raise DiffshieldError(f"'{cfg_file}': {k} must be {want}, got {v!r}")
+    cfg = FFCConfig(**kw)
     net = FFCInpainterNet(cfg)
-    missing, unexpected = net.load_state_dict(load_file(str(weights)), strict=False)
+    try:
+        missing, unexpected = net.load_state_dict(load_file(str(weights)), strict=False)
+    except RuntimeError as e:  # tensors of the wrong shape: config.json describes another network
+        import re
+
+        names = re.findall(r"size mismatch for (\S+?):", str(e))
+        detail = (f"{len(names)} tensors of another shape, e.g. {names[0]}" if names
+                  else (str(e).strip().splitlines() or [type(e).__name__])[0][:120])
+        raise DiffshieldError(f"weights in '{weights}' do not match its config.json ({detail}); re-save the "
+                              "folder") from None
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing or unexpected:
         raise DiffshieldError(f"weights in '{weights}' do not match its config.json ({len(missing)} missing, "
@@ -274,7 +322,7 @@ def load_inpainter(spec: str | Path = "toy", device: torch.device | str = "cpu")
 
     device = resolve_device(device)
     s = str(spec)
-    if s.startswith("toy"):
+    if s == "toy" or s.startswith("toy:"):  # a name; anything else (toy_inpainter/, ...) is a path
         if s not in TOY_INPAINTERS:
             raise DiffshieldError(f"unknown toy inpainter {s!r}; use 'toy' (= 'toy:inpaint') or a path")
         model: Inpainter = _load_toy(TOY_ROOT / TOY_INPAINTERS[s])
@@ -294,7 +342,7 @@ def load_inpainter(spec: str | Path = "toy", device: torch.device | str = "cpu")
             except (RuntimeError, ValueError) as e:
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise DiffshieldError(f"could not load TorchScript inpainter '{path}': {first}") from None
-            model = TorchScriptInpainter(module.eval())
+            model = TorchScriptInpainter(module.eval(), name=f"TorchScript inpainter '{path}'")
     for p in model.parameters():
         p.requires_grad_(False)
     return model.to(device).eval()

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from diffshield.protect.attack_as_defense import expand_mask, target_colour
+from diffshield.core.errors import DiffshieldError
+from diffshield.protect.attack_as_defense import check_images, check_masks, expand_mask, target_colour
 from diffshield.protect.scenes import benign_masks, partial_masks
 
 Inpaint = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -78,10 +79,12 @@ def evaluate_protection(inpainter: Inpaint, original: torch.Tensor, protected: t
 
     Args:
         inpainter: ``f(image, mask) -> image``.
-        original, protected: (N, 3, H, W) in [0, 1] (``protected`` may have been JPEG'd/resized since).
-        mask: (N, 1, H, W), the protected region M.
-        benign: (N, 1, H, W) masks that miss the region (default: random boxes outside M_e; images with none are
-            skipped in the benign figures).
+        original, protected: (N, 3, H, W) floats in [0, 1], at least 16 px a side, of the same shape
+            (``protected`` may have been JPEG'd/resized since); anything else is refused in one line.
+        mask: (N, 1, H, W), the protected region M; binarised (> 0.5) as :func:`protect` does. Empty or
+            all-covering masks are refused.
+        benign: (N, 1, H, W) masks that miss the region, binarised (> 0.5) (default: random boxes outside M_e;
+            images with none are skipped in the benign figures).
         target: ``"colour"`` or ``"invert"`` (default "colour").
         expand: M_e's expansion in px (default 8).
         partial: also evaluate partial attacker masks (default True).
@@ -94,6 +97,21 @@ def evaluate_protection(inpainter: Inpaint, original: torch.Tensor, protected: t
         for the protected and the unprotected image, ...) plus per-image lists under ``per_image`` and the
         inpainted images under ``_images`` (tensors; pop it before writing JSON).
     """
+    check_images(original, "original images")
+    check_images(protected, "protected images")
+    if protected.shape != original.shape:
+        raise DiffshieldError(f"protected images are {tuple(protected.shape)} but the originals "
+                              f"{tuple(original.shape)}; give one protected image per original, of its size")
+    original, protected = original.float(), protected.float()
+    if not isinstance(mask, torch.Tensor):
+        raise DiffshieldError(f"mask must be a torch tensor (N, 1, H, W), got {type(mask).__name__}")
+    mask = check_masks(original, mask.float())
+    if benign is not None:
+        if isinstance(benign, torch.Tensor) and benign.dim() == 3:
+            benign = benign[:, None]
+        if not isinstance(benign, torch.Tensor) or benign.shape != mask.shape:
+            raise DiffshieldError(f"benign masks must be a tensor of the masks' shape {tuple(mask.shape)}")
+        benign = (benign.float() > 0.5).to(original.dtype)
     me = expand_mask(mask, expand)
     if benign is None:
         benign = benign_masks(expand_mask(mask, expand + 1), seed=seed)
