@@ -159,3 +159,11 @@ def test_erasure_report_counts_its_images_in_a_progress_bar(tiny_model, capsys):
     err = capsys.readouterr().err
     for label in ("original", "erased"):  # one bar per model, sized to the images it generates
         assert f"{label}:   0%|          | 0/{total} " in err
+
+
+def test_i2p_csv_row_with_more_fields_than_the_header_is_one_line(tmp_path):
+    """An unquoted comma in a prompt gave an AttributeError traceback (csv puts extra fields under the key None)."""
+    f = tmp_path / "c.csv"
+    f.write_text("prompt,evaluation_seed,evaluation_guidance\n\na red triangle,1,5\na red, striped triangle,3,5\n")
+    with pytest.raises(DiffshieldError, match=r"line 4: 4 fields but the header has 3; quote a prompt"):
+        load_prompt_csv(f)

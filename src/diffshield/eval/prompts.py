@@ -43,7 +43,12 @@ def load_prompt_csv(path: str | Path) -> list[PromptRow]:
             seed_col = next((c for c in ("evaluation_seed", "seed", "sd_seed") if c in cols), None)
             guid_col = next((c for c in ("evaluation_guidance", "guidance", "sd_guidance_scale") if c in cols), None)
             rows, empty = [], []
-            for line, raw in enumerate(reader, start=2):
+            for raw in reader:
+                line = reader.line_num  # the file line the record ends on (blank lines and quoted newlines counted)
+                if None in raw:  # more fields than the header: an unquoted comma in the prompt, most likely
+                    raise DiffshieldError(f"'{path}' line {line}: {len(cols) + len(raw[None])} fields but the header "
+                                          f"has {len(cols)}; quote a prompt that holds a comma (\"a red, striped "
+                                          "triangle\")")
                 raw = {(k or "").strip(): (v or "").strip() for k, v in raw.items()}
                 if not raw.get("prompt"):
                     empty.append(line)
