@@ -567,3 +567,17 @@ def test_rece_per_concept_empty_weighting_and_round_preserve(model, tiny_model):
         assert rel(w.double(), ref[name]) <= 1e-5, name
     style = RECEConfig.from_preset("style", uce={"preserve": ["box"]})
     assert style.uce.guides == ["art"] and style.uce.preserve == ["box"]
+
+
+def test_a_concept_given_twice_is_refused_not_doubled():
+    """'triangle' and 'Triangle' are one prompt to the tokenizer: two copies added the concept's rows twice (the
+    result equalled --erase-scale 2) while the summary said s_e 1."""
+    from diffshield.erase.esd import ESDConfig
+    from diffshield.erase.uce import UCEConfig, check_uce_prompts
+
+    with pytest.raises(DiffshieldError, match="'Triangle' is erased twice"):
+        check_uce_prompts(["triangle", "Triangle"], UCEConfig(guides=["square"]))
+    from diffshield.erase.esd.train import esd_erase
+
+    with pytest.raises(DiffshieldError, match="erased twice"):
+        esd_erase(None, [" a wedge", "a  wedge"], ESDConfig())

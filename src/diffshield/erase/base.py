@@ -82,7 +82,15 @@ def _words(prompt: str) -> str:
 def check_prompt_roles(concepts: list[str], guides: list[str] = (), preserve: list[str] = ()) -> None:
     """Refuse an erasure whose prompts contradict each other (before any work): a concept that is also preserved,
     or a concept guided to itself (the edit would map it onto itself and erase nothing). Prompts are compared as
-    the tokenizer reads them (case and spacing ignored); ``guides`` pairs with ``concepts`` one to one."""
+    the tokenizer reads them (case and spacing ignored); ``guides`` pairs with ``concepts`` one to one. A concept
+    given twice is refused too: each copy adds its rows to the edit (or its share of ESD's draws), which doubled the
+    erase strength without a word."""
+    seen: dict[str, str] = {}
+    for c in concepts:
+        if _words(c) in seen:
+            raise DiffshieldError(f"{c!r} is erased twice ({seen[_words(c)]!r} is the same prompt); give each concept "
+                                  "once (a stronger edit: --erase-scale)")
+        seen[_words(c)] = c
     kept = {_words(p) for p in preserve}
     for c in concepts:
         if _words(c) in kept:
