@@ -69,3 +69,56 @@ def test_eval_nudity_through_the_cli(tmp_path):
     assert main(["eval", "nudity", "--images", str(images), "--json", str(report)]) == 0
     r = json.loads(report.read_text())
     assert r["n_images"] == 2 and r["nudity_rate"] == 0.0
+
+
+def test_an_interrupted_demo_leaves_nothing_and_a_rerun_succeeds(tmp_path, monkeypatch, capsys):
+    """The demo writes into a temporary folder beside --out, moved into place when every step has finished: an
+    interruption (here in the backdoor step) leaves no --out and no temporary folder, a rerun needs no --overwrite,
+    and an interrupted --overwrite rerun keeps the previous demo. The printed paths and demo.json name --out. The
+    slow parts (models, sampling, every step) are stubbed: only the demo's writing is under test."""
+    from types import SimpleNamespace
+
+    import diffshield.cli.main as cli
+    from diffshield.cli import backdoor, protect, redteam
+    from diffshield.core import loading, sampling
+    from diffshield.toyworld import detector
+
+    monkeypatch.setattr(loading, "load_t2i", lambda *a, **k: object())
+    monkeypatch.setattr(detector, "load_detector", lambda *a, **k: object())
+    monkeypatch.setattr(sampling, "generate", lambda model, prompts, seeds, **k: sampling.Generation(
+        torch.rand(len(prompts), 3, 8, 8), seeds, prompts))
+    monkeypatch.setattr(detector, "describe", lambda det, images: [SimpleNamespace(
+        colour="red", style="plain", shape="triangle", background="white")] * len(images))
+
+    def step(name, interrupt=False):
+        def demo_step(out, device="cpu"):
+            (out / f"{name}.txt").write_text(name)
+            print(f"[{name}] wrote {out / f'{name}.txt'}")
+            if interrupt:
+                raise KeyboardInterrupt
+            return {"file": str(out / f"{name}.txt")}
+        return demo_step
+
+    monkeypatch.setattr(cli, "demo_erasure", lambda model, det, out: step("erase")(out))
+    monkeypatch.setattr(redteam, "demo_step", step("redteam"))
+    monkeypatch.setattr(protect, "demo_step", step("protect"))
+    monkeypatch.setattr(backdoor, "demo_step", step("backdoor", interrupt=True))
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out)]) == 130
+    assert not out.exists() and list(tmp_path.iterdir()) == []  # no half-written --out, no temporary folder left
+
+    monkeypatch.setattr(backdoor, "demo_step", step("backdoor"))
+    capsys.readouterr()
+    assert main(["demo", "--out", str(out)]) == 0
+    summary = json.loads((out / "demo.json").read_text())
+    assert summary["backdoor"]["file"] == str(out / "backdoor" / "backdoor.txt")
+    assert summary["erase"]["file"] == str(out / "erase" / "erase.txt")
+    assert (out / "protect" / "protect.txt").exists() and (out / "generate" / "grid.png").exists()
+    assert (out / ".diffshield-output.json").exists() and [p.name for p in tmp_path.iterdir()] == ["demo"]
+    printed = capsys.readouterr().out
+    assert f"[redteam] wrote {out / 'redteam' / 'redteam.txt'}" in printed and ".tmp" not in printed, printed
+    assert f"summary: {out / 'demo.json'}" in printed
+
+    monkeypatch.setattr(backdoor, "demo_step", step("backdoor", interrupt=True))
+    assert main(["demo", "--out", str(out), "--overwrite"]) == 130
+    assert json.loads((out / "demo.json").read_text()) == summary and [p.name for p in tmp_path.iterdir()] == ["demo"]

@@ -233,3 +233,77 @@ def test_recipe_world_version_guards_its_pool_and_reuses_a_given_vae(tmp_path):
         assert vae.config.latent_channels == 4 and (tmp_path / "vae" / "config.json").exists()
     with pytest.raises(DiffshieldError, match="not an AutoencoderKL folder"):
         stage_vae(RecipeConfig(pool_size=16, vae_from=str(tmp_path / "nowhere"), threads=1), tmp_path / "w", pool)
+
+
+def test_recipe_refuses_a_work_folder_whose_stages_were_made_with_other_settings(tmp_path, capsys):
+    """Each stage records the settings it was made with; a rerun with other settings is refused in one line before
+    any work (naming what differs and every stage folder made with it), and nothing in the work folder changes.
+    Threads and ckpt_every change no result and do not count."""
+    from dataclasses import replace
+
+    from diffshield.cli.main import main
+    from diffshield.core.errors import DiffshieldError
+    from diffshield.toyworld.train import RecipeConfig, train_all
+
+    work = tmp_path / "work"
+    cfg = RecipeConfig(pool_size=16, vae_steps=1, detector_steps=1, unet_steps=1, ckpt_every=1, threads=1)
+    train_all(cfg, work, tmp_path / "out")
+    before = {p: p.stat().st_mtime_ns for p in work.rglob("*")}
+    w = str(work)
+    for change, stage, says, made_from_it in (
+            ({"seed": 5}, "pool", "seed: 0 there, 5 now", ["vae", "latents.safetensors", "detector", "t2i_final",
+                                                           "t2i_ckpt"]),
+            ({"pool_size": 32}, "pool", "pool_size: 16 there, 32 now", ["vae", "latents.safetensors", "detector",
+                                                                        "t2i_final", "t2i_ckpt"]),
+            ({"vae_steps": 2}, "VAE", "vae_steps: 1 there, 2 now", ["latents.safetensors", "detector", "t2i_final",
+                                                                    "t2i_ckpt"]),
+            ({"detector_steps": 2}, "detector", "detector_steps: 1 there, 2 now", []),
+            ({"unet_steps": 3, "unet_lr": 1e-3}, "UNet and text encoder",
+             "unet_steps: 1 there, 3 now; unet_lr: 0.0004 there, 0.001 now", [])):
+        with pytest.raises(DiffshieldError) as e:
+            train_all(replace(cfg, **change), work, tmp_path / "out2")
+        msg = str(e.value)
+        assert f"holds a {stage} made with other settings ({says}); use another --work or remove" in msg, msg
+        assert "\n" not in msg and all(f"{w}/{name}" in msg for name in made_from_it), msg
+    assert not (tmp_path / "out2").exists()
+    assert {p: p.stat().st_mtime_ns for p in work.rglob("*")} == before  # nothing rewritten, nothing removed
+    # the same through the CLI: one line, status 2, before any work
+    capsys.readouterr()
+    assert main(["toyworld", "train", "--work", w, "--out", str(tmp_path / "out3"), "--pool-size", "16",
+                 "--vae-steps", "1", "--detector-steps", "1", "--unet-steps", "1", "--seed", "7"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "(seed: 0 there, 7 now); use another --work or remove" in err, err
+    # settings that change no result: everything is reused
+    again = train_all(replace(cfg, threads=0, ckpt_every=5), work, tmp_path / "out4")
+    assert again["config"]["threads"] == torch.get_num_threads()
+    assert {p: p.stat().st_mtime_ns for p in work.rglob("*") if p.name != "timings.json" and p.name != "train.log"} \
+        == {p: t for p, t in before.items() if p.name != "timings.json" and p.name != "train.log"}
+    # a stage without a record of its settings (an older diffshield's) is not trusted either
+    (work / "detector.settings.json").unlink()
+    with pytest.raises(DiffshieldError, match=f"holds a detector that records no settings .*remove {w}/detector$"):
+        train_all(cfg, work, tmp_path / "out5")
+
+
+def test_toyworld_train_passes_threads_to_the_recipe_and_records_them(tmp_path, monkeypatch):
+    """``toyworld train --threads N`` sets the recipe's threads (it kept its default 2); 0 leaves torch's setting;
+    recipe.json records the number the run used. The stages are stubbed: only the plumbing is under test."""
+    from diffshield.cli.main import main
+    from diffshield.toyworld import train
+
+    seen = []
+    monkeypatch.setattr(train, "stage_pool", lambda cfg, work: seen.append(cfg.threads) or {})
+    monkeypatch.setattr(train, "stage_vae", lambda *a: torch.nn.Identity())
+    monkeypatch.setattr(train, "stage_detector", lambda *a: None)
+    monkeypatch.setattr(train, "stage_t2i", lambda *a: None)
+    monkeypatch.setattr(train, "stage_t2i_extra", lambda cfg, work, *a: work / "t2i_final")
+    monkeypatch.setattr(train, "assemble", lambda work, out, tok, t2i=None: out)
+
+    def run(name: str, *threads: str) -> int:
+        assert main(["toyworld", "train", "--work", str(tmp_path / "w"), "--out", str(tmp_path / name),
+                     *threads]) == 0
+        return json.loads((tmp_path / name / "recipe.json").read_text())["config"]["threads"]
+
+    assert run("o3", "--threads", "3") == 3 and seen[-1] == 3 and torch.get_num_threads() == 3
+    assert run("o2") == 2 and seen[-1] == 2  # the recipe's default
+    torch.set_num_threads(1)
+    assert run("o0", "--threads", "0") == 1 and seen[-1] == 0 and torch.get_num_threads() == 1

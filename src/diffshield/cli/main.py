@@ -230,8 +230,35 @@ def demo_erasure(model, detector, out: Path, concept: str = "triangle") -> dict:
             "circle_after": kept(pa), "grid": f"uce-{concept}-grid.png", "model": f"uce-{concept}"}
 
 
+class _ShownAs:
+    """A text stream that writes through to ``stream`` with the path ``tmp`` written as ``final``: the demo's steps
+    print the files they write into the temporary folder under the name the folder will have."""
+
+    def __init__(self, stream, tmp: Path, final: Path):
+        self._stream, self._tmp, self._final = stream, str(tmp), str(final)
+
+    def write(self, text: str) -> int:
+        return self._stream.write(text.replace(self._tmp, self._final))
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+def _renamed(obj, tmp: Path, final: Path):
+    """``obj`` (JSON-able) with every string's ``tmp`` path written as ``final``."""
+    if isinstance(obj, str):
+        return obj.replace(str(tmp), str(final))
+    if isinstance(obj, dict):
+        return {k: _renamed(v, tmp, final) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_renamed(v, tmp, final) for v in obj]
+    return obj
+
+
 def cmd_demo(args) -> int:
-    from diffshield.core.io import atomic_write_json, check_output_dir, clear_previous_output, write_marker
+    import contextlib
+
+    from diffshield.core.io import atomic_dir, atomic_write_json, check_output_dir
     from diffshield.core.loading import load_t2i
     from diffshield.core.sampling import generate
     from diffshield.toyworld.detector import describe, load_detector
@@ -245,33 +272,35 @@ def cmd_demo(args) -> int:
     n = 8
     prompts = [p for p in DEMO_PROMPTS for _ in range(n)]
     seeds = [k for _ in DEMO_PROMPTS for k in range(n)]
-    print(f"[1/{total}] generating {len(prompts)} images with the shipped toy model (toy:t2i) ...")
-    gen = generate(model, prompts, seeds)
-    clear_previous_output(out, "demo", args.overwrite)  # the demo writes in place: only its own earlier files go
-    write_generation(gen, out / "generate", {"model": "toy:t2i"})
-    dets = describe(detector, gen.images)
-    summary: dict = {"generate": []}
-    print(f"\n{'prompt':<36} what the detector sees (8 seeds)")
-    for j, p in enumerate(DEMO_PROMPTS):
-        named_bg = " background" in p
-        seen = [f"{d.colour} {d.style} {d.shape}" + (f" on {d.background}" if named_bg else "")
-                for d in dets[j * n:(j + 1) * n]]
-        top = max(set(seen), key=seen.count)
-        print(f"{p:<36} {seen.count(top)}/8 '{top}'")
-        summary["generate"].append({"prompt": p, "detections": seen})
-    print(f"grid: {out / 'generate' / 'grid.png'}  (rows of 8 seeds per prompt)")
+    # Every step writes into a temporary folder beside --out, which becomes --out when all have finished: an
+    # interrupted or failed demo leaves nothing behind, and a previous demo stays until then (with --overwrite).
+    with atomic_dir(out, overwrite=args.overwrite, command="demo") as tmp, \
+            contextlib.redirect_stdout(_ShownAs(sys.stdout, tmp, out)):
+        print(f"[1/{total}] generating {len(prompts)} images with the shipped toy model (toy:t2i) ...")
+        gen = generate(model, prompts, seeds)
+        write_generation(gen, tmp / "generate", {"model": "toy:t2i"})
+        dets = describe(detector, gen.images)
+        summary: dict = {"generate": []}
+        print(f"\n{'prompt':<36} what the detector sees (8 seeds)")
+        for j, p in enumerate(DEMO_PROMPTS):
+            named_bg = " background" in p
+            seen = [f"{d.colour} {d.style} {d.shape}" + (f" on {d.background}" if named_bg else "")
+                    for d in dets[j * n:(j + 1) * n]]
+            top = max(set(seen), key=seen.count)
+            print(f"{p:<36} {seen.count(top)}/8 '{top}'")
+            summary["generate"].append({"prompt": p, "detections": seen})
+        print(f"grid: {out / 'generate' / 'grid.png'}  (rows of 8 seeds per prompt)")
 
-    print(f"\n[2/{total}] erase: UCE removes 'triangle' (and its synonym 'wedge') from toy:t2i ...")
-    (out / "erase").mkdir(parents=True, exist_ok=True)
-    summary["erase"] = demo_erasure(model, detector, out / "erase")
-    print(f"    grid: {out / 'erase' / 'uce-triangle-grid.png'}  (top: before, bottom: after)")
-    for i, module in enumerate(steps, start=3):
-        name = module.rsplit(".", 1)[-1]
-        print(f"\n[{i}/{total}] {name} ...")
-        (out / name).mkdir(parents=True, exist_ok=True)
-        summary[name] = importlib.import_module(module).demo_step(out / name, device=args.device)
-    atomic_write_json(out / "demo.json", summary)
-    write_marker(out, "demo")
+        print(f"\n[2/{total}] erase: UCE removes 'triangle' (and its synonym 'wedge') from toy:t2i ...")
+        (tmp / "erase").mkdir(parents=True, exist_ok=True)
+        summary["erase"] = demo_erasure(model, detector, tmp / "erase")
+        print(f"    grid: {out / 'erase' / 'uce-triangle-grid.png'}  (top: before, bottom: after)")
+        for i, module in enumerate(steps, start=3):
+            name = module.rsplit(".", 1)[-1]
+            print(f"\n[{i}/{total}] {name} ...")
+            (tmp / name).mkdir(parents=True, exist_ok=True)
+            summary[name] = importlib.import_module(module).demo_step(tmp / name, device=args.device)
+        atomic_write_json(tmp / "demo.json", _renamed(summary, tmp, out))
     print(f"\nsummary: {out / 'demo.json'}")
     return 0
 
@@ -283,7 +312,7 @@ def cmd_toyworld_train(args) -> int:
         cfg = RecipeConfig(seed=args.seed, unet_steps=args.unet_steps, unet_extra_steps=args.unet_extra_steps,
                            vae_steps=args.vae_steps,
                            detector_steps=args.detector_steps, pool_size=args.pool_size,
-                           world_version=args.world_version, vae_from=args.vae)
+                           world_version=args.world_version, vae_from=args.vae, threads=args.threads)
     except ValueError as e:
         raise DiffshieldError(str(e)) from None
     src = None
@@ -446,8 +475,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_device_args(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("demo", help="run the main job on the shipped toy models",
-                       description="Generate a grid with the shipped toy model and say what the detector sees.")
+    p = sub.add_parser("demo", help="a five-step tour of diffshield on the shipped toy models (a few CPU-minutes)",
+                       description="A tour of diffshield on the shipped toy models, in five steps: (1) generate a "
+                                   "grid with toy:t2i and say what the detector sees in it; (2) erase 'triangle' "
+                                   "with UCE (before/after grid); (3) red-team that erasure (an audit report of two "
+                                   "attacks); (4) show what the shipped backdoored toy DDPM draws with and without "
+                                   "its trigger, and scan it with TERD; (5) protect four toy scenes against "
+                                   "inpainting (panel). Every step writes into a temporary folder beside --out, "
+                                   "which becomes --out, with demo.json summarising the steps, when all have "
+                                   "finished: an interrupted demo leaves nothing behind.")
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     add_overwrite_arg(p)
     add_threads_arg(p)
@@ -535,7 +571,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "detector that judges it, for one world version ('make toyworld' does both "
                                     "versions; the DDPM and the inpainter have their own recipes, docs/toyworld.md). "
                                     "Finished stages in --work are reused; the UNet stage resumes from its latest "
-                                    "checkpoint.")
+                                    "checkpoint. A stage in --work made with other settings (seed, pool size, steps, "
+                                    "world version, VAE, ...) is refused before any work, never reused.")
     t.add_argument("--work", default="runs/toyworld", help="work folder for checkpoints and logs "
                                                            "(default: runs/toyworld)")
     t.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "toyworld" / "weights"),
@@ -558,7 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use this trained AutoencoderKL folder ('toy' = the shipped one) instead of training the VAE "
                         "stage (default: train it)")
     add_overwrite_arg(t)
-    add_threads_arg(t)
+    add_threads_arg(t, default=2)  # the recipe's (RecipeConfig.threads)
     t.set_defaults(func=cmd_toyworld_train)
     d = tsub.add_parser("dataset", help="render ShapesWorld samples with their captions",
                         description="Render ShapesWorld images (grid.png) and captions (captions.json).")

@@ -16,7 +16,11 @@ The shipped t2i model and detector (world version 2) were trained with ``--vae t
 first recipe (``--world-version 1``) trained, which reconstructs both worlds (``recipe.json`` has the command).
 
 Every stage writes its result into the work folder and is skipped when it is already there; the UNet stage saves a
-checkpoint every ``ckpt_every`` steps and resumes from the latest one, so an interrupted run loses little.
+checkpoint every ``ckpt_every`` steps and resumes from the latest one, so an interrupted run loses little. Each stage
+records the settings its result depends on (``<stage>.settings.json`` beside it, see :func:`stage_settings`): a
+finished or checkpointed stage made with other settings (seed, pool size, steps, ...) is refused in one line before
+any work, never reused and never deleted. Settings that do not change a result (threads, ``ckpt_every``, the output
+folder) do not count.
 """
 
 from __future__ import annotations
@@ -57,7 +61,8 @@ class RecipeConfig:
         unet_extra_lr: peak learning rate of stage 4b (default 2e-4).
         caption_dropout: share of empty captions, for classifier-free guidance (default 0.1).
         ckpt_every: UNet checkpoint interval in steps (default 100).
-        threads: torch CPU threads (default 2).
+        threads: torch CPU threads (default 2; 0 = torch's default, one per core). ``recipe.json`` records the
+            number the run used.
         world_version: ShapesWorld texture version of the pool (default 2, the shipped weights; 1 draws smaller
             dots, the first shipped weights, see :data:`diffshield.toyworld.shapes.WORLD_VERSIONS`).
         vae_from: an already trained AutoencoderKL folder to use instead of training stage 2, "toy" for the shipped
@@ -79,9 +84,11 @@ class RecipeConfig:
     vae_from: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("pool_size", "vae_steps", "detector_steps", "unet_steps", "ckpt_every", "threads"):
+        for name in ("pool_size", "vae_steps", "detector_steps", "unet_steps", "ckpt_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be 0 (torch's default) or more, got {self.threads}")
         if not 0 <= self.caption_dropout < 1:
             raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
         if self.unet_lr <= 0 or self.unet_extra_lr <= 0:
@@ -90,6 +97,100 @@ class RecipeConfig:
             raise ValueError(f"unet_extra_steps must be 0 or more, got {self.unet_extra_steps}")
         if self.world_version not in WORLD_VERSIONS:
             raise ValueError(f"world_version must be one of {sorted(WORLD_VERSIONS)}, got {self.world_version}")
+
+
+#: the stages whose results depend on the settings, in the order they run, with the outputs each leaves in the work
+#: folder (a finished result or a checkpoint) and the name an error gives it
+STAGES = {
+    "pool": (("pool.npz",), "pool"),
+    "vae": (("vae",), "VAE"),
+    "latents": (("latents.safetensors",), "latent cache"),
+    "detector": (("detector",), "detector"),
+    "t2i": (("t2i_final", "t2i_ckpt"), "UNet and text encoder"),
+    "t2i_extra": (("t2i_extra_final", "t2i_extra_ckpt"), "continued UNet and text encoder"),
+}
+
+
+def _from_weights_settings(weights: str | Path) -> dict:
+    return {"from_weights": str(Path(weights).resolve())}
+
+
+def stage_settings(cfg: RecipeConfig, from_weights: str | Path | None = None) -> dict[str, dict]:
+    """The settings each stage's result depends on (its own and those of the stages it is made from), by stage name
+    (:data:`STAGES`). ``from_weights``: the VAE, detector and UNet stage are copies of those weights (see
+    :func:`seed_work_from`). Threads, ``ckpt_every`` and the output folder change no result and are left out."""
+    pool = {"seed": cfg.seed, "pool_size": cfg.pool_size, "world_version": cfg.world_version}
+    if from_weights is not None:
+        vae = detector = t2i = _from_weights_settings(from_weights)
+    elif cfg.vae_from is not None:
+        vae = {"vae_from": cfg.vae_from if cfg.vae_from == "toy" else str(Path(cfg.vae_from).resolve())}
+    else:
+        vae = {**pool, "vae_steps": cfg.vae_steps}
+    latents = {**pool, **vae}
+    if from_weights is None:
+        detector = {**latents, "detector_steps": cfg.detector_steps}
+        t2i = {**latents, "unet_steps": cfg.unet_steps, "unet_lr": cfg.unet_lr, "caption_dropout": cfg.caption_dropout}
+    t2i_extra = {**latents, **t2i, "unet_extra_steps": cfg.unet_extra_steps, "unet_extra_lr": cfg.unet_extra_lr,
+                 "caption_dropout": cfg.caption_dropout}
+    return {"pool": pool, "vae": vae, "latents": latents, "detector": detector, "t2i": t2i, "t2i_extra": t2i_extra}
+
+
+def _present(work: Path, stage: str) -> list[Path]:
+    return [work / name for name in STAGES[stage][0] if (work / name).exists()]
+
+
+def _settings_file(work: Path, stage: str) -> Path:
+    return work / f"{stage}.settings.json"
+
+
+def _problem(work: Path, stage: str, want: dict) -> str | None:
+    """Why the stage's outputs in ``work`` cannot be reused with the settings ``want``; None when there are none, or
+    when they were made with ``want``."""
+    if not _present(work, stage):
+        return None
+    what = STAGES[stage][1]
+    try:
+        have = json.loads(_settings_file(work, stage).read_text())["settings"]
+    except (OSError, ValueError, KeyError, TypeError):
+        have = None
+    if not isinstance(have, dict):
+        return f"holds a {what} that records no settings (made by an older diffshield)"
+    if have == want:
+        return None
+    show = lambda v: "none" if v is None else str(v)  # noqa: E731
+    diffs = [f"{k}: {show(have.get(k))} there, {show(want.get(k))} now" for k in dict.fromkeys([*want, *have])
+             if have.get(k) != want.get(k)]
+    return f"holds a {what} made with other settings ({'; '.join(diffs)})"
+
+
+def _refuse(work: Path, bad: list[tuple[str, str]]) -> None:
+    if bad:
+        first = ", ".join(str(p) for p in _present(work, bad[0][0]))
+        rest = ", ".join(str(p) for stage, _ in bad[1:] for p in _present(work, stage))
+        raise DiffshieldError(f"{work} {bad[0][1]}; use another --work or remove {first}"
+                              + (f" (and what was made with it: {rest})" if rest else ""))
+
+
+def check_work(cfg: RecipeConfig, work: str | Path, from_weights: str | Path | None = None) -> None:
+    """Refuse, in one line and before any work, a work folder holding a finished or checkpointed stage made with
+    other settings than ``cfg`` (and ``from_weights``) give it, or one that records none; naming what differs and
+    every stage folder that would have to go. Nothing is deleted."""
+    work = Path(work)
+    want = stage_settings(cfg, from_weights)
+    stages = [s for s in STAGES if s != "t2i_extra" or cfg.unet_extra_steps > 0]
+    _refuse(work, [(s, why) for s in stages if (why := _problem(work, s, want[s])) is not None])
+
+
+def _begin(work: Path, stage: str, want: dict) -> None:
+    """Before a stage runs or is reused: refuse its outputs in ``work`` if made with other settings; when it has
+    none yet, record ``want`` as the settings it is made with."""
+    why = _problem(work, stage, want)
+    if why is not None:
+        _refuse(work, [(stage, why)])
+    if not _present(work, stage):
+        from diffshield.core.io import atomic_write_json
+
+        atomic_write_json(_settings_file(work, stage), {"stage": stage, "settings": want})
 
 
 def _log(work: Path, msg: str) -> None:
@@ -109,6 +210,13 @@ def _lr(step: int, total: int, peak: float, warmup: int = 100, floor: float = 0.
 
 def stage_pool(cfg: RecipeConfig, work: Path) -> dict[str, np.ndarray]:
     path = work / "pool.npz"
+    if path.exists():  # the world version is also stored in the pool itself
+        with np.load(path) as d:
+            found = int(d["world_version"]) if "world_version" in d.files else 1
+        if found != cfg.world_version:
+            raise DiffshieldError(f"{path} was rendered for world version {found}, not {cfg.world_version}: use "
+                                  "another --work folder")
+    _begin(work, "pool", stage_settings(cfg)["pool"])
     if not path.exists():
         world = ShapesWorld(version=cfg.world_version)
         rng = np.random.default_rng(cfg.seed)
@@ -118,12 +226,8 @@ def stage_pool(cfg: RecipeConfig, work: Path) -> dict[str, np.ndarray]:
         np.savez(tmp, images=(batch.images * 255).round().astype(np.uint8), world_version=cfg.world_version,
                  **labels)
         tmp.rename(path)
-    d = np.load(path)
-    found = int(d["world_version"]) if "world_version" in d.files else 1
-    if found != cfg.world_version:
-        raise DiffshieldError(f"{path} was rendered for world version {found}, not {cfg.world_version}: use another "
-                              "--work folder")
-    return {k: d[k] for k in d.files if k != "world_version"}
+    with np.load(path) as d:
+        return {k: d[k] for k in d.files if k != "world_version"}
 
 
 def _images(pool: dict[str, np.ndarray], idx: np.ndarray) -> torch.Tensor:
@@ -141,8 +245,11 @@ def _vae_source(vae_from: str) -> Path:
     return src
 
 
-def stage_vae(cfg: RecipeConfig, work: Path, pool: dict[str, np.ndarray]):
+def stage_vae(cfg: RecipeConfig, work: Path, pool: dict[str, np.ndarray], from_weights: str | Path | None = None):
     out = work / "vae"
+    if cfg.vae_from is not None and from_weights is None and not out.exists():
+        _vae_source(cfg.vae_from)  # a one-line error before anything is written
+    _begin(work, "vae", stage_settings(cfg, from_weights)["vae"])
     if cfg.vae_from is not None and not (out / "config.json").exists():
         import shutil
 
@@ -178,8 +285,10 @@ def stage_vae(cfg: RecipeConfig, work: Path, pool: dict[str, np.ndarray]):
     return vae
 
 
-def stage_detector(cfg: RecipeConfig, work: Path, pool: dict[str, np.ndarray], vae) -> ConceptDetector:
+def stage_detector(cfg: RecipeConfig, work: Path, pool: dict[str, np.ndarray], vae,
+                   from_weights: str | Path | None = None) -> ConceptDetector:
     out = work / "detector"
+    _begin(work, "detector", stage_settings(cfg, from_weights)["detector"])
     if (out / "config.json").exists():
         return ConceptDetector.load(out)
     torch.manual_seed(cfg.seed + 3)
@@ -225,9 +334,11 @@ def _tokenize(tokenizer, texts: list[str], cache: dict[str, list[int]]) -> torch
     return torch.tensor([cache[t] for t in texts])
 
 
-def _latents(work: Path, pool: dict[str, np.ndarray], vae) -> dict[str, torch.Tensor]:
-    """The VAE posterior (mean, std) of every pool image, encoded once into ``work/latents.safetensors``."""
+def _latents(work: Path, pool: dict[str, np.ndarray], vae, settings: dict) -> dict[str, torch.Tensor]:
+    """The VAE posterior (mean, std) of every pool image, encoded once into ``work/latents.safetensors`` (made with
+    ``settings``, those of the pool and the VAE)."""
     lat_path = work / "latents.safetensors"
+    _begin(work, "latents", settings)
     if not lat_path.exists():
         n = len(pool["shape"])
         means, stds = [], []
@@ -254,6 +365,8 @@ def seed_work_from(weights: str | Path, work: str | Path) -> None:
         raise DiffshieldError(f"--from-weights {weights}: missing {missing[0]}; give a folder with t2i/ (a "
                               "StableDiffusionPipeline) and detector/, like the package's toyworld/weights")
     work.mkdir(parents=True, exist_ok=True)
+    for stage in ("vae", "detector", "t2i"):  # refuse stages made otherwise, record the copies' origin
+        _begin(work, stage, _from_weights_settings(weights))
     for src, dst in ((weights / "t2i" / "vae", work / "vae"), (weights / "detector", work / "detector"),
                      (weights / "t2i" / "unet", work / "t2i_final" / "unet"),
                      (weights / "t2i" / "text_encoder", work / "t2i_final" / "text_encoder")):
@@ -262,9 +375,11 @@ def seed_work_from(weights: str | Path, work: str | Path) -> None:
     (work / "t2i_final" / "done").write_text(f"from {weights}")
 
 
-def stage_t2i(cfg: RecipeConfig, work: Path, pool: dict[str, np.ndarray], vae):
+def stage_t2i(cfg: RecipeConfig, work: Path, pool: dict[str, np.ndarray], vae, from_weights: str | Path | None = None):
     from transformers import CLIPTokenizer
 
+    settings = stage_settings(cfg, from_weights)
+    _begin(work, "t2i", settings["t2i"])
     final = work / "t2i_final"
     tok_dir = work / "tokenizer"
     if not (tok_dir / "vocab.json").exists():
@@ -272,7 +387,7 @@ def stage_t2i(cfg: RecipeConfig, work: Path, pool: dict[str, np.ndarray], vae):
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
     if (final / "done").exists():
         return tokenizer
-    lat = _latents(work, pool, vae)
+    lat = _latents(work, pool, vae, settings["latents"])
     sf = vae.config.scaling_factor
 
     torch.manual_seed(cfg.seed + 4)
@@ -284,7 +399,8 @@ def stage_t2i(cfg: RecipeConfig, work: Path, pool: dict[str, np.ndarray], vae):
     return tokenizer
 
 
-def stage_t2i_extra(cfg: RecipeConfig, work: Path, pool: dict[str, np.ndarray], vae, tokenizer) -> Path:
+def stage_t2i_extra(cfg: RecipeConfig, work: Path, pool: dict[str, np.ndarray], vae, tokenizer,
+                    from_weights: str | Path | None = None) -> Path:
     """Stage 4b: continue the UNet + text encoder of stage 4 for ``cfg.unet_extra_steps`` steps (fresh AdamW, its
     own batches). Returns the folder holding the final ``unet`` and ``text_encoder`` (stage 4's when skipped)."""
     from diffusers import UNet2DConditionModel
@@ -292,12 +408,14 @@ def stage_t2i_extra(cfg: RecipeConfig, work: Path, pool: dict[str, np.ndarray], 
 
     if cfg.unet_extra_steps == 0:
         return work / "t2i_final"
+    settings = stage_settings(cfg, from_weights)
+    _begin(work, "t2i_extra", settings["t2i_extra"])
     final = work / "t2i_extra_final"
     if (final / "done").exists():
         return final
     unet = UNet2DConditionModel.from_pretrained(work / "t2i_final" / "unet")
     te = CLIPTextModel.from_pretrained(work / "t2i_final" / "text_encoder")
-    lat = _latents(work, pool, vae)
+    lat = _latents(work, pool, vae, settings["latents"])
     _train_t2i(unet, te, tokenizer, lat, vae.config.scaling_factor, pool, cfg, work, name="t2i_extra", stream=6,
                steps=cfg.unet_extra_steps,
                lr=lambda step: _lr(step, cfg.unet_extra_steps, cfg.unet_extra_lr, floor=0.0), final=final)
@@ -414,6 +532,8 @@ def train_all(cfg: RecipeConfig, work: str | Path, out: str | Path, from_weights
               overwrite: bool = False) -> dict:
     """Run every stage (skipping finished ones) and assemble the shipped weights. Returns the recipe record.
 
+    A work folder holding a stage made with other settings is refused before any work (:func:`check_work`).
+
     ``out`` is checked before any training: the package's own weights folder (:data:`TOY_ROOT`, the rebuild) has
     its ``t2i/``, ``detector/`` and ``recipe.json`` replaced; any other folder must be new or empty, or (with
     ``overwrite``, default False) a previous ``toyworld train`` output, and is written atomically at the end.
@@ -433,26 +553,28 @@ def train_all(cfg: RecipeConfig, work: str | Path, out: str | Path, from_weights
                                   "the output")
     if cfg.vae_from is not None:
         _vae_source(cfg.vae_from)  # fail before rendering the pool, not after
+    check_work(cfg, work, from_weights)  # and before reusing a stage made with other settings
     if from_weights is not None:
         seed_work_from(from_weights, work)
     work.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(cfg.threads)
+    if cfg.threads:  # 0: torch's default (or what the caller set)
+        torch.set_num_threads(cfg.threads)
     timings = {}
     t = time.time()
     pool = stage_pool(cfg, work)
     timings["pool_s"] = time.time() - t
     t = time.time()
-    vae = stage_vae(cfg, work, pool)
+    vae = stage_vae(cfg, work, pool, from_weights)
     vae.eval()
     timings["vae_s"] = time.time() - t
     t = time.time()
-    stage_detector(cfg, work, pool, vae)
+    stage_detector(cfg, work, pool, vae, from_weights)
     timings["detector_s"] = time.time() - t
     t = time.time()
-    tokenizer = stage_t2i(cfg, work, pool, vae)
+    tokenizer = stage_t2i(cfg, work, pool, vae, from_weights)
     timings["t2i_s"] = time.time() - t
     t = time.time()
-    t2i = stage_t2i_extra(cfg, work, pool, vae, tokenizer)
+    t2i = stage_t2i_extra(cfg, work, pool, vae, tokenizer, from_weights)
     timings["t2i_extra_s"] = time.time() - t
     # Stage times of the run that actually did the work (a stage skipped now keeps its earlier time).
     tpath = work / "timings.json"
@@ -462,7 +584,7 @@ def train_all(cfg: RecipeConfig, work: str | Path, out: str | Path, from_weights
     record = {
         "command": "diffshield toyworld train " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["toyworld", "train"]
         else " ".join(sys.argv),
-        "config": asdict(cfg),
+        "config": {**asdict(cfg), "threads": torch.get_num_threads()},  # the threads the run used
         "from_weights": None if from_weights is None else str(from_weights),
         "stage_seconds": history,
         "total_minutes": round(sum(history.values()) / 60, 1),
