@@ -547,6 +547,14 @@ def test_prompt_warnings(ws, capsys):
     argv = _fill([*AUDIT, "--attack", "adv-embed", "--no-baselines", "--prompt", "a purple triangle"], ws)
     assert main(argv) == 0
     assert "vocabulary lacks purple" in capsys.readouterr().err
+    # every prompt flag of erase warns, not only --concept, --preserve and --guide
+    (ws.root / "pf.txt").write_text("a purple box\n")
+    for extra in (["--method", "uce", "--preserve-file", "pf.txt"],
+                  ["--method", "rece", "--round-preserve", "a mauve box"],
+                  ["--method", "esd-x", "--iterations", "1", "--erase-from", "a teal box"]):
+        assert main(_fill(["erase", M, TINY, "--concept", "triangle", *extra, "--out", f"e{extra[1]}"], ws)) == 0
+        word = {"uce": "purple", "rece": "mauve", "esd-x": "teal"}[extra[1]]
+        assert f"vocabulary lacks {word}" in capsys.readouterr().err, extra
 
 
 def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(ws, tiny_sd_dir, capsys, monkeypatch):

@@ -230,6 +230,21 @@ def given_flags(args) -> list[str]:
     return out
 
 
+def _config_prompts(cfg) -> list[str]:
+    """Every prompt an erase config holds besides its concepts (guides, preserved prompts from --preserve and
+    --preserve-file, RECE's round prompts, ESD's --erase-from), for the unknown-word warning."""
+    from dataclasses import fields, is_dataclass
+
+    out: list[str] = []
+    for f in fields(cfg) if is_dataclass(cfg) else ():
+        v = getattr(cfg, f.name)
+        if is_dataclass(v):
+            out += _config_prompts(v)
+        elif f.name in ("guides", "preserve", "round_preserve", "erase_from") and isinstance(v, (list, tuple)):
+            out += [p for p in v if isinstance(p, str) and p.strip()]
+    return list(dict.fromkeys(out))
+
+
 def check_erase_prompts(concepts: list[str], cfg) -> None:
     """Refuse contradictory prompts (a concept also preserved, or guided to itself) before the model is loaded."""
     from diffshield.erase.base import check_prompt_roles
@@ -269,8 +284,7 @@ def cmd_erase(args) -> int:
     check_output_dir(args.out, "erase", args.overwrite, inputs=inputs)
     check_output_file(args.json, "--json", inputs=[*inputs, args.out])
     model = load_t2i(args.model, allow_pickle=args.allow_pickle, device=args.device, dtype=args.dtype)
-    if defaults["source"] != "toy":
-        warn_prompts(model.tokenizer, [*concepts, *(args.preserve or []), *(args.guide or [])])
+    warn_prompts(model.tokenizer, [*concepts, *_config_prompts(cfg)])  # the toy settings' own prompts pass quietly
     print(f"erasing {', '.join(args.concept)} with {args.method}: {defaults['summary']} ...")
     res = erase_fn(model, concepts, cfg)
     with atomic_dir(args.out, overwrite=args.overwrite, command="erase", inputs=inputs) as tmp:
