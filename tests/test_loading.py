@@ -121,7 +121,9 @@ def test_a_folder_of_one_weight_variant_loads_and_draws_what_the_plain_one_draws
     cfg = SampleConfig(steps=2)
     a = generate(tiny_model, ["a red triangle"], [0], config=cfg, progress=False).images
     b = generate(model, ["a red triangle"], [0], config=cfg, progress=False).images
-    assert torch.equal(a, b)
+    # equal up to float rounding: the session's tiny_model may hold this prompt's embedding from an earlier, larger
+    # encoder batch (another test's), and a CPU matmul's last bits depend on the batch's size
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
     # two variants and no plain file: which to load is the user's choice, refused in one line
     unet = tiny_sd_copy / "unet"
     shutil.copy(unet / "diffusion_pytorch_model.fp16.safetensors", unet / "diffusion_pytorch_model.ema.safetensors")
@@ -129,7 +131,7 @@ def test_a_folder_of_one_weight_variant_loads_and_draws_what_the_plain_one_draws
         load_t2i(tiny_sd_copy)
     # a plain file next to variants is the one loaded
     shutil.copy(unet / "diffusion_pytorch_model.fp16.safetensors", unet / "diffusion_pytorch_model.safetensors")
-    assert torch.equal(generate(load_t2i(tiny_sd_copy), ["a red triangle"], [0], config=cfg, progress=False).images, a)
+    assert torch.equal(generate(load_t2i(tiny_sd_copy), ["a red triangle"], [0], config=cfg, progress=False).images, b)
 
 
 def test_a_ddpm_folder_of_one_weight_variant_loads(tmp_path):
