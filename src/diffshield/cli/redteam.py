@@ -158,7 +158,7 @@ def _audit_in_run_dir(args, attacks: list[str], hp: dict, sample, inputs: list) 
     from accelerate import PartialState
 
     from diffshield.cli.main import warn_prompts
-    from diffshield.cli.scale import launch, only_launches
+    from diffshield.cli.scale import end_processes, launch, only_launches
     from diffshield.core.io import write_marker
     from diffshield.core.loading import load_t2i
     from diffshield.core.shards import check_run_dir, prepare_run_dir, read_run_spec
@@ -205,6 +205,7 @@ def _audit_in_run_dir(args, attacks: list[str], hp: dict, sample, inputs: list) 
                     rank=rank, world=world, progress=True)
     state.wait_for_everyone()
     if not state.is_main_process:
+        end_processes(state)
         return 0
     print(f"ran {len(pending)} attack{'s' if len(pending) != 1 else ''}, {len(names) - len(pending)} already done")
     merge_audit(out, names, audit, judge)
@@ -217,6 +218,7 @@ def _audit_in_run_dir(args, attacks: list[str], hp: dict, sample, inputs: list) 
     atomic_write_json(out / "audit.json", audit.to_dict())
     write_marker(out, "audit")
     print(f"merged {len(names)} attacks into {os.path.join(str(out), 'audit.json')}")
+    end_processes(state)
     return rc
 
 

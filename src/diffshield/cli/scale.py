@@ -57,6 +57,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def end_processes(state) -> None:
+    """End a run of several processes cleanly: once every process is here, destroy the process group. A process that
+    exits with gloo's worker threads still alive can abort at interpreter shutdown ("terminate called without an
+    active exception", SIGABRT: pytorch/pytorch#190489), which failed a finished run. Call it on success only: a
+    process that failed must not wait for the others."""
+    import torch.distributed as dist
+
+    if state.num_processes > 1 and dist.is_available() and dist.is_initialized():
+        state.wait_for_everyone()
+        dist.destroy_process_group()
+
+
 def launch(num_processes: int, argv: list[str], device) -> int:
     """Run ``python -m diffshield <argv>`` in ``num_processes`` processes with ``accelerate launch`` (its torchrun
     launcher, which also serves CPU processes) on this machine; returns the run's exit status (0 when every process
@@ -234,4 +246,5 @@ def run_prompt_set(args: argparse.Namespace, task: str) -> int:
         print(f"generated {gen} images, scored {scored} found unscored, {done} already done")
         metrics = merge_run(out, jobs, command, _metrics(task, args), grid=task == "generate")
         _report(task, out, metrics)
+    end_processes(state)
     return 0
