@@ -306,3 +306,13 @@ def test_plain_command_on_toy_t2i_resolves_to_the_benchmarked_toy_setting():
             ref_prompts, ref = toy_erasure(method, concept)
             as_dict = lambda c: c.to_dict() if hasattr(c, "to_dict") else dataclasses.asdict(c)  # noqa: E731
             assert prompts == ref_prompts and as_dict(cfg) == as_dict(ref) and defaults["source"] == "toy"
+
+
+def test_an_edit_that_moves_nothing_says_so(tiny_sd_dir, tmp_path, capsys):
+    """A preservation weight that outweighs the edit leaves the layers as they were; the summary said "2.27% of UNet
+    parameters changed" all the same. A real edit draws no warning."""
+    base = ["erase", "--model", str(tiny_sd_dir), "--method", "uce", "--concept", "triangle"]
+    assert main([*base, "--lamb", "1e300", "--out", str(tmp_path / "noop")]) == 0
+    assert "the edit left its layers as they were" in capsys.readouterr().err
+    assert main([*base, "--out", str(tmp_path / "real")]) == 0
+    assert "left its layers" not in capsys.readouterr().err

@@ -15,6 +15,7 @@ The report (``--json``) records which: ``"defaults": {"source": "toy" | "preset"
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from diffshield.cli.common import add_device_args, add_overwrite_arg, add_threads_arg, float_in, int_at_least, seed_int
@@ -301,8 +302,14 @@ def cmd_erase(args) -> int:
     if "best_epoch" in res.extra:
         report["rece_epochs"] = res.extra["epochs"]
         report["best_epoch"] = res.extra["best_epoch"]
+    from diffshield.erase.base import probe_values
+
+    if res.base_values and all(probe_values(t) == res.base_values.get(n) for n, t in res.changed.items()):
+        print("warning: the edit left its layers as they were (their probed values did not move): the saved model "
+              "draws what the original draws; check the settings (e.g. a --lamb that outweighs the edit)",
+              file=sys.stderr)
     print(f"edited model: {args.out} (delta: {delta}); edit time {res.seconds:.3f} s; "
-          f"{res.fraction_changed:.2%} of UNet parameters changed")
+          f"{res.fraction_changed:.2%} of UNet parameters in the edited layers")
     if args.json:
         write_result_json(args.json, report)
     return 0
