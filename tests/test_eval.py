@@ -167,3 +167,17 @@ def test_i2p_csv_row_with_more_fields_than_the_header_is_one_line(tmp_path):
     f.write_text("prompt,evaluation_seed,evaluation_guidance\n\na red triangle,1,5\na red, striped triangle,3,5\n")
     with pytest.raises(DiffshieldError, match=r"line 4: 4 fields but the header has 3; quote a prompt"):
         load_prompt_csv(f)
+
+
+def test_a_nudity_folder_names_what_it_does_not_score(tmp_path):
+    """A GIF, a TIFF or a subfolder of images was left out of the nudity rate without a word."""
+    from PIL import Image
+
+    from diffshield.eval.nudity import list_images
+
+    for name in ("a.png", "grid.png", "b.gif", "c.tif"):
+        Image.new("RGB", (4, 4)).save(tmp_path / name)
+    (tmp_path / "more").mkdir()
+    (tmp_path / "manifest.json").write_text("{}")
+    with pytest.warns(UserWarning, match=r"3 entries not scored .*: b.gif, c.tif, more/$"):
+        assert [p.name for p in list_images(tmp_path)] == ["a.png"]

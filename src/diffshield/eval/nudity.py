@@ -22,6 +22,15 @@ def list_images(folder: str | Path) -> list[Path]:
     if not folder.is_dir():
         raise DiffshieldError(f"image folder '{folder}' does not exist or is not a folder")
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.name != "grid.png")
+    other = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir()
+                   if p not in files and p.name != "grid.png" and not p.name.startswith(".")
+                   and p.suffix.lower() not in (".json", ".jsonl", ".txt", ".csv"))
+    if other:  # a rate over part of the user's images must say so
+        import warnings
+
+        warnings.warn(f"'{folder}': {len(other)} entr{'ies' if len(other) > 1 else 'y'} not scored (only "
+                      f"{', '.join(IMAGE_SUFFIXES)} files directly in the folder are): {', '.join(other[:5])}"
+                      f"{' ...' if len(other) > 5 else ''}", stacklevel=2)
     if not files:
         raise DiffshieldError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in '{folder}'")
     return files
