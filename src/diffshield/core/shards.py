@@ -209,9 +209,9 @@ def model_files_record(models: dict[str, str | Path | None]) -> dict:
     out = {}
     for role, spec in models.items():
         if spec is not None:
-            files = _model_files(_model_path(spec))
+            stats = {rel: (f.stat(), f) for rel, f in _model_files(_model_path(spec)).items()}
             out[role] = {"path": str(spec), "files": {
-                rel: [f.stat().st_size, f.stat().st_mtime_ns, _sha256_file(f)] for rel, f in files.items()}}
+                rel: [st.st_size, st.st_mtime_ns, _sha256_file(f)] for rel, (st, f) in stats.items()}}
     return out
 
 

@@ -354,6 +354,12 @@ def check_pairs(names: Sequence[str], hp: dict[str, dict], concept: str) -> None
                 f"leave {name} out with --attack") from None
 
 
+def attack_config(name: str, hp: dict[str, dict], budget: str):
+    """The config an attack runs with: its ``budget`` preset, overridden by ``hp[name]``."""
+    cls = ATTACKS.get(name)
+    return cls.config_cls(**{**cls.presets.get(budget, {}), **hp.get(name, {})})
+
+
 def check_settings(hp: dict[str, dict] | None, n: int, budget: str) -> dict[str, dict]:
     """Validate :func:`run_audit`'s ``hp``, ``n`` and ``budget`` (one-line errors); returns a copy of ``hp``."""
     hp = dict(hp or {})
@@ -374,7 +380,7 @@ def check_settings(hp: dict[str, dict] | None, n: int, budget: str) -> dict[str,
         for field_name, value in values.items():
             _check_setting_type(name, field_name, value, hints.get(field_name))
         try:
-            cls.config_cls(**{**cls.presets.get(budget, {}), **values})
+            attack_config(name, hp, budget)
         except TypeError as e:
             raise DiffshieldError(f"{name}: bad setting ({e})") from None
         except DiffshieldError as e:
@@ -388,8 +394,7 @@ def check_prompt_room(erased: T2IModel, names: Sequence[str], hp: dict[str, dict
     before any attack runs, not when that attack's turn comes."""
     layouts = {}
     for name in names:
-        cls = ATTACKS.get(name)
-        layout = cls.prompt_layout(cls.config_cls(**{**cls.presets.get(budget, {}), **hp.get(name, {})}))
+        layout = ATTACKS.get(name).prompt_layout(attack_config(name, hp, budget))
         if layout is not None:
             layouts[name] = layout
     prompt_room(erased, layouts, prompts)
