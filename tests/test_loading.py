@@ -185,3 +185,44 @@ def test_a_saved_model_keeps_the_components_diffshield_does_not_load(tiny_sd_dir
     toy = load_t2i("toy:t2i")
     toy.save(tmp_path / "toy")
     assert not (tmp_path / "toy" / "safety_checker").exists()
+
+
+def _header_dtypes(folder) -> set[str]:
+    from diffshield.core.loading import check_safetensors
+
+    return {v["dtype"] for f in folder.glob("*/*.safetensors") for k, v in check_safetensors(f).items()
+            if k != "__metadata__"}
+
+
+def test_a_model_is_saved_in_the_dtype_of_its_files_whatever_it_was_loaded_in(tiny_sd_dir, tmp_path):
+    """An fp16 checkpoint edited in float32 is saved in fp16, its unedited weights bit for bit; a float32 model
+    loaded in bfloat16 is saved in float32 (with a warning that it keeps the load's rounding), so stock diffusers
+    runs it without a torch_dtype: a bfloat16 text encoder beside the float32 UNet diffusers loads could not run."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    from diffshield.erase.uce import UCEConfig, uce_erase
+
+    src = tmp_path / "fp16"
+    StableDiffusionPipeline.from_pretrained(tiny_sd_dir, dtype=torch.float16).save_pretrained(
+        src, variant="fp16", safe_serialization=True)
+    model = load_t2i(src)  # float32 in memory
+    assert model.dtype == torch.float32 and set(model.stored_dtypes.values()) == {torch.float16}
+    res = uce_erase(model, ["red square"], UCEConfig())
+    model.save(tmp_path / "erased16")
+    assert model.dtype == torch.float32  # the model in memory is left as it was
+    assert _header_dtypes(tmp_path / "erased16") == {"F16"}
+    before = load_file(src / "unet" / "diffusion_pytorch_model.fp16.safetensors")
+    after = load_file(tmp_path / "erased16" / "unet" / "diffusion_pytorch_model.safetensors")
+    edited = {n.removeprefix("unet.") for n in res.changed}
+    assert edited and all(torch.equal(after[k], before[k]) for k in before if k not in edited)
+    assert all(torch.equal(after[k], model.unet.state_dict()[k].half()) for k in edited)
+    assert not all(torch.equal(after[k], before[k]) for k in edited)
+
+    plain = load_t2i(tiny_sd_dir, dtype="bfloat16")
+    with pytest.warns(UserWarning, match="keeps the rounding of a load in a narrower dtype"):
+        plain.save(tmp_path / "from_bf16")
+    assert _header_dtypes(tmp_path / "from_bf16") == {"F32"}
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "from_bf16", safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe(["a red square"], num_inference_steps=1, output_type="np").images.shape[0] == 1

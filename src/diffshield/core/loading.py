@@ -88,8 +88,9 @@ def architecture_mismatch(a: str | Path, b: str | Path) -> str | None:
     return None
 
 
-def check_safetensors(path: Path) -> None:
-    """Raise DiffshieldError if a .safetensors file is truncated or its header is corrupt (reads the header only)."""
+def check_safetensors(path: Path) -> dict:
+    """Raise DiffshieldError if a .safetensors file is truncated or its header is corrupt (reads the header only).
+    Returns the header (tensor name -> dtype, shape, offsets)."""
     size = path.stat().st_size
     try:
         with open(path, "rb") as f:
@@ -108,6 +109,25 @@ def check_safetensors(path: Path) -> None:
             f"safetensors file '{path}' is truncated or corrupt ({size} bytes, its header describes {8 + n + end}); "
             "re-download or re-save it"
         )
+    return header
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def stored_dtype(folder: Path, variant: str | None = None) -> torch.dtype | None:
+    """The floating-point dtype most tensors of a component folder's safetensors weights (of ``variant``) are stored
+    in, read from the file headers; None when the folder has no such file (pickled weights are not opened)."""
+    counts: dict[torch.dtype, int] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        parts = re.sub(r"-\d+-of-\d+", "", f.name).split(".")
+        if (parts[-2] if len(parts) > 2 else None) != variant:
+            continue
+        for name, info in check_safetensors(f).items():
+            dt = SAFETENSORS_DTYPES.get(info.get("dtype")) if name != "__metadata__" else None
+            if dt is not None:
+                counts[dt] = counts.get(dt, 0) + 1
+    return max(counts, key=counts.get) if counts else None
 
 
 def check_component_weights(folder: Path, allow_pickle: bool) -> bool:
@@ -167,7 +187,8 @@ class T2IModel:
     """A text-to-image latent diffusion model as components (Stable Diffusion layout).
 
     Attributes: unet (UNet2DConditionModel), vae (AutoencoderKL), text_encoder (CLIPTextModel), tokenizer
-    (CLIPTokenizer), scheduler (the folder's scheduler), source (where it was loaded from).
+    (CLIPTokenizer), scheduler (the folder's scheduler), source (where it was loaded from), stored_dtypes (the dtype
+    each network's weight files were stored in, as :func:`load_t2i` read them; :meth:`save` writes that dtype back).
     """
 
     unet: torch.nn.Module
@@ -176,6 +197,7 @@ class T2IModel:
     tokenizer: object
     scheduler: object
     source: str = ""
+    stored_dtypes: dict = field(default_factory=dict, repr=False)
     _text_cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -222,23 +244,65 @@ class T2IModel:
     def save(self, folder: str | Path, overwrite: bool = False) -> Path:
         """Save as a StableDiffusionPipeline folder that stock diffusers loads (written atomically).
 
-        A non-finite weight is refused before anything is written; an existing non-empty ``folder`` is replaced
-        only with ``overwrite`` and only if diffshield wrote it (see :func:`diffshield.core.io.atomic_dir`).
+        Each network is written in the dtype its weight files had when :func:`load_t2i` read them
+        (``stored_dtypes``), whatever dtype it was loaded in, so the saved folder loads as its source does (a float32
+        model edited in bfloat16 is not saved as a bfloat16 text encoder beside a float32 UNet, which stock
+        ``from_pretrained`` cannot run; an fp16 checkpoint edited in float32 stays fp16). Loading in a narrower dtype
+        than the files (``--dtype bfloat16`` for a float32 model) rounded every weight, which the saved model keeps:
+        a UserWarning says so. A non-finite weight is refused before anything is written; an existing non-empty
+        ``folder`` is replaced only with ``overwrite`` and only if diffshield wrote it (see
+        :func:`diffshield.core.io.atomic_dir`).
         """
+        import warnings
+
         from diffusers import StableDiffusionPipeline
 
         from diffshield.core.checks import check_finite_modules
+        from diffshield.core.device import module_dtype
         from diffshield.core.io import atomic_dir
 
         check_finite_modules("the model", unet=self.unet, vae=self.vae, text_encoder=self.text_encoder)
+        nets = {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder}
+        rounded = []
+        for name, net in nets.items():
+            stored, now = self.stored_dtypes.get(name), module_dtype(net)
+            if stored is None or stored == now:
+                continue
+            if now.itemsize <= stored.itemsize:  # float32 -> bfloat16, or float16 <-> bfloat16: the load rounded
+                rounded.append(f"{name} ({_dtype_name(stored)} files, loaded in {_dtype_name(now)})")
+            nets[name] = _copy_in_dtype(net, stored)
+        if rounded:
+            warnings.warn(f"the saved model keeps the rounding of a load in a narrower dtype than its files: "
+                          f"{', '.join(rounded)}; load in the files' dtype (--dtype float32) for an edit that leaves "
+                          "the other weights exactly as they were", UserWarning, stacklevel=2)
         pipe = StableDiffusionPipeline(
-            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
+            vae=nets["vae"], text_encoder=nets["text_encoder"], tokenizer=self.tokenizer, unet=nets["unet"],
             scheduler=self.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
         with atomic_dir(folder, overwrite=overwrite) as tmp:
             pipe.save_pretrained(tmp, safe_serialization=True)
             carry_other_components(self.source, tmp)
         return Path(folder)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _copy_in_dtype(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A CPU copy of a diffusers or transformers network with its floating-point weights in ``dtype``, for saving;
+    the module itself (maybe on a GPU) is left as it is. Built empty from the module's config, then filled."""
+    from accelerate import init_empty_weights
+
+    cls = type(module)
+    with init_empty_weights():
+        copy = cls.from_config(module.config) if hasattr(cls, "from_config") else cls(module.config)
+    state = {}
+    for k, v in module.state_dict().items():
+        v = v.detach().to("cpu")
+        state[k] = v.to(dtype) if v.is_floating_point() else v.clone()
+    copy.load_state_dict(state, strict=True, assign=True)
+    return copy.eval()
 
 
 def carry_other_components(source: str | Path, folder: Path) -> list[str]:
@@ -349,6 +413,8 @@ def load_t2i(
     except Exception as e:  # diffusers / transformers errors: keep the first line only
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DiffshieldError(f"could not load the model in '{path}': {msg}") from None
-    model = T2IModel(unet, vae, text_encoder, tokenizer, scheduler, source=str(spec))
+    stored = {comp: stored_dtype(path / comp, variant[comp]) for comp, safe in use_safe.items() if safe}
+    model = T2IModel(unet, vae, text_encoder, tokenizer, scheduler, source=str(spec),
+                     stored_dtypes={c: d for c, d in stored.items() if d is not None})
     return model.to(device, dtype).eval()
 
