@@ -50,6 +50,10 @@ def test_prompt_sets_csv_and_lines(tmp_path):
     (tmp_path / "bin.txt").write_bytes(b"\x00\xff")
     with pytest.raises(DiffshieldError, match="not UTF-8"):
         load_prompt_set(tmp_path / "bin.txt")
+    # '#' lines are prompts in a prompt file (hashtag prompts), not comments as in --preserve-file: said aloud
+    (tmp_path / "hash.txt").write_text("# my notes\na red triangle\n#art a blue circle\n")
+    with pytest.warns(UserWarning, match=r"2 lines starting with '#' \(first: line 1\) are prompts"):
+        assert len(load_prompt_set(tmp_path / "hash.txt")) == 3
     jobs = plan_jobs([PromptRow("a", 7, 3.0), PromptRow("b")], n=2, seed=100, guidance=5.0)
     assert [(j.prompt_index, j.seed, j.guidance) for j in jobs] == [(0, 7, 3.0), (0, 8, 3.0), (1, 100, 5.0),
                                                                     (1, 101, 5.0)]

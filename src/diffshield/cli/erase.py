@@ -345,8 +345,8 @@ def add_erase_parser(sub: argparse._SubParsersAction) -> None:
                    help="concept to preserve (repeatable); UCE/RECE: preserved in the closed form, and in RECE's "
                         "rounds; ESD: anchored to the original's predictions (beyond the paper)")
     p.add_argument("--preserve-file",
-                   help="file of concepts to preserve, one per line (e.g. other artists for --preset style); added "
-                        "to --preserve")
+                   help="file of concepts to preserve, one per line ('#' lines skipped; e.g. other artists for "
+                        "--preset style); added to --preserve")
     p.add_argument("--preserve-weight", type=float_in(0),
                    help="ESD: weight of the preservation anchor, >= 0 (default: 1)")
     p.add_argument("--lamb", type=float_in(0, lo_open=True),

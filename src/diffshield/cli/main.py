@@ -104,8 +104,11 @@ def _sample_config(args):
 def _read_prompts(args) -> list[str]:
     prompts = list(args.prompt or [])
     if args.prompts_file:
+        from diffshield.eval.prompts import warn_hash_lines
+
         text = read_text_file(Path(args.prompts_file), "prompts file")
         prompts += [line.strip() for line in text.splitlines() if line.strip()]
+        warn_hash_lines(args.prompts_file, text)
     if not prompts:
         raise DiffshieldError("no prompt given; use --prompt TEXT (repeatable) or --prompts-file FILE")
     return prompts
@@ -456,7 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generate images with per-image seeds over the model's components.")
     _add_model_args(p)
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-    p.add_argument("--prompts-file", help="text file with one prompt per line")
+    p.add_argument("--prompts-file",
+                   help="text file with one prompt per line (blank lines skipped; lines starting with '#' are prompts "
+                        "too)")
     p.add_argument("--prompts-csv", help="I2P-format CSV (prompt, evaluation_seed, evaluation_guidance): each row "
                                          "uses its own seed and guidance when given")
     p.add_argument("--n", type=_positive_int, default=8, help="images per prompt (default: 8)")

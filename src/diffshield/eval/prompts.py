@@ -111,7 +111,20 @@ def load_prompt_lines(path: str | Path) -> list[PromptRow]:
     rows = [PromptRow(line.strip()) for line in text.splitlines() if line.strip()]
     if not rows:
         raise DiffshieldError(f"prompt file '{path}' has no prompts")
+    warn_hash_lines(path, text)
     return rows
+
+
+def warn_hash_lines(path: str | Path, text: str) -> None:
+    """Warn when lines of a plain prompt file start with '#': such a file has no comments (prompts, hashtags
+    included, may start with '#'), so they are prompts; lists of prompts to keep or select (``--preserve-file``)
+    skip them instead."""
+    lines = [i for i, line in enumerate(text.splitlines(), 1) if line.strip().startswith("#")]
+    if lines:
+        n = len(lines)
+        warnings.warn(f"'{path}': {n} line{'s' if n > 1 else ''} starting with '#' (first: line {lines[0]}) "
+                      f"{'are' if n > 1 else 'is a'} prompt{'s' if n > 1 else ''}: a prompt file has no comment "
+                      "lines; delete them if they are notes", UserWarning, stacklevel=2)
 
 
 def load_prompt_set(path: str | Path) -> list[PromptRow]:
