@@ -69,7 +69,8 @@ class BadDiffusionConfig(ImplantSchedule):
     """Settings of a BadDiffusion fine-tune (paper defaults where they fit the toy world).
 
     Args:
-        trigger: ``"box"``, ``"stop"``, ``"box_14"`` (the official BOX_14) or an image file (default "box").
+        trigger: ``"box"``, ``"stop"``, ``"box_14"`` (the official BOX_14), ``"checker"`` / ``"checker_tl"`` (additive
+            patches without the -1 background; ``trigger_only`` only) or an image file (default "box").
         target: ``"corner"``, ``"hat"``, ``"corner_grey"`` / ``"hat_grey"`` (the official CORNER / HAT on grey)
             or an image file (default "corner").
         trigger_mask: mask image for an image-file trigger (default None).

@@ -67,7 +67,7 @@ class AttackAsDefenseConfig:
         w_mask: weight of the target term on M (default 1).
         w_expanded: weight of the target term on M_e, the "incomplete trigger" (default 1).
         w_hide: weight of the ring term that keeps other edits unchanged (default 2).
-        target: ``"colour"`` (solid colour farthest from the mean colour, default) or ``"invert"`` (T = 1 - x).
+        target: ``"colour"`` (default: the solid colour farthest from the mean colour) or ``"invert"`` (T = 1 - x).
         quantize: round the result to uint8 levels, staying within eps (default True); needs eps >= 1/255
             (:data:`MIN_EPS`): with a smaller budget pass ``quantize=False`` (the result is then not on the 8-bit
             grid, and saving it as an 8-bit image moves pixels by up to 0.5/255 more).

@@ -74,9 +74,9 @@ class ESDConfig:
             neighbours' most, untouched. On the toy style (ESD-u striped, min_step 25) it erased faster and took
             the dotted style faster still (docs/erase.md, findings).
         seed: seeds the per-iteration CPU generators that draw k and the starting noise (default 0).
-        sample_with: which UNet samples x_t: "current" (the one being fine-tuned, as the paper's code does; default)
-            or "frozen" (the original, as the official ``esd_sd.py`` does; ``esd_diffusers.py`` samples with the
-            fine-tuned UNet): x_t no longer drifts as the concept fades.
+        sample_with: which UNet samples x_t: "current" (default: the one being fine-tuned, as the paper's code
+            does, and ``esd_diffusers.py``) or "frozen" (the original, as the official ``esd_sd.py`` does): x_t no
+            longer drifts as the concept fades.
         preserve: prompts whose predictions are anchored to the original's (default (): none, the paper's ESD);
             one per batch element per iteration, in turn. The empty prompt "" anchors the unconditional prediction
             that classifier-free guidance subtracts.
