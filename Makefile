@@ -30,7 +30,8 @@ toyworld: $(STAMP)
 		--overwrite
 	cp runs/toyworld1/weights/detector/config.json runs/toyworld1/weights/detector/model.safetensors \
 		src/diffshield/toyworld/weights/detector_v1/
-	$(VENV)/bin/diffshield toyworld train --world-version 2 --vae runs/toyworld1/weights/t2i/vae --work runs/toyworld2
+	$(VENV)/bin/diffshield toyworld train --world-version 2 --vae runs/toyworld1/weights/t2i/vae --work runs/toyworld2 \
+		--out src/diffshield/toyworld/weights --overwrite
 
 bench: $(STAMP)
 	$(PY) benchmarks/toyworld.py

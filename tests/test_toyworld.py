@@ -307,3 +307,28 @@ def test_toyworld_train_passes_threads_to_the_recipe_and_records_them(tmp_path, 
     assert run("o2") == 2 and seen[-1] == 2  # the recipe's default
     torch.set_num_threads(1)
     assert run("o0", "--threads", "0") == 1 and seen[-1] == 0 and torch.get_num_threads() == 1
+
+
+def test_toyworld_train_writes_into_the_work_folder_and_replaces_the_shipped_weights_only_when_told(
+        tmp_path, monkeypatch):
+    """The default --out is WORK/weights: the docs' reproduce commands (``--world-version 1 --work runs/world1``)
+    had replaced the package's shipped toy:t2i, which every toy: command draws with. --out naming the package's
+    weights folder is refused before any stage without --overwrite. The stages are stubbed."""
+    from diffshield.cli.main import main
+    from diffshield.toyworld import train
+    from diffshield.toyworld.names import TOY_ROOT
+
+    seen = []
+    monkeypatch.setattr(train, "stage_pool", lambda cfg, work: seen.append(work) or {})
+    monkeypatch.setattr(train, "stage_vae", lambda *a: torch.nn.Identity())
+    monkeypatch.setattr(train, "stage_detector", lambda *a: None)
+    monkeypatch.setattr(train, "stage_t2i", lambda *a: None)
+    monkeypatch.setattr(train, "stage_t2i_extra", lambda cfg, work, *a: work / "t2i_final")
+    monkeypatch.setattr(train, "assemble", lambda work, out, tok, t2i=None: out)
+    shipped = {p: p.stat().st_mtime_ns for p in TOY_ROOT.rglob("*") if p.is_file()}
+
+    assert main(["toyworld", "train", "--work", str(tmp_path / "w")]) == 0
+    assert (tmp_path / "w" / "weights" / "recipe.json").is_file() and len(seen) == 1
+    assert main(["toyworld", "train", "--work", str(tmp_path / "w2"), "--out", str(TOY_ROOT)]) == 2
+    assert len(seen) == 1  # refused before the first stage
+    assert {p: p.stat().st_mtime_ns for p in TOY_ROOT.rglob("*") if p.is_file()} == shipped

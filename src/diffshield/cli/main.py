@@ -319,6 +319,7 @@ def cmd_toyworld_train(args) -> int:
     except ValueError as e:
         raise DiffshieldError(str(e)) from None
     src = None
+    args.out = args.out or str(Path(args.work) / "weights")
     if args.from_weights:
         from diffshield.toyworld.names import TOY_ROOT
 
@@ -580,8 +581,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "world version, VAE, ...) is refused before any work, never reused.")
     t.add_argument("--work", default="runs/toyworld", help="work folder for checkpoints and logs "
                                                            "(default: runs/toyworld)")
-    t.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "toyworld" / "weights"),
-                   help="where to write the shipped folders (default: the package's toyworld/weights)")
+    t.add_argument("--out", help="where to write t2i/, detector/ and recipe.json (default: WORK/weights); the "
+                                 "package's own toyworld/weights folder, the shipped toy models, is replaced only "
+                                 "with --overwrite")
     t.add_argument("--seed", type=seed_int, default=0, help="master seed (default: 0)")
     t.add_argument("--pool-size", type=_positive_int, default=40000, help="training images (default: 40000)")
     t.add_argument("--vae-steps", type=_positive_int, default=800, help="VAE steps (default: 800)")

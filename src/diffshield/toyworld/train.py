@@ -535,8 +535,9 @@ def train_all(cfg: RecipeConfig, work: str | Path, out: str | Path, from_weights
     A work folder holding a stage made with other settings is refused before any work (:func:`check_work`).
 
     ``out`` is checked before any training: the package's own weights folder (:data:`TOY_ROOT`, the rebuild) has
-    its ``t2i/``, ``detector/`` and ``recipe.json`` replaced; any other folder must be new or empty, or (with
-    ``overwrite``, default False) a previous ``toyworld train`` output, and is written atomically at the end.
+    its ``t2i/``, ``detector/`` and ``recipe.json`` replaced, only with ``overwrite`` (default False: every
+    ``toy:`` command would draw with the new models); any other folder must be new or empty, or (with
+    ``overwrite``) a previous ``toyworld train`` output, and is written atomically at the end.
 
     ``from_weights`` (default None): start from these trained weights instead of stages 2-4 (see
     :func:`seed_work_from`), e.g. to continue the shipped model with ``cfg.unet_extra_steps``."""
@@ -545,6 +546,10 @@ def train_all(cfg: RecipeConfig, work: str | Path, out: str | Path, from_weights
 
     work, out = Path(work), Path(out)
     in_package = out.resolve() == TOY_ROOT.resolve()
+    if in_package and not overwrite:
+        raise DiffshieldError(f"--out '{out}' is the package's shipped toy weights (toy:t2i, toy:detector), which "
+                              "every toy: command uses: pass --overwrite to replace them with this run's models, or "
+                              "write elsewhere (default: WORK/weights)")
     if not in_package:  # fail before hours of training, not after
         check_output_dir(out, "toyworld train", overwrite, inputs=[from_weights, cfg.vae_from])
         w, o = work.resolve(), out.resolve()
