@@ -118,6 +118,8 @@ def _spec(args: argparse.Namespace, task: str, rows: list) -> dict:
             "dtype": str(args.dtype).replace("torch.", "")}
     if task == "erasure":
         spec.update(original=where(args.original), detector=where(args.detector))
+    if spec["scheduler"] != "ddim":  # DDPM's and native samplers' noise now comes from each image's seed generator
+        spec["sampler_noise"] = "the image's seed generator"  # (and Euler's is scaled): older runs drew other images
     if getattr(args, "negative_prompt", ""):  # absent when empty: run folders made before the option still resume
         spec["negative_prompt"] = args.negative_prompt
     spec["prompts"] = rows_to_spec(rows)

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from diffshield.core.device import module_device, module_dtype
 from diffshield.core.errors import DiffshieldError
 from diffshield.core.loading import T2IModel
-from diffshield.core.seeding import randn_per_seed
+from diffshield.core.seeding import generators, randn_per_seed
 
 SCHEDULERS = ("ddim", "ddpm", "native")
 
@@ -135,6 +135,19 @@ def denoising_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: int | 
     return (a.sqrt() * noise.float() - (1 - a).sqrt() * x0.float()).to(noise.dtype)
 
 
+def add_noise(model: T2IModel, x0: torch.Tensor, noise: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
+    """x_t = √ᾱ_t x0 + √(1-ᾱ_t) ε at timestep ``t`` (one or one per item): the input the UNet is trained on, from
+    the model's noise schedule, whatever sampler its folder names. Not ``model.scheduler.add_noise``: the Euler
+    family's adds σ_t ε to x0 unscaled (its sampler scales the UNet input by 1/√(σ_t² + 1) instead) and
+    DPM-Solver's looks t up in its own step schedule, so on Stable Diffusion 2.x folders, which ship those
+    schedulers, the UNet would see inputs it never saw in training. DDPM's ``add_noise`` on the same config (the
+    same arithmetic as DDIM's and PNDM's)."""
+    from diffusers import DDPMScheduler
+
+    vp = DDPMScheduler.from_config(model.scheduler.config)
+    return vp.add_noise(x0, noise, torch.as_tensor(t, device=x0.device))
+
+
 def make_scheduler(model: T2IModel, kind: str = "ddim"):
     """A fresh scheduler of the given kind, configured from the model's own scheduler config."""
     from diffusers import DDIMScheduler, DDPMScheduler
@@ -205,12 +218,37 @@ def encode(model: T2IModel, images: torch.Tensor) -> torch.Tensor:
         return vae.encode(x).latent_dist.mean.to(model.dtype) * vae.config.scaling_factor
 
 
-def initial_latents(model: T2IModel, seeds: list[int]) -> torch.Tensor:
-    """One standard-normal latent per seed, each from its own CPU generator (the diffusers convention), moved to the
-    model's device and dtype: seed k starts from the same noise on the CPU and on a GPU."""
-    sched = make_scheduler(model, "ddim")
-    noise = randn_per_seed(seeds, model.latent_shape) * sched.init_noise_sigma
-    return noise.to(model.device, model.dtype)
+def initial_latents(
+    model: T2IModel,
+    seeds: list[int],
+    scheduler: str = "ddim",
+    steps: int | None = None,
+    gens: list[torch.Generator] | None = None,
+) -> torch.Tensor:
+    """One standard-normal latent per seed, each from its own CPU generator (the diffusers convention), scaled by the
+    sampler's initial noise sigma and moved to the model's device and dtype: seed k starts from the same noise on the
+    CPU and on a GPU.
+
+    Args:
+        model: the text-to-image model.
+        seeds: one seed per latent.
+        scheduler: the sampler the latents start (default "ddim"; see :func:`make_scheduler`). Its ``init_noise_sigma``
+            scales the noise: 1 for DDIM, DDPM, PNDM and DPM-Solver, about σ_max for the Euler family.
+        steps: the sampler's step count; as stock diffusers, the sigma is read after ``set_timesteps(steps)`` (it
+            depends on the steps for the Euler family). Default None: the unset schedule's.
+        gens: the per-image CPU generators to draw from (default: fresh ones seeded with ``seeds``); a stochastic
+            sampler then continues drawing its step noise from them, as ``StableDiffusionPipeline`` does.
+    """
+    sched = make_scheduler(model, scheduler)
+    if steps is not None:
+        sched.set_timesteps(steps)
+    if gens is None:
+        noise = randn_per_seed(seeds, model.latent_shape)
+    else:
+        if len(gens) != len(seeds):
+            raise DiffshieldError(f"{len(seeds)} seeds but {len(gens)} generators")
+        noise = torch.stack([torch.randn(model.latent_shape, generator=g) for g in gens])
+    return (noise * sched.init_noise_sigma).to(model.device, model.dtype)
 
 
 def generate(
@@ -260,12 +298,10 @@ def generate(
                 cond = prompt_embeds[i:j].to(uncond.device, uncond.dtype)
             else:
                 cond = encode_prompts(model, prompts[i:j])
-            lat = initial_latents(model, seeds[i:j])
-            gens = None
-            if config.scheduler != "ddim":  # DDPM's and a native scheduler's step noise: one generator per image
-                from diffshield.core.seeding import generators
-
-                gens = generators([s + 7919 for s in seeds[i:j]])
+            # one CPU generator per image draws its initial noise and then, for a stochastic sampler (DDPM, a native
+            # Euler ancestral, ...), its step noise: the draws of StableDiffusionPipeline given these generators
+            gens = generators(seeds[i:j])
+            lat = initial_latents(model, seeds[i:j], config.scheduler, config.steps, gens)
             lat = denoise(model, lat, cond, uncond, config.steps, config.guidance, config.scheduler, gens)
             out.append(decode(model, lat).float().cpu())
     labels = list(prompts) if prompts is not None else [None] * n

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from diffshield.core.device import autocast
-from diffshield.core.sampling import encode, encode_prompts, generate
+from diffshield.core.sampling import add_noise, encode, encode_prompts, generate
 from diffshield.redteam import ATTACKS
 from diffshield.redteam.base import (
     Attack,
@@ -189,7 +189,7 @@ class P4D(Attack):
                 used = proj.detach().requires_grad_(True)
                 t = torch.randint(0, 1000, (len(idx),), generator=gen).to(x0.device)
                 noise = torch.randn(x0[sel].shape, generator=gen).to(x0.device, x0.dtype)
-                x_t = model.scheduler.add_noise(x0[sel], noise, t)
+                x_t = add_noise(model, x0[sel], noise, t)
                 with torch.no_grad(), autocast(x0.device):
                     target = original.unet(x_t, t, encoder_hidden_states=target_cond[sel]).sample
                 with torch.enable_grad(), autocast(x0.device):

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from diffshield.core.device import autocast
-from diffshield.core.sampling import encode_prompts, generate
+from diffshield.core.sampling import add_noise, encode_prompts, generate
 from diffshield.redteam import ATTACKS
 from diffshield.redteam.base import (
     Attack,
@@ -134,7 +134,7 @@ class P4DSoft(Attack):
         for _ in range(cfg.steps):
             t = torch.randint(0, n_train, (len(x0),), generator=gen).to(x0.device)  # CPU draws, then moved
             noise = torch.randn(x0.shape, generator=gen).to(x0.device, x0.dtype)
-            x_t = sched.add_noise(x0, noise, t)
+            x_t = add_noise(model, x0, noise, t)
             with torch.no_grad(), autocast(x0.device):
                 target = original.unet(x_t, t, encoder_hidden_states=target_cond).sample
             used = soft

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from diffshield.core.device import autocast
-from diffshield.core.sampling import denoising_target, generate
+from diffshield.core.sampling import add_noise, denoising_target, generate
 from diffshield.redteam import ATTACKS
 from diffshield.redteam.base import (
     Attack,
@@ -54,8 +54,9 @@ class UnlearnDiffSoftConfig:
     """Settings of ``unlearndiff-soft``.
 
     Args:
-        k: soft prefix tokens (default 5, as UnlearnDiffAtk).
-        steps: Adam steps (default 40, as UnlearnDiffAtk).
+        k: soft prefix tokens (default 5, UnlearnDiffAtk's nudity setting; 3 for objects and styles).
+        steps: Adam steps (default 40, the ``toy`` budget: UnlearnDiffAtk's iterations at one timestep; the ``paper``
+            budget 2000 is its 50 timesteps x 40 iterations).
         lr: Adam learning rate on the input embeddings (default 0.01, as UnlearnDiffAtk).
         n_targets: images of the concept per prompt made by the original model (default 2).
         batch_timesteps: noise draws (timestep + noise) per target image and step (default 1).
@@ -146,7 +147,7 @@ class UnlearnDiffSoft(Attack):
         for _ in range(cfg.steps):
             t = torch.randint(0, n_train, (len(x0),), generator=gen).to(x0.device)  # CPU draws, then moved
             noise = torch.randn(x0.shape, generator=gen).to(x0.device, x0.dtype)
-            x_t = sched.add_noise(x0, noise, t)
+            x_t = add_noise(model, x0, noise, t)
             used = soft
             if cfg.discrete:  # PEZ: forward with the nearest words, gradients to the continuous tokens
                 used = soft + (project_to_words(soft, model, candidates)[0] - soft).detach()
