@@ -1,3 +1,4 @@
+import json
 import shutil
 
 import pytest
@@ -148,27 +149,37 @@ def test_a_ddpm_folder_of_one_weight_variant_loads(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_saved_model_keeps_the_components_diffshield_does_not_load(tiny_sd_dir, tmp_path):
-    """Stable Diffusion folders carry a safety checker and its feature extractor, which diffshield does not load;
-    an edited model written by diffshield keeps them (copied as they are), so erasing a concept never drops them."""
+def _save_with_safety_checker(tiny_sd_dir, dst, **save_kw):
+    """The tiny pipeline saved with a tiny safety checker and feature extractor, as Stable Diffusion's folders are;
+    returns the checker."""
     from diffusers import StableDiffusionPipeline
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-    from safetensors.torch import load_file
     from transformers import CLIPConfig, CLIPImageProcessor
-
-    from diffshield.erase.uce import UCEConfig, uce_erase
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir)
     tiny = dict(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2)
     checker = StableDiffusionSafetyChecker(CLIPConfig(
         text_config=dict(tiny, vocab_size=100, max_position_embeddings=16),
         vision_config=dict(tiny, image_size=32, patch_size=16), projection_dim=8))
-    src = tmp_path / "sd"
     StableDiffusionPipeline(
         vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
         scheduler=pipe.scheduler, safety_checker=checker, requires_safety_checker=True,
         feature_extractor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-    ).save_pretrained(src, safe_serialization=True)
+    ).save_pretrained(dst, safe_serialization=True, **save_kw)
+    return checker
+
+
+def test_a_saved_model_keeps_the_components_diffshield_does_not_load(tiny_sd_dir, tmp_path):
+    """Stable Diffusion folders carry a safety checker and its feature extractor, which diffshield does not load;
+    an edited model written by diffshield keeps them (copied as they are), so erasing a concept never drops them."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from safetensors.torch import load_file
+
+    from diffshield.erase.uce import UCEConfig, uce_erase
+
+    src = tmp_path / "sd"
+    checker = _save_with_safety_checker(tiny_sd_dir, src)
 
     model = load_t2i(src)
     uce_erase(model, ["red square"], UCEConfig())
@@ -226,3 +237,29 @@ def test_a_model_is_saved_in_the_dtype_of_its_files_whatever_it_was_loaded_in(ti
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "from_bf16", safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
     assert pipe(["a red square"], num_inference_steps=1, output_type="np").images.shape[0] == 1
+
+
+def test_an_fp16_only_download_saves_a_folder_stock_diffusers_loads(tiny_sd_dir, tmp_path):
+    """Every file of an fp16-only download carries the variant, the safety checker's (and its shards') too; the
+    saved networks have plain names, so the copied safety checker gets them as well (stock ``from_pretrained``
+    found no weights in it), with its values unchanged."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    src, out = tmp_path / "fp16", tmp_path / "erased"
+    fp16 = tmp_path / "fp32"
+    _save_with_safety_checker(tiny_sd_dir, fp16)
+    StableDiffusionPipeline.from_pretrained(fp16, dtype=torch.float16).save_pretrained(
+        src, variant="fp16", safe_serialization=True, max_shard_size="5KB")
+    shards = sorted(p.name for p in (src / "safety_checker").iterdir())
+    assert "model.safetensors.index.fp16.json" in shards and not (src / "safety_checker/model.safetensors").exists()
+    load_t2i(src).save(out)
+    names = sorted(p.name for p in (out / "safety_checker").iterdir())
+    assert names == sorted(n.replace(".fp16.", ".") for n in shards)
+    index = json.loads((out / "safety_checker" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) <= set(names)
+    before = {k: v for f in (src / "safety_checker").glob("*.safetensors") for k, v in load_file(f).items()}
+    after = {k: v for f in (out / "safety_checker").glob("*.safetensors") for k, v in load_file(f).items()}
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    pipe = StableDiffusionPipeline.from_pretrained(out, dtype=torch.float16)
+    assert pipe.safety_checker is not None

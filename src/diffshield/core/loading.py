@@ -309,7 +309,8 @@ def carry_other_components(source: str | Path, folder: Path) -> list[str]:
     """Copy into a saved pipeline ``folder`` the components of the ``source`` folder that diffshield does not load
     (Stable Diffusion's ``safety_checker`` and ``feature_extractor``, ...) with their ``model_index.json`` entries and
     settings such as ``requires_safety_checker``, so that an edited model keeps them. Files are copied as they are,
-    never loaded. Nothing happens for a toy model or a source without a model index. Returns the copied names."""
+    never loaded; weight files of one variant only (an fp16 download) get the plain names the saved networks have.
+    Nothing happens for a toy model or a source without a model index. Returns the copied names."""
     src = Path(str(source)).expanduser()
     if not source or str(source).startswith("toy:") or not (src / "model_index.json").is_file():
         return []
@@ -325,6 +326,7 @@ def carry_other_components(source: str | Path, folder: Path) -> list[str]:
         if isinstance(entry, list):
             if len(entry) == 2 and entry[0] is not None and (src / name).is_dir():
                 shutil.copytree(src / name, folder / name)
+                _drop_variant_names(folder / name)
                 out[name] = entry
                 copied.append(name)
         else:  # a pipeline setting (requires_safety_checker)
@@ -333,6 +335,30 @@ def carry_other_components(source: str | Path, folder: Path) -> list[str]:
         out["requires_safety_checker"] = "safety_checker" in copied
     out_file.write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
     return copied
+
+
+def _drop_variant_names(folder: Path) -> None:
+    """Give a copied component's weight files of one variant (``model.fp16.safetensors``, shards and their index)
+    the plain names, which the saved pipeline's other components have: stock ``from_pretrained`` without
+    ``variant`` finds no weights in a component holding variant files only. A folder with plain files is left."""
+    names = [re.sub(r"-\d+-of-\d+", "", f.name).split(".") for f in folder.iterdir()
+             if f.suffix in (".safetensors", *PICKLE_SUFFIXES)]
+    variants = {parts[-2] for parts in names if len(parts) > 2}
+    if len(variants) != 1 or any(len(parts) == 2 for parts in names):  # plain files, or a choice to leave
+        return
+    (variant,) = variants
+    tag = f".{variant}."
+    for f in sorted(folder.iterdir()):
+        if tag not in f.name:
+            continue
+        plain = f.with_name(f.name.replace(tag, ".", 1))
+        if f.name.endswith(".json"):  # a shard index: its weight map names the shards
+            index = json.loads(f.read_text())
+            index["weight_map"] = {k: v.replace(tag, ".", 1) for k, v in index.get("weight_map", {}).items()}
+            plain.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            f.unlink()
+        else:
+            f.rename(plain)
 
 
 def _quiet_hf() -> None:
