@@ -377,7 +377,8 @@ def test_audit_cli(tiny_sd_dir, tmp_path, capsys):
     assert "must be 0 or more" in capsys.readouterr().err
     assert (tmp_path / "rep" / "index.html").exists()
     assert main(["audit", *model, "--concept", "hexagon", "--n", "2"]) == 2
-    assert "not a toy-world concept" in capsys.readouterr().err
+    err = capsys.readouterr().err  # a concept of another model: says how to judge it
+    assert "not a toy-world concept" in err and "--judge nudenet or --judge FILE.py:FUNCTION" in err
     assert main(["audit", *model, "--concept", "triangle", "--set", "bad"]) == 2
     assert "ATTACK.FIELD=VALUE" in capsys.readouterr().err
 

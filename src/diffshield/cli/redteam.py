@@ -67,7 +67,11 @@ def cmd_audit(args) -> int:
     from diffshield.toyworld.detector import load_detector
 
     if args.judge == "toy":
-        resolve_concept(args.concept)  # the toy detector judges toy concepts: refuse others before loading
+        try:  # the toy detector judges toy concepts: refuse others before loading
+            resolve_concept(args.concept)
+        except DiffshieldError as e:
+            raise DiffshieldError(f"{e}; or, for a concept of another model, judge with --judge nudenet or "
+                                  "--judge FILE.py:FUNCTION and give its prompts with --prompt") from None
     elif not args.prompt:
         raise DiffshieldError("with a judge other than toy, give the prompts to attack (--prompt, repeatable)")
     if args.prompt and any(not p.strip() for p in args.prompt):
