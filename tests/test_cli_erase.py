@@ -41,8 +41,13 @@ def test_erase_esd_with_preserve_records_the_anchor(tiny_sd_dir, tmp_path):
     assert main(["erase", "--method", "esd-u", "--model", str(tiny_sd_dir), "--concept", "star", "--preserve",
                  "circle", "--preserve-weight", "2", "--iterations", "2", "--out", str(tmp_path / "e"),
                  "--json", str(rep)]) == 0
-    cfg = json.loads(rep.read_text())["config"]
+    report = json.loads(rep.read_text())
+    cfg = report["config"]
     assert cfg["preserve"] == ["circle"] and cfg["preserve_weight"] == 2.0 and cfg["variant"] == "u"
+    # the training curve is in the report (it was only in Python's result.extra)
+    train = report["training"]
+    assert len(train["losses"]) == len(train["timesteps"]) == 2 and len(train["preserve_losses"]) == 2
+    assert train["resumed_from"] == 0 and all(x > 0 for x in train["losses"])
 
 
 def test_preserve_weight_without_an_esd_anchor_is_refused(tiny_sd_dir, tmp_path, capsys):

@@ -302,6 +302,15 @@ def cmd_erase(args) -> int:
     if "best_epoch" in res.extra:
         report["rece_epochs"] = res.extra["epochs"]
         report["best_epoch"] = res.extra["best_epoch"]
+    if "losses" in res.extra:  # ESD: the training curve, to see it converge (and what a resume continued)
+        report["training"] = {k: res.extra[k] for k in ("losses", "timesteps", "preserve_losses", "resumed_from",
+                                                         "seconds_per_iteration", "trained_parameters",
+                                                         "sampling_model") if k in res.extra}
+        losses = res.extra["losses"]
+        if len(losses) >= 2:
+            k = max(1, len(losses) // 10)
+            print(f"ESD loss, mean of the first and last {k} iteration{'s' if k > 1 else ''}: "
+                  f"{sum(losses[:k]) / k:.3g} -> {sum(losses[-k:]) / k:.3g}")
     from diffshield.erase.base import probe_values
 
     if res.base_values and all(probe_values(t) == res.base_values.get(n) for n, t in res.changed.items()):
