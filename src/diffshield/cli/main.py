@@ -88,7 +88,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=_positive_int, default=25, help="denoising steps (default: 25)")
     p.add_argument("--guidance", type=GUIDANCE, default=5.0,
-                   help="classifier-free guidance scale, in [0, 100] (default: 5.0)")
+                   help="classifier-free guidance scale, in [0, 100]; 1 = none, 0 = unconditional samples (stock "
+                        "diffusers turns guidance off below 1) (default: 5.0)")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="images per UNet batch (default: 64)")
     p.add_argument("--scheduler", choices=["ddim", "ddpm", "native"], default="ddim",
                    help="sampler (default: ddim, deterministic given the seed)")

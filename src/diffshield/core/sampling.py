@@ -30,7 +30,9 @@ class SampleConfig:
 
     Args:
         steps: denoising steps (default 25).
-        guidance: classifier-free guidance scale; 1 disables guidance (default 5.0).
+        guidance: classifier-free guidance scale; 1 disables guidance, and below 1 the prediction moves towards
+            the unconditional one (0: unconditional samples), where stock diffusers turns guidance off (default
+            5.0).
         batch_size: images per UNet batch (default 64).
         scheduler: "ddim" (default, eta 0: deterministic given the seed), "ddpm", or "native" (the model's own).
     """
