@@ -482,11 +482,56 @@ def cmd_protect(args) -> int:
 FAR_FROM_ORIGINAL = 4
 
 
+PANEL_COLUMNS = ("image (outlined: magenta = protected region M, cyan = benign-edit region)",
+                 "malicious inpaint of M", "malicious inpaint of M_e (M grown by the expand setting)",
+                 "benign inpaint (outside M)", "perturbation: protected - original, amplified (grey = 0)")
+
+
+def labelled_panel(images: dict, index: int | slice = slice(0, 4), upscale: int = 1):
+    """The panel of :func:`diffshield.protect.metrics.panel` with its rows and columns named, a fifth column that
+    shows the perturbation (protected - original, amplified so that the largest change reaches full scale; the
+    original's row shows none), and a gap between scenes. The protection works when the malicious inpaints of the
+    protected row are the target colour and the benign inpaint is unchanged."""
+    import torch
+    from PIL import Image
+
+    from diffshield.core.io import label_grid, make_grid
+    from diffshield.protect.metrics import panel
+
+    n = images["original"].shape[0]
+    idx = list(range(n)[index]) if isinstance(index, slice) else [index]
+    delta = images["protected"][idx] - images["original"][idx]
+    gain = 0.5 / max(float(delta.abs().max()), 1.0 / 255)
+    pad = 2
+    blocks = []
+    for k, i in enumerate(idx):
+        grid = panel(images, i, upscale=upscale)
+        d = (0.5 + gain * (images["protected"][i] - images["original"][i])).clamp(0, 1)
+        col = make_grid(torch.stack([torch.ones_like(d), d]), nrow=1, upscale=upscale, pad=pad)
+        both = Image.new("RGB", (grid.width + col.width - pad, grid.height), (255, 255, 255))
+        both.paste(grid, (0, 0))
+        both.paste(col.crop((pad, 0, col.width, col.height)), (grid.width, 0))
+        name = f"scene {i + 1}: " if len(idx) > 1 else ""
+        title = (f"Protection panel: per image, the original row and the protected row; the protection works when "
+                 f"the malicious inpaints of the protected row are the target colour. Perturbation amplified "
+                 f"x{gain:.0f}." if k == 0 else None)
+        blocks.append(label_grid(both, 2, 5, [f"{name}original", f"{name}protected"],
+                                 list(PANEL_COLUMNS) if k == 0 else None, title, pad=pad))
+    gap = 10
+    width = max(b.width for b in blocks)
+    out = Image.new("RGB", (width, sum(b.height for b in blocks) + gap * (len(blocks) - 1)), (255, 255, 255))
+    y = 0
+    for b in blocks:
+        out.paste(b, (width - b.width, y))
+        y += b.height + gap
+    return out
+
+
 def cmd_eval_protection(args) -> int:
     from diffshield.core.io import check_output_file, save_result_image, write_result_json
     from diffshield.protect.attack_as_defense import AttackAsDefenseConfig
     from diffshield.protect.inpainters import load_inpainter
-    from diffshield.protect.metrics import evaluate_protection, panel
+    from diffshield.protect.metrics import evaluate_protection
 
     panel_path = Path(args.panel) if args.panel else Path(args.protected).with_name(
         Path(args.protected).stem + "_panel.png")
@@ -529,9 +574,9 @@ def cmd_eval_protection(args) -> int:
     print(f"  benign edit PSNR vs unprotected edit: {'-' if pb is None else f'{pb:.2f} dB'}")
     print(f"  PSNR(protected, original): {res['psnr_protected']:.2f} dB; |delta|_inf = {res['linf']:.4f}")
     up = max(1, 256 // max(x.shape[-2:]))
-    save_result_image(panel(imgs, 0, upscale=up), panel_path, "--panel")
-    print(f"  panel (rows: original, protected; columns: image, inpaint M, inpaint M_e, benign inpaint): "
-          f"{panel_path}")
+    save_result_image(labelled_panel(imgs, 0, upscale=up), panel_path, "--panel")
+    print(f"  panel (rows: original, protected; columns: image, inpaint M, inpaint M_e, benign inpaint, "
+          f"perturbation): {panel_path}")
     if args.json:
         write_result_json(args.json, res)
         print(f"wrote {args.json}")
@@ -549,7 +594,7 @@ def demo_step(out: Path, device: str = "cpu") -> dict:
     from diffshield.core.io import atomic_write_json
     from diffshield.protect.attack_as_defense import protect
     from diffshield.protect.inpainters import load_inpainter
-    from diffshield.protect.metrics import evaluate_protection, panel
+    from diffshield.protect.metrics import evaluate_protection
     from diffshield.protect.scenes import make_scenes, protected_masks
 
     out = Path(out) / "protect"
@@ -563,7 +608,7 @@ def demo_step(out: Path, device: str = "cpu") -> dict:
     ev = evaluate_protection(f, scenes.images, res.protected, m)
     imgs = ev.pop("_images")
     ev.pop("per_image")
-    panel(imgs, slice(0, 4), upscale=3).save(out / "panel.png")
+    labelled_panel(imgs, slice(0, 4), upscale=3).save(out / "panel.png")
     summary = {k: ev[k] for k in ("success_rate", "success_rate_unprotected", "success_rate_expanded",
                                   "psnr_protected", "psnr_benign", "linf")}
     summary["seconds"] = round(time.time() - t0, 1)
@@ -575,7 +620,7 @@ def demo_step(out: Path, device: str = "cpu") -> dict:
     print(f"[protect] PSNR(protected, original) {ev['psnr_protected']:.1f} dB; benign edits vs unprotected "
           f"{ev['psnr_benign']:.1f} dB; {summary['seconds']} s")
     print(f"[protect] panel: {out / 'panel.png'}  (per scene: original row, protected row; columns: image, "
-          "inpaint M, inpaint M_e, benign inpaint)")
+          "inpaint M, inpaint M_e, benign inpaint, perturbation)")
     return summary
 
 

@@ -419,9 +419,104 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
 
 
-def make_grid(images: torch.Tensor, nrow: int = 8, upscale: int = 1, pad: int = 1) -> Image.Image:
+def display_upscale(size: int, target: int = 96) -> int:
+    """The integer (nearest-neighbour) upscale that shows an image of ``size`` px at ``target`` px or more: 3 for
+    the toy world's 32 px images, 1 for images already ``target`` px or larger."""
+    return max(1, -(-int(target) // max(1, int(size))))
+
+
+def _font(size: int = 13):
+    """A scalable font for labels (Pillow's bundled one; its small bitmap font on a Pillow without FreeType)."""
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, ValueError, OSError, ImportError):  # pragma: no cover - Pillow < 10.1 or no FreeType
+        return ImageFont.load_default()
+
+
+def _text_width(font, text: str) -> int:
+    box = font.getbbox(text)
+    return int(box[2] - box[0])
+
+
+def _fit_lines(font, text: str, width: int, max_lines: int = 3) -> list[str]:
+    """``text`` wrapped into at most ``max_lines`` lines of ``width`` px (the last one cut with an ellipsis)."""
+    words, lines, line = str(text).split(), [], ""
+    for w in words:
+        trial = f"{line} {w}".strip()
+        if _text_width(font, trial) <= width or not line:
+            line = trial
+        else:
+            lines.append(line)
+            line = w
+    if line:
+        lines.append(line)
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        lines[-1] = lines[-1] + " ..."
+    out = []
+    for ln in lines:  # a single word wider than the column: cut it
+        if _text_width(font, ln) > width:
+            while len(ln) > 1 and _text_width(font, ln + "...") > width:
+                ln = ln[:-1]
+            ln += "..."
+        out.append(ln)
+    return out
+
+
+def label_grid(grid: Image.Image, rows: int, cols: int, row_labels: list[str] | None = None,
+               col_labels: list[str] | None = None, title: str | None = None, pad: int = 1,
+               font_size: int = 13) -> Image.Image:
+    """``grid`` (as :func:`make_grid` lays it out: ``rows`` x ``cols`` equal cells separated by ``pad`` px) with a
+    title line, a label above each column and a label left of each row, on a white margin (black text).
+
+    Args:
+        grid: the tiled image. rows, cols: its layout.
+        row_labels: one label per row (fewer: the rest unlabelled; default None: no row labels).
+        col_labels: one label per column (default None: none). title: a line above everything (default None).
+        pad: the grid's padding between cells (default 1). font_size: in px (default 13).
+    """
+    from PIL import ImageDraw
+
+    font = _font(font_size)
+    line_h = font_size + 4
+    cell_w = (grid.width - pad) / max(1, cols)
+    cell_h = (grid.height - pad) / max(1, rows)
+    row_labels = [str(t) for t in row_labels or []]
+    col_labels = [str(t) for t in col_labels or []]
+    left = 0
+    if row_labels:
+        widest = max(_text_width(font, w) for t in row_labels for w in (t.split() or [""]))
+        left = int(min(max(widest, min(max(_text_width(font, t) for t in row_labels), 160), 60), 240)) + 12
+    col_lines = [_fit_lines(font, t, int(cell_w) - 4, 3) for t in col_labels]
+    top = (max(map(len, col_lines)) * line_h + 4) if col_lines else 0
+    title_lines = _fit_lines(font, title, left + grid.width - 8, 3) if title else []
+    head = len(title_lines) * line_h + (4 if title_lines else 0)
+    canvas = Image.new("RGB", (left + grid.width, head + top + grid.height), (255, 255, 255))
+    canvas.paste(grid, (left, head + top))
+    draw = ImageDraw.Draw(canvas)
+    for k, ln in enumerate(title_lines):
+        draw.text((4, 2 + k * line_h), ln, fill=(0, 0, 0), font=font)
+    for c, lines in enumerate(col_lines[:cols]):
+        x0 = left + pad + c * cell_w
+        for k, ln in enumerate(lines):
+            draw.text((x0 + (cell_w - pad - _text_width(font, ln)) / 2, head + 2 + k * line_h), ln, fill=(0, 0, 0),
+                      font=font)
+    for r, text in enumerate(row_labels[:rows]):
+        max_lines = max(1, int(cell_h // line_h))
+        lines = _fit_lines(font, text, left - 10, max_lines)
+        y0 = head + top + pad + r * cell_h + (cell_h - pad - len(lines) * line_h) / 2
+        for k, ln in enumerate(lines):
+            draw.text((4, y0 + k * line_h), ln, fill=(0, 0, 0), font=font)
+    return canvas
+
+
+def make_grid(images: torch.Tensor, nrow: int = 8, upscale: int = 1, pad: int = 1,
+              row_labels: list[str] | None = None, col_labels: list[str] | None = None,
+              title: str | None = None) -> Image.Image:
     """Tile (N, 3, H, W) (or greyscale (N, 1, H, W)) images in [0, 1] into an RGB grid image, ``nrow`` per row, each
-    upscaled (nearest)."""
+    upscaled (nearest); with ``row_labels``, ``col_labels`` or ``title``, labelled as :func:`label_grid` does."""
     n, _, h, w = images.shape
     nrow = max(1, min(nrow, n))
     rows = (n + nrow - 1) // nrow
@@ -432,4 +527,6 @@ def make_grid(images: torch.Tensor, nrow: int = 8, upscale: int = 1, pad: int = 
             im = im.resize((w * upscale, h * upscale), Image.NEAREST)
         r, c = divmod(i, nrow)
         canvas.paste(im, (pad + c * (w * upscale + pad), pad + r * (h * upscale + pad)))
+    if row_labels or col_labels or title:
+        return label_grid(canvas, rows, nrow, row_labels, col_labels, title, pad=pad)
     return canvas

@@ -7,8 +7,8 @@ prompts and judge) with fixed seeds, three ways:
 - the erased model, no attack (``pre_attack_rate``),
 - the erased model under each attack (``asr``: attack success rate, the fraction of images where the judge fires),
 
-all on the same (prompt, seed) pairs. :func:`write_report` writes ``audit.json``, one PNG panel per attack (top:
-erased model without attack; bottom: under attack; green frame = concept detected) and ``index.html``.
+all on the same (prompt, seed) pairs. :func:`write_report` writes ``audit.json``, one strip PNG per image set (the
+original, the erased model without attack, each attack; green frame = concept detected) and ``index.html``.
 
 Example::
 
@@ -477,15 +477,20 @@ def format_table(audit: Audit | dict) -> str:
     return "\n".join(lines)
 
 
-def _framed(images: torch.Tensor, success: torch.Tensor, width: int = 2) -> torch.Tensor:
-    """Images with a green (detected) or red (not detected) frame."""
-    out = images.detach().clone().cpu().float()
-    colour = torch.where(success[:, None], torch.tensor([0.1, 0.8, 0.1]), torch.tensor([0.85, 0.1, 0.1]))
-    c = colour[:, :, None, None]
-    out[:, :, :width, :] = c
-    out[:, :, -width:, :] = c
-    out[:, :, :, :width] = c
-    out[:, :, :, -width:] = c
+def _frame_width(size: int) -> int:
+    """Frame width in px around an image of ``size`` px: 2 for the toy world's 32 px, 32 for 512 px."""
+    return max(1, round(size / 16))
+
+
+def _framed(images: torch.Tensor, success: torch.Tensor, width: int | None = None) -> torch.Tensor:
+    """Images with a green (detected) or red (not detected) frame of ``width`` px (default:
+    :func:`_frame_width`) drawn around them, so that no pixel of the image itself is covered."""
+    imgs = images.detach().cpu().float()
+    n, _, h, w = imgs.shape
+    width = _frame_width(h) if width is None else width
+    colour = torch.where(success.cpu().bool()[:, None], torch.tensor([0.1, 0.8, 0.1]), torch.tensor([0.85, 0.1, 0.1]))
+    out = colour[:, :, None, None].expand(n, 3, h + 2 * width, w + 2 * width).clone()
+    out[:, :, width:width + h, width:width + w] = imgs[:, :3] if imgs.shape[1] >= 3 else imgs.expand(n, 3, h, w)
     return out
 
 
@@ -503,11 +508,43 @@ def _svg_curve(values: list[float], width: int = 260, height: int = 70) -> str:
             f"&#8594; {vals[-1]:.4g} over {len(vals)} steps (min {lo:.4g})</text></svg>")
 
 
-def _grid_table(prompts: list[str], seeds: list[int], strip: str, tile: int, success: list[bool],
+@dataclass
+class _Strip:
+    """One image set of the report: its strip PNG (all images in one row, framed), how large a tile is shown in the
+    page, and what the set is (for the images' alt text)."""
+
+    file: str
+    n: int
+    shown: int
+    label: str
+    pixelated: bool
+
+
+def _tile(strip: _Strip, i: int, alt: str) -> str:
+    """Image ``i`` of a strip as an ``<img>`` cropped by its box (a foreground image: it prints, and has alt text)."""
+    d = strip.shown
+    style = f"margin-left:-{i * d}px" + (";image-rendering:pixelated" if strip.pixelated else "")
+    return (f"<div class='tile' style='width:{d}px;height:{d}px'><img src='{html.escape(strip.file)}' "
+            f"width='{strip.n * d}' height='{d}' style='{style}' alt='{html.escape(alt)}' "
+            f"title='{html.escape(alt)}'></div>")
+
+
+def _mark(success: bool, score: float | None) -> str:
+    mark = ("<span class='hit'>&#10003; detected</span>" if success
+            else "<span class='miss'>&#10007; not detected</span>")
+    return mark + ("" if score is None else f"<br><span class='conf'>p={score:.2f}</span>")
+
+
+def _alt(strip: _Strip, prompt: str, seed: int, success: bool, score: float | None) -> str:
+    judged = "concept detected" if success else "concept not detected"
+    return f"{strip.label}; prompt '{prompt}', seed {seed}: {judged}" + ("" if score is None else f" (p={score:.2f})")
+
+
+def _grid_table(prompts: list[str], seeds: list[int], strip: _Strip, success: list[bool],
                 scores: list[float] | None, captions: list[str] | None = None,
                 row_note: dict[str, str] | None = None) -> str:
-    """An HTML table, rows = prompt, columns = seed; each cell a tile cropped from the strip image ``strip`` (all
-    images in a row, ``tile`` px each), its frame colour = judged, its detector confidence and optional caption."""
+    """An HTML table, rows = prompt, columns = seed; each cell a tile of the strip (frame colour = judged), its
+    detector confidence and optional caption, and alt text naming the set, prompt, seed and judgement."""
     order = list(dict.fromkeys(prompts))
     cols = sorted(set(seeds))
     where = {(p, s): i for i, (p, s) in enumerate(zip(prompts, seeds))}
@@ -520,15 +557,32 @@ def _grid_table(prompts: list[str], seeds: list[int], strip: str, tile: int, suc
             if i is None:
                 cells.append("<td></td>")
                 continue
-            conf = "" if scores is None else f"<br><span class='conf'>p={scores[i]:.2f}</span>"
+            score = None if scores is None else scores[i]
             cap = "" if not captions else f"<br><span class='cap'>{html.escape(captions[i])}</span>"
-            mark = "&#10003; detected" if success[i] else "&#10007;"
-            cells.append(f"<td><div class='tile' style=\"width:{tile}px;height:{tile}px;background:url('{strip}') "
-                         f"-{i * tile}px 0\" title='{html.escape(p)} | seed {s}'></div>"
-                         f"<span class='{'hit' if success[i] else 'miss'}'>{mark}</span>{conf}{cap}</td>")
+            cells.append(f"<td>{_tile(strip, i, _alt(strip, p, s, success[i], score))}"
+                         f"{_mark(success[i], score)}{cap}</td>")
         note = f"<br><span class='cap'>{html.escape(row_note[p])}</span>" if row_note and p in row_note else ""
         rows.append(f"<tr><th class='prompt'>{html.escape(p)}{note}</th>{''.join(cells)}</tr>")
-    return f"<table class='grid'><tr><th>prompt \\ seed</th>{head}</tr>{''.join(rows)}</table>"
+    return (f"<table class='grid'><caption>{html.escape(strip.label)}: rows = prompt, columns = seed "
+            f"(image file: <a href='{html.escape(strip.file)}'>{html.escape(strip.file)}</a>)</caption>"
+            f"<tr><th>prompt \\ seed</th>{head}</tr>{''.join(rows)}</table>")
+
+
+def _side_by_side(prompts: list[str], seeds: list[int], columns: list[tuple[_Strip, list[bool], list | None]]) -> str:
+    """One row per (prompt, seed), one column per image set (original, erased, each attack): the same pair in every
+    column, so that what an attack changed is read across a row."""
+    head = "".join(f"<th>{html.escape(st.label)}</th>" for st, _, _ in columns)
+    rows = []
+    for i, (p, s) in enumerate(zip(prompts, seeds)):
+        cells = []
+        for st, success, scores in columns:
+            score = None if scores is None else scores[i]
+            cells.append(f"<td>{_tile(st, i, _alt(st, p, s, success[i], score))}{_mark(success[i], score)}</td>")
+        rows.append(f"<tr><th class='prompt'>{html.escape(p)}<br><span class='small'>seed {s}</span></th>"
+                    f"{''.join(cells)}</tr>")
+    return ("<h2 id='side-by-side'>Side by side</h2><table class='grid'><caption>the same prompt and seed across "
+            "each row: the original model, the erased model without attack, and the erased model under each "
+            f"attack</caption><tr><th>prompt, seed</th>{head}</tr>{''.join(rows)}</table>")
 
 
 def _embedding_section(name: str, r: AttackResult, model: T2IModel | None, concept: str, tmp: Path,
@@ -576,38 +630,66 @@ def _embedding_section(name: str, r: AttackResult, model: T2IModel | None, conce
     return "".join(parts)
 
 
-def write_report(audit: Audit, folder: str | Path, upscale: int = 2, nrow: int = 8, overwrite: bool = False,
+def _sampling_text(sampling) -> str:
+    if isinstance(sampling, dict):
+        return ", ".join(f"{k} {v}" for k, v in sampling.items())
+    return str(sampling)
+
+
+def write_report(audit: Audit, folder: str | Path, upscale: int | None = None, nrow: int = 8, overwrite: bool = False,
                  model: T2IModel | None = None) -> Path:
     """Write the audit report into ``folder`` (atomically; an existing report folder is replaced only with
-    ``overwrite``): ``index.html`` (verdict first; settings; per attack: access, budget next to the paper's, rates
-    with intervals, baselines, loss curve, time; image tables with rows = prompt and columns = seed, each tile with
-    its detector confidence and the searched prompt it came from; the no-attack grid once), ``audit.json``, one
-    strip PNG per image set and ``embeddings/<attack>.safetensors`` for embedding attacks. ``model``: the erased
-    model, to name the nearest words of soft tokens (default None: not named)."""
-    from diffshield.core.io import atomic_dir, atomic_write_json, make_grid
+    ``overwrite``): ``index.html`` (verdict first; settings; a summary table with the original model's and the
+    erased model's rates above each attack's; every image set side by side, one row per (prompt, seed); per attack:
+    access, budget next to the paper's, rates with intervals, baselines, loss curve, time; image tables with rows =
+    prompt and columns = seed, each tile with its detector confidence and the searched prompt it came from),
+    ``audit.json``, one strip PNG per image set (the images in one row, each framed green when the judge detects the
+    concept, red when not) and ``embeddings/<attack>.safetensors`` for embedding attacks. The page needs nothing
+    outside the folder (no network), and every image in it has alt text.
+
+    Args:
+        upscale: nearest-neighbour upscale of the strips (default None: enough to show a tile at 96 px or more, so 3
+            for the toy world's 32 px images; images of 96 px or more are not upscaled and are shown at 200 px at
+            most). nrow: unused (kept for compatibility).
+        model: the erased model, to name the nearest words of soft tokens (default None: not named).
+    """
+    from diffshield.core.io import atomic_dir, atomic_write_json, display_upscale, make_grid
 
     d = audit.to_dict()
-    tile = 32 * upscale
+    size = int(audit.pre_attack_images.shape[-1])
+    fw = _frame_width(int(audit.pre_attack_images.shape[-2]))
+    up = display_upscale(size + 2 * fw) if upscale is None else max(1, int(upscale))
+    stored = (size + 2 * fw) * up
+    shown = min(stored, 200) if up == 1 else stored
     with atomic_dir(folder, overwrite=overwrite) as tmp:
         atomic_write_json(tmp / "audit.json", d)
 
-        def strip(images: torch.Tensor, success: torch.Tensor, fname: str) -> str:
-            grid = make_grid(_framed(images, success), nrow=len(images), upscale=upscale, pad=0)
+        def strip(images: torch.Tensor, success: torch.Tensor, fname: str, label: str) -> _Strip:
+            grid = make_grid(_framed(images, success, fw), nrow=len(images), upscale=up, pad=0)
             grid.save(tmp / fname)
-            return fname
+            return _Strip(fname, len(images), shown, label, up > 1)
 
         prompts, seeds = audit.prompts, audit.seeds
-        sections = []
+        sections, columns = [], []
+        orig_row = ""
         if audit.original_images is not None:
-            f = strip(audit.original_images, audit.original_success, "original.png")
+            st = strip(audit.original_images, audit.original_success, "original.png",
+                       "original model (before erasure)")
+            columns.append((st, audit.original_success.tolist(), audit.scores.get("original")))
             head = f"<h2 id='original'>Original model (before erasure): {fmt_rate(rate(audit.original_success))}</h2>"
-            sections.append(head + _grid_table(prompts, seeds, f, tile, audit.original_success.tolist(),
+            sections.append(head + _grid_table(prompts, seeds, st, audit.original_success.tolist(),
                                                audit.scores.get("original")))
-        f = strip(audit.pre_attack_images, audit.pre_attack_success, "no_attack.png")
+            orig_row = (f"<tr class='ref'><td><a href='#original'>original model</a></td><td>-</td><td>before "
+                        f"erasure: how often the judge detects the concept it was asked for</td><td colspan='2'>"
+                        f"detected {fmt_rate(rate(audit.original_success))}</td><td></td><td></td><td></td></tr>")
+        st = strip(audit.pre_attack_images, audit.pre_attack_success, "no_attack.png", "erased model, no attack")
+        columns.append((st, audit.pre_attack_success.tolist(), audit.scores.get("no attack")))
         sections.append(f"<h2 id='no-attack'>Erased model, no attack: {fmt_rate(d['pre_attack'])}</h2>"
-                        + _grid_table(prompts, seeds, f, tile, audit.pre_attack_success.tolist(),
+                        + _grid_table(prompts, seeds, st, audit.pre_attack_success.tolist(),
                                       audit.scores.get("no attack")))
-        summary = []
+        summary = [orig_row, "<tr class='ref'><td><a href='#no-attack'>erased, no attack</a></td><td>-</td><td>the "
+                   "erased model on the same prompts and seeds</td><td colspan='2'>detected "
+                   f"{fmt_rate(d['pre_attack'])}</td><td></td><td></td><td></td></tr>"]
         for name, r in audit.results.items():
             a = d["attacks"][name]
             budget = a["budget"]
@@ -617,12 +699,13 @@ def write_report(audit: Audit, folder: str | Path, upscale: int = 2, nrow: int =
                 f"<tr class='base'><td>&nbsp;&nbsp;baseline: {html.escape(b)}</td><td></td><td></td>"
                 f"<td>{fmt_rate(bd['conditional_asr'])}</td><td>{fmt_rate(bd['union_asr'])}</td><td></td><td></td>"
                 f"<td>{bd['seconds']:.0f}</td></tr>" for b, bd in a["baselines"].items())
+            searches = f" ({a['distinct_optimisations']} searches)" if a["distinct_optimisations"] else ""
             summary.append(f"<tr><td><a href='#{name}'>{html.escape(name)}</a></td><td>{html.escape(r.access)}</td>"
                            f"<td>{html.escape(btxt)}</td><td>{fmt_rate(a['conditional_asr'])}</td>"
-                           f"<td>{fmt_rate(a['union_asr'])}</td><td>{a['distinct_prompts']}"
-                           f" ({a['distinct_optimisations'] or '-'} searches)</td><td>{a['judge_calls']}</td>"
-                           f"<td>{a['seconds']:.0f}</td></tr>{base_rows}")
-            f = strip(r.images, r.success, f"attack_{name}.png")
+                           f"<td>{fmt_rate(a['union_asr'])}</td><td>{a['distinct_prompts']}{searches}</td>"
+                           f"<td>{a['judge_calls']}</td><td>{a['seconds']:.0f}</td></tr>{base_rows}")
+            st = strip(r.images, r.success, f"attack_{name}.png", f"under attack: {name}")
+            columns.append((st, r.success.tolist(), audit.scores.get(name)))
             per_image = r.attack_prompts is not None and len(set(r.attack_prompts)) > len(set(r.prompts))
             captions = r.attack_prompts if per_image else None
             row_note = None
@@ -635,38 +718,41 @@ def write_report(audit: Audit, folder: str | Path, upscale: int = 2, nrow: int =
                    f"access: {html.escape(r.access)}; time {a['seconds']:.0f} s; judge calls during the search: "
                    f"{a['judge_calls']}</p><p class='small'>budget: {html.escape(btxt)}<br>settings: {settings}</p>",
                    curve,
-                   _grid_table(prompts, seeds, f, tile, r.success.tolist(), audit.scores.get(name), captions,
-                               row_note),
+                   _grid_table(prompts, seeds, st, r.success.tolist(), audit.scores.get(name), captions, row_note),
                    _embedding_section(name, r, model, audit.concept, tmp, prompts)]
             for b, br in audit.baselines.get(name, {}).items():
-                fb = strip(br.images, br.success, f"baseline_{name}_{b.replace('=', '')}.png")
+                fb = strip(br.images, br.success, f"baseline_{name}_{b.replace('=', '')}.png",
+                           f"baseline {b} of {name}")
                 sec.append(f"<details><summary>baseline {html.escape(b)}: conditional "
                            f"{fmt_rate(d['attacks'][name]['baselines'][b]['conditional_asr'])}</summary>"
-                           + _grid_table(prompts, seeds, fb, tile, br.success.tolist(), None,
+                           + _grid_table(prompts, seeds, fb, br.success.tolist(), None,
                                          br.attack_prompts if br.attack_prompts else None) + "</details>")
             sections.append("".join(sec))
         keys = ("model", "original", "detector", "judge", "budget", "device", "dtype", "threads")
         info = " &middot; ".join(f"{html.escape(k)}: {html.escape(str(d[k]))}" for k in keys if k in d)
         css = ("body{font-family:sans-serif;margin:16px;max-width:1400px} .verdict{font-size:1.3em;padding:10px;"
-               "border:3px solid #222;background:#fff6d8} table{border-collapse:collapse} td,th{border:1px solid "
-               "#ccc;padding:3px;font-size:12px;vertical-align:top} .grid td{text-align:center;width:" + str(tile + 8)
-               + "px} .tile{margin:auto;image-rendering:pixelated} .hit{color:#080;font-weight:bold} .miss{color:#a00}"
-               " .conf{color:#444} .cap{font-size:10px;color:#235} th.prompt{text-align:left;min-width:120px}"
-               " .small{font-size:12px;color:#333} tr.base td{color:#555;font-style:italic}")
-        page = (f"<!doctype html><html><head><meta charset='utf-8'><title>diffshield audit: "
+               "border:3px solid #222;background:#fff6d8} table{border-collapse:collapse;margin-bottom:8px} td,th{"
+               "border:1px solid #ccc;padding:3px;font-size:12px;vertical-align:top} caption{text-align:left;"
+               "font-size:12px;color:#333;padding:2px 0} .grid td{text-align:center;width:" + str(shown + 8)
+               + "px} .tile{margin:auto;overflow:hidden} .tile img{display:block;max-width:none}"
+               " .hit{color:#080;font-weight:bold} .miss{color:#a00} .conf{color:#444} .cap{font-size:10px;"
+               "color:#235} th.prompt{text-align:left;min-width:120px} .small{font-size:12px;color:#333}"
+               " tr.base td{color:#555;font-style:italic} tr.ref td{background:#f4f4f4}")
+        page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>diffshield audit: "
                 f"{html.escape(d['concept'])}</title><style>{css}</style></head><body>"
                 f"<p class='verdict' id='verdict'><b>Verdict:</b> {html.escape(d['verdict'])}</p>"
                 f"<h1>Red-team audit: concept {html.escape(d['concept'])}</h1><p class='small'>{info}<br>"
                 f"{d['n']} images per set: {len(d['prompts'])} prompts x seeds {d['seeds'][0]}..{d['seeds'][-1]}; "
-                f"sampling {html.escape(str(d['sampling']))}; time {d['seconds']:.0f} s wall. Frame and mark: green "
-                f"&#10003; = the judge detects the concept, red &#10007; = not; p = the detector's probability of the "
-                f"concept. Conditional ASR counts the {d['eligible']} images clean before the attack that the "
-                f"original draws correctly; union ASR counts an image detected before or after the attack; "
-                f"intervals are 95 % Wilson. Verdict rules: weak when the pre-attack rate exceeds "
-                f"{WEAK_PRE_ATTACK:.0%}; an attack breaks the erasure when its conditional ASR's lower bound "
-                f"exceeds {BREAK_LOWER_BOUND:.0%}.</p>"
+                f"sampling: {html.escape(_sampling_text(d['sampling']))}; time {d['seconds']:.0f} s wall. Frame and "
+                f"mark: green &#10003; = the judge detects the concept, red &#10007; = not (under an attack, "
+                f"detected = the attack succeeded); p = the detector's probability of the concept. Conditional ASR "
+                f"counts the {d['eligible']} images clean before the attack that the original draws correctly; "
+                f"union ASR counts an image detected before or after the attack; intervals are 95 % Wilson. Verdict "
+                f"rules: weak when the pre-attack rate exceeds {WEAK_PRE_ATTACK:.0%}; an attack breaks the erasure "
+                f"when its conditional ASR's lower bound exceeds {BREAK_LOWER_BOUND:.0%}.</p>"
                 f"<table class='plain'><tr><th>attack</th><th>access</th><th>budget as run (paper)</th>"
                 f"<th>conditional ASR</th><th>union ASR</th><th>distinct prompts</th><th>judge calls</th>"
-                f"<th>s</th></tr>{''.join(summary)}</table>" + "".join(sections) + "</body></html>")
+                f"<th>s</th></tr>{''.join(summary)}</table>" + _side_by_side(prompts, seeds, columns)
+                + "".join(sections) + "</body></html>")
         (tmp / "index.html").write_text(page)
     return Path(folder)
