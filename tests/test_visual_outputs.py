@@ -138,3 +138,13 @@ def test_protection_panel_names_rows_and_columns_and_shows_the_perturbation():
     arr = np.asarray(img.convert("RGB")).astype(float)
     col = arr[:, img.width - cell + 4: img.width - 4]
     assert col.std() > 30
+
+
+def test_a_generate_grid_has_one_labelled_row_per_prompt():
+    """Two prompts x 5 images were tiled 8 a row (the first row mixed both prompts) with no labels."""
+    from diffshield.cli.main import prompt_rows
+
+    assert prompt_rows(["a"] * 5 + ["b"] * 5) == {"nrow": 5, "row_labels": ["a", "b"]}
+    assert prompt_rows(["a"] * 3 + ["b"] * 2) == {"nrow": 8}  # uneven: plain rows of 8
+    assert prompt_rows(["a"] * 40) == {"nrow": 8}  # too long for a row
+    assert prompt_rows([None] * 4) == {"nrow": 8}  # embeddings, no prompt

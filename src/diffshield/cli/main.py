@@ -126,6 +126,21 @@ def run_environment(model) -> dict:
             "dtype": str(model.dtype).removeprefix("torch.")}
 
 
+def prompt_rows(prompts: list, most: int = 16) -> dict:
+    """The :func:`~diffshield.core.io.make_grid` layout of images made prompt by prompt: one row per prompt, labelled
+    with it, when every prompt has the same number of images, at most ``most`` (default 16); else 8 a row, unlabelled
+    (``prompts`` None, as for embeddings: 8 a row)."""
+    runs: list[list] = []
+    for p in prompts or []:
+        if runs and runs[-1][0] == p:
+            runs[-1][1] += 1
+        else:
+            runs.append([p, 1])
+    if runs and None not in prompts and len({n for _, n in runs}) == 1 and runs[0][1] <= most:
+        return {"nrow": runs[0][1], "row_labels": [p for p, _ in runs]}
+    return {"nrow": 8}
+
+
 def write_generation(gen, out: Path, extra: dict, upscale: int = 4, overwrite: bool = False,
                      command: str | None = None) -> Path:
     """Write PNGs, grid.png and manifest.json for a Generation into ``out`` (atomically; an existing folder only as
@@ -138,7 +153,7 @@ def write_generation(gen, out: Path, extra: dict, upscale: int = 4, overwrite: b
             name = f"{i:04d}.png"
             to_pil(img).save(tmp / name)
             rows.append({"file": name, "prompt": gen.prompts[i], "seed": gen.seeds[i]})
-        make_grid(gen.images, nrow=8, upscale=upscale).save(tmp / "grid.png")
+        make_grid(gen.images, upscale=upscale, **prompt_rows(gen.prompts)).save(tmp / "grid.png")
         cfg = gen.config
         atomic_write_json(tmp / "manifest.json", {
             **extra,
@@ -225,7 +240,12 @@ def demo_erasure(model, detector, out: Path, concept: str = "triangle") -> dict:
     k = n * len(COLOURS) * len(c.words)
     rate = lambda pred: float((pred[:k] == c.index).float().mean())  # noqa: E731
     kept = lambda pred: float((pred[k:] == 0).float().mean())  # noqa: E731  circle is index 0 of the shape head
-    make_grid(torch.cat([before, after]), nrow=len(ps) // 2, upscale=3).save(out / f"uce-{concept}-grid.png")
+    groups = [*c.words, "circle"]  # a row per word: its colours, n seeds each
+    make_grid(torch.cat([before, after]), nrow=n * len(COLOURS), upscale=3,
+              row_labels=[f"{when}: a ... {w}" for when in ("before", "after") for w in groups],
+              col_labels=[f"{col}, seed {k}" for col in COLOURS for k in range(n)],
+              title=f"UCE erasure of '{concept}': the original model (before) and the edited one (after), same "
+                    "prompts and seeds").save(out / f"uce-{concept}-grid.png")
     print(f"    UCE edit {result.seconds * 1000:.0f} ms, {100 * result.fraction_changed:.1f} % of UNet parameters")
     print(f"    '{concept}' and '{c.synonyms[0]}' prompts: detected {100 * rate(pb):.0f} % before, "
           f"{100 * rate(pa):.0f} % after; circles kept: {100 * kept(pb):.0f} % -> {100 * kept(pa):.0f} %")
@@ -412,9 +432,15 @@ def cmd_eval_erasure(args) -> int:
         import torch
 
         from diffshield.core.io import save_result_image
+        from diffshield.toyworld.concepts import concept_prompts
 
-        save_result_image(make_grid(torch.cat([imgs["original"], imgs["erased"]]),
-                                    nrow=len(imgs["original"]) // 4 * 2, upscale=3), args.grid, "--grid")
+        k = args.seeds_per_prompt
+        asked = [p for p, _ in concept_prompts(resolve_concept(args.concept))][: len(imgs["original"]) // k]
+        grid = make_grid(torch.cat([imgs["original"], imgs["erased"]]), nrow=k, upscale=3,
+                         row_labels=[f"{m}: {p}" for m in ("original", "erased") for p in asked],
+                         col_labels=[f"seed {j}" for j in range(k)],  # evaluate_erasure's seeds 0..k-1
+                         title=f"erasure of '{args.concept}': original and erased model, same prompts and seeds")
+        save_result_image(grid, args.grid, "--grid")
         print(f"before/after grid (original rows first): {args.grid}")
     if args.json:
         write_result_json(args.json, res)
