@@ -24,7 +24,10 @@ TOY_DDPM = "toy:ddpm"
 #: the length of the noise schedule the backdoor commands are written for (BadDiffusion's, TrojDiff's and TERD's
 #: DDPM: TERD's t_high = (990, 999), the samplers' default 1000 steps); :func:`load_ddpm` refuses another
 SCHEDULE_STEPS = 1000
+#: the diffusers layouts :func:`load_ddpm` reads: pixel-space unconditional pipelines (a UNet2DModel + a scheduler)
 PIPELINE_KINDS = ("DDPMPipeline", "DDIMPipeline")
+#: the scheduler classes whose noise schedule the backdoor formulas use (discrete betas, ``alphas_cumprod``)
+SCHEDULER_KINDS = ("DDPMScheduler", "DDIMScheduler")
 
 
 def set_threads(n: int) -> None:
@@ -149,8 +152,11 @@ def load_ddpm(spec: str | Path, allow_pickle: bool = False, device: torch.device
         device: ``"cpu"`` (default), ``"cuda"``, ``"cuda:N"`` or ``"auto"`` (an absent device is a one-line error).
         dtype: parameter dtype (default float32; the backdoor commands train and reverse triggers in float32).
 
-    A model whose scheduler is not an ε-prediction one with :data:`SCHEDULE_STEPS` (1000) training timesteps is
-    refused in one line.
+    Refused in one line: another pipeline than :data:`PIPELINE_KINDS` (a latent ``LDMPipeline``, a score-SDE
+    ``ScoreSdeVePipeline``), a scheduler class not in :data:`SCHEDULER_KINDS`, a scheduler that is not an
+    ε-prediction one with :data:`SCHEDULE_STEPS` (1000) training timesteps, and a learned-variance UNet
+    (:func:`check_epsilon_only`). The scheduler's other settings (``clip_sample``, beta schedule, fixed variance
+    type) are kept; the samplers honour them (see :func:`diffshield.backdoor.sampling.make_scheduler`).
     """
     from diffshield.core.device import resolve_device, resolve_dtype
 
@@ -171,6 +177,15 @@ def load_ddpm(spec: str | Path, allow_pickle: bool = False, device: torch.device
     if index.get("text_encoder") or index.get("vae"):
         raise DiffshieldError(f"'{path}' holds a text-to-image {kind}; the backdoor commands need an unconditional "
                               "DDPMPipeline folder (UNet2DModel + scheduler)")
+    if kind not in PIPELINE_KINDS:  # e.g. LDMPipeline (latent: a VQ-VAE decodes), ScoreSdeVePipeline (no betas)
+        raise DiffshieldError(f"'{path}' holds a {kind} (model_index.json); the backdoor commands handle pixel-space "
+                              f"DDPMs only: a {' or '.join(PIPELINE_KINDS)} folder (UNet2DModel + "
+                              f"{' or '.join(SCHEDULER_KINDS)})")
+    unet_cls, sched_cls_name = index["unet"][-1], index["scheduler"][-1]
+    if unet_cls != "UNet2DModel" or sched_cls_name not in SCHEDULER_KINDS:
+        raise DiffshieldError(f"'{path}' pairs a {unet_cls} with a {sched_cls_name} (model_index.json); the backdoor "
+                              f"commands need a UNet2DModel with a {' or '.join(SCHEDULER_KINDS)} (discrete DDPM "
+                              "betas); save the model with one of them")
     if not (path / "unet").is_dir():
         raise DiffshieldError(f"'{path}' lists unet in model_index.json but has no 'unet/' folder")
     use_safe = check_component_weights(path / "unet", allow_pickle)
@@ -194,9 +209,23 @@ def load_ddpm(spec: str | Path, allow_pickle: bool = False, device: torch.device
     if n_train != SCHEDULE_STEPS:  # TERD's timesteps (990..999) and the 1000-step samplers would index past it
         raise DiffshieldError(f"'{path}' has a {n_train}-step noise schedule (num_train_timesteps in its scheduler "
                               f"config); the backdoor commands need a {SCHEDULE_STEPS}-step DDPM schedule")
+    check_epsilon_only(unet, scheduler, str(path))
     info_file = path / "diffshield.json"
     info = json.loads(info_file.read_text()) if info_file.exists() else {}
     return DDPMModel(unet, scheduler, source=str(spec), info=info).to(device, dtype).eval()
+
+
+def check_epsilon_only(unet, scheduler, where: str) -> None:
+    """Refuse, in one line, a UNet with a learned variance (improved DDPM / ADM: ``out_channels`` = 2 x
+    ``in_channels``, ε then the variance, with ``variance_type`` "learned" or "learned_range"). BadDiffusion's,
+    VillanDiffusion's, TrojDiff's and TERD's formulas take the UNet's whole output as ε and sample with a fixed
+    variance: the variance channels would be read as ε (or break the loss), so such a model is not treated as one."""
+    cin, cout = int(unet.config.in_channels), int(unet.config.out_channels)
+    var = scheduler.config.get("variance_type", "fixed_small")
+    if cout != cin or str(var).startswith("learned"):
+        raise DiffshieldError(f"'{where}' has a learned-variance UNet (out_channels {cout}, in_channels {cin}, "
+                              f"variance_type {var!r}); the backdoor commands need a UNet that predicts ε alone "
+                              "(out_channels = in_channels) with a fixed variance (fixed_small or fixed_large)")
 
 
 def shapes_pool(n: int, seed: int = 0) -> torch.Tensor:

@@ -18,19 +18,21 @@ from diffshield.core.seeding import generators
 
 @dataclass
 class SampleConfig:
-    """How to sample (BadDiffusion's defaults: DDPM, 1000 steps, no clipping).
+    """How to sample (BadDiffusion's defaults: DDPM, 1000 steps; clipping as the model's scheduler says).
 
     Args:
         scheduler: ``"ddpm"`` (ancestral, stochastic) or ``"ddim"`` (deterministic ODE, eta 0) (default "ddpm").
         steps: denoising steps (default 1000 for DDPM; DDIM is usually run with 50).
         batch_size: images per UNet batch (default 64).
-        clip: clip the predicted x0 to [-1, 1] at every step (default False; clipping mitigates backdoors).
+        clip: clip the predicted x0 to [-1, 1] at every step: True, False, or None for the model's own
+            ``clip_sample`` (default None: the toy DDPMs have it off, as BadDiffusion samples; a folder saved with
+            it on, as ``google/ddpm-cifar10-32`` is, is sampled with it on; clipping mitigates backdoors).
     """
 
     scheduler: str = "ddpm"
     steps: int = 1000
     batch_size: int = 64
-    clip: bool = False
+    clip: bool | None = None
 
     def __post_init__(self) -> None:
         if self.scheduler not in ("ddpm", "ddim"):
@@ -39,18 +41,27 @@ class SampleConfig:
             raise DiffshieldError(f"steps must be in 1..1000, got {self.steps}")
         if self.batch_size < 1:
             raise DiffshieldError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.clip is not None and not isinstance(self.clip, bool):
+            raise DiffshieldError(f"clip must be True, False or None (the model's clip_sample), got {self.clip!r}")
+
+
+def sample_clip(base_scheduler, cfg: SampleConfig) -> bool:
+    """Whether sampling with ``cfg`` clips x0: ``cfg.clip``, or the model's ``clip_sample`` when that is None."""
+    return bool(base_scheduler.config.get("clip_sample", False)) if cfg.clip is None else cfg.clip
 
 
 def make_scheduler(base_scheduler, cfg: SampleConfig):
-    """A fresh DDPM or DDIM scheduler with the model's noise schedule, ``cfg.steps`` timesteps set."""
+    """A fresh DDPM or DDIM scheduler with the model's noise schedule and settings (beta schedule, variance type,
+    timestep spacing, thresholding), ``cfg.steps`` timesteps set. ``clip_sample`` is the model's unless ``cfg.clip``
+    says otherwise; DDIM's ``set_alpha_to_one`` is the model's when its scheduler is a DDIM one, else False."""
     from diffusers import DDIMScheduler, DDPMScheduler
 
     conf = dict(base_scheduler.config)
-    conf["clip_sample"] = cfg.clip
+    conf["clip_sample"] = sample_clip(base_scheduler, cfg)
     if cfg.scheduler == "ddpm":
         sched = DDPMScheduler.from_config(conf)
     else:
-        sched = DDIMScheduler.from_config({**conf, "set_alpha_to_one": False})
+        sched = DDIMScheduler.from_config({**conf, "set_alpha_to_one": bool(conf.get("set_alpha_to_one", False))})
     sched.set_timesteps(cfg.steps)
     return sched
 

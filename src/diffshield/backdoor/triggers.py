@@ -1,6 +1,9 @@
 """Triggers and targets of BadDiffusion (Chou et al., CVPR 2023), drawn for the toy world's 32 px images.
 
-All tensors are (3, H, W) in [-1, 1] (the diffusion model's pixel range).
+All tensors are (3, H, W) in [-1, 1] (the diffusion model's pixel range); for a greyscale (1-channel) model
+:func:`get_trigger` and :func:`get_target` give (1, H, W), the luminance of the RGB drawing or file (ITU-R 601-2,
+PIL's ``"L"``: 0.299 R + 0.587 G + 0.114 B, so the -1 background stays -1). They are square: image files must be
+square too (resized, bilinear, to the model's side), and a mask must have its trigger file's size.
 
 - A **trigger** g is an image-sized pattern whose background is -1; its mask M marks the pixels where any channel is
   above -1. Built-ins: ``box`` (a grey square frame near the bottom-right corner, BadDiffusion's BOX),
@@ -190,13 +193,37 @@ def hat_grey_target(size: int = 32) -> torch.Tensor:
     return grey_background(torch.from_numpy(img))
 
 
-def _read_image(path: Path, size: int, what: str) -> torch.Tensor:
+#: ITU-R 601-2 luminance weights (PIL's ``convert("L")``), for greyscale models
+LUMA = (0.299, 0.587, 0.114)
+
+
+def to_channels(img: torch.Tensor, channels: int, what: str = "trigger") -> torch.Tensor:
+    """An RGB pattern (3, H, W) for a model with ``channels`` channels: itself for 3, its luminance (1, H, W) for 1
+    (:data:`LUMA`; the weights sum to 1, so -1 stays -1); any other count is a one-line DiffshieldError."""
+    if channels == 3:
+        return img
+    if channels == 1:
+        w = torch.tensor(LUMA, dtype=img.dtype).view(3, 1, 1)
+        return (img * w).sum(0, keepdim=True)
+    raise DiffshieldError(f"{what}s are RGB or greyscale images, but the model's images have {channels} channels; "
+                          "give a model with 1 or 3 channels")
+
+
+def _read_image(path: Path, size: int, what: str, expect: tuple[int, int] | None = None) -> torch.Tensor:
+    """An image file as (3, size, size) in [-1, 1]; a non-square file (or, with ``expect``, one of another (width,
+    height) in pixels) is refused in one line rather than stretched."""
     from PIL import Image, UnidentifiedImageError
 
     if not path.is_file():
         raise DiffshieldError(f"{what} file '{path}' does not exist; give a built-in name or an image file")
     try:
         im = Image.open(path)
+        if expect is not None and tuple(im.size) != tuple(expect):
+            raise DiffshieldError(f"{what} file '{path}' is {im.size[0]} x {im.size[1]} px but its trigger file is "
+                                  f"{expect[0]} x {expect[1]} px; give a mask of the trigger's size")
+        if im.size[0] != im.size[1]:
+            raise DiffshieldError(f"{what} file '{path}' is {im.size[0]} x {im.size[1]} px; triggers and targets are "
+                                  f"square (resized to the model's {size} px): crop it square rather than stretch it")
         if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:  # transparent = background (black, -1),
             im = im.convert("RGBA")                                      # whatever colour the pixels hide
             im = Image.alpha_composite(Image.new("RGBA", im.size, (0, 0, 0, 255)), im)
@@ -206,8 +233,9 @@ def _read_image(path: Path, size: int, what: str) -> torch.Tensor:
     return torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1).contiguous()
 
 
-def get_trigger(spec: str | Path, size: int = 32, mask: str | Path | None = None) -> torch.Tensor:
-    """A trigger g (3, size, size) in [-1, 1] with background -1 (``"checker"``, ``"checker_tl"``: background 0).
+def get_trigger(spec: str | Path, size: int = 32, mask: str | Path | None = None, channels: int = 3) -> torch.Tensor:
+    """A trigger g (channels, size, size) in [-1, 1] with background -1 (``"checker"``, ``"checker_tl"``: background
+    0).
 
     Args:
         spec: ``"box"``, ``"stop"``, ``"checker"``, ``"checker_tl"`` (the same at the top left), ``"box_14"`` (the
@@ -215,42 +243,56 @@ def get_trigger(spec: str | Path, size: int = 32, mask: str | Path | None = None
         size: image side in pixels (default 32).
         mask: for an image file, a mask image (white = trigger pixel; default None: pixels darker than 1/255 of
             white in all channels are background; transparent pixels of an image with an alpha channel are black,
-            hence background). A mask with a built-in name is refused: it would be ignored.
+            hence background). A mask with a built-in name is refused: it would be ignored; so are a mask of
+            another size than the trigger file and one that marks no pixel.
+        channels: the model's image channels: 3 (default) or 1 (greyscale: the luminance, see :func:`to_channels`).
     """
     s = str(spec)
     if mask is not None and s in (*TRIGGERS, *OFFICIAL_TRIGGERS):
         raise DiffshieldError(f"a trigger mask applies to an image-file trigger only, not to the built-in {s!r}; "
                               "drop --trigger-mask or give --trigger IMAGE_FILE")
+    to_channels(torch.zeros(3, 1, 1), channels)  # another channel count: one line before any drawing
     if s == "box":
-        return box_trigger(size)
+        return to_channels(box_trigger(size), channels)
     if s == "stop":
-        return stop_trigger(size)
+        return to_channels(stop_trigger(size), channels)
     if s == "box_14":
-        return box14_trigger(size)
+        return to_channels(box14_trigger(size), channels)
     if s == "checker":
-        return checker_trigger(size)
+        return to_channels(checker_trigger(size), channels)
     if s == "checker_tl":
-        return checker_trigger(size, corner="tl")
+        return to_channels(checker_trigger(size, corner="tl"), channels)
     img = _read_image(Path(s), size, "trigger")
     if mask is not None:
-        m = _read_image(Path(mask), size, "trigger mask").mean(0) > 0
+        from PIL import Image
+
+        with Image.open(Path(s)) as im:
+            trig_size = tuple(im.size)
+        m = _read_image(Path(mask), size, "trigger mask", expect=trig_size).mean(0) > 0
+        if not bool(m.any()):
+            raise DiffshieldError(f"trigger mask '{mask}' marks no pixel (white = trigger); the trigger would be the "
+                                  "-1 background alone: give a mask with white where the trigger is")
         img = torch.where(m, img, torch.full_like(img, -1.0))
-    return img
+    return to_channels(img, channels)
 
 
-def get_target(spec: str | Path, size: int = 32) -> torch.Tensor:
-    """A target y (3, size, size) in [-1, 1]: ``"corner"``, ``"hat"``, the official ``"corner_grey"`` (CORNER) and
-    ``"hat_grey"`` (HAT) on the grey background, or the path of an image file (default 32 px)."""
+def get_target(spec: str | Path, size: int = 32, channels: int = 3) -> torch.Tensor:
+    """A target y (channels, size, size) in [-1, 1]: ``"corner"``, ``"hat"``, the official ``"corner_grey"`` (CORNER)
+    and ``"hat_grey"`` (HAT) on the grey background, or the path of a square image file (default 32 px, RGB;
+    ``channels`` 1: the luminance, see :func:`to_channels`)."""
     s = str(spec)
+    to_channels(torch.zeros(3, 1, 1), channels, "target")
     if s == "corner":
-        return corner_target(size)
-    if s == "hat":
-        return hat_target(size)
-    if s == "corner_grey":
-        return corner_grey_target(size)
-    if s == "hat_grey":
-        return hat_grey_target(size)
-    return _read_image(Path(s), size, "target")
+        y = corner_target(size)
+    elif s == "hat":
+        y = hat_target(size)
+    elif s == "corner_grey":
+        y = corner_grey_target(size)
+    elif s == "hat_grey":
+        y = hat_grey_target(size)
+    else:
+        y = _read_image(Path(s), size, "target")
+    return to_channels(y, channels, "target")
 
 
 def trigger_mask(g: torch.Tensor) -> torch.Tensor:

@@ -41,15 +41,33 @@ def _sampler_args(p: argparse.ArgumentParser, steps_help: str = "1000 for ddpm, 
                    help=f"denoising steps (default: {steps_help}; the trojan DDIM of a TrojDiff model with --trigger "
                         "model: 1000, or 50 with --scheduler ddim)")
     p.add_argument("--batch-size", type=_pos_int, default=64, help="images per UNet batch (default: 64)")
+    p.add_argument("--clip", choices=["model", "on", "off"], default="model",
+                   help="clip the predicted x0 to [-1, 1] at every step: model = as the folder's scheduler says "
+                        "(clip_sample; off on the toy DDPMs, on in google/ddpm-cifar10-32), on, or off "
+                        "(BadDiffusion's unclipped sampler; clipping mitigates backdoors); the trojan DDIM never "
+                        "clips (default: model)")
     p.add_argument("--threads", type=non_negative_int, default=1,
                    help="torch threads (default: 1; 0 = torch's default)")
+
+
+_CLIP = {"model": None, "on": True, "off": False}
 
 
 def _sample_config(args):
     from diffshield.backdoor.sampling import SampleConfig
 
     steps = args.steps or (1000 if args.scheduler == "ddpm" else 50)
-    return SampleConfig(scheduler=args.scheduler, steps=steps, batch_size=args.batch_size)
+    return SampleConfig(scheduler=args.scheduler, steps=steps, batch_size=args.batch_size,
+                        clip=_CLIP[getattr(args, "clip", "model")])
+
+
+def _clip_note(model, cfg) -> None:
+    """Say in one line when sampling clips x0 because the model's scheduler does (``--clip model``)."""
+    from diffshield.backdoor.sampling import sample_clip
+
+    if cfg.clip is None and sample_clip(model.scheduler, cfg):
+        print(f"note: '{model.source}' has clip_sample on: x0 is clipped to [-1, 1] at every step, as its own "
+              "pipeline samples (clipping mitigates backdoors; --clip off for BadDiffusion's unclipped sampler)")
 
 
 class _Given(argparse.Action):
@@ -107,7 +125,19 @@ def _trigger_from_args(args, model, required: bool):
         return None
     if spec == "model":
         return _recorded(model, "trigger")
-    return get_trigger(spec, model.image_shape[-1], getattr(args, "trigger_mask", None))
+    c, side = _pattern_shape(model, "--trigger")
+    return get_trigger(spec, side, getattr(args, "trigger_mask", None), channels=c)
+
+
+def _pattern_shape(model, flag: str) -> tuple[int, int]:
+    """(channels, side) of the built-in or image-file trigger / target for ``model``: those are square, so a model
+    of non-square images is refused in one line (``flag`` names the option)."""
+    c, h, w = model.image_shape
+    if h != w:
+        raise DiffshieldError(f"'{model.source}' makes {h} x {w} px images, but {flag} patterns (built-in or image "
+                              "file) are square; sample it without a trigger, or pass the initial noises yourself "
+                              "(diffshield.backdoor.sampling.sample(..., x_T=...))")
+    return c, w
 
 
 def _trojan_record(model) -> dict | None:
@@ -175,7 +205,7 @@ def cmd_implant(args) -> int:
         if args.gamma is not None:
             raise DiffshieldError("--gamma is TrojDiff's; add --method trojdiff")
         cfg = BadDiffusionConfig(r_mode=args.r_mode, variant=args.variant, **common)
-    model = load_ddpm(args.model, device=args.device, dtype=args.dtype)
+    model = load_ddpm(args.model, allow_pickle=args.allow_pickle, device=args.device, dtype=args.dtype)
     get_trigger(args.trigger, model.image_shape[-1], args.trigger_mask)  # a bad trigger or target: one line, now
     get_target(args.target, model.image_shape[-1])
     if args.method == "trojdiff":
@@ -194,7 +224,7 @@ def cmd_implant(args) -> int:
 
 def cmd_sample(args) -> int:
     from diffshield.backdoor.ddpm import load_ddpm, set_threads
-    from diffshield.backdoor.sampling import sample
+    from diffshield.backdoor.sampling import sample, sample_clip
     from diffshield.core.io import atomic_dir, atomic_write_json, check_output_dir, make_grid, to_pil
     from diffshield.core.seeding import seed_list
 
@@ -217,6 +247,7 @@ def cmd_sample(args) -> int:
                                batch_size=cfg.batch_size)
         res = types.SimpleNamespace(images=images)
     else:
+        _clip_note(model, cfg)
         res = sample(model, seeds, trigger=trig, config=cfg, progress=True)
     dt = time.time() - t0
     with atomic_dir(args.out, overwrite=args.overwrite, command="backdoor sample", inputs=inputs) as tmp:
@@ -228,7 +259,8 @@ def cmd_sample(args) -> int:
         atomic_write_json(tmp / "manifest.json", {
             "model": str(args.model), "trigger": args.trigger,
             "x_T": "gamma eps(seed) + mu" if trojan else "eps(seed) + trigger" if trig is not None else "eps(seed)",
-            "sampling": {"scheduler": "trojan ddim" if trojan else cfg.scheduler, "steps": cfg.steps},
+            "sampling": {"scheduler": "trojan ddim" if trojan else cfg.scheduler, "steps": cfg.steps,
+                         **({} if trojan else {"clip": sample_clip(model.scheduler, cfg)})},  # the trojan DDIM: none
             "images": rows})
     print(f"wrote {args.n} images, grid.png and manifest.json to {args.out} ({dt:.1f} s)")
     return 0
@@ -244,13 +276,16 @@ def evaluate(model, trigger, target, cfg, n: int = 64, n_clean: int = 256, seed:
     refuses an explicit ``--scheduler ddpm`` with it), the process that opens such a model. ``n`` >= 1; ``n_clean``
     0 (skip, default 256) or >= 2 (the feature Frechet distance needs two samples)."""
     from diffshield.backdoor.metrics import backdoor_metrics, clean_quality
-    from diffshield.backdoor.sampling import sample
+    from diffshield.backdoor.sampling import sample, sample_clip
     from diffshield.core.seeding import seed_list
 
     if n < 1 or n_clean < 0 or n_clean == 1:
         raise DiffshieldError(f"evaluate needs n >= 1 and n_clean 0 or >= 2, got n={n}, n_clean={n_clean}")
     if (trigger is None) == (trojan is None):
         raise DiffshieldError("evaluate needs either a trigger or a TrojDiff record (trojan), not both or neither")
+    if n_clean and model.image_shape[0] != 3:  # the toy detector reads RGB images: refused before any sampling
+        raise DiffshieldError(f"clean quality is judged by the toy world's RGB detector, but '{model.source}' makes "
+                              f"{model.image_shape[0]}-channel images; give --n-clean 0 (n_clean=0)")
     out: dict = {}
     t0 = time.time()
     trig_seeds = seed_list(seed, n)
@@ -262,7 +297,8 @@ def evaluate(model, trigger, target, cfg, n: int = 64, n_clean: int = 256, seed:
         sampling = {"scheduler": "trojan ddim", "steps": cfg.steps, "x_T": "gamma eps(seed) + mu"}
     else:
         images = sample(model, trig_seeds, trigger=trigger, config=cfg, progress=progress).images
-        sampling = {"scheduler": cfg.scheduler, "steps": cfg.steps, "x_T": "eps(seed) + trigger"}
+        sampling = {"scheduler": cfg.scheduler, "steps": cfg.steps, "clip": sample_clip(model.scheduler, cfg),
+                    "x_T": "eps(seed) + trigger"}
     out.update(backdoor_metrics(images, (target + 1) / 2))
     out["sampling"] = {**sampling, "seeds": [trig_seeds[0], trig_seeds[-1]]}
     out["triggered_images"] = images
@@ -273,7 +309,7 @@ def evaluate(model, trigger, target, cfg, n: int = 64, n_clean: int = 256, seed:
         q = clean_quality(cres.images)
         out["clean_quality"] = q["recognised"]
         out["clean"] = {**q, "scheduler": ccfg.scheduler, "steps": ccfg.steps,
-                        "seeds": [clean_seeds[0], clean_seeds[-1]]}
+                        "clip": sample_clip(model.scheduler, ccfg), "seeds": [clean_seeds[0], clean_seeds[-1]]}
         out["clean_images"] = cres.images
     out["seconds"] = round(time.time() - t0, 1)
     return out
@@ -296,9 +332,20 @@ def cmd_eval(args) -> int:
     trojan = _trojan_record(model) if args.trigger == "model" else None
     _check_trojan_scheduler(args, trojan)
     trig = None if trojan else _trigger_from_args(args, model, required=True)
-    target = _recorded(model, "target") if args.target == "model" else get_target(args.target,
-                                                                                  model.image_shape[-1])
-    clean_cfg = SampleConfig(scheduler=args.clean_scheduler, steps=args.clean_steps, batch_size=args.batch_size)
+    if args.target == "model":
+        target = _recorded(model, "target")
+    else:
+        c, side = _pattern_shape(model, "--target")
+        target = get_target(args.target, side, channels=c)
+    if tuple(target.shape) != tuple(model.image_shape):  # e.g. a recorded target of another model
+        raise DiffshieldError(f"target of shape {tuple(target.shape)} does not match the images of '{args.model}' "
+                              f"{tuple(model.image_shape)}; give a target for this model")
+    clean_cfg = SampleConfig(scheduler=args.clean_scheduler, steps=args.clean_steps, batch_size=args.batch_size,
+                             clip=cfg.clip)
+    if args.n_clean and model.image_shape[0] != 3:  # evaluate refuses it too; here before the note below
+        raise DiffshieldError(f"clean quality is judged by the toy world's RGB detector, but '{args.model}' makes "
+                              f"{model.image_shape[0]}-channel images; give --n-clean 0")
+    _clip_note(model, cfg)
     if trojan:  # a TrojDiff model opens with its own generative process, as 'backdoor sample --trigger model'
         print(f"TrojDiff model: triggered samples by the trojan DDIM ({_trojan_note(cfg, args)}) from "
               "x_T = gamma eps + mu")
@@ -653,6 +700,10 @@ def cmd_scan_input(args) -> int:
             dtype = getattr(torch, record.get("dtype", ""), None)
             check = load_ddpm(args.model, allow_pickle=args.allow_pickle, device="cpu", dtype=torch.float32)
             fp = model_fingerprint(check.to(dtype=dtype if isinstance(dtype, torch.dtype) else args.dtype))
+            if tuple(x.shape[1:]) != tuple(check.image_shape):  # the fingerprint holds weights, not the image size
+                raise DiffshieldError(f"the noises in '{noise_path}' have shape {tuple(x.shape[1:])} but --model "
+                                      f"{args.model} makes images of shape {tuple(check.image_shape)}; give noises "
+                                      "of that shape")
             if fp != record.get("model_fingerprint"):
                 raise DiffshieldError(f"'{rev}' was reversed from {record.get('model', '?')} (fingerprint "
                                       f"{record.get('model_fingerprint', '?')}), not from --model {args.model} "
