@@ -52,8 +52,7 @@ def test_demo_through_the_cli(tmp_path, monkeypatch, capsys):
     assert summary["backdoor"]["samples"]["asr_without_trigger"] == 0.0, summary["backdoor"]["samples"]
     assert {"backdoored", "mean_kl", "var_kl", "thresholds"} <= set(summary["backdoor"]["example"])
     for f in ("generate/grid.png", "erase/uce-triangle-grid.png", "redteam/audit/index.html",
-              "backdoor/backdoor/with_and_without_trigger.png", "backdoor/backdoor/scan.json",
-              "protect/protect/panel.png"):
+              "backdoor/with_and_without_trigger.png", "backdoor/scan.json", "protect/panel.png"):
         assert (out / f).exists(), f
     printed = capsys.readouterr().out
     assert "summary:" in printed

@@ -414,8 +414,12 @@ def test_cli_calibrate_then_scan_warns_on_another_family(tmp_path, monkeypatch, 
     js = tmp_path / "scan.json"
     assert main(["scan", "--model", str(folder), "--preset", "fast",
                  "--calibration", str(cal), "--json", str(js)]) == 0
-    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("warning:")]
+    printed = capsys.readouterr().out.splitlines()
+    lines = [ln for ln in printed if ln.startswith("warning:")]
     assert len(lines) == 1 and "8 px" in lines[0] and "16 px" in lines[0]
+    # the verdict line itself says its thresholds are not this model family's
+    verdict = next(ln for ln in printed if ln.startswith("verdict:"))
+    assert "by thresholds calibrated on other models" in verdict
     rep = json.loads(js.read_text())
     assert rep["calibration"]["warning"] and rep["resolution"] == 8 and len(rep["model_fingerprint"]) == 16
     # a scan report is itself a valid calibration input; a reference that is in the labelled set is refused

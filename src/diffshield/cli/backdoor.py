@@ -481,7 +481,8 @@ def cmd_scan(args) -> int:
                    learn_gamma=args.learn_gamma, cal=cal)
     res = rep.pop("result")
     th = rep["thresholds"]
-    print(f"verdict: {rep['verdict'].upper()} ({args.model}, fingerprint {rep['model_fingerprint']})")
+    caveat = " by thresholds calibrated on other models (see the warning)" if rep["calibration"]["warning"] else ""
+    print(f"verdict: {rep['verdict'].upper()}{caveat} ({args.model}, fingerprint {rep['model_fingerprint']})")
     print(f"  r moved ||r - r0|| {rep['moved_l2']:.3g} = {rep['moved_rel']:.3g} x ||r0|| (verdict needs >= "
           f"{rep['min_move']:.3g}), cosine(r, r0) {rep['cos_r0']:.4f}")
     if rep["verdict"] == "undetermined":
@@ -952,7 +953,7 @@ def demo_step(out: Path, device: str = "cpu") -> dict:
     from diffshield.core.io import atomic_write_json, make_grid
     from diffshield.toyworld.names import TOY_ROOT
 
-    out = Path(out) / "backdoor"
+    out = Path(out)  # the demo's own folder for this step (demo_out/backdoor/)
     out.mkdir(parents=True, exist_ok=True)
     summary = {}
     folder = TOY_ROOT / "ddpm" / "examples" / "box_corner"

@@ -587,7 +587,7 @@ def cmd_eval_protection(args) -> int:
 
 
 def demo_step(out: Path, device: str = "cpu") -> dict:
-    """Protect 4 toy scenes with the shipped toy inpainter, evaluate them, write ``out/protect/panel.png``.
+    """Protect 4 toy scenes with the shipped toy inpainter, evaluate them, write ``out/panel.png``.
 
     Takes well under 30 s on a CPU. Prints a few lines and returns a JSON-able summary.
     """
@@ -597,7 +597,7 @@ def demo_step(out: Path, device: str = "cpu") -> dict:
     from diffshield.protect.metrics import evaluate_protection
     from diffshield.protect.scenes import make_scenes, protected_masks
 
-    out = Path(out) / "protect"
+    out = Path(out)  # the demo's own folder for this step (demo_out/protect/)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     print("[protect] Attack as Defense on 4 toy scenes with the shipped toy inpainter (toy:inpaint) ...")
