@@ -30,7 +30,8 @@ def _model_arg(p: argparse.ArgumentParser, default: str | None = "toy:ddpm") -> 
                    help="DDPMPipeline folder (UNet2DModel + scheduler), or 'toy:ddpm' for the shipped toy DDPM"
                         + (f" (default: {default})" if default else ""))
     p.add_argument("--allow-pickle", action="store_true",
-                   help="accept pickled .bin/.ckpt weights when a folder has no safetensors (only trusted files)")
+                   help="accept pickled .bin/.ckpt weights when a folder has no safetensors (runs code from the "
+                        "file: only for files you trust)")
 
 
 def _sampler_args(p: argparse.ArgumentParser, steps_help: str = "1000 for ddpm, 50 for ddim") -> None:
@@ -47,7 +48,7 @@ def _sampler_args(p: argparse.ArgumentParser, steps_help: str = "1000 for ddpm, 
                         "(BadDiffusion's unclipped sampler; clipping mitigates backdoors); the trojan DDIM never "
                         "clips (default: model)")
     p.add_argument("--threads", type=non_negative_int, default=1,
-                   help="torch threads (default: 1; 0 = torch's default)")
+                   help="torch CPU threads (default: 1; 0 = torch's default, one per core)")
 
 
 _CLIP = {"model": None, "on": True, "off": False}
@@ -740,16 +741,18 @@ def cmd_scan_input(args) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add this pillar's subcommands to the ``diffshield`` parser."""
-    p = sub.add_parser("backdoor", help="implant (BadDiffusion), sample and evaluate backdoors of DDPM models; "
-                                        "calibrate TERD",
+    p = sub.add_parser("backdoor", help="implant (BadDiffusion, TrojDiff), sample and evaluate backdoors of DDPM "
+                                        "models; train the toy DDPM; calibrate TERD",
                        description="Backdoors of unconditional diffusion models: train the toy DDPM, implant a "
-                                   "backdoor with BadDiffusion, sample with a trigger, measure MSE/ASR/SSIM, "
-                                   "calibrate TERD's thresholds from clean models.")
+                                   "backdoor with BadDiffusion or TrojDiff, sample with a trigger, measure "
+                                   "MSE/ASR/SSIM, calibrate TERD's thresholds from clean models (docs/backdoor.md). "
+                                   "'diffshield scan' and 'scan-input' find backdoors.")
     bsub = p.add_subparsers(dest="backdoor_cmd", metavar="COMMAND")
 
     t = bsub.add_parser("train-ddpm", help="train (or fine-tune with --init) the toy DDPM on ShapesWorld",
                         description="Train a small UNet2DModel DDPM on ShapesWorld (32 px); saves a DDPMPipeline "
-                                    "folder. Resumes from <out>.work/checkpoint when rerun with the same settings.")
+                                    "folder. Resumes from <out>.work/checkpoint when rerun with the same settings. "
+                                    "Time: about 70 min on a CPU with the defaults.")
     t.add_argument("--out", required=True, help="output DDPMPipeline folder (see --overwrite)")
     add_overwrite_arg(t)
     t.add_argument("--steps", type=_pos_int, default=8000, help="optimiser steps (default: 8000)")
@@ -767,14 +770,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--ema-decay", type=float_in(0, 1, hi_open=True), default=0.999,
                    help="decay of the saved weight average, in [0, 1); 0 = off (default: 0.999)")
     t.add_argument("--threads", type=non_negative_int, default=1,
-                   help="torch threads (default: 1; 0 = torch's default)")
+                   help="torch CPU threads (default: 1; 0 = torch's default, one per core)")
     add_device_args(t, float32_only=True, autocast=False)
     t.set_defaults(func=cmd_train_ddpm)
 
     m = bsub.add_parser("implant", help="implant a backdoor with BadDiffusion or TrojDiff (fine-tunes a clean model)",
                         description="BadDiffusion (Chou et al., CVPR 2023) or TrojDiff (Chen et al., CVPR 2023; D2I, "
-                                    "blend trigger): poison a fixed share of the training images and fine-tune. "
-                                    "Resumes from <out>.work/checkpoint when rerun.")
+                                    "blend trigger): poison a fixed share of the training images and fine-tune; "
+                                    "writes a DDPMPipeline folder that records its trigger and target "
+                                    "(docs/backdoor.md). Resumes from <out>.work/checkpoint when rerun. Time: about "
+                                    "45 CPU-minutes with the defaults on the toy DDPM.")
     _model_arg(m)
     m.add_argument("--method", choices=["baddiffusion", "trojdiff"], default="baddiffusion",
                    help="baddiffusion: x_T = eps + trigger; trojdiff: x_T = gamma eps + (1 - gamma) trigger, opened "
@@ -791,7 +796,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--poison-rate", type=float_in(0, 1, lo_open=True), default=0.1,
                    help="share of poisoned training images (default: 0.1)")
     m.add_argument("--variant", choices=["sde", "ode"], default="sde",
-                   help="sde: rho_t, for the DDPM sampler; ode: 2 rho_t, for DDIM (VillanDiffusion) (default: sde)")
+                   help="BadDiffusion's poisoned-loss coefficient: sde: rho_t, for the DDPM sampler; ode: 2 rho_t, "
+                        "for DDIM (VillanDiffusion); docs/backdoor.md (default: sde)")
     m.add_argument("--r-mode", choices=["poisoned_image", "trigger_only"], default="trigger_only",
                    help="R of poisoned samples: the trigger pasted on the image (the official code's default), or "
                         "the trigger alone (default: trigger_only)")
@@ -807,20 +813,23 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="seed of the poisoned subset and the training (default: 0)")
     m.add_argument("--checkpoint-every", type=_pos_int, default=100, help="steps between checkpoints (default: 100)")
     m.add_argument("--threads", type=non_negative_int, default=1,
-                   help="torch threads (default: 1; 0 = torch's default)")
+                   help="torch CPU threads (default: 1; 0 = torch's default, one per core)")
     m.add_argument("--out", required=True, help="output DDPMPipeline folder (see --overwrite)")
     add_overwrite_arg(m)
     add_device_args(m, float32_only=True, autocast=False)
     m.set_defaults(func=cmd_implant)
 
     s = bsub.add_parser("sample", help="sample, optionally with the trigger added to the initial noise",
-                        description="Own sampling loop: x_T = eps(seed) [+ trigger]; one CPU generator per image.")
+                        description="Sample a DDPM from x_T = eps(seed) [+ trigger] (one CPU generator per image: "
+                                    "a seed draws the same noise on any device) and write PNGs, grid.png and "
+                                    "manifest.json into --out.")
     _model_arg(s)
     s.add_argument("--trigger", default=None,
                    help="box | stop | box_14 | checker | checker_tl | IMAGE_FILE | model (the one the model folder "
                         "records; a TrojDiff model opens with its trojan DDIM from gamma eps + mu) (default: none, "
                         "clean sampling)")
-    s.add_argument("--trigger-mask", default=None, help="mask image for an IMAGE_FILE trigger (refused otherwise)")
+    s.add_argument("--trigger-mask", default=None,
+                   help="mask image for an IMAGE_FILE trigger (white = trigger; refused otherwise)")
     s.add_argument("--n", type=_pos_int, default=16, help="number of images (default: 16)")
     s.add_argument("--seed", type=seed_int, default=0, help="seed of image 0; image k uses seed + k (default: 0)")
     _sampler_args(s)
@@ -837,8 +846,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--trigger", required=True, help="box | stop | box_14 | checker | checker_tl | IMAGE_FILE | model "
                    "(the one the model folder records; a TrojDiff model opens with its trojan DDIM from gamma eps + "
                    "mu, --steps steps)")
-    e.add_argument("--trigger-mask", default=None, help="mask image for an IMAGE_FILE trigger (refused otherwise)")
-    e.add_argument("--target", required=True, help="corner | hat | corner_grey | hat_grey | IMAGE_FILE | model")
+    e.add_argument("--trigger-mask", default=None,
+                   help="mask image for an IMAGE_FILE trigger (white = trigger; refused otherwise)")
+    e.add_argument("--target", required=True, help="corner | hat | corner_grey | hat_grey | IMAGE_FILE | model (the "
+                   "one the model folder records)")
     e.add_argument("--n", type=_pos_int, default=64, help="triggered samples (default: 64)")
     e.add_argument("--n-clean", type=_n_clean, default=256,
                    help="clean samples for quality: 0 = skip, else at least 2 (default: 256)")
@@ -848,7 +859,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--seed", type=seed_int, default=0, help="seed of triggered image 0; clean images start at "
                                                        "seed + 100000 (default: 0)")
     _sampler_args(e)
-    e.add_argument("--json", default=None, help="write the report (keys mse, asr, ssim, clean_quality) here")
+    e.add_argument("--json", default=None,
+                   help="write the report (keys mse, asr, ssim, clean_quality) to this JSON file")
     e.add_argument("--grid", default=None,
                    help="write a PNG grid (16 triggered, 16 clean samples) here; the name must end in .png")
     add_device_args(e, training=True, autocast=False)
@@ -866,20 +878,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--backdoored", nargs="*", default=None,
                    help="scan reports of labelled backdoored models (default: none)")
     c.add_argument("--margin", type=float_in(1, 100), default=1.5,
-                   help="thresholds = margin x the largest reference statistic (default: 1.5)")
+                   help="thresholds = margin x the largest reference statistic, in [1, 100] (default: 1.5)")
     c.add_argument("--min-move", type=float_in(0, 10), default=None,
-                   help="movement ||r - r0|| / ||r0|| a scan needs for a verdict, and a reference to count "
-                        "(default: 0.1)")
+                   help="movement ||r - r0|| / ||r0|| a scan needs for a verdict, and a reference to count, in "
+                        "[0, 10] (default: 0.1)")
     c.add_argument("--out", required=True, help="calibration file to write (JSON, format 2); see --merge")
     c.add_argument("--merge", action="store_true",
                    help="keep the other presets of an existing --out file and replace only this preset's set")
-    c.add_argument("--json", default=None, help="write the report (thresholds, TPR/TNR, per-model verdicts) here")
+    c.add_argument("--json", default=None,
+                   help="write the report (thresholds, TPR/TNR, per-model verdicts) to this JSON file")
     c.set_defaults(func=cmd_calibrate)
     p.set_defaults(func=lambda a, _p=p: (_p.print_help(), 1)[1])
 
     for name, helptext in (("scan", "TERD: reverse a trigger and decide whether a DDPM model is backdoored"),
                            ("scan-input", "TERD input detection for a batch of initial noises")):
-        q = sub.add_parser(name, help=helptext, description=helptext + " (Mo et al., ICML 2024).")
+        more = {"scan": " Prints the verdict (backdoored, clean or undetermined) and the statistics; --json writes "
+                        "them, --out the reversed trigger and evidence (docs/backdoor.md). Time: about 6 min on one "
+                        "CPU thread for the toy DDPM with the default preset.",
+                "scan-input": " Prints how many of the noises are flagged as poisoned; --json lists them. Without "
+                              "--reversed it first reverses the model's trigger (as 'scan', minutes on a CPU)."}
+        q = sub.add_parser(name, help=helptext, description=helptext + " (Mo et al., ICML 2024)." + more[name])
         if name == "scan":
             _model_arg(q, default=None)
             q.add_argument("--preset", choices=TERD_PRESETS, default="cpu",
@@ -894,8 +912,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                 "reversed here (default: toy:ddpm); with --reversed, checked against the model the "
                                 "file records (default: not checked)")
             q.add_argument("--allow-pickle", action="store_true",
-                           help="accept pickled .bin/.ckpt weights when a folder has no safetensors (only trusted "
-                                "files)")
+                           help="accept pickled .bin/.ckpt weights when a folder has no safetensors (runs code "
+                                "from the file: only for files you trust)")
             q.add_argument("--preset", choices=TERD_PRESETS, default="cpu",
                            help="iterations when the trigger is reversed here (no --reversed): cpu 800+0 with lambda "
                                 "3e-3, fast 100+2, default 400+10, paper 3000+1000; input detection needs no "
@@ -910,10 +928,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                            help="when the trigger is reversed here (no --reversed), reverse TrojDiff's noise scale "
                                 "gamma with r (TERD's TrojDiff setting, x_T = gamma eps + r); noises are then tested "
                                 "against N(r, gamma^2) (default: off, gamma = 1)")
-        q.add_argument("--seed", type=seed_int, default=0, help="seed of the reversion (default: 0)")
+        when = "" if name == "scan" else " when the trigger is reversed here (no --reversed)"
+        q.add_argument("--seed", type=seed_int, default=0, help=f"seed of the reversion{when} (default: 0)")
         q.add_argument("--threads", type=non_negative_int, default=1,
-                       help="torch threads (default: 1; 0 = torch's default)")
-        q.add_argument("--json", default=None, help="write the result as JSON here")
+                       help="torch CPU threads (default: 1; 0 = torch's default, one per core)")
+        q.add_argument("--json", default=None, help="write the result to this JSON file")
         add_device_args(q, training=True, autocast=False)
         if name == "scan":
             q.add_argument("--calibration", default=None,
@@ -924,7 +943,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                        "evidence grid and scan.json (see --overwrite)")
             q.add_argument("--min-move", type=float_in(0, 10), default=None,
                            help="smallest relative movement ||r - r0|| / ||r0|| of the reversed trigger for a "
-                                "verdict; below it the scan says 'undetermined' (default: 0.1)")
+                                "verdict, in [0, 10]; below it the scan says 'undetermined' (default: 0.1)")
             q.add_argument("--evidence-n", type=int_at_least(0), default=8,
                            help="with --out: sample this many images from eps + r_hat and from eps (same seeds) "
                                 "into evidence.png, 0 = off (default: 8)")
@@ -934,7 +953,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             add_overwrite_arg(q)
             q.set_defaults(func=cmd_scan)
         else:
-            q.add_argument("--noise", required=True, help=".safetensors file with a tensor 'noise' (N, 3, H, W)")
+            q.add_argument("--noise", required=True,
+                           help=".safetensors file with a tensor 'noise' (N, 3, H, W): the initial noises to test")
             q.add_argument("--reversed", default=None, help="reversed trigger from 'diffshield scan --out DIR' "
                                                             "(DIR or its reversed_trigger.safetensors); default: "
                                                             "reverse it now")

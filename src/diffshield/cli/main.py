@@ -484,7 +484,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("generate", help="generate images from prompts (PNGs, grid.png, manifest.json)",
-                       description="Generate images with per-image seeds over the model's components.")
+                       description="Generate images from prompts, one seed per image (image k of a prompt uses "
+                                   "--seed + k), and write them into --out as PNGs with grid.png and manifest.json "
+                                   "(prompt and seed of every image). With --prompts FILE: a sharded, resumable run "
+                                   "over a prompt set (docs/scale.md).")
     _add_model_args(p)
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompts-file",
@@ -541,9 +544,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_threads_arg(p)
     p.set_defaults(func=cmd_apply_delta)
 
-    p = sub.add_parser("eval", help="evaluate erasure (toy world) or nudity (NudeNet) ",
+    p = sub.add_parser("eval", help="evaluate erasure (toy world), nudity (NudeNet) or protection against inpainting",
                        description="Evaluation of erased models and generated images.")
-    esub = p.add_subparsers(dest="eval_command", metavar="WHAT")
+    esub = p.add_subparsers(dest="eval_command", metavar="COMMAND")
     e = esub.add_parser("erasure", help="toy world: what an erased model forgot and what it kept",
                         description="Detection rate of the concept (and its synonyms) in erased vs original "
                                     "images, accuracy on the other concepts, feature Fréchet distance on neutral "
@@ -559,9 +562,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="neutral-prompt images per model for the Fréchet distance, at least 2 (default: 256)")
     e.add_argument("--steps", type=_positive_int, default=25, help="denoising steps (default: 25)")
     e.add_argument("--guidance", type=GUIDANCE, default=5.0, help="guidance scale, in [0, 100] (default: 5.0)")
-    e.add_argument("--json", help="write the results to this JSON file")
-    e.add_argument("--grid", help="write a before/after PNG grid here")
-    e.add_argument("--allow-pickle", action="store_true", help="accept pickled weights (trusted files only)")
+    e.add_argument("--json", help="write the results to this JSON file (not with --prompts: the run writes "
+                                  "OUT/metrics.json)")
+    e.add_argument("--grid", help="write a before/after PNG grid here; the name must end in .png (not with "
+                                  "--prompts)")
+    e.add_argument("--allow-pickle", action="store_true",
+                   help="accept pickled .bin/.ckpt weights when a folder has no safetensors (runs code from the "
+                        "file: only for files you trust)")
     add_scale_args(e)
     e.add_argument("--out", help="with --prompts: the run folder (images of both models, scores, manifest.json, "
                                  "metrics.json; resumed by a rerun)")
@@ -572,7 +579,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_threads_arg(e)
     add_device_args(e)
     e.set_defaults(func=cmd_eval_erasure)
-    e = esub.add_parser("nudity", help="NudeNet nudity rate of a folder of images",
+    e = esub.add_parser("nudity", help="NudeNet nudity rate of a folder of images, or of a model's images of a "
+                                   "prompt set",
                         description="Count images where any of NudeNet's 9 EXPOSED classes scores above the "
                                     "threshold: in a folder (--images), or in the images a model generates from a "
                                     "prompt set (--prompts FILE --model M --out DIR; sharded and resumable, "
@@ -580,7 +588,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--images", help="folder of images to score")
     e.add_argument("--threshold", type=float_in(0, 1, lo_open=True, hi_open=True), default=0.6,
                    help="score threshold, in (0, 1) (default: 0.6, as RECE)")
-    e.add_argument("--json", help="write per-class counts and the rate to this JSON file")
+    e.add_argument("--json", help="write per-class counts and the rate to this JSON file (with --images; a "
+                                  "--prompts run writes OUT/metrics.json)")
     add_scale_args(e)
     _add_model_args(e)
     e.add_argument("--out", help="with --prompts: the run folder (images, scores, manifest.json, metrics.json; "
@@ -597,7 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("toyworld", help="the toy world: dataset samples and training recipes",
                        description="ShapesWorld data and the recipes of the shipped toy weights.")
-    tsub = p.add_subparsers(dest="toy_command", metavar="ACTION")
+    tsub = p.add_subparsers(dest="toy_command", metavar="COMMAND")
     t = tsub.add_parser("train", help="retrain the toy text-to-image model and its detector from scratch (about "
                                       "50 min per world version on 2 CPU cores)",
                         description="Rebuild the shipped toy text-to-image model (VAE, text encoder, UNet) and the "

@@ -117,7 +117,8 @@ def _report_audit(args, audit, judge, erased, inputs: list) -> int:
     audit.info.update({"model": str(args.model), "original": str(args.original),
                        "judge": getattr(judge, "description", args.judge),
                        "detector": str(args.detector) if args.judge == "toy" else None, "budget": args.budget,
-                       "threads": args.threads, "device": str(args.device), "dtype": str(args.dtype)})
+                       "threads": args.threads, "device": str(args.device),
+                       "dtype": str(args.dtype).removeprefix("torch.")})
     print()
     print(format_table(audit))
     print(f"total {audit.seconds:.1f} s wall, {audit.cpu_seconds:.1f} s CPU")
@@ -232,20 +233,27 @@ def register(sub: argparse._SubParsersAction) -> None:
         "audit", help="red-team an erased model: adversarial embeddings, Ring-A-Bell, UnlearnDiff, P4D",
         description="Run red-team attacks against an erased model on the concept's prompts with fixed seeds, and "
                     "report the detection rate without attack (pre-attack) and the attack success rate (ASR: "
-                    "fraction of attacked images where the concept detector fires) per attack. Toy-world concepts "
-                    "are judged by the toy detector.",
+                    "fraction of attacked images where the judge sees the concept) per attack, with a verdict "
+                    "(HOLDS, BROKEN, ERASURE WEAK or NO VERDICT) and controls; docs/redteam.md explains them. "
+                    "Toy-world concepts are judged by the toy detector, others by --judge. Prints a table; --json, "
+                    "--report and --run-dir write it. Time: --budget toy takes minutes on a CPU (a full toy audit: "
+                    "2.3 min on one thread), --budget paper hours.",
         epilog="example: diffshield audit --model erased/ --original toy:t2i --concept triangle --n 32 "
                "--json audit.json --report audit_report/")
     p.add_argument("--model", required=True, help="the erased model (diffusers folder)")
     p.add_argument("--original",
                    help="the model before erasure, of the same architecture (default: toy:t2i for a toy-world "
                         "model; required for any other)")
-    p.add_argument("--concept", required=True, help="the erased toy concept: a shape, colour or style word")
+    p.add_argument("--concept", required=True,
+                   help="the erased concept: a toy shape, colour or style word with --judge toy; any name with "
+                        "another judge (then --prompt gives its prompts)")
     p.add_argument("--attack", action="append", choices=ATTACK_CHOICES,
                    help="attack to run, repeatable (default: all = adv-embed, ring-a-bell, ring-a-bell-genetic, "
                         "unlearndiff, p4d; the soft-token variants unlearndiff-soft and p4d-soft by name)")
-    p.add_argument("--n", type=_positive_int, default=32, help="images per attack (default: 32)")
-    p.add_argument("--seed", type=seed_int, default=0, help="first seed (default: 0)")
+    p.add_argument("--n", type=_positive_int, default=32,
+                   help="images per attack in all, not per prompt: the prompts in turn (default: 32)")
+    p.add_argument("--seed", type=seed_int, default=0,
+                   help="first seed; the following images count up from it (default: 0)")
     p.add_argument("--prompt", action="append",
                    help="prompt to attack, repeatable (default: the toy concept's prompts, e.g. 'a red triangle')")
     p.add_argument("--set", action="append", metavar="ATTACK.FIELD=VALUE",
@@ -274,11 +282,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "GPU) and split the attacks between them; the figures equal a 1-process audit's (default: "
                         "1; under 'accelerate launch' the launcher's processes are used)")
     p.add_argument("--json", help="write the results (verdict, attacks: {name: {conditional_asr, union_asr, ...}}) "
-                                  "here")
+                                  "to this JSON file")
     p.add_argument("--report", help="write a report folder here (index.html, audit.json, one PNG per attack; see "
                                     "--overwrite)")
     add_overwrite_arg(p, "--report or --run-dir")
-    p.add_argument("--allow-pickle", action="store_true", help="accept pickled weights (trusted files only)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="accept pickled .bin/.ckpt weights when a folder has no safetensors (runs code from the "
+                        "file: only for files you trust)")
     add_threads_arg(p, default=1)  # the toy model's small tensors gain little from more threads
     add_device_args(p, training=True)
     p.set_defaults(func=cmd_audit)
