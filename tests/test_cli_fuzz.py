@@ -534,6 +534,10 @@ def test_version(capsys):
 
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"diffshield {diffshield.__version__}"
+    # no command, or a group without its command: its help, and the status of bad input (1 is the machine's)
+    for argv in ([], ["eval"], ["backdoor"], ["toyworld"]):
+        assert main(argv) == 2
+        assert capsys.readouterr().out.startswith(f"usage: diffshield {' '.join(argv)}".rstrip())
 
 
 def test_prompt_warnings(ws, capsys):

@@ -181,3 +181,20 @@ def test_a_nudity_folder_names_what_it_does_not_score(tmp_path):
     (tmp_path / "manifest.json").write_text("{}")
     with pytest.warns(UserWarning, match=r"3 entries not scored .*: b.gif, c.tif, more/$"):
         assert [p.name for p in list_images(tmp_path)] == ["a.png"]
+
+
+def test_eval_erasure_batch_size_reaches_the_sampler(tiny_sd_dir, monkeypatch, capsys):
+    """``eval erasure --batch-size`` was only used with --prompts; the plain evaluation sampled 64 a batch."""
+    import diffshield.eval.erasure as erasure
+    from diffshield.cli.main import main
+
+    seen = []
+
+    def fake(erased, original, concept, detector, config=None, **kw):
+        seen.append(config.batch_size)
+        raise KeyboardInterrupt  # stop before any image: only the plumbing is under test
+
+    monkeypatch.setattr(erasure, "evaluate_erasure", fake)
+    assert main(["eval", "erasure", "--model", str(tiny_sd_dir), "--original", str(tiny_sd_dir), "--concept",
+                 "triangle", "--batch-size", "7"]) != 0
+    assert seen == [7]

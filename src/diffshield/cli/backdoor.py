@@ -888,7 +888,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--json", default=None,
                    help="write the report (thresholds, TPR/TNR, per-model verdicts) to this JSON file")
     c.set_defaults(func=cmd_calibrate)
-    p.set_defaults(func=lambda a, _p=p: (_p.print_help(), 1)[1])
+    p.set_defaults(func=lambda a, _p=p: (_p.print_help(), 2)[1])
 
     for name, helptext in (("scan", "TERD: reverse a trigger and decide whether a DDPM model is backdoored"),
                            ("scan-input", "TERD input detection for a batch of initial noises")):

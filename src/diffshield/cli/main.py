@@ -414,7 +414,7 @@ def cmd_eval_erasure(args) -> int:
     erased = load_t2i(args.model, allow_pickle=args.allow_pickle, device=args.device, dtype=args.dtype)
     original = load_t2i(args.original, allow_pickle=args.allow_pickle, device=args.device, dtype=args.dtype)
     detector = load_detector(args.detector)
-    cfg = SampleConfig(steps=args.steps, guidance=args.guidance)
+    cfg = SampleConfig(steps=args.steps, guidance=args.guidance, batch_size=args.batch_size)
     print(f"evaluating erasure of {args.concept!r}: {args.model} vs {args.original} ...")
     res = evaluate_erasure(erased, original, args.concept, detector, seeds_per_prompt=args.seeds_per_prompt,
                            n_neutral=args.n_neutral, config=cfg, progress=True)
@@ -602,7 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_threads_arg(e)
     add_device_args(e)
     e.set_defaults(func=cmd_eval_nudity)
-    p.set_defaults(func=lambda a, _p=p: (_p.print_help(), 1)[1])
+    p.set_defaults(func=lambda a, _p=p: (_p.print_help(), 2)[1])
 
     p = sub.add_parser("toyworld", help="the toy world: dataset samples and training recipes",
                        description="ShapesWorld data and the recipes of the shipped toy weights.")
@@ -650,7 +650,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", required=True, help="output folder (see --overwrite)")
     add_overwrite_arg(d)
     d.set_defaults(func=cmd_toyworld_dataset)
-    p.set_defaults(func=lambda a, _p=p: (_p.print_help(), 1)[1])
+    p.set_defaults(func=lambda a, _p=p: (_p.print_help(), 2)[1])
     for module in PILLAR_CLI_MODULES:
         importlib.import_module(module).register(sub)
     return parser
@@ -674,7 +674,7 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 0
     if not getattr(args, "func", None):
         parser.print_help()
-        return 1
+        return 2  # no command is bad input (1 is for the machine's errors), as a group without its command is
     try:
         if not only_launches(args):
             # diffusers' and transformers' own progress bars and notices; a process that only launches the workers
