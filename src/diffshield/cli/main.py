@@ -523,7 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     add_overwrite_arg(p)
     add_threads_arg(p)
-    add_device_args(p, training=True)
+    add_device_args(p, float32_only=True)  # steps 3-5 train and attack in float32: one dtype for the whole tour
     p.set_defaults(func=cmd_demo)
 
     from diffshield.cli.erase import add_erase_parser
