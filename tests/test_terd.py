@@ -183,7 +183,8 @@ def test_cli_scan_reports_movement_verdict_and_evidence(tmp_path, monkeypatch):
     full = json.loads((out / "scan.json").read_text())
     assert full["verdict"] == "undetermined" and full["r0_norm"] > 0
     grid = Image.open(out / "evidence.png")
-    assert grid.size == (3 * (8 * 4 + 1) + 1, 2 * (8 * 4 + 1) + 1)  # 3 pairs: triggered above clean
+    tiles = (3 * (8 * 4 + 1) + 1, 2 * (8 * 4 + 1) + 1)  # 3 pairs: triggered above clean
+    assert grid.width > tiles[0] and grid.height > tiles[1]  # and the margins of the row and column labels
     from safetensors.torch import load_file
 
     t = load_file(str(out / "reversed_trigger.safetensors"))

@@ -256,7 +256,9 @@ def cmd_sample(args) -> int:
         for i, img in enumerate(res.images):
             to_pil(img).save(tmp / f"{i:04d}.png")
             rows.append({"file": f"{i:04d}.png", "seed": seeds[i]})
-        make_grid(res.images, nrow=8, upscale=4).save(tmp / "grid.png")
+        x_t = "gamma eps + mu (TrojDiff)" if trojan else f"eps + trigger {args.trigger}" if trig is not None else "eps"
+        make_grid(res.images, nrow=8, upscale=4,
+                  title=f"x_T = {x_t}; seeds {seeds[0]}..{seeds[-1]}, row by row").save(tmp / "grid.png")
         atomic_write_json(tmp / "manifest.json", {
             "model": str(args.model), "trigger": args.trigger,
             "x_T": "gamma eps(seed) + mu" if trojan else "eps(seed) + trigger" if trig is not None else "eps(seed)",
@@ -366,8 +368,16 @@ def cmd_eval(args) -> int:
     if args.json:
         write_result_json(args.json, report)
     if args.grid:
-        both = imgs[:16] if clean_imgs is None else __import__("torch").cat([imgs[:16], clean_imgs[:16]])
-        save_result_image(make_grid(both, nrow=8, upscale=4), args.grid, "--grid")
+        import torch
+
+        k = min(8, len(imgs))  # up to two rows of each kind, never a row mixing them
+        parts = [("with trigger", imgs[: min(16, len(imgs)) // k * k])]
+        if clean_imgs is not None and len(clean_imgs) >= k:
+            parts.append(("clean", clean_imgs[: min(16, len(clean_imgs)) // k * k]))
+        labels = [name for name, part in parts for _ in range(len(part) // k)]
+        grid = make_grid(torch.cat([part for _, part in parts]), nrow=k, upscale=4, row_labels=labels,
+                         title=f"{args.model}: samples with the trigger (target: {args.target}) and clean ones")
+        save_result_image(grid, args.grid, "--grid")
     return 0
 
 
@@ -523,7 +533,8 @@ def cmd_scan(args) -> int:
             _trigger_image(res.r).save(tmp / "reversed_trigger.png")
             if ev is not None:
                 both = torch.cat([ev["triggered"], ev["clean"]])
-                make_grid(both, nrow=len(ev["seeds"]), upscale=4).save(tmp / "evidence.png")
+                make_grid(both, nrow=len(ev["seeds"]), upscale=4, row_labels=["from eps + r_hat", "from eps"],
+                          col_labels=[f"seed {k}" for k in ev["seeds"]]).save(tmp / "evidence.png")
             atomic_write_json(tmp / "scan.json", {**report, "history": res.history, "config": res.config})
         print(f"reversed trigger: {Path(args.out) / 'reversed_trigger.png'} (and .safetensors)"
               + (f"; what it produces: evidence.png ({ev['config'].scheduler}-{ev['config'].steps}, top "
@@ -983,7 +994,8 @@ def demo_step(out: Path, device: str = "cpu") -> dict:
     plain = sample(model, seeds, config=cfg).images
     target = (_recorded(model, "target") + 1) / 2
     hit, miss = backdoor_metrics(opened, target), backdoor_metrics(plain, target)
-    make_grid(torch.cat([opened, plain]), nrow=4, upscale=4).save(out / "with_and_without_trigger.png")
+    make_grid(torch.cat([opened, plain]), nrow=4, upscale=4, row_labels=["noise + trigger", "noise alone"],
+              col_labels=[f"seed {k}" for k in seeds]).save(out / "with_and_without_trigger.png")
     summary["samples"] = {"asr_strict_with_trigger": hit["asr_strict"], "asr_without_trigger": miss["asr"],
                           "n": len(seeds), "sampler": "ddpm-200"}
     print(f"backdoored example (box -> corner): from noise + its trigger, {hit['asr_strict']:.0%} of {len(seeds)} "
