@@ -120,8 +120,7 @@ def stored_dtype(folder: Path, variant: str | None = None) -> torch.dtype | None
     in, read from the file headers; None when the folder has no such file (pickled weights are not opened)."""
     counts: dict[torch.dtype, int] = {}
     for f in sorted(folder.glob("*.safetensors")):
-        parts = re.sub(r"-\d+-of-\d+", "", f.name).split(".")
-        if (parts[-2] if len(parts) > 2 else None) != variant:
+        if file_variant(f.name) != variant:
             continue
         for name, info in check_safetensors(f).items():
             dt = SAFETENSORS_DTYPES.get(info.get("dtype")) if name != "__metadata__" else None
@@ -148,6 +147,13 @@ def check_component_weights(folder: Path, allow_pickle: bool) -> bool:
     raise DiffshieldError(f"component folder '{folder}' has no weight file (*.safetensors)")
 
 
+def file_variant(name: str) -> str | None:
+    """The weight variant a file name carries (``model.fp16.safetensors`` and shards
+    ``model-00001-of-00002.fp16.safetensors`` -> ``"fp16"``), None for a plain name (``model.safetensors``)."""
+    parts = re.sub(r"-\d+-of-\d+", "", name).split(".")
+    return parts[-2] if len(parts) > 2 else None
+
+
 def weight_variant(folder: Path, safetensors: bool = True) -> str | None:
     """The diffusers weight variant to load from a component folder (of the safetensors files, or with
     ``safetensors=False`` of the pickled ones): None when it holds plain weight files (``model.safetensors``,
@@ -159,10 +165,10 @@ def weight_variant(folder: Path, safetensors: bool = True) -> str | None:
     for f in folder.iterdir():
         if f.suffix not in suffixes:
             continue
-        parts = re.sub(r"-\d+-of-\d+", "", f.name).split(".")  # shards: name-00001-of-00002[.variant].ext
-        if len(parts) == 2:
+        variant = file_variant(f.name)
+        if variant is None:
             return None
-        variants.add(parts[-2])
+        variants.add(variant)
     if len(variants) > 1:
         raise DiffshieldError(f"'{folder}' holds weights of several variants ({', '.join(sorted(variants))}) and no "
                               "plain weight file; keep the files of one variant in that folder")
@@ -341,10 +347,8 @@ def _drop_variant_names(folder: Path) -> None:
     """Give a copied component's weight files of one variant (``model.fp16.safetensors``, shards and their index)
     the plain names, which the saved pipeline's other components have: stock ``from_pretrained`` without
     ``variant`` finds no weights in a component holding variant files only. A folder with plain files is left."""
-    names = [re.sub(r"-\d+-of-\d+", "", f.name).split(".") for f in folder.iterdir()
-             if f.suffix in (".safetensors", *PICKLE_SUFFIXES)]
-    variants = {parts[-2] for parts in names if len(parts) > 2}
-    if len(variants) != 1 or any(len(parts) == 2 for parts in names):  # plain files, or a choice to leave
+    variants = {file_variant(f.name) for f in folder.iterdir() if f.suffix in (".safetensors", *PICKLE_SUFFIXES)}
+    if len(variants) != 1 or None in variants:  # plain files, or a choice to leave
         return
     (variant,) = variants
     tag = f".{variant}."
