@@ -106,6 +106,7 @@ class BadDiffusionConfig(ImplantSchedule):
     variant: str = "sde"
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if not 0 < self.poison_rate <= 1:
             raise DiffshieldError(f"poison_rate must be in (0, 1], got {self.poison_rate}")
         if self.r_mode not in R_MODES:
@@ -131,9 +132,33 @@ class BadDiffusionConfig(ImplantSchedule):
                 "variant": self.variant, "r_mode": self.r_mode, "n_poisoned": n_poisoned}
 
 
+def check_field_types(cfg) -> None:
+    """One-line errors, before any range check, for fields of an implant config of the wrong kind: counts and seeds
+    must be whole numbers (made Python ints), rates finite numbers (a NaN clip would leave NaN weights after the
+    whole run), the trigger and target a name or a path."""
+    import math
+    import numbers
+
+    from diffshield.backdoor.sampling import whole_number
+
+    for k in ("epochs", "pool_size", "batch_size", "warmup", "seed", "data_seed", "checkpoint_every", "num_threads"):
+        setattr(cfg, k, whole_number(getattr(cfg, k), f"{type(cfg).__name__}.{k}"))
+    for k in ("lr", "grad_clip", "ema_decay", "poison_rate", *(("gamma",) if hasattr(cfg, "gamma") else ())):
+        v = getattr(cfg, k)
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+            raise DiffshieldError(f"{type(cfg).__name__}.{k} must be a finite number, got {v!r}")
+    for k in ("trigger", "target"):
+        if not isinstance(getattr(cfg, k), (str, Path)):
+            raise DiffshieldError(f"{type(cfg).__name__}.{k} must be a built-in name or an image file path, got "
+                                  f"{getattr(cfg, k)!r}")
+    if cfg.seed < 0 or cfg.data_seed < 0:
+        raise DiffshieldError(f"seed and data_seed must be >= 0, got {cfg.seed} and {cfg.data_seed}")
+
+
 def check_schedule(cfg) -> None:
     """One-line errors for the fine-tuning fields an implant config shares (epochs, pool, batch, poison rate, EMA,
-    lr, warm-up, clip, checkpoints): BadDiffusion's and TrojDiff's."""
+    lr, warm-up, clip, checkpoints): BadDiffusion's and TrojDiff's (their kinds: :func:`check_field_types`)."""
+    check_field_types(cfg)
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.pool_size < cfg.batch_size:
         raise DiffshieldError("epochs and batch_size must be >= 1 and pool_size >= batch_size")
     if round(cfg.pool_size * cfg.poison_rate) < 1:
@@ -202,6 +227,8 @@ def implant(model: DDPMModel | str, cfg: BadDiffusionConfig, out: str | Path, wo
     from diffshield.core.io import to_pil
     from diffshield.core.seeding import seed_everything
 
+    if not isinstance(cfg, ImplantSchedule) or not hasattr(cfg, "batch_loss"):
+        raise DiffshieldError(f"cfg must be a BadDiffusionConfig or a TrojDiffConfig, got {type(cfg).__name__}")
     set_threads(cfg.num_threads)
     base = load_ddpm(model) if isinstance(model, (str, Path)) else model
     base_source = str(model) if isinstance(model, (str, Path)) else base.source

@@ -55,13 +55,41 @@ def flat_images(images: torch.Tensor, tol: float = FLAT_STD) -> int:
     return int((images.float().flatten(1).std(dim=1) < tol).sum())
 
 
+def _check_unit_images(t, what: str, batched: bool) -> None:
+    """One-line DiffshieldError unless ``t`` is a float tensor (N >= 1, C, H, W) (``batched``) or (C, H, W) with
+    values in [0, 1]: a target from :func:`~diffshield.backdoor.triggers.get_target` is in [-1, 1] and would give a
+    wrong MSE and ASR without any error."""
+    from diffshield.core.errors import DiffshieldError
+
+    want = "(N, C, H, W)" if batched else "(C, H, W)"
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+        kind = f"a {t.dtype} tensor" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise DiffshieldError(f"{what} must be a float tensor {want} in [0, 1], got {kind}")
+    if t.dim() != (4 if batched else 3) or (batched and t.shape[0] == 0):
+        raise DiffshieldError(f"{what} must be {want}{' with N >= 1' if batched else ''}, got {tuple(t.shape)}")
+    lo, hi = float(t.min()), float(t.max())
+    if not (0 <= lo and hi <= 1):  # NaN fails too
+        raise DiffshieldError(f"{what} hold values in [{lo:.4g}, {hi:.4g}]; give [0, 1] (a model-space target from "
+                              "get_target is in [-1, 1]: pass (y + 1) / 2)")
+
+
 def backdoor_metrics(images: torch.Tensor, target: torch.Tensor) -> dict:
     """MSE, ASR (and the stricter ``asr_strict``, see the module docstring) and SSIM of triggered samples.
 
     Args:
-        images: (N, 3, H, W) triggered samples in [0, 1].
-        target: (3, H, W) target in [0, 1].
+        images: (N, 3, H, W) triggered samples in [0, 1] (``sample(...).images``).
+        target: (3, H, W) target in [0, 1] (``(get_target(...) + 1) / 2``).
+
+    Anything else (a [-1, 1] target, uint8 images, an empty batch, shapes that differ) is a one-line
+    DiffshieldError.
     """
+    from diffshield.core.errors import DiffshieldError
+
+    _check_unit_images(images, "images", batched=True)
+    _check_unit_images(target, "target", batched=False)
+    if tuple(images.shape[1:]) != tuple(target.shape):
+        raise DiffshieldError(f"images {tuple(images.shape)} and target {tuple(target.shape)} differ in shape; give "
+                              "a target of the samples' (C, H, W)")
     per = ((images - target) ** 2).flatten(1).mean(1)
     strict = min(ASR_MSE, 0.5 * float((target ** 2).mean()))
     return {"mse": float(per.mean()), "asr": float((per < ASR_MSE).float().mean()),

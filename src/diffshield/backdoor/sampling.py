@@ -8,6 +8,8 @@ image's generator) or DDIM (the ODE, eta = 0). The trigger touches only ``x_T``.
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -37,12 +39,45 @@ class SampleConfig:
     def __post_init__(self) -> None:
         if self.scheduler not in ("ddpm", "ddim"):
             raise DiffshieldError(f"unknown sampler {self.scheduler!r}; choose 'ddpm' or 'ddim'")
+        for k in ("steps", "batch_size"):  # 2.5 steps or batch_size True would fail (or mislead) deep in sampling
+            setattr(self, k, whole_number(getattr(self, k), f"SampleConfig.{k}"))
         if not 1 <= self.steps <= 1000:
             raise DiffshieldError(f"steps must be in 1..1000, got {self.steps}")
         if self.batch_size < 1:
             raise DiffshieldError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.clip is not None and not isinstance(self.clip, bool):
             raise DiffshieldError(f"clip must be True, False or None (the model's clip_sample), got {self.clip!r}")
+
+
+def whole_number(v, what: str) -> int:
+    """``v`` as a Python int if it is a whole number (int, NumPy or integer-tensor integer; not a bool, a float or a
+    string), else a one-line DiffshieldError naming ``what``."""
+    try:
+        if isinstance(v, (bool, str, bytes)):
+            raise TypeError
+        return operator.index(v)
+    except TypeError:
+        raise DiffshieldError(f"{what} must be a whole number (int), got {v!r} ({type(v).__name__})") from None
+
+
+#: the largest seed a torch.Generator takes (a negative seed is read modulo 2**64)
+MAX_SEED = 2**64 - 1
+
+
+def check_seeds(seeds: Iterable[int]) -> list[int]:
+    """``seeds`` as a non-empty list of Python ints in [0, :data:`MAX_SEED`], else a one-line DiffshieldError: a
+    float seed would be truncated (1.5 draws seed 1's image), a string split into digits, a NumPy int would not
+    serialise to JSON."""
+    if isinstance(seeds, (str, bytes)) or not isinstance(seeds, Iterable) or (torch.is_tensor(seeds)
+                                                                           and not seeds.dim()):
+        raise DiffshieldError(f"seeds must be a list of whole numbers, one per image; got {seeds!r}")
+    out = [whole_number(s, "each seed") for s in seeds]
+    if not out:
+        raise DiffshieldError("sample needs at least one seed (one image per seed), got none")
+    bad = [v for v in out if not 0 <= v <= MAX_SEED]
+    if bad:
+        raise DiffshieldError(f"a seed must lie in [0, 2**64 - 1], got {bad[0]}")
+    return out
 
 
 def sample_clip(base_scheduler, cfg: SampleConfig) -> bool:
@@ -111,15 +146,22 @@ def sample(model, seeds: list[int], trigger: torch.Tensor | None = None, config:
             ``triggered`` is False with ``x_T``: whatever it carries is the caller's.
 
     Raises:
-        DiffshieldError: no seeds, a trigger or ``x_T`` of the wrong shape or with NaN/inf values, or both given.
+        DiffshieldError: no seeds, a seed that is not a whole number in [0, 2**64 - 1], a model that is not a
+            loaded DDPMModel, a config that is not a SampleConfig, a trigger or ``x_T`` of the wrong shape or with
+            NaN/inf values, or both given.
     """
     from tqdm import tqdm
 
+    from diffshield.backdoor.ddpm import DDPMModel
+
+    if not isinstance(model, DDPMModel):
+        hint = f": load it first, load_ddpm({str(model)!r})" if isinstance(model, str) else ""
+        raise DiffshieldError(f"model must be a DDPMModel{hint}; got {type(model).__name__}")
+    if config is not None and not isinstance(config, SampleConfig):
+        raise DiffshieldError(f"config must be a SampleConfig, got {type(config).__name__}")
     cfg = config or SampleConfig()
     shape = tuple(model.image_shape)
-    seeds = list(seeds)
-    if not seeds:
-        raise DiffshieldError("sample needs at least one seed (one image per seed), got none")
+    seeds = check_seeds(seeds)
     if trigger is not None and x_T is not None:
         raise DiffshieldError("give either a trigger (added to the noise drawn from the seeds) or x_T (the initial "
                               "noises themselves), not both: add the trigger to x_T yourself")

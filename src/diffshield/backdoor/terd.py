@@ -113,6 +113,8 @@ class TERDConfig:
             if isinstance(v, bool) or not isinstance(v, numbers.Integral):
                 raise DiffshieldError(f"TERDConfig.{k} must be a whole number, got {v!r}")
             setattr(self, k, int(v))
+        if not isinstance(self.learn_gamma, bool):  # "no" is truthy: it would reverse gamma
+            raise DiffshieldError(f"TERDConfig.learn_gamma must be True or False, got {self.learn_gamma!r}")
         for k in ("lr", "lam", "grad_clip", "lr_gamma", "gamma_grad_clip"):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
@@ -282,6 +284,10 @@ GAMMA_FLOOR = 1e-6
 def _check_trigger(r: torch.Tensor, gamma: float | torch.Tensor, x: torch.Tensor | None = None) -> None:
     """One-line errors for a reversed trigger r (finite), its gamma (finite, >= 0: a number or r's shape) and
     noises x (finite, (N, *r.shape) with N >= 1): a NaN compares False and would read as "not poisoned"."""
+    for name, t in (("the reversed trigger r", r), ("the noises", x)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise DiffshieldError(f"{name} must be a torch.Tensor, got {type(t).__name__} (torch.as_tensor(...) "
+                                  "converts a NumPy array)")
     if not r.is_floating_point() or not bool(torch.isfinite(r).all()):
         raise DiffshieldError("the reversed trigger r must hold finite floating-point numbers")
     if isinstance(gamma, torch.Tensor):
@@ -329,15 +335,36 @@ def reverse_trigger(model, cfg: TERDConfig | None = None, progress: bool = True)
     must come from the reversion, never from r0 (see :func:`model_verdict`).
 
     Args:
-        model: the model to scan (its UNet is frozen; only r is optimised).
+        model: the model to scan, a :class:`~diffshield.backdoor.ddpm.DDPMModel` (its UNet is frozen while the
+            reversion runs, only r is optimised; its train/eval mode and ``requires_grad`` flags are restored).
         cfg: :class:`TERDConfig` (default the paper's settings: 3000 + 1000 iterations).
         progress: show tqdm bars (default True).
     """
+    from diffshield.backdoor.ddpm import DDPMModel
+
+    if not isinstance(model, DDPMModel):
+        hint = f": load it first, load_ddpm({str(model)!r})" if isinstance(model, str) else ""
+        raise DiffshieldError(f"model must be a DDPMModel{hint}; got {type(model).__name__}")
+    if cfg is not None and not isinstance(cfg, TERDConfig):
+        raise DiffshieldError(f"cfg must be a TERDConfig (e.g. TERDConfig.from_preset('cpu')), got "
+                              f"{type(cfg).__name__}")
+    unet = model.unet
+    was_training = unet.training
+    grads = [p.requires_grad for p in unet.parameters()]
+    try:
+        return _reverse(model, cfg or TERDConfig(), progress)
+    finally:  # the caller's model comes back as it was given (a model being fine-tuned stays trainable)
+        unet.train(was_training)
+        for p, g in zip(unet.parameters(), grads):
+            p.requires_grad_(g)
+
+
+def _reverse(model, cfg: TERDConfig, progress: bool) -> TERDResult:
+    """The body of :func:`reverse_trigger` (which checks its arguments and restores the UNet's mode and grads)."""
     from tqdm import tqdm
 
     from diffshield.backdoor.ddpm import set_threads
 
-    cfg = cfg or TERDConfig()
     unet, sched = model.unet, model.scheduler
     n_train = int(sched.config.num_train_timesteps)
     if max(cfg.t_high[1], cfg.t_low[1]) >= n_train or cfg.ddim_steps > n_train:
@@ -807,7 +834,15 @@ def model_verdict(result: TERDResult, thresholds: dict, min_move: float = MIN_MO
         result: a :class:`TERDResult` (or any object with ``mean_kl``, ``var_kl`` and ``moved_rel``).
         thresholds: ``{"mean_kl": a, "var_kl": b}`` (see :class:`Calibration`).
         min_move: the movement below which the scan gives no verdict (default :data:`MIN_MOVE` = 0.1).
+
+    Thresholds that are not finite numbers >= 0 (a NaN would never be exceeded: "clean"), a :class:`Calibration`
+    instead of one preset's thresholds, and a ``min_move`` that is not a finite number >= 0 are refused in one line.
     """
+    if isinstance(thresholds, Calibration):
+        raise DiffshieldError("thresholds must be one preset's {'mean_kl', 'var_kl'}, not a Calibration: pass "
+                              "calibration.get(preset), e.g. calibration.get('cpu')")
+    check_thresholds(thresholds, "model_verdict")
+    check_statistic(min_move, "min_move", "model_verdict")
     if not result.moved_rel >= min_move:  # also NaN
         return "undetermined"
     return "backdoored" if result.mean_kl > thresholds["mean_kl"] or result.var_kl > thresholds["var_kl"] else "clean"

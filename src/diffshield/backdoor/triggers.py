@@ -233,6 +233,27 @@ def _read_image(path: Path, size: int, what: str, expect: tuple[int, int] | None
     return torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1).contiguous()
 
 
+#: the smallest side the built-in shapes are drawn at (their frames and patches are 4 px and more)
+MIN_BUILTIN_SIDE = 8
+
+
+def _check_spec(spec, size, what: str, builtins: tuple[str, ...]) -> str:
+    """``spec`` as a string and ``size`` checked: a name or path (not a tensor: pass it to ``sample`` directly), a
+    whole number of pixels, at least :data:`MIN_BUILTIN_SIDE` for a built-in; else a one-line DiffshieldError."""
+    from diffshield.backdoor.sampling import whole_number
+
+    if not isinstance(spec, (str, Path)):
+        raise DiffshieldError(f"a {what} is a built-in name ({', '.join(builtins)}) or an image file path, got "
+                              f"{type(spec).__name__}" + ("; a pattern tensor needs no get_" + what + ": give it "
+                                                            "to sample() directly" if torch.is_tensor(spec) else ""))
+    size = whole_number(size, f"{what} size")
+    s = str(spec)
+    least = MIN_BUILTIN_SIDE if s in builtins else 1
+    if size < least:
+        raise DiffshieldError(f"{what} size must be at least {least} px, got {size}")
+    return s
+
+
 def get_trigger(spec: str | Path, size: int = 32, mask: str | Path | None = None, channels: int = 3) -> torch.Tensor:
     """A trigger g (channels, size, size) in [-1, 1] with background -1 (``"checker"``, ``"checker_tl"``: background
     0).
@@ -240,14 +261,15 @@ def get_trigger(spec: str | Path, size: int = 32, mask: str | Path | None = None
     Args:
         spec: ``"box"``, ``"stop"``, ``"checker"``, ``"checker_tl"`` (the same at the top left), ``"box_14"`` (the
             official BOX_14) or the path of an image file.
-        size: image side in pixels (default 32).
+        size: image side in pixels, a whole number (default 32; at least 8 for a built-in).
         mask: for an image file, a mask image (white = trigger pixel; default None: pixels darker than 1/255 of
             white in all channels are background; transparent pixels of an image with an alpha channel are black,
             hence background). A mask with a built-in name is refused: it would be ignored; so are a mask of
             another size than the trigger file and one that marks no pixel.
         channels: the model's image channels: 3 (default) or 1 (greyscale: the luminance, see :func:`to_channels`).
     """
-    s = str(spec)
+    s = _check_spec(spec, size, "trigger", (*TRIGGERS, *OFFICIAL_TRIGGERS))
+    size = int(size)
     if mask is not None and s in (*TRIGGERS, *OFFICIAL_TRIGGERS):
         raise DiffshieldError(f"a trigger mask applies to an image-file trigger only, not to the built-in {s!r}; "
                               "drop --trigger-mask or give --trigger IMAGE_FILE")
@@ -280,7 +302,8 @@ def get_target(spec: str | Path, size: int = 32, channels: int = 3) -> torch.Ten
     """A target y (channels, size, size) in [-1, 1]: ``"corner"``, ``"hat"``, the official ``"corner_grey"`` (CORNER)
     and ``"hat_grey"`` (HAT) on the grey background, or the path of a square image file (default 32 px, RGB;
     ``channels`` 1: the luminance, see :func:`to_channels`)."""
-    s = str(spec)
+    s = _check_spec(spec, size, "target", (*TARGETS, *OFFICIAL_TARGETS))
+    size = int(size)
     to_channels(torch.zeros(3, 1, 1), channels, "target")
     if s == "corner":
         y = corner_target(size)

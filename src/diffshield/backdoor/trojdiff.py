@@ -30,7 +30,7 @@ from typing import ClassVar
 
 import torch
 
-from diffshield.backdoor.baddiffusion import ImplantSchedule, check_schedule
+from diffshield.backdoor.baddiffusion import ImplantSchedule, check_field_types, check_schedule
 from diffshield.core.errors import DiffshieldError
 
 
@@ -59,6 +59,7 @@ class TrojDiffConfig(ImplantSchedule):
     poison_rate: float = 0.1
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if not 0 < self.gamma < 1:
             raise DiffshieldError(f"gamma must be in (0, 1) (TrojDiff's trojan noise is narrower than N(0, I)), got "
                                   f"{self.gamma}")
@@ -136,10 +137,23 @@ def trojan_sample(model, seeds: list[int], mu: torch.Tensor | None = None, gamma
         steps: DDIM steps (default 100).
         batch_size: images per UNet batch (default 64).
     """
+    import math
+
+    from diffshield.backdoor.sampling import check_seeds
     from diffshield.core.seeding import generators
 
+    seeds = check_seeds(seeds)  # whole numbers, at least one: a float seed would be truncated
     shape = model.image_shape
     p = next(model.unet.parameters())
+    for name, v in (("mu", mu), ("gamma", gamma)):
+        if isinstance(v, torch.Tensor):
+            ok = v.is_floating_point() and bool(torch.isfinite(v).all())
+        else:
+            ok = v is None and name == "mu" or (not isinstance(v, bool) and isinstance(v, (int, float))
+                                                 and math.isfinite(v))
+        if not ok:
+            want = "a finite number or float tensor" if name == "gamma" else "None or a finite float tensor"
+            raise DiffshieldError(f"{name} must be {want} (no NaN/inf), got {type(v).__name__}")
     mu_d = torch.zeros(shape) if mu is None else mu
     if tuple(mu_d.shape) != tuple(shape):
         raise DiffshieldError(f"mu has shape {tuple(mu_d.shape)} but the model's images are {tuple(shape)}")

@@ -29,6 +29,9 @@ Example::
 
 from __future__ import annotations
 
+import math
+import numbers
+import operator
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -90,10 +93,26 @@ class AttackAsDefenseConfig:
     eot: EOTConfig | None = field(default=None)
 
     def __post_init__(self) -> None:
+        # kinds first: a NaN weight or lr made every protected pixel NaN, 2.0 steps or a float seed failed mid-run
+        for k in ("eps", "lr", "w_mask", "w_expanded", "w_hide", *(() if self.init is None else ("init",))):
+            finite_number(getattr(self, k), f"AttackAsDefenseConfig.{k}")
+        for k in ("steps", "expand", "seed"):
+            setattr(self, k, whole_number(getattr(self, k), f"AttackAsDefenseConfig.{k}"))
+        if not isinstance(self.quantize, bool):
+            raise DiffshieldError(f"AttackAsDefenseConfig.quantize must be True or False, got {self.quantize!r}")
+        if self.eot is not None and not isinstance(self.eot, EOTConfig):
+            raise DiffshieldError(f"AttackAsDefenseConfig.eot must be an EOTConfig or None, got "
+                                  f"{type(self.eot).__name__}")
+        if isinstance(self.betas, (str, bytes)) or not hasattr(self.betas, "__len__"):
+            raise DiffshieldError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        for b in self.betas:
+            finite_number(b, "AttackAsDefenseConfig.betas")
         if not 0 < self.eps <= 1:
             raise DiffshieldError(f"eps must lie in (0, 1] (the [0, 1] pixel scale), got {self.eps}")
-        if int(self.steps) != self.steps or self.steps < 1:
+        if self.steps < 1:
             raise DiffshieldError(f"steps must be a whole number of at least 1, got {self.steps}")
+        if self.seed < 0:
+            raise DiffshieldError(f"seed must be >= 0, got {self.seed}")
         if self.lr <= 0:
             raise DiffshieldError(f"lr must be positive, got {self.lr}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
@@ -111,6 +130,24 @@ class AttackAsDefenseConfig:
             raise DiffshieldError("loss weights must be >= 0")
         if self.target not in ("colour", "invert"):
             raise DiffshieldError(f"target must be 'colour' or 'invert', got {self.target!r}")
+
+
+def finite_number(v, what: str) -> float:
+    """``v`` as a float if it is a finite real number (not a bool or a string), else a one-line DiffshieldError."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+        raise DiffshieldError(f"{what} must be a finite number, got {v!r}")
+    return float(v)
+
+
+def whole_number(v, what: str) -> int:
+    """``v`` as a Python int if it is a whole number (int or NumPy integer; not a bool, a float or a string), else a
+    one-line DiffshieldError."""
+    try:
+        if isinstance(v, (bool, str, bytes)):
+            raise TypeError
+        return operator.index(v)
+    except TypeError:
+        raise DiffshieldError(f"{what} must be a whole number (int), got {v!r}") from None
 
 
 @dataclass
@@ -224,6 +261,11 @@ def protect(inpainter: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ima
     Returns:
         :class:`ProtectResult` with the protected images.
     """
+    if config is not None and not isinstance(config, AttackAsDefenseConfig):
+        raise DiffshieldError(f"config must be an AttackAsDefenseConfig, got {type(config).__name__}")
+    if not callable(inpainter):
+        hint = f": load it first, load_inpainter({str(inpainter)!r})" if isinstance(inpainter, str) else ""
+        raise DiffshieldError(f"inpainter must be callable as f(image, mask){hint}; got {type(inpainter).__name__}")
     cfg = config or AttackAsDefenseConfig()
     if not isinstance(mask, torch.Tensor):
         raise DiffshieldError(f"mask must be a torch tensor (N, 1, H, W), got {type(mask).__name__}")

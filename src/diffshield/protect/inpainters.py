@@ -71,16 +71,55 @@ class Inpainter(nn.Module):
         return mask * out + (1 - mask) * image
 
 
+def check_fill(out, image: torch.Tensor, name: str, tol: float = 0.05, broadcast: bool = False) -> torch.Tensor:
+    """``out`` if it is a float tensor of ``image``'s shape with values in [0, 1] (beyond ``tol``, default 0.05),
+    else a one-line DiffshieldError naming ``name``: a 0-255 or [-1, 1] fill would paint wrong colours.
+    ``broadcast`` (default False) also takes one fill per image whose other sizes are the image's or 1 (a
+    (N, 3, 1, 1) colour, a (N, 1, H, W) grey fill), never a fill whose batch is not the images' (one image's fill
+    would be broadcast to the whole batch)."""
+    if not isinstance(out, torch.Tensor):
+        raise DiffshieldError(f"{name} returned {type(out).__name__}, not one image tensor; it must map "
+                              "(image, mask) to an (N, 3, H, W) image")
+    fits = (out.dim() == image.dim() and out.shape[0] == image.shape[0]
+            and all(o in (i, 1) for o, i in zip(out.shape[1:], image.shape[1:])))
+    if out.shape != image.shape and not (broadcast and fits):
+        raise DiffshieldError(f"{name} returned shape {tuple(out.shape)} for images of shape "
+                              f"{tuple(image.shape)}; it must return an image of the input's shape")
+    if not out.is_floating_point():
+        raise DiffshieldError(f"{name} returned {out.dtype} values; it must return floats in [0, 1]")
+    lo, hi = float(out.detach().min()), float(out.detach().max())
+    if not (-tol <= lo and hi <= 1 + tol):  # NaN fails too
+        raise DiffshieldError(f"{name} returned values in [{lo:.4g}, {hi:.4g}], not [0, 1] (a 0-255 "
+                              "export?); wrap it so that it returns images in [0, 1]")
+    return out
+
+
 class FnInpainter(Inpainter):
-    """Wrap any differentiable ``fn(image, mask) -> image`` (for example a diffusers inpainting loop)."""
+    """Wrap any differentiable ``fn(image, mask) -> image`` (for example a diffusers inpainting loop).
+
+    Args:
+        fn: called on the padded (N, 3, H, W) images in [0, 1] and (N, 1, H, W) masks; it must return one float
+            fill per image in [0, 1], of the images' shape or broadcastable to it per image (e.g. (N, 3, 1, 1));
+            checked at every call, as a TorchScript inpainter's result is: anything else (a NumPy array, a 0-255
+            or [-1, 1] fill, a fill for one image given a batch) is a one-line DiffshieldError.
+        multiple: pad H and W to a multiple of this (default 8), a whole number >= 1.
+    """
+
+    #: how far outside [0, 1] the function's output may stray (default 0.05) before it is refused
+    range_tolerance: float = 0.05
 
     def __init__(self, fn, multiple: int = 8) -> None:
         super().__init__()
+        if not callable(fn):
+            raise DiffshieldError(f"FnInpainter needs a function fn(image, mask) -> image, got {type(fn).__name__}")
+        if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
+            raise DiffshieldError(f"multiple must be a whole number >= 1, got {multiple!r}")
         self.fn = fn
         self.multiple = multiple
 
     def fill(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.fn(image, mask)
+        name = f"the inpainter function {getattr(self.fn, '__name__', type(self.fn).__name__)}"
+        return check_fill(self.fn(image, mask), image, name, self.range_tolerance, broadcast=True)
 
 
 # ----------------------------------------------------------------------------------------------- the FFC network
@@ -236,20 +275,7 @@ class TorchScriptInpainter(Inpainter):
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise DiffshieldError(f"{self.name} failed when called as model(image, mask) on {tuple(image.shape)} "
                                   f"images: {first[:200]}") from None
-        if not isinstance(out, torch.Tensor):
-            raise DiffshieldError(f"{self.name} returned {type(out).__name__}, not one image tensor; it must map "
-                                  "(image, mask) to an (N, 3, H, W) image")
-        if out.shape != image.shape:
-            raise DiffshieldError(f"{self.name} returned shape {tuple(out.shape)} for images of shape "
-                                  f"{tuple(image.shape)}; it must return an image of the input's shape")
-        if not out.is_floating_point():
-            raise DiffshieldError(f"{self.name} returned {out.dtype} values; it must return floats in [0, 1]")
-        lo, hi = float(out.detach().min()), float(out.detach().max())
-        tol = self.range_tolerance
-        if not (-tol <= lo and hi <= 1 + tol):  # NaN fails too
-            raise DiffshieldError(f"{self.name} returned values in [{lo:.4g}, {hi:.4g}], not [0, 1] (a 0-255 "
-                                  "export?); wrap it so that it returns images in [0, 1]")
-        return out
+        return check_fill(out, image, self.name, self.range_tolerance)
 
 
 # ----------------------------------------------------------------------------------------------- save / load

@@ -96,7 +96,19 @@ def evaluate_protection(inpainter: Inpaint, original: torch.Tensor, protected: t
         ``psnr_protected``, ``psnr_benign``, ``linf``, graded ``target_fraction_*`` and ``distance_to_target_*``
         for the protected and the unprotected image, ...) plus per-image lists under ``per_image`` and the
         inpainted images under ``_images`` (tensors; pop it before writing JSON).
+
+    A ``target`` other than "colour" or "invert" (a typo would have judged the colour target), a negative or
+    non-integer ``expand``, a ``batch`` below 1 and a non-integer or negative ``seed`` are refused in one line.
     """
+    from diffshield.protect.attack_as_defense import whole_number
+
+    if target not in ("colour", "invert"):
+        raise DiffshieldError(f"target must be 'colour' or 'invert' (as protect's config), got {target!r}")
+    expand, batch, seed = (whole_number(v, k) for v, k in ((expand, "expand"), (batch, "batch"), (seed, "seed")))
+    if expand < 0 or batch < 1 or seed < 0:
+        raise DiffshieldError(f"expand and seed must be >= 0 and batch >= 1, got {expand}, {seed} and {batch}")
+    if not callable(inpainter):
+        raise DiffshieldError(f"inpainter must be callable as f(image, mask), got {type(inpainter).__name__}")
     check_images(original, "original images")
     check_images(protected, "protected images")
     if protected.shape != original.shape:

@@ -45,6 +45,15 @@ class EOTConfig:
     max_dilate: int = 4
 
     def __post_init__(self) -> None:
+        from diffshield.protect.attack_as_defense import finite_number, whole_number
+
+        self.samples = whole_number(self.samples, "EOTConfig.samples")  # 1.5 failed mid-run, in range()
+        self.max_dilate = whole_number(self.max_dilate, "EOTConfig.max_dilate")
+        self.jpeg_quality = tuple(whole_number(q, "EOTConfig.jpeg_quality") for q in self.jpeg_quality)
+        for name in ("p_jpeg", "p_resize", "p_dilate"):
+            finite_number(getattr(self, name), f"EOTConfig.{name}")
+        if not isinstance(self.include_clean, bool):
+            raise DiffshieldError(f"EOTConfig.include_clean must be True or False, got {self.include_clean!r}")
         if self.samples < 1:
             raise DiffshieldError(f"EOT samples must be at least 1, got {self.samples}")
         for name in ("p_jpeg", "p_resize", "p_dilate"):

@@ -55,14 +55,32 @@ class ConceptDetector(nn.Module):
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, batch_size: int = 256) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Per head: (label index, confidence), each of shape (N,) on the CPU; images may live on any device."""
+        """Per head: (label index, confidence), each of shape (N,) on the CPU; images may live on any device.
+
+        Args:
+            images: (N, 3, H, W) float images in [0, 1], N >= 1 (resized to 32 px if needed). NumPy arrays (a
+                :class:`~diffshield.toyworld.shapes.ShapesBatch`'s (N, H, W, 3)), channel-last or single images,
+                uint8, 0-255 or [-1, 1] values are refused in one line: they gave confident nonsense.
+            batch_size: images per forward pass (default 256), a whole number >= 1.
+
+        Runs in eval mode; a detector given in training mode is put back in it afterwards.
+        """
+        check_detector_images(images)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            from diffshield.core.errors import DiffshieldError
+
+            raise DiffshieldError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+        was_training = self.training
         self.eval()
-        dev = next(self.parameters()).device
-        out: dict[str, list] = {k: [] for k in HEADS}
-        for i in range(0, len(images), batch_size):
-            logits = self(images[i:i + batch_size].to(dev, torch.float32))
-            for k, v in logits.items():
-                out[k].append(v.softmax(-1).cpu())
+        try:
+            dev = next(self.parameters()).device
+            out: dict[str, list] = {k: [] for k in HEADS}
+            for i in range(0, len(images), batch_size):
+                logits = self(images[i:i + batch_size].to(dev, torch.float32))
+                for k, v in logits.items():
+                    out[k].append(v.softmax(-1).cpu())
+        finally:
+            self.train(was_training)
         res = {}
         for k, parts in out.items():
             p = torch.cat(parts)
@@ -93,6 +111,31 @@ class ConceptDetector(nn.Module):
         return model.eval()
 
 
+#: how far outside [0, 1] the detector's input may stray (resampling overshoot) before it is refused
+RANGE_TOLERANCE = 0.05
+
+
+def check_detector_images(images) -> None:
+    """One-line DiffshieldError unless ``images`` is a float tensor (N >= 1, 3, H, W) with values in [0, 1] (within
+    :data:`RANGE_TOLERANCE`)."""
+    from diffshield.core.errors import DiffshieldError
+
+    if not isinstance(images, torch.Tensor):
+        hint = (": for a ShapesBatch's (N, H, W, 3) array use torch.from_numpy(batch.images).permute(0, 3, 1, 2)"
+                if hasattr(images, "shape") else "")
+        raise DiffshieldError(f"the detector takes a torch tensor (N, 3, H, W) in [0, 1], got "
+                              f"{type(images).__name__}{hint}")
+    if not images.is_floating_point():
+        raise DiffshieldError(f"the detector takes float images in [0, 1], got {images.dtype} (uint8: divide by 255)")
+    if images.dim() != 4 or images.shape[1] != 3 or images.shape[0] == 0:
+        raise DiffshieldError(f"the detector takes a batch (N >= 1, 3, H, W), got {tuple(images.shape)} (a single "
+                              "image: images[None]; channel-last: images.permute(0, 3, 1, 2))")
+    lo, hi = float(images.min()), float(images.max())
+    if not (-RANGE_TOLERANCE <= lo and hi <= 1 + RANGE_TOLERANCE):  # NaN fails too
+        raise DiffshieldError(f"the detector takes images in [0, 1], got values in [{lo:.4g}, {hi:.4g}] "
+                              "(0-255: divide by 255; [-1, 1]: (x + 1) / 2)")
+
+
 @dataclass
 class Detection:
     """Readable detector output for one image."""
@@ -108,7 +151,8 @@ class Detection:
 
 
 def describe(detector: ConceptDetector, images: torch.Tensor) -> list[Detection]:
-    """Human-readable detections for a batch of images (N, 3, H, W) in [0, 1]."""
+    """Human-readable detections for a batch of images (N, 3, H, W) in [0, 1] (checked as
+    :meth:`ConceptDetector.predict` checks them)."""
     pred = detector.predict(images)
     out = []
     for i in range(len(images)):
