@@ -139,7 +139,7 @@ def check_field_types(cfg) -> None:
     import math
     import numbers
 
-    from diffshield.backdoor.sampling import whole_number
+    from diffshield.core.checks import whole_number
 
     for k in ("epochs", "pool_size", "batch_size", "warmup", "seed", "data_seed", "checkpoint_every", "num_threads"):
         setattr(cfg, k, whole_number(getattr(cfg, k), f"{type(cfg).__name__}.{k}"))

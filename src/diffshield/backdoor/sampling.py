@@ -8,13 +8,14 @@ image's generator) or DDIM (the ODE, eta = 0). The trigger touches only ``x_T``.
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 
+from diffshield.core.checks import whole_number
 from diffshield.core.errors import DiffshieldError
+from diffshield.core.seeding import check_seeds as _check_seeds
 from diffshield.core.seeding import generators
 
 
@@ -49,35 +50,10 @@ class SampleConfig:
             raise DiffshieldError(f"clip must be True, False or None (the model's clip_sample), got {self.clip!r}")
 
 
-def whole_number(v, what: str) -> int:
-    """``v`` as a Python int if it is a whole number (int, NumPy or integer-tensor integer; not a bool, a float or a
-    string), else a one-line DiffshieldError naming ``what``."""
-    try:
-        if isinstance(v, (bool, str, bytes)):
-            raise TypeError
-        return operator.index(v)
-    except TypeError:
-        raise DiffshieldError(f"{what} must be a whole number (int), got {v!r} ({type(v).__name__})") from None
-
-
-#: the largest seed a torch.Generator takes (a negative seed is read modulo 2**64)
-MAX_SEED = 2**64 - 1
-
 
 def check_seeds(seeds: Iterable[int]) -> list[int]:
-    """``seeds`` as a non-empty list of Python ints in [0, :data:`MAX_SEED`], else a one-line DiffshieldError: a
-    float seed would be truncated (1.5 draws seed 1's image), a string split into digits, a NumPy int would not
-    serialise to JSON."""
-    if isinstance(seeds, (str, bytes)) or not isinstance(seeds, Iterable) or (torch.is_tensor(seeds)
-                                                                           and not seeds.dim()):
-        raise DiffshieldError(f"seeds must be a list of whole numbers, one per image; got {seeds!r}")
-    out = [whole_number(s, "each seed") for s in seeds]
-    if not out:
-        raise DiffshieldError("sample needs at least one seed (one image per seed), got none")
-    bad = [v for v in out if not 0 <= v <= MAX_SEED]
-    if bad:
-        raise DiffshieldError(f"a seed must lie in [0, 2**64 - 1], got {bad[0]}")
-    return out
+    """:func:`diffshield.core.seeding.check_seeds` with at least one seed: ``sample`` draws one image per seed."""
+    return _check_seeds(seeds, at_least=1)
 
 
 def sample_clip(base_scheduler, cfg: SampleConfig) -> bool:

@@ -240,7 +240,7 @@ MIN_BUILTIN_SIDE = 8
 def _check_spec(spec, size, what: str, builtins: tuple[str, ...]) -> str:
     """``spec`` as a string and ``size`` checked: a name or path (not a tensor: pass it to ``sample`` directly), a
     whole number of pixels, at least :data:`MIN_BUILTIN_SIDE` for a built-in; else a one-line DiffshieldError."""
-    from diffshield.backdoor.sampling import whole_number
+    from diffshield.core.checks import whole_number
 
     if not isinstance(spec, (str, Path)):
         raise DiffshieldError(f"a {what} is a built-in name ({', '.join(builtins)}) or an image file path, got "

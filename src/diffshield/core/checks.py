@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
+import operator
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -12,8 +14,9 @@ from diffshield.core.errors import DiffshieldError
 
 
 def check_finite_number(value: float, name: str) -> float:
-    """Return ``value`` if it is a finite number, else raise a one-line :class:`DiffshieldError` naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """Return ``value`` if it is a finite number, else raise a one-line :class:`DiffshieldError` naming ``name``
+    (values that are not real numbers pass through unchecked)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return value
     if not math.isfinite(value):
         raise DiffshieldError(f"{name} must be a finite number, got {value}")
@@ -32,14 +35,32 @@ def check_finite_fields(config: object, prefix: str = "") -> None:
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         name = f"{prefix}{f.name}"
-        if isinstance(value, float):
+        if isinstance(value, numbers.Real):  # NumPy floats too: np.float32 is no float subclass
             check_finite_number(value, name)
         elif isinstance(value, (list, tuple)):
             for v in value:
-                if isinstance(v, float):
+                if isinstance(v, numbers.Real):
                     check_finite_number(v, name)
         elif dataclasses.is_dataclass(value):
             check_finite_fields(value, prefix=f"{name}.")
+
+
+def finite_number(v, what: str) -> float:
+    """``v`` as a float if it is a finite real number (not a bool or a string), else a one-line DiffshieldError."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+        raise DiffshieldError(f"{what} must be a finite number, got {v!r}")
+    return float(v)
+
+
+def whole_number(v, what: str) -> int:
+    """``v`` as a Python int if it is a whole number (int, NumPy or integer-tensor integer; not a bool, a float or a
+    string), else a one-line DiffshieldError naming ``what``."""
+    try:
+        if isinstance(v, (bool, str, bytes)):
+            raise TypeError
+        return operator.index(v)
+    except TypeError:
+        raise DiffshieldError(f"{what} must be a whole number (int), got {v!r} ({type(v).__name__})") from None
 
 
 def non_finite_tensors(tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> list[str]:

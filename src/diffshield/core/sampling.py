@@ -11,7 +11,11 @@
 from __future__ import annotations
 
 import inspect
+import math
+import operator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -19,9 +23,36 @@ from tqdm.auto import tqdm
 from diffshield.core.device import module_device, module_dtype
 from diffshield.core.errors import DiffshieldError
 from diffshield.core.loading import T2IModel
-from diffshield.core.seeding import generators, randn_per_seed
+from diffshield.core.seeding import check_seeds, generators, randn_per_seed
 
 SCHEDULERS = ("ddim", "ddpm", "native")
+
+
+def check_model(model: object, what: str = "model") -> T2IModel:
+    """``model`` if it is a loaded :class:`~diffshield.core.loading.T2IModel`, else a one-line DiffshieldError (a
+    name or path such as "toy:t2i" must be loaded first with ``load_t2i``)."""
+    if not isinstance(model, T2IModel):
+        hint = f": load it first, load_t2i({str(model)!r})" if isinstance(model, (str, Path)) else ""
+        raise DiffshieldError(f"{what} must be a T2IModel{hint}; got {type(model).__name__}")
+    return model
+
+
+
+def check_prompts(prompts: Iterable[str] | str, what: str = "prompts") -> list[str]:
+    """``prompts`` as a list of strings (one string is one prompt; a tuple or a NumPy array of strings is accepted),
+    or a one-line DiffshieldError: at least one, each a string."""
+    if isinstance(prompts, str):
+        return [prompts]
+    if prompts is None or not isinstance(prompts, Iterable):
+        raise DiffshieldError(f"{what} must be a list of strings, got {prompts!r}")
+    out = list(prompts)
+    if not out:
+        raise DiffshieldError(f"give at least one prompt ({what} is empty)")
+    bad = [p for p in out if not isinstance(p, str)]
+    if bad:
+        bad = bad[0]
+        raise DiffshieldError(f"{what} must be strings, got {bad!r} ({type(bad).__name__})")
+    return [str(p) for p in out]  # NumPy's str_ as plain str (JSON, dict keys)
 
 
 @dataclass
@@ -43,14 +74,34 @@ class SampleConfig:
     scheduler: str = "ddim"
 
     def __post_init__(self) -> None:
-        if not 1 <= self.steps <= 1000:
-            raise DiffshieldError(f"steps must be between 1 and 1000, got {self.steps}")
-        if not 0 <= self.guidance <= 100:  # the CLI's and the prompt files' range
-            raise DiffshieldError(f"guidance must be between 0 and 100, got {self.guidance}")
-        if self.batch_size < 1:
-            raise DiffshieldError(f"batch size must be at least 1, got {self.batch_size}")
+        if not _is_whole(self.steps) or not 1 <= self.steps <= 1000:
+            raise DiffshieldError(f"steps must be a whole number between 1 and 1000, got {self.steps!r}")
+        if not _is_real(self.guidance) or not 0 <= self.guidance <= 100:  # the CLI's and the prompt files' range
+            raise DiffshieldError(f"guidance must be a number between 0 and 100, got {self.guidance!r}")
+        if not _is_whole(self.batch_size) or self.batch_size < 1:
+            raise DiffshieldError(f"batch size must be a whole number >= 1, got {self.batch_size!r}")
+        # plain Python numbers: NumPy ones would not serialise into the JSON reports that record the config
+        self.steps, self.guidance, self.batch_size = int(self.steps), float(self.guidance), int(self.batch_size)
         if self.scheduler not in SCHEDULERS:
             raise DiffshieldError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
+
+
+def _is_whole(v: object) -> bool:
+    """A Python or NumPy integer, not a bool (True passed as 1 step)."""
+    try:
+        return not isinstance(v, bool) and operator.index(v) == v
+    except TypeError:
+        return False
+
+
+def _is_real(v: object) -> bool:
+    """A finite Python or NumPy real number, not a bool or a string."""
+    if isinstance(v, (bool, str, bytes)) or torch.is_tensor(v):
+        return False
+    try:
+        return math.isfinite(float(v))
+    except (TypeError, ValueError):
+        return False
 
 
 @dataclass
@@ -101,11 +152,11 @@ def encode_prompts(model: T2IModel, prompts: list[str], grad: bool = False) -> t
 
     Args:
         model: the text-to-image model.
-        prompts: list of strings ("" is the unconditional prompt).
+        prompts: list of strings ("" is the unconditional prompt; one string is one prompt).
         grad: keep the graph to the text encoder's weights (default False: cached, no graph).
     """
-    if isinstance(prompts, str):
-        prompts = [prompts]
+    check_model(model)
+    prompts = check_prompts(prompts)
     if grad:
         return model.text_encoder(tokenize(model, prompts))[0]
     cache = model._text_cache
@@ -147,7 +198,13 @@ def add_noise(model: T2IModel, x0: torch.Tensor, noise: torch.Tensor, t: int | t
     from diffusers import DDPMScheduler
 
     vp = DDPMScheduler.from_config(model.scheduler.config)
-    return vp.add_noise(x0, noise, torch.as_tensor(t, device=x0.device))
+    steps = torch.as_tensor(t)
+    n_train = len(vp.alphas_cumprod)
+    if steps.is_floating_point() or steps.is_complex() or steps.dtype == torch.bool or (
+            steps.numel() and not 0 <= int(steps.min()) <= int(steps.max()) < n_train):
+        # a negative t indexed the schedule from its end: x_t of another timestep, without a word
+        raise DiffshieldError(f"timesteps must be whole numbers in [0, {n_train - 1}], got {t!r}")
+    return vp.add_noise(x0, noise, steps.to(x0.device))
 
 
 def make_scheduler(model: T2IModel, kind: str = "ddim"):
@@ -180,8 +237,19 @@ def denoise(
     (DDIM, DDPM), a call with ``stop_at=s`` and one with ``start_at=s`` on its output run the whole schedule, each
     with its own prompt.
     """
+    if not _is_whole(steps) or not 1 <= steps <= 1000:
+        raise DiffshieldError(f"steps must be a whole number between 1 and 1000, got {steps!r}")
+    if cond.shape[0] != latents.shape[0]:
+        raise DiffshieldError(f"{latents.shape[0]} latents but {cond.shape[0]} prompt embeddings; give one per latent")
+    if uncond is not None and uncond.shape[0] not in (1, latents.shape[0]):
+        raise DiffshieldError(f"{uncond.shape[0]} unconditional embeddings for {latents.shape[0]} latents; give one "
+                              "or one per latent")
+    device = module_device(model.unet)
+    if latents.device != device:
+        raise DiffshieldError(f"the latents are on {latents.device} but the model on {device}: move them first, "
+                              "latents.to(model.device)")
     sched = make_scheduler(model, scheduler)
-    sched.set_timesteps(steps, device=latents.device)
+    sched.set_timesteps(int(steps), device=latents.device)
     use_cfg = uncond is not None and guidance != 1.0
     if use_cfg and uncond.shape[0] == 1 and cond.shape[0] > 1:
         uncond = uncond.expand(cond.shape[0], -1, -1)
@@ -233,7 +301,7 @@ def initial_latents(
 
     Args:
         model: the text-to-image model.
-        seeds: one seed per latent.
+        seeds: one seed per latent, whole numbers in [0, 2**64 - 1] (see :func:`check_seeds`).
         scheduler: the sampler the latents start (default "ddim"; see :func:`make_scheduler`). Its ``init_noise_sigma``
             scales the noise: 1 for DDIM, DDPM, PNDM and DPM-Solver, about σ_max for the Euler family.
         steps: the sampler's step count; as stock diffusers, the sigma is read after ``set_timesteps(steps)`` (it
@@ -241,6 +309,10 @@ def initial_latents(
         gens: the per-image CPU generators to draw from (default: fresh ones seeded with ``seeds``); a stochastic
             sampler then continues drawing its step noise from them, as ``StableDiffusionPipeline`` does.
     """
+    check_model(model)
+    seeds = check_seeds(seeds)
+    if not seeds:
+        raise DiffshieldError("give at least one seed")
     sched = make_scheduler(model, scheduler)
     if steps is not None:
         sched.set_timesteps(steps)
@@ -267,7 +339,8 @@ def generate(
     Args:
         model: a loaded text-to-image model.
         prompts: N prompts, or one prompt as a string (or None when ``prompt_embeds`` is given).
-        seeds: N seeds (default 0..N-1); image i starts from noise drawn by a generator seeded with seeds[i].
+        seeds: N seeds (default 0..N-1), whole numbers in [0, 2**64 - 1]; image i starts from noise drawn by a
+            generator seeded with seeds[i].
         prompt_embeds: (N, L, d) precomputed text embeddings instead of prompts.
         negative_prompt: the unconditional prompt for guidance (default "").
         config: steps, guidance, batch size, scheduler (default SampleConfig()).
@@ -276,21 +349,31 @@ def generate(
     Returns:
         a :class:`Generation` whose images are float32 on the CPU, whatever device and dtype the model uses.
     """
-    config = config or SampleConfig()
-    if isinstance(prompts, str):  # one prompt, not its characters
-        prompts = [prompts]
+    check_model(model)
+    config = SampleConfig() if config is None else config
+    if not isinstance(config, SampleConfig):
+        raise DiffshieldError(f"config must be a SampleConfig (e.g. SampleConfig(steps=25)), got "
+                              f"{type(config).__name__}")
+    if not isinstance(negative_prompt, str):
+        raise DiffshieldError(f"negative_prompt must be one string, got {negative_prompt!r}")
+    uncond = encode_prompts(model, [negative_prompt])
     if prompt_embeds is None:
-        if not prompts:
+        if prompts is None:
             raise DiffshieldError("give at least one prompt (or prompt embeddings)")
+        prompts = check_prompts(prompts)  # one string is one prompt, not its characters
         n = len(prompts)
     else:
+        width = uncond.shape[-1]
+        if not torch.is_tensor(prompt_embeds) or prompt_embeds.dim() != 3 or prompt_embeds.shape[-1] != width \
+                or not len(prompt_embeds):
+            got = tuple(prompt_embeds.shape) if torch.is_tensor(prompt_embeds) else type(prompt_embeds).__name__
+            raise DiffshieldError(f"prompt_embeds must be a torch tensor (N, L, {width}) with N >= 1, got {got}")
         n = prompt_embeds.shape[0]
-        if prompts is not None and len(prompts) != n:
-            raise DiffshieldError(f"{len(prompts)} prompts but {n} prompt embeddings")
-    seeds = list(range(n)) if seeds is None else [int(s) for s in seeds]
-    if len(seeds) != n:
-        raise DiffshieldError(f"{n} prompts but {len(seeds)} seeds; give one seed per image")
-    uncond = encode_prompts(model, [negative_prompt])
+        if prompts is not None:
+            prompts = check_prompts(prompts)
+            if len(prompts) != n:
+                raise DiffshieldError(f"{len(prompts)} prompts but {n} prompt embeddings")
+    seeds = list(range(n)) if seeds is None else check_seeds(seeds, n)
     out = []
     batches = range(0, n, config.batch_size)
     with torch.no_grad():

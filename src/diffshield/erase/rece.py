@@ -38,12 +38,13 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 
+import numpy as np
 import torch
 
 from diffshield.core.checks import check_finite_fields
 from diffshield.core.errors import DiffshieldError
 from diffshield.core.loading import T2IModel
-from diffshield.core.sampling import encode_prompts
+from diffshield.core.sampling import check_model, encode_prompts
 from diffshield.erase.base import ERASERS, EraseResult, check_prompt_roles, fraction_of_unet, probe_values
 from diffshield.erase.closed_form import (
     adversarial_solve,
@@ -58,7 +59,9 @@ from diffshield.erase.closed_form import (
 from diffshield.erase.uce import (
     UCEConfig,
     check_concepts,
+    check_config,
     check_uce_prompts,
+    config_number,
     expand_guides,
     preserve_scale_of,
     uce_rows,
@@ -213,8 +216,12 @@ class RECEConfig:
         if isinstance(self.round_preserve, str):
             self.round_preserve = [self.round_preserve]
         self.round_preserve = list(self.round_preserve)
-        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or not 0 <= self.epochs <= 100:
+        if isinstance(self.epochs, bool) or not isinstance(self.epochs, (int, np.integer)) \
+                or not 0 <= self.epochs <= 100:
             raise DiffshieldError(f"epochs must be an integer between 0 and 100, got {self.epochs!r}")
+        self.epochs = int(self.epochs)
+        for name in ("lamb_r", "lamb2", "preserve_scale", "erase_scale"):
+            setattr(self, name, config_number(getattr(self, name), name))
         check_finite_fields(self)  # inf / NaN settings would write a broken model
         if not self.lamb_r >= 0:
             raise DiffshieldError(f"lamb_r must be >= 0, got {self.lamb_r}")
@@ -306,7 +313,8 @@ def rece_erase(model: T2IModel, concepts: list[str], config: RECEConfig | None =
         ``extra["final_adv_residual"]`` is the residual of a fresh adversarial embedding against the returned
         model, ``extra["uce_adv_residual"]`` the same for the initial UCE edit alone.
     """
-    config = config or RECEConfig()
+    check_model(model)
+    config = check_config(config, RECEConfig, "rece_erase")
     concepts, guides = check_rece_prompts(concepts, config)
     layers = kv_layers(model.unet)
     d = embedding_width(model.unet)

@@ -35,7 +35,7 @@ import torch
 from diffshield.core.checks import check_finite_fields
 from diffshield.core.errors import DiffshieldError
 from diffshield.core.loading import T2IModel
-from diffshield.core.sampling import encode_prompts
+from diffshield.core.sampling import check_model, encode_prompts
 from diffshield.erase.base import ERASERS, EraseResult, check_prompt_roles, fraction_of_unet, probe_values
 from diffshield.erase.closed_form import (
     apply_shared,
@@ -118,6 +118,8 @@ class UCEConfig:
             raise DiffshieldError("guides must hold at least one prompt (use ' ' for the unconditional prompt)")
         if not all(isinstance(g, str) for g in self.guides + self.preserve):
             raise DiffshieldError("guides and preserve must be lists of strings")
+        for name in ("lamb", "erase_scale") + (() if self.preserve_scale == "auto" else ("preserve_scale",)):
+            setattr(self, name, config_number(getattr(self, name), name))
         check_finite_fields(self)  # inf / NaN settings would write a broken model
         if not self.lamb > 0:
             raise DiffshieldError(f"lamb must be > 0 (it keeps the solve well posed), got {self.lamb}")
@@ -133,6 +135,29 @@ class UCEConfig:
                                   f"{self.expand_prompts!r}")
         if self.token_mode not in TOKEN_MODES:
             raise DiffshieldError(f"token_mode must be one of {', '.join(TOKEN_MODES)}, got {self.token_mode!r}")
+
+
+def config_number(value: object, name: str) -> float:
+    """A numeric setting as a Python float, or a one-line DiffshieldError naming it: NumPy and 0-d tensor numbers
+    are converted (a NumPy float32 inf passed the finiteness check and wrote inf into the weights, and a NumPy
+    number made the result's config unserialisable), strings and bools are refused."""
+    if isinstance(value, (str, bytes, bool)) or value is None:
+        raise DiffshieldError(f"{name} must be a number, got {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise DiffshieldError(f"{name} must be a number, got {value!r}") from None
+
+
+def check_config(config: object, cls: type, method: str) -> object:
+    """``config`` (an instance of ``cls``), ``cls()`` for None, or a one-line DiffshieldError naming the class the
+    method takes (another method's config, a dict or a CLI-style string failed deep inside with AttributeError)."""
+    if config is None:
+        return cls()
+    if not isinstance(config, cls):
+        raise DiffshieldError(f"{method} takes a {cls.__name__} (or None for the defaults), got "
+                              f"{type(config).__name__}: build one, e.g. {cls.__name__}(...)")
+    return config
 
 
 def check_concepts(concepts: list[str] | str) -> list[str]:
@@ -243,7 +268,8 @@ def uce_erase(model: T2IModel, concepts: list[str], config: UCEConfig | None = N
         and values are untouched, since W_new p = W (G p)) and ``gap_left_erased`` (||K Gᵀ - T|| / ||K - T||: 0
         means the concepts' keys and values now equal the guides', 1 that they did not move).
     """
-    config = config or UCEConfig()
+    check_model(model)
+    config = check_config(config, UCEConfig, "uce_erase")
     concepts = check_concepts(concepts)
     layers = kv_layers(model.unet)
     pairs, kept = uce_rows(model, concepts, config)

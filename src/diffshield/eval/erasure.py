@@ -14,11 +14,13 @@ same prompts and seeds by the erased and by the original model:
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from diffshield.core.errors import DiffshieldError
 from diffshield.core.loading import T2IModel
-from diffshield.core.sampling import SampleConfig, generate
+from diffshield.core.sampling import SampleConfig, check_model, check_seeds, generate
 from diffshield.eval.frechet import detector_features, frechet_distance
 from diffshield.toyworld.concepts import HEAD_VALUES, concept_prompts, other_concepts, resolve_concept
 from diffshield.toyworld.shapes import ShapesWorld
@@ -74,6 +76,23 @@ def model_stats(model: T2IModel, detector, concept: str, seeds_per_prompt: int =
             "neutral_features": detector_features(detector, neutral), "concept_images": imgs[: 4 * k]}
 
 
+def check_erasure_settings(erased: T2IModel, original: T2IModel, detector, seeds_per_prompt: int, n_neutral: int,
+                           config: SampleConfig | None, seed: int) -> None:
+    """Refuse, in one line and before any image is generated, settings :func:`evaluate_erasure` cannot use (with
+    ``n_neutral`` below 2 the Fréchet distance failed after both models had generated every image)."""
+    check_model(erased, "erased")
+    check_model(original, "original")
+    if not callable(getattr(detector, "predict", None)):
+        raise DiffshieldError(f"detector must be a loaded concept detector (load_detector('toy:detector')), got "
+                              f"{type(detector).__name__}")
+    for name, value, low in (("seeds_per_prompt", seeds_per_prompt, 1), ("n_neutral", n_neutral, 2)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise DiffshieldError(f"{name} must be a whole number >= {low}, got {value!r}")
+    if config is not None and not isinstance(config, SampleConfig):
+        raise DiffshieldError(f"config must be a SampleConfig, got {type(config).__name__}")
+    check_seeds([seed, seed + max(seeds_per_prompt, n_neutral)])
+
+
 def evaluate_erasure(erased: T2IModel, original: T2IModel, concept: str, detector, seeds_per_prompt: int = 8,
                      n_neutral: int = 256, config: SampleConfig | None = None, seed: int = 0,
                      original_stats: dict | None = None, progress: bool = False) -> dict:
@@ -82,12 +101,13 @@ def evaluate_erasure(erased: T2IModel, original: T2IModel, concept: str, detecto
     Args:
         erased, original: T2IModel. concept: a toy concept word (a synonym resolves to its concept).
         detector: the toy concept detector. seeds_per_prompt: images per prompt (default 8).
-        n_neutral: neutral-prompt images per model for the Fréchet distance (default 256).
+        n_neutral: neutral-prompt images per model for the Fréchet distance (default 256; at least 2).
         config: sampling settings (default SampleConfig()). seed: first seed (default 0).
         original_stats: a precomputed ``model_stats`` of the original (to share it between several erased models).
         progress: show a progress bar per model over the images it generates (default False).
     Returns a JSON-able dict (plus ``_images``: before/after tensors for grids, removed before saving).
     """
+    check_erasure_settings(erased, original, detector, seeds_per_prompt, n_neutral, config, seed)
     c = resolve_concept(concept)
     o = original_stats or model_stats(original, detector, concept, seeds_per_prompt, n_neutral, config, seed,
                                       progress="original" if progress else None)

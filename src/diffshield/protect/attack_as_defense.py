@@ -29,9 +29,6 @@ Example::
 
 from __future__ import annotations
 
-import math
-import numbers
-import operator
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,6 +36,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from diffshield.core.checks import finite_number, whole_number
 from diffshield.core.errors import DiffshieldError
 from diffshield.protect.robust import EOTConfig, sample_transform
 
@@ -132,22 +130,6 @@ class AttackAsDefenseConfig:
             raise DiffshieldError(f"target must be 'colour' or 'invert', got {self.target!r}")
 
 
-def finite_number(v, what: str) -> float:
-    """``v`` as a float if it is a finite real number (not a bool or a string), else a one-line DiffshieldError."""
-    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
-        raise DiffshieldError(f"{what} must be a finite number, got {v!r}")
-    return float(v)
-
-
-def whole_number(v, what: str) -> int:
-    """``v`` as a Python int if it is a whole number (int or NumPy integer; not a bool, a float or a string), else a
-    one-line DiffshieldError."""
-    try:
-        if isinstance(v, (bool, str, bytes)):
-            raise TypeError
-        return operator.index(v)
-    except TypeError:
-        raise DiffshieldError(f"{what} must be a whole number (int), got {v!r}") from None
 
 
 @dataclass

@@ -100,7 +100,7 @@ def evaluate_protection(inpainter: Inpaint, original: torch.Tensor, protected: t
     A ``target`` other than "colour" or "invert" (a typo would have judged the colour target), a negative or
     non-integer ``expand``, a ``batch`` below 1 and a non-integer or negative ``seed`` are refused in one line.
     """
-    from diffshield.protect.attack_as_defense import whole_number
+    from diffshield.core.checks import whole_number
 
     if target not in ("colour", "invert"):
         raise DiffshieldError(f"target must be 'colour' or 'invert' (as protect's config), got {target!r}")

@@ -45,7 +45,7 @@ class EOTConfig:
     max_dilate: int = 4
 
     def __post_init__(self) -> None:
-        from diffshield.protect.attack_as_defense import finite_number, whole_number
+        from diffshield.core.checks import finite_number, whole_number
 
         self.samples = whole_number(self.samples, "EOTConfig.samples")  # 1.5 failed mid-run, in range()
         self.max_dilate = whole_number(self.max_dilate, "EOTConfig.max_dilate")

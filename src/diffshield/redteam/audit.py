@@ -22,16 +22,17 @@ from __future__ import annotations
 import html
 import time
 import typing
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from diffshield.core.errors import DiffshieldError
 from diffshield.core.loading import T2IModel
-from diffshield.core.sampling import SampleConfig, generate
+from diffshield.core.sampling import SampleConfig, check_model, check_prompts, check_seeds, generate
 from diffshield.redteam import ATTACKS
 from diffshield.redteam.base import AttackResult, Judge, default_judge, prompt_room
 
@@ -80,11 +81,20 @@ def audit_prompts(concept: str, n: int = 32, seed: int = 0) -> tuple[list[str], 
     in turn, image i from prompt i mod P and seed ``seed + i // P``."""
     from diffshield.toyworld.concepts import concept_prompts, resolve_concept
 
+    n, seed = check_count(n), check_seeds([seed])[0]
     base = [p for p, _ in concept_prompts(resolve_concept(concept))]
     prompts = [base[i % len(base)] for i in range(n)]
-    seeds = [seed + i // len(base) for i in range(n)]
+    seeds = check_seeds([seed + i // len(base) for i in range(n)])
     order = sorted(range(n), key=lambda i: (base.index(prompts[i]), seeds[i]))  # prompt-major, for grids
     return [prompts[i] for i in order], [seeds[i] for i in order]
+
+
+def check_count(n: object, what: str = "n") -> int:
+    """``n`` as an int when it is a whole number >= 1 (a Python or NumPy integer), else a one-line DiffshieldError
+    (n = 0 gave an empty audit, a float a TypeError)."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise DiffshieldError(f"{what} must be a whole number >= 1, got {n!r}")
+    return int(n)
 
 
 def resolve_attacks(attacks: str | Sequence[str]) -> list[str]:
@@ -281,7 +291,7 @@ def run_audit(
         erased: the erased model. original: the model before erasure (needed by adv-embed, unlearndiff, p4d).
         concept: the erased concept (toy word, or any name when ``prompts`` and ``judge`` are given).
         attacks: "all" (default: :data:`AUDIT_ATTACKS`) or a list of registry names.
-        n: images per attack (default 32). seed: first seed (default 0).
+        n: images per attack (default 32). seed: first seed, a whole number >= 0 (default 0).
         sample: sampling settings (default SampleConfig(): DDIM 25 steps, guidance 5).
         prompts: N prompts to attack (default None: :func:`audit_prompts` of the toy concept; seeds then follow
             ``seed``; with explicit prompts image i uses seed ``seed + i``).
@@ -295,7 +305,12 @@ def run_audit(
         skip_detected: attacks that stop early (UnlearnDiffAtk) leave images detected before the attack alone, as
             the official code does (default True); False attacks every image (the sanity check on the original).
     """
-    sample = sample or SampleConfig()
+    check_model(erased, "erased")
+    if original is not None:
+        check_model(original, "original")
+    sample = SampleConfig() if sample is None else sample
+    if not isinstance(sample, SampleConfig):
+        raise DiffshieldError(f"sample must be a SampleConfig, got {type(sample).__name__}")
     names = resolve_attacks(attacks)
     hp = check_settings(hp, n, budget)
     check_pairs(names, hp, concept)
@@ -366,8 +381,11 @@ def check_settings(hp: dict[str, dict] | None, n: int, budget: str) -> dict[str,
     unknown = sorted(set(hp) - set(ATTACKS.names()))
     if unknown:
         raise DiffshieldError(f"settings given for unknown attack {unknown[0]!r}")
-    if n < 1:
-        raise DiffshieldError(f"n must be at least 1, got {n}")
+    check_count(n)
+    for name, values in hp.items():  # a string was read as its characters ("has no setting 'l'")
+        if not isinstance(values, Mapping):
+            raise DiffshieldError(f"hp[{name!r}] must be a dict of settings, e.g. {{'{name}': {{...}}}}, got "
+                                  f"{values!r}")
     if budget not in ("toy", "paper"):
         raise DiffshieldError(f"budget must be toy or paper, got {budget!r}")
     for name, values in hp.items():  # a misspelt or out-of-range setting: refused now, not after earlier attacks ran
@@ -405,10 +423,9 @@ def audit_pairs(concept: str, n: int, seed: int, prompts: Sequence[str] | None =
     ``seed + i``."""
     if prompts is None:
         return audit_prompts(concept, n, seed)
-    prompts = list(prompts)
-    if not prompts:
-        raise DiffshieldError("give at least one prompt")
-    return [prompts[i % len(prompts)] for i in range(n)], [seed + i for i in range(n)]
+    n, seed = check_count(n), check_seeds([seed])[0]
+    prompts = check_prompts(prompts)  # one string is one prompt, not its characters
+    return [prompts[i % len(prompts)] for i in range(n)], check_seeds([seed + i for i in range(n)])
 
 
 def start_audit(erased: T2IModel, original: T2IModel | None, concept: str, prompts: list[str], seeds: list[int],

@@ -22,7 +22,7 @@ import torch
 
 from diffshield.core.errors import DiffshieldError
 from diffshield.core.loading import T2IModel
-from diffshield.core.sampling import SampleConfig, encode, tokenize
+from diffshield.core.sampling import SampleConfig, check_model, check_prompts, check_seeds, encode, tokenize
 
 Judge = Callable[[torch.Tensor], torch.Tensor]
 
@@ -183,6 +183,11 @@ class Attack:
             else "custom"
         if self.needs_original and original is None:
             raise DiffshieldError(f"the {self.name} attack is white-box: give the original model (original=...)")
+        check_model(erased, "erased")
+        if original is not None:
+            check_model(original, "original")
+        if sample is not None and not isinstance(sample, SampleConfig):
+            raise DiffshieldError(f"{self.name}: sample must be a SampleConfig, got {type(sample).__name__}")
         self.erased = erased
         self.original = original
         self.concept = concept
@@ -244,12 +249,8 @@ class Attack:
         ``original_images`` (N, 3, H, W): the original model's images of the same (prompt, seed) pairs, the targets
         of the attacks that need them (default None: generated). ``pre_success`` (N,) bool: the judge on the erased
         model's unattacked images, used by attacks that stop early (default None: judged by the attack)."""
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not prompts:
-            raise DiffshieldError("give at least one prompt to attack")
-        seeds = list(range(len(prompts))) if seeds is None else [int(s) for s in seeds]
-        if len(seeds) != len(prompts):
-            raise DiffshieldError(f"{len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
+        prompts = check_prompts(prompts)
+        seeds = list(range(len(prompts))) if seeds is None else check_seeds(seeds, len(prompts))
         for name, t in (("original_images", original_images), ("pre_success", pre_success)):
             if t is not None and len(t) != len(prompts):
                 raise DiffshieldError(f"{name} has {len(t)} entries for {len(prompts)} prompts")

@@ -150,6 +150,7 @@ class P4D(Attack):
         cfg, model, original = self.config, self.erased, self.original
         n = len(prompts)
         gen = torch.Generator().manual_seed(cfg.seed)
+        n_train = int(model.scheduler.config.num_train_timesteps)  # t ~ U{0..T-1} of the model's schedule (SD: 1000)
         exclude = concept_words(self.concept) if cfg.exclude_concept_words else ()
         candidates = word_token_ids(model, exclude)
         table = model.text_encoder.get_input_embeddings().weight.detach()
@@ -187,7 +188,7 @@ class P4D(Attack):
                 if step >= cfg.steps:
                     break
                 used = proj.detach().requires_grad_(True)
-                t = torch.randint(0, 1000, (len(idx),), generator=gen).to(x0.device)
+                t = torch.randint(0, n_train, (len(idx),), generator=gen).to(x0.device)
                 noise = torch.randn(x0[sel].shape, generator=gen).to(x0.device, x0.dtype)
                 x_t = add_noise(model, x0[sel], noise, t)
                 with torch.no_grad(), autocast(x0.device):

@@ -15,7 +15,7 @@ from diffshield.core.device import autocast, autocast_dtype, to_device
 from diffshield.core.errors import DiffshieldError
 from diffshield.core.graphs import GraphedUNet, graphed
 from diffshield.core.loading import T2IModel
-from diffshield.core.sampling import encode_prompts, make_scheduler
+from diffshield.core.sampling import check_model, encode_prompts, make_scheduler
 from diffshield.erase.base import EraseResult, check_prompt_roles, fraction_of_unet, probe_values
 from diffshield.erase.esd.checkpoint import checkpoint_cpu_seconds, load_checkpoint, run_identity, save_checkpoint
 from diffshield.erase.esd.config import ESDConfig
@@ -83,6 +83,7 @@ def esd_erase(model: T2IModel, concepts: list[str], config: ESDConfig, progress:
     if len(config.erase_from) not in (0, 1, len(concepts)):
         raise DiffshieldError(f"give one erase_from prompt per concept ({len(concepts)}) or one for all, got "
                               f"{len(config.erase_from)}")
+    check_model(model)
     start_time = time.perf_counter()
     unet = model.unet
     device, dtype = next(unet.parameters()).device, next(unet.parameters()).dtype
