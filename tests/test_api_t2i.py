@@ -41,6 +41,7 @@ def test_generate_takes_numpy_and_tensor_seeds_as_ints(tiny_model):
     (dict(prompt_embeds=np.zeros((1, 77, 8), dtype=np.float32)), "prompt_embeds"),
     (dict(prompt_embeds=torch.zeros(1, 77, 5)), "prompt_embeds"),
     (dict(prompt_embeds=torch.zeros(77, 8)), "prompt_embeds"),
+    (dict(prompt_embeds=torch.full((1, 77, 8), float("nan"))), "NaN or infinite"),
 ])
 def test_generate_refuses_misuse_in_one_line(tiny_model, kwargs, match):
     with pytest.raises(DiffshieldError, match=match):

@@ -368,6 +368,8 @@ def generate(
                 or not len(prompt_embeds):
             got = tuple(prompt_embeds.shape) if torch.is_tensor(prompt_embeds) else type(prompt_embeds).__name__
             raise DiffshieldError(f"prompt_embeds must be a torch tensor (N, L, {width}) with N >= 1, got {got}")
+        if not torch.isfinite(prompt_embeds).all():  # NaN/inf conditioning draws noise, not an image
+            raise DiffshieldError("prompt_embeds holds NaN or infinite values")
         n = prompt_embeds.shape[0]
         if prompts is not None:
             prompts = check_prompts(prompts)
