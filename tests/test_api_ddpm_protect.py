@@ -293,3 +293,14 @@ def test_detector_refuses_images_it_would_misread_and_keeps_its_mode():
     pred = det.predict(x)
     assert det.training and pred["shape"][0].shape == (2,)
     assert all(math.isfinite(d.confidence["shape"]) for d in describe(det, x))
+
+
+def test_shapesworld_sample_refuses_negative_or_fractional_counts_and_seeds():
+    """``ShapesWorld().sample(-1)`` and ``sample(4, seed=1.5)`` failed inside numpy."""
+    from diffshield.toyworld.shapes import ShapesWorld
+
+    for kw, says in ((dict(n=-1), "n >= 0"), (dict(n=2.5), "whole number"), (dict(n=2, seed=1.5), "whole number"),
+                     (dict(n=2, seed=-3), "seed >= 0")):
+        with pytest.raises(DiffshieldError, match=says):
+            ShapesWorld().sample(**kw)
+    assert len(ShapesWorld().sample(0).captions) == 0 and len(ShapesWorld().sample(2, seed=3).captions) == 2

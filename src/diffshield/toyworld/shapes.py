@@ -229,6 +229,12 @@ class ShapesWorld:
                            labels["style"].astype(np.int64), labels["background"].astype(np.int64), caps)
 
     def sample(self, n: int, seed: int = 0) -> ShapesBatch:
-        """n random samples, deterministic in seed."""
+        """n random samples (n >= 0), deterministic in seed (a whole number >= 0); else a one-line DiffshieldError."""
+        from diffshield.core.checks import whole_number
+        from diffshield.core.errors import DiffshieldError
+
+        n, seed = whole_number(n, "n"), whole_number(seed, "seed")
+        if n < 0 or seed < 0:
+            raise DiffshieldError(f"ShapesWorld.sample needs n >= 0 and seed >= 0, got n={n}, seed={seed}")
         rng = np.random.default_rng(seed)
         return self.render_labels(self.sample_labels(n, rng), seed=int(rng.integers(2**31)))
