@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from diffshield.core.checks import whole_number
+from diffshield.core.checks import check_config, whole_number
 from diffshield.core.errors import DiffshieldError
 from diffshield.core.seeding import check_seeds as _check_seeds
 from diffshield.core.seeding import generators
@@ -133,9 +133,7 @@ def sample(model, seeds: list[int], trigger: torch.Tensor | None = None, config:
     if not isinstance(model, DDPMModel):
         hint = f": load it first, load_ddpm({str(model)!r})" if isinstance(model, str) else ""
         raise DiffshieldError(f"model must be a DDPMModel{hint}; got {type(model).__name__}")
-    if config is not None and not isinstance(config, SampleConfig):
-        raise DiffshieldError(f"config must be a SampleConfig, got {type(config).__name__}")
-    cfg = config or SampleConfig()
+    cfg = check_config(config, SampleConfig)
     shape = tuple(model.image_shape)
     seeds = check_seeds(seeds)
     if trigger is not None and x_T is not None:

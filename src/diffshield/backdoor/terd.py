@@ -53,6 +53,7 @@ from types import SimpleNamespace
 import torch
 
 from diffshield.backdoor.ddpm import SCHEDULE_STEPS  # TERD's settings (t_high (990, 999)) are for 1000 steps
+from diffshield.core.checks import check_config
 from diffshield.core.device import synchronize, to_device
 from diffshield.core.errors import DiffshieldError
 
@@ -345,14 +346,12 @@ def reverse_trigger(model, cfg: TERDConfig | None = None, progress: bool = True)
     if not isinstance(model, DDPMModel):
         hint = f": load it first, load_ddpm({str(model)!r})" if isinstance(model, str) else ""
         raise DiffshieldError(f"model must be a DDPMModel{hint}; got {type(model).__name__}")
-    if cfg is not None and not isinstance(cfg, TERDConfig):
-        raise DiffshieldError(f"cfg must be a TERDConfig (e.g. TERDConfig.from_preset('cpu')), got "
-                              f"{type(cfg).__name__}")
+    cfg = check_config(cfg, TERDConfig, "cfg")  # e.g. TERDConfig.from_preset('cpu')
     unet = model.unet
     was_training = unet.training
     grads = [p.requires_grad for p in unet.parameters()]
     try:
-        return _reverse(model, cfg or TERDConfig(), progress)
+        return _reverse(model, cfg, progress)
     finally:  # the caller's model comes back as it was given (a model being fine-tuned stays trainable)
         unet.train(was_training)
         for p, g in zip(unet.parameters(), grads):

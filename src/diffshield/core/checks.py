@@ -45,6 +45,18 @@ def check_finite_fields(config: object, prefix: str = "") -> None:
             check_finite_fields(value, prefix=f"{name}.")
 
 
+def check_config(config: object, cls: type, what: str = "config") -> object:
+    """``config`` if it is a ``cls``, ``cls()`` for None (the defaults), else a one-line DiffshieldError naming the
+    class ``what`` takes (another method's config, a dict or a CLI-style string failed deep inside with an
+    AttributeError)."""
+    if config is None:
+        return cls()
+    if not isinstance(config, cls):
+        raise DiffshieldError(f"{what} must be a {cls.__name__} (or None for the defaults), got "
+                              f"{type(config).__name__}: build one, e.g. {cls.__name__}(...)")
+    return config
+
+
 def finite_number(v, what: str) -> float:
     """``v`` as a float if it is a finite real number (not a bool or a string), else a one-line DiffshieldError."""
     if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):

@@ -11,8 +11,6 @@
 from __future__ import annotations
 
 import inspect
-import math
-import operator
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from diffshield.core.checks import check_config, finite_number, whole_number
 from diffshield.core.device import module_device, module_dtype
 from diffshield.core.errors import DiffshieldError
 from diffshield.core.loading import T2IModel
@@ -87,20 +86,20 @@ class SampleConfig:
 
 
 def _is_whole(v: object) -> bool:
-    """A Python or NumPy integer, not a bool (True passed as 1 step)."""
+    """A Python or NumPy integer, not a bool (True passed as 1 step): :func:`~diffshield.core.checks.whole_number`."""
     try:
-        return not isinstance(v, bool) and operator.index(v) == v
-    except TypeError:
+        whole_number(v, "")
+        return True
+    except DiffshieldError:
         return False
 
 
 def _is_real(v: object) -> bool:
-    """A finite Python or NumPy real number, not a bool or a string."""
-    if isinstance(v, (bool, str, bytes)) or torch.is_tensor(v):
-        return False
+    """A finite Python or NumPy real number, not a bool or a string: :func:`~diffshield.core.checks.finite_number`."""
     try:
-        return math.isfinite(float(v))
-    except (TypeError, ValueError):
+        finite_number(v, "")
+        return True
+    except DiffshieldError:
         return False
 
 
@@ -350,10 +349,7 @@ def generate(
         a :class:`Generation` whose images are float32 on the CPU, whatever device and dtype the model uses.
     """
     check_model(model)
-    config = SampleConfig() if config is None else config
-    if not isinstance(config, SampleConfig):
-        raise DiffshieldError(f"config must be a SampleConfig (e.g. SampleConfig(steps=25)), got "
-                              f"{type(config).__name__}")
+    config = check_config(config, SampleConfig)
     if not isinstance(negative_prompt, str):
         raise DiffshieldError(f"negative_prompt must be one string, got {negative_prompt!r}")
     uncond = encode_prompts(model, [negative_prompt])

@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, field, fields
 import numpy as np
 import torch
 
-from diffshield.core.checks import check_finite_fields
+from diffshield.core.checks import check_config, check_finite_fields
 from diffshield.core.errors import DiffshieldError
 from diffshield.core.loading import T2IModel
 from diffshield.core.sampling import check_model, encode_prompts
@@ -59,7 +59,6 @@ from diffshield.erase.closed_form import (
 from diffshield.erase.uce import (
     UCEConfig,
     check_concepts,
-    check_config,
     check_uce_prompts,
     config_number,
     expand_guides,
@@ -314,7 +313,7 @@ def rece_erase(model: T2IModel, concepts: list[str], config: RECEConfig | None =
         model, ``extra["uce_adv_residual"]`` the same for the initial UCE edit alone.
     """
     check_model(model)
-    config = check_config(config, RECEConfig, "rece_erase")
+    config = check_config(config, RECEConfig, "rece_erase's config")
     concepts, guides = check_rece_prompts(concepts, config)
     layers = kv_layers(model.unet)
     d = embedding_width(model.unet)

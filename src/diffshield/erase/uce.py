@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from diffshield.core.checks import check_finite_fields
+from diffshield.core.checks import check_config, check_finite_fields
 from diffshield.core.errors import DiffshieldError
 from diffshield.core.loading import T2IModel
 from diffshield.core.sampling import check_model, encode_prompts
@@ -149,16 +149,6 @@ def config_number(value: object, name: str) -> float:
         raise DiffshieldError(f"{name} must be a number, got {value!r}") from None
 
 
-def check_config(config: object, cls: type, method: str) -> object:
-    """``config`` (an instance of ``cls``), ``cls()`` for None, or a one-line DiffshieldError naming the class the
-    method takes (another method's config, a dict or a CLI-style string failed deep inside with AttributeError)."""
-    if config is None:
-        return cls()
-    if not isinstance(config, cls):
-        raise DiffshieldError(f"{method} takes a {cls.__name__} (or None for the defaults), got "
-                              f"{type(config).__name__}: build one, e.g. {cls.__name__}(...)")
-    return config
-
 
 def check_concepts(concepts: list[str] | str) -> list[str]:
     """Validate the concept list (a single string is one concept)."""
@@ -269,7 +259,7 @@ def uce_erase(model: T2IModel, concepts: list[str], config: UCEConfig | None = N
         means the concepts' keys and values now equal the guides', 1 that they did not move).
     """
     check_model(model)
-    config = check_config(config, UCEConfig, "uce_erase")
+    config = check_config(config, UCEConfig, "uce_erase's config")
     concepts = check_concepts(concepts)
     layers = kv_layers(model.unet)
     pairs, kept = uce_rows(model, concepts, config)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from diffshield.core.checks import check_config
 from diffshield.core.errors import DiffshieldError
 from diffshield.core.loading import T2IModel
 from diffshield.core.sampling import SampleConfig, check_model, check_seeds, generate
@@ -88,8 +89,7 @@ def check_erasure_settings(erased: T2IModel, original: T2IModel, detector, seeds
     for name, value, low in (("seeds_per_prompt", seeds_per_prompt, 1), ("n_neutral", n_neutral, 2)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
             raise DiffshieldError(f"{name} must be a whole number >= {low}, got {value!r}")
-    if config is not None and not isinstance(config, SampleConfig):
-        raise DiffshieldError(f"config must be a SampleConfig, got {type(config).__name__}")
+    check_config(config, SampleConfig)
     check_seeds([seed, seed + max(seeds_per_prompt, n_neutral)])
 
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from diffshield.core.checks import finite_number, whole_number
+from diffshield.core.checks import check_config, finite_number, whole_number
 from diffshield.core.errors import DiffshieldError
 from diffshield.protect.robust import EOTConfig, sample_transform
 
@@ -243,12 +243,10 @@ def protect(inpainter: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ima
     Returns:
         :class:`ProtectResult` with the protected images.
     """
-    if config is not None and not isinstance(config, AttackAsDefenseConfig):
-        raise DiffshieldError(f"config must be an AttackAsDefenseConfig, got {type(config).__name__}")
     if not callable(inpainter):
         hint = f": load it first, load_inpainter({str(inpainter)!r})" if isinstance(inpainter, str) else ""
         raise DiffshieldError(f"inpainter must be callable as f(image, mask){hint}; got {type(inpainter).__name__}")
-    cfg = config or AttackAsDefenseConfig()
+    cfg = check_config(config, AttackAsDefenseConfig)
     if not isinstance(mask, torch.Tensor):
         raise DiffshieldError(f"mask must be a torch tensor (N, 1, H, W), got {type(mask).__name__}")
     t0 = time.time()

@@ -26,10 +26,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from diffshield.core.checks import check_config, whole_number
 from diffshield.core.errors import DiffshieldError
 from diffshield.core.loading import T2IModel
 from diffshield.core.sampling import SampleConfig, check_model, check_prompts, check_seeds, generate
@@ -92,9 +92,13 @@ def audit_prompts(concept: str, n: int = 32, seed: int = 0) -> tuple[list[str], 
 def check_count(n: object, what: str = "n") -> int:
     """``n`` as an int when it is a whole number >= 1 (a Python or NumPy integer), else a one-line DiffshieldError
     (n = 0 gave an empty audit, a float a TypeError)."""
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+    try:
+        v = whole_number(n, what)
+    except DiffshieldError:
+        v = 0
+    if v < 1:
         raise DiffshieldError(f"{what} must be a whole number >= 1, got {n!r}")
-    return int(n)
+    return v
 
 
 def resolve_attacks(attacks: str | Sequence[str]) -> list[str]:
@@ -308,9 +312,7 @@ def run_audit(
     check_model(erased, "erased")
     if original is not None:
         check_model(original, "original")
-    sample = SampleConfig() if sample is None else sample
-    if not isinstance(sample, SampleConfig):
-        raise DiffshieldError(f"sample must be a SampleConfig, got {type(sample).__name__}")
+    sample = check_config(sample, SampleConfig, "sample")
     names = resolve_attacks(attacks)
     hp = check_settings(hp, n, budget)
     check_pairs(names, hp, concept)

@@ -20,6 +20,7 @@ from typing import ClassVar
 
 import torch
 
+from diffshield.core.checks import check_config
 from diffshield.core.errors import DiffshieldError
 from diffshield.core.loading import T2IModel
 from diffshield.core.sampling import SampleConfig, check_model, check_prompts, check_seeds, encode, tokenize
@@ -186,8 +187,7 @@ class Attack:
         check_model(erased, "erased")
         if original is not None:
             check_model(original, "original")
-        if sample is not None and not isinstance(sample, SampleConfig):
-            raise DiffshieldError(f"{self.name}: sample must be a SampleConfig, got {type(sample).__name__}")
+        check_config(sample, SampleConfig, f"{self.name}: sample")
         self.erased = erased
         self.original = original
         self.concept = concept
