@@ -268,7 +268,8 @@ def test_scan_input_records_its_r_hat_and_needs_no_thresholds(tmp_path, monkeypa
 
 def test_scan_input_refuses_non_finite_noises_and_triggers(tmp_path, capsys):
     """NaN or infinite noises, or a reversed trigger with NaN / infinite values or a gamma that is not positive,
-    are refused in one line before any detection (a NaN compares False and would read as "not poisoned")."""
+    are refused in one line before any detection (a NaN compares False and would read as "not poisoned"); so are
+    --preset and --seed beside --reversed (they only set a reversion run here)."""
     from safetensors.torch import save_file
 
     good = _noise_file(tmp_path / "n.safetensors", (3, 8, 8))
@@ -277,6 +278,11 @@ def test_scan_input_refuses_non_finite_noises_and_triggers(tmp_path, capsys):
     save_file({"r": r, "gamma": torch.tensor([1.0])}, str(rev))
     assert main(["scan-input", "--reversed", str(rev), "--noise", str(good)]) == 0
     capsys.readouterr()
+    # reversion settings with a trigger that was reversed elsewhere would be silently ignored: refused
+    for extra in (["--preset", "fast"], ["--seed", "5"]):
+        assert main(["scan-input", "--reversed", str(rev), "--noise", str(good), *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "drop them" in err and "\n" not in err, extra
     bad = torch.randn(4, 3, 8, 8)
     bad[1, 0, 0, 0] = float("nan")
     save_file({"noise": bad}, str(tmp_path / "nan.safetensors"))

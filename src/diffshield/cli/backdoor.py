@@ -691,6 +691,9 @@ def cmd_scan_input(args) -> int:
     if args.reversed and args.learn_gamma:
         raise DiffshieldError("--learn-gamma reverses gamma in this run, but --reversed brings r_hat and its gamma "
                               "from a scan; drop one (a 'scan --learn-gamma --out' folder already holds gamma_hat)")
+    if args.reversed and (args.preset != "cpu" or args.seed != 0):  # the parser's defaults: reversion settings
+        raise DiffshieldError("--preset and --seed set how the trigger is reversed here, but --reversed brings r_hat "
+                              "from a scan; drop them (the scan's own settings are recorded in its folder)")
     if args.reversed:
         rev, r, gamma, record = _read_reversed(args.reversed)
         if r.dim() != 3 or tuple(x.shape[1:]) != tuple(r.shape):
@@ -928,7 +931,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             q.add_argument("--preset", choices=TERD_PRESETS, default="cpu",
                            help="iterations when the trigger is reversed here (no --reversed): cpu 800+0 with lambda "
                                 "3e-3, fast 100+2, default 400+10, paper 3000+1000; input detection needs no "
-                                "thresholds (default: cpu)")
+                                "thresholds; not with --reversed (default: cpu)")
         if name == "scan":
             q.add_argument("--learn-gamma", action="store_true",
                            help="reverse TrojDiff's noise scale gamma with r (TERD's TrojDiff setting, x_T = gamma "
@@ -939,7 +942,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                            help="when the trigger is reversed here (no --reversed), reverse TrojDiff's noise scale "
                                 "gamma with r (TERD's TrojDiff setting, x_T = gamma eps + r); noises are then tested "
                                 "against N(r, gamma^2) (default: off, gamma = 1)")
-        when = "" if name == "scan" else " when the trigger is reversed here (no --reversed)"
+        when = "" if name == "scan" else " when the trigger is reversed here (not with --reversed)"
         q.add_argument("--seed", type=seed_int, default=0, help=f"seed of the reversion{when} (default: 0)")
         q.add_argument("--threads", type=non_negative_int, default=1,
                        help="torch CPU threads (default: 1; 0 = torch's default, one per core)")
