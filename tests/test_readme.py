@@ -99,3 +99,35 @@ def test_readme_commands_run(tmp_path, monkeypatch):
 @pytest.mark.parametrize("page", ["erase", "redteam", "backdoor", "protect", "toyworld", "cli", "benchmarks"])
 def test_docs_pages_exist(page):
     assert (ROOT / "docs" / f"{page}.md").is_file()
+
+
+def _anchors(page: Path) -> set[str]:
+    """The anchors a Markdown page offers: its headings as GitHub slugs them (numbered when repeated), and
+    explicit ``<a id=...>`` / ``<a name=...>``."""
+    text = re.sub(r"```.*?```", "", page.read_text(encoding="utf-8"), flags=re.S)
+    out, seen = set(), {}
+    for m in re.finditer(r"^#{1,6}\s+(.*?)\s*#*\s*$", text, flags=re.M):
+        plain = re.sub(r"`|\*|\[|\]\([^)]*\)", "", m.group(1)).strip().lower()
+        slug = re.sub(r"[^\w\- ]", "", plain).replace(" ", "-")
+        n = seen.get(slug, 0)
+        seen[slug] = n + 1
+        out.add(slug if n == 0 else f"{slug}-{n}")
+    return out | set(re.findall(r"<a (?:name|id)=['\"]([^'\"]+)", text))
+
+
+def test_docs_links_and_anchors_exist():
+    """Every relative link of README.md, CHANGELOG.md and docs/*.md names a file that exists, and every #anchor into
+    a Markdown page names one of its headings."""
+    bad = []
+    for page in [README, ROOT / "CHANGELOG.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = re.sub(r"```.*?```", "", page.read_text(encoding="utf-8"), flags=re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if "://" in target or target.startswith("mailto:"):
+                continue
+            path, _, anchor = target.partition("#")
+            linked = page.parent / path if path else page
+            if not linked.exists():
+                bad.append(f"{page.name}: {target} (no such file)")
+            elif anchor and linked.suffix == ".md" and anchor not in _anchors(linked):
+                bad.append(f"{page.name}: {target} (no such heading)")
+    assert not bad, "broken links: " + "; ".join(bad)
