@@ -51,4 +51,4 @@ bench-protect: $(STAMP)
 	$(PY) benchmarks/protect.py
 
 clean:
-	rm -rf demo_out .pytest_cache
+	rm -rf demo_out .pytest_cache build dist

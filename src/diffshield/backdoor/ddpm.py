@@ -129,6 +129,7 @@ def _toy_ddpm_path() -> Path:
 def resolve_ddpm_path(spec: str | Path) -> Path:
     """``toy:ddpm`` or a folder path -> an existing folder, or a one-line DiffshieldError."""
     from diffshield.core.loading import resolve_model_path
+    from diffshield.toyworld.names import TOY_DDPMS
 
     if str(spec) == TOY_DDPM:
         path = _toy_ddpm_path()
@@ -136,9 +137,9 @@ def resolve_ddpm_path(spec: str | Path) -> Path:
             raise DiffshieldError(f"shipped toy model 'toy:ddpm' is missing at {path}; rebuild it with "
                                   "'diffshield backdoor train-ddpm --out src/diffshield/toyworld/weights/ddpm'")
         return path
-    if str(spec).startswith("toy:"):
-        raise DiffshieldError(f"unknown toy model {str(spec)!r} for the backdoor commands; use 'toy:ddpm' or a "
-                              "DDPMPipeline folder")
+    if str(spec).startswith("toy:") and str(spec) not in TOY_DDPMS:
+        raise DiffshieldError(f"unknown toy model {str(spec)!r} for the backdoor commands; use one of "
+                              f"{', '.join(TOY_DDPMS)} or a DDPMPipeline folder")
     return resolve_model_path(spec)
 
 
@@ -147,7 +148,8 @@ def load_ddpm(spec: str | Path, allow_pickle: bool = False, device: torch.device
     """Load an unconditional diffusion model (``DDPMPipeline`` / ``DDIMPipeline`` layout) in eval mode, no grads.
 
     Args:
-        spec: a diffusers folder path, or ``"toy:ddpm"`` for the shipped toy DDPM.
+        spec: a diffusers folder path, ``"toy:ddpm"`` for the shipped toy DDPM, or ``"toy:ddpm-box-corner"`` for
+            the shipped backdoored example.
         allow_pickle: accept pickled weight files when no safetensors exist (default False: refused).
         device: ``"cpu"`` (default), ``"cuda"``, ``"cuda:N"`` or ``"auto"`` (an absent device is a one-line error).
         dtype: parameter dtype (default float32; the backdoor commands train and reverse triggers in float32).

@@ -27,7 +27,8 @@ DEFAULT_CHANNELS = (32, 64, 64)
 
 def _model_arg(p: argparse.ArgumentParser, default: str | None = "toy:ddpm") -> None:
     p.add_argument("--model", default=default, required=default is None,
-                   help="DDPMPipeline folder (UNet2DModel + scheduler), or 'toy:ddpm' for the shipped toy DDPM"
+                   help="DDPMPipeline folder (UNet2DModel + scheduler), 'toy:ddpm' for the shipped toy DDPM or "
+                        "'toy:ddpm-box-corner' for its shipped backdoored example"
                         + (f" (default: {default})" if default else ""))
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept pickled .bin/.ckpt weights when a folder has no safetensors (runs code from the "
@@ -1013,7 +1014,7 @@ def demo_step(out: Path, device: str = "cpu") -> dict:
           f"||r0||, a verdict needs >= {rep['min_move']:.2g}; mean KL {rep['mean_kl']:.3f} / threshold "
           f"{th['mean_kl']:.3f}, var KL {rep['var_kl']:.4f} / threshold {th['var_kl']:.4f}; {rep['seconds']:.0f} s). "
           "The fast preset barely moves r; the cpu preset (scan's default) reverses this backdoor in about 6 CPU-min: "
-          f"diffshield scan --model {folder} --out scan_box_corner")
+          "diffshield scan --model toy:ddpm-box-corner --out scan_box_corner")
     summary["example"] = {k: rep[k] for k in ("verdict", "backdoored", "mean_kl", "var_kl", "thresholds", "moved_l2",
                                               "moved_rel", "cos_r0", "seconds")}
     atomic_write_json(out / "scan.json", summary)

@@ -17,7 +17,11 @@ TOY_MODELS: dict[str, str] = {
     "toy:t2i": "t2i", "toy:detector": "detector", "toy:ddpm": "ddpm", "toy:inpaint": "inpaint",
     # The detector of world version 1, the world of the shipped DDPM: it judges the DDPM's clean samples.
     "toy:detector-v1": "detector_v1",
+    # A shipped backdoored DDPM (BadDiffusion, box trigger -> corner target), to sample and scan by name.
+    "toy:ddpm-box-corner": "ddpm/examples/box_corner",
 }
+#: the names of :data:`TOY_MODELS` that are unconditional DDPMs (``DDPMPipeline`` folders, the backdoor commands')
+TOY_DDPMS: tuple[str, ...] = ("toy:ddpm", "toy:ddpm-box-corner")
 
 for _name, _sub in TOY_MODELS.items():
     if _name not in MODEL_NAMES:
