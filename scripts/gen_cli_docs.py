@@ -110,8 +110,10 @@ def render() -> str:
         f"<!-- Generated from the argparse definitions by `{COMMAND}`; do not edit by hand. -->",
         "",
         "Every command prints its help with `--help`. Errors are one line (`diffshield: error: ...`): exit status 2 "
-        "for bad input, 1 for the machine's (a full disk, an unreadable file system, no memory left).",
-        "A model argument takes a diffusers folder or a shipped toy name (`toy:t2i`, `toy:ddpm`, `toy:inpaint`).",
+        "for bad input, 1 for the machine's (a full disk, an unreadable file system, no memory left); Ctrl-C stops "
+        "with 130 and SIGTERM with 143, one line each, leaving no half-written output ([outputs.md](outputs.md)).",
+        "A model argument takes a diffusers folder or a shipped toy name (`toy:t2i`, `toy:ddpm`, `toy:inpaint`, "
+        "`toy:ddpm-box-corner`).",
         "",
     ]
     body = _section(parser, "diffshield", 2)

@@ -665,8 +665,37 @@ def _show_user_warning(message, category, filename, lineno, file=None, line=None
         sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread when the process receives SIGTERM (a job scheduler's stop, ``kill PID``), so that
+    it unwinds as after Ctrl-C: temporary outputs are removed and nothing half-written is left."""
+
+    def __init__(self, signum: int = 15) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_terminated(signum, _frame) -> None:
+    import signal
+
+    signal.signal(signum, signal.SIG_DFL)  # a second SIGTERM stops the process at once, cleanup or not
+    raise Terminated(signum)
+
+
+def _handle_sigterm() -> None:
+    """Turn SIGTERM into :class:`Terminated` (Python's default kills the process on the spot, leaving its temporary
+    folders); only in the main thread, and only where SIGTERM still has its default handling."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _raise_terminated)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the ``diffshield`` command line on ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
+    """Run the ``diffshield`` command line on ``argv`` (default: ``sys.argv[1:]``); returns the exit status: 2 for
+    bad input, 1 for the machine's errors, 130 after Ctrl-C, 143 after SIGTERM (both stop with one line, leaving no
+    half-written output)."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -675,6 +704,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2  # no command is bad input (1 is for the machine's errors), as a group without its command is
+    _handle_sigterm()
     try:
         if not only_launches(args):
             # diffusers' and transformers' own progress bars and notices; a process that only launches the workers
@@ -700,9 +730,11 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, MemoryError) as e:  # the machine's, not the input's: a full disk, a lost mount, no memory left
         print(f"diffshield: error: {str(e) or type(e).__name__}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("diffshield: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        what, status = ("terminated", 128 + e.signum) if isinstance(e, Terminated) else ("interrupted", 130)
+        resumable = any(getattr(args, a, None) for a in ("prompts", "run_dir", "checkpoint_dir"))
+        print(f"diffshield: {what}{'; rerun the same command to resume it' if resumable else ''}", file=sys.stderr)
+        return status
 
 
 if __name__ == "__main__":

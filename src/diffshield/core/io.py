@@ -144,9 +144,17 @@ def check_output_dir(target: str | Path, command: str | None = None, overwrite: 
         overwrite: replace a previous output of the same command (default False: refuse it).
         inputs: the command's input paths (files or folders; None and ``toy...`` names are skipped).
 
+    A previous output that a killed run of a command left set aside is put back first (:func:`recover_set_aside`).
+
     Returns:
         ``target`` as an absolute path.
     """
+    recover_set_aside(target)
+    return _check_output_dir(target, command, overwrite, inputs)
+
+
+def _check_output_dir(target: str | Path, command: str | None = None, overwrite: bool = False,
+                      inputs: Iterable[str | Path | None] = ()) -> Path:
     t = _abs(target)
     flag = "--out"
     if t.exists() and not t.is_dir():
@@ -283,6 +291,128 @@ def follow_umask(folder: Path) -> None:
                 os.chmod(p, mode)
 
 
+#: the random part of a temporary name (:func:`tempfile.mkdtemp`, :func:`tempfile.mkstemp`)
+_TEMP_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_")
+
+
+def _try_lock(path: Path, blocking: bool = False) -> int | None:
+    """An open descriptor of ``path`` (a folder or a file) holding an exclusive ``flock`` on it, or None when the lock
+    is taken by a live process, or the system or file system has no such locks. The lock goes with the process: a
+    killed process no longer holds it."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _unlock(fd: int | None) -> None:
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _is_temp_name(name: str, base: str, suffix: str) -> bool:
+    """Whether ``name`` is ``.<base>.<8 random characters><suffix>``, a temporary name diffshield makes for
+    ``base``."""
+    head = f".{base}."
+    if not (name.startswith(head) and name.endswith(suffix)):
+        return False
+    middle = name[len(head):len(name) - len(suffix)]
+    return len(middle) == 8 and set(middle) <= _TEMP_CHARS
+
+
+def remove_stale_temps(target: str | Path) -> list[Path]:
+    """Delete the temporary siblings (``.NAME.xxxxxxxx.tmp`` folders, ``.NAME.xxxxxxxx.tmp`` files) that killed
+    diffshield processes (SIGKILL, a lost machine) left next to ``target``; one that a running process still writes
+    (it holds a lock on it) is kept. Returns what was removed."""
+    t = _abs(target)
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(t.parent))
+    except OSError:
+        return removed
+    for e in entries:
+        if not _is_temp_name(e.name, t.name, ".tmp") or e.is_symlink():
+            continue
+        path = Path(e.path)
+        fd = _try_lock(path)
+        if fd is None:
+            continue  # a live process writes it (or locks are unavailable here: keep it)
+        try:
+            if e.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+        finally:
+            _unlock(fd)
+    return removed
+
+
+def recover_set_aside(target: str | Path) -> None:
+    """Undo what a killed process left of replacing ``target``: a previous output set aside as ``.NAME.xxxxxxxx.old``
+    (while a training run works, or for an instant while a finished folder takes its place) that no live process
+    holds. When ``target`` is missing the previous output is put back; when the new output is in place, the files
+    the old one's marker lists are deleted (what its replacement would have deleted). Anything else stays."""
+    t = _abs(target)
+    try:
+        entries = [e for e in os.scandir(t.parent) if _is_temp_name(e.name, t.name, ".old") and e.is_dir()
+                   and not e.is_symlink()]
+    except OSError:
+        return
+    if not entries:
+        return
+    with _parent_locked(t):  # not in the instant a finishing atomic_dir swaps the folders
+        _recover(t, entries)
+
+
+def _recover(t: Path, entries: list[os.DirEntry]) -> None:
+    for e in entries:
+        path = Path(e.path)
+        fd = _try_lock(path)
+        if fd is None:
+            continue
+        try:
+            marker = read_marker(path)
+            if marker is None:
+                continue
+            if not t.exists():
+                path.rename(t)
+            elif (t / MARKER).is_file():
+                _remove_listed(path, marker)
+                with contextlib.suppress(OSError):
+                    path.rmdir()
+        finally:
+            _unlock(fd)
+
+
+#: the temporary folders this process is writing (and holds a lock on): an output nested in one of them (the demo's
+#: steps) is written by this process alone, and locking its parent again would wait for this process itself
+_WRITING: set[Path] = set()
+
+
+@contextlib.contextmanager
+def _parent_locked(target: Path) -> Iterator[None]:
+    """Hold a lock on ``target``'s parent folder, so that two processes finishing the same output check and move it
+    one after the other (the second then sees the first's result); without locks on this system, no lock."""
+    parent = _abs(target).parent
+    fd = None if parent in _WRITING else _try_lock(parent, blocking=True)
+    try:
+        yield
+    finally:
+        _unlock(fd)
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | Path, overwrite: bool = False, command: str | None = None,
                inputs: Iterable[str | Path | None] = ()) -> Iterator[Path]:
@@ -300,20 +430,33 @@ def atomic_dir(target: str | Path, overwrite: bool = False, command: str | None 
     """
     target = check_output_dir(target, command, overwrite, inputs)
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(target)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     except OSError as e:
         raise DiffshieldError(f"cannot write next to '{target}' ({e.strerror or type(e).__name__}); choose "
                               "another output folder") from None
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result should be an ordinary folder
+    lock = _try_lock(tmp)  # tells remove_stale_temps of another process that this folder is being written
+    _WRITING.add(tmp)
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result should be an ordinary folder
         yield tmp
         follow_umask(tmp)
         write_marker(tmp, command)
-        check_output_dir(target, command, overwrite)  # nothing appeared in the meantime
+        with _parent_locked(target):
+            _check_output_dir(target, command, overwrite)  # nothing appeared in the meantime
+            _move_result(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        _WRITING.discard(tmp)
+        _unlock(lock)
+
+
+def _move_result(tmp: Path, target: Path) -> None:
+    """Put the finished folder ``tmp`` in the place of ``target`` (missing, empty, or a previous output that
+    :func:`check_output_dir` accepted)."""
     if not target.exists():
         tmp.rename(target)
     elif not any(target.iterdir()):
@@ -336,9 +479,10 @@ def output_in_place(target: str | Path, command: str, overwrite: bool = False,
                     inputs: Iterable[str | Path | None] = ()) -> Iterator[Path]:
     """For library functions that write a folder themselves (training runs): check ``target`` as
     :func:`check_output_dir` does, set a previous output of ``command`` aside while the work runs (restored if it
-    fails, deleted when it succeeds), yield ``target``, then mark the result as ``command``'s output."""
+    fails, deleted when it succeeds), yield ``target``, then mark the result as ``command``'s output. A previous
+    output that a killed run left set aside is put back first (:func:`recover_set_aside`)."""
     t = check_output_dir(target, command, overwrite, inputs)
-    aside = None
+    aside = lock = None
     if t.is_dir() and any(t.iterdir()):
         if _within(_abs(os.getcwd()), t):
             raise DiffshieldError(f"'{target}' is the current folder (or holds it); run the command from elsewhere "
@@ -346,12 +490,15 @@ def output_in_place(target: str | Path, command: str, overwrite: bool = False,
         aside = Path(tempfile.mkdtemp(prefix=f".{t.name}.", suffix=".old", dir=t.parent))
         os.rmdir(aside)
         t.rename(aside)
+        lock = _try_lock(aside)  # this run's: recover_set_aside of another process leaves it alone
     try:
         yield t
     except BaseException:
         if aside is not None and not t.exists():
             aside.rename(t)
         raise
+    finally:
+        _unlock(lock)
     if aside is not None:
         _remove_listed(aside, read_marker(aside))
         with contextlib.suppress(OSError):
@@ -362,12 +509,17 @@ def output_in_place(target: str | Path, command: str, overwrite: bool = False,
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename, with the user's umask."""
+    """Write ``data`` to ``path`` through a temporary file (``.NAME.xxxxxxxx.tmp``, locked while it is written) and a
+    rename, with the user's umask."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with contextlib.suppress(ImportError, OSError):  # marks it as being written (see remove_stale_temps)
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with os.fdopen(fd, "wb", closefd=False) as f:
             f.write(data)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the result should be an ordinary file
         os.replace(tmp, path)
@@ -375,6 +527,30 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    finally:
+        os.close(fd)
+
+
+def canonical_safetensors(data: bytes) -> bytes:
+    """The bytes of a safetensors file with its ``__metadata__`` in sorted key order. The safetensors library writes
+    metadata in the order of a randomly seeded hash map, so the same tensors and metadata saved twice (even in one
+    process) gave different files; in this form they give the same bytes. Loading reads the same tensors and
+    metadata."""
+    if len(data) < 8:
+        raise DiffshieldError("not a safetensors file: shorter than its 8-byte header length")
+    n = int.from_bytes(data[:8], "little")
+    try:
+        header = json.loads(data[8:8 + n])
+    except ValueError:
+        raise DiffshieldError("not a safetensors file: its header is not JSON") from None
+    if not isinstance(header, dict):
+        raise DiffshieldError("not a safetensors file: its header is not a JSON object")
+    meta = header.pop("__metadata__", None)
+    ordered = {"__metadata__": dict(sorted(meta.items()))} if isinstance(meta, dict) else {}
+    ordered.update(header)
+    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # the library's alignment of the tensor data
+    return len(text).to_bytes(8, "little") + text + data[8 + n:]
 
 
 def atomic_write_json(path: str | Path, obj: object) -> None:
@@ -403,6 +579,7 @@ def write_result_json(path: str | Path, obj: dict, flag: str = "--json") -> None
     """Write a command's result file (``--json``): ``obj`` plus ``written_by`` (:func:`signature`), atomically;
     an existing file is replaced only if diffshield wrote it (checked again now, not only before the work)."""
     check_replaceable(path, flag)
+    remove_stale_temps(path)
     atomic_write_json(path, {**obj, WRITTEN_BY: signature()})
 
 
@@ -410,6 +587,7 @@ def save_result_image(image: Image.Image, path: str | Path, flag: str) -> Path:
     """Write a command's result PNG (``--grid``, ``--panel``, ``protect --out``), signed, atomically; an existing
     file is replaced only if diffshield wrote it (checked again now)."""
     check_replaceable(path, flag)
+    remove_stale_temps(path)
     return atomic_save_image(image, path, signed=True)
 
 

@@ -292,6 +292,10 @@ def prepare_run_dir(folder: str | Path, command: str, spec: dict, overwrite: boo
     processes. Call it in one process only. Returns what :func:`check_run_dir` says."""
     t = Path(os.path.abspath(os.path.expanduser(str(folder))))
     what = check_run_dir(t, command, spec, overwrite, inputs, models)
+    # hashed before anything is written (seconds for large models): a run stopped meanwhile leaves no folder that a
+    # rerun would refuse as not diffshield's (run.json without the marker)
+    record = (model_files_record(models) if models and (what != "resume" or not (t / MODELS_FILE).is_file())
+              else None)
     if what == "replace":
         marker = read_marker(t)
         if (t / RUN_FILE).is_file():
@@ -309,8 +313,8 @@ def prepare_run_dir(folder: str | Path, command: str, spec: dict, overwrite: boo
     else:
         t.mkdir(parents=True, exist_ok=True)
         atomic_write_json(t / RUN_FILE, spec)
-    if models and (what != "resume" or not (t / MODELS_FILE).is_file()):  # a run from before models.json: from now
-        atomic_write_json(t / MODELS_FILE, model_files_record(models))
+    if record is not None:  # a new run, or one from before models.json: from now
+        atomic_write_json(t / MODELS_FILE, record)
     (t / IMAGES_DIR).mkdir(exist_ok=True)
     (t / SCORES_DIR).mkdir(exist_ok=True)
     write_marker(t, command)

@@ -23,7 +23,7 @@ import torch
 
 from diffshield.core.checks import check_finite_tensors, non_finite_tensors
 from diffshield.core.errors import DiffshieldError
-from diffshield.core.io import atomic_write_bytes
+from diffshield.core.io import atomic_write_bytes, canonical_safetensors
 from diffshield.core.loading import T2IModel, check_safetensors
 from diffshield.erase.base import EraseResult, probe_values
 
@@ -117,7 +117,7 @@ def save_delta(result: EraseResult, path: str | Path, base_model: str) -> Path:
     }
     if result.base_values:  # the edited tensors before the edit (results made by hand may lack them)
         metadata["edited_probe"] = json.dumps({n: v for n, v in result.base_values.items() if n in result.changed})
-    atomic_write_bytes(path, save(tensors, metadata=metadata))
+    atomic_write_bytes(path, canonical_safetensors(save(tensors, metadata=metadata)))
     return path
 
 

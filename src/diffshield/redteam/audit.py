@@ -608,7 +608,9 @@ def _embedding_section(name: str, r: AttackResult, model: T2IModel | None, conce
                        prompts: list[str]) -> str:
     """Save an attack's embeddings / soft tokens as safetensors and describe them: for soft tokens the nearest
     vocabulary words and the L2 distance to the concept word's input embedding, per distinct prompt."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
+
+    from diffshield.core.io import canonical_safetensors
 
     tensors = {}
     if r.embeddings is not None:
@@ -626,7 +628,8 @@ def _embedding_section(name: str, r: AttackResult, model: T2IModel | None, conce
     else:
         meta = {"rows": "one per image", "prompts": "\n".join(r.prompts), "seeds": ",".join(map(str, r.seeds))}
     (tmp / "embeddings").mkdir(exist_ok=True)
-    save_file(tensors, str(tmp / "embeddings" / f"{name}.safetensors"), metadata={"attack": name, **meta})
+    (tmp / "embeddings" / f"{name}.safetensors").write_bytes(
+        canonical_safetensors(save(tensors, metadata={"attack": name, **meta})))
     parts = [f"<p>saved: <a href='embeddings/{name}.safetensors'>embeddings/{name}.safetensors</a> "
              + ", ".join(f"{k} {tuple(v.shape)}" for k, v in tensors.items()) + f" ({meta['rows']})</p>"]
     if r.soft_tokens is not None and model is not None:

@@ -250,11 +250,15 @@ def stage_vae(cfg: RecipeConfig, work: Path, pool: dict[str, np.ndarray], from_w
     if cfg.vae_from is not None and from_weights is None and not out.exists():
         _vae_source(cfg.vae_from)  # a one-line error before anything is written
     _begin(work, "vae", stage_settings(cfg, from_weights)["vae"])
-    if cfg.vae_from is not None and not (out / "config.json").exists():
+    if cfg.vae_from is not None and not any(out.glob("diffusion_pytorch_model.*")):
         import shutil
 
-        shutil.copytree(_vae_source(cfg.vae_from), out, dirs_exist_ok=True)
-    if (out / "config.json").exists():
+        tmp = work / "vae.tmp"  # a killed copy must not pass for a finished stage (its config.json is written first)
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(_vae_source(cfg.vae_from), tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    if (out / "config.json").exists() and any(out.glob("diffusion_pytorch_model.*")):  # finished, not half-saved
         from diffusers import AutoencoderKL
 
         return AutoencoderKL.from_pretrained(out)
@@ -280,7 +284,13 @@ def stage_vae(cfg: RecipeConfig, work: Path, pool: dict[str, np.ndarray], from_w
     with torch.no_grad():
         z = vae.encode(_images(pool, np.arange(min(n, 2000))) * 2 - 1).latent_dist.mean
     vae.register_to_config(scaling_factor=float(1.0 / z.std()))
-    vae.save_pretrained(out, safe_serialization=True)
+    import shutil
+
+    tmp = work / "vae.tmp"  # diffusers writes config.json before the weights: a killed save looked finished
+    shutil.rmtree(tmp, ignore_errors=True)
+    vae.save_pretrained(tmp, safe_serialization=True)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
     _log(work, f"vae saved, scaling_factor {vae.config.scaling_factor:.4f}")
     return vae
 
@@ -347,7 +357,9 @@ def _latents(work: Path, pool: dict[str, np.ndarray], vae, settings: dict) -> di
                 post = vae.encode(_images(pool, np.arange(i, min(n, i + 1000))) * 2 - 1).latent_dist
                 means.append(post.mean)
                 stds.append(post.std)
-        save_file({"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous()}, str(lat_path))
+        tmp = work / "latents.tmp.safetensors"  # a killed write must not leave a truncated file in its place
+        save_file({"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous()}, str(tmp))
+        tmp.replace(lat_path)
     return load_file(str(lat_path))
 
 
@@ -436,6 +448,9 @@ def _train_t2i(unet, te, tokenizer, lat: dict, sf: float, pool: dict[str, np.nda
     sched = models.make_train_scheduler()
     ckpt = work / f"{name}_ckpt"
     start = 0
+    old = work / f"{name}_ckpt.old"
+    if not ckpt.exists() and (old / "state.json").exists():  # killed while replacing its checkpoint
+        old.rename(ckpt)
     if (ckpt / "state.json").exists():
         state = json.loads((ckpt / "state.json").read_text())
         unet.load_state_dict(load_file(str(ckpt / "unet.safetensors")))
@@ -482,11 +497,14 @@ def _train_t2i(unet, te, tokenizer, lat: dict, sf: float, pool: dict[str, np.nda
             save_file({k: v.contiguous() for k, v in te.state_dict().items()}, str(tmp / "text_encoder.safetensors"))
             torch.save(opt.state_dict(), tmp / "optimizer.pt")
             (tmp / "state.json").write_text(json.dumps({"step": step + 1}))
-            if ckpt.exists():
-                import shutil
+            import shutil
 
-                shutil.rmtree(ckpt)
+            old = work / f"{name}_ckpt.old"  # the previous checkpoint goes only once the new one is in its place
+            shutil.rmtree(old, ignore_errors=True)
+            if ckpt.exists():
+                ckpt.rename(old)
             tmp.rename(ckpt)
+            shutil.rmtree(old, ignore_errors=True)
     unet.eval()
     te.eval()
     final.mkdir(exist_ok=True)
