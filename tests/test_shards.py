@@ -283,6 +283,27 @@ def test_background_writer_writes_what_the_synchronous_path_writes(tmp_path):
     assert not _writer_alive()
 
 
+def test_pngs_encoded_on_several_threads_are_the_same_bytes_in_the_same_order(monkeypatch, tmp_path):
+    import torch
+
+    from diffshield.core import shards
+
+    images = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    one = shards.encode_pngs(images, threads=1)
+    assert one == [shards.png_bytes(img) for img in images] and len(set(one)) == 6
+    assert shards.encode_pngs(images, threads=4) == one
+    # run_shard with four encoding threads writes the files the synchronous path writes
+    sync, *rest = _shard_setup(tmp_path, "sync")
+    shards.run_shard(sync, *rest, progress=False, write_queue=0)
+    monkeypatch.setattr(shards, "ENCODE_THREADS", 4)
+    par, *rest = _shard_setup(tmp_path, "threads")
+    shards.run_shard(par, *rest, progress=False, write_queue=2)
+    names = sorted(p.name for p in (sync / "images").iterdir())
+    assert len(names) == 10 and names == sorted(p.name for p in (par / "images").iterdir())
+    assert all((sync / "images" / n).read_bytes() == (par / "images" / n).read_bytes() for n in names)
+    assert not _writer_alive()
+
+
 def test_a_writer_error_surfaces_and_a_rerun_finishes_the_rest(tmp_path):
     from diffshield.core.shards import run_shard
 
