@@ -47,6 +47,24 @@ def test_ddpm_folder_is_the_wrong_kind(tmp_path):
         load_t2i(tmp_path / "ddpm")
 
 
+def test_text_encoder_weights_that_do_not_load_are_refused(tiny_sd_copy):
+    """transformers only logs the weights of a text encoder it could not match (another version's key names), and
+    the encoder then stays random: every image would be silently wrong. load_t2i refuses it in one line."""
+    from safetensors.torch import load_file, save_file
+
+    f = tiny_sd_copy / "text_encoder" / "model.safetensors"
+    tensors = load_file(str(f))
+    dropped = sorted(k for k in tensors if "final_layer_norm" in k)
+    assert dropped
+    save_file({k: v for k, v in tensors.items() if k not in dropped}, str(f))
+    with pytest.raises(DiffshieldError, match=r"lacks 2 of its weights.*stay random") as e:
+        load_t2i(tiny_sd_copy)
+    assert "\n" not in str(e.value)
+    save_file({f"old_name.{k}": v for k, v in tensors.items()}, str(f))  # every key under another name
+    with pytest.raises(DiffshieldError, match="stay random"):
+        load_t2i(tiny_sd_copy)
+
+
 def _pickle_unet(folder):
     from safetensors.torch import load_file
 
@@ -215,7 +233,7 @@ def test_a_model_is_saved_in_the_dtype_of_its_files_whatever_it_was_loaded_in(ti
     from diffshield.erase.uce import UCEConfig, uce_erase
 
     src = tmp_path / "fp16"
-    StableDiffusionPipeline.from_pretrained(tiny_sd_dir, dtype=torch.float16).save_pretrained(
+    StableDiffusionPipeline.from_pretrained(tiny_sd_dir).to(torch.float16).save_pretrained(
         src, variant="fp16", safe_serialization=True)
     model = load_t2i(src)  # float32 in memory
     assert model.dtype == torch.float32 and set(model.stored_dtypes.values()) == {torch.float16}
@@ -249,7 +267,7 @@ def test_an_fp16_only_download_saves_a_folder_stock_diffusers_loads(tiny_sd_dir,
     src, out = tmp_path / "fp16", tmp_path / "erased"
     fp16 = tmp_path / "fp32"
     _save_with_safety_checker(tiny_sd_dir, fp16)
-    StableDiffusionPipeline.from_pretrained(fp16, dtype=torch.float16).save_pretrained(
+    StableDiffusionPipeline.from_pretrained(fp16).to(torch.float16).save_pretrained(
         src, variant="fp16", safe_serialization=True, max_shard_size="5KB")
     shards = sorted(p.name for p in (src / "safety_checker").iterdir())
     assert "model.safetensors.index.fp16.json" in shards and not (src / "safety_checker/model.safetensors").exists()
@@ -261,5 +279,5 @@ def test_an_fp16_only_download_saves_a_folder_stock_diffusers_loads(tiny_sd_dir,
     before = {k: v for f in (src / "safety_checker").glob("*.safetensors") for k, v in load_file(f).items()}
     after = {k: v for f in (out / "safety_checker").glob("*.safetensors") for k, v in load_file(f).items()}
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-    pipe = StableDiffusionPipeline.from_pretrained(out, dtype=torch.float16)
+    pipe = StableDiffusionPipeline.from_pretrained(out).to(torch.float16)
     assert pipe.safety_checker is not None

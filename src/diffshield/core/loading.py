@@ -430,9 +430,18 @@ def load_t2i(
                                                     variant=variant["unet"])
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", use_safetensors=use_safe["vae"],
                                             variant=variant["vae"])
-        text_encoder = CLIPTextModel.from_pretrained(
-            path / "text_encoder", use_safetensors=use_safe["text_encoder"], variant=variant["text_encoder"]
+        text_encoder, info = CLIPTextModel.from_pretrained(
+            path / "text_encoder", use_safetensors=use_safe["text_encoder"], variant=variant["text_encoder"],
+            output_loading_info=True,
         )
+        lost = list(info.get("missing_keys") or [])
+        if lost:  # transformers only logs this (and diffshield quiets its logs): the encoder would stay random
+            import transformers
+
+            raise DiffshieldError(
+                f"the text encoder in '{path / 'text_encoder'}' lacks {len(lost)} of its weights (e.g. {lost[0]}), "
+                f"which would stay random; its files do not match this transformers ({transformers.__version__}): "
+                "save it again with save_pretrained, or use the transformers version that wrote it")
         tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer")
         sched_cls = getattr(diffusers, index["scheduler"][1], None)
         if sched_cls is None:
