@@ -304,6 +304,30 @@ def test_pngs_encoded_on_several_threads_are_the_same_bytes_in_the_same_order(mo
     assert not _writer_alive()
 
 
+def test_a_resume_decodes_only_the_images_no_score_line_vouches_for(monkeypatch, tmp_path):
+    """A finished image (a score line carries its SHA-256) is not decoded again on resume (11 ms per 512-px image:
+    minutes for a large prompt set); an image replaced by other bytes, or cut short, is still caught."""
+    import torch
+
+    from diffshield.core import shards
+
+    folder, jobs, prompts, models, cfg = _shard_setup(tmp_path, "run")
+    shards.run_shard(folder, jobs, prompts, models, cfg, None, progress=False, write_queue=0)
+    decoded = []
+    real = shards.verify_png
+    monkeypatch.setattr(shards, "verify_png", lambda path, size=None: decoded.append(path.name) or real(path, size))
+    size = models[""].image_size
+    assert set(shards.job_states(folder, jobs, size).values()) == {"done"} and decoded == []
+    other = shards.png_bytes(torch.zeros(3, size, size))  # a valid image of the right size, not the one scored
+    (folder / jobs[0].file).write_bytes(other)
+    cut = folder / jobs[1].file
+    cut.write_bytes(cut.read_bytes()[:40])
+    states = shards.job_states(folder, jobs, size)
+    assert (states[jobs[0]], states[jobs[1]]) == ("score", "generate")
+    assert sorted(decoded) == sorted(Path(j.file).name for j in jobs[:2])
+    assert all(states[j] == "done" for j in jobs[2:])
+
+
 def test_a_writer_error_surfaces_and_a_rerun_finishes_the_rest(tmp_path):
     from diffshield.core.shards import run_shard
 
