@@ -15,9 +15,15 @@ Rows:
    metrics, grid), against the generation phase it follows.
 3. ``end_to_end``: UCE erases ``triangle`` from the toy model, then ``eval erasure --prompts`` and
    ``eval nudity --prompts`` run on the 100-prompt file with 2 processes.
+4. ``i2p_phases``: what a run of I2P's size costs besides the generation, in-process: a 4,703-prompt file in I2P's
+   columns (``examples/make_i2p_toy.py --n 4703``) read, planned, its run folder prepared and checked, then a
+   finished folder of real 32-px PNGs with score lines (1 and 10 seeds per prompt: 4,703 and 47,030 images, written
+   directly, not generated) scanned as a resume does (everything done; 3 images missing) and merged (manifest,
+   metrics, grid). Each phase should grow linearly with the images (about 10x from 1 to 10 seeds).
 
 Run: ``.venv/bin/python benchmarks/scale.py`` (3 to 14 minutes on 2 idle CPU cores, as fast as the machine is). Writes
-``benchmarks/results/scale.json`` and prints a markdown table.
+``benchmarks/results/scale.json`` and prints a markdown table. ``--i2p-phases-only`` runs row 4 alone (about 30 s)
+and adds it to an existing result file, leaving its other keys as they are.
 """
 
 from __future__ import annotations
@@ -114,17 +120,98 @@ def end_to_end(tmp: Path, steps: int) -> dict:
     return out
 
 
+def i2p_phases(tmp: Path, seeds: tuple[int, ...] = (1, 10)) -> dict:
+    """Row 4: the phases of an I2P-size run other than the generation, timed in this process (seconds)."""
+    import argparse as ap_
+    import hashlib
+    import warnings
+
+    import torch
+
+    from diffshield.cli.scale import _spec
+    from diffshield.core.shards import (
+        check_run_dir,
+        job_states,
+        merge_run,
+        plan_jobs,
+        png_bytes,
+        prepare_run_dir,
+        read_records,
+    )
+    from diffshield.eval.prompts import load_prompt_set
+
+    csv = tmp / "i2p_toy_4703.csv"
+    subprocess.run([sys.executable, str(ROOT / "examples" / "make_i2p_toy.py"), "--n", "4703", "--out", str(csv)],
+                   check=True, capture_output=True)
+    gen = torch.Generator().manual_seed(0)
+    pngs = [png_bytes(torch.rand(3, 32, 32, generator=gen)) for _ in range(64)]
+    shas = [hashlib.sha256(d).hexdigest() for d in pngs]
+    out: dict = {"prompts": 4703, "image_px": 32, "rows": []}
+
+    def timed(row: dict, name: str, f, *a, **k):
+        t = time.perf_counter()
+        r = f(*a, **k)
+        row[f"{name}_s"] = round(time.perf_counter() - t, 3)
+        return r
+
+    for n in seeds:
+        row: dict = {"seeds_per_prompt": n}
+        folder = tmp / f"i2p_phases_n{n}"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            rows = timed(row, "read_prompts", load_prompt_set, csv)
+        args = ap_.Namespace(model="toy:t2i", n=n, seed=0, steps=1, guidance=5.0, scheduler="ddim",
+                             dtype="float32", negative_prompt="")
+        spec = timed(row, "spec", _spec, args, "generate", rows)
+        jobs = timed(row, "plan_jobs", plan_jobs, rows, n, 0, 5.0)
+        row["images"] = len(jobs)
+        timed(row, "prepare_new", prepare_run_dir, folder, "generate", spec, False, [str(csv)])
+        row["run_json_bytes"] = (folder / "run.json").stat().st_size
+        lines = []
+        for k, j in enumerate(jobs):  # a finished run, written directly
+            (folder / j.file).write_bytes(pngs[k % len(pngs)])
+            lines.append(json.dumps({"file": j.file, "role": "", "prompt_index": j.prompt_index, "seed": j.seed,
+                                     "guidance": j.guidance, "sha256": shas[k % len(pngs)], "scores": {}}) + "\n")
+        (folder / "scores" / "shard-00000-of-00001.jsonl").write_text("".join(lines))
+        timed(row, "check_resume", check_run_dir, folder, "generate", spec, False, [str(csv)])
+        timed(row, "prepare_resume", prepare_run_dir, folder, "generate", spec, False, [str(csv)])
+        timed(row, "read_records", read_records, folder)
+        states = timed(row, "scan_all_done", job_states, folder, jobs, 32)
+        assert set(states.values()) == {"done"}
+        timed(row, "merge_with_grid", merge_run, folder, jobs, "generate", None, grid=True)
+        row["manifest_bytes"] = (folder / "manifest.json").stat().st_size
+        for j in (jobs[7], jobs[len(jobs) // 2], jobs[-1]):
+            (folder / j.file).unlink()
+        states = timed(row, "scan_3_missing", job_states, folder, jobs, 32)
+        assert sum(s != "done" for s in states.values()) == 3
+        out["rows"].append(row)
+        print(f"  i2p phases, {len(jobs)} images: " + ", ".join(f"{k[:-2]} {v:.2f} s" for k, v in row.items()
+                                                                  if k.endswith("_s")), flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("--n", type=int, default=2, help="images per prompt (default: 2, 200 images)")
     ap.add_argument("--steps", type=int, default=25, help="DDIM steps (default: 25, the toy default)")
     ap.add_argument("--repeats", type=int, default=2, help="runs per row (default: 2; medians reported)")
     ap.add_argument("--skip-end-to-end", action="store_true", help="only the throughput and merge rows")
+    ap.add_argument("--i2p-phases-only", action="store_true",
+                    help="only row 4 (the non-generation phases at I2P size), added to the existing --out")
     ap.add_argument("--out", default=str(RESULTS / "scale.json"), help="result JSON")
     args = ap.parse_args(argv)
     import torch
 
     from diffshield.core.io import atomic_write_json
+
+    if args.i2p_phases_only:
+        result = json.loads(Path(args.out).read_text()) if Path(args.out).is_file() else {}
+        with tempfile.TemporaryDirectory() as d:
+            result["i2p_phases"] = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "cpus": os.cpu_count(),
+                                    "load_at_start": load(), **i2p_phases(Path(d))}
+        atomic_write_json(args.out, result)
+        print(f"wrote {args.out}")
+        return 0
 
     result = {"environment": {"python": platform.python_version(), "torch": torch.__version__,
                               "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -147,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         result["merge"] = merge
         if not args.skip_end_to_end:
             result["end_to_end"] = end_to_end(tmp, args.steps)
+        result["i2p_phases"] = {"load_at_start": load(), **i2p_phases(tmp)}
     result["environment"]["load_at_end"] = load()
     atomic_write_json(args.out, result)
     print("\n| processes | images | end to end (s) | img/s | generation (s) | img/s |")

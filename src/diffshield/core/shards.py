@@ -139,9 +139,33 @@ def _spec_difference(old: dict, new: dict) -> str:
     for k in sorted(set(old) | set(new)):
         if old.get(k) != new.get(k):
             if k == "prompts":
-                return "the prompt set differs"
+                return _prompts_difference(old.get(k), new.get(k))
             return f"{k}: {old.get(k)!r} here, {new.get(k)!r} now"
     return ""
+
+
+def _short(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _prompts_difference(old: object, new: object) -> str:
+    """Where two prompt sets (``run.json``'s rows) first differ, in a few words: with thousands of rows, "the prompt
+    set differs" leaves the user to search the file."""
+    if not isinstance(old, list) or not isinstance(new, list):
+        return "the prompt set differs"
+    count = f"{len(old)} prompts here, {len(new)} now; " if len(old) != len(new) else ""
+    i = next((i for i, (a, b) in enumerate(zip(old, new)) if a != b), None)
+    if i is None:  # one set extends the other
+        return f"the prompt set differs ({count}the first {min(len(old), len(new))} are the same)"
+    a, b = old[i], new[i]
+    if isinstance(a, dict) and isinstance(b, dict):
+        field = next((f for f in [*a, *(f for f in b if f not in a)] if a.get(f, a) != b.get(f, a)), None)
+        shown = lambda row: _short(row[field]) if field in row else "absent"  # noqa: E731
+        what = f"prompt {i}'s {field}: {shown(a)} here, {shown(b)} now" if field is not None else f"prompt {i}"
+    else:
+        what = f"prompt {i}: {_short(a)} here, {_short(b)} now"
+    return f"the prompt set differs ({count}first at {what})"
 
 
 def _run_files(folder: Path, command: str) -> tuple[list[str], list[str], list[str]]:
@@ -254,9 +278,9 @@ def check_run_dir(folder: str | Path, command: str, spec: dict, overwrite: bool 
     _check_against_inputs(t, inputs, "output")
     _, _, other = _run_files(t, command)
     if other:
+        more = f" and {len(other) - 3} more" if len(other) > 3 else ""
         raise DiffshieldError(f"run folder '{folder}' holds files 'diffshield {command}' did not write "
-                              f"({', '.join(other[:3])}{' ...' if len(other) > 3 else ''}); move them or choose "
-                              "another folder")
+                              f"({', '.join(other[:3])}{more}); move them or choose another folder")
     try:
         old = json.loads((t / RUN_FILE).read_text())
     except (OSError, ValueError):
