@@ -315,7 +315,8 @@ def test_a_resume_decodes_only_the_images_no_score_line_vouches_for(monkeypatch,
     shards.run_shard(folder, jobs, prompts, models, cfg, None, progress=False, write_queue=0)
     decoded = []
     real = shards.verify_png
-    monkeypatch.setattr(shards, "verify_png", lambda path, size=None: decoded.append(path.name) or real(path, size))
+    monkeypatch.setattr(shards, "verify_png", lambda path, size=None, decode=True: (
+        decode and decoded.append(path.name)) or real(path, size, decode))
     size = models[""].image_size
     assert set(shards.job_states(folder, jobs, size).values()) == {"done"} and decoded == []
     other = shards.png_bytes(torch.zeros(3, size, size))  # a valid image of the right size, not the one scored

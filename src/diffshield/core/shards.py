@@ -115,13 +115,15 @@ def read_png(path: Path) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
-def verify_png(path: Path, size: int | None = None) -> bool:
-    """True when ``path`` is a non-empty image file that decodes completely (and is ``size`` x ``size`` pixels)."""
+def verify_png(path: Path, size: int | None = None, decode: bool = True) -> bool:
+    """True when ``path`` is a non-empty image file that decodes completely (and is ``size`` x ``size`` pixels);
+    ``decode=False`` reads only its header (for bytes already known whole)."""
     try:
         if path.stat().st_size == 0:
             return False
         with Image.open(path) as im:
-            im.load()
+            if decode:
+                im.load()
             return size is None or im.size == (size, size)
     except Exception:
         return False
@@ -386,7 +388,7 @@ def job_states(folder: Path, jobs: list[ImageJob], size: int | None) -> dict[Ima
         path = folder / j.file
         if j.file in records:  # its bytes are vouched for by a score line's hash: written whole, no need to decode
             try:
-                if _matching_record(records, j.file, sha256_file(path)) and _png_size_is(path, size):
+                if _matching_record(records, j.file, sha256_file(path)) and verify_png(path, size, decode=False):
                     return "done"
             except OSError:
                 return "generate"
@@ -400,17 +402,6 @@ def job_states(folder: Path, jobs: list[ImageJob], size: int | None) -> dict[Ima
 
     with ThreadPoolExecutor(ENCODE_THREADS, thread_name_prefix="diffshield-verify") as pool:
         return dict(zip(jobs, pool.map(state, jobs)))
-
-
-def _png_size_is(path: Path, size: int | None) -> bool:
-    """Whether the image's header gives ``size`` x ``size`` pixels (None: any), without decoding it."""
-    if size is None:
-        return True
-    try:
-        with Image.open(path) as im:
-            return im.size == (size, size)
-    except Exception:
-        return False
 
 
 # ---------------------------------------------------------------------------------------------------- the shard
