@@ -562,3 +562,12 @@ def test_a_model_saved_anew_at_the_same_path_is_not_resumed(tiny_sd_copy, tmp_pa
     assert main([*base, "--overwrite"]) == 0
     assert "generated 2 images" in capsys.readouterr().out
     assert (out / "images" / "p000000_s0.png").read_bytes() != before
+
+
+def test_a_process_with_nothing_left_shows_no_empty_bar(tmp_path, capsys):
+    from diffshield.core.shards import run_shard
+
+    folder, jobs, prompts, models, cfg = _shard_setup(tmp_path, "run")
+    res = run_shard(folder, [], prompts, models, cfg, None, progress=True)
+    assert (res.generated, res.scored, res.skipped) == (0, 0, 0)
+    assert "process 1/1" not in capsys.readouterr().err

@@ -541,7 +541,7 @@ def run_shard(folder: str | Path, jobs: list[ImageJob], prompts: list[str], mode
     done = len(jobs) - len(to_gen) - len(to_score)
     score_path = folder / SCORES_DIR / f"shard-{rank:05d}-of-{world:05d}.jsonl"
     bar = tqdm(total=len(jobs), initial=done, desc=f"process {rank + 1}/{world}", unit="img", position=rank,
-               disable=not progress, leave=world == 1, dynamic_ncols=True)
+               disable=not progress or not jobs, leave=world == 1, dynamic_ncols=True)
     with open(score_path, "a+b") as fh:
         fh.seek(0, os.SEEK_END)
         if fh.tell():  # a line cut short by a killed process: start on a fresh line
