@@ -229,3 +229,25 @@ def test_an_output_written_inside_another_being_written_does_not_wait_for_itself
     assert done.is_set(), "writing a nested output waited for a lock its own process holds"
     assert (tmp_path / "demo" / "generate" / "grid.png").read_bytes() == b"png"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]
+
+
+def test_main_called_from_python_gives_sigterm_back_its_default_handling(tmp_path):
+    """The command line turns SIGTERM into a clean stop while a command runs; a program (or notebook) that calls
+    ``main`` keeps its own SIGTERM handling afterwards, and one it set itself is never replaced."""
+    import signal
+
+    from diffshield.cli.main import main
+
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert main(["toyworld", "dataset", "--n", "2", "--out", str(tmp_path / "a")]) == 0
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+    def mine(signum, frame):  # noqa: ARG001 - a program's own handler
+        pass
+
+    previous = signal.signal(signal.SIGTERM, mine)
+    try:
+        assert main(["toyworld", "dataset", "--n", "2", "--out", str(tmp_path / "b")]) == 0
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -681,15 +681,26 @@ def _raise_terminated(signum, _frame) -> None:
     raise Terminated(signum)
 
 
-def _handle_sigterm() -> None:
+def _handle_sigterm() -> bool:
     """Turn SIGTERM into :class:`Terminated` (Python's default kills the process on the spot, leaving its temporary
-    folders); only in the main thread, and only where SIGTERM still has its default handling."""
+    folders); only in the main thread, and only where SIGTERM still has its default handling. Returns whether it
+    did (see :func:`_restore_sigterm`)."""
     import signal
     import threading
 
     if threading.current_thread() is threading.main_thread() and \
             signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _raise_terminated)
+        return True
+    return False
+
+
+def _restore_sigterm() -> None:
+    """Give SIGTERM its default handling back once a command is over (``main`` called from Python, a test)."""
+    import signal
+
+    if signal.getsignal(signal.SIGTERM) is _raise_terminated:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -704,7 +715,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2  # no command is bad input (1 is for the machine's errors), as a group without its command is
-    _handle_sigterm()
+    sigterm = _handle_sigterm()
     try:
         if not only_launches(args):
             # diffusers' and transformers' own progress bars and notices; a process that only launches the workers
@@ -735,6 +746,9 @@ def main(argv: list[str] | None = None) -> int:
         resumable = any(getattr(args, a, None) for a in ("prompts", "run_dir", "checkpoint_dir"))
         print(f"diffshield: {what}{'; rerun the same command to resume it' if resumable else ''}", file=sys.stderr)
         return status
+    finally:
+        if sigterm:
+            _restore_sigterm()
 
 
 if __name__ == "__main__":
