@@ -467,17 +467,16 @@ def _trigger_image(r):
 
 def cmd_scan(args) -> int:
     import torch
-    from safetensors.torch import save
 
     from diffshield.backdoor.ddpm import load_ddpm
     from diffshield.backdoor.terd import Calibration, default_calibration_path, preset_key
     from diffshield.core.io import (
         atomic_dir,
         atomic_write_json,
-        canonical_safetensors,
         check_output_dir,
         check_output_file,
         make_grid,
+        safetensors_bytes,
         write_result_json,
     )
 
@@ -530,8 +529,8 @@ def cmd_scan(args) -> int:
                     "seed": str(args.seed), "verdict": rep["verdict"], "moved_rel": repr(rep["moved_rel"]),
                     "scan": "scan.json", "dtype": str(next(model.unet.parameters()).dtype).removeprefix("torch.")}
             gamma = res.gamma.contiguous() if args.learn_gamma else torch.tensor([res.gamma])
-            (tmp / "reversed_trigger.safetensors").write_bytes(canonical_safetensors(
-                save({"r": res.r.contiguous(), "r0": res.r0.contiguous(), "gamma": gamma}, metadata=meta)))
+            (tmp / "reversed_trigger.safetensors").write_bytes(safetensors_bytes(
+                {"r": res.r.contiguous(), "r0": res.r0.contiguous(), "gamma": gamma}, meta))
             _trigger_image(res.r).save(tmp / "reversed_trigger.png")
             if ev is not None:
                 both = torch.cat([ev["triggered"], ev["clean"]])

@@ -553,6 +553,14 @@ def canonical_safetensors(data: bytes) -> bytes:
     return len(text).to_bytes(8, "little") + text + data[8 + n:]
 
 
+def safetensors_bytes(tensors: dict, metadata: dict[str, str] | None = None) -> bytes:
+    """``safetensors.torch.save(tensors, metadata=metadata)`` in :func:`canonical_safetensors` form: the same tensors
+    and metadata always give the same bytes."""
+    from safetensors.torch import save
+
+    return canonical_safetensors(save(tensors, metadata=metadata))
+
+
 def atomic_write_json(path: str | Path, obj: object) -> None:
     """Write ``obj`` as indented JSON to ``path`` (atomically)."""
     atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())

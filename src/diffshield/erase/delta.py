@@ -23,7 +23,7 @@ import torch
 
 from diffshield.core.checks import check_finite_tensors, non_finite_tensors
 from diffshield.core.errors import DiffshieldError
-from diffshield.core.io import atomic_write_bytes, canonical_safetensors
+from diffshield.core.io import atomic_write_bytes, safetensors_bytes
 from diffshield.core.loading import T2IModel, check_safetensors
 from diffshield.erase.base import EraseResult, probe_values
 
@@ -97,8 +97,6 @@ def save_delta(result: EraseResult, path: str | Path, base_model: str) -> Path:
     Returns:
         The written path.
     """
-    from safetensors.torch import save
-
     path = Path(path)
     if path.is_dir():
         raise DiffshieldError(f"delta output '{path}' is a folder; give a file name such as erased.safetensors")
@@ -117,7 +115,7 @@ def save_delta(result: EraseResult, path: str | Path, base_model: str) -> Path:
     }
     if result.base_values:  # the edited tensors before the edit (results made by hand may lack them)
         metadata["edited_probe"] = json.dumps({n: v for n, v in result.base_values.items() if n in result.changed})
-    atomic_write_bytes(path, canonical_safetensors(save(tensors, metadata=metadata)))
+    atomic_write_bytes(path, safetensors_bytes(tensors, metadata))
     return path
 
 

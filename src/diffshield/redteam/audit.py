@@ -608,9 +608,7 @@ def _embedding_section(name: str, r: AttackResult, model: T2IModel | None, conce
                        prompts: list[str]) -> str:
     """Save an attack's embeddings / soft tokens as safetensors and describe them: for soft tokens the nearest
     vocabulary words and the L2 distance to the concept word's input embedding, per distinct prompt."""
-    from safetensors.torch import save
-
-    from diffshield.core.io import canonical_safetensors
+    from diffshield.core.io import safetensors_bytes
 
     tensors = {}
     if r.embeddings is not None:
@@ -629,7 +627,7 @@ def _embedding_section(name: str, r: AttackResult, model: T2IModel | None, conce
         meta = {"rows": "one per image", "prompts": "\n".join(r.prompts), "seeds": ",".join(map(str, r.seeds))}
     (tmp / "embeddings").mkdir(exist_ok=True)
     (tmp / "embeddings" / f"{name}.safetensors").write_bytes(
-        canonical_safetensors(save(tensors, metadata={"attack": name, **meta})))
+        safetensors_bytes(tensors, {"attack": name, **meta}))
     parts = [f"<p>saved: <a href='embeddings/{name}.safetensors'>embeddings/{name}.safetensors</a> "
              + ", ".join(f"{k} {tuple(v.shape)}" for k, v in tensors.items()) + f" ({meta['rows']})</p>"]
     if r.soft_tokens is not None and model is not None:
