@@ -386,15 +386,13 @@ def job_states(folder: Path, jobs: list[ImageJob], size: int | None) -> dict[Ima
 
     def state(j: ImageJob) -> str:
         path = folder / j.file
-        if j.file in records:  # its bytes are vouched for by a score line's hash: written whole, no need to decode
-            try:
-                if _matching_record(records, j.file, sha256_file(path)) and verify_png(path, size, decode=False):
-                    return "done"
-            except OSError:
-                return "generate"
-        if not verify_png(path, size):
+        try:
+            sha = sha256_file(path)
+        except OSError:  # missing or unreadable
             return "generate"
-        return "done" if _matching_record(records, j.file, sha256_file(path)) else "score"
+        if _matching_record(records, j.file, sha) and verify_png(path, size, decode=False):
+            return "done"  # its bytes are vouched for by a score line's hash: written whole, no need to decode
+        return "score" if verify_png(path, size) else "generate"
 
     if ENCODE_THREADS <= 1 or len(jobs) < 64:
         return {j: state(j) for j in jobs}
