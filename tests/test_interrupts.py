@@ -238,15 +238,15 @@ def test_main_called_from_python_gives_sigterm_back_its_default_handling(tmp_pat
 
     from diffshield.cli.main import main
 
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
-    assert main(["toyworld", "dataset", "--n", "2", "--out", str(tmp_path / "a")]) == 0
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
-
     def mine(signum, frame):  # noqa: ARG001 - a program's own handler
         pass
 
-    previous = signal.signal(signal.SIGTERM, mine)
+    # a library used earlier in this process (torch's launcher) may have left its own handler: start from the default
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
+        assert main(["toyworld", "dataset", "--n", "2", "--out", str(tmp_path / "a")]) == 0
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        signal.signal(signal.SIGTERM, mine)
         assert main(["toyworld", "dataset", "--n", "2", "--out", str(tmp_path / "b")]) == 0
         assert signal.getsignal(signal.SIGTERM) is mine
     finally:
