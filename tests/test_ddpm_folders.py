@@ -222,3 +222,91 @@ def test_scan_input_checks_the_noises_against_the_named_model(tmp_path, capsys):
                               str(tmp_path / "n8.safetensors")], "(3, 16, 16)")
     assert main(["scan-input", "--reversed", str(tmp_path / "scan"), "--model", str(small), "--noise",
                  str(tmp_path / "n8.safetensors")]) == 0
+
+
+def unet_file_tensors(folder: Path) -> tuple[dict, set[str]]:
+    """The UNet weights of a saved folder (one safetensors file) and the dtype names its header gives."""
+    from safetensors.torch import load_file
+
+    from diffshield.core.loading import check_safetensors
+
+    (f,) = sorted((folder / "unet").glob("*.safetensors"))
+    header = check_safetensors(f)
+    return load_file(str(f)), {v["dtype"] for k, v in header.items() if k != "__metadata__"}
+
+
+def test_half_precision_folders_are_saved_in_their_dtype(tmp_path):
+    """An fp16 (plain or ``variant="fp16"`` file names) or bfloat16 DDPM is loaded in float32 to train, and saved
+    back in the dtype of its files, not twice its size in float32: stock DDPMPipeline loads the saved folder, with
+    the source's weights."""
+    from diffusers import DDPMPipeline
+
+    for name, dtype, code, kw in (("fp16", torch.float16, "F16", {}),
+                                  ("fp16v", torch.float16, "F16", {"variant": "fp16"}),
+                                  ("bf16", torch.bfloat16, "BF16", {})):
+        src = ddpm_folder(tmp_path / name, tiny_unet().to(dtype), **kw)
+        model = load_ddpm(src)
+        assert model.unet.dtype == torch.float32 and model.stored_dtype == dtype
+        out = model.save(tmp_path / f"{name}_out")
+        want, _ = unet_file_tensors(src)
+        got, codes = unet_file_tensors(out)
+        assert codes == {code}, (name, codes)
+        assert model.unet.dtype == torch.float32  # the live model is left as it was
+        stock = DDPMPipeline.from_pretrained(out).unet.state_dict()
+        assert set(stock) == set(want)
+        for k, v in want.items():
+            assert torch.equal(got[k], v) and torch.equal(stock[k].to(dtype), v), (name, k)
+
+
+def test_implant_of_an_fp16_folder_writes_an_fp16_folder(tmp_path):
+    """``backdoor implant`` trains in float32 and writes the backdoored UNet in the dtype of its base's files: an fp16
+    base gives an fp16 model (it wrote float32, twice the size), which stock diffusers loads and which differs from
+    the base (the implant is in it, not rounded away)."""
+    from diffusers import DDPMPipeline
+
+    src = ddpm_folder(tmp_path / "fp16", tiny_unet(32).to(torch.float16))
+    tiny = ["--epochs", "1", "--pool-size", "8", "--batch-size", "8", "--poison-rate", "0.5"]
+    assert main(["backdoor", "implant", "--model", str(src), *tiny, "--out", str(tmp_path / "bd")]) == 0
+    base, _ = unet_file_tensors(src)
+    got, codes = unet_file_tensors(tmp_path / "bd")
+    assert codes == {"F16"}
+    stock = DDPMPipeline.from_pretrained(tmp_path / "bd").unet.to(torch.float16).state_dict()  # exact: fp16 values
+    assert all(torch.equal(stock[k], v) for k, v in got.items())
+    assert any(not torch.equal(got[k], v) for k, v in base.items())
+
+
+def test_float32_folder_stays_float32_and_narrower_load_warns(tmp_path):
+    """A float32 folder is saved as float32 with the very same values; loaded in bfloat16, it is still saved as
+    float32 files, with a warning that the load's rounding is kept. A model made here has no record of files."""
+    from diffshield.backdoor.ddpm import DDPMModel
+
+    src = ddpm_folder(tmp_path / "f32")
+    model = load_ddpm(src)
+    assert model.stored_dtype == torch.float32
+    want, _ = unet_file_tensors(src)
+    got, codes = unet_file_tensors(model.save(tmp_path / "out"))
+    assert codes == {"F32"} and set(got) == set(want)
+    assert all(torch.equal(got[k], v) for k, v in want.items())
+
+    narrow = load_ddpm(src, dtype=torch.bfloat16)
+    with pytest.warns(UserWarning, match=r"rounding.*float32 files, loaded in bfloat16"):
+        got, codes = unet_file_tensors(narrow.save(tmp_path / "bf"))
+    assert codes == {"F32"} and narrow.unet.dtype == torch.bfloat16
+    assert all(torch.equal(got[k], v.to(torch.bfloat16).float()) for k, v in want.items())
+
+    fresh = DDPMModel(tiny_unet(), cifar_scheduler())
+    assert fresh.stored_dtype is None
+    assert unet_file_tensors(fresh.save(tmp_path / "fresh"))[1] == {"F32"}
+
+
+def test_weight_beyond_float16_is_refused_before_writing(tmp_path):
+    """A float32 weight that float16 cannot hold (inf once cast) in a model from fp16 files is refused in one line,
+    naming the dtype, before anything is written."""
+    model = load_ddpm(ddpm_folder(tmp_path / "fp16", tiny_unet().half()))
+    with torch.no_grad():
+        model.unet.conv_in.weight[0, 0, 0, 0] = 1e5
+    out = tmp_path / "out"
+    with pytest.raises(DiffshieldError, match=r"float16.*inf or NaN \(unet\.conv_in\.weight\)") as e:
+        model.save(out)
+    assert "\n" not in str(e.value)
+    assert not out.exists()

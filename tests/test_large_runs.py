@@ -22,6 +22,7 @@ from diffshield.core.shards import (
     png_bytes,
     prepare_run_dir,
     rows_to_spec,
+    shared_job_states,
 )
 from diffshield.eval.prompts import PromptRow
 
@@ -94,6 +95,48 @@ def test_plan_scan_and_merge_of_20000_images_read_each_file_once(tmp_path, monke
         merge_run(folder, jobs, COMMAND)
     msg = str(e.value)
     assert "3 of 20000 images are missing or unscored" in msg and "\n" not in msg and len(msg) < 300
+
+
+def test_processes_of_a_resumed_run_read_the_folder_once_between_them(tmp_path, monkeypatch):
+    """With N processes each checks every N-th image and all-gathers the rest: N processes hash the folder once
+    between them (each hashed all of it before), and every process ends with the states one process finds."""
+    folder = tmp_path / "run"
+    rows = _rows(300)
+    jobs = _fake_run(folder, rows)
+    for j in (jobs[0], jobs[401], jobs[1199]):
+        (folder / j.file).unlink()
+    (folder / jobs[7].file).write_bytes(b"\x89PNG cut short")
+    alone = job_states(folder, jobs, 32)
+    assert sorted(jobs.index(j) for j, s in alone.items() if s != "done") == [0, 7, 401, 1199]
+
+    world = 3
+    hashed: dict[int, list] = {r: [] for r in range(world)}
+    rank_now = [0]
+    sha256_file = shards.sha256_file
+    monkeypatch.setattr(shards, "sha256_file", lambda p: hashed[rank_now[0]].append(p) or sha256_file(p))
+    shares: dict[int, list] = {}
+
+    class Gathered(Exception):
+        pass
+
+    def keep(r: int):
+        def gather(mine: list) -> list:
+            shares[r] = mine
+            raise Gathered
+        return gather
+
+    for r in range(world):  # each process's own share, as its all-gather would carry it
+        with pytest.raises(Gathered):
+            shared_job_states(folder, jobs, 32, r, world, keep(r))
+    for r in range(world):
+        rank_now[0] = r
+        hashed[r].clear()
+        states = shared_job_states(folder, jobs, 32, r, world, lambda mine: [x for q in range(world) for x in
+                                                                             shares[q]])
+        assert states == alone
+        assert len(hashed[r]) == len(jobs[r::world])  # a third of the folder, not all of it
+    with pytest.raises(RuntimeError, match="checked 800 of the run's 1200 images"):
+        shared_job_states(folder, jobs, 32, 0, world, lambda mine: shares[0] + shares[1])
 
 
 def test_a_changed_row_of_a_large_prompt_set_is_named(tmp_path):

@@ -167,6 +167,46 @@ def test_sigkill_a_worker_then_rerun_generates_only_the_missing(tmp_path, capsys
     assert len(json.loads((out / "manifest.json").read_text())["images"]) == 32
 
 
+@pytest.mark.long(40)
+def test_sigterm_to_a_multi_process_run_stops_every_process_and_a_rerun_finishes_it(tmp_path, capsys):
+    """A job scheduler's stop (SIGTERM to the whole process group, as Slurm and ``kill -- -PGID`` send it) reaches
+    the launcher and both workers: the run exits 143 with nothing left running or half-written, and the rerun
+    generates exactly the images that were missing."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("".join(f"a {c} {s}\n" for c in ("red", "blue", "green", "yellow")
+                               for s in ("triangle", "circle", "star", "square")))  # 16 prompts
+    out = tmp_path / "run"
+    args = ["generate", "--prompts", str(prompts), "--n", "2", "--steps", "10", "--batch-size", "1", "--device",
+            "cpu", "--out", str(out)]
+    err_file = tmp_path / "launcher.err"
+    with err_file.open("w") as err:
+        launcher = subprocess.Popen([sys.executable, "-m", "diffshield", *args, "--num-processes", "2"],
+                                    stdout=subprocess.DEVNULL, stderr=err, cwd=tmp_path, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and launcher.poll() is None:
+        if out.exists() and len(list((out / "images").glob("p*.png"))) >= 4:
+            break
+        time.sleep(0.05)
+    assert launcher.poll() is None, "the run finished before it could be stopped"
+    workers = _descendants(launcher.pid)
+    os.killpg(launcher.pid, signal.SIGTERM)
+    assert launcher.wait(timeout=60) == 143
+    deadline = time.time() + 10
+    while time.time() < deadline and any(Path(f"/proc/{p}").exists() for p in workers):
+        time.sleep(0.05)
+    assert not [p for p in workers if Path(f"/proc/{p}").exists()]  # no worker left running
+    lines = err_file.read_text().strip().splitlines()
+    said = [ln.strip() for ln in lines if ln.strip().startswith("diffshield:")]
+    assert said and set(said) == {"diffshield: terminated; rerun the same command to resume it"}, lines
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]  # no half-written file
+    jobs = plan_jobs(load_prompt_set(prompts), 2, 0, 5.0)
+    done = [j for j, s in job_states(out, jobs, 32).items() if s == "done"]
+    assert 4 <= len(done) < 32
+    assert main([*args, "--threads", "1"]) == 0
+    assert f"generated {32 - len(done)} images" in capsys.readouterr().out
+    assert json.loads((out / "metrics.json").read_text())["n_images"] == 32
+
+
 def test_run_folder_refusals_and_resume(tmp_path, capsys):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red triangle\na blue circle\n")
@@ -503,7 +543,7 @@ def test_launch_reports_a_failed_worker_and_an_interrupt_in_one_line(monkeypatch
     monkeypatch.setattr(accelerate_launch, "launch_command", interrupted)
     assert launch(2, ["generate"], torch.device("cpu")) == 130
     err = capsys.readouterr().err
-    assert err == "diffshield: interrupted (signal 2); rerun the same command to resume it\n"
+    assert err == "diffshield: interrupted; rerun the same command to resume it\n"
 
 
 def test_a_negative_prompt_steers_both_paths_alike_and_belongs_to_a_runs_settings(tmp_path, capsys):

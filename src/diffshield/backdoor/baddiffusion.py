@@ -297,7 +297,7 @@ def implant(model: DDPMModel | str, cfg: BadDiffusionConfig, out: str | Path, wo
     info = {"made_by": "diffshield backdoor implant", "method": cfg.method, "base": base_source,
             "backdoor": cfg.backdoor_record(n_poison),
             "config": conf_json, "steps": total, "train_seconds": round(seconds, 1), "final_loss_ema": loss_ema}
-    result = DDPMModel(unet.eval(), sched, source=str(out), info=info)
+    result = DDPMModel(unet.eval(), sched, source=str(out), info=info, stored_dtype=base.stored_dtype)
     import io
 
     files = {}

@@ -69,13 +69,16 @@ class DDPMModel:
     """An unconditional pixel-space diffusion model as components.
 
     Attributes: unet (UNet2DModel), scheduler (DDPMScheduler or DDIMScheduler), source (where it came from),
-    info (the folder's ``diffshield.json`` if any: how it was made, e.g. a BadDiffusion record).
+    info (the folder's ``diffshield.json`` if any: how it was made, e.g. a BadDiffusion record), stored_dtype (the
+    dtype the UNet's weight files were stored in, as :func:`load_ddpm` read them; None for pickled weights or a model
+    made here; :meth:`save` writes that dtype back).
     """
 
     unet: torch.nn.Module
     scheduler: object
     source: str = ""
     info: dict = field(default_factory=dict)
+    stored_dtype: torch.dtype | None = field(default=None, repr=False)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -101,15 +104,36 @@ class DDPMModel:
              overwrite: bool = False) -> Path:
         """Save as a ``DDPMPipeline`` folder (atomically), plus ``diffshield.json`` (``info``) and extra files.
 
-        A non-finite weight is refused before anything is written; an existing non-empty ``folder`` is replaced
-        only with ``overwrite`` and only if diffshield wrote it (see :func:`diffshield.core.io.atomic_dir`)."""
+        The UNet is written in the dtype its weight files had when :func:`load_ddpm` read them (``stored_dtype``),
+        whatever dtype it was loaded and trained in, so the saved folder loads as its source does: an fp16 checkpoint
+        implanted in float32 is saved as fp16 (not twice its size), a float32 one stays float32, and a model with no
+        record (made here, or loaded from pickled weights) is saved in its own dtype. Loading in a narrower dtype
+        than the files (``--dtype bfloat16`` for a float32 model) rounded every weight, which the saved model keeps:
+        a UserWarning says so. A non-finite weight, or one that overflows the dtype it is written in (a float32
+        weight above float16's 65504), is refused before anything is written; an existing non-empty ``folder`` is
+        replaced only with ``overwrite`` and only if diffshield wrote it (see :func:`diffshield.core.io.atomic_dir`).
+        """
+        import warnings
+
         from diffusers import DDPMPipeline
 
         from diffshield.core.checks import check_finite_modules
+        from diffshield.core.device import module_dtype
         from diffshield.core.io import atomic_dir
+        from diffshield.core.loading import _copy_in_dtype, _dtype_name
 
         check_finite_modules("the model", unet=self.unet)  # a diverged run must not leave a loadable NaN model
-        pipe = DDPMPipeline(unet=self.unet, scheduler=self.scheduler)
+        unet, stored, now = self.unet, self.stored_dtype, module_dtype(self.unet)
+        if stored is not None and stored != now:
+            if now.itemsize <= stored.itemsize:  # float32 -> bfloat16, or float16 <-> bfloat16: the load rounded
+                warnings.warn(f"the saved model keeps the rounding of a load in a narrower dtype than its files: "
+                              f"unet ({_dtype_name(stored)} files, loaded in {_dtype_name(now)}); load in the files' "
+                              "dtype (--dtype float32) for weights that are not rounded", UserWarning, stacklevel=2)
+            unet = _copy_in_dtype(self.unet, stored)
+            # a float32 weight beyond float16's range is inf in the copy: refuse what would be written
+            check_finite_modules(f"the model in {_dtype_name(stored)} (the dtype of its source's weight files)",
+                                 unet=unet)
+        pipe = DDPMPipeline(unet=unet, scheduler=self.scheduler)
         with atomic_dir(folder, overwrite=overwrite) as tmp:
             pipe.save_pretrained(tmp, safe_serialization=True)
             rec = self.info if info is None else info
@@ -153,6 +177,8 @@ def load_ddpm(spec: str | Path, allow_pickle: bool = False, device: torch.device
         allow_pickle: accept pickled weight files when no safetensors exist (default False: refused).
         device: ``"cpu"`` (default), ``"cuda"``, ``"cuda:N"`` or ``"auto"`` (an absent device is a one-line error).
         dtype: parameter dtype (default float32; the backdoor commands train and reverse triggers in float32).
+            Whatever it is, the dtype the UNet's safetensors files are stored in (float16 for an fp16 checkpoint) is
+            recorded as ``stored_dtype``, and :meth:`DDPMModel.save` writes the UNet back in it.
 
     Refused in one line: another pipeline than :data:`PIPELINE_KINDS` (a latent ``LDMPipeline``, a score-SDE
     ``ScoreSdeVePipeline``), a scheduler class not in :data:`SCHEDULER_KINDS`, a scheduler that is not an
@@ -167,7 +193,13 @@ def load_ddpm(spec: str | Path, allow_pickle: bool = False, device: torch.device
     import diffusers
     from diffusers import UNet2DModel
 
-    from diffshield.core.loading import _quiet_hf, check_component_weights, read_model_index, weight_variant
+    from diffshield.core.loading import (
+        _quiet_hf,
+        check_component_weights,
+        read_model_index,
+        stored_dtype,
+        weight_variant,
+    )
 
     _quiet_hf()
     path = resolve_ddpm_path(spec)
@@ -191,9 +223,9 @@ def load_ddpm(spec: str | Path, allow_pickle: bool = False, device: torch.device
     if not (path / "unet").is_dir():
         raise DiffshieldError(f"'{path}' lists unet in model_index.json but has no 'unet/' folder")
     use_safe = check_component_weights(path / "unet", allow_pickle)
+    variant = weight_variant(path / "unet", use_safe)
     try:
-        unet = UNet2DModel.from_pretrained(path, subfolder="unet", use_safetensors=use_safe,
-                                           variant=weight_variant(path / "unet", use_safe))
+        unet = UNet2DModel.from_pretrained(path, subfolder="unet", use_safetensors=use_safe, variant=variant)
         sched_cls = getattr(diffusers, index["scheduler"][1], None)
         if sched_cls is None:
             raise DiffshieldError(f"unknown scheduler class {index['scheduler'][1]!r} in '{path}/model_index.json'")
@@ -214,7 +246,8 @@ def load_ddpm(spec: str | Path, allow_pickle: bool = False, device: torch.device
     check_epsilon_only(unet, scheduler, str(path))
     info_file = path / "diffshield.json"
     info = json.loads(info_file.read_text()) if info_file.exists() else {}
-    return DDPMModel(unet, scheduler, source=str(spec), info=info).to(device, dtype).eval()
+    stored = stored_dtype(path / "unet", variant) if use_safe else None  # what save() writes back
+    return DDPMModel(unet, scheduler, source=str(spec), info=info, stored_dtype=stored).to(device, dtype).eval()
 
 
 def check_epsilon_only(unet, scheduler, where: str) -> None:
@@ -381,10 +414,11 @@ def train_ddpm(cfg: DDPMTrainConfig, out: str | Path, work: str | Path | None = 
     out = Path(out)
     work = Path(work) if work else out.with_name(out.name + ".work")
     seed_everything(cfg.seed)
+    stored = None  # a fine-tune is saved in the dtype of its base's files, a model trained from scratch in float32
     if cfg.init_from:
         base = load_ddpm(cfg.init_from)
         check_toy_shape(base, "train-ddpm --init")
-        unet, scheduler = base.unet, base.scheduler
+        unet, scheduler, stored = base.unet, base.scheduler, base.stored_dtype
     else:
         unet, scheduler = build_unet(cfg.block_out_channels), build_scheduler()
     from diffshield.core.device import resolve_device
@@ -434,7 +468,7 @@ def train_ddpm(cfg: DDPMTrainConfig, out: str | Path, work: str | Path | None = 
     seconds = elapsed + time.time() - t0
     info = {"made_by": "diffshield backdoor train-ddpm", "config": _jsonable(asdict(cfg)), "train_seconds":
             round(seconds, 1), "final_loss_ema": loss_ema, "torch_threads": torch.get_num_threads()}
-    model = DDPMModel(unet.eval(), scheduler, source=str(out), info=info)
+    model = DDPMModel(unet.eval(), scheduler, source=str(out), info=info, stored_dtype=stored)
     model.save(out, overwrite=True)  # a rerun (resumed from its checkpoint) replaces its own earlier result
     remove_checkpoint(work)
     return model.eval()

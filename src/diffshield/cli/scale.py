@@ -96,7 +96,8 @@ def launch(num_processes: int, argv: list[str], device) -> int:
     except SystemExit as e:  # the launcher stopped its workers on a signal (Ctrl-C: 130) and exits 128 + signal
         rc = e.code if isinstance(e.code, int) else 1
         if rc > 128:
-            print(f"diffshield: interrupted (signal {rc - 128}); rerun the same command to resume it", file=sys.stderr)
+            what = {130: "interrupted", 143: "terminated"}.get(rc, f"stopped by signal {rc - 128}")  # as main() says
+            print(f"diffshield: {what}; rerun the same command to resume it", file=sys.stderr)
             return rc
     except Exception as e:  # noqa: BLE001 - torchrun's ChildFailedError: a worker exited non-zero or was killed
         failures = getattr(e, "failures", None) or {}
@@ -174,12 +175,12 @@ def run_prompt_set(args: argparse.Namespace, task: str) -> int:
 
     from diffshield.core.shards import (
         check_run_dir,
-        job_states,
         merge_run,
         plan_jobs,
         prepare_run_dir,
         read_run_spec,
         run_shard,
+        shared_job_states,
     )
     from diffshield.eval.prompts import load_prompt_set
 
@@ -230,8 +231,9 @@ def run_prompt_set(args: argparse.Namespace, task: str) -> int:
     specs = {"": args.model} if task != "erasure" else {"erased": args.model, "original": args.original}
     models = {role: load_t2i(m, allow_pickle=args.allow_pickle, device=device, dtype=args.dtype)
               for role, m in specs.items()}
-    states = job_states(out, jobs, next(iter(models.values())).image_size)
-    state.wait_for_everyone()  # every process has scanned the folder before any writes
+    size = next(iter(models.values())).image_size
+    # every process checks its share of the folder and learns the others' (no process writes before all have read)
+    states = shared_job_states(out, jobs, size, rank, world, gather_object)
     pending = sorted({j.prompt_index for j, s in states.items() if s != "done"})
     with state.split_between_processes(pending) as mine:
         mine = set(mine)
