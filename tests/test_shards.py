@@ -115,8 +115,9 @@ def _rank_of(pid: int) -> int | None:
     return None
 
 
-@pytest.mark.long(40)
-def test_sigkill_a_worker_then_rerun_generates_only_the_missing(tmp_path, capsys):
+def _launch_two_processes(tmp_path: Path, **popen):
+    """Start ``generate --prompts`` over 16 prompts (2 seeds, 10 steps, batch 1) with ``--num-processes 2`` in a
+    child process; returns (prompt file, run folder, the command's arguments, the launcher's stderr file, process)."""
     prompts = tmp_path / "p.txt"
     prompts.write_text("".join(f"a {c} {s}\n" for c in ("red", "blue", "green", "yellow")
                                for s in ("triangle", "circle", "star", "square")))  # 16 prompts
@@ -126,7 +127,13 @@ def test_sigkill_a_worker_then_rerun_generates_only_the_missing(tmp_path, capsys
     err_file = tmp_path / "launcher.err"
     with err_file.open("w") as err:
         launcher = subprocess.Popen([sys.executable, "-m", "diffshield", *args, "--num-processes", "2"],
-                                    stdout=subprocess.DEVNULL, stderr=err, cwd=tmp_path)
+                                    stdout=subprocess.DEVNULL, stderr=err, cwd=tmp_path, **popen)
+    return prompts, out, args, err_file, launcher
+
+
+@pytest.mark.long(40)
+def test_sigkill_a_worker_then_rerun_generates_only_the_missing(tmp_path, capsys):
+    prompts, out, args, err_file, launcher = _launch_two_processes(tmp_path)
     second_half = {f"p{i:06d}" for i in range(8, 16)}
     killed = False
     deadline = time.time() + 120
@@ -172,16 +179,7 @@ def test_sigterm_to_a_multi_process_run_stops_every_process_and_a_rerun_finishes
     """A job scheduler's stop (SIGTERM to the whole process group, as Slurm and ``kill -- -PGID`` send it) reaches
     the launcher and both workers: the run exits 143 with nothing left running or half-written, and the rerun
     generates exactly the images that were missing."""
-    prompts = tmp_path / "p.txt"
-    prompts.write_text("".join(f"a {c} {s}\n" for c in ("red", "blue", "green", "yellow")
-                               for s in ("triangle", "circle", "star", "square")))  # 16 prompts
-    out = tmp_path / "run"
-    args = ["generate", "--prompts", str(prompts), "--n", "2", "--steps", "10", "--batch-size", "1", "--device",
-            "cpu", "--out", str(out)]
-    err_file = tmp_path / "launcher.err"
-    with err_file.open("w") as err:
-        launcher = subprocess.Popen([sys.executable, "-m", "diffshield", *args, "--num-processes", "2"],
-                                    stdout=subprocess.DEVNULL, stderr=err, cwd=tmp_path, start_new_session=True)
+    prompts, out, args, err_file, launcher = _launch_two_processes(tmp_path, start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline and launcher.poll() is None:
         if out.exists() and len(list((out / "images").glob("p*.png"))) >= 4:
