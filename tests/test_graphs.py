@@ -112,3 +112,124 @@ def test_replays_equal_eager_calls_and_follow_in_place_updates():
         out = wrapped(x + 1, t - 100, encoder_hidden_states=c).sample
         torch.testing.assert_close(out, unet(x + 1, t - 100, encoder_hidden_states=c).sample, rtol=1e-4, atol=1e-4)
     assert wrapped.failed is None and wrapped.replays == 4
+
+
+# ---- GraphedSequence: the UNet calls of an iteration with gradients (TERD), checked on the CPU with stand-in makers
+
+
+def _terd_runs(monkeypatch, maker, learn_gamma: bool = False):
+    """TERD (3 + 3 iterations, batch 2, 4 DDIM steps) on the shipped backdoored DDPM, eagerly and with every iteration's calls
+    going through GraphedSequence with ``maker`` standing in for make_graphed_callables; returns both results and
+    what the maker was handed."""
+    from diffshield.backdoor import terd as terd_mod
+    from diffshield.backdoor.ddpm import load_ddpm
+    from diffshield.backdoor.terd import TERDConfig, reverse_trigger
+    from diffshield.core.graphs import GraphedSequence
+
+    model = load_ddpm("toy:ddpm-box-corner")
+    cfg = TERDConfig(stage1_iters=3, stage2_iters=3, batch_size=2, ddim_steps=4, learn_gamma=learn_gamma)
+    eager = reverse_trigger(model, cfg, progress=False)
+    made, seqs = [], []
+
+    def recording_maker(fns, samples):
+        made.append([tuple(a.shape) for a, _ in samples])
+        assert all(a.requires_grad and not t.requires_grad for a, t in samples)
+        return maker(fns, samples)
+
+    class Forced(GraphedSequence):  # as on a CUDA device
+        def __init__(self, fn, enabled=True):
+            super().__init__(fn, enabled=True, maker=recording_maker)
+            seqs.append(self)
+
+    monkeypatch.setattr(terd_mod, "GraphedSequence", Forced)
+    return eager, reverse_trigger(model, cfg, progress=False), made, seqs
+
+
+@pytest.mark.parametrize("learn_gamma", [False, True])
+def test_terd_iterations_replayed_per_call_slot_equal_eager_ones(monkeypatch, learn_gamma):
+    """The first iteration of each stage records its calls (stage 1: one UNet call on 2 x 2 images; stage 2: the
+    DDIM steps on 2 and the loss's call on 4 x 2), the second is checked, the rest replay: with a maker that
+    returns the callables themselves every figure equals the eager run's bit for bit."""
+    eager, seq, made, seqs = _terd_runs(monkeypatch, lambda fns, samples: fns, learn_gamma)
+    from diffshield.backdoor.terd import quad_timesteps
+
+    steps = len(quad_timesteps(1000, 4)) if learn_gamma else 4
+    assert made == [[(4, 3, 32, 32)], [(2, 3, 32, 32)] * steps + [(8, 3, 32, 32)]]
+    assert [s.status() for s in seqs] == [{"replays": 2, "failed": None}, {"replays": 2, "failed": None}]
+    assert torch.equal(seq.r, eager.r) and seq.history == eager.history
+    if learn_gamma:
+        assert torch.equal(seq.gamma, eager.gamma)
+
+
+def test_a_wrong_replay_gives_the_graphs_up_and_keeps_the_eager_iteration(monkeypatch):
+    def wrong(fns, samples):
+        return tuple((lambda x, t, f=f: f(x, t) * 1.1) for f in fns)  # (an offset cancels in TERD's losses)
+
+    with pytest.warns(RuntimeWarning, match="CUDA graphs disabled.*loss differs from the eager iteration"):
+        eager, seq, _, seqs = _terd_runs(monkeypatch, wrong)
+    assert all(s.failed and s.replays == 0 for s in seqs)
+    assert torch.equal(seq.r, eager.r) and seq.history == eager.history
+
+
+def test_a_failed_capture_runs_eagerly(monkeypatch):
+    def fails(fns, samples):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    with pytest.warns(RuntimeWarning, match="not permitted when stream is capturing"):
+        eager, seq, _, seqs = _terd_runs(monkeypatch, fails)
+    assert all(s.failed for s in seqs) and torch.equal(seq.r, eager.r)
+
+
+def _toy_iteration(seq, gen: torch.Generator, w: torch.Tensor, calls: int = 2, t=None):
+    def body() -> torch.Tensor:
+        x = torch.randn(3, 4, generator=gen) + w
+        for _ in range(calls):
+            x = seq(x, torch.tensor(1.0) if t is None else t).sample
+        loss = x.pow(2).sum()
+        loss.backward()
+        return loss
+    return body
+
+
+def test_a_call_that_cannot_be_graphed_reruns_the_iteration_eagerly_from_the_same_draws():
+    from diffshield.core.graphs import GraphedSequence
+
+    fn = lambda x, t: torch.tanh(x * t)  # noqa: E731
+    w = torch.zeros(4, requires_grad=True)
+    plain = GraphedSequence(fn, enabled=False)
+    ref = plain.iteration(_toy_iteration(plain, torch.Generator().manual_seed(0), w, t=2), torch.Generator(), [w])
+    ref_grad = w.grad.clone()
+    seq = GraphedSequence(fn, maker=lambda fns, samples: fns)
+    gen = torch.Generator().manual_seed(0)
+    with pytest.warns(RuntimeWarning, match="timestep not a tensor"):
+        loss = seq.iteration(_toy_iteration(seq, gen, w, t=2), gen, [w])
+    assert torch.equal(loss, ref) and torch.equal(w.grad, ref_grad) and seq.failed
+
+
+def test_an_iteration_with_more_or_fewer_calls_than_recorded_is_an_error():
+    from diffshield.core.graphs import GraphedSequence
+
+    w = torch.zeros(4, requires_grad=True)
+    seq = GraphedSequence(lambda x, t: torch.tanh(x * t), maker=lambda fns, samples: fns)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):  # record, check, replay
+        seq.iteration(_toy_iteration(seq, gen, w), gen, [w])
+    assert seq.status() == {"replays": 2, "failed": None}
+    with pytest.raises(RuntimeError, match="more than the 2 calls recorded"):
+        seq.iteration(_toy_iteration(seq, gen, w, calls=3), gen, [w])
+    with pytest.raises(RuntimeError, match="made 1 calls; 2 were recorded"):
+        seq.iteration(_toy_iteration(seq, gen, w, calls=1), gen, [w])
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_terd_on_cuda_replays_graphs_that_agree_with_eager_iterations():
+    from diffshield.backdoor.ddpm import load_ddpm
+    from diffshield.backdoor.terd import TERDConfig, reverse_trigger
+
+    model = load_ddpm("toy:ddpm-box-corner", device="cuda")
+    cfg = TERDConfig(stage1_iters=20, stage2_iters=4, batch_size=4)
+    with_graphs = reverse_trigger(model, cfg, progress=False)
+    eager = reverse_trigger(model, TERDConfig(**{**cfg.__dict__, "cuda_graphs": False}), progress=False)
+    assert with_graphs.cuda_graphs == {"stage1": {"replays": 19, "failed": None},
+                                       "stage2": {"replays": 3, "failed": None}}
+    torch.testing.assert_close(with_graphs.r, eager.r, rtol=1e-3, atol=1e-4)

@@ -5,7 +5,7 @@ H200 the full run took 30 % longer than that projection. This probe times the sa
 given at two lengths per stage (``TERDResult.stage_seconds``, the device drained at each stage's end) and the short
 stage-1 run again at the end: a cost that grows with the run (a growing graph, history or allocator state) shows as
 a larger per-iteration time in the long run; a machine whose speed drifts shows as a change between the two short
-runs.
+runs. Eager iterations (``cuda_graphs=False``): the gap was measured before TERD replayed CUDA graphs.
 
 Run: ``.venv/bin/python benchmarks/probes/terd_drift.py [--device cpu] [--threads 2]`` (about 5 min on 2 CPU cores).
 Writes benchmarks/results/terd_drift.json (``--out``); the GPU session runs it on the GPU after the benchmark (about
@@ -45,7 +45,7 @@ def main() -> None:
     reverse_trigger(model, TERDConfig(stage1_iters=5, stage2_iters=1), progress=False)  # warm-up
     rows = []
     for n1, n2 in RUNS:
-        res = reverse_trigger(model, TERDConfig(stage1_iters=n1, stage2_iters=n2), progress=False)
+        res = reverse_trigger(model, TERDConfig(stage1_iters=n1, stage2_iters=n2, cuda_graphs=False), progress=False)
         s1, s2 = res.stage_seconds
         row = {"stage1_iters": n1, "stage2_iters": n2, "stage1_s_per_iteration": s1 / n1,
                "stage2_s_per_iteration": s2 / n2 if n2 else None, "seconds": res.seconds}

@@ -56,6 +56,7 @@ from diffshield.backdoor.ddpm import SCHEDULE_STEPS  # TERD's settings (t_high (
 from diffshield.core.checks import check_config
 from diffshield.core.device import synchronize, to_device
 from diffshield.core.errors import DiffshieldError
+from diffshield.core.graphs import GraphedSequence
 
 PRESETS: dict[str, dict] = {
     "paper": {"stage1_iters": 3000, "stage2_iters": 1000},
@@ -88,6 +89,10 @@ class TERDConfig:
         lr_gamma: SGD learning rate of gamma (default 0.002, the official ``--lr2``).
         gamma_grad_clip: stage-2 gradient-norm clip on (r, gamma) when learning gamma (default 1.0, the official
             TrojDiff config's).
+        cuda_graphs: on a CUDA device, replay each iteration's UNet calls (forward and backward) from CUDA graphs
+            (default True; :class:`diffshield.core.graphs.GraphedSequence`): the 32 px DDPM's calls are bound by
+            kernel launches, not arithmetic. Checked against an eager iteration first; a failure runs eagerly with a
+            warning. No effect on the CPU.
 
     Counts and the seed must be whole numbers, rates, lambda and clips finite numbers, ``ddim_steps`` at most the
     1000 timesteps of the schedule; anything else is a one-line DiffshieldError.
@@ -107,6 +112,7 @@ class TERDConfig:
     learn_gamma: bool = False
     lr_gamma: float = 0.002
     gamma_grad_clip: float = 1.0
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         for k in ("stage1_iters", "stage2_iters", "batch_size", "ddim_steps", "seed", "num_threads"):
@@ -114,8 +120,9 @@ class TERDConfig:
             if isinstance(v, bool) or not isinstance(v, numbers.Integral):
                 raise DiffshieldError(f"TERDConfig.{k} must be a whole number, got {v!r}")
             setattr(self, k, int(v))
-        if not isinstance(self.learn_gamma, bool):  # "no" is truthy: it would reverse gamma
-            raise DiffshieldError(f"TERDConfig.learn_gamma must be True or False, got {self.learn_gamma!r}")
+        for k in ("learn_gamma", "cuda_graphs"):  # "no" is truthy: it would reverse gamma
+            if not isinstance(getattr(self, k), bool):
+                raise DiffshieldError(f"TERDConfig.{k} must be True or False, got {getattr(self, k)!r}")
         for k in ("lr", "lam", "grad_clip", "lr_gamma", "gamma_grad_clip"):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
@@ -262,7 +269,8 @@ class TERDResult:
     moved_rel = moved_l2 / ||r0||; cos_r0 = cosine(r, r0);
     history: (iteration, loss) pairs every 25 iterations of each stage and at its end; seconds: wall time;
     stage_seconds: wall time of stage 1 and of stage 2 (the device's queue drained at each end); config: the
-    TERDConfig as a dict."""
+    TERDConfig as a dict; cuda_graphs: on CUDA with ``config.cuda_graphs``, per stage {"replays": iterations
+    replayed from graphs, "failed": why graphs were given up or None}, else None."""
 
     r: torch.Tensor
     gamma: float | torch.Tensor
@@ -276,6 +284,7 @@ class TERDResult:
     moved_rel: float = 0.0
     cos_r0: float = 1.0
     stage_seconds: tuple[float, float] = (0.0, 0.0)
+    cuda_graphs: dict | None = None
 
 
 #: gamma is floored here before its logarithm (a reversed gamma can sit at its clamp, 0)
@@ -399,11 +408,7 @@ def _reverse(model, cfg: TERDConfig, progress: bool) -> TERDResult:
             for grp in opt_g.param_groups:
                 grp["lr"] = cfg.lr_gamma * 0.5 * (1 + math.cos(math.pi * i / max(1, n)))
 
-    def step(loss: torch.Tensor, clip: float | None) -> None:
-        opt.zero_grad(set_to_none=True)
-        if opt_g is not None:
-            opt_g.zero_grad(set_to_none=True)
-        loss.backward()
+    def step(clip: float | None) -> None:  # after the iteration's backward (GraphedSequence.iteration)
         if clip is not None:
             torch.nn.utils.clip_grad_norm_([r, gamma] if opt_g is not None else [r], clip)
         opt.step()
@@ -412,11 +417,20 @@ def _reverse(model, cfg: TERDConfig, progress: bool) -> TERDResult:
             with torch.no_grad():
                 gamma.clamp_(min=0)
 
+    graphs = cfg.cuda_graphs and dev.type == "cuda"  # each stage's UNet calls replayed from CUDA graphs
+    calls = [GraphedSequence(lambda x, t: unet(x, t).sample, enabled=graphs) for _ in range(2)]
+    params = [r, gamma] if cfg.learn_gamma else [r]
+
+    def stage1_body() -> torch.Tensor:
+        x0 = to_device(torch.randn((cfg.batch_size, *shape), generator=gen), dev)
+        loss = reversed_loss(calls[0], sched, x0, r, timesteps(cfg.t_high), 1.0, gen, gamma) - cfg.lam * r.abs().sum()
+        loss.backward()
+        return loss
+
     for i in tqdm(range(cfg.stage1_iters), desc="TERD stage 1", disable=not progress):
         set_lrs(i, cfg.stage1_iters)
-        x0 = to_device(torch.randn((cfg.batch_size, *shape), generator=gen), dev)
-        loss = reversed_loss(unet, sched, x0, r, timesteps(cfg.t_high), 1.0, gen, gamma) - cfg.lam * r.abs().sum()
-        step(loss, None)
+        loss = calls[0].iteration(stage1_body, gen, params)
+        step(None)
         if i % 25 == 0 or i == cfg.stage1_iters - 1:
             hist.append((i, float(loss.detach())))
     synchronize(dev)  # each stage's clock is its own
@@ -426,17 +440,22 @@ def _reverse(model, cfg: TERDConfig, progress: bool) -> TERDResult:
         opt_g = torch.optim.SGD([gamma], lr=cfg.lr_gamma, momentum=0.9)
         quad = quad_timesteps(int(sched.config.num_train_timesteps), cfg.ddim_steps)
     ddim = ddim_scheduler(sched, cfg.ddim_steps) if cfg.stage2_iters and not cfg.learn_gamma else None
-    for i in tqdm(range(cfg.stage2_iters), desc="TERD stage 2", disable=not progress):
-        set_lrs(i, cfg.stage2_iters)
+    def stage2_body() -> torch.Tensor:
         eps = to_device(torch.randn((cfg.batch_size, *shape), generator=gen), dev)
         if cfg.learn_gamma:
             from diffshield.backdoor.trojdiff import trojan_ddim
 
-            x0 = trojan_ddim(unet, sched, gamma * eps + r, r, gamma, quad)
+            x0 = trojan_ddim(calls[1], sched, gamma * eps + r, r, gamma, quad)
         else:
-            x0 = _ddim_grad(unet, ddim, eps + r)
-        loss = stage2_loss(unet, sched, x0, r, cfg.t_high, cfg.t_low, gen, gamma) - cfg.lam * r.abs().sum()
-        step(loss, cfg.gamma_grad_clip if cfg.learn_gamma else cfg.grad_clip)
+            x0 = _ddim_grad(calls[1], ddim, eps + r)
+        loss = stage2_loss(calls[1], sched, x0, r, cfg.t_high, cfg.t_low, gen, gamma) - cfg.lam * r.abs().sum()
+        loss.backward()
+        return loss
+
+    for i in tqdm(range(cfg.stage2_iters), desc="TERD stage 2", disable=not progress):
+        set_lrs(i, cfg.stage2_iters)
+        loss = calls[1].iteration(stage2_body, gen, params)
+        step(cfg.gamma_grad_clip if cfg.learn_gamma else cfg.grad_clip)
         if i % 25 == 0 or i == cfg.stage2_iters - 1:  # a host sync only every 25 iterations
             hist.append((cfg.stage1_iters + i, float(loss.detach())))
     synchronize(dev)
@@ -445,7 +464,8 @@ def _reverse(model, cfg: TERDConfig, progress: bool) -> TERDResult:
     g_hat = gamma.detach()[0].cpu() if cfg.learn_gamma else 1.0
     mean_kl, var_kl = kl_stats(r_hat, g_hat)
     return TERDResult(r_hat, g_hat, mean_kl, var_kl, hist, time.time() - t0, asdict(cfg), r0=r0[0],
-                      stage_seconds=(t1 - t0, t2 - t1), **movement(r_hat, r0[0]))
+                      stage_seconds=(t1 - t0, t2 - t1), **movement(r_hat, r0[0]),
+                      cuda_graphs={"stage1": calls[0].status(), "stage2": calls[1].status()} if graphs else None)
 
 
 def input_score(x: torch.Tensor, r: torch.Tensor, gamma: float | torch.Tensor = 1.0) -> torch.Tensor:

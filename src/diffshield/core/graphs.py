@@ -21,6 +21,7 @@ replays them with one launch.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import torch
@@ -124,3 +125,150 @@ def graphed(unet: torch.nn.Module, enabled: bool = True) -> torch.nn.Module | Gr
     except StopIteration:
         return unet
     return GraphedUNet(unet) if enabled and dev.type == "cuda" else unet
+
+
+class GraphedSequence:
+    """The fixed sequence of ``fn(x, t)`` calls that every iteration of an optimisation loop makes with gradients
+    (TERD: one UNet call a stage-1 iteration, eleven in stage 2: ten DDIM steps and the loss), each replayed from
+    CUDA graphs of its forward and its backward pass (``torch.cuda.make_graphed_callables``).
+
+    Called like the UNet it wraps (``seq(x, t).sample``). Each iteration runs through :meth:`iteration`, which is
+    given the iteration's body (draws from a CPU generator, computes the loss, calls ``backward`` and returns the
+    loss) and does this:
+
+    - the first iteration runs eagerly and records each call's input shapes; one graphed callable is then made per
+      call slot, all in one memory pool, captured in the order the loop runs them (forwards in order, backwards in
+      reverse), as PyTorch requires for callables that share a pool;
+    - the second iteration runs twice from the same generator state: eagerly, then from the graphs; the loss and the
+      gradients of ``params`` must agree within :data:`CHECK_RTOL`, else (or on any error) the wrapper warns once and
+      keeps the eager results, and every later iteration is eager: a model or PyTorch build that cannot be captured
+      costs speed, never correctness;
+    - later iterations replay the graphs; a different number of calls than recorded is an error.
+
+    With ``enabled`` False (the caller's choice off CUDA) every call is eager and :meth:`iteration` just runs the
+    body; a call off CUDA, or with a timestep that is not a tensor beside its input, gives the graphs up (the
+    iteration reruns eagerly from the same draws). ``maker`` replaces ``make_graphed_callables`` (tests: any
+    device).
+    """
+
+    def __init__(self, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], enabled: bool = True,
+                 maker: Callable | None = None) -> None:
+        self.fn = fn
+        self.enabled = enabled
+        self.maker = maker
+        self.failed: str | None = None  # why graphs were given up, if they were
+        self.replays = 0  # iterations run from the graphs
+        self._mode = "eager"
+        self._samples: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._graphed: list | None = None
+        self._checked = False
+        self._k = 0
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> SimpleNamespace:
+        if self._mode == "graphs":
+            k, self._k = self._k, self._k + 1
+            if k >= len(self._graphed):
+                raise RuntimeError(f"an iteration made more than the {len(self._graphed)} calls recorded")
+            return SimpleNamespace(sample=self._graphed[k](x, t))
+        if self._mode == "record":
+            if not (isinstance(t, torch.Tensor) and t.device == x.device and (x.is_cuda or self.maker is not None)):
+                raise _NotGraphable("a call's input is not on a CUDA device, or its timestep not a tensor beside it")
+            self._samples.append((x.detach().clone().requires_grad_(x.requires_grad), t.detach().clone()))
+        return SimpleNamespace(sample=self.fn(x, t))
+
+    def status(self) -> dict:
+        """``{"replays": iterations run from graphs, "failed": why graphs were given up, or None}``."""
+        return {"replays": self.replays, "failed": self.failed}
+
+    def _give_up(self, why: str) -> None:
+        self.failed = why
+        self._graphed, self._samples, self._mode = None, [], "eager"
+        warnings.warn(f"CUDA graphs disabled, running eagerly ({why})", RuntimeWarning, stacklevel=3)
+
+    @staticmethod
+    def _clear(params: list[torch.Tensor]) -> None:
+        for p in params:
+            p.grad = None
+
+    def iteration(self, body: Callable[[], torch.Tensor], gen: torch.Generator,
+                  params: list[torch.Tensor]) -> torch.Tensor:
+        """Run one iteration's ``body`` (its random draws from ``gen``; it calls ``backward``) with the gradients of
+        ``params`` cleared first; returns its loss, the gradients left in ``params``."""
+        self._clear(params)
+        if not self.enabled or self.failed is not None:
+            self._mode = "eager"
+            return body()
+        if self._graphed is None:  # the first iteration: eager, recording the calls
+            self._mode, self._samples, state = "record", [], gen.get_state()
+            try:
+                loss = body()
+            except _NotGraphable as e:  # run the iteration again, eagerly, from the same draws
+                self._give_up(str(e))
+                gen.set_state(state)
+                self._clear(params)
+                return body()
+            finally:
+                self._mode = "eager"
+            try:
+                self._make()
+            except Exception as e:  # noqa: BLE001 - any capture failure: eager from now on
+                self._give_up(f"{type(e).__name__}: {e}")
+            return loss
+        if not self._checked:  # the second: eager and from the graphs, from the same draws
+            state = gen.get_state()
+            loss_e = body()
+            grads_e = [None if p.grad is None else p.grad.clone() for p in params]
+            after = gen.get_state()
+            gen.set_state(state)
+            self._clear(params)
+            try:
+                loss_g = self._replayed(body)
+                self._compare(loss_e, loss_g, grads_e, [p.grad for p in params])
+            except Exception as e:  # noqa: BLE001
+                self._give_up(f"{type(e).__name__}: {e}")
+                gen.set_state(after)
+                for p, g in zip(params, grads_e):
+                    p.grad = g
+                return loss_e
+            self._checked, self.replays = True, self.replays + 1
+            return loss_g
+        loss = self._replayed(body)
+        self.replays += 1
+        return loss
+
+    def _replayed(self, body: Callable[[], torch.Tensor]) -> torch.Tensor:
+        self._mode, self._k = "graphs", 0
+        try:
+            loss = body()
+        finally:
+            self._mode = "eager"
+        if self._k != len(self._graphed):
+            raise RuntimeError(f"an iteration made {self._k} calls; {len(self._graphed)} were recorded")
+        return loss
+
+    def _make(self) -> None:
+        if not self._samples:
+            raise RuntimeError("the first iteration made no call")
+        maker = self.maker or torch.cuda.make_graphed_callables
+        fns = tuple((lambda x, t: self.fn(x, t)) for _ in self._samples)  # one callable per call slot
+        graphed = maker(fns, tuple(self._samples))
+        self._graphed, self._samples = list(graphed), []
+
+    @staticmethod
+    def _compare(loss_e: torch.Tensor, loss_g: torch.Tensor, grads_e: list, grads_g: list) -> None:
+        pairs = [("loss", loss_e.detach(), loss_g.detach())]
+        pairs += [(f"gradient of parameter {i}", a, b) for i, (a, b) in enumerate(zip(grads_e, grads_g))]
+        for what, a, b in pairs:
+            if (a is None) != (b is None):
+                raise RuntimeError(f"{what} is missing in one of the eager and the replayed iteration")
+            if a is None:
+                continue
+            scale = float(a.float().abs().max().clamp_min(1e-12))
+            err = float((a.float() - b.float()).abs().max())
+            if not err <= CHECK_RTOL * scale:
+                raise RuntimeError(f"the replayed iteration's {what} differs from the eager iteration's by "
+                                   f"{err:.3g} (scale {scale:.3g})")
+
+
+class _NotGraphable(Exception):
+    """A call the graphs cannot replay (recorded in the first iteration)."""
