@@ -118,9 +118,9 @@ def test_replays_equal_eager_calls_and_follow_in_place_updates():
 
 
 def _terd_runs(monkeypatch, maker, learn_gamma: bool = False):
-    """TERD (3 + 3 iterations, batch 2, 4 DDIM steps) on the shipped backdoored DDPM, eagerly and with every iteration's calls
-    going through GraphedSequence with ``maker`` standing in for make_graphed_callables; returns both results and
-    what the maker was handed."""
+    """TERD (3 + 3 iterations, batch 2, 4 DDIM steps) on the shipped backdoored DDPM, eagerly and with every
+    iteration's calls going through GraphedSequence with ``maker`` standing in for make_graphed_callables; returns
+    both results, what the maker was handed and the sequences."""
     from diffshield.backdoor import terd as terd_mod
     from diffshield.backdoor.ddpm import load_ddpm
     from diffshield.backdoor.terd import TERDConfig, reverse_trigger

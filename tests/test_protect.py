@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -251,7 +253,10 @@ def test_protect_succeeds_against_a_sensitive_inpainter(sensitive_inpainter):
 
 
 def test_the_default_init_follows_a_small_eps_and_an_explicit_init_is_still_checked(tiny):
-    assert AttackAsDefenseConfig().init == 0.01 and AttackAsDefenseConfig(eps=0.005).init == 0.005
+    assert AttackAsDefenseConfig().start_init == 0.01 and AttackAsDefenseConfig(eps=0.005).start_init == 0.005
+    # the default is not frozen at construction: a copy with a smaller budget starts within it
+    assert dataclasses.replace(AttackAsDefenseConfig(), eps=0.005).start_init == 0.005
+    assert dataclasses.replace(AttackAsDefenseConfig(init=0.002), eps=0.005).start_init == 0.002
     with pytest.raises(DiffshieldError, match="init"):
         AttackAsDefenseConfig(eps=0.005, init=0.006)
     x = (torch.rand(1, 3, 24, 24) * 255).round() / 255

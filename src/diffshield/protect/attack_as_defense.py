@@ -118,9 +118,7 @@ class AttackAsDefenseConfig:
         if self.quantize and self.eps < MIN_EPS - 1e-12:
             raise DiffshieldError(f"eps {self.eps} is below one 8-bit step (1/255 = {MIN_EPS:.5f}): rounding to uint8 "
                                   "levels could not stay within it; raise eps or pass quantize=False")
-        if self.init is None:
-            self.init = min(DEFAULT_INIT, self.eps)
-        if not 0 <= self.init <= self.eps:
+        if not 0 <= self.start_init <= self.eps:  # init stays None: dataclasses.replace(cfg, eps=...) follows eps
             raise DiffshieldError(f"init must lie in [0, eps={self.eps}], got {self.init}")
         if self.expand < 0:
             raise DiffshieldError(f"expand must be >= 0 pixels, got {self.expand}")
@@ -128,6 +126,11 @@ class AttackAsDefenseConfig:
             raise DiffshieldError("loss weights must be >= 0")
         if self.target not in ("colour", "invert"):
             raise DiffshieldError(f"target must be 'colour' or 'invert', got {self.target!r}")
+
+    @property
+    def start_init(self) -> float:
+        """The upper end of delta's uniform start: ``init``, or min(0.01, eps) while ``init`` is None."""
+        return min(DEFAULT_INIT, self.eps) if self.init is None else self.init
 
 
 
@@ -266,7 +269,7 @@ def protect(inpainter: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ima
     with torch.no_grad():
         ref_ring = inpainter(x, mr)
     gen = torch.Generator().manual_seed(cfg.seed)
-    delta = (torch.rand(x.shape, generator=gen) * cfg.init).to(x)  # CPU draw: the same start on every device
+    delta = (torch.rand(x.shape, generator=gen) * cfg.start_init).to(x)  # CPU draw: the same start on every device
     delta.requires_grad_(True)
     opt = torch.optim.Adam([delta], lr=cfg.lr, betas=cfg.betas)
     n = x.shape[0]
