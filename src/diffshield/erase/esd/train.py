@@ -70,7 +70,8 @@ def esd_erase(model: T2IModel, concepts: list[str], config: ESDConfig, progress:
         this call's iterations (sampling x_t included: it grows with the drawn step k), "resumed_from": iteration
         the run started at, "trained_parameters": number of fine-tuned parameter elements, "preserve_losses": the
         anchor term per iteration of this call (empty without ``preserve``), "cuda_graphs": on CUDA with
-        ``config.cuda_graphs``, {"replays": graph replays, "failed": why graphs were given up or None}, else None}.
+        ``config.cuda_graphs``, {"replays": graph replays of the sampler, "failed": why its graphs were given up or
+        None, "target_replays", "target_failed": the same for θ*'s target call}, else None}.
     """
     if isinstance(concepts, str):
         concepts = [concepts]
@@ -116,8 +117,11 @@ def esd_erase(model: T2IModel, concepts: list[str], config: ESDConfig, progress:
         low_unet = copy.deepcopy(frozen).eval()  # θ* in the autocast dtype; trained values copied in per iteration
         low = [(p, low_unet.get_parameter(n)) for n, p in params.items()]
         sampler = dataclasses.replace(model, unet=low_unet)
+    target_unet = frozen  # θ*'s one target call per iteration (batch 2, no grads)
     if config.cuda_graphs and model.device.type == "cuda":  # sampling x_t is overhead-bound on a GPU
         sampler = dataclasses.replace(sampler, unet=graphed(sampler.unet))
+        # the target call replays graphs too: the sampler's own when it samples with θ*, else graphs of θ*
+        target_unet = sampler.unet if getattr(sampler.unet, "unet", None) is frozen else graphed(frozen)
     sched = make_scheduler(model, "ddim")
     sched.set_timesteps(config.ddim_steps)
     timesteps = sched.timesteps
@@ -174,8 +178,8 @@ def esd_erase(model: T2IModel, concepts: list[str], config: ESDConfig, progress:
                             shared = (x_s, c_s, frozen(x_s, t, encoder_hidden_states=c_s).sample)
                 else:
                     x_t = sample_xt(sampler, train, uncond, k, noise, config.ddim_steps, config.start_guidance)
-                target = esd_target(frozen, x_t, t, cond, uncond, config.eta, None if bases is None else train,
-                                    config.target_base)
+                target = esd_target(target_unet, x_t, t, cond, uncond, config.eta,
+                                    None if bases is None else train, config.target_base)
                 optimizer.zero_grad(set_to_none=True)
                 with torch.enable_grad():
                     if n_p:
@@ -190,7 +194,7 @@ def esd_erase(model: T2IModel, concepts: list[str], config: ESDConfig, progress:
                 optimizer.step()
 
                 losses.append(float(loss.detach()))
-                ts_used.append(int(t))
+                ts_used.append(int(timesteps[k]))  # from the CPU copy: int(t) would wait for the device
                 iter_seconds.append(time.perf_counter() - t0)
                 bar.set_postfix(loss=f"{losses[-1]:.4g}", t=int(t))
                 done = i + 1
@@ -225,7 +229,8 @@ def esd_erase(model: T2IModel, concepts: list[str], config: ESDConfig, progress:
             "trained_parameters": sum(p.numel() for p in params.values()),
             "sampling_model": config.sample_with,
             "preserve_losses": keep_losses,
-            "cuda_graphs": ({"replays": sampler.unet.replays, "failed": sampler.unet.failed}
+            "cuda_graphs": ({"replays": sampler.unet.replays, "failed": sampler.unet.failed,
+                             "target_replays": target_unet.replays, "target_failed": target_unet.failed}
                             if isinstance(sampler.unet, GraphedUNet) else None),
         },
     )
