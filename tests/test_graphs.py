@@ -145,12 +145,43 @@ def _terd_runs(monkeypatch, maker, learn_gamma: bool = False):
     return eager, reverse_trigger(model, cfg, progress=False), made, seqs
 
 
+def aliasing_maker(fns, samples):
+    """A CPU stand-in for make_graphed_callables with its memory behaviour: each call slot copies its input into a
+    fixed buffer and returns its output, and in the backward pass its input gradient, as aliases of fixed buffers
+    that the slot's next call overwrites."""
+    def one(fn, sx, st):
+        sx, st, keep = sx.detach().clone().requires_grad_(True), st.clone(), {}
+        so, sgi = torch.empty_like(fn(sx, st)), torch.empty_like(sx)
+
+        class Slot(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, x, t):
+                sx.data.copy_(x)
+                st.copy_(t)
+                with torch.enable_grad():
+                    keep["out"] = fn(sx, st)
+                so.copy_(keep["out"].detach())
+                return so.detach()
+
+            @staticmethod
+            @torch.autograd.function.once_differentiable
+            def backward(ctx, g):
+                (gi,) = torch.autograd.grad(keep.pop("out"), sx, g)
+                sgi.copy_(gi)
+                return sgi.detach(), None
+
+        return lambda x, t: Slot.apply(x, t)
+
+    return tuple(one(fn, sx, st) for fn, (sx, st) in zip(fns, samples))
+
+
 @pytest.mark.parametrize("learn_gamma", [False, True])
 def test_terd_iterations_replayed_per_call_slot_equal_eager_ones(monkeypatch, learn_gamma):
     """The first iteration of each stage records its calls (stage 1: one UNet call on 2 x 2 images; stage 2: the
-    DDIM steps on 2 and the loss's call on 4 x 2), the second is checked, the rest replay: with a maker that
-    returns the callables themselves every figure equals the eager run's bit for bit."""
-    eager, seq, made, seqs = _terd_runs(monkeypatch, lambda fns, samples: fns, learn_gamma)
+    DDIM steps on 2 and the loss's call on 4 x 2), the second is checked, the rest replay: with a maker that keeps
+    make_graphed_callables' fixed buffers (outputs and gradients overwritten by the slot's next call) every figure
+    equals the eager run's bit for bit, so nothing in TERD holds a replayed output past its use."""
+    eager, seq, made, seqs = _terd_runs(monkeypatch, aliasing_maker, learn_gamma)
     from diffshield.backdoor.terd import quad_timesteps
 
     steps = len(quad_timesteps(1000, 4)) if learn_gamma else 4
@@ -227,9 +258,43 @@ def test_terd_on_cuda_replays_graphs_that_agree_with_eager_iterations():
     from diffshield.backdoor.terd import TERDConfig, reverse_trigger
 
     model = load_ddpm("toy:ddpm-box-corner", device="cuda")
-    cfg = TERDConfig(stage1_iters=20, stage2_iters=4, batch_size=4)
+    cfg = TERDConfig(stage1_iters=20, stage2_iters=20, batch_size=4)
     with_graphs = reverse_trigger(model, cfg, progress=False)
     eager = reverse_trigger(model, TERDConfig(**{**cfg.__dict__, "cuda_graphs": False}), progress=False)
     assert with_graphs.cuda_graphs == {"stage1": {"replays": 19, "failed": None},
-                                       "stage2": {"replays": 3, "failed": None}}
+                                       "stage2": {"replays": 19, "failed": None}}
+    short = reverse_trigger(model, TERDConfig(stage1_iters=20, stage2_iters=2, batch_size=4), progress=False)
+    assert short.cuda_graphs["stage2"] == {"replays": 0, "failed": None}  # too short a stage to gain: eager
     torch.testing.assert_close(with_graphs.r, eager.r, rtol=1e-3, atol=1e-4)
+
+
+def test_a_call_unlike_the_recorded_one_is_an_error_and_a_loss_near_zero_is_compared_absolutely():
+    from diffshield.core.graphs import GraphedSequence
+
+    w = torch.zeros(4, requires_grad=True)
+    seq = GraphedSequence(lambda x, t: torch.tanh(x * t), maker=aliasing_maker)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        seq.iteration(_toy_iteration(seq, gen, w), gen, [w])
+    wider = GraphedSequence(lambda x, t: torch.tanh(x * t), maker=aliasing_maker)
+
+    def body_of(n: int):
+        def body() -> torch.Tensor:
+            x = torch.randn(n, 4, generator=gen) + w
+            loss = wider(x, torch.tensor(1.0)).sample.pow(2).sum()
+            loss.backward()
+            return loss
+        return body
+
+    for _ in range(2):
+        wider.iteration(body_of(3), gen, [w])
+    with pytest.raises(RuntimeError, match=r"call 0 of the iteration got \(\(5, 4\)"):
+        wider.iteration(body_of(5), gen, [w])  # copied into a (3, 4) buffer it would broadcast or fail
+    # a loss that is a difference near 0 (a penalty subtracted) differs by rounding only: not a failed replay
+    from diffshield.core.graphs import GraphedSequence as GS
+
+    GS._compare(torch.tensor(1e-7), torch.tensor(2e-7), [torch.ones(3)], [torch.ones(3)])
+    with pytest.raises(RuntimeError, match="loss differs"):
+        GS._compare(torch.tensor(1e-7), torch.tensor(0.5), [torch.ones(3)], [torch.ones(3)])
+    seq.release()
+    assert seq.iteration(_toy_iteration(seq, gen, w), gen, [w]) is not None and seq.status()["replays"] == 2

@@ -91,8 +91,8 @@ class TERDConfig:
             TrojDiff config's).
         cuda_graphs: on a CUDA device, replay each iteration's UNet calls (forward and backward) from CUDA graphs
             (default True; :class:`diffshield.core.graphs.GraphedSequence`): the 32 px DDPM's calls are bound by
-            kernel launches, not arithmetic. Checked against an eager iteration first; a failure runs eagerly with a
-            warning. No effect on the CPU.
+            kernel launches, not arithmetic. Only in a stage of at least :data:`GRAPH_MIN_ITERS` (20) iterations;
+            checked against an eager iteration first; a failure runs eagerly with a warning. No effect on the CPU.
 
     Counts and the seed must be whole numbers, rates, lambda and clips finite numbers, ``ddim_steps`` at most the
     1000 timesteps of the schedule; anything else is a one-line DiffshieldError.
@@ -287,6 +287,10 @@ class TERDResult:
     cuda_graphs: dict | None = None
 
 
+#: a stage replays CUDA graphs (``TERDConfig.cuda_graphs``) only from this many iterations: recording its calls,
+#: capturing them (three warm-ups each) and the checked iteration cost about as much as 20 stage-2 iterations
+GRAPH_MIN_ITERS = 20
+
 #: gamma is floored here before its logarithm (a reversed gamma can sit at its clamp, 0)
 GAMMA_FLOOR = 1e-6
 
@@ -418,7 +422,8 @@ def _reverse(model, cfg: TERDConfig, progress: bool) -> TERDResult:
                 gamma.clamp_(min=0)
 
     graphs = cfg.cuda_graphs and dev.type == "cuda"  # each stage's UNet calls replayed from CUDA graphs
-    calls = [GraphedSequence(lambda x, t: unet(x, t).sample, enabled=graphs) for _ in range(2)]
+    calls = [GraphedSequence(lambda x, t: unet(x, t).sample, enabled=graphs and n >= GRAPH_MIN_ITERS)
+             for n in (cfg.stage1_iters, cfg.stage2_iters)]
     params = [r, gamma] if cfg.learn_gamma else [r]
 
     def stage1_body() -> torch.Tensor:
@@ -433,6 +438,7 @@ def _reverse(model, cfg: TERDConfig, progress: bool) -> TERDResult:
         step(None)
         if i % 25 == 0 or i == cfg.stage1_iters - 1:
             hist.append((i, float(loss.detach())))
+    calls[0].release()
     synchronize(dev)  # each stage's clock is its own
     t1 = time.time()
     if cfg.learn_gamma and cfg.stage2_iters:  # the official TrojDiff refinement: fresh SGD with momentum 0.9

@@ -111,7 +111,9 @@ def trojan_ddim(unet, scheduler, x_T: torch.Tensor, mu: torch.Tensor, gamma: tor
                 timesteps: list[int]) -> torch.Tensor:
     """TrojDiff's trojan generative process (eta 0) from ``x_T`` over ``timesteps`` (noisiest first), down to
     abar = 1; keeps gradients (TERD's stage 2 differentiates through it). gamma = 1, mu = 0: plain DDIM."""
-    abar = scheduler.alphas_cumprod.to(x_T.device, torch.float32)
+    from diffshield.core.device import to_device  # (a pageable copy would wait for the GPU's queue each call)
+
+    abar = to_device(scheduler.alphas_cumprod.to(torch.float32), x_T.device)
     x = x_T
     for i, t in enumerate(timesteps):
         a = abar[t]

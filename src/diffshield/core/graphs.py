@@ -20,6 +20,8 @@ replays them with one launch.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import warnings
 from collections.abc import Callable
 from types import SimpleNamespace
@@ -105,15 +107,16 @@ class GraphedUNet:
         sx, st, sc = x.clone(), t.clone(), c.clone()
         ctx = (torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False) if amp
                else torch.autocast("cuda", enabled=False))
-        side = torch.cuda.Stream(device=x.device)
-        side.wait_stream(torch.cuda.current_stream(x.device))
-        with torch.cuda.stream(side), ctx:
-            for _ in range(3):
-                self._eager(sx, st, sc)
-        torch.cuda.current_stream(x.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool), ctx:
-            out = self._eager(sx, st, sc)
+        with torch.cuda.device(x.device):  # capture on the model's GPU, not the current one (cuda:1 models)
+            side = torch.cuda.Stream(device=x.device)
+            side.wait_stream(torch.cuda.current_stream(x.device))
+            with torch.cuda.stream(side), ctx:
+                for _ in range(3):
+                    self._eager(sx, st, sc)
+            torch.cuda.current_stream(x.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool), ctx:
+                out = self._eager(sx, st, sc)
         self._pool = graph.pool()
         return graph, (sx, st, sc), out
 
@@ -143,7 +146,14 @@ class GraphedSequence:
       gradients of ``params`` must agree within :data:`CHECK_RTOL`, else (or on any error) the wrapper warns once and
       keeps the eager results, and every later iteration is eager: a model or PyTorch build that cannot be captured
       costs speed, never correctness;
-    - later iterations replay the graphs; a different number of calls than recorded is an error.
+    - later iterations replay the graphs; a different number of calls than recorded, or a call whose input differs
+      in shape, dtype, device or ``requires_grad`` from the recorded one, is an error (the replay would copy it into
+      the recorded buffer, broadcasting or casting silently).
+
+    A replayed call's output is the graph's own output buffer, rewritten when the same call slot is replayed in the
+    next iteration: use it within the iteration (as a loss does), never keep it across iterations. The loss is
+    compared relative to max(|loss|, 1) (a loss with a penalty subtracted can sit near 0), each gradient relative
+    to its largest element. :meth:`release` frees the graphs once a loop is over.
 
     With ``enabled`` False (the caller's choice off CUDA) every call is eager and :meth:`iteration` just runs the
     body; a call off CUDA, or with a timestep that is not a tensor beside its input, gives the graphs up (the
@@ -161,6 +171,7 @@ class GraphedSequence:
         self._mode = "eager"
         self._samples: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._graphed: list | None = None
+        self._signatures: list[tuple] = []
         self._checked = False
         self._k = 0
 
@@ -169,12 +180,19 @@ class GraphedSequence:
             k, self._k = self._k, self._k + 1
             if k >= len(self._graphed):
                 raise RuntimeError(f"an iteration made more than the {len(self._graphed)} calls recorded")
+            if _signature(x, t) != self._signatures[k]:
+                raise RuntimeError(f"call {k} of the iteration got {_signature(x, t)}; the graph was recorded for "
+                                   f"{self._signatures[k]}")
             return SimpleNamespace(sample=self._graphed[k](x, t))
         if self._mode == "record":
             if not (isinstance(t, torch.Tensor) and t.device == x.device and (x.is_cuda or self.maker is not None)):
                 raise _NotGraphable("a call's input is not on a CUDA device, or its timestep not a tensor beside it")
             self._samples.append((x.detach().clone().requires_grad_(x.requires_grad), t.detach().clone()))
         return SimpleNamespace(sample=self.fn(x, t))
+
+    def release(self) -> None:
+        """Free the graphs and their memory pool (the loop that used them is over); later iterations are eager."""
+        self._graphed, self._samples, self.enabled = None, [], False
 
     def status(self) -> dict:
         """``{"replays": iterations run from graphs, "failed": why graphs were given up, or None}``."""
@@ -183,6 +201,7 @@ class GraphedSequence:
     def _give_up(self, why: str) -> None:
         self.failed = why
         self._graphed, self._samples, self._mode = None, [], "eager"
+        gc.collect()  # the graphs live in autograd.Function classes, freed by the cycle collector only
         warnings.warn(f"CUDA graphs disabled, running eagerly ({why})", RuntimeWarning, stacklevel=3)
 
     @staticmethod
@@ -251,7 +270,10 @@ class GraphedSequence:
             raise RuntimeError("the first iteration made no call")
         maker = self.maker or torch.cuda.make_graphed_callables
         fns = tuple((lambda x, t: self.fn(x, t)) for _ in self._samples)  # one callable per call slot
-        graphed = maker(fns, tuple(self._samples))
+        dev = self._samples[0][0].device
+        with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():  # the model's GPU
+            graphed = maker(fns, tuple(self._samples))
+        self._signatures = [_signature(x, t) for x, t in self._samples]
         self._graphed, self._samples = list(graphed), []
 
     @staticmethod
@@ -263,11 +285,17 @@ class GraphedSequence:
                 raise RuntimeError(f"{what} is missing in one of the eager and the replayed iteration")
             if a is None:
                 continue
-            scale = float(a.float().abs().max().clamp_min(1e-12))
+            scale = float(a.float().abs().max().clamp_min(1.0 if what == "loss" else 1e-12))
             err = float((a.float() - b.float()).abs().max())
             if not err <= CHECK_RTOL * scale:
                 raise RuntimeError(f"the replayed iteration's {what} differs from the eager iteration's by "
                                    f"{err:.3g} (scale {scale:.3g})")
+
+
+def _signature(x: torch.Tensor, t: torch.Tensor) -> tuple:
+    """What a recorded call slot's graph was made for: the input's and the timestep's shape, dtype and device, and
+    whether the input carries gradients."""
+    return (tuple(x.shape), x.dtype, x.device, x.requires_grad, tuple(t.shape), t.dtype, t.device)
 
 
 class _NotGraphable(Exception):

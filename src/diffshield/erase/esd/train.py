@@ -71,7 +71,8 @@ def esd_erase(model: T2IModel, concepts: list[str], config: ESDConfig, progress:
         the run started at, "trained_parameters": number of fine-tuned parameter elements, "preserve_losses": the
         anchor term per iteration of this call (empty without ``preserve``), "cuda_graphs": on CUDA with
         ``config.cuda_graphs``, {"replays": graph replays of the sampler, "failed": why its graphs were given up or
-        None, "target_replays", "target_failed": the same for θ*'s target call}, else None}.
+        None, "target": the same for θ*'s target call, or "the sampler's graphs" when it samples with θ* (its
+        replays are then counted in "replays")}, else None}.
     """
     if isinstance(concepts, str):
         concepts = [concepts]
@@ -194,9 +195,9 @@ def esd_erase(model: T2IModel, concepts: list[str], config: ESDConfig, progress:
                 optimizer.step()
 
                 losses.append(float(loss.detach()))
-                ts_used.append(int(timesteps[k]))  # from the CPU copy: int(t) would wait for the device
+                ts_used.append(int(timesteps[k]))
                 iter_seconds.append(time.perf_counter() - t0)
-                bar.set_postfix(loss=f"{losses[-1]:.4g}", t=int(t))
+                bar.set_postfix(loss=f"{losses[-1]:.4g}", t=ts_used[-1])
                 done = i + 1
                 if ckpt_dir is not None and (done % config.checkpoint_every == 0 or done == config.iterations):
                     save_checkpoint(ckpt_dir, done, identity, params, optimizer, losses, ts_used,
@@ -230,7 +231,8 @@ def esd_erase(model: T2IModel, concepts: list[str], config: ESDConfig, progress:
             "sampling_model": config.sample_with,
             "preserve_losses": keep_losses,
             "cuda_graphs": ({"replays": sampler.unet.replays, "failed": sampler.unet.failed,
-                             "target_replays": target_unet.replays, "target_failed": target_unet.failed}
+                             "target": ("the sampler's graphs" if target_unet is sampler.unet else
+                                        {"replays": target_unet.replays, "failed": target_unet.failed})}
                             if isinstance(sampler.unet, GraphedUNet) else None),
         },
     )
