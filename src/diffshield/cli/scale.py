@@ -7,6 +7,7 @@ prompt set by prompt index; the main process merges the shards when all are done
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import socket
 import sys
@@ -91,7 +92,7 @@ def launch(num_processes: int, argv: list[str], device) -> int:
     launch_args = launch_command_parser().parse_args(flags)
     rc, why = 0, ""
     try:
-        with patch_environment(PYTHONUNBUFFERED="1"):  # the workers' bars and lines arrive as they are written
+        with patch_environment(PYTHONUNBUFFERED="1"), _quiet_launcher():  # bars and lines arrive as written
             launch_command(launch_args)
     except SystemExit as e:  # the launcher stopped its workers on a signal (Ctrl-C: 130) and exits 128 + signal
         rc = e.code if isinstance(e.code, int) else 1
@@ -101,11 +102,47 @@ def launch(num_processes: int, argv: list[str], device) -> int:
             return rc
     except Exception as e:  # noqa: BLE001 - torchrun's ChildFailedError: a worker exited non-zero or was killed
         failures = getattr(e, "failures", None) or {}
-        rc, why = 1, ", ".join(f"process {r}: exit status {f.exitcode}" for r, f in sorted(failures.items()))
+        rc, why = 1, ", ".join(f"process {r}: {_exit_status(f.exitcode)}" for r, f in sorted(failures.items()))
     if rc != 0:
         print(f"diffshield: error: a process of the {num_processes}-process run failed ({why or f'exit status {rc}'}"
               "); rerun the same command to resume it", file=sys.stderr)
     return rc
+
+
+def _exit_status(code: int) -> str:
+    """A worker's exit code as people read it: ``killed by SIGKILL`` for -9, ``exit status 143 (SIGTERM)`` for a
+    worker that stopped on the launcher's SIGTERM, else ``exit status N``."""
+    import signal
+
+    try:
+        if code < 0:
+            return f"killed by {signal.Signals(-code).name}"
+        if code > 128:
+            return f"exit status {code} ({signal.Signals(code - 128).name})"
+    except ValueError:  # not a signal number
+        pass
+    return f"exit status {code}"
+
+
+@contextlib.contextmanager
+def _quiet_launcher():
+    """Silence torch's elastic launcher below errors that are not its own while it runs the workers: its warnings
+    ("Received 15 death signal", "Sending process N closing signal SIGTERM", "failed (exitcode: -9)") say what the one
+    line printed after it says. Its loggers' levels are put back afterwards."""
+    import logging
+
+    import torch.distributed.run  # noqa: F401 - creates the launcher's loggers (the agent's, its processes')
+
+    loggers = [logging.getLogger(name) for name in list(logging.Logger.manager.loggerDict)
+               if name.startswith(("torch.distributed.elastic", "torch.distributed.run"))]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def _spec(args: argparse.Namespace, task: str, rows: list) -> dict:
