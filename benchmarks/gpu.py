@@ -603,8 +603,9 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 if name == "generate":
                     res = section_generate(device, args.tiny, tmp)
-                elif name == "terd":  # runs in full if its projection fits and leaves 120 s for the CLI rows
-                    limit = min(deadline - 120, time.time() + 1.1 * TARGETS["terd_paper_s_max"] + 20)
+                elif name == "terd":  # runs in full if its projection fits (leaving 120 s for CLI rows to come)
+                    reserve = 120 if "cli" in sections[sections.index(name):] else 0
+                    limit = min(deadline - reserve, time.time() + 1.1 * TARGETS["terd_paper_s_max"] + 20)
                     res = section_terd(device, args.tiny, limit if not args.tiny else deadline)
                 elif name == "protect":
                     res = section_protect(device, args.tiny)
