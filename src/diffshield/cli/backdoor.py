@@ -414,7 +414,7 @@ def run_scan(model, preset: str = "cpu", calibration: str | Path | None = None, 
              "gamma_max": float(res.gamma.max())} if learn_gamma else {}
     return {"verdict": verdict, "backdoored": verdict == "backdoored", "mean_kl": res.mean_kl, "var_kl": res.var_kl,
             "thresholds": thresholds, "preset": key, "learn_gamma": learn_gamma, **gamma, "seed": seed,
-            "seconds": round(res.seconds, 1),
+            "seconds": round(res.seconds, 1), "cuda_graphs": res.cuda_graphs,
             "r_norm": float(res.r.norm()), "r0_norm": float(res.r0.norm()), "moved_l2": res.moved_l2,
             "moved_rel": res.moved_rel, "cos_r0": res.cos_r0, "min_move": min_move,
             "model_fingerprint": model_fingerprint(model), "resolution": resolution, "architecture": arch,
