@@ -192,7 +192,10 @@ class GraphedSequence:
 
     def release(self) -> None:
         """Free the graphs and their memory pool (the loop that used them is over); later iterations are eager."""
+        had = self._graphed is not None
         self._graphed, self._samples, self.enabled = None, [], False
+        if had:
+            gc.collect()  # the graphs live in autograd.Function classes, freed by the cycle collector only
 
     def status(self) -> dict:
         """``{"replays": iterations run from graphs, "failed": why graphs were given up, or None}``."""
