@@ -21,9 +21,16 @@ Rows:
    directly, not generated) scanned as a resume does (everything done; 3 images missing) and merged (manifest,
    metrics, grid). Each phase should grow linearly with the images (about 10x from 1 to 10 seeds).
 
-Run: ``.venv/bin/python benchmarks/scale.py`` (3 to 14 minutes on 2 idle CPU cores, as fast as the machine is). Writes
-``benchmarks/results/scale.json`` and prints a markdown table. ``--i2p-phases-only`` runs row 4 alone (about 30 s)
-and adds it to an existing result file, leaving its other keys as they are.
+5. ``io``: the sharded path's per-image costs at 512 px: PNG encoding on 1 and 2 threads (the same bytes), and the
+   resume check of a finished image with the PNG header only against a full decode.
+6. ``i2p_end_to_end``: the 4,703-prompt file through ``generate --prompts`` (1 image, 1 step: the cost of
+   everything but the generation), its rerun with nothing left (1 and 2 processes) and ``eval erasure --prompts``
+   with 2 processes, with peak memory.
+
+Run: ``.venv/bin/python benchmarks/scale.py`` (7 to 20 minutes on 2 idle CPU cores, as fast as the machine is). Writes
+``benchmarks/results/scale.json`` and prints a markdown table. ``--only ROW[,ROW]`` (``i2p_phases``, ``io``,
+``i2p_end_to_end``) runs rows alone and adds them to an existing result file, leaving its other keys as they are
+(``--i2p-phases-only`` is ``--only i2p_phases``).
 """
 
 from __future__ import annotations
@@ -190,6 +197,98 @@ def i2p_phases(tmp: Path, seeds: tuple[int, ...] = (1, 10)) -> dict:
     return out
 
 
+def io_costs(tmp: Path, n: int = 16, px: int = 512) -> dict:
+    """Row 5: the sharded path's per-image costs on the CPU at Stable Diffusion's size: encoding ``n`` PNGs of
+    ``px`` px (smooth random images, as decoded outputs are) on 1 and 2 threads (the writer uses
+    :data:`diffshield.core.shards.ENCODE_THREADS`), and checking a finished image on resume: SHA-256 plus the PNG
+    header (an image a score line vouches for) against SHA-256 plus a full decode."""
+    import torch
+    import torch.nn.functional as F
+
+    from diffshield.core.shards import encode_pngs, sha256_file, verify_png
+
+    gen = torch.Generator().manual_seed(0)
+    images = F.interpolate(torch.rand(n, 3, px // 16, px // 16, generator=gen), size=(px, px), mode="bilinear",
+                           align_corners=False).clamp(0, 1)
+    out: dict = {"images": n, "px": px}
+    encoded = {}
+    for threads in (1, 2):
+        encode_pngs(images[:2], threads)  # warm-up
+        t = time.perf_counter()
+        encoded[threads] = encode_pngs(images, threads)
+        out[f"encode_{threads}_threads_s"] = round(time.perf_counter() - t, 3)
+    out["same_bytes"] = encoded[1] == encoded[2]
+    paths = []
+    for k, data in enumerate(encoded[1]):
+        paths.append(tmp / f"io_{k}.png")
+        paths[-1].write_bytes(data)
+    for name, decode in (("resume_check_header_ms", False), ("resume_check_decode_ms", True)):
+        t = time.perf_counter()
+        for p in paths:
+            sha256_file(p)
+            assert verify_png(p, px, decode=decode)
+        out[name] = round(1000 * (time.perf_counter() - t) / n, 2)
+    out["png_kib"] = round(sum(map(len, encoded[1])) / n / 1024, 1)
+    print(f"  io: {n} PNGs of {px} px encoded in {out['encode_1_threads_s']:.2f} s on 1 thread, "
+          f"{out['encode_2_threads_s']:.2f} s on 2 (same bytes: {out['same_bytes']}); resume check "
+          f"{out['resume_check_header_ms']:.1f} ms per image with the header, {out['resume_check_decode_ms']:.1f} ms "
+          "with a full decode", flush=True)
+    return out
+
+
+def _peak_run(args: list[str]) -> tuple[float, float, str]:
+    """Run ``python -m diffshield ARGS`` from a fresh parent; (wall seconds, peak RSS in GB of any process it
+    started, stdout)."""
+    code = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
+            "r = subprocess.run([sys.executable, '-m', 'diffshield', *sys.argv[1:]], capture_output=True, text=True); "
+            "dt = time.perf_counter() - t; sys.stderr.write(r.stderr[-2000:]) if r.returncode else None; "
+            "print(dt, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, r.returncode); print(r.stdout)")
+    res = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True)
+    first, _, stdout = res.stdout.partition("\n")
+    dt, rss_kib, rc = first.split()
+    if rc != "0":
+        raise RuntimeError(f"diffshield {' '.join(args)} failed:\n{res.stderr}")
+    return float(dt), int(rss_kib) / 1024 ** 2, stdout
+
+
+def i2p_end_to_end(tmp: Path) -> dict:
+    """Row 6: the 4,703-prompt file end to end on this machine at the smallest generation cost (1 image per prompt,
+    1 DDIM step, one thread): ``generate --prompts`` from an empty folder, its rerun with nothing left (1 process and
+    ``--num-processes 2``), and ``eval erasure --prompts`` (two models: 9,406 images) with 2 processes. Wall
+    seconds and peak RSS; the 100-prompt file's run beside it for the memory."""
+    csv = tmp / "i2p_toy_4703.csv"
+    if not csv.exists():
+        subprocess.run([sys.executable, str(ROOT / "examples" / "make_i2p_toy.py"), "--n", "4703", "--out", str(csv)],
+                       check=True, capture_output=True)
+    small = ["--n", "1", "--steps", "1", "--threads", "1"]
+    out: dict = {"prompts": 4703, "settings": "--n 1 --steps 1 --threads 1 (eval erasure: --seeds-per-prompt 1 "
+                                               "--steps 1 --num-processes 2)"}
+    dt, rss, _ = _peak_run(["generate", "--model", "toy:t2i", "--prompts", str(PROMPTS), *small, "--out",
+                            str(tmp / "e2e_100")])
+    out["generate_100_prompts"] = {"wall_s": round(dt, 1), "peak_rss_gb": round(rss, 2)}
+    run = tmp / "e2e_4703"
+    dt, rss, _ = _peak_run(["generate", "--model", "toy:t2i", "--prompts", str(csv), *small, "--out", str(run)])
+    out["generate"] = {"wall_s": round(dt, 1), "images_per_s": round(4703 / dt, 1), "peak_rss_gb": round(rss, 2)}
+    dt, rss, _ = _peak_run(["generate", "--model", "toy:t2i", "--prompts", str(csv), *small, "--out", str(run)])
+    out["rerun_nothing_left_1_process"] = {"wall_s": round(dt, 1)}
+    dt, rss, _ = _peak_run(["generate", "--model", "toy:t2i", "--prompts", str(csv), *small, "--num-processes", "2",
+                            "--out", str(run)])
+    out["rerun_nothing_left_2_processes"] = {"wall_s": round(dt, 1)}
+    uce = tmp / "e2e_uce"
+    if not uce.exists():
+        diffshield("erase", "--method", "uce", "--concept", "triangle", "--out", str(uce))
+    dt, rss, _ = _peak_run(["eval", "erasure", "--model", str(uce), "--concept", "triangle", "--prompts", str(csv),
+                            "--seeds-per-prompt", "1", "--steps", "1", "--num-processes", "2", "--out",
+                            str(tmp / "e2e_eval")])
+    out["eval_erasure_2_processes"] = {"images": 9406, "wall_s": round(dt, 1), "peak_rss_gb": round(rss, 2)}
+    print(f"  i2p end to end: generate {out['generate']['wall_s']} s ({out['generate']['images_per_s']} img/s, "
+          f"peak {out['generate']['peak_rss_gb']} GB; 100 prompts: {out['generate_100_prompts']['peak_rss_gb']} GB), "
+          f"rerun {out['rerun_nothing_left_1_process']['wall_s']} s / "
+          f"{out['rerun_nothing_left_2_processes']['wall_s']} s with 2 processes, eval erasure "
+          f"{out['eval_erasure_2_processes']['wall_s']} s", flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("--n", type=int, default=2, help="images per prompt (default: 2, 200 images)")
@@ -198,18 +297,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-end-to-end", action="store_true", help="only the throughput and merge rows")
     ap.add_argument("--i2p-phases-only", action="store_true",
                     help="only row 4 (the non-generation phases at I2P size), added to the existing --out")
+    ap.add_argument("--only", default="",
+                    help="comma-separated rows to run alone, added to the existing --out (its other keys kept): "
+                         "i2p_phases (about 30 s), io (about 5 s), i2p_end_to_end (about 4 min)")
     ap.add_argument("--out", default=str(RESULTS / "scale.json"), help="result JSON")
     args = ap.parse_args(argv)
     import torch
 
     from diffshield.core.io import atomic_write_json
 
-    if args.i2p_phases_only:
+    only = [r for r in args.only.split(",") if r] + (["i2p_phases"] if args.i2p_phases_only else [])
+    rows = {"i2p_phases": i2p_phases, "io": io_costs, "i2p_end_to_end": i2p_end_to_end}
+    if set(only) - set(rows):
+        ap.error(f"unknown rows {sorted(set(only) - set(rows))}; choose from {', '.join(rows)}")
+    if only:
         result = json.loads(Path(args.out).read_text()) if Path(args.out).is_file() else {}
         with tempfile.TemporaryDirectory() as d:
-            result["i2p_phases"] = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "cpus": os.cpu_count(),
-                                    "load_at_start": load(), **i2p_phases(Path(d))}
-        atomic_write_json(args.out, result)
+            for name in only:
+                result[name] = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "cpus": os.cpu_count(),
+                                "load_at_start": load(), **rows[name](Path(d))}
+                atomic_write_json(args.out, result)
         print(f"wrote {args.out}")
         return 0
 
@@ -235,6 +342,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_end_to_end:
             result["end_to_end"] = end_to_end(tmp, args.steps)
         result["i2p_phases"] = {"load_at_start": load(), **i2p_phases(tmp)}
+        result["io"] = {"load_at_start": load(), **io_costs(tmp)}
+        if not args.skip_end_to_end:
+            result["i2p_end_to_end"] = {"load_at_start": load(), **i2p_end_to_end(tmp)}
     result["environment"]["load_at_end"] = load()
     atomic_write_json(args.out, result)
     print("\n| processes | images | end to end (s) | img/s | generation (s) | img/s |")
