@@ -126,9 +126,9 @@ def _exit_status(code: int) -> str:
 
 @contextlib.contextmanager
 def _quiet_launcher():
-    """Silence torch's elastic launcher below errors that are not its own while it runs the workers: its warnings
+    """Silence the log lines of torch's elastic launcher while it runs the workers: its warnings and errors
     ("Received 15 death signal", "Sending process N closing signal SIGTERM", "failed (exitcode: -9)") say what the one
-    line printed after it says. Its loggers' levels are put back afterwards."""
+    line :func:`launch` prints after it says. Its loggers' levels are put back afterwards."""
     import logging
 
     import torch.distributed.run  # noqa: F401 - creates the launcher's loggers (the agent's, its processes')
