@@ -6,7 +6,8 @@
 #      (benchmarks/backdoor.py parallel; the published figures, restored into runs/backdoor/results, tell which
 #      are done).
 # Everything comes back under $OUT: gpu.json, the logs, terd_drift_gpu.json (benchmarks/probes/terd_drift.py on the
-# GPU), zoo/ (eval_*, scan_*, grid_* of each finished model).
+# GPU), gpu_tests_log.txt (tests/test_graphs.py and test_device.py, whose CUDA cases run only there), zoo/ (eval_*,
+# scan_*, grid_* of each finished model).
 # Device tool: carry [".whl"]; command: bash benchmarks/gpu_session.sh 560
 # (.whl: diffusers and what it needs that the machine lacks: bash benchmarks/gpu_wheels.sh). Back here: copy $OUT/gpu.json over
 # benchmarks/results/gpu.json and $OUT/zoo/* into runs/backdoor/results, then benchmarks/backdoor.py restore and
@@ -34,6 +35,10 @@ python3 benchmarks/gpu.py --device "$device" $tiny --sections "$sections" --budg
 if [ -z "$tiny" ] && [[ ",$sections," == *",terd,"* ]]; then  # does a TERD iteration cost more late in a run?
   timeout 60 python3 benchmarks/probes/terd_drift.py --device "$device" --out "$out/terd_drift_gpu.json" 2>&1 \
     | tee "$out/terd_drift_log.txt"
+fi
+if [ -z "$tiny" ]; then  # the tests that only run where CUDA is (CUDA graphs against eager calls, device copies)
+  timeout 150 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_graphs.py tests/test_device.py 2>&1 \
+    | tail -40 | tee "$out/gpu_tests_log.txt"
 fi
 left=$(( total - ($(date +%s) - t0) - 20 ))
 if [ "$left" -gt 120 ]; then

@@ -6,7 +6,9 @@ set -eu
 cd "$(dirname "$0")/.."
 grep -qx "/.whl/" .git/info/exclude 2> /dev/null || echo "/.whl/" >> .git/info/exclude
 mkdir -p .whl
-for pkg in diffusers==0.42.1 importlib_metadata==10.2.0 lazy_importer==0.1.0; do
+# pytest and what it needs: the session also runs the tests that need CUDA (tests/test_graphs.py, test_device.py)
+for pkg in diffusers==0.42.1 importlib_metadata==10.2.0 lazy_importer==0.1.0 pytest==9.2.0 pluggy==1.7.0 \
+    iniconfig==2.3.1 pygments==2.21.0; do
   name=${pkg%%==*}
   ls .whl/"${name}"-*.whl > /dev/null 2>&1 && continue   # one version of each: two would stop the install
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
