@@ -257,6 +257,23 @@ def test_a_model_is_saved_in_the_dtype_of_its_files_whatever_it_was_loaded_in(ti
     assert pipe(["a red square"], num_inference_steps=1, output_type="np").images.shape[0] == 1
 
 
+def test_an_edit_that_overflows_an_fp16_checkpoint_is_refused_before_anything_is_written(tiny_sd_dir, tmp_path):
+    """Edited in float32, a weight beyond float16's 65504 would be saved as inf in the fp16 checkpoint (the check of
+    the float32 model passed): it is refused in one line naming the dtype and the weight, and no folder is made."""
+    from diffusers import StableDiffusionPipeline
+
+    src = tmp_path / "fp16"
+    StableDiffusionPipeline.from_pretrained(tiny_sd_dir).to(torch.float16).save_pretrained(src, safe_serialization=True)
+    model = load_t2i(src)
+    with torch.no_grad():
+        model.unet.conv_in.weight[0, 0, 0, 0] = 1e5
+    with pytest.raises(DiffshieldError) as e:
+        model.save(tmp_path / "out")
+    msg = str(e.value)
+    assert "float16" in msg and "unet.conv_in.weight" in msg and "\n" not in msg
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_fp16_only_download_saves_a_folder_stock_diffusers_loads(tiny_sd_dir, tmp_path):
     """Every file of an fp16-only download carries the variant, the safety checker's (and its shards') too; the
     saved networks have plain names, so the copied safety checker gets them as well (stock ``from_pretrained``

@@ -113,26 +113,13 @@ class DDPMModel:
         weight above float16's 65504), is refused before anything is written; an existing non-empty ``folder`` is
         replaced only with ``overwrite`` and only if diffshield wrote it (see :func:`diffshield.core.io.atomic_dir`).
         """
-        import warnings
-
         from diffusers import DDPMPipeline
 
-        from diffshield.core.checks import check_finite_modules
-        from diffshield.core.device import module_dtype
         from diffshield.core.io import atomic_dir
-        from diffshield.core.loading import _copy_in_dtype, _dtype_name
+        from diffshield.core.loading import weights_in_stored_dtype
 
-        check_finite_modules("the model", unet=self.unet)  # a diverged run must not leave a loadable NaN model
-        unet, stored, now = self.unet, self.stored_dtype, module_dtype(self.unet)
-        if stored is not None and stored != now:
-            if now.itemsize <= stored.itemsize:  # float32 -> bfloat16, or float16 <-> bfloat16: the load rounded
-                warnings.warn(f"the saved model keeps the rounding of a load in a narrower dtype than its files: "
-                              f"unet ({_dtype_name(stored)} files, loaded in {_dtype_name(now)}); load in the files' "
-                              "dtype (--dtype float32) for weights that are not rounded", UserWarning, stacklevel=2)
-            unet = _copy_in_dtype(self.unet, stored)
-            # a float32 weight beyond float16's range is inf in the copy: refuse what would be written
-            check_finite_modules(f"the model in {_dtype_name(stored)} (the dtype of its source's weight files)",
-                                 unet=unet)
+        # a diverged run must not leave a loadable NaN model; an fp16 source's overflow is refused too
+        unet = weights_in_stored_dtype({"unet": self.unet}, {"unet": self.stored_dtype})["unet"]
         pipe = DDPMPipeline(unet=unet, scheduler=self.scheduler)
         with atomic_dir(folder, overwrite=overwrite) as tmp:
             pipe.save_pretrained(tmp, safe_serialization=True)

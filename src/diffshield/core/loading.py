@@ -259,28 +259,13 @@ class T2IModel:
         ``folder`` is replaced only with ``overwrite`` and only if diffshield wrote it (see
         :func:`diffshield.core.io.atomic_dir`).
         """
-        import warnings
 
         from diffusers import StableDiffusionPipeline
 
-        from diffshield.core.checks import check_finite_modules
-        from diffshield.core.device import module_dtype
         from diffshield.core.io import atomic_dir
 
-        check_finite_modules("the model", unet=self.unet, vae=self.vae, text_encoder=self.text_encoder)
-        nets = {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder}
-        rounded = []
-        for name, net in nets.items():
-            stored, now = self.stored_dtypes.get(name), module_dtype(net)
-            if stored is None or stored == now:
-                continue
-            if now.itemsize <= stored.itemsize:  # float32 -> bfloat16, or float16 <-> bfloat16: the load rounded
-                rounded.append(f"{name} ({_dtype_name(stored)} files, loaded in {_dtype_name(now)})")
-            nets[name] = _copy_in_dtype(net, stored)
-        if rounded:
-            warnings.warn(f"the saved model keeps the rounding of a load in a narrower dtype than its files: "
-                          f"{', '.join(rounded)}; load in the files' dtype (--dtype float32) for an edit that leaves "
-                          "the other weights exactly as they were", UserWarning, stacklevel=2)
+        nets = weights_in_stored_dtype({"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder},
+                                       self.stored_dtypes)
         pipe = StableDiffusionPipeline(
             vae=nets["vae"], text_encoder=nets["text_encoder"], tokenizer=self.tokenizer, unet=nets["unet"],
             scheduler=self.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
@@ -293,6 +278,42 @@ class T2IModel:
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def weights_in_stored_dtype(nets: dict[str, torch.nn.Module],
+                            stored: dict[str, torch.dtype | None]) -> dict[str, torch.nn.Module]:
+    """The networks to save, each in the dtype its source's weight files had (``stored[name]``; None or absent: as it
+    is): a CPU copy where that differs from the live dtype (the live module is left alone), else the module itself.
+
+    Refused in one line, before anything is written: a non-finite weight, or one that overflows the dtype it is
+    written in (a float32 weight above float16's 65504 after an edit of an fp16 checkpoint). A UserWarning says
+    when a load in a narrower dtype than the files (float32 files loaded in bfloat16) rounded the weights that are
+    saved."""
+    import warnings
+
+    from diffshield.core.checks import check_finite_modules
+    from diffshield.core.device import module_dtype
+
+    out, rounded = dict(nets), []
+    for name, net in nets.items():
+        want, now = stored.get(name), module_dtype(net)
+        if want is None or want == now:
+            continue
+        if now.itemsize <= want.itemsize:  # float32 -> bfloat16, or float16 <-> bfloat16: the load rounded
+            rounded.append(f"{name} ({_dtype_name(want)} files, loaded in {_dtype_name(now)})")
+        out[name] = _copy_in_dtype(net, want)
+    # what is written: the copies (a NaN or inf survives the cast; a cast can overflow) and the unchanged modules
+    kept = {n: m for n, m in out.items() if m is nets[n]}
+    if kept:
+        check_finite_modules("the model", **kept)
+    for name in out.keys() - kept.keys():
+        check_finite_modules(f"the model in {_dtype_name(stored[name])} (the dtype of its source's weight files)",
+                             **{name: out[name]})
+    if rounded:
+        warnings.warn(f"the saved model keeps the rounding of a load in a narrower dtype than its files: "
+                      f"{', '.join(rounded)}; load in the files' dtype (--dtype float32) for an edit that leaves "
+                      "the other weights exactly as they were", UserWarning, stacklevel=3)
+    return out
 
 
 def _copy_in_dtype(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
