@@ -263,7 +263,8 @@ def test_an_edit_that_overflows_an_fp16_checkpoint_is_refused_before_anything_is
     from diffusers import StableDiffusionPipeline
 
     src = tmp_path / "fp16"
-    StableDiffusionPipeline.from_pretrained(tiny_sd_dir).to(torch.float16).save_pretrained(src, safe_serialization=True)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir).to(torch.float16)
+    pipe.save_pretrained(src, safe_serialization=True)
     model = load_t2i(src)
     with torch.no_grad():
         model.unet.conv_in.weight[0, 0, 0, 0] = 1e5
