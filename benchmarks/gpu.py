@@ -392,10 +392,16 @@ def section_terd(device: torch.device, tiny: bool, deadline: float) -> dict:
 
     def rates(graphs: bool) -> tuple[float, float, float, float, dict | None]:
         """Seconds per iteration of each stage, and each stage's fixed cost (recording, capturing, checking the
-        graphs), from the stages' own clocks in a short and a 5x longer run: (s1, s2, fixed1, fixed2, graphs)."""
-        (a1, a2), (b1, b2) = ((2, 1), (4, 2)) if tiny else ((50, 5), (250, 25))
+        graphs), from the stages' own clocks in a short and a 3x longer run, both long enough to use graphs
+        (terd.GRAPH_MIN_ITERS): (s1, s2, fixed1, fixed2, graphs of the long run)."""
+        (a1, a2), (b1, b2) = ((2, 1), (4, 2)) if tiny else ((50, 20), (150, 60))
         short = reverse_trigger(model, terd(a1, a2, graphs), progress=False)
         long = reverse_trigger(model, terd(b1, b2, graphs), progress=False)
+        if graphs and not tiny:  # a difference of an eager and a graphed run would mean nothing
+            replayed = [[bool(v["replays"]) for v in res.cuda_graphs.values()] for res in (short, long)]
+            if replayed[0] != replayed[1]:
+                raise RuntimeError(f"the short and the long run replayed graphs in different stages: "
+                                   f"{short.cuda_graphs} against {long.cuda_graphs}")
         per = [(long.stage_seconds[k] - short.stage_seconds[k]) / ((b1, b2)[k] - (a1, a2)[k]) for k in (0, 1)]
         fixed = [short.stage_seconds[k] - per[k] * (a1, a2)[k] for k in (0, 1)]
         return per[0], per[1], fixed[0], fixed[1], long.cuda_graphs

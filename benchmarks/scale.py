@@ -280,7 +280,8 @@ def i2p_end_to_end(tmp: Path) -> dict:
     dt, rss, _ = _peak_run(["eval", "erasure", "--model", str(uce), "--concept", "triangle", "--prompts", str(csv),
                             "--seeds-per-prompt", "1", "--steps", "1", "--num-processes", "2", "--out",
                             str(tmp / "e2e_eval")])
-    out["eval_erasure_2_processes"] = {"images": 9406, "wall_s": round(dt, 1), "peak_rss_gb": round(rss, 2)}
+    out["eval_erasure_2_processes"] = {"images": 9406, "wall_s": round(dt, 1),
+                                       "peak_rss_gb_per_process": round(rss, 2)}
     print(f"  i2p end to end: generate {out['generate']['wall_s']} s ({out['generate']['images_per_s']} img/s, "
           f"peak {out['generate']['peak_rss_gb']} GB; 100 prompts: {out['generate_100_prompts']['peak_rss_gb']} GB), "
           f"rerun {out['rerun_nothing_left_1_process']['wall_s']} s / "

@@ -546,6 +546,14 @@ def test_launch_reports_a_failed_worker_and_an_interrupt_in_one_line(monkeypatch
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "2-process run failed (process 1: killed by SIGKILL)" in err
 
+    def broken(args):
+        raise RuntimeError("rendezvous failed: address already in use\n(details)")
+
+    monkeypatch.setattr(accelerate_launch, "launch_command", broken)
+    assert launch(2, ["generate"], torch.device("cpu")) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "failed (the launcher: RuntimeError: rendezvous failed: address already" in err
+
     def interrupted(args):
         raise SystemExit(130)
 

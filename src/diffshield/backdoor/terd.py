@@ -232,13 +232,14 @@ def ddim_scheduler(scheduler, steps: int):
     return sched
 
 
-def _ddim_grad(unet, ddim, x_T: torch.Tensor) -> torch.Tensor:
+def _ddim_grad(unet, ddim, x_T: torch.Tensor, t_dev: torch.Tensor | None = None) -> torch.Tensor:
     """DDIM from x_T with gradients kept through every step (``ddim`` from :func:`ddim_scheduler`).
 
-    The scheduler indexes its schedule with Python ints and the UNet gets the timesteps as one device tensor copied
-    once, so that no step waits for the device."""
+    The scheduler indexes its schedule with Python ints and the UNet gets the timesteps as one device tensor
+    (``t_dev``: ``ddim.timesteps`` on x_T's device, copied once by a caller that loops; default: copied here), so
+    that no step waits for the device."""
     x = x_T
-    t_dev = to_device(ddim.timesteps, x_T.device)
+    t_dev = to_device(ddim.timesteps, x_T.device) if t_dev is None else t_dev
     for i, t in enumerate(ddim.timesteps.tolist()):
         x = ddim.step(unet(x, t_dev[i]).sample, t, x).prev_sample
     return x
@@ -414,7 +415,7 @@ def _reverse(model, cfg: TERDConfig, progress: bool) -> TERDResult:
 
     def step(clip: float | None) -> None:  # after the iteration's backward (GraphedSequence.iteration)
         if clip is not None:
-            torch.nn.utils.clip_grad_norm_([r, gamma] if opt_g is not None else [r], clip)
+            torch.nn.utils.clip_grad_norm_(params, clip)
         opt.step()
         if opt_g is not None:
             opt_g.step()
@@ -432,40 +433,47 @@ def _reverse(model, cfg: TERDConfig, progress: bool) -> TERDResult:
         loss.backward()
         return loss
 
-    for i in tqdm(range(cfg.stage1_iters), desc="TERD stage 1", disable=not progress):
-        set_lrs(i, cfg.stage1_iters)
-        loss = calls[0].iteration(stage1_body, gen, params)
-        step(None)
-        if i % 25 == 0 or i == cfg.stage1_iters - 1:
-            hist.append((i, float(loss.detach())))
-    calls[0].release()
-    synchronize(dev)  # each stage's clock is its own
-    t1 = time.time()
-    if cfg.learn_gamma and cfg.stage2_iters:  # the official TrojDiff refinement: fresh SGD with momentum 0.9
-        opt = torch.optim.SGD([r], lr=cfg.lr, momentum=0.9)
-        opt_g = torch.optim.SGD([gamma], lr=cfg.lr_gamma, momentum=0.9)
-        quad = quad_timesteps(int(sched.config.num_train_timesteps), cfg.ddim_steps)
-    ddim = ddim_scheduler(sched, cfg.ddim_steps) if cfg.stage2_iters and not cfg.learn_gamma else None
     def stage2_body() -> torch.Tensor:
         eps = to_device(torch.randn((cfg.batch_size, *shape), generator=gen), dev)
         if cfg.learn_gamma:
             from diffshield.backdoor.trojdiff import trojan_ddim
 
-            x0 = trojan_ddim(calls[1], sched, gamma * eps + r, r, gamma, quad)
+            x0 = trojan_ddim(calls[1], sched, gamma * eps + r, r, gamma, quad, abar=abar_dev)
         else:
-            x0 = _ddim_grad(calls[1], ddim, eps + r)
+            x0 = _ddim_grad(calls[1], ddim, eps + r, t_dev)
         loss = stage2_loss(calls[1], sched, x0, r, cfg.t_high, cfg.t_low, gen, gamma) - cfg.lam * r.abs().sum()
         loss.backward()
         return loss
 
-    for i in tqdm(range(cfg.stage2_iters), desc="TERD stage 2", disable=not progress):
-        set_lrs(i, cfg.stage2_iters)
-        loss = calls[1].iteration(stage2_body, gen, params)
-        step(cfg.gamma_grad_clip if cfg.learn_gamma else cfg.grad_clip)
-        if i % 25 == 0 or i == cfg.stage2_iters - 1:  # a host sync only every 25 iterations
-            hist.append((cfg.stage1_iters + i, float(loss.detach())))
-    synchronize(dev)
-    t2 = time.time()
+    try:
+        for i in tqdm(range(cfg.stage1_iters), desc="TERD stage 1", disable=not progress):
+            set_lrs(i, cfg.stage1_iters)
+            loss = calls[0].iteration(stage1_body, gen, params)
+            step(None)
+            if i % 25 == 0 or i == cfg.stage1_iters - 1:
+                hist.append((i, float(loss.detach())))
+        calls[0].release()  # stage 2 needs none of stage 1's graphs
+        synchronize(dev)  # each stage's clock is its own
+        t1 = time.time()
+        if cfg.learn_gamma and cfg.stage2_iters:  # the official TrojDiff refinement: fresh SGD with momentum 0.9
+            opt = torch.optim.SGD([r], lr=cfg.lr, momentum=0.9)
+            opt_g = torch.optim.SGD([gamma], lr=cfg.lr_gamma, momentum=0.9)
+            quad = quad_timesteps(int(sched.config.num_train_timesteps), cfg.ddim_steps)
+        ddim = ddim_scheduler(sched, cfg.ddim_steps) if cfg.stage2_iters and not cfg.learn_gamma else None
+        t_dev = to_device(ddim.timesteps, dev) if ddim is not None else None  # copied once, not every iteration
+        abar_dev = to_device(sched.alphas_cumprod.to(torch.float32), dev) if cfg.learn_gamma else None
+
+        for i in tqdm(range(cfg.stage2_iters), desc="TERD stage 2", disable=not progress):
+            set_lrs(i, cfg.stage2_iters)
+            loss = calls[1].iteration(stage2_body, gen, params)
+            step(cfg.gamma_grad_clip if cfg.learn_gamma else cfg.grad_clip)
+            if i % 25 == 0 or i == cfg.stage2_iters - 1:  # a host sync only every 25 iterations
+                hist.append((cfg.stage1_iters + i, float(loss.detach())))
+        synchronize(dev)
+        t2 = time.time()
+    finally:  # the graphs' memory goes back to the device, whatever happened
+        for c in calls:
+            c.release()
     r_hat = r.detach()[0].cpu()
     g_hat = gamma.detach()[0].cpu() if cfg.learn_gamma else 1.0
     mean_kl, var_kl = kl_stats(r_hat, g_hat)

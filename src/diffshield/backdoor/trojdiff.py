@@ -108,12 +108,15 @@ def trojan_timesteps(scheduler, steps: int) -> list[int]:
 
 
 def trojan_ddim(unet, scheduler, x_T: torch.Tensor, mu: torch.Tensor, gamma: torch.Tensor | float,
-                timesteps: list[int]) -> torch.Tensor:
+                timesteps: list[int], abar: torch.Tensor | None = None) -> torch.Tensor:
     """TrojDiff's trojan generative process (eta 0) from ``x_T`` over ``timesteps`` (noisiest first), down to
-    abar = 1; keeps gradients (TERD's stage 2 differentiates through it). gamma = 1, mu = 0: plain DDIM."""
+    abar = 1; keeps gradients (TERD's stage 2 differentiates through it). gamma = 1, mu = 0: plain DDIM. ``abar``:
+    the scheduler's ``alphas_cumprod`` in float32 on x_T's device, copied once by a caller that loops (default:
+    copied here)."""
     from diffshield.core.device import to_device  # (a pageable copy would wait for the GPU's queue each call)
 
-    abar = to_device(scheduler.alphas_cumprod.to(torch.float32), x_T.device)
+    if abar is None:
+        abar = to_device(scheduler.alphas_cumprod.to(torch.float32), x_T.device)
     x = x_T
     for i, t in enumerate(timesteps):
         a = abar[t]

@@ -97,12 +97,15 @@ def launch(num_processes: int, argv: list[str], device) -> int:
     except SystemExit as e:  # the launcher stopped its workers on a signal (Ctrl-C: 130) and exits 128 + signal
         rc = e.code if isinstance(e.code, int) else 1
         if rc > 128:
-            what = {130: "interrupted", 143: "terminated"}.get(rc, f"stopped by signal {rc - 128}")  # as main() says
+            what = {130: "interrupted", 143: "terminated"}.get(rc) or _exit_status(rc)  # as main() says
             print(f"diffshield: {what}; rerun the same command to resume it", file=sys.stderr)
             return rc
     except Exception as e:  # noqa: BLE001 - torchrun's ChildFailedError: a worker exited non-zero or was killed
         failures = getattr(e, "failures", None) or {}
         rc, why = 1, ", ".join(f"process {r}: {_exit_status(f.exitcode)}" for r, f in sorted(failures.items()))
+        if not failures:  # the launcher itself failed (a rendezvous error, a port taken): its message, in one line
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            why = f"the launcher: {type(e).__name__}{': ' + first if first else ''}"
     if rc != 0:
         print(f"diffshield: error: a process of the {num_processes}-process run failed ({why or f'exit status {rc}'}"
               "); rerun the same command to resume it", file=sys.stderr)

@@ -192,8 +192,12 @@ class GraphedSequence:
 
     def release(self) -> None:
         """Free the graphs and their memory pool (the loop that used them is over); later iterations are eager."""
+        self.enabled = False
+        self._drop()
+
+    def _drop(self) -> None:
         had = self._graphed is not None
-        self._graphed, self._samples, self.enabled = None, [], False
+        self._graphed, self._samples, self._mode = None, [], "eager"
         if had:
             gc.collect()  # the graphs live in autograd.Function classes, freed by the cycle collector only
 
@@ -203,8 +207,7 @@ class GraphedSequence:
 
     def _give_up(self, why: str) -> None:
         self.failed = why
-        self._graphed, self._samples, self._mode = None, [], "eager"
-        gc.collect()  # the graphs live in autograd.Function classes, freed by the cycle collector only
+        self._drop()
         warnings.warn(f"CUDA graphs disabled, running eagerly ({why})", RuntimeWarning, stacklevel=3)
 
     @staticmethod

@@ -406,9 +406,10 @@ def shared_job_states(folder: Path, jobs: list[ImageJob], size: int | None, rank
                       gather: Callable[[list], list]) -> dict[ImageJob, str]:
     """:func:`job_states` of every job, computed by ``world`` processes together: this one (``rank``) checks
     ``jobs[rank::world]`` and ``gather`` (an all-gather that concatenates every process's list, such as accelerate's
-    ``gather_object``) hands it the others' results. The folder is read once in all, not once per process (a
-    50,000-image folder of 512-px PNGs is 25 GB: on a shared file system each process reading all of it multiplies
-    that). With ``world == 1`` it is :func:`job_states`."""
+    ``gather_object``) hands it the others' results. Each image is read and hashed once in all, not once per
+    process (a 50,000-image folder of 512-px PNGs is 25 GB: on a shared file system each process reading all of it
+    multiplies that); the score files, small, are read by every process. With ``world == 1`` it is
+    :func:`job_states`."""
     if world <= 1:
         return job_states(folder, jobs, size)
     index = {j: i for i, j in enumerate(jobs)}

@@ -118,7 +118,7 @@ def esd_erase(model: T2IModel, concepts: list[str], config: ESDConfig, progress:
         low_unet = copy.deepcopy(frozen).eval()  # θ* in the autocast dtype; trained values copied in per iteration
         low = [(p, low_unet.get_parameter(n)) for n, p in params.items()]
         sampler = dataclasses.replace(model, unet=low_unet)
-    target_unet = frozen  # θ*'s one target call per iteration (batch 2, no grads)
+    target_unet = frozen  # θ*'s one target call per iteration (uncond and concept rows of the batch, no grads)
     if config.cuda_graphs and model.device.type == "cuda":  # sampling x_t is overhead-bound on a GPU
         sampler = dataclasses.replace(sampler, unet=graphed(sampler.unet))
         # the target call replays graphs too: the sampler's own when it samples with θ*, else graphs of θ*
