@@ -118,7 +118,7 @@ def esd_erase(model: T2IModel, concepts: list[str], config: ESDConfig, progress:
         low_unet = copy.deepcopy(frozen).eval()  # θ* in the autocast dtype; trained values copied in per iteration
         low = [(p, low_unet.get_parameter(n)) for n, p in params.items()]
         sampler = dataclasses.replace(model, unet=low_unet)
-    target_unet = frozen  # θ*'s one target call per iteration (uncond and concept rows of the batch, no grads)
+    target_unet = frozen  # θ*'s calls without gradients: the target, and the anchors' targets with ``preserve``
     if config.cuda_graphs and model.device.type == "cuda":  # sampling x_t is overhead-bound on a GPU
         sampler = dataclasses.replace(sampler, unet=graphed(sampler.unet))
         # the target call replays graphs too: the sampler's own when it samples with θ*, else graphs of θ*
@@ -165,18 +165,18 @@ def esd_erase(model: T2IModel, concepts: list[str], config: ESDConfig, progress:
                     guided = None
                     with torch.no_grad():
                         if config.preserve_guidance == 1.0:
-                            target_p = frozen(x_p, t, encoder_hidden_states=cond_p).sample
+                            target_p = target_unet(x_p, t, encoder_hidden_states=cond_p).sample
                         else:  # the guided prediction a sampler at scale s uses
                             guided = (config.preserve_guidance, uncond.expand(bsz, -1, -1))
-                            e_c, e_u = frozen(torch.cat([x_p, x_p]), t,
-                                              encoder_hidden_states=torch.cat([cond_p, guided[1]])).sample.chunk(2)
+                            e_c, e_u = target_unet(torch.cat([x_p, x_p]), t, encoder_hidden_states=torch.cat(
+                                [cond_p, guided[1]])).sample.chunk(2)
                             target_p = e_u + config.preserve_guidance * (e_c - e_u)
                     shared = None
                     if config.preserve_at == "own+concept":  # every distinct anchor at each concept x_t
                         x_s = x_t.repeat_interleave(len(distinct), 0)
                         c_s = distinct.repeat(bsz, 1, 1)
                         with torch.no_grad():
-                            shared = (x_s, c_s, frozen(x_s, t, encoder_hidden_states=c_s).sample)
+                            shared = (x_s, c_s, target_unet(x_s, t, encoder_hidden_states=c_s).sample)
                 else:
                     x_t = sample_xt(sampler, train, uncond, k, noise, config.ddim_steps, config.start_guidance)
                 target = esd_target(target_unet, x_t, t, cond, uncond, config.eta,
