@@ -266,6 +266,7 @@ REFUSED: list[tuple[str, list[str], str]] = [
      "UTF-8"),
     ("prompts-file-missing", ["generate", M, TINY, "--prompts-file", "{root}/none.txt", "--out", "{root}/g"],
      "does not exist"),
+    ("prompts-file-csv", ["generate", M, TINY, "--prompts-file", "{csv_seed}", "--out", "{root}/g"], "--prompts-csv"),
     ("protect-tiny-image", [*PROTECT[:1], "{tiny_img}", "--mask", "{tiny_mask}", "--out", "{root}/p.png"], "16 px"),
     ("eval-protection-tiny-image", ["eval", "protection", "--image", "{tiny_img}", "--protected", "{tiny_img}",
                                     "--mask", "{tiny_mask}"], "16 px"),

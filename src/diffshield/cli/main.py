@@ -107,6 +107,10 @@ def _read_prompts(args) -> list[str]:
     if args.prompts_file:
         from diffshield.eval.prompts import warn_hash_lines
 
+        if Path(args.prompts_file).suffix.lower() == ".csv":  # its header and raw rows would become prompts
+            raise DiffshieldError(f"'{args.prompts_file}' is a CSV file and --prompts-file reads one prompt per "
+                                  "line; use --prompts-csv FILE for its rows (prompt, seed, guidance) or --prompts "
+                                  "FILE for a sharded, resumable run over it")
         text = read_text_file(Path(args.prompts_file), "prompts file")
         prompts += [line.strip() for line in text.splitlines() if line.strip()]
         warn_hash_lines(args.prompts_file, text)
@@ -492,7 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompts-file",
                    help="text file with one prompt per line (blank lines skipped; lines starting with '#' are prompts "
-                        "too)")
+                        "too; a .csv file is refused: see --prompts-csv and --prompts)")
     p.add_argument("--prompts-csv", help="I2P-format CSV (prompt, evaluation_seed, evaluation_guidance): each row "
                                          "uses its own seed and guidance when given")
     p.add_argument("--n", type=_positive_int, default=8, help="images per prompt (default: 8)")
