@@ -177,3 +177,29 @@ def apply_device(args: argparse.Namespace) -> None:
         raise DiffshieldError(f"this command keeps float32 weights (training with float32 master weights, or an "
                               f"inpainter that needs float32); drop --dtype {str(args.dtype).removeprefix('torch.')}")
     configure_backend(args.device)
+
+
+#: the arguments that name what a command writes (files or folders; ``--work``, a working folder the output may
+#: live in, is not one of them)
+OUTPUT_ARGS = ("out", "json", "grid", "panel", "report", "run_dir")
+
+
+def check_outputs_apart(args: argparse.Namespace) -> None:
+    """Refuse, before any work, two outputs of one command that are the same path (``--json same.png --grid
+    same.png``: one would replace the other) or one inside another (``--out DIR --json DIR/report.json``: the folder
+    is written as a whole, so the file would be refused at the end of the run, or block its rerun)."""
+    import os
+
+    from diffshield.core.errors import DiffshieldError
+
+    given = [(f"--{a.replace('_', '-')}", getattr(args, a)) for a in OUTPUT_ARGS if getattr(args, a, None)]
+    paths = [(flag, value, os.path.abspath(os.path.expanduser(str(value)))) for flag, value in given]
+    for i, (flag_a, value_a, a) in enumerate(paths):
+        for flag_b, value_b, b in paths[i + 1:]:
+            if a == b:
+                raise DiffshieldError(f"{flag_a} and {flag_b} name the same path '{value_a}'; give each its own")
+            for (fi, vi, inner), (fo, vo, outer) in (((flag_a, value_a, a), (flag_b, value_b, b)),
+                                                      ((flag_b, value_b, b), (flag_a, value_a, a))):
+                if inner.startswith(outer.rstrip(os.sep) + os.sep):
+                    raise DiffshieldError(f"{fi} '{vi}' lies inside {fo} '{vo}', which the command writes as a "
+                                          "whole; put it beside that folder")

@@ -17,6 +17,7 @@ from diffshield.cli.common import (
     add_threads_arg,
     apply_device,
     apply_threads,
+    check_outputs_apart,
     float_in,
     int_at_least,
     seed_int,
@@ -721,6 +722,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2  # no command is bad input (1 is for the machine's errors), as a group without its command is
     sigterm = _handle_sigterm()
     try:
+        check_outputs_apart(args)
         if not only_launches(args):
             # diffusers' and transformers' own progress bars and notices; a process that only launches the workers
             # of a --num-processes run skips it (importing their logging imports most of both: seconds on a CPU)
