@@ -85,6 +85,10 @@ class Workspace:
         self.prompts_latin1.write_bytes("a caf\xe9 triangle\n".encode("latin-1"))
         self.csv_inf = root / "inf.csv"
         self.csv_inf.write_text("prompt,evaluation_seed,evaluation_guidance\na red triangle,0,inf\n")
+        self.tsv = root / "i2p.tsv"
+        self.tsv.write_text("prompt\tevaluation_seed\na red triangle\t1\n")
+        self.header_txt = root / "i2p_header.txt"
+        self.header_txt.write_text("prompt,evaluation_seed,evaluation_guidance\na red triangle,1,7\n")
         self.csv_seed = root / "seed.csv"
         self.csv_seed.write_text("prompt,evaluation_seed\na red triangle,1e30\n")
         self.nan_delta = root / "nan_delta.safetensors"
@@ -267,6 +271,11 @@ REFUSED: list[tuple[str, list[str], str]] = [
     ("prompts-file-missing", ["generate", M, TINY, "--prompts-file", "{root}/none.txt", "--out", "{root}/g"],
      "does not exist"),
     ("prompts-file-csv", ["generate", M, TINY, "--prompts-file", "{csv_seed}", "--out", "{root}/g"], "--prompts-csv"),
+    ("prompts-file-header", ["generate", M, TINY, "--prompts-file", "{header_txt}", "--out", "{root}/g"],
+     "comma-separated table"),
+    ("prompt-set-tsv", ["generate", M, TINY, "--prompts", "{tsv}", "--out", "{root}/g"], "TSV file"),
+    ("preserve-file-table", ["erase", M, TINY, "--method", "uce", "--concept", "triangle", "--preserve-file",
+                             "{header_txt}", "--out", "{root}/e"], "one prompt per line"),
     # two outputs of one command on one path, or one inside the other: refused before any work
     ("eval-json-is-grid", ["eval", "erasure", M, TINY, "--concept", "triangle", "--json", "{root}/same.png", "--grid",
                            "{root}/same.png"], "name the same path"),
@@ -610,3 +619,14 @@ def test_a_closed_stdout_ends_the_command_quietly(tmp_path):
     proc.stdout.close()
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 1 and err == "", err
+
+
+def test_a_negative_prompt_at_guidance_1_is_said_to_do_nothing(tmp_path, capsys):
+    """Without classifier-free guidance (guidance 1) nothing steers away from --negative-prompt: a warning says so
+    (the image is drawn; the manifest records the prompt as given)."""
+    assert main(["generate", "--model", "toy:t2i", "--prompt", "a red triangle", "--guidance", "1",
+                 "--negative-prompt", "red", "--n", "1", "--steps", "1", "--out", str(tmp_path / "g")]) == 0
+    assert "--negative-prompt has no effect where the guidance is 1 (1 of 1" in capsys.readouterr().err
+    assert main(["generate", "--model", "toy:t2i", "--prompt", "a red triangle", "--negative-prompt", "red", "--n",
+                 "1", "--steps", "1", "--out", str(tmp_path / "g5")]) == 0
+    assert "no effect" not in capsys.readouterr().err

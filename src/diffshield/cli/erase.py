@@ -48,8 +48,13 @@ def read_preserve_file(path: str, flag: str = "--preserve-file") -> list[str]:
     """Prompts of a prompt-list file (``--preserve-file``, or the ``flag`` named in errors): one per line, blank
     lines and lines starting with '#' skipped."""
     from diffshield.cli.main import read_text_file
+    from diffshield.eval.prompts import table_header
 
-    lines = [ln.strip() for ln in read_text_file(Path(path), flag).splitlines()]
+    text = read_text_file(Path(path), flag)
+    table = table_header(path, text)
+    if table:  # its header would become a prompt
+        raise DiffshieldError(f"{flag} '{path}' is {table}; give a text file with one prompt per line")
+    lines = [ln.strip() for ln in text.splitlines()]
     out = [ln for ln in lines if ln and not ln.startswith("#")]
     if not out:
         raise DiffshieldError(f"{flag} '{path}' holds no prompt (one per line)")

@@ -60,6 +60,15 @@ def read_text_file(path: Path, what: str) -> str:
     raise DiffshieldError(f"{what} '{path}' is not UTF-8 text (binary, or another encoding); save it as UTF-8")
 
 
+def warn_negative_prompt(negative_prompt: str, guidances) -> None:
+    """Print a warning when ``--negative-prompt`` is given but images are drawn at guidance 1: without classifier-free
+    guidance nothing steers away from it, so those images ignore it (the manifest still records it)."""
+    n = sum(1 for g in guidances if g == 1.0)
+    if negative_prompt and n:
+        print(f"warning: --negative-prompt has no effect where the guidance is 1 ({n} of {len(guidances)}; no "
+              "classifier-free guidance there)", file=sys.stderr)
+
+
 def warn_prompts(tokenizer, prompts: list[str]) -> None:
     """Print a warning for prompts the tokenizer cuts (too long) or, for a small vocabulary, words it does not
     know (split into letters): otherwise the model silently draws something else."""
@@ -106,13 +115,14 @@ def _sample_config(args):
 def _read_prompts(args) -> list[str]:
     prompts = list(args.prompt or [])
     if args.prompts_file:
-        from diffshield.eval.prompts import warn_hash_lines
+        from diffshield.eval.prompts import table_header, warn_hash_lines
 
-        if Path(args.prompts_file).suffix.lower() == ".csv":  # its header and raw rows would become prompts
-            raise DiffshieldError(f"'{args.prompts_file}' is a CSV file and --prompts-file reads one prompt per "
-                                  "line; use --prompts-csv FILE for its rows (prompt, seed, guidance) or --prompts "
-                                  "FILE for a sharded, resumable run over it")
         text = read_text_file(Path(args.prompts_file), "prompts file")
+        table = table_header(args.prompts_file, text)
+        if table:  # its header and raw rows would become prompts
+            raise DiffshieldError(f"--prompts-file '{args.prompts_file}' is {table} and --prompts-file reads one "
+                                  "prompt per line; use --prompts-csv FILE for a .csv's rows (prompt, seed, "
+                                  "guidance) or --prompts FILE for a sharded, resumable run over it")
         prompts += [line.strip() for line in text.splitlines() if line.strip()]
         warn_hash_lines(args.prompts_file, text)
     if not prompts:
@@ -196,6 +206,7 @@ def cmd_generate(args) -> int:
         jobs += [(p, args.seed + k, cfg.guidance) for p in _read_prompts(args) for k in range(args.n)]
     model = load_t2i(args.model, allow_pickle=args.allow_pickle, device=args.device, dtype=args.dtype)
     warn_prompts(model.tokenizer, [j[0] for j in jobs] + ([args.negative_prompt] if args.negative_prompt else []))
+    warn_negative_prompt(args.negative_prompt, [j[2] for j in jobs])
     t0 = time.time()
     images, order = [], []
     for g in dict.fromkeys(j[2] for j in jobs):  # one generate call per guidance value

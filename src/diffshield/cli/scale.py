@@ -235,6 +235,11 @@ def run_prompt_set(args: argparse.Namespace, task: str) -> int:
     command = COMMANDS[task]
     out = Path(args.out)
     rows = load_prompt_set(args.prompts)
+    if not only_launches(args) and int(os.environ.get("RANK", "0")) == 0:  # one process says it
+        from diffshield.cli.main import warn_negative_prompt
+
+        warn_negative_prompt(getattr(args, "negative_prompt", ""),
+                             [args.guidance if r.guidance is None else r.guidance for r in rows])
     spec = _spec(args, task, rows)
     inputs = [args.model, args.prompts] + ([args.original, args.detector] if task == "erasure" else [])
     models = ({"model": args.model, "original": args.original, "detector": args.detector} if task == "erasure"

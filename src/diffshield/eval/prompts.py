@@ -108,11 +108,34 @@ def load_prompt_lines(path: str | Path) -> list[PromptRow]:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise DiffshieldError(f"prompt file '{path}' is not UTF-8 text (binary, or another encoding)") from None
+    table = table_header(path, text)
+    if table:
+        raise DiffshieldError(f"prompt file '{path}' is {table}, not one prompt per line; save it as a "
+                              "comma-separated .csv file with a 'prompt' column (I2P's layout)")
     rows = [PromptRow(line.strip()) for line in text.splitlines() if line.strip()]
     if not rows:
         raise DiffshieldError(f"prompt file '{path}' has no prompts")
     warn_hash_lines(path, text)
     return rows
+
+
+#: column names that, in a first line with a separator, make a one-prompt-per-line file a table (I2P's layout)
+TABLE_HEADER_FIELDS = {"prompt", "prompts", "evaluation_seed", "evaluation_guidance", "categories", "seed", "guidance"}
+
+
+def table_header(path: str | Path, text: str) -> str | None:
+    """Why a file meant to hold one prompt per line is a table instead, or None: a .csv or .tsv name, or a first
+    line that splits on commas or tabs into fields of which one is ``prompt`` and another a column name of I2P's
+    layout (:data:`TABLE_HEADER_FIELDS`). Read as lines, its header and raw rows would become prompts."""
+    suffix = Path(path).suffix.lower()
+    if suffix in (".csv", ".tsv"):
+        return f"a {suffix[1:].upper()} file"
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    for sep, name in ((",", "comma"), ("\t", "tab")):
+        fields = [f.strip().strip('"').lower() for f in first.split(sep)]
+        if len(fields) > 1 and "prompt" in fields and len(TABLE_HEADER_FIELDS.intersection(fields)) > 1:
+            return f"a {name}-separated table (its first line is the header {first[:60]!r})"
+    return None
 
 
 def warn_hash_lines(path: str | Path, text: str) -> None:
