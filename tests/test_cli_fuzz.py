@@ -273,6 +273,8 @@ REFUSED: list[tuple[str, list[str], str]] = [
     ("prompts-file-csv", ["generate", M, TINY, "--prompts-file", "{csv_seed}", "--out", "{root}/g"], "--prompts-csv"),
     ("prompts-file-header", ["generate", M, TINY, "--prompts-file", "{header_txt}", "--out", "{root}/g"],
      "comma-separated table"),
+    ("eval-erasure-out-without-prompts", ["eval", "erasure", M, TINY, "--concept", "triangle", "--out", "{root}/ee"],
+     "--out is the run folder of a --prompts run"),
     ("prompt-set-tsv", ["generate", M, TINY, "--prompts", "{tsv}", "--out", "{root}/g"], "TSV file"),
     ("preserve-file-table", ["erase", M, TINY, "--method", "uce", "--concept", "triangle", "--preserve-file",
                              "{header_txt}", "--out", "{root}/e"], "one prompt per line"),
@@ -630,3 +632,13 @@ def test_a_negative_prompt_at_guidance_1_is_said_to_do_nothing(tmp_path, capsys)
     assert main(["generate", "--model", "toy:t2i", "--prompt", "a red triangle", "--negative-prompt", "red", "--n",
                  "1", "--steps", "1", "--out", str(tmp_path / "g5")]) == 0
     assert "no effect" not in capsys.readouterr().err
+
+
+def test_eval_erasure_seed_sets_the_first_image_seed_without_prompts(tmp_path):
+    """``eval erasure --seed`` reaches the built-in evaluation (it was read only with --prompts, and ignored)."""
+    out = tmp_path / "e.json"
+    assert main(["eval", "erasure", "--model", "toy:t2i", "--concept", "triangle", "--seeds-per-prompt", "1",
+                 "--n-neutral", "2", "--steps", "1", "--seed", "7", "--json", str(out)]) == 0
+    import json
+
+    assert json.loads(out.read_text())["first_seed"] == 7

@@ -420,6 +420,9 @@ def cmd_eval_erasure(args) -> int:
         if not args.out:
             raise DiffshieldError("--prompts needs --out DIR (the run folder: images, scores, manifest, metrics)")
         return run_prompt_set(args, "erasure")
+    if args.out:  # it would be ignored: the built-in evaluation writes --json and --grid
+        raise DiffshieldError("--out is the run folder of a --prompts run; without --prompts give --json FILE and "
+                              "--grid FILE.png")
     resolve_concept(args.concept)  # an unknown concept is refused before two models and the detector are loaded
     from diffshield.core.io import check_output_file
 
@@ -433,7 +436,7 @@ def cmd_eval_erasure(args) -> int:
     cfg = SampleConfig(steps=args.steps, guidance=args.guidance, batch_size=args.batch_size)
     print(f"evaluating erasure of {args.concept!r}: {args.model} vs {args.original} ...")
     res = evaluate_erasure(erased, original, args.concept, detector, seeds_per_prompt=args.seeds_per_prompt,
-                           n_neutral=args.n_neutral, config=cfg, progress=True)
+                           n_neutral=args.n_neutral, config=cfg, seed=args.seed, progress=True)
     imgs = res.pop("_images")
     res.update({"model": str(args.model), "original": str(args.original)})
     fmt = lambda v: "-" if v is None else f"{v:.1%}"  # noqa: E731
@@ -590,7 +593,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  "metrics.json; resumed by a rerun)")
     add_overwrite_arg(e)
     e.add_argument("--seed", type=seed_int, default=0,
-                   help="with --prompts: seed of a row's first image when the row has none (default: 0)")
+                   help="seed of each prompt's first image (with --prompts: when the row has none of its own) "
+                        "(default: 0)")
     e.add_argument("--batch-size", type=_positive_int, default=64, help="images per UNet batch (default: 64)")
     add_threads_arg(e)
     add_device_args(e)
