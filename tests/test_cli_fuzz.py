@@ -275,6 +275,8 @@ REFUSED: list[tuple[str, list[str], str]] = [
      "comma-separated table"),
     ("eval-erasure-out-without-prompts", ["eval", "erasure", M, TINY, "--concept", "triangle", "--out", "{root}/ee"],
      "--out is the run folder of a --prompts run"),
+    ("protect-folder-out-png", ["protect", "{imgdir}", "--mask", "{maskdir}", "--out", "{root}/p_out.png"],
+     "is an image name"),
     ("prompt-set-tsv", ["generate", M, TINY, "--prompts", "{tsv}", "--out", "{root}/g"], "TSV file"),
     ("preserve-file-table", ["erase", M, TINY, "--method", "uce", "--concept", "triangle", "--preserve-file",
                              "{header_txt}", "--out", "{root}/e"], "one prompt per line"),

@@ -420,6 +420,9 @@ def cmd_protect(args) -> int:
     # folder mode: every image in IMG with the same-named mask in MASK (or one mask file for all)
     if args.json:
         raise DiffshieldError("--json is for one image; in folder mode the run report is --out's manifest.json")
+    if out.suffix.lower() in IMAGE_SUFFIXES:  # a folder named like an image: surely meant for one image
+        raise DiffshieldError(f"'{src}' is a folder, so --out is the folder of protected images; '{out}' is an "
+                              "image name: give a folder name")
     check_output_dir(out, "protect", args.overwrite, inputs=inputs)
     if not msk.exists():
         raise DiffshieldError(f"--mask '{msk}' does not exist; give a folder of masks named like the images, or "
