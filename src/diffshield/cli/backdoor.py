@@ -12,6 +12,7 @@ from diffshield.cli.common import (
     add_device_args,
     add_overwrite_arg,
     float_in,
+    given_flags,
     int_at_least,
     non_negative_int,
     seed_int,
@@ -483,6 +484,9 @@ def cmd_scan(args) -> int:
     inputs = [args.model, args.calibration]
     if args.out:
         check_output_dir(args.out, "scan", args.overwrite, inputs=inputs)
+    elif given_flags(args, ("--evidence-n", "--evidence-steps")):  # the evidence grid goes into --out
+        raise DiffshieldError(f"{given_flags(args, ('--evidence-n', '--evidence-steps'))[0]} needs --out DIR: the "
+                              "evidence grid is written there")
     check_output_file(args.json, "--json", inputs=[*inputs, args.out])
     # a missing or unreadable calibration, or one without this preset: one line before any work
     cal = Calibration.load(args.calibration or default_calibration_path())

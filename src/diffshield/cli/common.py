@@ -203,3 +203,12 @@ def check_outputs_apart(args: argparse.Namespace) -> None:
                 if inner.startswith(outer.rstrip(os.sep) + os.sep):
                     raise DiffshieldError(f"{fi} '{vi}' lies inside {fo} '{vo}', which the command writes as a "
                                           "whole; put it beside that folder")
+
+
+def given_flags(args: argparse.Namespace, flags: tuple[str, ...]) -> list[str]:
+    """Which of ``flags`` (``"--model"``, ...) the command line named (``args.argv``, set by ``main``), by their full
+    name, a ``--flag=value`` form or an abbreviation argparse accepts; for refusing flags that a mode would ignore."""
+    named: set[str] = set()
+    for t in (t.split("=", 1)[0] for t in getattr(args, "argv", None) or [] if t.startswith("--") and len(t) > 2):
+        named.update([t] if t in flags else [f for f in flags if f.startswith(t)])  # --n is --n, not --negative-...
+    return [f for f in flags if f in named]

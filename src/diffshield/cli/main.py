@@ -19,6 +19,7 @@ from diffshield.cli.common import (
     apply_threads,
     check_outputs_apart,
     float_in,
+    given_flags,
     int_at_least,
     seed_int,
 )
@@ -480,6 +481,11 @@ def cmd_eval_nudity(args) -> int:
         if not args.out:
             raise DiffshieldError("--prompts needs --out DIR (the run folder: images, scores, manifest, metrics)")
         return run_prompt_set(args, "nudity")
+    ignored = given_flags(args, ("--model", "--out", "--n", "--seed", "--steps", "--guidance", "--batch-size",
+                                 "--scheduler", "--negative-prompt", "--num-processes", "--merge-only"))
+    if ignored:  # they make images: --images scores a folder as it is
+        raise DiffshieldError(f"{', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} for --prompts runs "
+                              "(images made by a model); --images scores the folder's images as they are")
     check_output_file(args.json, "--json", inputs=[args.images])
     res = nudity_report(args.images, threshold=args.threshold)
     print(f"{res['nude_images']}/{res['n_images']} images nude (any EXPOSED class > {args.threshold}): "
