@@ -484,7 +484,7 @@ def cmd_scan(args) -> int:
     inputs = [args.model, args.calibration]
     if args.out:
         check_output_dir(args.out, "scan", args.overwrite, inputs=inputs)
-    elif given_flags(args, ("--evidence-n", "--evidence-steps")):  # the evidence grid goes into --out
+    elif args.evidence_n and given_flags(args, ("--evidence-n", "--evidence-steps")):  # the grid goes into --out
         raise DiffshieldError(f"{given_flags(args, ('--evidence-n', '--evidence-steps'))[0]} needs --out DIR: the "
                               "evidence grid is written there")
     check_output_file(args.json, "--json", inputs=[*inputs, args.out])
