@@ -484,9 +484,8 @@ def cmd_scan(args) -> int:
     inputs = [args.model, args.calibration]
     if args.out:
         check_output_dir(args.out, "scan", args.overwrite, inputs=inputs)
-    elif args.evidence_n and given_flags(args, ("--evidence-n", "--evidence-steps")):  # the grid goes into --out
-        raise DiffshieldError(f"{given_flags(args, ('--evidence-n', '--evidence-steps'))[0]} needs --out DIR: the "
-                              "evidence grid is written there")
+    elif args.evidence_n and (named := given_flags(args, ("--evidence-n", "--evidence-steps"))):
+        raise DiffshieldError(f"{named[0]} needs --out DIR: the evidence grid is written there")
     check_output_file(args.json, "--json", inputs=[*inputs, args.out])
     # a missing or unreadable calibration, or one without this preset: one line before any work
     cal = Calibration.load(args.calibration or default_calibration_path())

@@ -189,20 +189,19 @@ def check_outputs_apart(args: argparse.Namespace) -> None:
     same.png``: one would replace the other) or one inside another (``--out DIR --json DIR/report.json``: the folder
     is written as a whole, so the file would be refused at the end of the run, or block its rerun)."""
     import os
+    from itertools import permutations
+    from pathlib import Path
 
     from diffshield.core.errors import DiffshieldError
 
     given = [(f"--{a.replace('_', '-')}", getattr(args, a)) for a in OUTPUT_ARGS if getattr(args, a, None)]
-    paths = [(flag, value, os.path.abspath(os.path.expanduser(str(value)))) for flag, value in given]
-    for i, (flag_a, value_a, a) in enumerate(paths):
-        for flag_b, value_b, b in paths[i + 1:]:
-            if a == b:
-                raise DiffshieldError(f"{flag_a} and {flag_b} name the same path '{value_a}'; give each its own")
-            for (fi, vi, inner), (fo, vo, outer) in (((flag_a, value_a, a), (flag_b, value_b, b)),
-                                                      ((flag_b, value_b, b), (flag_a, value_a, a))):
-                if inner.startswith(outer.rstrip(os.sep) + os.sep):
-                    raise DiffshieldError(f"{fi} '{vi}' lies inside {fo} '{vo}', which the command writes as a "
-                                          "whole; put it beside that folder")
+    paths = [(flag, value, Path(os.path.abspath(os.path.expanduser(str(value))))) for flag, value in given]
+    for (flag_a, value_a, a), (flag_b, value_b, b) in permutations(paths, 2):  # every ordered pair
+        if a == b:
+            raise DiffshieldError(f"{flag_a} and {flag_b} name the same path '{value_a}'; give each its own")
+        if a.is_relative_to(b):
+            raise DiffshieldError(f"{flag_a} '{value_a}' lies inside {flag_b} '{value_b}', which the command writes "
+                                  "as a whole; put it beside that folder")
 
 
 def given_flags(args: argparse.Namespace, flags: tuple[str, ...]) -> list[str]:
